@@ -1,0 +1,230 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::stream::{FuturesOrdered, StreamExt};
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::{FieldTable, ShortString};
+use tokio::sync::Mutex;
+use warren_core::config::{BrokerUrl, Config};
+use warren_core::{Event, Names};
+
+use crate::connect::{confirmed, connection_name, ConfirmChannel};
+use crate::{ClientError, EventWatch, TaskRequest};
+
+/// The queue name RabbitMQ gives direct reply-to.
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// Publishes tasks with publisher confirms over a pool of connections.
+///
+/// Cheap to share behind an `Arc`; every method takes `&self`.
+pub struct Client {
+    pool: deadpool_lapin::Pool,
+    url: BrokerUrl,
+    names: Names,
+    channels: Vec<Mutex<Option<ConfirmChannel>>>,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("url", &self.url)
+            .field("prefix", &self.names.prefix())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects to the broker of `config` and checks that it answers.
+    pub async fn connect(config: &Config) -> Result<Self, ClientError> {
+        let size = config.broker.pool_size.max(1);
+        let pool_config = deadpool_lapin::Config {
+            url: Some(config.broker.url.expose().to_owned()),
+            pool: Some(deadpool_lapin::PoolConfig {
+                max_size: size,
+                timeouts: deadpool_lapin::Timeouts {
+                    wait: Some(Duration::from_millis(config.broker.connect_timeout_ms)),
+                    create: Some(Duration::from_millis(config.broker.connect_timeout_ms)),
+                    recycle: Some(Duration::from_millis(config.broker.connect_timeout_ms)),
+                },
+                ..Default::default()
+            }),
+        };
+        let pool = pool_config
+            .create_pool(
+                || {
+                    lapin::ConnectionProperties::default()
+                        .with_connection_name(connection_name("client").into())
+                },
+                deadpool_lapin::Runtime::Tokio1,
+            )
+            .map_err(|e| ClientError::Pool(e.to_string()))?;
+        let client = Client {
+            pool,
+            url: config.broker.url.clone(),
+            names: config.names(),
+            channels: (0..size).map(|_| Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+        };
+        client.channel().await?;
+        Ok(client)
+    }
+
+    /// The names of this client's topology.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    /// A confirm channel from the round-robin set, reopened if it died.
+    pub async fn channel(&self) -> Result<ConfirmChannel, ClientError> {
+        let slot = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
+        let mut guard = self.channels[slot].lock().await;
+        if let Some(ch) = guard.as_ref().filter(|c| c.is_usable()) {
+            return Ok(ch.clone());
+        }
+        let conn = self.pool.get().await.map_err(|e| match e {
+            deadpool_lapin::PoolError::Backend(source) => ClientError::Connect {
+                url: self.url.redacted(),
+                source,
+            },
+            other => ClientError::Pool(format!("{other} (broker {})", self.url.redacted())),
+        })?;
+        let ch = ConfirmChannel::open(&conn).await?;
+        *guard = Some(ch.clone());
+        Ok(ch)
+    }
+
+    /// Publishes one task to `P.tasks` and waits for the broker's confirm.
+    /// Returns the task id.
+    pub async fn publish(&self, req: &TaskRequest) -> Result<String, ClientError> {
+        let (id, body, props) = req.encode()?;
+        let ch = self.channel().await?;
+        ch.publish(&self.names.tasks(), &req.task_type, &body, props, &id)
+            .await?;
+        Ok(id)
+    }
+
+    /// Publishes many tasks keeping up to `window` confirms in flight, awaiting
+    /// them in order. `progress` is called with the count confirmed so far.
+    /// Returns the task ids in request order.
+    pub async fn publish_batch(
+        &self,
+        reqs: &[TaskRequest],
+        window: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<String>, ClientError> {
+        let window = window.max(1);
+        let ch = self.channel().await?;
+        let exchange = self.names.tasks();
+        let mut ids = Vec::with_capacity(reqs.len());
+        let mut in_flight = FuturesOrdered::new();
+        let mut done = 0;
+        for req in reqs {
+            let (id, body, props) = req.encode()?;
+            let confirm = ch.send(&exchange, &req.task_type, &body, props).await?;
+            let what = id.clone();
+            in_flight.push_back(async move { confirmed(confirm, &what).await });
+            ids.push(id);
+            if in_flight.len() >= window {
+                if let Some(r) = in_flight.next().await {
+                    r?;
+                    done += 1;
+                    progress(done);
+                }
+            }
+        }
+        while let Some(r) = in_flight.next().await {
+            r?;
+            done += 1;
+            progress(done);
+        }
+        Ok(ids)
+    }
+
+    /// Publishes a task with `reply_to` = direct reply-to and waits for its
+    /// final event (`succeeded`, `dead` or `cancelled`).
+    pub async fn call(&self, req: &TaskRequest, timeout: Duration) -> Result<Event, ClientError> {
+        let (id, body, props) = req.encode()?;
+        let conn = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| ClientError::Pool(e.to_string()))?;
+        let ch = ConfirmChannel::open(&conn).await?;
+        drop(conn);
+        let mut replies = ch
+            .channel()
+            .basic_consume(
+                DIRECT_REPLY_TO.into(),
+                ShortString::from(format!("{}.call.{id}", self.names.prefix())),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(ClientError::amqp("consume direct reply-to"))?;
+        let props = props
+            .with_reply_to(DIRECT_REPLY_TO.into())
+            .with_correlation_id(id.as_str().into());
+        ch.publish(&self.names.tasks(), &req.task_type, &body, props, &id)
+            .await?;
+        let wait = async {
+            while let Some(delivery) = replies.next().await {
+                let delivery = delivery.map_err(ClientError::amqp("receive reply"))?;
+                let matches = delivery
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .is_some_and(|c| c.as_str() == id);
+                if let (true, Ok(event)) = (matches, Event::from_json(&delivery.data)) {
+                    return Ok(event);
+                }
+            }
+            Err(ClientError::Closed("reply consumer".into()))
+        };
+        let out = tokio::time::timeout(timeout, wait).await;
+        let _ = ch.channel().close(200, "call done".into()).await;
+        out.map_err(|_| ClientError::Timeout {
+            task_id: id.clone(),
+            timeout,
+        })?
+    }
+
+    /// Publishes raw bytes to any exchange with confirms (tests, replay, tools).
+    pub async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: lapin::BasicProperties,
+    ) -> Result<(), ClientError> {
+        let ch = self.channel().await?;
+        let confirm = ch
+            .channel()
+            .basic_publish(
+                exchange.into(),
+                ShortString::try_new(routing_key).map_err(|_| {
+                    ClientError::InvalidRequest("routing key longer than 255 bytes".into())
+                })?,
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .map_err(ClientError::amqp(format!("publish to {exchange}")))?;
+        confirmed(confirm, routing_key).await
+    }
+
+    /// Follows events on `P.events` matching any of `patterns`
+    /// (e.g. `succeeded.#`, `*.diag.echo`). Start it before publishing.
+    pub async fn watch(&self, patterns: &[&str]) -> Result<EventWatch, ClientError> {
+        let conn = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| ClientError::Pool(e.to_string()))?;
+        EventWatch::open(&conn, &self.names, patterns).await
+    }
+}

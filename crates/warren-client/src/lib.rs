@@ -1,0 +1,24 @@
+//! The producer side of Warren.
+//!
+//! A [`Client`] publishes tasks to `P.tasks` with publisher confirms over a
+//! pool of broker connections (deadpool-lapin), keeps many confirms in flight
+//! for batches, calls a task and waits for its final event through
+//! `reply_to` (direct reply-to), and follows status events on `P.events`
+//! with an [`EventWatch`]. Everything it does is also possible from any AMQP
+//! client following the wire contract; this crate is a convenience.
+
+mod client;
+mod connect;
+mod error;
+mod outbox;
+mod request;
+mod watch;
+
+pub use client::Client;
+pub use connect::{connect, connection_name, process_identity, ConfirmChannel};
+pub use error::ClientError;
+pub use outbox::{confirm_all, Outbox, ORIGINAL_EXPIRATION};
+pub use request::TaskRequest;
+pub use watch::{EventWatch, ReceivedEvent};
+
+pub use lapin;

@@ -1,0 +1,201 @@
+//! What workers and the scheduler publish: events, reply_to copies, dead and
+//! retry copies, each keeping the task's body, properties and headers.
+
+use crate::{ClientError, ConfirmChannel};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, PublisherConfirm};
+use warren_core::headers;
+use warren_core::{DeadReason, Event, Names};
+
+/// Publishes on one confirm channel; every method returns the confirm future
+/// so a caller can keep several in flight and await them before acking.
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    /// The confirm channel everything is sent on.
+    pub channel: ConfirmChannel,
+    /// The topology names.
+    pub names: Names,
+}
+
+/// Header that keeps a dead task's original `expiration`, which is removed
+/// so the task does not expire again in `P.dead`.
+pub const ORIGINAL_EXPIRATION: &str = "x-warren-original-expiration";
+
+impl Outbox {
+    /// Publishes an event to `P.events` with routing key `<state>.<type>`.
+    pub async fn event(&self, ev: &Event) -> Result<PublisherConfirm, ClientError> {
+        self.channel
+            .send(
+                &self.names.events(),
+                &ev.routing_key(),
+                &ev.to_json(),
+                event_properties(ev, None),
+            )
+            .await
+    }
+
+    /// Sends the same event to a producer's `reply_to` queue via the default exchange.
+    pub async fn reply(
+        &self,
+        ev: &Event,
+        reply_to: &str,
+        correlation_id: Option<&str>,
+    ) -> Result<PublisherConfirm, ClientError> {
+        let props = event_properties(ev, Some(correlation_id.unwrap_or(&ev.task_id)));
+        self.channel.send("", reply_to, &ev.to_json(), props).await
+    }
+
+    /// Parks a task in `P.dead`: body, properties and headers intact, plus
+    /// the dead reason, its detail and the queue it came from.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn dead(
+        &self,
+        body: &[u8],
+        original: &BasicProperties,
+        task_id: &str,
+        task_type: &str,
+        reason: DeadReason,
+        detail: &str,
+        queue: Option<&str>,
+    ) -> Result<PublisherConfirm, ClientError> {
+        let mut h = original.headers().clone().unwrap_or_default();
+        headers::set_str(&mut h, headers::DEAD_REASON, reason.as_str());
+        headers::set_str(&mut h, headers::DEAD_DETAIL, &truncate(detail, 4096));
+        if let Some(q) = queue {
+            headers::set_str(&mut h, headers::DEAD_QUEUE, q);
+        }
+        if let Some(exp) = original.expiration() {
+            headers::set_str(&mut h, ORIGINAL_EXPIRATION, exp.as_str());
+        }
+        let props = copy_properties(original, h, task_type, Some(task_id));
+        self.channel.send("", &self.names.dead(), body, props).await
+    }
+
+    /// Re-publishes a task to a queue with the id the system assigned it.
+    pub async fn requeue_with_id(
+        &self,
+        queue: &str,
+        body: &[u8],
+        original: &BasicProperties,
+        task_type: &str,
+        task_id: &str,
+    ) -> Result<PublisherConfirm, ClientError> {
+        let h = original.headers().clone().unwrap_or_default();
+        let mut props = copy_properties(original, h, task_type, Some(task_id));
+        if let Some(exp) = original.expiration() {
+            props = props.with_expiration(exp.clone());
+        }
+        self.channel.send("", queue, body, props).await
+    }
+
+    /// Sends a retry through `P.delay` with `x-delay`, the next attempt
+    /// number and the last error; the scheduler releases it when due.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn retry(
+        &self,
+        body: &[u8],
+        original: &BasicProperties,
+        task_id: &str,
+        task_type: &str,
+        next_attempt: i64,
+        delay_ms: u64,
+        last_error: &str,
+    ) -> Result<PublisherConfirm, ClientError> {
+        let mut h = original.headers().clone().unwrap_or_default();
+        headers::set_int(&mut h, headers::ATTEMPT, next_attempt);
+        headers::set_flag(&mut h, headers::REPUBLISHED);
+        headers::set_str(&mut h, headers::LAST_ERROR, &truncate(last_error, 4096));
+        headers::set_int(&mut h, headers::DELAY, delay_ms.min(i64::MAX as u64) as i64);
+        let mut props = copy_properties(original, h, task_type, Some(task_id));
+        if let Some(exp) = original.expiration() {
+            props = props.with_expiration(exp.clone());
+        }
+        self.channel
+            .send(&self.names.delay(), task_type, body, props)
+            .await
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// The properties of an event message.
+fn event_properties(ev: &Event, correlation_id: Option<&str>) -> BasicProperties {
+    let cid = correlation_id.unwrap_or(&ev.task_id);
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(ev.event_id.as_str().into())
+        .with_correlation_id(short(cid).into())
+        .with_type(short(&ev.task_type).into())
+}
+
+fn short(s: &str) -> &str {
+    let mut end = s.len().min(255);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Copies every property except `expiration` and `user_id` (the broker
+/// refuses a `user_id` that is not the publishing connection's user), with new headers, the AMQP
+/// `type` set to the task type, the task id, and persistence.
+fn copy_properties(
+    p: &BasicProperties,
+    headers: FieldTable,
+    task_type: &str,
+    task_id: Option<&str>,
+) -> BasicProperties {
+    let mut out = BasicProperties::default()
+        .with_headers(headers)
+        .with_delivery_mode(2)
+        .with_type(short(task_type).into());
+    if let Some(v) = p.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    match (task_id, p.message_id()) {
+        (Some(id), _) => out = out.with_message_id(short(id).into()),
+        (None, Some(v)) => out = out.with_message_id(v.clone()),
+        (None, None) => {}
+    }
+    if let Some(v) = p.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = p.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    if let Some(v) = p.cluster_id() {
+        out = out.with_cluster_id(v.clone());
+    }
+    out
+}
+
+/// Awaits every confirm in order; any failure or negative confirm is an error,
+/// so the caller must not ack.
+pub async fn confirm_all(confirms: Vec<PublisherConfirm>) -> Result<(), ClientError> {
+    for c in confirms {
+        crate::connect::confirmed(c, "outcome").await?;
+    }
+    Ok(())
+}

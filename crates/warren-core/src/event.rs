@@ -1,0 +1,249 @@
+//! Status events published to `P.events` (contract section 4).
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The state a status event reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    /// A delayed task or a retry was accepted by the scheduler.
+    Scheduled,
+    /// A handler began an attempt.
+    Started,
+    /// The handler returned a result (final).
+    Succeeded,
+    /// An attempt failed.
+    Failed,
+    /// The task was parked in `P.dead` (final).
+    Dead,
+    /// A cancel command reached the task (final).
+    Cancelled,
+}
+
+impl TaskState {
+    /// The lowercase word used in routing keys and bodies.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Scheduled => "scheduled",
+            TaskState::Started => "started",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Dead => "dead",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether this is a task's last event.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Dead | TaskState::Cancelled
+        )
+    }
+}
+
+/// Whether a failure may be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ErrorKind {
+    /// Timeouts, connection errors, HTTP 5xx and 429: worth another attempt.
+    Retryable,
+    /// Invalid arguments, HTTP 4xx: another attempt would fail the same way.
+    Permanent,
+}
+
+/// The `error` object of an event: `{kind, code, message}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventErrorInfo {
+    /// Retryable or permanent.
+    pub kind: ErrorKind,
+    /// A short machine word: `timeout`, `panic`, `invalid_args`, `http_503`, …
+    pub code: String,
+    /// Human text.
+    pub message: String,
+}
+
+/// One status event, with every key of the contract's example present.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Unique event id; also the AMQP `message_id`.
+    pub event_id: String,
+    /// The task's id.
+    pub task_id: String,
+    /// The task type.
+    #[serde(rename = "type")]
+    pub task_type: String,
+    /// The state this event reports.
+    pub state: TaskState,
+    /// The attempt the event concerns (0 if none started).
+    pub attempt: i64,
+    /// Short queue name (`io`), if known.
+    pub queue: Option<String>,
+    /// `host/pid` of the emitting process.
+    pub worker: Option<String>,
+    /// When the event happened, RFC 3339 with milliseconds, UTC.
+    pub at: String,
+    /// How long the attempt ran (succeeded, failed).
+    pub duration_ms: Option<u64>,
+    /// The handler's result (succeeded), capped in size.
+    pub result: Option<Value>,
+    /// What went wrong (failed, dead).
+    pub error: Option<EventErrorInfo>,
+    /// Why the task ended dead or cancelled.
+    pub reason: Option<String>,
+    /// When a scheduled task is due.
+    pub due_at: Option<String>,
+    /// On `failed` only: whether another attempt will follow.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub retry: Option<bool>,
+}
+
+/// An event body that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid event body: {0}")]
+pub struct EventError(#[from] serde_json::Error);
+
+/// Formats a time as the contract writes it: `2026-11-24T10:00:00.123Z`.
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// A fresh, time-ordered id (UUID v7) for tasks and events.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+impl Event {
+    /// A new event for a task, stamped now, with every optional field empty.
+    pub fn new(task_id: &str, task_type: &str, state: TaskState, attempt: i64) -> Self {
+        Event {
+            event_id: new_id(),
+            task_id: task_id.to_owned(),
+            task_type: task_type.to_owned(),
+            state,
+            attempt,
+            queue: None,
+            worker: None,
+            at: format_time(Utc::now()),
+            duration_ms: None,
+            result: None,
+            error: None,
+            reason: None,
+            due_at: None,
+            retry: None,
+        }
+    }
+
+    /// The routing key on `P.events`: `<state>.<task type>`.
+    pub fn routing_key(&self) -> String {
+        format!("{}.{}", self.state.as_str(), self.task_type)
+    }
+
+    /// The JSON body.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an event always serializes")
+    }
+
+    /// Reads an event body.
+    pub fn from_json(body: &[u8]) -> Result<Self, EventError> {
+        Ok(serde_json::from_slice(body)?)
+    }
+}
+
+/// Caps a result at `max_bytes` of JSON; a larger one becomes
+/// `{"truncated": true, "bytes": N, "preview": "<first 1 KiB as text>"}`.
+pub fn cap_result(result: Value, max_bytes: usize) -> Value {
+    let text = serde_json::to_string(&result).expect("a JSON value always serializes");
+    if text.len() <= max_bytes {
+        return result;
+    }
+    let mut end = text.len().min(1024);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    serde_json::json!({"truncated": true, "bytes": text.len(), "preview": &text[..end]})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const CONTRACT_KEYS: [&str; 13] = [
+        "event_id",
+        "task_id",
+        "type",
+        "state",
+        "attempt",
+        "queue",
+        "worker",
+        "at",
+        "duration_ms",
+        "result",
+        "error",
+        "reason",
+        "due_at",
+    ];
+
+    #[test]
+    fn every_contract_key_is_present_even_when_null() {
+        let e = Event::new("t1", "diag.echo", TaskState::Started, 1);
+        let v: Value = serde_json::from_slice(&e.to_json()).unwrap();
+        let obj = v.as_object().unwrap();
+        for k in CONTRACT_KEYS {
+            assert!(obj.contains_key(k), "missing key {k}");
+        }
+        assert_eq!(obj["state"], "started");
+        assert_eq!(obj["type"], "diag.echo");
+        assert!(obj["result"].is_null());
+        assert!(!obj.contains_key("retry"), "retry is only on failed events");
+    }
+
+    #[test]
+    fn failed_events_carry_retry_and_error() {
+        let mut e = Event::new("t1", "diag.fail", TaskState::Failed, 2);
+        e.retry = Some(false);
+        e.error = Some(EventErrorInfo {
+            kind: ErrorKind::Retryable,
+            code: "timeout".into(),
+            message: "took too long".into(),
+        });
+        let v: Value = serde_json::from_slice(&e.to_json()).unwrap();
+        assert_eq!(v["retry"], false);
+        assert_eq!(
+            v["error"],
+            json!({"kind": "retryable", "code": "timeout", "message": "took too long"})
+        );
+        assert_eq!(e.routing_key(), "failed.diag.fail");
+        assert_eq!(Event::from_json(&e.to_json()).unwrap(), e);
+    }
+
+    #[test]
+    fn time_format_is_rfc3339_millis_utc() {
+        let t = DateTime::parse_from_rfc3339("2026-11-24T10:00:00.123456Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(format_time(t), "2026-11-24T10:00:00.123Z");
+    }
+
+    #[test]
+    fn large_results_are_truncated_and_say_so() {
+        let small = json!({"a": 1});
+        assert_eq!(cap_result(small.clone(), 100), small);
+        let big = json!({"data": "é".repeat(5000)});
+        let capped = cap_result(big, 2000);
+        assert_eq!(capped["truncated"], true);
+        assert!(capped["bytes"].as_u64().unwrap() > 10_000);
+        assert!(capped["preview"].as_str().unwrap().len() <= 1024);
+    }
+
+    #[test]
+    fn final_states() {
+        assert!(TaskState::Succeeded.is_final());
+        assert!(TaskState::Dead.is_final());
+        assert!(TaskState::Cancelled.is_final());
+        assert!(!TaskState::Failed.is_final());
+    }
+}

@@ -1,0 +1,24 @@
+//! The contract of Warren, as plain data and pure functions.
+//!
+//! Everything a producer, worker or scheduler must agree on lives here: the
+//! names of exchanges and queues ([`names`]), the headers and how hostile
+//! values in them are read ([`headers`]), the status events ([`event`]), the
+//! configuration schema with its validation ([`config`]), route overlap
+//! detection ([`routes`]) and the topology plan computed from configuration
+//! ([`topology`]). Nothing here touches the network, so all of it is tested
+//! without a broker.
+
+pub mod backoff;
+pub mod config;
+pub mod event;
+pub mod headers;
+pub mod names;
+pub mod routes;
+pub mod task;
+pub mod topology;
+
+pub use config::{Config, ConfigError};
+pub use event::{Event, EventError, TaskState};
+pub use names::Names;
+pub use task::MessageMeta;
+pub use task::{DeadReason, InvalidTask, TaskEnvelope};

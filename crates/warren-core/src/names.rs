@@ -1,0 +1,100 @@
+//! Names of every exchange and queue, derived from the prefix.
+
+/// The names of Warren's broker objects for one prefix (`P` in the contract).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    prefix: String,
+}
+
+impl Names {
+    /// Names for the given prefix (for example `warren`).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// The prefix itself.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn join(&self, rest: &str) -> String {
+        format!("{}.{}", self.prefix, rest)
+    }
+
+    /// `P.tasks`: topic exchange for immediate tasks, routing key = task type.
+    pub fn tasks(&self) -> String {
+        self.join("tasks")
+    }
+
+    /// `P.delay`: exchange for delayed tasks.
+    pub fn delay(&self) -> String {
+        self.join("delay")
+    }
+
+    /// `P.delay.intake`: durable queue holding delayed tasks until a scheduler takes them.
+    pub fn delay_intake(&self) -> String {
+        self.join("delay.intake")
+    }
+
+    /// `P.events`: topic exchange for status events.
+    pub fn events(&self) -> String {
+        self.join("events")
+    }
+
+    /// `P.control`: fanout exchange for control commands.
+    pub fn control(&self) -> String {
+        self.join("control")
+    }
+
+    /// `P.unroutable`: fanout exchange and queue for tasks no route matched.
+    pub fn unroutable(&self) -> String {
+        self.join("unroutable")
+    }
+
+    /// `P.dead`: parking lot for tasks that reached a terminal failure.
+    pub fn dead(&self) -> String {
+        self.join("dead")
+    }
+
+    /// `P.dlx`: fanout exchange that work queues dead-letter to (expired, rejected).
+    pub fn dead_letter_exchange(&self) -> String {
+        self.join("dlx")
+    }
+
+    /// `P.dlx.intake`: queue where the scheduler classifies dead-lettered tasks.
+    pub fn dead_letter_intake(&self) -> String {
+        self.join("dlx.intake")
+    }
+
+    /// `P.q.<name>`: the work queue for a `[[queues]]` entry.
+    pub fn work_queue(&self, short: &str) -> String {
+        self.join(&format!("q.{short}"))
+    }
+
+    /// The short queue name (`io`) of a work queue name (`P.q.io`), if it is one.
+    pub fn short_queue_name<'a>(&self, full: &'a str) -> Option<&'a str> {
+        full.strip_prefix(self.prefix.as_str())?.strip_prefix(".q.")
+    }
+
+    /// `P.watch.<id>`: an exclusive queue a client binds to `P.events` to follow tasks.
+    pub fn watch_queue(&self, id: &str) -> String {
+        self.join(&format!("watch.{id}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_carry_the_prefix() {
+        let n = Names::new("acme");
+        assert_eq!(n.tasks(), "acme.tasks");
+        assert_eq!(n.work_queue("io"), "acme.q.io");
+        assert_eq!(n.short_queue_name("acme.q.io"), Some("io"));
+        assert_eq!(n.short_queue_name("other.q.io"), None);
+        assert_eq!(n.dead(), "acme.dead");
+    }
+}

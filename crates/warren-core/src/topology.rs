@@ -1,0 +1,756 @@
+//! The broker topology computed from configuration, as plain data.
+//!
+//! [`TopologyPlan::from_config`] lists every exchange, queue and binding
+//! Warren declares; the scheduler applies it idempotently and
+//! `warren topology show` prints it with [`TopologyPlan::render`]. When the
+//! broker refuses a declaration because an object already exists with other
+//! settings, [`TopologyPlan::explain_conflict`] turns its terse reply into a
+//! sentence that names the object, the difference and the fix.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use amq_protocol_types::{AMQPValue, FieldTable, LongString, ShortString};
+
+use crate::config::{Config, QueueKind};
+
+/// The type of an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeKind {
+    /// Routes by pattern over dot-separated routing keys.
+    Topic,
+    /// Routes every message to every bound queue.
+    Fanout,
+    /// Routes by exact routing key.
+    Direct,
+}
+
+impl ExchangeKind {
+    /// The AMQP name of the type (`topic`, `fanout`, `direct`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Topic => "topic",
+            Self::Fanout => "fanout",
+            Self::Direct => "direct",
+        }
+    }
+}
+
+impl fmt::Display for ExchangeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The value of a declaration argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArgValue {
+    /// A string argument (sent as an AMQP long string).
+    Str(String),
+    /// An integer argument (sent as a signed 32-bit integer when it fits).
+    Int(i64),
+}
+
+impl ArgValue {
+    /// The value as an AMQP field value, for a declaration's argument table.
+    /// Integers that fit go as signed 32-bit (`signedint`), the type
+    /// RabbitMQ's own tools use, so re-declaring compares equal.
+    pub fn to_amqp(&self) -> AMQPValue {
+        match self {
+            Self::Str(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+            Self::Int(i) => match i32::try_from(*i) {
+                Ok(small) => AMQPValue::LongInt(small),
+                Err(_) => AMQPValue::LongLongInt(*i),
+            },
+        }
+    }
+}
+
+impl fmt::Display for ArgValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Str(s) => f.write_str(s),
+            Self::Int(i) => write!(f, "{i}"),
+        }
+    }
+}
+
+/// Converts a plan's arguments to the AMQP table a declaration carries.
+pub fn field_table(arguments: &BTreeMap<String, ArgValue>) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in arguments {
+        table.insert(ShortString::from(key.as_str()), value.to_amqp());
+    }
+    table
+}
+
+/// One exchange to declare; every exchange is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExchangePlan {
+    /// Full name, prefix included.
+    pub name: String,
+    /// Exchange type.
+    pub kind: ExchangeKind,
+    /// Declaration arguments (such as `alternate-exchange`).
+    pub arguments: BTreeMap<String, ArgValue>,
+    /// What it is for, in words, for listings.
+    pub purpose: String,
+}
+
+/// One queue to declare; every queue is durable and not exclusive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuePlan {
+    /// Full name, prefix included.
+    pub name: String,
+    /// Declaration arguments (such as `x-max-priority`).
+    pub arguments: BTreeMap<String, ArgValue>,
+    /// What it holds, in words, for listings.
+    pub purpose: String,
+}
+
+/// One binding of a queue to an exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindingPlan {
+    /// Source exchange.
+    pub exchange: String,
+    /// Destination queue.
+    pub queue: String,
+    /// Binding key (a topic pattern for topic exchanges, `""` for fanout).
+    pub routing_key: String,
+}
+
+/// Every exchange, queue and binding Warren declares for one configuration,
+/// in declaration order (exchanges, then queues, then bindings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopologyPlan {
+    /// Exchanges to declare.
+    pub exchanges: Vec<ExchangePlan>,
+    /// Queues to declare.
+    pub queues: Vec<QueuePlan>,
+    /// Bindings to create once exchanges and queues exist.
+    pub bindings: Vec<BindingPlan>,
+}
+
+fn args<const N: usize>(pairs: [(&str, ArgValue); N]) -> BTreeMap<String, ArgValue> {
+    pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+fn exchange(
+    name: String,
+    kind: ExchangeKind,
+    arguments: BTreeMap<String, ArgValue>,
+    purpose: impl Into<String>,
+) -> ExchangePlan {
+    ExchangePlan {
+        name,
+        kind,
+        arguments,
+        purpose: purpose.into(),
+    }
+}
+
+fn queue(
+    name: String,
+    arguments: BTreeMap<String, ArgValue>,
+    purpose: impl Into<String>,
+) -> QueuePlan {
+    QueuePlan {
+        name,
+        arguments,
+        purpose: purpose.into(),
+    }
+}
+
+fn binding(exchange: String, queue: String, routing_key: impl Into<String>) -> BindingPlan {
+    BindingPlan {
+        exchange,
+        queue,
+        routing_key: routing_key.into(),
+    }
+}
+
+impl TopologyPlan {
+    /// The topology a (validated) configuration calls for.
+    pub fn from_config(c: &Config) -> Self {
+        use ExchangeKind::{Fanout, Topic};
+
+        let n = c.names();
+        let dlx = n.dead_letter_exchange();
+        let default_queue = c.default_queue();
+        let unrouted_to = match default_queue {
+            Some(q) => format!("sent on to the default queue {}", n.work_queue(&q.name)),
+            None => format!("parked in the queue {}", n.unroutable()),
+        };
+
+        let exchanges = vec![
+            exchange(
+                n.tasks(),
+                Topic,
+                args([("alternate-exchange", ArgValue::Str(n.unroutable()))]),
+                "immediate tasks; routing key = task type; a type no route matches goes to the \
+                 alternate exchange",
+            ),
+            exchange(
+                n.delay(),
+                Topic,
+                BTreeMap::new(),
+                "delayed tasks (x-delay or x-warren-eta); routing key = task type",
+            ),
+            exchange(
+                n.events(),
+                Topic,
+                BTreeMap::new(),
+                "status events; routing key = <state>.<task type>",
+            ),
+            exchange(
+                n.control(),
+                Fanout,
+                BTreeMap::new(),
+                "control commands such as {\"cancel\": \"<task id>\"}, to every worker and scheduler",
+            ),
+            exchange(
+                n.unroutable(),
+                Fanout,
+                BTreeMap::new(),
+                format!("tasks whose type matched no route, {unrouted_to}"),
+            ),
+            exchange(
+                dlx.clone(),
+                Fanout,
+                BTreeMap::new(),
+                "dead letters of work queues (expired or rejected tasks)",
+            ),
+        ];
+
+        let unroutable_purpose = match default_queue {
+            Some(q) => format!(
+                "tasks whose type matched no route; empty while queue \"{}\" is the default",
+                q.name
+            ),
+            None => "tasks whose type matched no route: parked, never dropped".to_string(),
+        };
+        let mut queues = vec![
+            queue(n.unroutable(), BTreeMap::new(), unroutable_purpose),
+            queue(
+                n.dead(),
+                BTreeMap::new(),
+                "parking lot: tasks that reached a terminal failure",
+            ),
+            queue(
+                n.delay_intake(),
+                BTreeMap::new(),
+                "delayed tasks and retries, held until a scheduler takes them",
+            ),
+            queue(
+                n.dead_letter_intake(),
+                BTreeMap::new(),
+                "dead-lettered tasks, for the scheduler to classify",
+            ),
+        ];
+        for q in &c.queues {
+            let patterns: Vec<&str> = c
+                .routes
+                .iter()
+                .filter(|r| r.queue == q.name)
+                .map(|r| r.pattern.as_str())
+                .collect();
+            let mut receives = Vec::new();
+            if !patterns.is_empty() {
+                receives.push(format!("routes {}", patterns.join(", ")));
+            }
+            if q.default {
+                receives.push("every type no route matches (default queue)".to_string());
+            }
+            let routed = if receives.is_empty() {
+                "no routes".to_string()
+            } else {
+                receives.join("; ")
+            };
+            let (arguments, kind) = match q.kind {
+                QueueKind::Classic => (
+                    args([
+                        ("x-dead-letter-exchange", ArgValue::Str(dlx.clone())),
+                        ("x-max-priority", ArgValue::Int(q.max_priority.into())),
+                    ]),
+                    format!("classic, priorities 0..={}", q.max_priority),
+                ),
+                QueueKind::Quorum => (
+                    args([
+                        ("x-dead-letter-exchange", ArgValue::Str(dlx.clone())),
+                        ("x-queue-type", ArgValue::Str("quorum".into())),
+                    ]),
+                    "quorum, replicated, no priorities".to_string(),
+                ),
+            };
+            queues.push(queue(
+                n.work_queue(&q.name),
+                arguments,
+                format!("work queue \"{}\" ({kind}): {routed}", q.name),
+            ));
+        }
+
+        let mut bindings: Vec<BindingPlan> = c
+            .routes
+            .iter()
+            .map(|r| binding(n.tasks(), n.work_queue(&r.queue), r.pattern.clone()))
+            .collect();
+        bindings.push(binding(n.delay(), n.delay_intake(), "#"));
+        bindings.push(binding(dlx, n.dead_letter_intake(), ""));
+        let unrouted_queue = match default_queue {
+            Some(q) => n.work_queue(&q.name),
+            None => n.unroutable(),
+        };
+        bindings.push(binding(n.unroutable(), unrouted_queue, ""));
+
+        Self {
+            exchanges,
+            queues,
+            bindings,
+        }
+    }
+
+    /// A listing for `warren topology show`: one exchange, queue or binding
+    /// per line, arguments inline, purposes as `#` comments.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+
+        out.push_str("# exchanges (all durable)\n");
+        let rows: Vec<[String; 3]> = self
+            .exchanges
+            .iter()
+            .map(|e| {
+                [
+                    format!("exchange {}", e.name),
+                    format!("{}{}", e.kind, render_args(&e.arguments)),
+                    e.purpose.clone(),
+                ]
+            })
+            .collect();
+        push_rows(&mut out, &rows);
+
+        out.push_str("\n# queues (all durable)\n");
+        let rows: Vec<[String; 3]> = self
+            .queues
+            .iter()
+            .map(|q| {
+                [
+                    format!("queue {}", q.name),
+                    render_args(&q.arguments).trim_start().to_string(),
+                    q.purpose.clone(),
+                ]
+            })
+            .collect();
+        push_rows(&mut out, &rows);
+
+        out.push_str("\n# bindings (exchange -> queue, binding key)\n");
+        let rows: Vec<[String; 3]> = self
+            .bindings
+            .iter()
+            .map(|b| {
+                [
+                    format!("bind {} -> {}", b.exchange, b.queue),
+                    format!("key {:?}", b.routing_key),
+                    String::new(),
+                ]
+            })
+            .collect();
+        push_rows(&mut out, &rows);
+        out
+    }
+
+    /// Explains a broker `PRECONDITION_FAILED` reply to a declaration, such as
+    /// `inequivalent arg 'x-max-priority' for queue 'warren.q.io' in vhost
+    /// '/': received '10' but current is '5'`, as one line naming the object,
+    /// the difference and the fix. Text it cannot parse is returned with
+    /// generic advice.
+    pub fn explain_conflict(&self, broker_text: &str) -> String {
+        match Conflict::parse(broker_text) {
+            Some(conflict) => conflict.explain(self),
+            None => format!(
+                "{}: the broker refused to declare an object that already exists with other \
+                 settings; compare `warren topology show` with the object on the broker, then \
+                 delete that object (a queue's messages are lost) or change the configuration \
+                 to match",
+                broker_text.trim()
+            ),
+        }
+    }
+}
+
+fn render_args(arguments: &BTreeMap<String, ArgValue>) -> String {
+    arguments.iter().map(|(k, v)| format!(" {k}={v}")).collect()
+}
+
+/// Writes rows as aligned columns, the last column as a `#` comment.
+fn push_rows(out: &mut String, rows: &[[String; 3]]) {
+    let w0 = rows.iter().map(|r| r[0].len()).max().unwrap_or(0);
+    let w1 = rows.iter().map(|r| r[1].len()).max().unwrap_or(0);
+    for [what, detail, purpose] in rows {
+        let line = if purpose.is_empty() {
+            format!("{what:<w0$}  {detail}")
+        } else {
+            format!("{what:<w0$}  {detail:<w1$}  # {purpose}")
+        };
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+}
+
+/// A parsed "inequivalent arg" reply.
+struct Conflict<'a> {
+    arg: &'a str,
+    object: &'a str,
+    name: &'a str,
+    /// What Warren sent (the configuration); `None` when it sent no value.
+    wanted: Option<&'a str>,
+    /// What the broker has; `None` when the existing object lacks the arg.
+    current: Option<&'a str>,
+}
+
+impl<'a> Conflict<'a> {
+    fn parse(text: &'a str) -> Option<Self> {
+        const MARK: &str = "inequivalent arg '";
+        let rest = &text[text.find(MARK)? + MARK.len()..];
+        let (arg, rest) = rest.split_once("' for ")?;
+        let (object, rest) = rest.split_once(" '")?;
+        if object != "queue" && object != "exchange" {
+            return None;
+        }
+        let (name, rest) = rest.split_once("' in vhost '")?;
+        let (_vhost, rest) = rest.split_once("': received ")?;
+        let (wanted, current) = rest.split_once(" but current is ")?;
+        Some(Self {
+            arg,
+            object,
+            name,
+            wanted: parse_reported_value(wanted)?,
+            current: parse_reported_value(current)?,
+        })
+    }
+
+    fn explain(&self, plan: &TopologyPlan) -> String {
+        let have = match self.current {
+            Some(v) => format!("with {} {v}", self.arg),
+            None => format!("without {}", self.arg),
+        };
+        let want = match self.wanted {
+            Some(v) => format!("config says {v}"),
+            None => "config sets none".to_string(),
+        };
+        let delete = match self.object {
+            "queue" => "delete the queue (its messages are lost)",
+            _ => "delete the exchange (its bindings go with it; Warren declares its own again)",
+        };
+        let short = (self.object == "queue")
+            .then(|| work_queue_short_name(plan, self.name))
+            .flatten();
+        let fix = match (self.arg, short, self.current) {
+            ("x-max-priority", Some(short), Some(current))
+                if current.parse::<u8>().is_ok_and(|v| v >= 1) =>
+            {
+                format!("{delete} or set max_priority = {current} in [[queues]] name = \"{short}\"")
+            }
+            ("x-queue-type", Some(short), current) => match current.unwrap_or("classic") {
+                kind @ ("classic" | "quorum") => {
+                    format!("{delete} or set type = \"{kind}\" in [[queues]] name = \"{short}\"")
+                }
+                _ => format!("{delete} so Warren can declare it again"),
+            },
+            ("x-dead-letter-exchange" | "alternate-exchange", ..) => format!(
+                "it was declared by something else (another tool, or a Warren with another \
+                 setup): {delete} so Warren can declare it again, or choose another prefix"
+            ),
+            _ => format!(
+                "{delete} so Warren can declare it again, or change the configuration to match"
+            ),
+        };
+        format!("{} {} exists {have}, {want}: {fix}", self.object, self.name)
+    }
+}
+
+/// Reads `'10'`, `the value '10' of type 'signedint'` or `none`.
+fn parse_reported_value(text: &str) -> Option<Option<&str>> {
+    let text = text.trim_start();
+    if text.starts_with("none") {
+        return Some(None);
+    }
+    let quoted = text.strip_prefix("the value ").unwrap_or(text);
+    let inner = quoted.strip_prefix('\'')?;
+    let end = inner.find('\'')?;
+    Some(Some(&inner[..end]))
+}
+
+/// The `[[queues]]` name of a work queue in the plan (`warren.q.io` -> `io`).
+fn work_queue_short_name<'a>(plan: &TopologyPlan, name: &'a str) -> Option<&'a str> {
+    let is_work_queue = plan
+        .queues
+        .iter()
+        .any(|q| q.name == name && q.arguments.contains_key("x-dead-letter-exchange"));
+    let (_, short) = name.rsplit_once(".q.")?;
+    is_work_queue.then_some(short)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(toml: &str) -> TopologyPlan {
+        TopologyPlan::from_config(&Config::from_toml(toml).unwrap())
+    }
+
+    fn queue<'a>(p: &'a TopologyPlan, name: &str) -> &'a QueuePlan {
+        p.queues
+            .iter()
+            .find(|q| q.name == name)
+            .unwrap_or_else(|| panic!("no queue {name}"))
+    }
+
+    fn bindings(p: &TopologyPlan) -> Vec<(&str, &str, &str)> {
+        p.bindings
+            .iter()
+            .map(|b| {
+                (
+                    b.exchange.as_str(),
+                    b.queue.as_str(),
+                    b.routing_key.as_str(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn default_plan() {
+        let p = plan("");
+        let exchanges: Vec<(&str, ExchangeKind)> = p
+            .exchanges
+            .iter()
+            .map(|e| (e.name.as_str(), e.kind))
+            .collect();
+        assert_eq!(
+            exchanges,
+            [
+                ("warren.tasks", ExchangeKind::Topic),
+                ("warren.delay", ExchangeKind::Topic),
+                ("warren.events", ExchangeKind::Topic),
+                ("warren.control", ExchangeKind::Fanout),
+                ("warren.unroutable", ExchangeKind::Fanout),
+                ("warren.dlx", ExchangeKind::Fanout),
+            ]
+        );
+        assert_eq!(
+            p.exchanges[0].arguments,
+            args([(
+                "alternate-exchange",
+                ArgValue::Str("warren.unroutable".into())
+            )])
+        );
+        assert!(p.exchanges[1..].iter().all(|e| e.arguments.is_empty()));
+
+        let queues: Vec<&str> = p.queues.iter().map(|q| q.name.as_str()).collect();
+        assert_eq!(
+            queues,
+            [
+                "warren.unroutable",
+                "warren.dead",
+                "warren.delay.intake",
+                "warren.dlx.intake",
+                "warren.q.io",
+                "warren.q.cpu",
+                "warren.q.diag",
+            ]
+        );
+        assert_eq!(
+            queue(&p, "warren.q.io").arguments,
+            args([
+                ("x-dead-letter-exchange", ArgValue::Str("warren.dlx".into())),
+                ("x-max-priority", ArgValue::Int(10)),
+            ])
+        );
+        assert!(queue(&p, "warren.dead").arguments.is_empty());
+
+        assert_eq!(
+            bindings(&p),
+            [
+                ("warren.tasks", "warren.q.diag", "diag.*"),
+                ("warren.tasks", "warren.q.io", "http.*"),
+                ("warren.tasks", "warren.q.io", "file.*"),
+                ("warren.delay", "warren.delay.intake", "#"),
+                ("warren.dlx", "warren.dlx.intake", ""),
+                ("warren.unroutable", "warren.unroutable", ""),
+            ]
+        );
+    }
+
+    #[test]
+    fn default_queue_receives_unrouted_types() {
+        let p = plan(
+            "prefix = \"acme\"\n[[queues]]\nname = \"main\"\ndefault = true\n\
+             [[queues]]\nname = \"diag\"\n\
+             [[routes]]\npattern = \"diag.*\"\nqueue = \"diag\"\n",
+        );
+        assert_eq!(
+            bindings(&p),
+            [
+                ("acme.tasks", "acme.q.diag", "diag.*"),
+                ("acme.delay", "acme.delay.intake", "#"),
+                ("acme.dlx", "acme.dlx.intake", ""),
+                ("acme.unroutable", "acme.q.main", ""),
+            ]
+        );
+        // The unroutable queue still exists, so earlier parked tasks stay visible.
+        assert!(p.queues.iter().any(|q| q.name == "acme.unroutable"));
+    }
+
+    #[test]
+    fn quorum_queue_has_no_priority() {
+        let p = plan("[[queues]]\nname = \"io\"\ntype = \"quorum\"\nmax_priority = 5\n[[queues]]\nname = \"cpu\"\n[[queues]]\nname = \"diag\"\n");
+        assert_eq!(
+            queue(&p, "warren.q.io").arguments,
+            args([
+                ("x-dead-letter-exchange", ArgValue::Str("warren.dlx".into())),
+                ("x-queue-type", ArgValue::Str("quorum".into())),
+            ])
+        );
+        assert_eq!(
+            queue(&p, "warren.q.cpu").arguments["x-max-priority"],
+            ArgValue::Int(10)
+        );
+    }
+
+    #[test]
+    fn arguments_convert_to_amqp() {
+        let table = field_table(&args([
+            ("x-max-priority", ArgValue::Int(10)),
+            ("big", ArgValue::Int(1 << 40)),
+            ("x-dead-letter-exchange", ArgValue::Str("warren.dlx".into())),
+        ]));
+        let inner = table.inner();
+        assert_eq!(inner["x-max-priority"], AMQPValue::LongInt(10));
+        assert_eq!(inner["big"], AMQPValue::LongLongInt(1 << 40));
+        assert_eq!(
+            inner["x-dead-letter-exchange"],
+            AMQPValue::LongString("warren.dlx".into())
+        );
+        assert_eq!(ArgValue::Int(7).to_string(), "7");
+        assert_eq!(ExchangeKind::Direct.as_str(), "direct");
+    }
+
+    #[test]
+    fn render_lists_everything_with_purposes() {
+        let text = plan("").render();
+        assert!(text.contains("exchange warren.tasks"), "{text}");
+        assert!(
+            text.contains("topic alternate-exchange=warren.unroutable"),
+            "{text}"
+        );
+        let io = text
+            .lines()
+            .find(|l| l.starts_with("queue warren.q.io "))
+            .unwrap();
+        assert!(
+            io.contains("x-dead-letter-exchange=warren.dlx x-max-priority=10"),
+            "{io}"
+        );
+        assert!(
+            io.contains("# work queue \"io\" (classic, priorities 0..=10): routes http.*, file.*"),
+            "{io}"
+        );
+        assert!(
+            text.contains("bind warren.tasks -> warren.q.diag"),
+            "{text}"
+        );
+        assert!(text.contains("key \"diag.*\""), "{text}");
+        assert!(
+            text.contains("bind warren.unroutable -> warren.unroutable"),
+            "{text}"
+        );
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("exchange ")).count(),
+            6
+        );
+        assert_eq!(text.lines().filter(|l| l.starts_with("queue ")).count(), 7);
+        assert_eq!(text.lines().filter(|l| l.starts_with("bind ")).count(), 6);
+        assert!(text.lines().all(|l| l == l.trim_end()));
+    }
+
+    #[test]
+    fn explains_priority_conflict() {
+        let p = plan("");
+        assert_eq!(
+            p.explain_conflict(
+                "PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue \
+                 'warren.q.io' in vhost '/': received '10' but current is '5'"
+            ),
+            "queue warren.q.io exists with x-max-priority 5, config says 10: delete the queue \
+             (its messages are lost) or set max_priority = 5 in [[queues]] name = \"io\""
+        );
+        assert_eq!(
+            p.explain_conflict(
+                "PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue \
+                 'warren.q.io' in vhost '/': received the value '10' of type 'signedint' but \
+                 current is none"
+            ),
+            "queue warren.q.io exists without x-max-priority, config says 10: delete the queue \
+             (its messages are lost) so Warren can declare it again, or change the \
+             configuration to match"
+        );
+    }
+
+    #[test]
+    fn explains_queue_type_conflict() {
+        let p = plan("");
+        assert_eq!(
+            p.explain_conflict(
+                "inequivalent arg 'x-queue-type' for queue 'warren.q.io' in vhost '/': \
+                 received none but current is the value 'quorum' of type 'longstr'"
+            ),
+            "queue warren.q.io exists with x-queue-type quorum, config sets none: delete the \
+             queue (its messages are lost) or set type = \"quorum\" in [[queues]] name = \"io\""
+        );
+    }
+
+    #[test]
+    fn explains_exchange_conflicts() {
+        let p = plan("");
+        assert_eq!(
+            p.explain_conflict(
+                "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'warren.tasks' in \
+                 vhost '/': received 'topic' but current is 'direct'"
+            ),
+            "exchange warren.tasks exists with type direct, config says topic: delete the \
+             exchange (its bindings go with it; Warren declares its own again) so Warren can \
+             declare it again, or change the configuration to match"
+        );
+        assert_eq!(
+            p.explain_conflict(
+                "inequivalent arg 'durable' for exchange 'warren.events' in vhost 'prod': \
+                 received 'true' but current is 'false'"
+            ),
+            "exchange warren.events exists with durable false, config says true: delete the \
+             exchange (its bindings go with it; Warren declares its own again) so Warren can \
+             declare it again, or change the configuration to match"
+        );
+        assert_eq!(
+            p.explain_conflict(
+                "inequivalent arg 'alternate-exchange' for exchange 'warren.tasks' in vhost \
+                 '/': received the value 'warren.unroutable' of type 'longstr' but current is \
+                 none"
+            ),
+            "exchange warren.tasks exists without alternate-exchange, config says \
+             warren.unroutable: it was declared by something else (another tool, or a Warren \
+             with another setup): delete the exchange (its bindings go with it; Warren \
+             declares its own again) so Warren can declare it again, or choose another prefix"
+        );
+    }
+
+    #[test]
+    fn unparseable_conflict_keeps_the_raw_text() {
+        let p = plan("");
+        let text = p.explain_conflict("PRECONDITION_FAILED - something new ");
+        assert!(
+            text.starts_with("PRECONDITION_FAILED - something new: the broker refused"),
+            "{text}"
+        );
+        assert!(text.contains("warren topology show"), "{text}");
+    }
+}

@@ -1,0 +1,93 @@
+//! Dead-letter intake: tasks that work queues dead-lettered (expired, rejected)
+//! are classified and parked in `P.dead` with a `dead` event.
+
+use lapin::message::Delivery;
+use lapin::types::AMQPValue;
+use warren_client::{confirm_all, ClientError, Outbox};
+use warren_core::event::{ErrorKind, EventErrorInfo};
+use warren_core::{headers, DeadReason, Event, Names, TaskState};
+
+/// The first `x-death` entry's reason and queue, as the broker recorded them.
+pub fn death_of(d: &Delivery) -> (Option<String>, Option<String>) {
+    let Some(AMQPValue::FieldArray(deaths)) = d
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-death"))
+    else {
+        return (None, None);
+    };
+    let Some(AMQPValue::FieldTable(first)) = deaths.as_slice().first() else {
+        return (None, None);
+    };
+    let text = |k: &str| match first.inner().get(k) {
+        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
+        _ => None,
+    };
+    (text("reason"), text("queue"))
+}
+
+/// Parks one dead-lettered task and reports it; the caller acks on `Ok`.
+pub async fn park_dead_lettered(
+    out: &Outbox,
+    names: &Names,
+    identity: &str,
+    d: &Delivery,
+) -> Result<(), ClientError> {
+    let (why, queue) = death_of(d);
+    let (reason, detail) = match why.as_deref() {
+        Some("expired") => (
+            DeadReason::Expired,
+            "expired (per-message TTL) before a worker started it".to_owned(),
+        ),
+        Some(other) => (
+            DeadReason::Invalid,
+            format!("dead-lettered by the broker: {other}"),
+        ),
+        None => (
+            DeadReason::Invalid,
+            "reached the dead-letter exchange without x-death".to_owned(),
+        ),
+    };
+    let p = &d.properties;
+    let task_type = p
+        .kind()
+        .as_ref()
+        .map(|k| k.as_str().to_owned())
+        .unwrap_or_else(|| d.routing_key.as_str().to_owned());
+    let task_id = p
+        .message_id()
+        .as_ref()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(warren_core::event::new_id);
+    let hdrs = p.headers().as_ref();
+    let attempt = if headers::get_flag(hdrs, headers::REPUBLISHED) {
+        headers::get_int(hdrs, headers::ATTEMPT)
+            .ok()
+            .flatten()
+            .map_or(0, |a| (a - 1).max(0))
+    } else {
+        0
+    };
+    let short = queue.as_deref().and_then(|q| names.short_queue_name(q));
+    let mut ev = Event::new(&task_id, &task_type, TaskState::Dead, attempt);
+    ev.queue = short.map(str::to_owned);
+    ev.worker = Some(identity.to_owned());
+    ev.reason = Some(reason.as_str().to_owned());
+    ev.error = Some(EventErrorInfo {
+        kind: ErrorKind::Permanent,
+        code: reason.as_str().to_owned(),
+        message: detail.clone(),
+    });
+    let mut confirms = vec![
+        out.dead(&d.data, p, &task_id, &task_type, reason, &detail, short)
+            .await?,
+        out.event(&ev).await?,
+    ];
+    if let Some(r) = p.reply_to().as_ref().filter(|r| !r.as_str().is_empty()) {
+        let cid = p.correlation_id().as_ref().map(|c| c.as_str());
+        confirms.push(out.reply(&ev, r.as_str(), cid).await?);
+    }
+    confirm_all(confirms).await
+}

@@ -1,0 +1,15 @@
+//! The scheduler side of Warren.
+//!
+//! It reconciles the broker's topology with the configuration
+//! ([`reconcile::apply`]): the plan is computed purely in `warren-core`, and
+//! applied here idempotently, failing with a message that names the object,
+//! the difference and the fix when an existing object disagrees. The
+//! [`Scheduler`] process then classifies tasks the work queues dead-lettered
+//! (expired, rejected) and parks them in `P.dead` with a `dead` event.
+
+pub mod intake;
+pub mod reconcile;
+mod scheduler;
+
+pub use reconcile::{apply, ApplyReport, TopologyError};
+pub use scheduler::{Scheduler, SchedulerError};

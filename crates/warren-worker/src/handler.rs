@@ -1,0 +1,139 @@
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use warren_core::event::{ErrorKind, EventErrorInfo};
+
+/// What a handler receives for one attempt of a task.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    /// The task id.
+    pub id: String,
+    /// The task type.
+    pub task_type: String,
+    /// The arguments, any JSON value; the handler validates them.
+    pub args: Value,
+    /// Which attempt this is (1 on first execution).
+    pub attempt: i64,
+    /// Cancelled when the attempt is aborted (time limit, shutdown, cancel):
+    /// long-running handlers should watch it and stop early.
+    pub cancel: CancellationToken,
+    /// The worker's data directory (for file handlers).
+    pub data_dir: PathBuf,
+}
+
+impl TaskContext {
+    /// Deserializes the arguments; failure is a permanent `invalid_args` error.
+    pub fn args_as<T: DeserializeOwned>(&self) -> Result<T, TaskError> {
+        serde_json::from_value(self.args.clone())
+            .map_err(|e| TaskError::invalid_args(format!("arguments of {}: {e}", self.task_type)))
+    }
+}
+
+/// A failed attempt: retryable or permanent, with a short code and a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct TaskError {
+    /// Whether another attempt may succeed.
+    pub kind: ErrorKind,
+    /// Short machine word (`timeout`, `connect`, `http_503`, `invalid_args`, …).
+    pub code: String,
+    /// Human text.
+    pub message: String,
+}
+
+impl TaskError {
+    /// A failure worth retrying (timeouts, connection errors, HTTP 5xx, 429).
+    pub fn retryable(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Retryable,
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A failure that another attempt would repeat (bad arguments, HTTP 4xx).
+    pub fn permanent(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Permanent,
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+
+    /// The arguments failed validation.
+    pub fn invalid_args(message: impl Into<String>) -> Self {
+        Self::permanent("invalid_args", message)
+    }
+
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.kind == ErrorKind::Retryable
+    }
+
+    /// The `error` object of an event.
+    pub fn to_info(&self) -> EventErrorInfo {
+        EventErrorInfo {
+            kind: self.kind,
+            code: self.code.clone(),
+            message: self.message.clone(),
+        }
+    }
+}
+
+/// Runs one task type. Implement it in your own crate and register it.
+///
+/// Return `Ok(result)` with any JSON value, or a [`TaskError`] saying whether
+/// the failure is retryable. A panic or an overrun of the time limit is
+/// turned into a failure by the runtime; the worker keeps running.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Runs one attempt.
+    async fn handle(&self, ctx: TaskContext) -> Result<Value, TaskError>;
+}
+
+/// The handlers a worker knows, by exact task type.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: BTreeMap<String, Arc<dyn Handler>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.handlers.keys()).finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A registry with the built-in task types (`diag.echo`, `diag.sleep`, `diag.fail`).
+    pub fn with_builtins() -> Self {
+        let mut r = Self::new();
+        crate::diag::register(&mut r);
+        r
+    }
+
+    /// Registers `handler` for `task_type`, replacing any earlier one.
+    pub fn register(&mut self, task_type: &str, handler: impl Handler) -> &mut Self {
+        self.handlers
+            .insert(task_type.to_owned(), Arc::new(handler));
+        self
+    }
+
+    /// The handler for a task type.
+    pub fn get(&self, task_type: &str) -> Option<Arc<dyn Handler>> {
+        self.handlers.get(task_type).cloned()
+    }
+
+    /// The registered task types.
+    pub fn task_types(&self) -> impl Iterator<Item = &str> {
+        self.handlers.keys().map(String::as_str)
+    }
+}

@@ -1,0 +1,20 @@
+//! The worker side of Warren.
+//!
+//! Users implement [`Handler`] for their own task types (the built-in
+//! diagnostic types use the same trait) and register them in a [`Registry`].
+//! A [`Worker`] consumes the configured work queues with `basic.qos`
+//! prefetch, runs handlers concurrently under a semaphore with per-task time
+//! limits, publishes every status event with publisher confirms before it
+//! acknowledges the task, answers `reply_to`, parks invalid and terminally
+//! failed tasks in `P.dead`, reconnects with backoff when the broker goes
+//! away, and drains on shutdown within the grace period.
+
+pub mod diag;
+mod handler;
+mod runtime;
+
+pub use handler::{Handler, Registry, TaskContext, TaskError};
+pub use runtime::{Worker, WorkerError};
+
+pub use async_trait::async_trait;
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,535 @@
+//! Consuming, running and acknowledging: the worker's main loop.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{select_all, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Connection;
+use rand::Rng;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument};
+use warren_client::{confirm_all, connect, process_identity, ClientError, ConfirmChannel, Outbox};
+use warren_core::backoff::full_jitter_ms;
+use warren_core::event::{cap_result, ErrorKind, EventErrorInfo};
+use warren_core::task::{task_type_of, InvalidTask, MessageMeta};
+use warren_core::{Config, DeadReason, Event, Names, TaskEnvelope, TaskState};
+
+use crate::{Registry, TaskContext, TaskError};
+
+/// Why a worker stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The configuration names no queue to consume.
+    #[error("worker has no queues to consume: set worker.queues or add [[queues]]")]
+    NoQueues,
+}
+
+/// Runs handlers for tasks from the configured work queues.
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: Config,
+    names: Names,
+    registry: Registry,
+    identity: String,
+    queues: Vec<(String, String)>,
+    routing_exchanges: [String; 2],
+}
+
+/// One connection's worth of channels. When it dies, in-flight tasks can no
+/// longer ack on it: the broker redelivers them, so nothing is lost and no
+/// ack is sent twice or on the wrong channel.
+struct Session {
+    conn: Connection,
+    outbox: Outbox,
+}
+
+impl Worker {
+    /// A worker for `config`, running the handlers of `registry`.
+    pub fn new(config: Config, registry: Registry) -> Result<Self, WorkerError> {
+        let names = config.names();
+        let queues: Vec<(String, String)> = config
+            .worker_queues()
+            .into_iter()
+            .map(|q| (q.name.clone(), names.work_queue(&q.name)))
+            .collect();
+        if queues.is_empty() {
+            return Err(WorkerError::NoQueues);
+        }
+        let routing_exchanges = [names.tasks(), names.unroutable()];
+        Ok(Worker {
+            shared: Arc::new(Shared {
+                config,
+                names,
+                registry,
+                identity: process_identity(),
+                queues,
+                routing_exchanges,
+            }),
+        })
+    }
+
+    /// Consumes until `shutdown` is cancelled, reconnecting with backoff when
+    /// the broker goes away, then drains: running tasks get the grace period
+    /// to finish; the rest are aborted and returned unacknowledged.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let sh = &self.shared;
+        let tracker = TaskTracker::new();
+        let abort = CancellationToken::new();
+        let permits = Arc::new(Semaphore::new(sh.config.worker.concurrency));
+        let max_backoff = Duration::from_millis(sh.config.worker.reconnect_max_ms.max(100));
+        let mut backoff = Duration::from_millis(100);
+        let mut last_session: Option<Arc<Session>> = None;
+        while !shutdown.is_cancelled() {
+            match self.open_session().await {
+                Ok((session, consumers)) => {
+                    backoff = Duration::from_millis(100);
+                    let session = Arc::new(session);
+                    last_session = Some(session.clone());
+                    info!(
+                        queues = ?sh.queues.iter().map(|q| &q.0).collect::<Vec<_>>(),
+                        concurrency = sh.config.worker.concurrency,
+                        prefetch = sh.config.worker.prefetch,
+                        "worker consuming"
+                    );
+                    let ended = self
+                        .consume(&session, consumers, &shutdown, &tracker, &abort, &permits)
+                        .await;
+                    if shutdown.is_cancelled() {
+                        break;
+                    }
+                    warn!(reason = %ended, "broker connection lost; reconnecting");
+                }
+                Err(e) => warn!(error = %e, retry_in = ?backoff, "cannot reach broker"),
+            }
+            let jittered = rand::thread_rng().gen_range(backoff / 2..=backoff);
+            tokio::select! {
+                _ = tokio::time::sleep(jittered) => {}
+                _ = shutdown.cancelled() => break,
+            }
+            backoff = (backoff * 2).min(max_backoff);
+        }
+        self.drain(tracker, abort, last_session).await;
+        Ok(())
+    }
+
+    async fn drain(
+        &self,
+        tracker: TaskTracker,
+        abort: CancellationToken,
+        session: Option<Arc<Session>>,
+    ) {
+        let grace = Duration::from_millis(self.shared.config.worker.grace_period_ms);
+        tracker.close();
+        if !tracker.is_empty() {
+            info!(running = tracker.len(), ?grace, "draining running tasks");
+        }
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!(
+                running = tracker.len(),
+                "grace period over: aborting running tasks, returning them unacknowledged"
+            );
+            abort.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+        }
+        if let Some(s) = session {
+            let _ = s.conn.close(200, "worker shutting down".into()).await;
+        }
+        info!("worker stopped");
+    }
+
+    async fn open_session(&self) -> Result<(Session, Vec<(String, lapin::Consumer)>), ClientError> {
+        let sh = &self.shared;
+        let conn = connect(&sh.config.broker.url, "worker").await?;
+        let consume_ch = conn
+            .create_channel()
+            .await
+            .map_err(|source| ClientError::Amqp {
+                what: "open consume channel".into(),
+                source,
+            })?;
+        consume_ch
+            .basic_qos(sh.config.worker.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|source| ClientError::Amqp {
+                what: "set prefetch".into(),
+                source,
+            })?;
+        let outbox = Outbox {
+            channel: ConfirmChannel::open(&conn).await?,
+            names: sh.names.clone(),
+        };
+        let mut consumers = Vec::new();
+        for (short, full) in &sh.queues {
+            let tag = format!(
+                "{}.worker.{}.{}",
+                sh.names.prefix(),
+                short,
+                sh.identity.replace('/', "-")
+            );
+            let consumer = consume_ch
+                .basic_consume(
+                    full.as_str().into(),
+                    tag.into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|source| ClientError::Amqp {
+                    what: format!("consume {full} (run `warren topology apply` first?)"),
+                    source,
+                })?;
+            consumers.push((short.clone(), consumer));
+        }
+        Ok((Session { conn, outbox }, consumers))
+    }
+
+    /// Takes deliveries until the connection dies (returns why) or shutdown.
+    async fn consume(
+        &self,
+        session: &Arc<Session>,
+        consumers: Vec<(String, lapin::Consumer)>,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+        abort: &CancellationToken,
+        permits: &Arc<Semaphore>,
+    ) -> String {
+        let mut stream = select_all(consumers.into_iter().map(|(short, c)| {
+            let short: Arc<str> = short.into();
+            c.map(move |d| (short.clone(), d))
+        }));
+        loop {
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                _ = shutdown.cancelled() => return "shutdown".into(),
+            };
+            let next = tokio::select! {
+                n = stream.next() => n,
+                _ = shutdown.cancelled() => return "shutdown".into(),
+            };
+            let (queue, delivery) = match next {
+                None => return "consumers ended".into(),
+                Some((_, Err(e))) => return e.to_string(),
+                Some((q, Ok(d))) => (q, d),
+            };
+            let shared = self.shared.clone();
+            let session = session.clone();
+            let abort = abort.clone();
+            tracker.spawn(async move {
+                process(&shared, &session, &queue, delivery, &abort).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+fn meta_of(d: &Delivery) -> MessageMeta {
+    let p = &d.properties;
+    let s = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|x| x.as_str().to_owned());
+    MessageMeta {
+        exchange: d.exchange.as_str().to_owned(),
+        routing_key: d.routing_key.as_str().to_owned(),
+        content_type: s(p.content_type()),
+        content_encoding: s(p.content_encoding()),
+        message_id: s(p.message_id()).filter(|m| !m.is_empty()),
+        type_: s(p.kind()),
+        headers: p.headers().clone(),
+        reply_to: s(p.reply_to()).filter(|r| !r.is_empty()),
+        correlation_id: s(p.correlation_id()),
+        priority: *p.priority(),
+    }
+}
+
+/// Handles one delivery to its outcome. Errors publishing or acking mean the
+/// connection is gone: the delivery is left for the broker to redeliver.
+async fn process(
+    sh: &Shared,
+    session: &Session,
+    queue: &str,
+    delivery: Delivery,
+    abort: &CancellationToken,
+) {
+    let meta = meta_of(&delivery);
+    let task_type = task_type_of(
+        &meta,
+        &[
+            sh.routing_exchanges[0].as_str(),
+            sh.routing_exchanges[1].as_str(),
+        ],
+    );
+    let Some(task_id) = meta.message_id.clone() else {
+        // No id: re-publish a copy carrying one, so every event and every
+        // redelivery of this task reports the same id.
+        let id = warren_core::event::new_id();
+        let r = async {
+            let c = session
+                .outbox
+                .requeue_with_id(
+                    &sh.names.work_queue(queue),
+                    &delivery.data,
+                    &delivery.properties,
+                    &task_type,
+                    &id,
+                )
+                .await?;
+            confirm_all(vec![c]).await
+        }
+        .await;
+        finish(&delivery, r, &id).await;
+        return;
+    };
+    let span = info_span!("task", task_id = %task_id, r#type = %task_type, queue = %queue, attempt = tracing::field::Empty);
+    async {
+        let result = run_task(
+            sh, session, queue, &delivery, &meta, &task_type, &task_id, abort,
+        )
+        .await;
+        match result {
+            Ok(Disposition::Ack) => finish(&delivery, Ok(()), &task_id).await,
+            Ok(Disposition::Requeue) => {
+                let _ = delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+            Err(e) => finish(&delivery, Err(e), &task_id).await,
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+enum Disposition {
+    Ack,
+    Requeue,
+}
+
+async fn finish(delivery: &Delivery, outcome: Result<(), ClientError>, task_id: &str) {
+    match outcome {
+        Ok(()) => {
+            if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                warn!(task_id, error = %e, "ack failed; the broker will redeliver the task");
+            }
+        }
+        Err(e) => warn!(
+            task_id,
+            error = %e,
+            "could not record the outcome; the broker will redeliver the task"
+        ),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_task(
+    sh: &Shared,
+    session: &Session,
+    queue: &str,
+    delivery: &Delivery,
+    meta: &MessageMeta,
+    task_type: &str,
+    task_id: &str,
+    abort: &CancellationToken,
+) -> Result<Disposition, ClientError> {
+    let out = &session.outbox;
+    let base = |state, attempt| {
+        let mut e = Event::new(task_id, task_type, state, attempt);
+        e.queue = Some(queue.to_owned());
+        e.worker = Some(sh.identity.clone());
+        e
+    };
+    let parsed = TaskEnvelope::parse(
+        meta,
+        task_type,
+        task_id,
+        &delivery.data,
+        sh.config.limits.max_body_bytes,
+    )
+    .and_then(|t| match sh.registry.get(task_type) {
+        Some(h) => Ok((t, h)),
+        None => Err(InvalidTask::new(
+            "no_handler",
+            format!("no handler for task type {task_type:?} on queue {queue}"),
+        )),
+    });
+    let (task, handler) = match parsed {
+        Ok(x) => x,
+        Err(invalid) => {
+            info!(code = invalid.code, "invalid task: {}", invalid.message);
+            let mut ev = base(TaskState::Dead, 0);
+            ev.reason = Some(DeadReason::Invalid.as_str().into());
+            ev.error = Some(EventErrorInfo {
+                kind: ErrorKind::Permanent,
+                code: invalid.code.into(),
+                message: invalid.message.clone(),
+            });
+            return park(
+                out,
+                delivery,
+                meta,
+                task_id,
+                task_type,
+                queue,
+                DeadReason::Invalid,
+                &invalid.message,
+                &ev,
+            )
+            .await;
+        }
+    };
+    tracing::Span::current().record("attempt", task.attempt);
+    let started = out.event(&base(TaskState::Started, task.attempt)).await?;
+    debug!("started");
+
+    let timeout =
+        Duration::from_millis(task.timeout_ms.unwrap_or(sh.config.worker.task_timeout_ms));
+    let cancel = abort.child_token();
+    let ctx = TaskContext {
+        id: task.id.clone(),
+        task_type: task.task_type.clone(),
+        args: task.args.clone(),
+        attempt: task.attempt,
+        cancel: cancel.clone(),
+        data_dir: sh.config.worker.data_dir.clone(),
+    };
+    let began = Instant::now();
+    let mut join = tokio::spawn(async move { handler.handle(ctx).await });
+    let result: Result<Value, TaskError> = tokio::select! {
+        r = &mut join => match r {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => Err(TaskError::permanent("panic", panic_text(e.into_panic()))),
+            Err(e) => Err(TaskError::retryable("aborted", e.to_string())),
+        },
+        _ = tokio::time::sleep(timeout) => {
+            cancel.cancel();
+            join.abort();
+            Err(TaskError::retryable("timeout", format!("no result within {} ms", timeout.as_millis())))
+        }
+        _ = abort.cancelled() => {
+            join.abort();
+            confirm_all(vec![started]).await?;
+            warn!("aborted at shutdown; returned to the queue");
+            return Ok(Disposition::Requeue);
+        }
+    };
+    let duration_ms = began.elapsed().as_millis() as u64;
+
+    match result {
+        Ok(value) => {
+            let mut ev = base(TaskState::Succeeded, task.attempt);
+            ev.duration_ms = Some(duration_ms);
+            ev.result = Some(cap_result(value, sh.config.limits.max_result_bytes));
+            let mut confirms = vec![started, out.event(&ev).await?];
+            if let Some(r) = &meta.reply_to {
+                confirms.push(out.reply(&ev, r, meta.correlation_id.as_deref()).await?);
+            }
+            confirm_all(confirms).await?;
+            info!(duration_ms, "succeeded");
+            Ok(Disposition::Ack)
+        }
+        Err(err) => {
+            let max_retries = task
+                .max_retries
+                .unwrap_or(u64::from(sh.config.retry_policy(task_type).max_retries));
+            let will_retry = err.is_retryable() && (task.attempt as u64) <= max_retries;
+            let mut failed = base(TaskState::Failed, task.attempt);
+            failed.duration_ms = Some(duration_ms);
+            failed.error = Some(err.to_info());
+            failed.retry = Some(will_retry);
+            let failed_c = out.event(&failed).await?;
+            info!(code = %err.code, retry = will_retry, "failed: {}", err.message);
+            if will_retry {
+                let policy = sh.config.retry_policy(task_type);
+                let retry_no = u32::try_from(task.attempt).unwrap_or(u32::MAX);
+                let delay = full_jitter_ms(policy, retry_no, &mut rand::thread_rng());
+                let retry_c = out
+                    .retry(
+                        &delivery.data,
+                        &delivery.properties,
+                        task_id,
+                        task_type,
+                        task.attempt + 1,
+                        delay,
+                        &err.to_string(),
+                    )
+                    .await?;
+                confirm_all(vec![started, failed_c, retry_c]).await?;
+                return Ok(Disposition::Ack);
+            }
+            let reason = if err.is_retryable() {
+                DeadReason::RetriesExhausted
+            } else {
+                DeadReason::PermanentFailure
+            };
+            let mut ev = base(TaskState::Dead, task.attempt);
+            ev.reason = Some(reason.as_str().into());
+            ev.error = Some(err.to_info());
+            confirm_all(vec![started, failed_c]).await?;
+            park(
+                out,
+                delivery,
+                meta,
+                task_id,
+                task_type,
+                queue,
+                reason,
+                &err.to_string(),
+                &ev,
+            )
+            .await
+        }
+    }
+}
+
+/// Parks a task in `P.dead`, emits its `dead` event (and the reply), and
+/// waits for every confirm so the caller may ack.
+#[allow(clippy::too_many_arguments)]
+async fn park(
+    out: &Outbox,
+    delivery: &Delivery,
+    meta: &MessageMeta,
+    task_id: &str,
+    task_type: &str,
+    queue: &str,
+    reason: DeadReason,
+    detail: &str,
+    ev: &Event,
+) -> Result<Disposition, ClientError> {
+    let mut confirms = vec![
+        out.dead(
+            &delivery.data,
+            &delivery.properties,
+            task_id,
+            task_type,
+            reason,
+            detail,
+            Some(queue),
+        )
+        .await?,
+        out.event(ev).await?,
+    ];
+    if let Some(r) = &meta.reply_to {
+        confirms.push(out.reply(ev, r, meta.correlation_id.as_deref()).await?);
+    }
+    confirm_all(confirms).await?;
+    Ok(Disposition::Ack)
+}
+
+fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-text panic payload".to_owned());
+    format!("handler panicked: {msg}")
+}

@@ -1,0 +1,108 @@
+//! Command-line flags.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Warren: background tasks on RabbitMQ.
+///
+/// Start everything on one machine with `warren up`, then publish a task with
+/// `warren publish diag.echo '{"hello":"world"}' --wait`. Configuration comes
+/// from config/default.toml built in, then --config FILE, then environment
+/// variables WARREN__SECTION__KEY (e.g. WARREN__BROKER__URL).
+#[derive(Debug, Parser)]
+#[command(name = "warren", version, propagate_version = true)]
+pub struct Cli {
+    /// Configuration file (TOML) layered over the built-in defaults.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Log format on stderr (log level: WARREN_LOG, e.g. WARREN_LOG=debug).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// What to run.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply the topology, then run the scheduler and a worker in one process
+    /// (a laptop, a demo). Stops cleanly on Ctrl-C or SIGTERM.
+    Up(WorkerArgs),
+    /// Run a worker: consume work queues and run task handlers.
+    Worker(WorkerArgs),
+    /// Run the scheduler: apply the topology and keep it reconciled.
+    Scheduler,
+    /// Show or apply the exchanges, queues and bindings computed from configuration.
+    Topology {
+        #[command(subcommand)]
+        action: TopologyAction,
+    },
+    /// Publish a task to P.tasks (with publisher confirms).
+    Publish(PublishArgs),
+}
+
+/// `topology` actions.
+#[derive(Debug, Subcommand)]
+pub enum TopologyAction {
+    /// Print the plan without touching the broker.
+    Show,
+    /// Declare everything on the broker (idempotent).
+    Apply,
+}
+
+/// Worker overrides of the configuration.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Queues to consume (short names from [[queues]], comma-separated); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub queues: Vec<String>,
+    /// How many tasks run at once.
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// How many unacknowledged tasks the broker may push ahead (>= concurrency).
+    #[arg(long)]
+    pub prefetch: Option<u16>,
+}
+
+/// `publish` flags.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// Task type, the routing key (e.g. diag.echo, http.request).
+    pub task_type: String,
+    /// Arguments as JSON (e.g. '{"ms": 100}').
+    #[arg(default_value = "{}")]
+    pub args: String,
+    /// Priority 0..9, higher runs first.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=9))]
+    pub priority: Option<u8>,
+    /// Per-message TTL: a task still queued after this many ms ends dead (expired).
+    #[arg(long, value_name = "MS")]
+    pub expiration_ms: Option<u64>,
+    /// Task id (default: a new UUID v7). With --count, "-<n>" is appended.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Extra header KEY=VALUE (integers are sent as integers); repeatable.
+    #[arg(long = "header", value_name = "KEY=VALUE")]
+    pub headers: Vec<String>,
+    /// Wait for the final event and print it; exit 1 unless it succeeded.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits, in ms.
+    #[arg(long, default_value_t = 60_000, value_name = "MS")]
+    pub timeout_ms: u64,
+    /// Publish this many copies, with a progress bar.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub count: u64,
+}

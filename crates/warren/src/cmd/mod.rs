@@ -1,0 +1,59 @@
+//! One file per subcommand.
+
+mod publish;
+mod scheduler;
+mod topology;
+mod up;
+mod worker;
+
+use anyhow::Context;
+use warren_core::Config;
+
+use crate::cli::{Cli, Command, WorkerArgs};
+
+/// Runs the chosen command; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let mut config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Topology { action } => topology::run(&config, action).await,
+        Command::Publish(args) => publish::run(&config, args).await,
+        Command::Scheduler => scheduler::run(&config).await,
+        Command::Worker(args) => {
+            apply_worker_args(&mut config, args)?;
+            worker::run(config).await
+        }
+        Command::Up(args) => {
+            apply_worker_args(&mut config, args)?;
+            up::run(config).await
+        }
+    }
+}
+
+/// Command-line worker flags override the configuration, then it is validated again.
+fn apply_worker_args(config: &mut Config, args: WorkerArgs) -> anyhow::Result<()> {
+    if !args.queues.is_empty() {
+        config.worker.queues = args.queues;
+    }
+    if let Some(c) = args.concurrency {
+        config.worker.concurrency = c;
+    }
+    if let Some(p) = args.prefetch {
+        config.worker.prefetch = p;
+    }
+    config.validate().context("command-line flags")?;
+    Ok(())
+}
+
+/// Connects one named connection, retrying for up to `connect_timeout_ms`
+/// while the broker starts.
+pub async fn connect(config: &Config, role: &str) -> anyhow::Result<lapin::Connection> {
+    let deadline = std::time::Instant::now()
+        + std::time::Duration::from_millis(config.broker.connect_timeout_ms);
+    loop {
+        match warren_client::connect(&config.broker.url, role).await {
+            Ok(c) => return Ok(c),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e.into()),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! `warren topology show|apply`.
+
+use warren_core::topology::TopologyPlan;
+use warren_core::Config;
+
+use crate::cli::TopologyAction;
+
+pub async fn run(config: &Config, action: TopologyAction) -> anyhow::Result<i32> {
+    let plan = TopologyPlan::from_config(config);
+    match action {
+        TopologyAction::Show => print!("{}", plan.render()),
+        TopologyAction::Apply => {
+            let conn = super::connect(config, "topology").await?;
+            let report = warren_scheduler::apply(&conn, &plan).await?;
+            let _ = conn.close(200, "done".into()).await;
+            println!(
+                "topology applied on {}: {} exchanges, {} queues, {} bindings",
+                config.broker.url, report.exchanges, report.queues, report.bindings
+            );
+        }
+    }
+    Ok(0)
+}

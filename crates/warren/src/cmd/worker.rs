@@ -1,0 +1,11 @@
+//! `warren worker`.
+
+use warren_core::Config;
+use warren_worker::{Registry, Worker};
+
+pub async fn run(config: Config) -> anyhow::Result<i32> {
+    let shutdown = crate::shutdown::on_signal()?;
+    let worker = Worker::new(config, Registry::with_builtins())?;
+    worker.run(shutdown).await?;
+    Ok(0)
+}

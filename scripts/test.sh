@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole Warren test suite, on a fresh machine or a developer's:
+# toolchain, broker (started if needed), management API, Python interop venv,
+# then formatting, lints, build and every test. Exits non-zero on the first
+# failure; prints "all tests passed" at the end otherwise.
+set -euo pipefail
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$WARREN_ROOT"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "prerequisites"
+ensure_rust full
+ensure_broker
+ensure_management
+ensure_python_venv
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+# The end-to-end tests run target/debug/warren as a subprocess: build it first.
+step "cargo build --workspace --all-targets"
+cargo build --workspace --all-targets
+
+step "cargo test --workspace"
+cargo test --workspace
+
+echo "all tests passed"

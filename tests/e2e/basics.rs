@@ -1,0 +1,228 @@
+//! Immediate tasks end to end: events, reply_to, routing, priorities, expiry.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use serde_json::json;
+use warren_client::TaskRequest;
+use warren_core::TaskState;
+use warren_e2e::{final_event, states, until_final, Env};
+
+const T: Duration = Duration::from_secs(30);
+
+#[tokio::test]
+async fn echo_emits_started_then_succeeded_with_every_contract_field() {
+    let mut env = Env::new("echo", &[]).await;
+    env.up(&[]);
+    let mut watch = env.watch(&["#"]).await;
+    let id = env
+        .client
+        .publish(&TaskRequest::new("diag.echo", json!({"hello": "world"})).id("echo-1"))
+        .await
+        .unwrap();
+    assert_eq!(id, "echo-1");
+    let got = until_final(&mut watch, &[id.clone()], T).await;
+    let events = &got[&id];
+    assert_eq!(states(events), ["started", "succeeded"]);
+    let done = &events[1];
+    assert_eq!(done.routing_key, "succeeded.diag.echo");
+    assert_eq!(done.event.result, Some(json!({"hello": "world"})));
+    assert_eq!(done.event.queue.as_deref(), Some("diag"));
+    assert_eq!(done.event.attempt, 1);
+    assert!(done.event.duration_ms.is_some());
+    assert!(done.event.worker.as_deref().unwrap().contains('/'));
+    let p = &done.properties;
+    assert_eq!(
+        p.message_id().as_ref().unwrap().as_str(),
+        done.event.event_id
+    );
+    assert_eq!(p.correlation_id().as_ref().unwrap().as_str(), "echo-1");
+    assert_eq!(
+        p.content_type().as_ref().unwrap().as_str(),
+        "application/json"
+    );
+    assert_ne!(events[0].event.event_id, done.event.event_id);
+}
+
+#[tokio::test]
+async fn call_through_direct_reply_to_returns_the_final_event() {
+    let mut env = Env::new("call", &[]).await;
+    env.up(&[]);
+    let ev = env
+        .client
+        .call(&TaskRequest::new("diag.echo", json!([1, 2, 3])), T)
+        .await
+        .unwrap();
+    assert_eq!(ev.state, TaskState::Succeeded);
+    assert_eq!(ev.result, Some(json!([1, 2, 3])));
+    let ev = env
+        .client
+        .call(
+            &TaskRequest::new("diag.fail", json!({"kind": "permanent", "message": "nope"})),
+            T,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ev.state, TaskState::Dead);
+    assert_eq!(ev.reason.as_deref(), Some("permanent_failure"));
+}
+
+#[tokio::test]
+async fn reply_to_a_named_queue_carries_the_producers_correlation_id() {
+    let mut env = Env::new("named-reply", &[]).await;
+    env.up(&[]);
+    let reply_queue = format!("{}.replies", env.prefix);
+    let conn = warren_client::connect(&env.config.broker.url, "test")
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        reply_queue.as_str().into(),
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut replies = ch
+        .basic_consume(
+            reply_queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id("named-1".into())
+        .with_reply_to(reply_queue.as_str().into())
+        .with_correlation_id("my-corr".into());
+    env.client
+        .publish_raw(&env.names().tasks(), "diag.echo", b"{\"x\":1}", props)
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(T, replies.next())
+        .await
+        .expect("a reply within the timeout")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        d.properties.correlation_id().as_ref().unwrap().as_str(),
+        "my-corr"
+    );
+    let ev = warren_core::Event::from_json(&d.data).unwrap();
+    assert_eq!(ev.state, TaskState::Succeeded);
+    assert_eq!(ev.task_id, "named-1");
+    assert_eq!(ev.result, Some(json!({"x": 1})));
+}
+
+#[tokio::test]
+async fn an_unrouted_type_is_parked_in_unroutable_never_dropped() {
+    let env = Env::new("unroutable", &[]).await;
+    env.client
+        .publish(&TaskRequest::new("nobody.handles.this", json!({})))
+        .await
+        .unwrap();
+    env.wait_depth(&env.names().unroutable(), 1, T).await;
+    let msgs = env.drain(&env.names().unroutable()).await;
+    assert_eq!(msgs.len(), 1);
+}
+
+#[tokio::test]
+async fn a_task_without_message_id_gets_one_that_every_event_reports() {
+    let mut env = Env::new("no-id", &[]).await;
+    env.up(&[]);
+    let mut watch = env.watch(&["#"]).await;
+    let props = BasicProperties::default().with_content_type("application/json".into());
+    env.client
+        .publish_raw(&env.names().tasks(), "diag.echo", b"{\"n\":1}", props)
+        .await
+        .unwrap();
+    let first = watch.next(T).await.unwrap().expect("an event");
+    let id = first.event.task_id.clone();
+    assert!(
+        uuid::Uuid::parse_str(&id).is_ok(),
+        "assigned id {id} is a UUID"
+    );
+    let got = until_final(&mut watch, &[id.clone()], T).await;
+    assert!(got[&id].iter().all(|e| e.event.task_id == id));
+}
+
+#[tokio::test]
+async fn higher_priority_runs_first_with_concurrency_one() {
+    let mut env = Env::new(
+        "priority",
+        &[
+            ("WARREN__WORKER__CONCURRENCY", "1"),
+            ("WARREN__WORKER__PREFETCH", "1"),
+        ],
+    )
+    .await;
+    // Queue everything before any worker runs, so order is the broker's choice.
+    let mut reqs = Vec::new();
+    for (i, p) in [0u8, 9, 3, 9, 0, 5, 1, 7].into_iter().enumerate() {
+        reqs.push(
+            TaskRequest::new("diag.echo", json!({"p": p}))
+                .id(format!("p{i}"))
+                .priority(p),
+        );
+    }
+    env.client.publish_batch(&reqs, 16, |_| {}).await.unwrap();
+    env.wait_depth(&env.names().work_queue("diag"), 8, T).await;
+    let mut watch = env.watch(&["started.#"]).await;
+    env.spawn(&["worker", "--queues", "diag"], &[]);
+    let mut order = Vec::new();
+    while order.len() < 8 {
+        let e = watch.next(T).await.unwrap().expect("started events");
+        order.push(e.event.task_id);
+    }
+    let prio = |id: &String| {
+        reqs.iter()
+            .find(|r| r.id.as_ref() == Some(id))
+            .unwrap()
+            .priority
+            .unwrap()
+    };
+    let seen: Vec<u8> = order.iter().map(prio).collect();
+    let mut sorted = seen.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(seen, sorted, "tasks started in priority order");
+}
+
+#[tokio::test]
+async fn a_task_that_expires_in_its_queue_ends_dead_expired() {
+    let mut env = Env::new("expiry", &[]).await;
+    // Only the scheduler runs: no worker takes the task before it expires.
+    env.spawn(&["scheduler"], &[]);
+    let mut watch = env.watch(&["dead.#"]).await;
+    env.client
+        .publish(
+            &TaskRequest::new("diag.echo", json!({}))
+                .id("exp-1")
+                .expiration_ms(50),
+        )
+        .await
+        .unwrap();
+    let got = until_final(&mut watch, &["exp-1".to_owned()], T).await;
+    let ev = final_event(&got["exp-1"]);
+    assert_eq!(ev.reason.as_deref(), Some("expired"));
+    assert_eq!(ev.attempt, 0);
+    assert_eq!(ev.queue.as_deref(), Some("diag"));
+    let dead = env.drain(&env.names().dead()).await;
+    assert_eq!(dead.len(), 1);
+    let h = dead[0].0.headers().clone().unwrap();
+    assert_eq!(
+        warren_core::headers::get_str(Some(&h), "x-warren-dead-reason").as_deref(),
+        Some("expired")
+    );
+    assert!(
+        dead[0].0.expiration().is_none(),
+        "a parked task does not expire again"
+    );
+}

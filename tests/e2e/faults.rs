@@ -1,0 +1,128 @@
+//! Fault tests: kill -9 mid-task, connection force-closed under load, SIGTERM drain.
+
+use std::time::Duration;
+
+use serde_json::json;
+use warren_client::TaskRequest;
+use warren_core::TaskState;
+use warren_e2e::{final_event, until_final, Env, Mgmt};
+
+const T: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn a_worker_killed_mid_task_loses_nothing_the_task_is_redelivered_and_succeeds() {
+    let mut env = Env::new("sigkill", &[]).await;
+    let first = env.spawn(&["worker"], &[]);
+    let mut watch = env.watch(&["#"]).await;
+    let id = env
+        .client
+        .publish(&TaskRequest::new("diag.sleep", json!({"ms": 2000})))
+        .await
+        .unwrap();
+    let started = watch.next(T).await.unwrap().expect("started");
+    assert_eq!(started.event.state, TaskState::Started);
+    env.signal(&first, "KILL");
+    env.wait_exit(&first, T).await.expect("killed worker exits");
+    env.spawn(&["worker"], &[]);
+    let got = until_final(&mut watch, &[id.clone()], T).await;
+    let ev = final_event(&got[&id]);
+    assert_eq!(ev.state, TaskState::Succeeded);
+    assert_ne!(
+        ev.worker, started.event.worker,
+        "another worker finished it"
+    );
+    assert_eq!(env.depth(&env.names().work_queue("diag")).await, 0);
+}
+
+#[tokio::test]
+async fn connection_force_closed_under_load_every_task_of_2000_succeeds() {
+    let mut env = Env::new(
+        "forceclose",
+        &[
+            ("WARREN__WORKER__CONCURRENCY", "16"),
+            ("WARREN__WORKER__PREFETCH", "64"),
+        ],
+    )
+    .await;
+    let worker = env.spawn(&["worker"], &[]);
+    let mut watch = env.watch(&["succeeded.#", "dead.#"]).await;
+    let reqs: Vec<TaskRequest> = (0..2000)
+        .map(|i| TaskRequest::new("diag.sleep", json!({"ms": 2})).id(format!("load-{i}")))
+        .collect();
+    let ids = env.client.publish_batch(&reqs, 256, |_| {}).await.unwrap();
+    let mgmt = Mgmt::new();
+    let needle = "warren worker ".to_owned();
+    let pid_tag = format!("/{}", worker.pid);
+    let mut seen = std::collections::HashMap::new();
+    let mut closes = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let mut open: std::collections::HashSet<String> = ids.iter().cloned().collect();
+    while !open.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of 2000 tasks unfinished after {closes} forced closes",
+            open.len()
+        );
+        let Some(e) = watch.next(Duration::from_secs(5)).await.unwrap() else {
+            continue;
+        };
+        assert_eq!(e.event.state, TaskState::Succeeded, "{:?}", e.event);
+        open.remove(&e.event.task_id);
+        *seen.entry(e.event.task_id.clone()).or_insert(0) += 1;
+        // Force-close the worker's connection twice while the batch runs.
+        if (closes == 0 && seen.len() >= 300) || (closes == 1 && seen.len() >= 1000) {
+            let conns: Vec<String> = mgmt.connections_named(&needle).await.into_iter().collect();
+            let mut closed = false;
+            for c in mgmt.connections_named(&pid_tag).await {
+                if conns.contains(&c) {
+                    mgmt.close_connection(&c).await;
+                    closed = true;
+                }
+            }
+            assert!(closed, "found the worker's connection to close");
+            closes += 1;
+        }
+    }
+    assert_eq!(closes, 2);
+    assert_eq!(env.depth(&env.names().work_queue("diag")).await, 0);
+    assert_eq!(env.depth(&env.names().dead()).await, 0);
+    assert!(
+        env.log_of(&worker).contains("reconnecting"),
+        "worker reconnected"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_running_task_finish_then_exits_zero() {
+    let mut env = Env::new("sigterm", &[]).await;
+    let worker = env.spawn(&["worker"], &[]);
+    let mut watch = env.watch(&["#"]).await;
+    let id = env
+        .client
+        .publish(&TaskRequest::new("diag.sleep", json!({"ms": 1500})))
+        .await
+        .unwrap();
+    let started = watch.next(T).await.unwrap().expect("started");
+    assert_eq!(started.event.state, TaskState::Started);
+    env.signal(&worker, "TERM");
+    let got = until_final(&mut watch, &[id.clone()], T).await;
+    assert_eq!(final_event(&got[&id]).state, TaskState::Succeeded);
+    assert_eq!(env.wait_exit(&worker, T).await, Some(0), "exit code 0");
+    assert_eq!(env.depth(&env.names().work_queue("diag")).await, 0);
+}
+
+#[tokio::test]
+async fn past_the_grace_period_a_running_task_is_returned_unacknowledged() {
+    let mut env = Env::new("grace", &[("WARREN__WORKER__GRACE_PERIOD_MS", "300")]).await;
+    let worker = env.spawn(&["worker"], &[]);
+    let mut watch = env.watch(&["#"]).await;
+    env.client
+        .publish(&TaskRequest::new("diag.sleep", json!({"ms": 600000})))
+        .await
+        .unwrap();
+    let started = watch.next(T).await.unwrap().expect("started");
+    assert_eq!(started.event.state, TaskState::Started);
+    env.signal(&worker, "TERM");
+    assert_eq!(env.wait_exit(&worker, T).await, Some(0), "exit code 0");
+    env.wait_depth(&env.names().work_queue("diag"), 1, T).await;
+}

@@ -1,0 +1,129 @@
+//! Other clients than Warren's own: Python pika and the management console's
+//! "Publish message" form (the HTTP API).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::json;
+use warren_core::TaskState;
+use warren_e2e::{broker_url, final_event, states, until_final, Env, Mgmt};
+
+const T: Duration = Duration::from_secs(30);
+
+fn python() -> PathBuf {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/.venv/bin/python");
+    assert!(
+        venv.exists(),
+        "{} is missing: scripts/test.sh creates the interop venv",
+        venv.display()
+    );
+    venv
+}
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/publish_pika.py")
+}
+
+#[tokio::test]
+async fn a_task_published_with_python_pika_runs_and_its_events_arrive() {
+    let mut env = Env::new("pika", &[]).await;
+    env.up(&[]);
+    let mut watch = env.watch(&["#"]).await;
+    let out = std::process::Command::new(python())
+        .arg(script())
+        .args(["--url", &broker_url(), "--exchange", &env.names().tasks()])
+        .args([
+            "--routing-key",
+            "diag.echo",
+            "--body",
+            r#"{"from": "python"}"#,
+        ])
+        .args([
+            "--message-id",
+            "py-1",
+            "--priority",
+            "5",
+            "--header",
+            "x-warren-max-retries=2",
+        ])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "pika publish: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = until_final(&mut watch, &["py-1".to_owned()], T).await;
+    assert_eq!(states(&got["py-1"]), ["started", "succeeded"]);
+    assert_eq!(
+        final_event(&got["py-1"]).result,
+        Some(json!({"from": "python"}))
+    );
+}
+
+#[tokio::test]
+async fn pika_call_through_direct_reply_to_gets_the_final_event() {
+    let mut env = Env::new("pika-reply", &[]).await;
+    env.up(&[]);
+    let out = std::process::Command::new(python())
+        .arg(script())
+        .args(["--url", &broker_url(), "--exchange", &env.names().tasks()])
+        .args([
+            "--routing-key",
+            "diag.echo",
+            "--body",
+            "[42]",
+            "--message-id",
+            "py-2",
+        ])
+        .args([
+            "--reply-to",
+            "amq.rabbitmq.reply-to",
+            "--wait-reply-timeout",
+            "30",
+        ])
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "pika call: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    let ev = warren_core::Event::from_json(line.trim().as_bytes()).expect("reply is an event");
+    assert_eq!(ev.state, TaskState::Succeeded);
+    assert_eq!(ev.task_id, "py-2");
+    assert_eq!(ev.result, Some(json!([42])));
+}
+
+#[tokio::test]
+async fn a_task_published_from_the_management_console_runs() {
+    let mut env = Env::new("console", &[]).await;
+    env.up(&[]);
+    let mut watch = env.watch(&["#"]).await;
+    let routed = Mgmt::new()
+        .publish(
+            &env.names().tasks(),
+            "diag.echo",
+            r#"{"from": "console"}"#,
+            json!({"content_type": "application/json", "message_id": "console-1", "delivery_mode": 2}),
+        )
+        .await;
+    assert!(routed);
+    let got = until_final(&mut watch, &["console-1".to_owned()], T).await;
+    assert_eq!(
+        final_event(&got["console-1"]).result,
+        Some(json!({"from": "console"}))
+    );
+    // The form's defaults (no properties at all) work too: the id is assigned.
+    let routed = Mgmt::new()
+        .publish(&env.names().tasks(), "diag.echo", "{}", json!({}))
+        .await;
+    assert!(routed);
+    let ev = watch
+        .next(T)
+        .await
+        .unwrap()
+        .expect("events for the id-less task");
+    assert_eq!(ev.event.task_type, "diag.echo");
+}

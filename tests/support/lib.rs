@@ -1,0 +1,301 @@
+//! Shared harness for Warren's end-to-end tests.
+//!
+//! Each test makes an [`Env`] with its own topology prefix, starts real
+//! `warren` processes against the real broker, observes events and queue
+//! depths with bounded waits, and deletes every object of its prefix when
+//! dropped.
+
+mod mgmt;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use warren_client::{Client, EventWatch, ReceivedEvent};
+use warren_core::{Config, Event};
+
+pub use mgmt::Mgmt;
+
+/// The broker URL tests use.
+pub fn broker_url() -> String {
+    std::env::var("WARREN__BROKER__URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// The `warren` binary built by `cargo build` (scripts/test.sh builds it first).
+pub fn warren_bin() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    let bin = target.join("debug").join("warren");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p warren` (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// One test's isolated Warren: prefix, settings, processes, cleanup.
+pub struct Env {
+    /// The topology prefix, unique to this test.
+    pub prefix: String,
+    /// Environment overrides passed to every `warren` process.
+    pub vars: Vec<(String, String)>,
+    /// The loaded configuration (with the overrides).
+    pub config: Config,
+    /// A producer client.
+    pub client: Client,
+    children: Vec<Child>,
+    logs: PathBuf,
+}
+
+/// A `warren` process started by the test.
+pub struct Proc {
+    /// Index into the env's children.
+    pub index: usize,
+    /// OS process id.
+    pub pid: u32,
+}
+
+impl Env {
+    /// A fresh prefix `wt.<name>.<random>` with extra `WARREN__…` overrides;
+    /// the topology is applied with `warren topology apply`.
+    pub async fn new(name: &str, overrides: &[(&str, &str)]) -> Env {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let prefix = format!("wt.{name}.{}", &suffix[..8]);
+        let mut vars = vec![
+            ("WARREN__PREFIX".to_owned(), prefix.clone()),
+            ("WARREN__BROKER__URL".to_owned(), broker_url()),
+        ];
+        for (k, v) in overrides {
+            vars.push(((*k).to_owned(), (*v).to_owned()));
+        }
+        let config = Config::load_from(None, &vars).expect("test configuration is valid");
+        let logs = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("target")
+            .join("e2e-logs");
+        std::fs::create_dir_all(&logs).expect("create log dir");
+        let client = Client::connect(&config).await.expect("broker reachable");
+        let mut env = Env {
+            prefix,
+            vars,
+            config,
+            client,
+            children: Vec::new(),
+            logs,
+        };
+        let out = env
+            .warren(&["topology", "apply"])
+            .output()
+            .expect("run warren");
+        assert!(
+            out.status.success(),
+            "topology apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        env.children.clear();
+        env
+    }
+
+    /// The topology names.
+    pub fn names(&self) -> warren_core::Names {
+        self.config.names()
+    }
+
+    /// A `warren` command with this env's overrides.
+    pub fn warren(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(warren_bin());
+        c.args(args);
+        for (k, v) in &self.vars {
+            c.env(k, v);
+        }
+        c.env("WARREN_LOG", "info,lapin=warn");
+        c
+    }
+
+    /// Starts `warren <args>` in the background, its stderr in a log file.
+    pub fn spawn(&mut self, args: &[&str], extra: &[(&str, &str)]) -> Proc {
+        let n = self.children.len();
+        let log_path = self.logs.join(format!("{}-{n}.log", self.prefix));
+        let log = std::fs::File::create(&log_path).expect("create log");
+        let mut cmd = self.warren(args);
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn warren");
+        let pid = child.id();
+        self.children.push(child);
+        Proc { index: n, pid }
+    }
+
+    /// Starts `warren up` (scheduler and worker in one process).
+    pub fn up(&mut self, extra: &[(&str, &str)]) -> Proc {
+        self.spawn(&["up"], extra)
+    }
+
+    /// Sends a signal to a process.
+    pub fn signal(&self, p: &Proc, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &p.pid.to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{sig} {} failed", p.pid);
+    }
+
+    /// Waits (bounded) for a process to exit; returns its exit code.
+    pub async fn wait_exit(&mut self, p: &Proc, timeout: Duration) -> Option<i32> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.children[p.index].try_wait().expect("try_wait") {
+                return Some(status.code().unwrap_or(-1));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The log a process wrote so far.
+    pub fn log_of(&self, p: &Proc) -> String {
+        std::fs::read_to_string(self.logs.join(format!("{}-{}.log", self.prefix, p.index)))
+            .unwrap_or_default()
+    }
+
+    /// Follows events matching `patterns`.
+    pub async fn watch(&self, patterns: &[&str]) -> EventWatch {
+        self.client.watch(patterns).await.expect("watch events")
+    }
+
+    /// Messages ready in a queue right now (AMQP passive declare: exact).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let conn = warren_client::connect(&self.config.broker.url, "test")
+            .await
+            .expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("queue exists");
+        let _ = conn.close(200, "bye".into()).await;
+        q.message_count()
+    }
+
+    /// Waits until a queue holds `n` messages ready.
+    pub async fn wait_depth(&self, queue: &str, n: u32, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let d = self.depth(queue).await;
+            if d == n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "queue {queue} holds {d} messages, expected {n} within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Takes every message from a queue (acking them): `(properties, body)`.
+    pub async fn drain(&self, queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
+        let conn = warren_client::connect(&self.config.broker.url, "test")
+            .await
+            .expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        let mut out = Vec::new();
+        while let Some(m) = ch
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
+        {
+            out.push((m.delivery.properties.clone(), m.delivery.data.clone()));
+        }
+        let _ = conn.close(200, "bye".into()).await;
+        out
+    }
+}
+
+/// Collects events until every id in `ids` has a final event; panics with
+/// what is missing after `timeout`. Returns each task's events in order.
+pub async fn until_final(
+    watch: &mut EventWatch,
+    ids: &[String],
+    timeout: Duration,
+) -> HashMap<String, Vec<ReceivedEvent>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut by_id: HashMap<String, Vec<ReceivedEvent>> = HashMap::new();
+    let mut open: std::collections::HashSet<&String> = ids.iter().collect();
+    while !open.is_empty() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(got) = watch.next(left).await.expect("watch") else {
+            let missing: Vec<_> = open.iter().take(5).collect();
+            panic!(
+                "{} of {} tasks had no final event within {timeout:?}; e.g. {missing:?}",
+                open.len(),
+                ids.len()
+            );
+        };
+        if got.event.state.is_final() {
+            open.remove(&got.event.task_id);
+        }
+        by_id
+            .entry(got.event.task_id.clone())
+            .or_default()
+            .push(got);
+    }
+    by_id
+}
+
+/// The states of a task's events, in order.
+pub fn states(events: &[ReceivedEvent]) -> Vec<&'static str> {
+    events.iter().map(|e| e.event.state.as_str()).collect()
+}
+
+/// The final event of a task.
+pub fn final_event(events: &[ReceivedEvent]) -> &Event {
+    &events
+        .iter()
+        .rev()
+        .find(|e| e.event.state.is_final())
+        .expect("a final event")
+        .event
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let prefix = self.prefix.clone();
+        // Cleanup runs on its own thread and runtime: Drop may run inside the
+        // test's runtime, which must not be blocked on.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(Mgmt::new().delete_prefix(&prefix));
+        })
+        .join();
+    }
+}

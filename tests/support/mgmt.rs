@@ -1,0 +1,142 @@
+//! The RabbitMQ management HTTP API, as tests use it.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// A management API client (guest/guest on 127.0.0.1:15672 unless
+/// `WARREN__BROKER__MANAGEMENT_URL` says otherwise).
+pub struct Mgmt {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Default for Mgmt {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl Mgmt {
+    /// A client for the local management API.
+    pub fn new() -> Self {
+        let base = std::env::var("WARREN__BROKER__MANAGEMENT_URL")
+            .unwrap_or_else(|_| "http://127.0.0.1:15672".to_owned());
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("http client");
+        Mgmt { base, http }
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        self.http
+            .get(format!("{}/api/{path}", self.base))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await
+            .expect("management API reachable (scripts/test.sh enables it)")
+            .error_for_status()
+            .expect("management API answer")
+            .json()
+            .await
+            .expect("JSON")
+    }
+
+    async fn delete(&self, path: &str) {
+        let _ = self
+            .http
+            .delete(format!("{}/api/{path}", self.base))
+            .basic_auth("guest", Some("guest"))
+            .send()
+            .await;
+    }
+
+    /// Publishes like the console's "Publish message" form; returns whether it was routed.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &str,
+        properties: Value,
+    ) -> bool {
+        let body = json!({
+            "properties": properties,
+            "routing_key": routing_key,
+            "payload": payload,
+            "payload_encoding": "string",
+        });
+        let v: Value = self
+            .http
+            .post(format!(
+                "{}/api/exchanges/%2F/{}/publish",
+                self.base,
+                enc(exchange)
+            ))
+            .basic_auth("guest", Some("guest"))
+            .json(&body)
+            .send()
+            .await
+            .expect("management API reachable")
+            .error_for_status()
+            .expect("publish accepted")
+            .json()
+            .await
+            .expect("JSON");
+        v["routed"].as_bool().unwrap_or(false)
+    }
+
+    /// Names of connections whose client-given name contains `needle`.
+    pub async fn connections_named(&self, needle: &str) -> Vec<String> {
+        let v = self.get("connections").await;
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| {
+                c["client_properties"]["connection_name"]
+                    .as_str()
+                    .is_some_and(|n| n.contains(needle))
+            })
+            .filter_map(|c| c["name"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// Force-closes a connection, as an operator would from the console.
+    pub async fn close_connection(&self, name: &str) {
+        let _ = self
+            .http
+            .delete(format!("{}/api/connections/{}", self.base, enc(name)))
+            .basic_auth("guest", Some("guest"))
+            .header("X-Reason", "closed by a Warren fault test")
+            .send()
+            .await;
+    }
+
+    /// Deletes every queue and exchange whose name starts with `prefix.`.
+    pub async fn delete_prefix(&self, prefix: &str) {
+        let dot = format!("{prefix}.");
+        for kind in ["queues", "exchanges"] {
+            let v = self.get(&format!("{kind}/%2F")).await;
+            for name in v
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|o| o["name"].as_str())
+                .filter(|n| n.starts_with(&dot))
+            {
+                self.delete(&format!("{kind}/%2F/{}", enc(name))).await;
+            }
+        }
+    }
+}
