@@ -24,7 +24,7 @@ async fn echo_emits_started_then_succeeded_with_every_contract_field() {
         .await
         .unwrap();
     assert_eq!(id, "echo-1");
-    let got = until_final(&mut watch, &[id.clone()], T).await;
+    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
     let events = &got[&id];
     assert_eq!(states(events), ["started", "succeeded"]);
     let done = &events[1];
@@ -150,7 +150,7 @@ async fn a_task_without_message_id_gets_one_that_every_event_reports() {
         uuid::Uuid::parse_str(&id).is_ok(),
         "assigned id {id} is a UUID"
     );
-    let got = until_final(&mut watch, &[id.clone()], T).await;
+    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
     assert!(got[&id].iter().all(|e| e.event.task_id == id));
 }
 

@@ -27,7 +27,8 @@ fn help_lists_every_command() {
 
 #[test]
 fn bad_input_is_one_line_and_non_zero_never_a_panic() {
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             vec!["publish", "diag.echo", "{oops"],
             vec![],

@@ -24,7 +24,7 @@ async fn a_worker_killed_mid_task_loses_nothing_the_task_is_redelivered_and_succ
     env.signal(&first, "KILL");
     env.wait_exit(&first, T).await.expect("killed worker exits");
     env.spawn(&["worker"], &[]);
-    let got = until_final(&mut watch, &[id.clone()], T).await;
+    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
     let ev = final_event(&got[&id]);
     assert_eq!(ev.state, TaskState::Succeeded);
     assert_ne!(
@@ -45,44 +45,43 @@ async fn connection_force_closed_under_load_every_task_of_2000_succeeds() {
     )
     .await;
     let worker = env.spawn(&["worker"], &[]);
+    let mgmt = Mgmt::new();
+    // The worker's connection is named "warren worker <host>/<pid>".
+    let suffix = format!("/{}", worker.pid);
+    let mut closed: Vec<String> = Vec::new();
+    let first = mgmt.wait_connection(&suffix, &closed, T).await;
     let mut watch = env.watch(&["succeeded.#", "dead.#"]).await;
     let reqs: Vec<TaskRequest> = (0..2000)
-        .map(|i| TaskRequest::new("diag.sleep", json!({"ms": 2})).id(format!("load-{i}")))
+        .map(|i| TaskRequest::new("diag.sleep", json!({"ms": 50})).id(format!("load-{i}")))
         .collect();
     let ids = env.client.publish_batch(&reqs, 256, |_| {}).await.unwrap();
-    let mgmt = Mgmt::new();
-    let needle = "warren worker ".to_owned();
-    let pid_tag = format!("/{}", worker.pid);
-    let mut seen = std::collections::HashMap::new();
-    let mut closes = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let mut finished = std::collections::HashSet::new();
     let mut open: std::collections::HashSet<String> = ids.iter().cloned().collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
     while !open.is_empty() {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{} of 2000 tasks unfinished after {closes} forced closes",
-            open.len()
+            "{} of 2000 tasks unfinished after {} forced closes",
+            open.len(),
+            closed.len()
         );
         let Some(e) = watch.next(Duration::from_secs(5)).await.unwrap() else {
             continue;
         };
         assert_eq!(e.event.state, TaskState::Succeeded, "{:?}", e.event);
         open.remove(&e.event.task_id);
-        *seen.entry(e.event.task_id.clone()).or_insert(0) += 1;
+        finished.insert(e.event.task_id.clone());
         // Force-close the worker's connection twice while the batch runs.
-        if (closes == 0 && seen.len() >= 300) || (closes == 1 && seen.len() >= 1000) {
-            let conns: Vec<String> = mgmt.connections_named(&needle).await.into_iter().collect();
-            let mut closed = false;
-            for c in mgmt.connections_named(&pid_tag).await {
-                if conns.contains(&c) {
-                    mgmt.close_connection(&c).await;
-                    closed = true;
-                }
-            }
-            assert!(closed, "found the worker's connection to close");
-            closes += 1;
+        if closed.is_empty() && finished.len() >= 300 {
+            mgmt.close_connection(&first).await;
+            closed.push(first.clone());
+        } else if closed.len() == 1 && finished.len() >= 800 {
+            let second = mgmt.wait_connection(&suffix, &closed, T).await;
+            mgmt.close_connection(&second).await;
+            closed.push(second);
         }
     }
+    let closes = closed.len();
     assert_eq!(closes, 2);
     assert_eq!(env.depth(&env.names().work_queue("diag")).await, 0);
     assert_eq!(env.depth(&env.names().dead()).await, 0);
@@ -105,7 +104,7 @@ async fn sigterm_lets_the_running_task_finish_then_exits_zero() {
     let started = watch.next(T).await.unwrap().expect("started");
     assert_eq!(started.event.state, TaskState::Started);
     env.signal(&worker, "TERM");
-    let got = until_final(&mut watch, &[id.clone()], T).await;
+    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
     assert_eq!(final_event(&got[&id]).state, TaskState::Succeeded);
     assert_eq!(env.wait_exit(&worker, T).await, Some(0), "exit code 0");
     assert_eq!(env.depth(&env.names().work_queue("diag")).await, 0);

@@ -97,19 +97,32 @@ impl Mgmt {
         v["routed"].as_bool().unwrap_or(false)
     }
 
-    /// Names of connections whose client-given name contains `needle`.
-    pub async fn connections_named(&self, needle: &str) -> Vec<String> {
-        let v = self.get("connections").await;
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| {
-                c["client_properties"]["connection_name"]
-                    .as_str()
-                    .is_some_and(|n| n.contains(needle))
-            })
-            .filter_map(|c| c["name"].as_str().map(str::to_owned))
-            .collect()
+    /// Waits (bounded) for a connection whose client-given name ends with
+    /// `suffix` and whose broker name is not in `except`; returns its broker name.
+    pub async fn wait_connection(
+        &self,
+        suffix: &str,
+        except: &[String],
+        timeout: Duration,
+    ) -> String {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let v = self.get("connections").await;
+            let found = v.as_array().into_iter().flatten().find_map(|c| {
+                let client_name = c["client_properties"]["connection_name"].as_str()?;
+                let name = c["name"].as_str()?;
+                (client_name.ends_with(suffix) && !except.iter().any(|e| e == name))
+                    .then(|| name.to_owned())
+            });
+            if let Some(name) = found {
+                return name;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no connection named *{suffix} appeared within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Force-closes a connection, as an operator would from the console.

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{select_all, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::FieldTable;
 use lapin::Connection;
 use rand::Rng;
@@ -49,8 +51,18 @@ struct Shared {
 /// ack is sent twice or on the wrong channel.
 struct Session {
     conn: Connection,
+    consume_channel: lapin::Channel,
+    consumer_tags: Vec<String>,
     outbox: Outbox,
 }
+
+/// Every consumer of a session merged into one stream, tagged with the short queue name.
+type Deliveries = futures::stream::SelectAll<
+    futures::stream::Map<
+        lapin::Consumer,
+        Box<dyn FnMut(lapin::Result<Delivery>) -> (Arc<str>, lapin::Result<Delivery>) + Send>,
+    >,
+>;
 
 impl Worker {
     /// A worker for `config`, running the handlers of `registry`.
@@ -87,13 +99,26 @@ impl Worker {
         let permits = Arc::new(Semaphore::new(sh.config.worker.concurrency));
         let max_backoff = Duration::from_millis(sh.config.worker.reconnect_max_ms.max(100));
         let mut backoff = Duration::from_millis(100);
-        let mut last_session: Option<Arc<Session>> = None;
+        // Kept alive until the drain is over: dropping the consumers or the
+        // channel would return running tasks to the queue before they ack.
+        let mut kept: Option<(Arc<Session>, Deliveries)> = None;
         while !shutdown.is_cancelled() {
             match self.open_session().await {
                 Ok((session, consumers)) => {
                     backoff = Duration::from_millis(100);
                     let session = Arc::new(session);
-                    last_session = Some(session.clone());
+                    let mut stream: Deliveries =
+                        select_all(consumers.into_iter().map(|(short, c)| {
+                            let short: Arc<str> = short.into();
+                            let tag: Box<
+                                dyn FnMut(
+                                        lapin::Result<Delivery>,
+                                    )
+                                        -> (Arc<str>, lapin::Result<Delivery>)
+                                    + Send,
+                            > = Box::new(move |d| (short.clone(), d));
+                            c.map(tag)
+                        }));
                     info!(
                         queues = ?sh.queues.iter().map(|q| &q.0).collect::<Vec<_>>(),
                         concurrency = sh.config.worker.concurrency,
@@ -101,9 +126,10 @@ impl Worker {
                         "worker consuming"
                     );
                     let ended = self
-                        .consume(&session, consumers, &shutdown, &tracker, &abort, &permits)
+                        .consume(&session, &mut stream, &shutdown, &tracker, &abort, &permits)
                         .await;
                     if shutdown.is_cancelled() {
+                        kept = Some((session, stream));
                         break;
                     }
                     warn!(reason = %ended, "broker connection lost; reconnecting");
@@ -117,7 +143,7 @@ impl Worker {
             }
             backoff = (backoff * 2).min(max_backoff);
         }
-        self.drain(tracker, abort, last_session).await;
+        self.drain(tracker, abort, kept).await;
         Ok(())
     }
 
@@ -125,8 +151,18 @@ impl Worker {
         &self,
         tracker: TaskTracker,
         abort: CancellationToken,
-        session: Option<Arc<Session>>,
+        kept: Option<(Arc<Session>, Deliveries)>,
     ) {
+        if let Some((s, _)) = &kept {
+            // No new deliveries; prefetched ones not yet started stay
+            // unacknowledged and return to the queue when the channel closes.
+            for tag in &s.consumer_tags {
+                let _ = s
+                    .consume_channel
+                    .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                    .await;
+            }
+        }
         let grace = Duration::from_millis(self.shared.config.worker.grace_period_ms);
         tracker.close();
         if !tracker.is_empty() {
@@ -140,7 +176,12 @@ impl Worker {
             abort.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         }
-        if let Some(s) = session {
+        if let Some((s, stream)) = kept {
+            let _ = s
+                .consume_channel
+                .close(200, "worker shutting down".into())
+                .await;
+            drop(stream);
             let _ = s.conn.close(200, "worker shutting down".into()).await;
         }
         info!("worker stopped");
@@ -168,6 +209,7 @@ impl Worker {
             names: sh.names.clone(),
         };
         let mut consumers = Vec::new();
+        let mut consumer_tags = Vec::new();
         for (short, full) in &sh.queues {
             let tag = format!(
                 "{}.worker.{}.{}",
@@ -189,23 +231,28 @@ impl Worker {
                 })?;
             consumers.push((short.clone(), consumer));
         }
-        Ok((Session { conn, outbox }, consumers))
+        for (_, c) in &consumers {
+            consumer_tags.push(c.tag().to_string());
+        }
+        let session = Session {
+            conn,
+            consume_channel: consume_ch,
+            consumer_tags,
+            outbox,
+        };
+        Ok((session, consumers))
     }
 
     /// Takes deliveries until the connection dies (returns why) or shutdown.
     async fn consume(
         &self,
         session: &Arc<Session>,
-        consumers: Vec<(String, lapin::Consumer)>,
+        stream: &mut Deliveries,
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
         abort: &CancellationToken,
         permits: &Arc<Semaphore>,
     ) -> String {
-        let mut stream = select_all(consumers.into_iter().map(|(short, c)| {
-            let short: Arc<str> = short.into();
-            c.map(move |d| (short.clone(), d))
-        }));
         loop {
             let permit = tokio::select! {
                 p = permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
