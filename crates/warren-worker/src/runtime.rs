@@ -56,13 +56,14 @@ struct Session {
     outbox: Outbox,
 }
 
-/// Every consumer of a session merged into one stream, tagged with the short queue name.
-type Deliveries = futures::stream::SelectAll<
-    futures::stream::Map<
-        lapin::Consumer,
-        Box<dyn FnMut(lapin::Result<Delivery>) -> (Arc<str>, lapin::Result<Delivery>) + Send>,
-    >,
->;
+/// A delivery tagged with the short name of the queue it came from.
+type Tagged = (Arc<str>, lapin::Result<Delivery>);
+
+/// Tags one consumer's deliveries with its queue.
+type TagFn = Box<dyn FnMut(lapin::Result<Delivery>) -> Tagged + Send>;
+
+/// Every consumer of a session merged into one stream.
+type Deliveries = futures::stream::SelectAll<futures::stream::Map<lapin::Consumer, TagFn>>;
 
 impl Worker {
     /// A worker for `config`, running the handlers of `registry`.
@@ -107,18 +108,7 @@ impl Worker {
                 Ok((session, consumers)) => {
                     backoff = Duration::from_millis(100);
                     let session = Arc::new(session);
-                    let mut stream: Deliveries =
-                        select_all(consumers.into_iter().map(|(short, c)| {
-                            let short: Arc<str> = short.into();
-                            let tag: Box<
-                                dyn FnMut(
-                                        lapin::Result<Delivery>,
-                                    )
-                                        -> (Arc<str>, lapin::Result<Delivery>)
-                                    + Send,
-                            > = Box::new(move |d| (short.clone(), d));
-                            c.map(tag)
-                        }));
+                    let mut stream = merge(consumers);
                     info!(
                         queues = ?sh.queues.iter().map(|q| &q.0).collect::<Vec<_>>(),
                         concurrency = sh.config.worker.concurrency,
@@ -276,6 +266,15 @@ impl Worker {
             });
         }
     }
+}
+
+/// Merges a session's consumers into one stream tagged by queue.
+fn merge(consumers: Vec<(String, lapin::Consumer)>) -> Deliveries {
+    select_all(consumers.into_iter().map(|(short, c)| {
+        let short: Arc<str> = short.into();
+        let tag: TagFn = Box::new(move |d| (short.clone(), d));
+        c.map(tag)
+    }))
 }
 
 fn meta_of(d: &Delivery) -> MessageMeta {
