@@ -217,6 +217,22 @@ impl Client {
         confirmed(confirm, routing_key).await
     }
 
+    /// Cancels a task: publishes `{"cancel": id}` to `P.control` and waits
+    /// for the broker's confirm. A queued, delayed or retry-waiting task is
+    /// dropped when next seen; a running one is aborted.
+    pub async fn cancel(&self, task_id: &str) -> Result<(), ClientError> {
+        let props = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        self.publish_raw(
+            &self.names.control(),
+            "",
+            &crate::cancel_command(task_id),
+            props,
+        )
+        .await
+    }
+
     /// Follows events on `P.events` matching any of `patterns`
     /// (e.g. `succeeded.#`, `*.diag.echo`). Start it before publishing.
     pub async fn watch(&self, patterns: &[&str]) -> Result<EventWatch, ClientError> {

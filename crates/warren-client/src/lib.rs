@@ -7,17 +7,20 @@
 //! with an [`EventWatch`]. Everything it does is also possible from any AMQP
 //! client following the wire contract; this crate is a convenience.
 
+mod cancels;
 mod client;
 mod connect;
+pub mod dead;
 mod error;
 mod outbox;
 mod request;
 mod watch;
 
+pub use cancels::{cancel_command, CancelSet, RunningGuard};
 pub use client::Client;
 pub use connect::{connect, connection_name, process_identity, ConfirmChannel};
 pub use error::ClientError;
-pub use outbox::{confirm_all, Outbox, ORIGINAL_EXPIRATION};
+pub use outbox::{confirm_all, copy_properties, short, Outbox, ORIGINAL_EXPIRATION};
 pub use request::TaskRequest;
 pub use watch::{EventWatch, ReceivedEvent};
 

@@ -71,16 +71,17 @@ impl Outbox {
         self.channel.send("", &self.names.dead(), body, props).await
     }
 
-    /// Re-publishes a task to a queue with the id the system assigned it.
-    pub async fn requeue_with_id(
+    /// Re-publishes a task to the back of its queue with the id the system
+    /// assigned it and the given headers.
+    pub async fn requeue(
         &self,
         queue: &str,
         body: &[u8],
         original: &BasicProperties,
+        h: FieldTable,
         task_type: &str,
         task_id: &str,
     ) -> Result<PublisherConfirm, ClientError> {
-        let h = original.headers().clone().unwrap_or_default();
         let mut props = copy_properties(original, h, task_type, Some(task_id));
         if let Some(exp) = original.expiration() {
             props = props.with_expiration(exp.clone());
@@ -105,11 +106,14 @@ impl Outbox {
         headers::set_int(&mut h, headers::ATTEMPT, next_attempt);
         headers::set_flag(&mut h, headers::REPUBLISHED);
         headers::set_str(&mut h, headers::LAST_ERROR, &truncate(last_error, 4096));
+        headers::remove(&mut h, &[headers::ETA]);
+        headers::remove_where(&mut h, headers::is_death_record);
         headers::set_int(&mut h, headers::DELAY, delay_ms.min(i64::MAX as u64) as i64);
-        let mut props = copy_properties(original, h, task_type, Some(task_id));
+        // The expiration counts from release, not while the retry waits.
         if let Some(exp) = original.expiration() {
-            props = props.with_expiration(exp.clone());
+            headers::set_str(&mut h, ORIGINAL_EXPIRATION, exp.as_str());
         }
+        let props = copy_properties(original, h, task_type, Some(task_id));
         self.channel
             .send(&self.names.delay(), task_type, body, props)
             .await
@@ -138,7 +142,8 @@ fn event_properties(ev: &Event, correlation_id: Option<&str>) -> BasicProperties
         .with_type(short(&ev.task_type).into())
 }
 
-fn short(s: &str) -> &str {
+/// `s` cut to at most 255 bytes on a character boundary (an AMQP short string).
+pub fn short(s: &str) -> &str {
     let mut end = s.len().min(255);
     while !s.is_char_boundary(end) {
         end -= 1;
@@ -149,7 +154,7 @@ fn short(s: &str) -> &str {
 /// Copies every property except `expiration` and `user_id` (the broker
 /// refuses a `user_id` that is not the publishing connection's user), with new headers, the AMQP
 /// `type` set to the task type, the task id, and persistence.
-fn copy_properties(
+pub fn copy_properties(
     p: &BasicProperties,
     headers: FieldTable,
     task_type: &str,

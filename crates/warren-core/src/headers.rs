@@ -14,6 +14,9 @@ pub const DEAD_DETAIL: &str = "x-warren-dead-detail";
 pub const DEAD_QUEUE: &str = "x-warren-dead-queue";
 /// Marks a copy the system re-published, so its `x-warren-attempt` is trusted.
 pub const REPUBLISHED: &str = "x-warren-republished";
+/// How many times a task was redelivered without reaching an outcome
+/// (counted by workers, so poison detection works on classic queues).
+pub const REDELIVERIES: &str = "x-warren-redeliveries";
 /// Producer override of the retry policy's max retries.
 pub const MAX_RETRIES: &str = "x-warren-max-retries";
 /// Producer override of the handler's time limit.
@@ -138,6 +141,28 @@ pub fn set_flag(headers: &mut FieldTable, key: &str) {
     headers.insert(key.into(), AMQPValue::Boolean(true));
 }
 
+/// Removes every header whose name `drop` selects.
+pub fn remove_where(headers: &mut FieldTable, drop: impl Fn(&str) -> bool) {
+    let kept: std::collections::BTreeMap<_, _> = headers
+        .inner()
+        .iter()
+        .filter(|(k, _)| !drop(k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    *headers = FieldTable::from(kept);
+}
+
+/// Removes the named headers.
+pub fn remove(headers: &mut FieldTable, keys: &[&str]) {
+    remove_where(headers, |k| keys.contains(&k));
+}
+
+/// Whether a header is the broker's dead-lettering record (`x-death`,
+/// `x-first-death-*`, `x-last-death-*`), which grows on every delay hop.
+pub fn is_death_record(key: &str) -> bool {
+    key == "x-death" || key.starts_with("x-first-death-") || key.starts_with("x-last-death-")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +239,19 @@ mod tests {
         let long = "9".repeat(10_000);
         let err = int_value(&s(long.as_bytes())).unwrap_err();
         assert!(err.len() < 200, "error text stays short: {err}");
+    }
+
+    #[test]
+    fn removing_headers() {
+        let mut t = FieldTable::default();
+        set_int(&mut t, DELAY, 5);
+        set_str(&mut t, "x-death", "d");
+        set_str(&mut t, "x-first-death-queue", "q");
+        set_str(&mut t, "keep", "k");
+        remove(&mut t, &[DELAY]);
+        remove_where(&mut t, is_death_record);
+        let keys: Vec<&str> = t.inner().keys().map(|k| k.as_str()).collect();
+        assert_eq!(keys, ["keep"]);
     }
 
     #[test]

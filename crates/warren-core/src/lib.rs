@@ -10,6 +10,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod delay;
 pub mod event;
 pub mod headers;
 pub mod names;

@@ -78,6 +78,29 @@ impl Names {
         full.strip_prefix(self.prefix.as_str())?.strip_prefix(".q.")
     }
 
+    /// `P.wait.<n>s`: a delay tier holding tasks for `n` seconds before they
+    /// dead-letter to `P.wait.due`.
+    pub fn wait_tier(&self, seconds: u64) -> String {
+        self.join(&format!("wait.{seconds}s"))
+    }
+
+    /// `P.wait.due`: exchange and queue where tasks leaving a delay tier
+    /// return to the scheduler for their next hop or release.
+    pub fn wait_due(&self) -> String {
+        self.join("wait.due")
+    }
+
+    /// `P.cancels`: stream of cancel commands, read from its start by every
+    /// worker and scheduler on boot, so cancels survive restarts.
+    pub fn cancels(&self) -> String {
+        self.join("cancels")
+    }
+
+    /// `P.control.<host>-<pid>`-style name for per-process objects.
+    pub fn per_process(&self, what: &str, identity: &str) -> String {
+        self.join(&format!("{what}.{}", identity.replace('/', "-")))
+    }
+
     /// `P.watch.<id>`: an exclusive queue a client binds to `P.events` to follow tasks.
     pub fn watch_queue(&self, id: &str) -> String {
         self.join(&format!("watch.{id}"))

@@ -220,6 +220,12 @@ impl TopologyPlan {
                 BTreeMap::new(),
                 "dead letters of work queues (expired or rejected tasks)",
             ),
+            exchange(
+                n.wait_due(),
+                Fanout,
+                BTreeMap::new(),
+                "delayed tasks leaving a wait tier, back to the scheduler",
+            ),
         ];
 
         let unroutable_purpose = match default_queue {
@@ -238,8 +244,24 @@ impl TopologyPlan {
             ),
             queue(
                 n.delay_intake(),
-                BTreeMap::new(),
+                args([("x-dead-letter-exchange", ArgValue::Str(dlx.clone()))]),
                 "delayed tasks and retries, held until a scheduler takes them",
+            ),
+            queue(
+                n.wait_due(),
+                BTreeMap::new(),
+                "delayed tasks between wait tiers, for the scheduler's next hop or release",
+            ),
+            queue(
+                n.cancels(),
+                args([
+                    ("x-queue-type", ArgValue::Str("stream".into())),
+                    (
+                        "x-max-age",
+                        ArgValue::Str(format!("{}s", c.scheduler.cancel_ttl_ms.div_ceil(1000))),
+                    ),
+                ]),
+                "stream of cancel commands, replayed by every process on boot",
             ),
             queue(
                 n.dead_letter_intake(),
@@ -247,6 +269,17 @@ impl TopologyPlan {
                 "dead-lettered tasks, for the scheduler to classify",
             ),
         ];
+        for t in crate::delay::tiers(c.scheduler.max_delay_ms) {
+            queues.push(queue(
+                n.wait_tier(t),
+                args([
+                    ("x-dead-letter-exchange", ArgValue::Str(n.wait_due())),
+                    ("x-message-ttl", ArgValue::Int(t as i64 * 1000)),
+                    ("x-queue-mode", ArgValue::Str("lazy".into())),
+                ]),
+                format!("delay tier: holds tasks {t} s, then back to the scheduler"),
+            ));
+        }
         for q in &c.queues {
             let patterns: Vec<&str> = c
                 .routes
@@ -296,6 +329,8 @@ impl TopologyPlan {
             .collect();
         bindings.push(binding(n.delay(), n.delay_intake(), "#"));
         bindings.push(binding(dlx, n.dead_letter_intake(), ""));
+        bindings.push(binding(n.wait_due(), n.wait_due(), ""));
+        bindings.push(binding(n.control(), n.cancels(), ""));
         let unrouted_queue = match default_queue {
             Some(q) => n.work_queue(&q.name),
             None => n.unroutable(),
@@ -535,6 +570,7 @@ mod tests {
                 ("warren.control", ExchangeKind::Fanout),
                 ("warren.unroutable", ExchangeKind::Fanout),
                 ("warren.dlx", ExchangeKind::Fanout),
+                ("warren.wait.due", ExchangeKind::Fanout),
             ]
         );
         assert_eq!(
@@ -546,18 +582,52 @@ mod tests {
         );
         assert!(p.exchanges[1..].iter().all(|e| e.arguments.is_empty()));
 
-        let queues: Vec<&str> = p.queues.iter().map(|q| q.name.as_str()).collect();
+        let queues: Vec<&str> = p
+            .queues
+            .iter()
+            .map(|q| q.name.as_str())
+            .filter(|q| !q.starts_with("warren.wait.") || *q == "warren.wait.due")
+            .collect();
         assert_eq!(
             queues,
             [
                 "warren.unroutable",
                 "warren.dead",
                 "warren.delay.intake",
+                "warren.wait.due",
+                "warren.cancels",
                 "warren.dlx.intake",
                 "warren.q.io",
                 "warren.q.cpu",
                 "warren.q.diag",
             ]
+        );
+        let tiers: Vec<&str> = p
+            .queues
+            .iter()
+            .map(|q| q.name.as_str())
+            .filter(|q| q.starts_with("warren.wait.") && *q != "warren.wait.due")
+            .collect();
+        assert_eq!(
+            tiers.len(),
+            29,
+            "1 s .. 2^28 s for the default 10-year maximum"
+        );
+        assert_eq!(tiers[0], "warren.wait.1s");
+        assert_eq!(
+            queue(&p, "warren.wait.64s").arguments,
+            args([
+                (
+                    "x-dead-letter-exchange",
+                    ArgValue::Str("warren.wait.due".into())
+                ),
+                ("x-message-ttl", ArgValue::Int(64_000)),
+                ("x-queue-mode", ArgValue::Str("lazy".into())),
+            ])
+        );
+        assert_eq!(
+            queue(&p, "warren.cancels").arguments["x-queue-type"],
+            ArgValue::Str("stream".into())
         );
         assert_eq!(
             queue(&p, "warren.q.io").arguments,
@@ -567,6 +637,10 @@ mod tests {
             ])
         );
         assert!(queue(&p, "warren.dead").arguments.is_empty());
+        assert_eq!(
+            queue(&p, "warren.delay.intake").arguments,
+            args([("x-dead-letter-exchange", ArgValue::Str("warren.dlx".into()))])
+        );
 
         assert_eq!(
             bindings(&p),
@@ -576,6 +650,8 @@ mod tests {
                 ("warren.tasks", "warren.q.io", "file.*"),
                 ("warren.delay", "warren.delay.intake", "#"),
                 ("warren.dlx", "warren.dlx.intake", ""),
+                ("warren.wait.due", "warren.wait.due", ""),
+                ("warren.control", "warren.cancels", ""),
                 ("warren.unroutable", "warren.unroutable", ""),
             ]
         );
@@ -594,6 +670,8 @@ mod tests {
                 ("acme.tasks", "acme.q.diag", "diag.*"),
                 ("acme.delay", "acme.delay.intake", "#"),
                 ("acme.dlx", "acme.dlx.intake", ""),
+                ("acme.wait.due", "acme.wait.due", ""),
+                ("acme.control", "acme.cancels", ""),
                 ("acme.unroutable", "acme.q.main", ""),
             ]
         );
@@ -666,10 +744,13 @@ mod tests {
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("exchange ")).count(),
-            6
+            7
         );
-        assert_eq!(text.lines().filter(|l| l.starts_with("queue ")).count(), 7);
-        assert_eq!(text.lines().filter(|l| l.starts_with("bind ")).count(), 6);
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("queue ")).count(),
+            9 + 29
+        );
+        assert_eq!(text.lines().filter(|l| l.starts_with("bind ")).count(), 8);
         assert!(text.lines().all(|l| l == l.trim_end()));
     }
 

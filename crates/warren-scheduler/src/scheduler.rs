@@ -2,15 +2,17 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::stream::{select_all, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-use warren_client::{connect, process_identity, ClientError, ConfirmChannel, Outbox};
+use warren_client::{connect, process_identity, CancelSet, ClientError, ConfirmChannel, Outbox};
 use warren_core::Config;
 
+use crate::delays::Delays;
 use crate::intake::park_dead_lettered;
 
 /// Why the scheduler stopped with an error.
@@ -28,6 +30,18 @@ pub struct Scheduler {
     identity: String,
 }
 
+/// Which intake a delivery came from.
+#[derive(Clone, Copy, Debug)]
+enum Intake {
+    DeadLetters,
+    Delayed,
+    Due,
+}
+
+/// How many delayed tasks one scheduler may hold unacknowledged (hops in
+/// flight and tasks in their final second).
+const DELAY_PREFETCH: u16 = 5000;
+
 impl Scheduler {
     /// A scheduler for `config` (its topology must have been applied).
     pub fn new(config: Config) -> Self {
@@ -39,26 +53,48 @@ impl Scheduler {
 
     /// Runs until `shutdown`, reconnecting with backoff when the broker goes away.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), SchedulerError> {
-        let max = Duration::from_millis(self.config.worker.reconnect_max_ms.max(100));
-        let mut backoff = Duration::from_millis(100);
-        while !shutdown.is_cancelled() {
-            match self.session(&shutdown).await {
-                Ok(()) => break,
-                Err(e) => warn!(error = %e, retry_in = ?backoff, "scheduler lost the broker"),
-            }
-            let jittered = rand::thread_rng().gen_range(backoff / 2..=backoff);
-            tokio::select! {
-                _ = tokio::time::sleep(jittered) => {}
-                _ = shutdown.cancelled() => break,
-            }
-            backoff = (backoff * 2).min(max);
+        let cancels = CancelSet::new();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let follower = {
+            let cancels = cancels.clone();
+            let url = self.config.broker.url.clone();
+            let names = self.config.names();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { cancels.follow(url, names, shutdown, ready_tx).await })
+        };
+        tokio::select! {
+            _ = ready_rx => {}
+            _ = shutdown.cancelled() => {}
         }
+        let delays = Delays::new(&self.config, self.identity.clone(), cancels);
+        let main = async {
+            let max = Duration::from_millis(self.config.worker.reconnect_max_ms.max(100));
+            let mut backoff = Duration::from_millis(100);
+            while !shutdown.is_cancelled() {
+                match self.session(&delays, &shutdown).await {
+                    Ok(()) => break,
+                    Err(e) => warn!(error = %e, retry_in = ?backoff, "scheduler lost the broker"),
+                }
+                let jittered = rand::thread_rng().gen_range(backoff / 2..=backoff);
+                tokio::select! {
+                    _ = tokio::time::sleep(jittered) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(max);
+            }
+        };
+        main.await;
+        let _ = follower.await;
         info!("scheduler stopped");
         Ok(())
     }
 
     /// One connection's life: returns `Ok` on shutdown, `Err` when it died.
-    async fn session(&self, shutdown: &CancellationToken) -> Result<(), ClientError> {
+    async fn session(
+        &self,
+        delays: &Delays,
+        shutdown: &CancellationToken,
+    ) -> Result<(), ClientError> {
         let names = self.config.names();
         let conn = connect(&self.config.broker.url, "scheduler").await?;
         let amqp = |what: &str| {
@@ -66,50 +102,74 @@ impl Scheduler {
             move |source| ClientError::Amqp { what, source }
         };
         let ch = conn.create_channel().await.map_err(amqp("open channel"))?;
-        ch.basic_qos(64, BasicQosOptions::default())
+        ch.basic_qos(DELAY_PREFETCH, BasicQosOptions::default())
             .await
             .map_err(amqp("set prefetch"))?;
         let out = Outbox {
             channel: ConfirmChannel::open(&conn).await?,
             names: names.clone(),
         };
-        let intake = names.dead_letter_intake();
-        let mut dead_letters = ch
-            .basic_consume(
-                intake.as_str().into(),
-                format!(
-                    "{}.scheduler.dlx.{}",
-                    names.prefix(),
-                    self.identity.replace('/', "-")
+        let tag_base = names.per_process("scheduler", &self.identity);
+        let mut consumers = Vec::new();
+        for (queue, kind) in [
+            (names.dead_letter_intake(), Intake::DeadLetters),
+            (names.delay_intake(), Intake::Delayed),
+            (names.wait_due(), Intake::Due),
+        ] {
+            let c = ch
+                .basic_consume(
+                    queue.as_str().into(),
+                    format!("{tag_base}.{queue}").into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
                 )
-                .into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(amqp(&format!("consume {intake}")))?;
-        info!("scheduler consuming {intake}");
+                .await
+                .map_err(amqp(&format!("consume {queue}")))?;
+            consumers.push(c.map(move |d| (kind, d)));
+        }
+        let mut deliveries = select_all(consumers);
+        info!("scheduler consuming its intake queues");
+        // Tasks in their final second; stopped (left unacknowledged) when the
+        // session ends, so the broker redelivers them to the next scheduler.
+        let holds = TaskTracker::new();
+        let stop_holds = CancellationToken::new();
         let result = loop {
             let next = tokio::select! {
-                n = dead_letters.next() => n,
+                n = deliveries.next() => n,
                 _ = shutdown.cancelled() => break Ok(()),
             };
-            let d = match next {
-                None => break Err(ClientError::Closed(format!("consumer of {intake}"))),
-                Some(Err(source)) => {
+            let (kind, d) = match next {
+                None => break Err(ClientError::Closed("scheduler consumers".into())),
+                Some((_, Err(source))) => {
                     break Err(ClientError::Amqp {
-                        what: format!("consume {intake}"),
+                        what: "consume".into(),
                         source,
                     })
                 }
-                Some(Ok(d)) => d,
+                Some((kind, Ok(d))) => (kind, d),
             };
-            park_dead_lettered(&out, &names, &self.identity, &d).await?;
-            d.acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map_err(amqp("ack dead letter"))?;
+            let r = match kind {
+                Intake::DeadLetters => {
+                    match park_dead_lettered(&out, &names, &self.identity, &d).await {
+                        Ok(()) => d
+                            .acker
+                            .ack(BasicAckOptions::default())
+                            .await
+                            .map(|_| ())
+                            .map_err(amqp("ack dead letter")),
+                        Err(e) => Err(e),
+                    }
+                }
+                Intake::Delayed => delays.intake(&out, d, &holds, &stop_holds).await,
+                Intake::Due => delays.hop(&out, d, &holds, &stop_holds).await,
+            };
+            if let Err(e) = r {
+                break Err(e);
+            }
         };
+        stop_holds.cancel();
+        holds.close();
+        holds.wait().await;
         let _ = conn.close(200, "scheduler stopping".into()).await;
         result
     }

@@ -16,11 +16,13 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
-use warren_client::{confirm_all, connect, process_identity, ClientError, ConfirmChannel, Outbox};
+use warren_client::{
+    confirm_all, connect, process_identity, CancelSet, ClientError, ConfirmChannel, Outbox,
+};
 use warren_core::backoff::full_jitter_ms;
 use warren_core::event::{cap_result, ErrorKind, EventErrorInfo};
 use warren_core::task::{task_type_of, InvalidTask, MessageMeta};
-use warren_core::{Config, DeadReason, Event, Names, TaskEnvelope, TaskState};
+use warren_core::{headers, Config, DeadReason, Event, Names, TaskEnvelope, TaskState};
 
 use crate::{Registry, TaskContext, TaskError};
 
@@ -44,6 +46,7 @@ struct Shared {
     identity: String,
     queues: Vec<(String, String)>,
     routing_exchanges: [String; 2],
+    cancels: CancelSet,
 }
 
 /// One connection's worth of channels. When it dies, in-flight tasks can no
@@ -86,6 +89,7 @@ impl Worker {
                 identity: process_identity(),
                 queues,
                 routing_exchanges,
+                cancels: CancelSet::new(),
             }),
         })
     }
@@ -95,6 +99,21 @@ impl Worker {
     /// to finish; the rest are aborted and returned unacknowledged.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), WorkerError> {
         let sh = &self.shared;
+        // Know every cancel published so far before taking a task.
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let follower = {
+            let cancels = sh.cancels.clone();
+            let (url, names, stop) = (
+                sh.config.broker.url.clone(),
+                sh.names.clone(),
+                shutdown.clone(),
+            );
+            tokio::spawn(async move { cancels.follow(url, names, stop, ready_tx).await })
+        };
+        tokio::select! {
+            _ = ready_rx => {}
+            _ = shutdown.cancelled() => {}
+        }
         let tracker = TaskTracker::new();
         let abort = CancellationToken::new();
         let permits = Arc::new(Semaphore::new(sh.config.worker.concurrency));
@@ -134,6 +153,7 @@ impl Worker {
             backoff = (backoff * 2).min(max_backoff);
         }
         self.drain(tracker, abort, kept).await;
+        let _ = follower.await;
         Ok(())
     }
 
@@ -315,23 +335,72 @@ async fn process(
         // No id: re-publish a copy carrying one, so every event and every
         // redelivery of this task reports the same id.
         let id = warren_core::event::new_id();
-        let r = async {
-            let c = session
-                .outbox
-                .requeue_with_id(
-                    &sh.names.work_queue(queue),
-                    &delivery.data,
-                    &delivery.properties,
-                    &task_type,
-                    &id,
-                )
-                .await?;
-            confirm_all(vec![c]).await
-        }
-        .await;
+        let h = delivery.properties.headers().clone().unwrap_or_default();
+        let r = requeue(sh, session, queue, &delivery, h, &task_type, &id).await;
         finish(&delivery, r, &id).await;
         return;
     };
+    if delivery.redelivered {
+        // Redelivered without an outcome (its worker died or lost the
+        // broker): count it in a header of a fresh copy, since classic queues
+        // keep no delivery count, and park it as poison past the limit.
+        let mut h = delivery.properties.headers().clone().unwrap_or_default();
+        let seen = headers::get_int(Some(&h), headers::REDELIVERIES)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+            .saturating_add(1);
+        let limit = i64::from(sh.config.scheduler.poison_redeliveries);
+        let r = if seen > limit {
+            warn!(task_id, redeliveries = seen, "poison: parked dead");
+            let attempt = envelope_attempt(&meta);
+            let mut ev = new_event(sh, queue, &task_id, &task_type, TaskState::Dead, attempt);
+            ev.reason = Some(DeadReason::Poison.as_str().into());
+            ev.error = Some(EventErrorInfo {
+                kind: ErrorKind::Permanent,
+                code: "poison".into(),
+                message: format!("redelivered {seen} times without an outcome (limit {limit})"),
+            });
+            let detail = ev
+                .error
+                .as_ref()
+                .map(|e| e.message.clone())
+                .unwrap_or_default();
+            park(
+                &session.outbox,
+                &delivery,
+                &meta,
+                &task_id,
+                &task_type,
+                queue,
+                DeadReason::Poison,
+                &detail,
+                &ev,
+            )
+            .await
+            .map(|_| ())
+        } else {
+            headers::set_int(&mut h, headers::REDELIVERIES, seen);
+            requeue(sh, session, queue, &delivery, h, &task_type, &task_id).await
+        };
+        finish(&delivery, r, &task_id).await;
+        return;
+    }
+    if sh.cancels.contains(&task_id) {
+        let attempt = envelope_attempt(&meta) - 1;
+        let r = cancelled(
+            sh,
+            session,
+            queue,
+            &meta,
+            &task_id,
+            &task_type,
+            attempt.max(0),
+        )
+        .await;
+        finish(&delivery, r, &task_id).await;
+        return;
+    }
     let span = info_span!("task", task_id = %task_id, r#type = %task_type, queue = %queue, attempt = tracing::field::Empty);
     async {
         let result = run_task(
@@ -354,6 +423,85 @@ async fn process(
     }
     .instrument(span)
     .await
+}
+
+/// The attempt a message would run as (1 unless the system re-published it).
+fn envelope_attempt(meta: &MessageMeta) -> i64 {
+    let h = meta.headers.as_ref();
+    if headers::get_flag(h, headers::REPUBLISHED) {
+        headers::get_int(h, headers::ATTEMPT)
+            .ok()
+            .flatten()
+            .unwrap_or(1)
+            .max(1)
+    } else {
+        1
+    }
+}
+
+fn new_event(
+    sh: &Shared,
+    queue: &str,
+    id: &str,
+    task_type: &str,
+    state: TaskState,
+    attempt: i64,
+) -> Event {
+    let mut e = Event::new(id, task_type, state, attempt);
+    e.queue = Some(queue.to_owned());
+    e.worker = Some(sh.identity.clone());
+    e
+}
+
+/// Puts a copy of the delivery at the back of its queue, then the caller acks.
+#[allow(clippy::too_many_arguments)]
+async fn requeue(
+    sh: &Shared,
+    session: &Session,
+    queue: &str,
+    delivery: &Delivery,
+    h: lapin::types::FieldTable,
+    task_type: &str,
+    task_id: &str,
+) -> Result<(), ClientError> {
+    let c = session
+        .outbox
+        .requeue(
+            &sh.names.work_queue(queue),
+            &delivery.data,
+            &delivery.properties,
+            h,
+            task_type,
+            task_id,
+        )
+        .await?;
+    confirm_all(vec![c]).await
+}
+
+/// Emits `cancelled` (and the reply) for a task dropped by a cancel command.
+#[allow(clippy::too_many_arguments)]
+async fn cancelled(
+    sh: &Shared,
+    session: &Session,
+    queue: &str,
+    meta: &MessageMeta,
+    task_id: &str,
+    task_type: &str,
+    attempt: i64,
+) -> Result<(), ClientError> {
+    let mut ev = new_event(sh, queue, task_id, task_type, TaskState::Cancelled, attempt);
+    ev.reason = Some("cancel command".into());
+    let mut confirms = vec![session.outbox.event(&ev).await?];
+    if let Some(r) = &meta.reply_to {
+        confirms.push(
+            session
+                .outbox
+                .reply(&ev, r, meta.correlation_id.as_deref())
+                .await?,
+        );
+    }
+    info!(task_id, "cancelled");
+    confirm_all(confirms).await
 }
 
 enum Disposition {
@@ -388,12 +536,7 @@ async fn run_task(
     abort: &CancellationToken,
 ) -> Result<Disposition, ClientError> {
     let out = &session.outbox;
-    let base = |state, attempt| {
-        let mut e = Event::new(task_id, task_type, state, attempt);
-        e.queue = Some(queue.to_owned());
-        e.worker = Some(sh.identity.clone());
-        e
-    };
+    let base = |state, attempt| new_event(sh, queue, task_id, task_type, state, attempt);
     let parsed = TaskEnvelope::parse(
         meta,
         task_type,
@@ -448,6 +591,8 @@ async fn run_task(
         cancel: cancel.clone(),
         data_dir: sh.config.worker.data_dir.clone(),
     };
+    let command = CancellationToken::new();
+    let _running = sh.cancels.running(task_id, command.clone());
     let began = Instant::now();
     let mut join = tokio::spawn(async move { handler.handle(ctx).await });
     let result: Result<Value, TaskError> = tokio::select! {
@@ -460,6 +605,13 @@ async fn run_task(
             cancel.cancel();
             join.abort();
             Err(TaskError::retryable("timeout", format!("no result within {} ms", timeout.as_millis())))
+        }
+        _ = command.cancelled() => {
+            cancel.cancel();
+            join.abort();
+            confirm_all(vec![started]).await?;
+            cancelled(sh, session, queue, meta, task_id, task_type, task.attempt).await?;
+            return Ok(Disposition::Ack);
         }
         _ = abort.cancelled() => {
             join.abort();

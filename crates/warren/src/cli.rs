@@ -51,6 +51,11 @@ pub enum Command {
     },
     /// Publish a task to P.tasks (with publisher confirms).
     Publish(PublishArgs),
+    /// List, replay or purge the tasks parked in P.dead.
+    Dead {
+        #[command(subcommand)]
+        action: DeadAction,
+    },
 }
 
 /// `topology` actions.
@@ -105,4 +110,65 @@ pub struct PublishArgs {
     /// Publish this many copies, with a progress bar.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub count: u64,
+}
+
+/// `dead` actions.
+#[derive(Debug, Subcommand)]
+pub enum DeadAction {
+    /// Show dead tasks without removing them (the queue is left unchanged).
+    List(DeadListArgs),
+    /// Move dead tasks back to P.tasks with their attempt count reset.
+    Replay(DeadReplayArgs),
+    /// Delete dead tasks (asks first unless --yes).
+    Purge(DeadPurgeArgs),
+}
+
+/// Which dead tasks a `dead` action concerns.
+#[derive(Debug, Args)]
+pub struct DeadFilterArgs {
+    /// Only tasks of this type (exact, e.g. diag.echo).
+    #[arg(long = "type", value_name = "TYPE")]
+    pub task_type: Option<String>,
+    /// Only tasks parked for this reason.
+    #[arg(long, value_parser = [
+        "retries_exhausted", "permanent_failure", "invalid", "expired", "poison",
+    ])]
+    pub reason: Option<String>,
+}
+
+/// `dead list` flags.
+#[derive(Debug, Args)]
+pub struct DeadListArgs {
+    #[command(flatten)]
+    pub filter: DeadFilterArgs,
+    /// One JSON object per line (id, type, reason, detail, attempt, queue, headers, body).
+    #[arg(long)]
+    pub json: bool,
+    /// Show at most N tasks.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: Option<u64>,
+}
+
+/// `dead replay` flags.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["all", "ids"])))]
+pub struct DeadReplayArgs {
+    /// Task ids to replay; exit 1 if any is not in P.dead.
+    #[arg(value_name = "ID")]
+    pub ids: Vec<String>,
+    /// Replay every dead task (that matches --type and --reason).
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub filter: DeadFilterArgs,
+}
+
+/// `dead purge` flags.
+#[derive(Debug, Args)]
+pub struct DeadPurgeArgs {
+    #[command(flatten)]
+    pub filter: DeadFilterArgs,
+    /// Delete without asking (required when stdin is not a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
 }

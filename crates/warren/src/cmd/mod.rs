@@ -1,5 +1,6 @@
 //! One file per subcommand.
 
+mod dead;
 mod publish;
 mod scheduler;
 mod topology;
@@ -17,6 +18,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Topology { action } => topology::run(&config, action).await,
         Command::Publish(args) => publish::run(&config, args).await,
+        Command::Dead { action } => dead::run(&config, action).await,
         Command::Scheduler => scheduler::run(&config).await,
         Command::Worker(args) => {
             apply_worker_args(&mut config, args)?;

@@ -1,0 +1,198 @@
+//! Cancellations: the set of cancelled task ids every process keeps, fed
+//! from the `P.cancels` stream (bound to `P.control`).
+//!
+//! The stream is durable and kept for `scheduler.cancel_ttl_ms`, and each
+//! process reads it from its start when it boots, so a cancel is remembered
+//! across restarts of any process. On boot a process publishes a marker to
+//! `P.control` and reads until it sees it, so every cancel published before
+//! the process started is known before it takes its first task.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+use rand::Rng;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use warren_core::config::BrokerUrl;
+use warren_core::event::new_id;
+use warren_core::Names;
+
+use crate::{connect, ClientError, ConfirmChannel};
+
+/// The cancelled task ids this process knows, and the tokens of tasks it runs.
+#[derive(Clone, Default, Debug)]
+pub struct CancelSet {
+    ids: Arc<Mutex<HashSet<String>>>,
+    running: Arc<Mutex<HashMap<String, CancellationToken>>>,
+}
+
+/// Keeps a running task abortable by a cancel command until dropped.
+#[derive(Debug)]
+pub struct RunningGuard {
+    set: CancelSet,
+    id: String,
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.set
+            .running
+            .lock()
+            .expect("not poisoned")
+            .remove(&self.id);
+    }
+}
+
+/// The body of a cancel command.
+pub fn cancel_command(task_id: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({ "cancel": task_id })).expect("JSON")
+}
+
+impl CancelSet {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether a cancel command for this task was seen.
+    pub fn contains(&self, task_id: &str) -> bool {
+        self.ids.lock().expect("not poisoned").contains(task_id)
+    }
+
+    /// Records a cancel; aborts the task if this process is running it.
+    pub fn insert(&self, task_id: &str) {
+        self.ids
+            .lock()
+            .expect("not poisoned")
+            .insert(task_id.to_owned());
+        if let Some(t) = self.running.lock().expect("not poisoned").get(task_id) {
+            t.cancel();
+        }
+    }
+
+    /// Registers a running task: a cancel for it cancels `token`. If the task
+    /// is already cancelled, `token` is cancelled at once.
+    pub fn running(&self, task_id: &str, token: CancellationToken) -> RunningGuard {
+        if self.contains(task_id) {
+            token.cancel();
+        }
+        self.running
+            .lock()
+            .expect("not poisoned")
+            .insert(task_id.to_owned(), token);
+        RunningGuard {
+            set: self.clone(),
+            id: task_id.to_owned(),
+        }
+    }
+
+    /// Follows `P.cancels` until `shutdown`, reconnecting with backoff.
+    /// `ready` fires once every cancel published before the call is known
+    /// (or after a bounded wait, if the broker is slow).
+    pub async fn follow(
+        &self,
+        url: BrokerUrl,
+        names: Names,
+        shutdown: CancellationToken,
+        ready: oneshot::Sender<()>,
+    ) {
+        let mut ready = Some(ready);
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            match self.follow_once(&url, &names, &shutdown, &mut ready).await {
+                Ok(()) => return,
+                Err(e) => warn!(error = %e, "cancel stream lost; reconnecting"),
+            }
+            let jittered = rand::thread_rng().gen_range(backoff / 2..=backoff);
+            tokio::select! {
+                _ = tokio::time::sleep(jittered) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn follow_once(
+        &self,
+        url: &BrokerUrl,
+        names: &Names,
+        shutdown: &CancellationToken,
+        ready: &mut Option<oneshot::Sender<()>>,
+    ) -> Result<(), ClientError> {
+        let amqp = |what: &'static str| {
+            move |source| ClientError::Amqp {
+                what: what.into(),
+                source,
+            }
+        };
+        let conn = connect(url, "cancels").await?;
+        let ch = conn.create_channel().await.map_err(amqp("open channel"))?;
+        ch.basic_qos(1000, BasicQosOptions::default())
+            .await
+            .map_err(amqp("set prefetch"))?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-stream-offset".into(),
+            AMQPValue::LongString("first".into()),
+        );
+        let mut stream = ch
+            .basic_consume(
+                names.cancels().as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                args,
+            )
+            .await
+            .map_err(amqp("consume the cancel stream"))?;
+        let marker = new_id();
+        if ready.is_some() {
+            let pc = ConfirmChannel::open(&conn).await?;
+            let body = serde_json::to_vec(&json!({ "marker": marker })).expect("JSON");
+            let props = BasicProperties::default()
+                .with_content_type("application/json".into())
+                .with_delivery_mode(2);
+            pc.publish(&names.control(), "", &body, props, "boot marker")
+                .await?;
+        }
+        let boot_deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let next = tokio::select! {
+                n = stream.next() => n,
+                _ = tokio::time::sleep_until(boot_deadline), if ready.is_some() => {
+                    warn!("cancel stream not read to its end within 10 s; going on");
+                    if let Some(r) = ready.take() { let _ = r.send(()); }
+                    continue;
+                }
+                _ = shutdown.cancelled() => {
+                    let _ = conn.close(200, "bye".into()).await;
+                    return Ok(());
+                }
+            };
+            let d = match next {
+                None => return Err(ClientError::Closed("cancel stream".into())),
+                Some(r) => r.map_err(amqp("read the cancel stream"))?,
+            };
+            if let Ok(v) = serde_json::from_slice::<Value>(&d.data) {
+                if let Some(id) = v.get("cancel").and_then(Value::as_str) {
+                    info!(task_id = id, "cancel received");
+                    self.insert(id);
+                } else if v.get("marker").and_then(Value::as_str) == Some(marker.as_str()) {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+            }
+            d.acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map_err(amqp("ack the cancel stream"))?;
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! Delays: reading a due time from headers and choosing delay tiers.
+//!
+//! A delayed task waits in durable tier queues `P.wait.<n>s` (n a power of
+//! two) whose per-queue TTL dead-letters it back to the scheduler; each hop
+//! takes the largest tier that fits the remaining time, and the last second
+//! is waited in process. Tiers are never longer than the remaining time, so a
+//! task is never released early.
+
+use amq_protocol_types::{AMQPValue, FieldTable};
+use chrono::DateTime;
+
+use crate::headers::{self, int_value};
+use crate::task::InvalidTask;
+
+/// The remaining time, in ms, that the scheduler waits in process rather than in a tier.
+pub const FINAL_HOLD_MS: i64 = 1000;
+
+/// Header carrying the absolute due time (Unix ms) while a task hops between tiers.
+pub const DUE_AT: &str = "x-warren-due-at";
+
+/// Tier lengths in seconds: 1, 2, 4, … up to the largest power of two not
+/// above `max_delay_ms` (at least one tier).
+pub fn tiers(max_delay_ms: u64) -> Vec<u64> {
+    let max_s = (max_delay_ms / 1000).max(1);
+    let mut out = vec![1u64];
+    while out.last().expect("non-empty") * 2 <= max_s {
+        out.push(out.last().expect("non-empty") * 2);
+    }
+    out
+}
+
+/// The tier for the next hop of a task with `remaining_ms` to wait, or `None`
+/// when the rest is short enough to wait in process.
+pub fn tier_for(remaining_ms: i64, tiers: &[u64]) -> Option<u64> {
+    if remaining_ms <= FINAL_HOLD_MS {
+        return None;
+    }
+    tiers
+        .iter()
+        .rev()
+        .copied()
+        .find(|t| (*t as i64).saturating_mul(1000) <= remaining_ms)
+}
+
+/// The absolute due time (Unix ms) of a task published to `P.delay`:
+/// `x-warren-eta` (RFC 3339 or Unix ms) wins over `x-delay` (ms from `now_ms`).
+/// Past or negative due times mean now. Neither header, an unparseable value,
+/// or a due time more than `max_delay_ms` ahead make the task invalid.
+pub fn due_at_ms(
+    headers: Option<&FieldTable>,
+    now_ms: i64,
+    max_delay_ms: u64,
+) -> Result<i64, InvalidTask> {
+    let get = |k: &str| headers.and_then(|h| h.inner().get(k));
+    let due = if let Some(eta) = get(headers::ETA) {
+        parse_eta(eta)?
+    } else if let Some(delay) = get(headers::DELAY) {
+        let ms = int_value(delay)
+            .map_err(|p| InvalidTask::new("bad_header", format!("header x-delay: {p}")))?;
+        now_ms.saturating_add(ms)
+    } else {
+        return Err(InvalidTask::new(
+            "no_delay",
+            "a task on the delay exchange needs header x-delay (ms) or x-warren-eta \
+             (RFC 3339 or Unix ms)",
+        ));
+    };
+    let ahead = due.saturating_sub(now_ms);
+    if ahead > max_delay_ms.min(i64::MAX as u64) as i64 {
+        return Err(InvalidTask::new(
+            "delay_too_long",
+            format!(
+                "due in {ahead} ms, beyond the maximum of {max_delay_ms} ms \
+                 (scheduler.max_delay_ms)"
+            ),
+        ));
+    }
+    Ok(due.max(now_ms))
+}
+
+fn parse_eta(v: &AMQPValue) -> Result<i64, InvalidTask> {
+    let text = match v {
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    };
+    if let Some(t) = text {
+        if let Ok(dt) = DateTime::parse_from_rfc3339(t.trim()) {
+            return Ok(dt.timestamp_millis());
+        }
+    }
+    int_value(v).map_err(|_| {
+        InvalidTask::new(
+            "bad_header",
+            "header x-warren-eta: expected an RFC 3339 time or Unix milliseconds",
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use amq_protocol_types::LongString;
+
+    fn h(pairs: &[(&str, AMQPValue)]) -> FieldTable {
+        let mut t = FieldTable::default();
+        for (k, v) in pairs {
+            t.insert((*k).into(), v.clone());
+        }
+        t
+    }
+
+    const NOW: i64 = 1_800_000_000_000;
+    const YEAR_MS: u64 = 365 * 24 * 3600 * 1000;
+
+    #[test]
+    fn tiers_are_powers_of_two_up_to_the_maximum() {
+        assert_eq!(tiers(10_000), vec![1, 2, 4, 8]);
+        assert_eq!(tiers(0), vec![1]);
+        let t = tiers(10 * YEAR_MS);
+        assert_eq!(*t.last().unwrap(), 1 << 28);
+        assert_eq!(t.len(), 29);
+    }
+
+    #[test]
+    fn the_largest_fitting_tier_is_chosen_and_never_exceeds_the_rest() {
+        let t = tiers(10 * YEAR_MS);
+        assert_eq!(tier_for(1000, &t), None);
+        assert_eq!(tier_for(-5, &t), None);
+        assert_eq!(tier_for(1001, &t), Some(1));
+        assert_eq!(tier_for(2000, &t), Some(2));
+        assert_eq!(tier_for(3999, &t), Some(2));
+        assert_eq!(tier_for(YEAR_MS as i64, &t), Some(1 << 24));
+        for r in [1001i64, 1500, 7777, 123_456, 99_999_999] {
+            let tier = tier_for(r, &t).unwrap();
+            assert!((tier as i64) * 1000 <= r, "{r}");
+            assert!(
+                (tier as i64) * 2000 > r || tier == *t.last().unwrap(),
+                "{r}"
+            );
+        }
+    }
+
+    #[test]
+    fn x_delay_counts_from_now_and_eta_wins() {
+        let d = h(&[("x-delay", AMQPValue::LongInt(5000))]);
+        assert_eq!(due_at_ms(Some(&d), NOW, YEAR_MS).unwrap(), NOW + 5000);
+        let d = h(&[("x-delay", AMQPValue::LongString(LongString::from("250")))]);
+        assert_eq!(due_at_ms(Some(&d), NOW, YEAR_MS).unwrap(), NOW + 250);
+        let both = h(&[
+            ("x-delay", AMQPValue::LongInt(5000)),
+            ("x-warren-eta", AMQPValue::LongLongInt(NOW + 9000)),
+        ]);
+        assert_eq!(due_at_ms(Some(&both), NOW, YEAR_MS).unwrap(), NOW + 9000);
+    }
+
+    #[test]
+    fn eta_accepts_rfc3339_and_unix_ms() {
+        let rfc = h(&[(
+            "x-warren-eta",
+            AMQPValue::LongString("2027-01-15T10:00:00.250Z".into()),
+        )]);
+        let expect = DateTime::parse_from_rfc3339("2027-01-15T10:00:00.250Z")
+            .unwrap()
+            .timestamp_millis();
+        assert_eq!(due_at_ms(Some(&rfc), NOW, 10 * YEAR_MS).unwrap(), expect);
+        let digits = h(&[(
+            "x-warren-eta",
+            AMQPValue::LongString(format!("{}", NOW + 42).into()),
+        )]);
+        assert_eq!(due_at_ms(Some(&digits), NOW, YEAR_MS).unwrap(), NOW + 42);
+    }
+
+    #[test]
+    fn past_zero_and_negative_mean_now() {
+        for v in [
+            ("x-delay", AMQPValue::LongInt(0)),
+            ("x-delay", AMQPValue::LongInt(-5000)),
+            ("x-warren-eta", AMQPValue::LongLongInt(NOW - 1)),
+            (
+                "x-warren-eta",
+                AMQPValue::LongString("2001-01-01T00:00:00Z".into()),
+            ),
+        ] {
+            assert_eq!(
+                due_at_ms(Some(&h(&[v.clone()])), NOW, YEAR_MS).unwrap(),
+                NOW,
+                "{v:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_unparseable_or_too_far_is_invalid() {
+        assert_eq!(due_at_ms(None, NOW, YEAR_MS).unwrap_err().code, "no_delay");
+        let bad = h(&[("x-delay", AMQPValue::LongString("soon".into()))]);
+        assert_eq!(
+            due_at_ms(Some(&bad), NOW, YEAR_MS).unwrap_err().code,
+            "bad_header"
+        );
+        let bad = h(&[("x-warren-eta", AMQPValue::LongString("tomorrow".into()))]);
+        assert_eq!(
+            due_at_ms(Some(&bad), NOW, YEAR_MS).unwrap_err().code,
+            "bad_header"
+        );
+        let bad = h(&[("x-delay", AMQPValue::Double(1.5))]);
+        assert!(due_at_ms(Some(&bad), NOW, YEAR_MS).is_err());
+        let far = h(&[("x-delay", AMQPValue::LongLongInt(2 * YEAR_MS as i64))]);
+        assert_eq!(
+            due_at_ms(Some(&far), NOW, YEAR_MS).unwrap_err().code,
+            "delay_too_long"
+        );
+        let max = h(&[("x-delay", AMQPValue::LongLongInt(i64::MAX))]);
+        assert!(due_at_ms(Some(&max), NOW, YEAR_MS).is_err(), "no overflow");
+    }
+}

@@ -1,0 +1,296 @@
+//! Delays and retries: intake from `P.delay`, hops through the wait tiers,
+//! release to `P.tasks` when due.
+//!
+//! A delivery is acknowledged only after its next copy (in a tier, or in
+//! `P.tasks`) is confirmed by the broker, so a scheduler killed at any moment
+//! loses nothing: the broker redelivers what was not acknowledged. The last
+//! second before the due time is waited in process, holding the delivery
+//! unacknowledged.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+use warren_client::{
+    confirm_all, copy_properties, CancelSet, ClientError, Outbox, ORIGINAL_EXPIRATION,
+};
+use warren_core::delay::{due_at_ms, tier_for, tiers, DUE_AT};
+use warren_core::event::{format_time, new_id, ErrorKind, EventErrorInfo};
+use warren_core::{headers, DeadReason, Event, Names, TaskState};
+
+/// The delay machinery of one scheduler.
+#[derive(Clone)]
+pub(crate) struct Delays {
+    pub(crate) names: Names,
+    pub(crate) tiers: Vec<u64>,
+    pub(crate) max_delay_ms: u64,
+    pub(crate) identity: String,
+    pub(crate) cancels: CancelSet,
+}
+
+/// A task on its way through the delay path.
+struct Waiting {
+    id: String,
+    task_type: String,
+    attempt: i64,
+    due_ms: i64,
+    headers: FieldTable,
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn ms_to_time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(format_time)
+        .unwrap_or_else(|| ms.to_string())
+}
+
+impl Delays {
+    pub(crate) fn new(config: &warren_core::Config, identity: String, cancels: CancelSet) -> Self {
+        Delays {
+            names: config.names(),
+            tiers: tiers(config.scheduler.max_delay_ms),
+            max_delay_ms: config.scheduler.max_delay_ms,
+            identity,
+            cancels,
+        }
+    }
+
+    fn event(&self, w: &Waiting, state: TaskState) -> Event {
+        let mut e = Event::new(&w.id, &w.task_type, state, w.attempt);
+        e.worker = Some(self.identity.clone());
+        e
+    }
+
+    /// A task just published to `P.delay` (by a producer, or a worker's retry).
+    pub(crate) async fn intake(
+        &self,
+        out: &Outbox,
+        d: Delivery,
+        holds: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> Result<(), ClientError> {
+        let p = &d.properties;
+        let hdrs = p.headers().as_ref();
+        let republished = headers::get_flag(hdrs, headers::REPUBLISHED);
+        // The type is the routing key of the first publication; copies the
+        // system re-published carry it in the `type` property.
+        let task_type = match (republished, p.kind()) {
+            (true, Some(t)) if !t.as_str().is_empty() => t.as_str().to_owned(),
+            _ => d.routing_key.as_str().to_owned(),
+        };
+        let id = p
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str().to_owned())
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(new_id);
+        let attempt = if republished {
+            headers::get_int(hdrs, headers::ATTEMPT)
+                .ok()
+                .flatten()
+                .unwrap_or(1)
+                .max(1)
+        } else {
+            1
+        };
+        let mut h = p.headers().clone().unwrap_or_default();
+        let mut w = Waiting {
+            id,
+            task_type,
+            attempt,
+            due_ms: 0,
+            headers: FieldTable::default(),
+        };
+        let due = match due_at_ms(hdrs, now_ms(), self.max_delay_ms) {
+            Ok(due) => due,
+            Err(invalid) => {
+                let mut ev = self.event(&w, TaskState::Dead);
+                ev.attempt = w.attempt - 1;
+                ev.reason = Some(DeadReason::Invalid.as_str().into());
+                ev.error = Some(EventErrorInfo {
+                    kind: ErrorKind::Permanent,
+                    code: invalid.code.into(),
+                    message: invalid.message.clone(),
+                });
+                let confirms = vec![
+                    out.dead(
+                        &d.data,
+                        p,
+                        &w.id,
+                        &w.task_type,
+                        DeadReason::Invalid,
+                        &invalid.message,
+                        None,
+                    )
+                    .await?,
+                    out.event(&ev).await?,
+                ];
+                confirm_all(confirms).await?;
+                return ack(&d).await;
+            }
+        };
+        w.due_ms = due;
+        if self.cancelled(out, &w, &d).await? {
+            return Ok(());
+        }
+        headers::remove(&mut h, &[headers::DELAY, headers::ETA]);
+        headers::remove_where(&mut h, headers::is_death_record);
+        headers::set_int(&mut h, headers::ATTEMPT, w.attempt);
+        headers::set_flag(&mut h, headers::REPUBLISHED);
+        headers::set_int(&mut h, DUE_AT, due);
+        if let Some(exp) = p.expiration() {
+            headers::set_str(&mut h, ORIGINAL_EXPIRATION, exp.as_str());
+        }
+        w.headers = h;
+        let mut ev = self.event(&w, TaskState::Scheduled);
+        ev.due_at = Some(ms_to_time(due));
+        let scheduled = out.event(&ev).await?;
+        self.route(out, d, w, vec![scheduled], holds, stop).await
+    }
+
+    /// A task leaving a wait tier.
+    pub(crate) async fn hop(
+        &self,
+        out: &Outbox,
+        d: Delivery,
+        holds: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> Result<(), ClientError> {
+        let p = &d.properties;
+        let hdrs = p.headers().as_ref();
+        let mut h = p.headers().clone().unwrap_or_default();
+        headers::remove_where(&mut h, headers::is_death_record);
+        let w = Waiting {
+            id: p
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_owned())
+                .unwrap_or_else(new_id),
+            task_type: p
+                .kind()
+                .as_ref()
+                .map(|k| k.as_str().to_owned())
+                .unwrap_or_else(|| d.routing_key.as_str().to_owned()),
+            attempt: headers::get_int(hdrs, headers::ATTEMPT)
+                .ok()
+                .flatten()
+                .unwrap_or(1),
+            // A copy without a due time (should not happen) is released now.
+            due_ms: headers::get_int(hdrs, DUE_AT).ok().flatten().unwrap_or(0),
+            headers: h,
+        };
+        if self.cancelled(out, &w, &d).await? {
+            return Ok(());
+        }
+        self.route(out, d, w, Vec::new(), holds, stop).await
+    }
+
+    /// Drops a cancelled task with a `cancelled` event; true if it was.
+    async fn cancelled(
+        &self,
+        out: &Outbox,
+        w: &Waiting,
+        d: &Delivery,
+    ) -> Result<bool, ClientError> {
+        if !self.cancels.contains(&w.id) {
+            return Ok(false);
+        }
+        let mut ev = self.event(w, TaskState::Cancelled);
+        ev.attempt = w.attempt - 1;
+        ev.reason = Some("cancel command".into());
+        let mut confirms = vec![out.event(&ev).await?];
+        if let Some(r) = d
+            .properties
+            .reply_to()
+            .as_ref()
+            .filter(|r| !r.as_str().is_empty())
+        {
+            let cid = d.properties.correlation_id().as_ref().map(|c| c.as_str());
+            confirms.push(out.reply(&ev, r.as_str(), cid).await?);
+        }
+        confirm_all(confirms).await?;
+        ack(d).await?;
+        Ok(true)
+    }
+
+    /// Next hop: a tier if more than the final second remains, else wait in
+    /// process and release.
+    async fn route(
+        &self,
+        out: &Outbox,
+        d: Delivery,
+        w: Waiting,
+        mut confirms: Vec<lapin::PublisherConfirm>,
+        holds: &TaskTracker,
+        stop: &CancellationToken,
+    ) -> Result<(), ClientError> {
+        let remaining = w.due_ms - now_ms();
+        if let Some(tier) = tier_for(remaining, &self.tiers) {
+            let props =
+                copy_properties(&d.properties, w.headers.clone(), &w.task_type, Some(&w.id));
+            let queue = self.names.wait_tier(tier);
+            confirms.push(out.channel.send("", &queue, &d.data, props).await?);
+            confirm_all(confirms).await?;
+            debug!(task_id = %w.id, tier, remaining, "waiting in {queue}");
+            return ack(&d).await;
+        }
+        confirm_all(confirms).await?;
+        let this = self.clone();
+        let out = out.clone();
+        let stop = stop.clone();
+        holds.spawn(async move {
+            let wait = Duration::from_millis(w.due_ms.saturating_sub(now_ms()).max(0) as u64);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                // Unacknowledged: the broker hands it to the next scheduler.
+                _ = stop.cancelled() => return,
+            }
+            if let Err(e) = this.release(&out, &d, &w).await {
+                warn!(task_id = %w.id, error = %e, "release failed; the broker will redeliver");
+            }
+        });
+        Ok(())
+    }
+
+    /// Publishes a due task to `P.tasks` and acknowledges its delivery.
+    async fn release(&self, out: &Outbox, d: &Delivery, w: &Waiting) -> Result<(), ClientError> {
+        if self.cancelled(out, w, d).await? {
+            return Ok(());
+        }
+        let mut h = w.headers.clone();
+        let expiration = headers::get_str(Some(&h), ORIGINAL_EXPIRATION);
+        headers::remove(&mut h, &[DUE_AT, ORIGINAL_EXPIRATION]);
+        let mut props: BasicProperties =
+            copy_properties(&d.properties, h, &w.task_type, Some(&w.id));
+        if let Some(exp) = expiration {
+            props = props.with_expiration(exp.as_str().into());
+        }
+        let c = out
+            .channel
+            .send(&self.names.tasks(), &w.task_type, &d.data, props)
+            .await?;
+        confirm_all(vec![c]).await?;
+        debug!(task_id = %w.id, late_ms = now_ms() - w.due_ms, "released");
+        ack(d).await
+    }
+}
+
+async fn ack(d: &Delivery) -> Result<(), ClientError> {
+    d.acker
+        .ack(BasicAckOptions::default())
+        .await
+        .map(|_| ())
+        .map_err(|source| ClientError::Amqp {
+            what: "ack".into(),
+            source,
+        })
+}
