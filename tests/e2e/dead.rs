@@ -89,12 +89,19 @@ async fn list_shows_dead_tasks_without_removing_them_and_purge_deletes_them() {
     assert!(lines[0].starts_with("ID"), "{stdout}");
     for id in ["fail-1", "fail-2"] {
         let line = lines.iter().find(|l| l.starts_with(id)).expect(id);
-        for word in ["diag.fail", "permanent_failure", "card declined on two lines"] {
+        for word in [
+            "diag.fail",
+            "permanent_failure",
+            "card declined on two lines",
+        ] {
             assert!(line.contains(word), "{line:?} shows {word}");
         }
     }
     let oops = lines.iter().find(|l| l.starts_with("oops-1")).unwrap();
-    assert!(oops.contains("diag.echo") && oops.contains("invalid"), "{oops}");
+    assert!(
+        oops.contains("diag.echo") && oops.contains("invalid"),
+        "{oops}"
+    );
     assert!(oops.contains(" 5  "), "body size 5: {oops}");
     assert_eq!(lines[4], format!("3 dead tasks in {dead}"));
     assert_eq!(env.depth(&dead).await, 3, "list leaves the queue as it was");
@@ -121,12 +128,18 @@ async fn list_shows_dead_tasks_without_removing_them_and_purge_deletes_them() {
     assert_eq!(oops["attempt"], Value::Null);
 
     // Filters and the limit.
-    assert_eq!(ids_of(&list_json(&env, &["--reason", "invalid"])), ["oops-1"]);
+    assert_eq!(
+        ids_of(&list_json(&env, &["--reason", "invalid"])),
+        ["oops-1"]
+    );
     assert_eq!(
         ids_of(&list_json(&env, &["--type", "diag.fail"])),
         ["fail-1", "fail-2"]
     );
-    assert!(list_json(&env, &["--type", "diag"]).is_empty(), "type is exact");
+    assert!(
+        list_json(&env, &["--type", "diag"]).is_empty(),
+        "type is exact"
+    );
     assert_eq!(list_json(&env, &["--limit", "1"]).len(), 1);
     let out = run(&env, &["dead", "list", "--reason", "bogus"]);
     assert!(!out.status.success(), "an unknown reason is refused");

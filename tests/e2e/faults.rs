@@ -125,3 +125,35 @@ async fn past_the_grace_period_a_running_task_is_returned_unacknowledged() {
     assert_eq!(env.wait_exit(&worker, T).await, Some(0), "exit code 0");
     env.wait_depth(&env.names().work_queue("diag"), 1, T).await;
 }
+
+#[tokio::test]
+async fn a_task_that_keeps_killing_its_worker_is_parked_poison() {
+    let mut env = Env::new("poison", &[("WARREN__SCHEDULER__POISON_REDELIVERIES", "2")]).await;
+    let mut watch = env.watch(&["#"]).await;
+    let id = env
+        .client
+        .publish(&TaskRequest::new("diag.sleep", json!({"ms": 600000})))
+        .await
+        .unwrap();
+    // Three workers die with the task running: one crash never parks a task,
+    // but more than two redeliveries without an outcome do.
+    for round in 0..3 {
+        let w = env.spawn(&["worker"], &[]);
+        let e = watch.next(T).await.unwrap().expect("started");
+        assert_eq!(e.event.state, TaskState::Started, "round {round}");
+        env.signal(&w, "KILL");
+        env.wait_exit(&w, T).await.expect("killed");
+    }
+    env.spawn(&["worker"], &[]);
+    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let ev = final_event(&got[&id]);
+    assert_eq!(ev.state, TaskState::Dead);
+    assert_eq!(ev.reason.as_deref(), Some("poison"));
+    let dead = env.drain(&env.names().dead()).await;
+    assert_eq!(dead.len(), 1);
+    let h = dead[0].0.headers().clone().unwrap();
+    assert_eq!(
+        warren_core::headers::get_str(Some(&h), "x-warren-dead-reason").as_deref(),
+        Some("poison")
+    );
+}

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
+use std::ops::ControlFlow;
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -189,12 +190,12 @@ impl<'a> DeadLetters<'a> {
     }
 
     /// Calls `each` for every matching task, in queue order, up to `limit`
-    /// tasks; the queue is left as it was.
+    /// tasks or until `each` breaks; the queue is left as it was.
     pub async fn list(
         &self,
         filter: &DeadFilter,
         limit: Option<usize>,
-        mut each: impl FnMut(&DeadTask),
+        mut each: impl FnMut(&DeadTask) -> ControlFlow<()>,
     ) -> Result<ListReport, ClientError> {
         let mut scan = Scan::open(self.conn, &self.names.dead()).await?;
         let mut report = ListReport {
@@ -205,8 +206,10 @@ impl<'a> DeadLetters<'a> {
             scan.keep(tag);
             report.scanned += 1;
             if filter.matches(&task) {
-                each(&task);
                 report.matched += 1;
+                if each(&task).is_break() {
+                    break;
+                }
                 if limit.is_some_and(|l| report.matched >= l) {
                     report.limited = scan.remaining > 0;
                     break;

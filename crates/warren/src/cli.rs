@@ -51,6 +51,12 @@ pub enum Command {
     },
     /// Publish a task to P.tasks (with publisher confirms).
     Publish(PublishArgs),
+    /// Cancel a task by id: a queued, delayed or retry-waiting task is dropped
+    /// when next seen; a running one is aborted. Remembered for 24 h.
+    Cancel {
+        /// The task id (the message_id it was published with).
+        task_id: String,
+    },
     /// List, replay or purge the tasks parked in P.dead.
     Dead {
         #[command(subcommand)]

@@ -1,6 +1,7 @@
 //! `warren dead list|replay|purge`: the parking lot `P.dead` from the terminal.
 
 use std::io::{BufRead, IsTerminal, Write};
+use std::ops::ControlFlow;
 
 use anyhow::{bail, Context};
 use warren_client::dead::{DeadFilter, DeadLetters, DeadTask};
@@ -52,9 +53,6 @@ async fn list(dead: &DeadLetters<'_>, queue: &str, args: DeadListArgs) -> anyhow
     let mut header = !args.json;
     let report = dead
         .list(&filter, limit, |task| {
-            if written.is_err() {
-                return;
-            }
             if std::mem::take(&mut header) {
                 written = writeln!(
                     stdout,
@@ -62,14 +60,25 @@ async fn list(dead: &DeadLetters<'_>, queue: &str, args: DeadListArgs) -> anyhow
                     "ID", "TYPE", "REASON", "ATTEMPT", "QUEUE", "BYTES"
                 );
             }
-            written = if args.json {
-                writeln!(stdout, "{}", task.to_json())
+            if written.is_ok() {
+                written = if args.json {
+                    writeln!(stdout, "{}", task.to_json())
+                } else {
+                    writeln!(stdout, "{}", text_line(task))
+                };
+            }
+            if written.is_ok() {
+                ControlFlow::Continue(())
             } else {
-                writeln!(stdout, "{}", text_line(task))
-            };
+                ControlFlow::Break(())
+            }
         })
         .await?;
-    written.context("write to stdout")?;
+    match written {
+        // The reader went away (`warren dead list | head`): not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(0),
+        other => other.context("write to stdout")?,
+    }
     let summary = if report.limited {
         format!(
             "{} shown (--limit); {queue} holds {}",

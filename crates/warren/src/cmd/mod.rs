@@ -18,6 +18,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Topology { action } => topology::run(&config, action).await,
         Command::Publish(args) => publish::run(&config, args).await,
+        Command::Cancel { task_id } => {
+            let client = warren_client::Client::connect(&config).await?;
+            client.cancel(&task_id).await?;
+            println!("cancel sent for task {task_id}");
+            Ok(0)
+        }
         Command::Dead { action } => dead::run(&config, action).await,
         Command::Scheduler => scheduler::run(&config).await,
         Command::Worker(args) => {
