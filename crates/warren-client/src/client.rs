@@ -99,8 +99,14 @@ impl Client {
     pub async fn publish(&self, req: &TaskRequest) -> Result<String, ClientError> {
         let (id, body, props) = req.encode()?;
         let ch = self.channel().await?;
-        ch.publish(&self.names.tasks(), &req.task_type, &body, props, &id)
-            .await?;
+        ch.publish(
+            &req.exchange(&self.names),
+            &req.task_type,
+            &body,
+            props,
+            &id,
+        )
+        .await?;
         Ok(id)
     }
 
@@ -115,13 +121,14 @@ impl Client {
     ) -> Result<Vec<String>, ClientError> {
         let window = window.max(1);
         let ch = self.channel().await?;
-        let exchange = self.names.tasks();
         let mut ids = Vec::with_capacity(reqs.len());
         let mut in_flight = FuturesOrdered::new();
         let mut done = 0;
         for req in reqs {
             let (id, body, props) = req.encode()?;
-            let confirm = ch.send(&exchange, &req.task_type, &body, props).await?;
+            let confirm = ch
+                .send(&req.exchange(&self.names), &req.task_type, &body, props)
+                .await?;
             let what = id.clone();
             in_flight.push_back(async move { confirmed(confirm, &what).await });
             ids.push(id);
@@ -168,8 +175,14 @@ impl Client {
         let props = props
             .with_reply_to(DIRECT_REPLY_TO.into())
             .with_correlation_id(id.as_str().into());
-        ch.publish(&self.names.tasks(), &req.task_type, &body, props, &id)
-            .await?;
+        ch.publish(
+            &req.exchange(&self.names),
+            &req.task_type,
+            &body,
+            props,
+            &id,
+        )
+        .await?;
         let wait = async {
             while let Some(delivery) = replies.next().await {
                 let delivery = delivery.map_err(ClientError::amqp("receive reply"))?;

@@ -46,19 +46,20 @@ impl Outbox {
     }
 
     /// Parks a task in `P.dead`: body, properties and headers intact, plus
-    /// the dead reason, its detail and the queue it came from.
-    #[allow(clippy::too_many_arguments)]
+    /// the dead reason, its detail, the queue it came from and the last
+    /// attempt started, all taken with the id and type from its `dead` event.
     pub async fn dead(
         &self,
         body: &[u8],
         original: &BasicProperties,
-        task_id: &str,
-        task_type: &str,
+        ev: &Event,
         reason: DeadReason,
         detail: &str,
         queue: Option<&str>,
     ) -> Result<PublisherConfirm, ClientError> {
+        let (task_id, task_type) = (ev.task_id.as_str(), ev.task_type.as_str());
         let mut h = original.headers().clone().unwrap_or_default();
+        headers::set_int(&mut h, headers::ATTEMPT, ev.attempt);
         headers::set_str(&mut h, headers::DEAD_REASON, reason.as_str());
         headers::set_str(&mut h, headers::DEAD_DETAIL, &truncate(detail, 4096));
         if let Some(q) = queue {

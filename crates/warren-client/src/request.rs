@@ -20,6 +20,12 @@ pub struct TaskRequest {
     pub expiration_ms: Option<u64>,
     /// Extra headers (e.g. `x-warren-max-retries`).
     pub headers: FieldTable,
+    /// Run no earlier than this many ms from now (published to `P.delay`
+    /// with `x-delay`).
+    pub delay_ms: Option<i64>,
+    /// Run no earlier than this time, RFC 3339 or Unix ms (published to
+    /// `P.delay` with `x-warren-eta`; wins over `delay_ms`).
+    pub eta: Option<String>,
 }
 
 impl TaskRequest {
@@ -32,6 +38,34 @@ impl TaskRequest {
             priority: None,
             expiration_ms: None,
             headers: FieldTable::default(),
+            delay_ms: None,
+            eta: None,
+        }
+    }
+
+    /// Delays the task by `ms` milliseconds (through `P.delay`).
+    pub fn delay_ms(mut self, ms: i64) -> Self {
+        self.delay_ms = Some(ms);
+        self
+    }
+
+    /// Runs the task at `eta` (RFC 3339 or Unix ms, through `P.delay`).
+    pub fn eta(mut self, eta: impl Into<String>) -> Self {
+        self.eta = Some(eta.into());
+        self
+    }
+
+    /// Whether the task goes through `P.delay`.
+    pub fn is_delayed(&self) -> bool {
+        self.delay_ms.is_some() || self.eta.is_some()
+    }
+
+    /// The exchange the task is published to: `P.delay` when delayed, else `P.tasks`.
+    pub fn exchange(&self, names: &warren_core::Names) -> String {
+        if self.is_delayed() {
+            names.delay()
+        } else {
+            names.tasks()
         }
     }
 
@@ -98,8 +132,22 @@ impl TaskRequest {
         if let Some(ms) = self.expiration_ms {
             props = props.with_expiration(ms.to_string().into());
         }
-        if !self.headers.inner().is_empty() {
-            props = props.with_headers(self.headers.clone());
+        let mut headers = self.headers.clone();
+        if let Some(ms) = self.delay_ms {
+            headers.insert(
+                warren_core::headers::DELAY.into(),
+                AMQPValue::LongLongInt(ms),
+            );
+        }
+        if let Some(eta) = &self.eta {
+            let v = match eta.parse::<i64>() {
+                Ok(ms) => AMQPValue::LongLongInt(ms),
+                Err(_) => AMQPValue::LongString(eta.as_str().into()),
+            };
+            headers.insert(warren_core::headers::ETA.into(), v);
+        }
+        if !headers.inner().is_empty() {
+            props = props.with_headers(headers);
         }
         Ok((id, body, props))
     }

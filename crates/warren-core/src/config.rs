@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Deserializer};
@@ -23,7 +24,7 @@ const DEFAULT_TOML: &str = include_str!("../../../config/default.toml");
 const ENV_PREFIX: &str = "WARREN__";
 
 /// Configuration keys whose environment value is a comma-separated list.
-const ENV_LIST_KEYS: &[&str] = &["worker.queues"];
+const ENV_LIST_KEYS: &[&str] = &["worker.queues", "http.allow", "http.deny"];
 
 /// Origin the config crate reports for values set from the environment.
 const ENV_ORIGIN: &str = "the environment";
@@ -76,6 +77,9 @@ pub struct Config {
     /// Cron schedules, one per `[[cron]]` entry; empty by default.
     #[serde(default)]
     pub cron: Vec<CronConfig>,
+    /// Outbound HTTP of the built-in `http.*` and `file.*` task types.
+    #[serde(default)]
+    pub http: HttpConfig,
 }
 
 fn default_prefix() -> String {
@@ -261,6 +265,9 @@ pub struct WorkerConfig {
     pub data_dir: PathBuf,
     /// Upper bound of the reconnect backoff.
     pub reconnect_max_ms: u64,
+    /// Per task type caps on tasks run at once within this worker
+    /// (`{ "file.download" = 2 }`), below `concurrency`.
+    pub type_concurrency: BTreeMap<String, usize>,
 }
 
 impl Default for WorkerConfig {
@@ -273,6 +280,7 @@ impl Default for WorkerConfig {
             task_timeout_ms: 300_000,
             data_dir: PathBuf::from("data"),
             reconnect_max_ms: 10_000,
+            type_concurrency: BTreeMap::new(),
         }
     }
 }
@@ -615,6 +623,7 @@ impl Config {
         self.check_retry(&mut issues);
         self.check_scheduler(&mut issues);
         self.check_cron(&mut issues);
+        self.check_http(&mut issues);
         if issues.0.is_empty() {
             Ok(())
         } else {
@@ -1312,6 +1321,201 @@ fn cron_value(field: &CronField, text: &str) -> Result<u32, String> {
         "{text:?} is not a value: use a number {}..={}{names}",
         field.min, field.max
     ))
+}
+
+impl Config {
+    fn check_http(&self, issues: &mut Issues) {
+        let h = &self.http;
+        for (list, entries) in [("allow", &h.allow), ("deny", &h.deny)] {
+            for (i, entry) in entries.iter().enumerate() {
+                if let Err(why) = HostRule::parse(entry) {
+                    issues.add(format!("http.{list}[{i}]"), format!("{entry:?} {why}"));
+                }
+            }
+        }
+        if h.max_redirects > MAX_HTTP_REDIRECTS {
+            issues.add(
+                "http.max_redirects",
+                format!(
+                    "{} is above {MAX_HTTP_REDIRECTS}: a longer chain is a loop or an abuse; \
+                     lower it (0 follows none)",
+                    h.max_redirects
+                ),
+            );
+        }
+        if h.timeout_ms == 0 {
+            issues.add(
+                "http.timeout_ms",
+                "0 would time out every request: set it above 0, for example 30000",
+            );
+        }
+        if h.connect_timeout_ms == 0 {
+            issues.add(
+                "http.connect_timeout_ms",
+                "0 would time out every connection: set it above 0, for example 10000",
+            );
+        }
+        if h.max_response_bytes == 0 {
+            issues.add(
+                "http.max_response_bytes",
+                "0 would cut every response body: set it above 0, for example 32768",
+            );
+        } else if self.limits.max_result_bytes > 0
+            && h.max_response_bytes > self.limits.max_result_bytes
+        {
+            issues.add(
+                "http.max_response_bytes",
+                format!(
+                    "{} is above limits.max_result_bytes = {}: such a body would not fit in \
+                     the result, which would be cut to a preview; lower it or raise \
+                     limits.max_result_bytes",
+                    h.max_response_bytes, self.limits.max_result_bytes
+                ),
+            );
+        }
+        if h.max_file_bytes == 0 {
+            issues.add(
+                "http.max_file_bytes",
+                "0 would refuse every transfer: set it above 0, for example 10737418240 (10 GiB)",
+            );
+        }
+        for (task_type, &cap) in &self.worker.type_concurrency {
+            let key = format!("worker.type_concurrency.{task_type:?}");
+            if !routes::is_valid_task_type(task_type) {
+                issues.add(
+                    &key,
+                    "is not a task type: caps are keyed by an exact task type, words of \
+                     letters, digits, '_' or '-' joined by '.', without '*' or '#'",
+                );
+            }
+            if cap == 0 {
+                issues.add(
+                    &key,
+                    "0 would never run this type: set it to at least 1, or remove the entry",
+                );
+            }
+        }
+    }
+}
+
+/// Most redirects `http.max_redirects` may allow.
+const MAX_HTTP_REDIRECTS: usize = 20;
+
+/// Outbound HTTP of the built-in task types (`http.request`, `file.download`,
+/// `file.upload`): where requests may go and how much they may move.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Hosts and networks requests may reach ([`HostRule`] syntax); empty
+    /// means any not denied.
+    pub allow: Vec<String>,
+    /// Hosts and networks requests never reach; wins over `allow`.
+    pub deny: Vec<String>,
+    /// Whether loopback addresses (127.0.0.0/8, ::1) may be reached.
+    pub allow_loopback: bool,
+    /// Redirects followed per request (0 follows none), at most 20.
+    pub max_redirects: usize,
+    /// Default time limit of an `http.request` (its `timeout_ms` overrides
+    /// it), and the longest a transfer may stall without receiving data.
+    pub timeout_ms: u64,
+    /// Longest wait for a TCP (and TLS) connection.
+    pub connect_timeout_ms: u64,
+    /// Largest response body an `http.request` result carries; longer bodies
+    /// are cut and marked truncated. At most `limits.max_result_bytes`.
+    pub max_response_bytes: usize,
+    /// Largest file `file.download` writes or `file.upload` sends; a task's
+    /// `max_bytes` may only lower it.
+    pub max_file_bytes: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            allow: Vec::new(),
+            deny: Vec::new(),
+            allow_loopback: false,
+            max_redirects: 5,
+            timeout_ms: 30_000,
+            connect_timeout_ms: 10_000,
+            max_response_bytes: 32 * 1024,
+            max_file_bytes: 10 * 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// One entry of `http.allow` or `http.deny`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostRule {
+    /// An address or a network in CIDR notation (`192.0.2.7`, `10.0.0.0/8`,
+    /// `fd00::/8`): matches the addresses a host name resolves to.
+    Network(IpAddr, u8),
+    /// Exactly this host name (`api.example.com`), compared without case.
+    Host(String),
+    /// Every host name below a domain, written `*.example.com` (not
+    /// `example.com` itself).
+    Subdomains(String),
+}
+
+impl HostRule {
+    /// Reads one entry; the error continues a sentence that starts with the
+    /// quoted entry.
+    pub fn parse(entry: &str) -> Result<HostRule, String> {
+        let usage = "use a host name (api.example.com), *.domain for its subdomains, an \
+                     address (192.0.2.7) or a network (10.0.0.0/8, fd00::/8)";
+        if let Ok(ip) = entry.parse::<IpAddr>() {
+            let bits = if ip.is_ipv4() { 32 } else { 128 };
+            return Ok(HostRule::Network(ip, bits));
+        }
+        if let Some((addr, bits)) = entry.split_once('/') {
+            let (Ok(ip), Ok(bits)) = (addr.parse::<IpAddr>(), bits.parse::<u8>()) else {
+                return Err(format!("is not a host name, address or network: {usage}"));
+            };
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            if bits > max {
+                return Err(format!("has a prefix longer than {max} bits: {usage}"));
+            }
+            let base = network_base(ip, bits);
+            if base != ip {
+                return Err(format!(
+                    "has bits set past its /{bits} prefix: write {base}/{bits}"
+                ));
+            }
+            return Ok(HostRule::Network(ip, bits));
+        }
+        let (name, rule): (&str, fn(String) -> HostRule) = match entry.strip_prefix("*.") {
+            Some(domain) => (domain, HostRule::Subdomains),
+            None => (entry, HostRule::Host),
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if valid {
+            Ok(rule(name))
+        } else {
+            Err(format!("is not a host name, address or network: {usage}"))
+        }
+    }
+}
+
+/// `ip` with every bit past the first `bits` cleared.
+fn network_base(ip: IpAddr, bits: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
+            IpAddr::V4((u32::from(v4) & mask).into())
+        }
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(bits)).unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & mask).into())
+        }
+    }
 }
 
 fn check_policy(policy: &RetryPolicy, key: &str, issues: &mut Issues) {
@@ -2189,6 +2393,26 @@ mod tests {
     }
 
     #[test]
+    fn documented_cron_example_is_valid_and_no_schedule_is_enabled() {
+        let example: String = DEFAULT_TOML
+            .split("# Example: every weekday")
+            .nth(1)
+            .expect("config/default.toml documents a [[cron]] example")
+            .lines()
+            .skip(1)
+            .map_while(|l| l.strip_prefix("# "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::from_toml(&example).unwrap();
+        assert_eq!(c.cron[0].name, "morning-ping");
+        assert_eq!(c.cron[0].timezone, "Europe/Paris");
+        assert_eq!(c.cron[0].priority, Some(5));
+        assert_eq!(c.cron[0].missed, MissedFires::RunOnce);
+        assert_eq!(c.cron[0].args["method"], "GET");
+        assert!(Config::from_toml("").unwrap().cron.is_empty());
+    }
+
+    #[test]
     fn every_cron_problem_is_reported_at_once() {
         let list = issues(&cron_entry(&[
             "name = \"A\"",
@@ -2244,5 +2468,98 @@ mod tests {
         assert_eq!(with_default.default_queue().unwrap().name, "default");
         let quorum = Config::load_from(Some(&root.join("examples/quorum.toml")), &[]).unwrap();
         assert_eq!(quorum.queue("io").unwrap().kind, QueueKind::Quorum);
+    }
+    #[test]
+    fn http_defaults_and_environment() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.http, HttpConfig::default());
+        assert!(!c.http.allow_loopback);
+        assert!(c.worker.type_concurrency.is_empty());
+        let c = Config::load_from(
+            None,
+            &env(&[
+                ("WARREN__HTTP__ALLOW_LOOPBACK", "true"),
+                ("WARREN__HTTP__DENY", "10.0.0.0/8, *.internal"),
+                ("WARREN__HTTP__MAX_REDIRECTS", "0"),
+            ]),
+        )
+        .unwrap();
+        assert!(c.http.allow_loopback);
+        assert_eq!(c.http.deny, ["10.0.0.0/8", "*.internal"]);
+        assert_eq!(c.http.max_redirects, 0);
+        let c = Config::from_toml("[worker.type_concurrency]\n\"file.download\" = 2").unwrap();
+        assert_eq!(c.worker.type_concurrency["file.download"], 2);
+    }
+
+    #[test]
+    fn host_rules_parse() {
+        use std::net::{Ipv4Addr, Ipv6Addr};
+        assert_eq!(
+            HostRule::parse("10.0.0.0/8"),
+            Ok(HostRule::Network(Ipv4Addr::new(10, 0, 0, 0).into(), 8))
+        );
+        assert_eq!(
+            HostRule::parse("192.0.2.7"),
+            Ok(HostRule::Network(Ipv4Addr::new(192, 0, 2, 7).into(), 32))
+        );
+        assert_eq!(
+            HostRule::parse("fd00::/8"),
+            Ok(HostRule::Network(
+                "fd00::".parse::<Ipv6Addr>().unwrap().into(),
+                8
+            ))
+        );
+        assert_eq!(
+            HostRule::parse("API.Example.com."),
+            Ok(HostRule::Host("api.example.com".into()))
+        );
+        assert_eq!(
+            HostRule::parse("*.example.com"),
+            Ok(HostRule::Subdomains("example.com".into()))
+        );
+        assert!(HostRule::parse("10.0.0.0/33").is_err());
+        assert!(HostRule::parse("exa mple.com").is_err());
+        assert!(HostRule::parse("").is_err());
+        assert!(HostRule::parse("*.").is_err());
+        assert_eq!(
+            HostRule::parse("10.1.0.0/8").unwrap_err(),
+            "has bits set past its /8 prefix: write 10.0.0.0/8"
+        );
+    }
+
+    #[test]
+    fn http_rules() {
+        one_issue(
+            "[http]\ndeny = [\"10.0.0.0/8\", \"http://x\"]",
+            "config key http.deny[1]: \"http://x\" is not a host name, address or network: \
+             use a host name (api.example.com), *.domain for its subdomains, an address \
+             (192.0.2.7) or a network (10.0.0.0/8, fd00::/8)",
+        );
+        one_issue(
+            "[http]\nmax_redirects = 50",
+            "config key http.max_redirects: 50 is above 20: a longer chain is a loop or an \
+             abuse; lower it (0 follows none)",
+        );
+        one_issue(
+            "[http]\nmax_response_bytes = 100000",
+            "config key http.max_response_bytes: 100000 is above limits.max_result_bytes = \
+             65536: such a body would not fit in the result, which would be cut to a preview; \
+             lower it or raise limits.max_result_bytes",
+        );
+        assert_eq!(
+            issues("[http]\ntimeout_ms = 0\nconnect_timeout_ms = 0\nmax_file_bytes = 0").len(),
+            3
+        );
+        one_issue(
+            "[worker.type_concurrency]\n\"file.download\" = 0",
+            "config key worker.type_concurrency.\"file.download\": 0 would never run this \
+             type: set it to at least 1, or remove the entry",
+        );
+        one_issue(
+            "[worker.type_concurrency]\n\"file.*\" = 2",
+            "config key worker.type_concurrency.\"file.*\": is not a task type: caps are keyed \
+             by an exact task type, words of letters, digits, '_' or '-' joined by '.', \
+             without '*' or '#'",
+        );
     }
 }

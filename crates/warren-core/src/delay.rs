@@ -183,7 +183,7 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                due_at_ms(Some(&h(&[v.clone()])), NOW, YEAR_MS).unwrap(),
+                due_at_ms(Some(&h(std::slice::from_ref(&v))), NOW, YEAR_MS).unwrap(),
                 NOW,
                 "{v:?}"
             );

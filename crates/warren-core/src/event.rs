@@ -20,6 +20,8 @@ pub enum TaskState {
     Dead,
     /// A cancel command reached the task (final).
     Cancelled,
+    /// A running handler reported how far it got (at most once a second).
+    Progress,
 }
 
 impl TaskState {
@@ -32,6 +34,7 @@ impl TaskState {
             TaskState::Failed => "failed",
             TaskState::Dead => "dead",
             TaskState::Cancelled => "cancelled",
+            TaskState::Progress => "progress",
         }
     }
 
@@ -63,6 +66,15 @@ pub struct EventErrorInfo {
     pub code: String,
     /// Human text.
     pub message: String,
+}
+
+/// The `progress` object of a `progress` event: `{bytes, total}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressInfo {
+    /// Units done so far (bytes for transfers).
+    pub bytes: u64,
+    /// Units in all, when known.
+    pub total: Option<u64>,
 }
 
 /// One status event, with every key of the contract's example present.
@@ -98,6 +110,9 @@ pub struct Event {
     /// On `failed` only: whether another attempt will follow.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub retry: Option<bool>,
+    /// On `progress` only: how far the running attempt got.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub progress: Option<ProgressInfo>,
 }
 
 /// An event body that could not be read.
@@ -133,6 +148,7 @@ impl Event {
             reason: None,
             due_at: None,
             retry: None,
+            progress: None,
         }
     }
 
@@ -199,6 +215,28 @@ mod tests {
         assert_eq!(obj["type"], "diag.echo");
         assert!(obj["result"].is_null());
         assert!(!obj.contains_key("retry"), "retry is only on failed events");
+        assert!(
+            !obj.contains_key("progress"),
+            "progress is only on progress events"
+        );
+    }
+
+    #[test]
+    fn progress_events_carry_bytes_and_total() {
+        let mut e = Event::new("t1", "file.download", TaskState::Progress, 1);
+        e.progress = Some(ProgressInfo {
+            bytes: 10,
+            total: None,
+        });
+        let v: Value = serde_json::from_slice(&e.to_json()).unwrap();
+        for k in CONTRACT_KEYS {
+            assert!(v.as_object().unwrap().contains_key(k), "missing key {k}");
+        }
+        assert_eq!(v["state"], "progress");
+        assert_eq!(v["progress"], json!({"bytes": 10, "total": null}));
+        assert_eq!(e.routing_key(), "progress.file.download");
+        assert!(!TaskState::Progress.is_final());
+        assert_eq!(Event::from_json(&e.to_json()).unwrap(), e);
     }
 
     #[test]

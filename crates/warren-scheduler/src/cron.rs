@@ -1,11 +1,13 @@
 //! Cron schedules (`[[cron]]`), fired by exactly one scheduler replica.
 //!
 //! **Leadership.** Every replica with schedules keeps one broker connection
-//! and tries to declare and consume the exclusive queue `P.cron.leader`. The
-//! broker lets one connection hold it and refuses the others with
-//! `RESOURCE_LOCKED`; they try again about every second. When the holder's
-//! connection dies the broker deletes the queue, so a standby takes over at
-//! its next try. Nothing needs cleaning up.
+//! and competes for the exclusive queue `P.cron.leader`: the connection that
+//! declared and consumes it leads. About every second a standby publishes an
+//! empty mandatory message to it: routed means it is held; returned means it
+//! is free, and the standby declares it, the broker refusing all but one
+//! (`RESOURCE_LOCKED`). When the leader's connection dies the broker deletes
+//! the queue, so a standby takes over within about a second. Nothing needs
+//! cleaning up.
 //!
 //! **Firing.** At each fire time the leader publishes a normal task to
 //! `P.tasks` with a publisher confirm. Its id is `cron:<name>:<fire time>`
@@ -30,8 +32,8 @@ use croner::parser::{CronParser, Seconds, Year};
 use croner::Cron;
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicRejectOptions, ExchangeDeclareOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicRejectOptions,
+    ExchangeDeclareOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Connection, Consumer, PublisherConfirm};
@@ -59,6 +61,10 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 /// The leader reads the wall clock at least this often, so a clock that
 /// jumps is noticed.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
+
+/// Longest wait for a publisher confirm (a blocked broker, a dead link)
+/// before the connection is given up.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// AMQP reply code of a queue that another connection holds exclusively.
 const RESOURCE_LOCKED: u16 = 405;
@@ -89,6 +95,19 @@ pub enum CronError {
     /// from its database, a schedule that never fires); every one is listed.
     #[error(transparent)]
     Config(#[from] ConfigError),
+}
+
+/// Why one connection's session ended early; logged, then retried.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Broker(#[from] ClientError),
+    #[error("no connection to the broker at {url} within {timeout:?}")]
+    ConnectTimeout { url: String, timeout: Duration },
+    #[error("lost the cron leader lock {0} (its queue was deleted or its channel closed)")]
+    LockLost(String),
+    #[error("no publisher confirm for {what} within {CONFIRM_TIMEOUT:?}")]
+    ConfirmTimeout { what: String },
 }
 
 /// One `[[cron]]` entry, compiled for evaluation.
@@ -286,53 +305,62 @@ impl CronService {
         fired: &mut Fired,
         shutdown: &CancellationToken,
         backoff: &mut Duration,
-    ) -> Result<(), ClientError> {
+    ) -> Result<(), SessionError> {
+        let url = &self.config.broker.url;
         let timeout = Duration::from_millis(self.config.broker.connect_timeout_ms);
-        let conn =
-            match tokio::time::timeout(timeout, connect(&self.config.broker.url, "cron")).await {
-                Ok(conn) => conn?,
-                Err(_) => {
-                    return Err(ClientError::Closed(format!(
-                        "connecting to {} for {timeout:?}",
-                        self.config.broker.url
-                    )))
-                }
-            };
+        let conn = tokio::time::timeout(timeout, connect(url, "cron"))
+            .await
+            .map_err(|_| SessionError::ConnectTimeout {
+                url: url.redacted(),
+                timeout,
+            })??;
         *backoff = RECONNECT_FIRST;
         let result = match self.campaign(&conn, shutdown).await {
             Ok(Some(lock)) => self.lead(&conn, lock, fired, shutdown).await,
             Ok(None) => Ok(()),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         };
         let _ = conn.close(200, "cron stopping".into()).await;
         result
     }
 
     /// Tries to take `P.cron.leader` until it succeeds (the lock's consumer)
-    /// or `shutdown` (`None`).
+    /// or `shutdown` (`None`). While a leader holds it, a standby only probes
+    /// (see [`Self::leader_present`]) about every second, since a refused
+    /// declare closes a channel, which the broker and the client log as
+    /// errors.
     async fn campaign(
         &self,
         conn: &Connection,
         shutdown: &CancellationToken,
     ) -> Result<Option<Consumer>, ClientError> {
         let queue = leader_queue(self.names.prefix());
+        let probe = ConfirmChannel::open(conn).await?;
         let mut wait = LOCK_RETRY_FIRST;
         let mut said_standby = false;
+        // The first try declares at once: alone, a replica leads without a
+        // probe's returned message in its log.
+        let mut first = true;
         loop {
-            match self.try_lock(conn, &queue).await {
-                Ok(lock) => return Ok(Some(lock)),
-                Err(e) if is_resource_locked(&e) => {
-                    if !said_standby {
-                        info!("cron standby: another scheduler holds {queue}");
-                        said_standby = true;
+            if std::mem::take(&mut first) || !self.leader_present(&probe, &queue).await? {
+                match self.try_lock(conn, &queue).await {
+                    Ok(lock) => {
+                        let _ = probe.channel().close(200, "cron leader".into()).await;
+                        return Ok(Some(lock));
+                    }
+                    // Another replica was quicker.
+                    Err(e) if is_resource_locked(&e) => {}
+                    Err(source) => {
+                        return Err(ClientError::Amqp {
+                            what: format!("take the cron leader lock {queue}"),
+                            source,
+                        })
                     }
                 }
-                Err(source) => {
-                    return Err(ClientError::Amqp {
-                        what: format!("take the cron leader lock {queue}"),
-                        source,
-                    })
-                }
+            }
+            if !said_standby {
+                info!("cron standby: another scheduler holds {queue}");
+                said_standby = true;
             }
             let jittered = rand::thread_rng().gen_range(wait * 3 / 4..=wait);
             tokio::select! {
@@ -341,6 +369,37 @@ impl CronService {
             }
             wait = (wait * 2).min(LOCK_RETRY_MAX);
         }
+    }
+
+    /// Whether some connection holds the leader queue: an empty, mandatory,
+    /// immediately expiring message to it is routed, or returned when the
+    /// queue is gone. Publishing to another connection's exclusive queue is
+    /// allowed, so this never closes the channel.
+    async fn leader_present(
+        &self,
+        probe: &ConfirmChannel,
+        queue: &str,
+    ) -> Result<bool, ClientError> {
+        let what = format!("probe of the cron leader lock {queue}");
+        let confirm = probe
+            .channel()
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                b"",
+                BasicProperties::default().with_expiration("0".into()),
+            )
+            .await
+            .map_err(amqp(&what))?;
+        let confirmation = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+            .await
+            .map_err(|_| ClientError::Closed(what.clone()))?
+            .map_err(amqp(&what))?;
+        Ok(confirmation.take_message().is_none())
     }
 
     /// Declares and consumes the exclusive leader queue on a channel of its
@@ -377,7 +436,7 @@ impl CronService {
         mut lock: Consumer,
         fired: &mut Fired,
         shutdown: &CancellationToken,
-    ) -> Result<(), ClientError> {
+    ) -> Result<(), SessionError> {
         let out = ConfirmChannel::open(conn).await?;
         self.check_tasks_exchange(conn).await?;
         let now = Utc::now();
@@ -416,10 +475,7 @@ impl CronService {
                     if matches!(lost, Some(Ok(_))) {
                         continue; // Someone published to the lock queue: ignore it.
                     }
-                    return Err(ClientError::Closed(format!(
-                        "cron leader lock {}",
-                        leader_queue(self.names.prefix())
-                    )));
+                    return Err(SessionError::LockLost(leader_queue(self.names.prefix())));
                 }
             }
         }
@@ -432,7 +488,7 @@ impl CronService {
         slot: &mut Slot<'_>,
         fired: &mut Fired,
         now: DateTime<Utc>,
-    ) -> Result<(), ClientError> {
+    ) -> Result<(), SessionError> {
         let schedule = slot.schedule;
         let decision = schedule.decide(slot.cursor, now);
         if let Some(missed) = decision.missed {
@@ -466,7 +522,7 @@ impl CronService {
         schedule: &Schedule,
         at: DateTime<Utc>,
         sent: impl FnOnce(),
-    ) -> Result<(), ClientError> {
+    ) -> Result<(), SessionError> {
         let c = &schedule.config;
         let id = task_id(&c.name, at);
         let body = serde_json::to_vec(&c.args).expect("JSON values always serialise");
@@ -504,7 +560,7 @@ impl CronService {
         let state = out
             .send("", &queue, record.to_string().as_bytes(), props)
             .await?;
-        confirm(state, &format!("record of {id} in {queue}")).await
+        confirm(state, &format!("the record of {id} in {queue}")).await
     }
 
     /// Declares `P.cron.state.<name>` and reads its record, leaving it in
@@ -584,16 +640,22 @@ fn parse_record(body: &[u8]) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
-/// Awaits a publisher confirm; a negative one is an error naming `what`.
-async fn confirm(confirm: PublisherConfirm, what: &str) -> Result<(), ClientError> {
-    let c = confirm.await.map_err(|source| ClientError::Amqp {
-        what: format!("confirm of {what}"),
-        source,
-    })?;
+/// Awaits a publisher confirm (bounded); a negative one is an error naming `what`.
+async fn confirm(confirm: PublisherConfirm, what: &str) -> Result<(), SessionError> {
+    let c = tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+        .await
+        .map_err(|_| SessionError::ConfirmTimeout {
+            what: what.to_owned(),
+        })?
+        .map_err(|source| ClientError::Amqp {
+            what: format!("confirm of {what}"),
+            source,
+        })?;
     if c.is_nack() {
         return Err(ClientError::Nacked {
             task_id: what.to_owned(),
-        });
+        }
+        .into());
     }
     Ok(())
 }

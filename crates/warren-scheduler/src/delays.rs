@@ -122,16 +122,8 @@ impl Delays {
                     message: invalid.message.clone(),
                 });
                 let confirms = vec![
-                    out.dead(
-                        &d.data,
-                        p,
-                        &w.id,
-                        &w.task_type,
-                        DeadReason::Invalid,
-                        &invalid.message,
-                        None,
-                    )
-                    .await?,
+                    out.dead(&d.data, p, &ev, DeadReason::Invalid, &invalid.message, None)
+                        .await?,
                     out.event(&ev).await?,
                 ];
                 confirm_all(confirms).await?;

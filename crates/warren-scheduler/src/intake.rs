@@ -81,8 +81,7 @@ pub async fn park_dead_lettered(
         message: detail.clone(),
     });
     let mut confirms = vec![
-        out.dead(&d.data, p, &task_id, &task_type, reason, &detail, short)
-            .await?,
+        out.dead(&d.data, p, &ev, reason, &detail, short).await?,
         out.event(&ev).await?,
     ];
     if let Some(r) = p.reply_to().as_ref().filter(|r| !r.as_str().is_empty()) {

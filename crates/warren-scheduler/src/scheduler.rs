@@ -67,6 +67,7 @@ impl Scheduler {
             _ = shutdown.cancelled() => {}
         }
         let delays = Delays::new(&self.config, self.identity.clone(), cancels);
+        let cron = crate::cron::run(self.config.clone(), shutdown.clone());
         let main = async {
             let max = Duration::from_millis(self.config.worker.reconnect_max_ms.max(100));
             let mut backoff = Duration::from_millis(100);
@@ -83,7 +84,10 @@ impl Scheduler {
                 backoff = (backoff * 2).min(max);
             }
         };
-        main.await;
+        let ((), cron_result) = tokio::join!(main, cron);
+        if let Err(e) = cron_result {
+            warn!(error = %e, "cron stopped with an error");
+        }
         let _ = follower.await;
         info!("scheduler stopped");
         Ok(())

@@ -104,6 +104,8 @@ mod tests {
             attempt: 1,
             cancel: CancellationToken::new(),
             data_dir: "data".into(),
+            config: std::sync::Arc::new(warren_core::Config::from_toml("").unwrap()),
+            progress: Default::default(),
         }
     }
 

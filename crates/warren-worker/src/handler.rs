@@ -6,6 +6,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use warren_core::event::{ErrorKind, EventErrorInfo};
+use warren_core::Config;
 
 /// What a handler receives for one attempt of a task.
 #[derive(Debug, Clone)]
@@ -23,6 +24,43 @@ pub struct TaskContext {
     pub cancel: CancellationToken,
     /// The worker's data directory (for file handlers).
     pub data_dir: PathBuf,
+    /// The worker's configuration (handlers read their settings from it,
+    /// such as the built-in types' `http` section).
+    pub config: Arc<Config>,
+    /// Where a long handler reports how far it got; the runtime turns the
+    /// latest report into a `progress` event at most once a second.
+    pub progress: Progress,
+}
+
+/// A handle for progress reports: cheap to call as often as wanted (only the
+/// latest report is kept, nothing blocks or queues up). Reports made through
+/// a handle that no runtime watches go nowhere.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    latest: Option<Arc<tokio::sync::watch::Sender<ProgressReport>>>,
+}
+
+/// The latest `(done, total)` reported, if any.
+pub(crate) type ProgressReport = Option<(u64, Option<u64>)>;
+
+impl Progress {
+    /// A handle and the receiver the runtime watches.
+    pub(crate) fn channel() -> (Progress, tokio::sync::watch::Receiver<ProgressReport>) {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        (
+            Progress {
+                latest: Some(Arc::new(tx)),
+            },
+            rx,
+        )
+    }
+
+    /// Reports `done` units (bytes for transfers) of `total`, if known.
+    pub fn report(&self, done: u64, total: Option<u64>) {
+        if let Some(tx) = &self.latest {
+            tx.send_replace(Some((done, total)));
+        }
+    }
 }
 
 impl TaskContext {
@@ -43,6 +81,10 @@ pub struct TaskError {
     pub code: String,
     /// Human text.
     pub message: String,
+    /// For a retryable failure: the earliest the next attempt may run, in
+    /// milliseconds from the failure (an HTTP `Retry-After`). The runtime
+    /// waits at least this long before retrying.
+    pub retry_after_ms: Option<u64>,
 }
 
 impl TaskError {
@@ -52,6 +94,7 @@ impl TaskError {
             kind: ErrorKind::Retryable,
             code: code.into(),
             message: message.into(),
+            retry_after_ms: None,
         }
     }
 
@@ -61,12 +104,19 @@ impl TaskError {
             kind: ErrorKind::Permanent,
             code: code.into(),
             message: message.into(),
+            retry_after_ms: None,
         }
     }
 
     /// The arguments failed validation.
     pub fn invalid_args(message: impl Into<String>) -> Self {
         Self::permanent("invalid_args", message)
+    }
+
+    /// Asks the runtime to wait at least `ms` milliseconds before retrying.
+    pub fn with_retry_after(mut self, ms: u64) -> Self {
+        self.retry_after_ms = Some(ms);
+        self
     }
 
     /// Whether another attempt may succeed.
@@ -113,10 +163,12 @@ impl Registry {
         Self::default()
     }
 
-    /// A registry with the built-in task types (`diag.echo`, `diag.sleep`, `diag.fail`).
+    /// A registry with the built-in task types: `diag.*`, `http.request`,
+    /// `file.download` and `file.upload`.
     pub fn with_builtins() -> Self {
         let mut r = Self::new();
         crate::diag::register(&mut r);
+        crate::builtin::register(&mut r);
         r
     }
 

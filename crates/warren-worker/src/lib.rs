@@ -9,11 +9,12 @@
 //! failed tasks in `P.dead`, reconnects with backoff when the broker goes
 //! away, and drains on shutdown within the grace period.
 
+pub mod builtin;
 pub mod diag;
 mod handler;
 mod runtime;
 
-pub use handler::{Handler, Registry, TaskContext, TaskError};
+pub use handler::{Handler, Progress, Registry, TaskContext, TaskError};
 pub use runtime::{Worker, WorkerError};
 
 pub use async_trait::async_trait;

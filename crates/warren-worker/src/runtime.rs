@@ -1,5 +1,6 @@
 //! Consuming, running and acknowledging: the worker's main loop.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use lapin::types::FieldTable;
 use lapin::Connection;
 use rand::Rng;
 use serde_json::Value;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -20,11 +21,14 @@ use warren_client::{
     confirm_all, connect, process_identity, CancelSet, ClientError, ConfirmChannel, Outbox,
 };
 use warren_core::backoff::full_jitter_ms;
-use warren_core::event::{cap_result, ErrorKind, EventErrorInfo};
+use warren_core::event::{
+    cap_result, format_time, new_id, ErrorKind, EventErrorInfo, ProgressInfo,
+};
 use warren_core::task::{task_type_of, InvalidTask, MessageMeta};
 use warren_core::{headers, Config, DeadReason, Event, Names, TaskEnvelope, TaskState};
 
-use crate::{Registry, TaskContext, TaskError};
+use crate::handler::ProgressReport;
+use crate::{Progress, Registry, TaskContext, TaskError};
 
 /// Why a worker stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -40,13 +44,15 @@ pub struct Worker {
 }
 
 struct Shared {
-    config: Config,
+    config: Arc<Config>,
     names: Names,
     registry: Registry,
     identity: String,
     queues: Vec<(String, String)>,
     routing_exchanges: [String; 2],
     cancels: CancelSet,
+    /// Semaphores of the types capped by `worker.type_concurrency`.
+    type_caps: BTreeMap<String, Arc<Semaphore>>,
 }
 
 /// One connection's worth of channels. When it dies, in-flight tasks can no
@@ -81,15 +87,22 @@ impl Worker {
             return Err(WorkerError::NoQueues);
         }
         let routing_exchanges = [names.tasks(), names.unroutable()];
+        let type_caps = config
+            .worker
+            .type_concurrency
+            .iter()
+            .map(|(t, &n)| (t.clone(), Arc::new(Semaphore::new(n))))
+            .collect();
         Ok(Worker {
             shared: Arc::new(Shared {
-                config,
+                config: Arc::new(config),
                 names,
                 registry,
                 identity: process_identity(),
                 queues,
                 routing_exchanges,
                 cancels: CancelSet::new(),
+                type_caps,
             }),
         })
     }
@@ -280,9 +293,13 @@ impl Worker {
             let shared = self.shared.clone();
             let session = session.clone();
             let abort = abort.clone();
+            let slot = Slot {
+                pool: permits.clone(),
+                general: Some(permit),
+                typed: None,
+            };
             tracker.spawn(async move {
-                process(&shared, &session, &queue, delivery, &abort).await;
-                drop(permit);
+                process(&shared, &session, &queue, delivery, &abort, slot).await;
             });
         }
     }
@@ -322,6 +339,7 @@ async fn process(
     queue: &str,
     delivery: Delivery,
     abort: &CancellationToken,
+    slot: Slot,
 ) {
     let meta = meta_of(&delivery);
     let task_type = task_type_of(
@@ -370,8 +388,6 @@ async fn process(
                 &session.outbox,
                 &delivery,
                 &meta,
-                &task_id,
-                &task_type,
                 queue,
                 DeadReason::Poison,
                 &detail,
@@ -404,7 +420,7 @@ async fn process(
     let span = info_span!("task", task_id = %task_id, r#type = %task_type, queue = %queue, attempt = tracing::field::Empty);
     async {
         let result = run_task(
-            sh, session, queue, &delivery, &meta, &task_type, &task_id, abort,
+            sh, session, queue, &delivery, &meta, &task_type, &task_id, abort, slot,
         )
         .await;
         match result {
@@ -534,6 +550,7 @@ async fn run_task(
     task_type: &str,
     task_id: &str,
     abort: &CancellationToken,
+    mut slot: Slot,
 ) -> Result<Disposition, ClientError> {
     let out = &session.outbox;
     let base = |state, attempt| new_event(sh, queue, task_id, task_type, state, attempt);
@@ -566,8 +583,6 @@ async fn run_task(
                 out,
                 delivery,
                 meta,
-                task_id,
-                task_type,
                 queue,
                 DeadReason::Invalid,
                 &invalid.message,
@@ -577,12 +592,18 @@ async fn run_task(
         }
     };
     tracing::Span::current().record("attempt", task.attempt);
+    if let Some(cap) = sh.type_caps.get(task_type) {
+        if !slot.take_typed(cap, abort).await {
+            return Ok(Disposition::Requeue);
+        }
+    }
     let started = out.event(&base(TaskState::Started, task.attempt)).await?;
     debug!("started");
 
     let timeout =
         Duration::from_millis(task.timeout_ms.unwrap_or(sh.config.worker.task_timeout_ms));
     let cancel = abort.child_token();
+    let (progress, progress_rx) = Progress::channel();
     let ctx = TaskContext {
         id: task.id.clone(),
         task_type: task.task_type.clone(),
@@ -590,7 +611,14 @@ async fn run_task(
         attempt: task.attempt,
         cancel: cancel.clone(),
         data_dir: sh.config.worker.data_dir.clone(),
+        config: sh.config.clone(),
+        progress,
     };
+    let progress_events = ProgressEvents::start(
+        out.clone(),
+        base(TaskState::Progress, task.attempt),
+        progress_rx,
+    );
     let command = CancellationToken::new();
     let _running = sh.cancels.running(task_id, command.clone());
     let began = Instant::now();
@@ -609,17 +637,20 @@ async fn run_task(
         _ = command.cancelled() => {
             cancel.cancel();
             join.abort();
+            progress_events.finish().await;
             confirm_all(vec![started]).await?;
             cancelled(sh, session, queue, meta, task_id, task_type, task.attempt).await?;
             return Ok(Disposition::Ack);
         }
         _ = abort.cancelled() => {
             join.abort();
+            progress_events.finish().await;
             confirm_all(vec![started]).await?;
             warn!("aborted at shutdown; returned to the queue");
             return Ok(Disposition::Requeue);
         }
     };
+    progress_events.finish().await;
     let duration_ms = began.elapsed().as_millis() as u64;
 
     match result {
@@ -649,7 +680,8 @@ async fn run_task(
             if will_retry {
                 let policy = sh.config.retry_policy(task_type);
                 let retry_no = u32::try_from(task.attempt).unwrap_or(u32::MAX);
-                let delay = full_jitter_ms(policy, retry_no, &mut rand::thread_rng());
+                let delay = full_jitter_ms(policy, retry_no, &mut rand::thread_rng())
+                    .max(err.retry_after_ms.unwrap_or(0));
                 let retry_c = out
                     .retry(
                         &delivery.data,
@@ -673,18 +705,7 @@ async fn run_task(
             ev.reason = Some(reason.as_str().into());
             ev.error = Some(err.to_info());
             confirm_all(vec![started, failed_c]).await?;
-            park(
-                out,
-                delivery,
-                meta,
-                task_id,
-                task_type,
-                queue,
-                reason,
-                &err.to_string(),
-                &ev,
-            )
-            .await
+            park(out, delivery, meta, queue, reason, &err.to_string(), &ev).await
         }
     }
 }
@@ -696,8 +717,6 @@ async fn park(
     out: &Outbox,
     delivery: &Delivery,
     meta: &MessageMeta,
-    task_id: &str,
-    task_type: &str,
     queue: &str,
     reason: DeadReason,
     detail: &str,
@@ -707,8 +726,7 @@ async fn park(
         out.dead(
             &delivery.data,
             &delivery.properties,
-            task_id,
-            task_type,
+            ev,
             reason,
             detail,
             Some(queue),
@@ -730,4 +748,83 @@ fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-text panic payload".to_owned());
     format!("handler panicked: {msg}")
+}
+
+/// The concurrency a running task holds: one of `worker.concurrency`'s
+/// slots and, for a type capped by `worker.type_concurrency`, one of its
+/// type's. Dropped when the task's outcome is recorded.
+struct Slot {
+    pool: Arc<Semaphore>,
+    general: Option<OwnedSemaphorePermit>,
+    typed: Option<OwnedSemaphorePermit>,
+}
+
+impl Slot {
+    /// Takes one of the type's slots. While the type is at its cap, the
+    /// general slot is given back so other types keep running, and taken
+    /// again once the type has room. False if aborted while waiting.
+    async fn take_typed(&mut self, cap: &Arc<Semaphore>, abort: &CancellationToken) -> bool {
+        if let Ok(p) = cap.clone().try_acquire_owned() {
+            self.typed = Some(p);
+            return true;
+        }
+        self.general = None;
+        debug!("task type at its concurrency cap: waiting for a slot");
+        tokio::select! {
+            p = cap.clone().acquire_owned() => self.typed = Some(p.expect("the semaphore is never closed")),
+            _ = abort.cancelled() => return false,
+        }
+        tokio::select! {
+            p = self.pool.clone().acquire_owned() => self.general = Some(p.expect("the semaphore is never closed")),
+            _ = abort.cancelled() => return false,
+        }
+        true
+    }
+}
+
+/// Publishes a running task's latest progress report as a `progress`
+/// event, at most once a second.
+struct ProgressEvents {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ProgressEvents {
+    fn start(out: Outbox, template: Event, mut latest: watch::Receiver<ProgressReport>) -> Self {
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = latest.changed() => if changed.is_err() { return },
+                    _ = stopped.cancelled() => return,
+                }
+                let Some((bytes, total)) = *latest.borrow_and_update() else {
+                    continue;
+                };
+                let mut ev = template.clone();
+                ev.event_id = new_id();
+                ev.at = format_time(chrono::Utc::now());
+                ev.progress = Some(ProgressInfo { bytes, total });
+                match out.event(&ev).await {
+                    Ok(confirm) => {
+                        let _ = confirm.await;
+                    }
+                    Err(_) => return,
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stopped.cancelled() => return,
+                }
+            }
+        });
+        ProgressEvents { stop, task }
+    }
+
+    /// Stops publishing and waits for a publication in flight, so no
+    /// progress event follows the attempt's outcome.
+    async fn finish(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
 }

@@ -49,8 +49,24 @@ pub enum Command {
         #[command(subcommand)]
         action: TopologyAction,
     },
-    /// Publish a task to P.tasks (with publisher confirms).
+    /// Publish a task to P.tasks, or P.delay with --delay-ms/--eta (with publisher confirms).
     Publish(PublishArgs),
+    /// Measure Warren beside a raw-lapin baseline on the configured broker
+    /// (own prefix, cleaned up after). Prints a table, or JSON with --json.
+    Bench(BenchArgs),
+    /// Internal: the raw-lapin baseline worker `warren bench` starts.
+    #[command(hide = true)]
+    BenchBaselineWorker {
+        /// Work queue to consume.
+        #[arg(long)]
+        queue: String,
+        /// Events exchange.
+        #[arg(long)]
+        events: String,
+        /// Prefetch.
+        #[arg(long, default_value_t = 16)]
+        prefetch: u16,
+    },
     /// Cancel a task by id: a queued, delayed or retry-waiting task is dropped
     /// when next seen; a running one is aborted. Remembered for 24 h.
     Cancel {
@@ -62,6 +78,49 @@ pub enum Command {
         #[command(subcommand)]
         action: DeadAction,
     },
+}
+
+/// Benchmark scenarios.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum BenchScenario {
+    /// Publish rate and preloaded-queue drain rate, beside the baseline.
+    Throughput,
+    /// Fixed-rate enqueue->start and enqueue->final percentiles, beside the baseline.
+    Latency,
+    /// Delayed tasks at a fixed rate: lateness percentiles, early starts.
+    Delay,
+    /// Many delayed tasks held: scheduler RSS and release rate.
+    Hold,
+    /// Worker RSS idle and with 256 tasks in flight.
+    Memory,
+    /// Every scenario.
+    All,
+}
+
+/// `bench` flags.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Which scenario.
+    #[arg(value_enum)]
+    pub scenario: BenchScenario,
+    /// Tasks in the throughput scenario.
+    #[arg(long, default_value_t = 50_000)]
+    pub n: usize,
+    /// Tasks per second in the latency and delay scenarios.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Seconds of paced publishing in the latency and delay scenarios.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Worker concurrency (prefetch is twice that); default from configuration.
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Delayed tasks held in the hold scenario.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub hold: usize,
+    /// Print JSON rows instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `topology` actions.
@@ -101,6 +160,12 @@ pub struct PublishArgs {
     /// Per-message TTL: a task still queued after this many ms ends dead (expired).
     #[arg(long, value_name = "MS")]
     pub expiration_ms: Option<u64>,
+    /// Run no earlier than MS milliseconds from now (sent through P.delay).
+    #[arg(long, value_name = "MS", allow_negative_numbers = true)]
+    pub delay_ms: Option<i64>,
+    /// Run no earlier than this time: RFC 3339 (2027-01-01T09:00:00Z) or Unix ms.
+    #[arg(long, value_name = "TIME")]
+    pub eta: Option<String>,
     /// Task id (default: a new UUID v7). With --count, "-<n>" is appended.
     #[arg(long)]
     pub id: Option<String>,

@@ -1,5 +1,6 @@
 //! One file per subcommand.
 
+mod bench;
 mod dead;
 mod publish;
 mod scheduler;
@@ -18,6 +19,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Topology { action } => topology::run(&config, action).await,
         Command::Publish(args) => publish::run(&config, args).await,
+        Command::Bench(args) => bench::run(&config, cli.config.clone(), args).await,
+        Command::BenchBaselineWorker {
+            queue,
+            events,
+            prefetch,
+        } => {
+            warren_bench::baseline::worker(config.broker.url.expose(), &queue, &events, prefetch)
+                .await?;
+            Ok(0)
+        }
         Command::Cancel { task_id } => {
             let client = warren_client::Client::connect(&config).await?;
             client.cancel(&task_id).await?;

@@ -16,6 +16,8 @@ pub async fn run(config: &Config, args: PublishArgs) -> anyhow::Result<i32> {
     let mut base = TaskRequest::new(args.task_type.clone(), json);
     base.priority = args.priority;
     base.expiration_ms = args.expiration_ms;
+    base.delay_ms = args.delay_ms;
+    base.eta = args.eta.clone();
     for h in &args.headers {
         let Some((k, v)) = h.split_once('=') else {
             bail!("--header {h:?} must be KEY=VALUE");

@@ -1,0 +1,138 @@
+//! One benchmark run's private topology and child processes.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::Context;
+use lapin::options::{ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use warren_client::Client;
+use warren_core::topology::TopologyPlan;
+use warren_core::Config;
+
+use crate::procstat::{self, ProcSample};
+
+/// A private prefix with its topology applied, and the processes started on it.
+pub struct BenchEnv {
+    /// The configuration with the bench prefix.
+    pub config: Config,
+    /// A producer client on the bench prefix.
+    pub client: Client,
+    config_path: Option<PathBuf>,
+    children: Vec<Child>,
+    plan: TopologyPlan,
+}
+
+impl BenchEnv {
+    /// Applies the topology under a fresh prefix derived from `base`.
+    pub async fn new(base: &Config, config_path: Option<PathBuf>) -> anyhow::Result<Self> {
+        let mut config = base.clone();
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        config.prefix = format!("{}-bench-{}", base.prefix, &tag[..8]);
+        let plan = TopologyPlan::from_config(&config);
+        let conn = warren_client::connect(&config.broker.url, "bench").await?;
+        warren_scheduler::apply(&conn, &plan).await?;
+        let _ = conn.close(200, "applied".into()).await;
+        let client = Client::connect(&config).await?;
+        Ok(BenchEnv {
+            config,
+            client,
+            config_path,
+            children: Vec::new(),
+            plan,
+        })
+    }
+
+    /// The topology names.
+    pub fn names(&self) -> warren_core::Names {
+        self.config.names()
+    }
+
+    /// Starts `warren <args>` on the bench prefix; returns its pid.
+    pub fn spawn(&mut self, args: &[&str], vars: &[(&str, String)]) -> anyhow::Result<u32> {
+        let exe = std::env::current_exe().context("locate the warren binary")?;
+        let mut cmd = Command::new(exe);
+        if let Some(p) = &self.config_path {
+            cmd.arg("--config").arg(p);
+        }
+        cmd.args(args)
+            .env("WARREN__PREFIX", &self.config.prefix)
+            .env("WARREN__BROKER__URL", self.config.broker.url.expose())
+            .env("WARREN_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().context("start a child process")?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
+    }
+
+    /// Stops a child with SIGTERM (then SIGKILL after 10 s) and returns its last sample.
+    pub async fn stop(&mut self, pid: u32) -> Option<ProcSample> {
+        let last = procstat::sample(pid);
+        let idx = self.children.iter().position(|c| c.id() == pid)?;
+        let mut child = self.children.remove(idx);
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        for _ in 0..200 {
+            if child.try_wait().ok().flatten().is_some() {
+                return last;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        last
+    }
+
+    /// Messages ready in a queue.
+    pub async fn depth(&self, queue: &str) -> anyhow::Result<u32> {
+        let ch = self.client.channel().await?;
+        let q = ch
+            .channel()
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(q.message_count())
+    }
+
+    /// Stops every child and deletes every queue and exchange of the prefix.
+    pub async fn cleanup(mut self) -> anyhow::Result<()> {
+        let pids: Vec<u32> = self.children.iter().map(Child::id).collect();
+        for pid in pids {
+            self.stop(pid).await;
+        }
+        let conn = warren_client::connect(&self.config.broker.url, "bench").await?;
+        let ch = conn.create_channel().await?;
+        for q in &self.plan.queues {
+            ch.queue_delete(q.name.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        for x in &self.plan.exchanges {
+            ch.exchange_delete(x.name.as_str().into(), ExchangeDeleteOptions::default())
+                .await?;
+        }
+        let _ = conn.close(200, "cleaned".into()).await;
+        Ok(())
+    }
+}
+
+impl Drop for BenchEnv {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

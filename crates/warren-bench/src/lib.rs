@@ -1,0 +1,78 @@
+//! Warren's benchmark, run by `warren bench`.
+//!
+//! Every scenario runs on its own prefix against the configured broker,
+//! starts real `warren` processes (and, for the baseline, a raw-lapin worker
+//! with the same guarantees: persistent messages, publisher confirms, one
+//! confirmed event before each ack), and deletes what it declared. Warren's
+//! figures are reported beside the baseline's from the same invocation, so
+//! the ratio stays honest on a noisy machine.
+
+pub mod baseline;
+mod env;
+pub mod procstat;
+pub mod report;
+mod scenarios;
+pub mod stats;
+
+use std::path::PathBuf;
+
+use warren_core::Config;
+
+pub use report::{table, Row};
+
+/// Which scenario to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// Publish rate and preloaded-queue drain rate, beside the baseline.
+    Throughput,
+    /// Fixed-rate latency percentiles, beside the baseline.
+    Latency,
+    /// Delay lateness at a fixed rate.
+    Delay,
+    /// Many delayed tasks held: scheduler RSS and release rate.
+    Hold,
+    /// Worker RSS idle and busy.
+    Memory,
+    /// All of the above.
+    All,
+}
+
+/// Options of a run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Tasks for throughput.
+    pub n: usize,
+    /// Tasks per second for latency and delay.
+    pub rate: f64,
+    /// Seconds of paced publishing for latency and delay.
+    pub duration_s: f64,
+    /// Worker concurrency override (prefetch = 2x).
+    pub concurrency: Option<usize>,
+    /// Delayed tasks held in the hold scenario.
+    pub hold: usize,
+    /// The --config file, passed on to child processes.
+    pub config_path: Option<PathBuf>,
+}
+
+/// Runs a scenario (or all) and returns the rows.
+pub async fn run(config: &Config, scenario: Scenario, opts: &Options) -> anyhow::Result<Vec<Row>> {
+    use Scenario::*;
+    let mut rows = Vec::new();
+    let all = scenario == All;
+    if all || scenario == Throughput {
+        rows.extend(scenarios::throughput(config, opts).await?);
+    }
+    if all || scenario == Latency {
+        rows.extend(scenarios::latency(config, opts).await?);
+    }
+    if all || scenario == Delay {
+        rows.extend(scenarios::delay(config, opts).await?);
+    }
+    if all || scenario == Hold {
+        rows.extend(scenarios::hold(config, opts).await?);
+    }
+    if all || scenario == Memory {
+        rows.extend(scenarios::memory(config, opts).await?);
+    }
+    Ok(rows)
+}

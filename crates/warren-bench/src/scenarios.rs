@@ -1,0 +1,547 @@
+//! The benchmark scenarios. Each returns rows for the report.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chrono::{DateTime, Utc};
+use indicatif::{ProgressBar, ProgressStyle};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+use rand::Rng;
+use serde_json::json;
+use tokio::sync::mpsc;
+use warren_client::{EventWatch, TaskRequest};
+use warren_core::{Config, TaskState};
+
+use crate::env::BenchEnv;
+use crate::report::Row;
+use crate::stats::{summarize, Summary};
+use crate::{baseline, procstat, Options};
+
+const MB: f64 = 1024.0 * 1024.0;
+
+fn bar(len: u64, msg: &'static str) -> ProgressBar {
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template("{msg:22} [{bar:30}] {pos}/{len} {per_sec}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    b.set_message(msg);
+    b
+}
+
+fn wall_ms() -> f64 {
+    Utc::now().timestamp_micros() as f64 / 1000.0
+}
+
+fn at_ms(at: &str) -> f64 {
+    DateTime::parse_from_rfc3339(at)
+        .map(|t| t.timestamp_millis() as f64)
+        .unwrap_or(f64::NAN)
+}
+
+/// Waits for `n` events; returns (first, last) arrival instants.
+async fn count_events(
+    watch: &mut EventWatch,
+    n: usize,
+    idle_limit: Duration,
+    b: &ProgressBar,
+) -> anyhow::Result<(Instant, Instant)> {
+    let mut first = None;
+    let mut last = Instant::now();
+    let mut seen = 0;
+    while seen < n {
+        match watch.next(idle_limit).await? {
+            Some(_) => {
+                seen += 1;
+                last = Instant::now();
+                first.get_or_insert(last);
+                b.inc(1);
+            }
+            None => bail!("only {seen} of {n} tasks finished: nothing for {idle_limit:?}"),
+        }
+    }
+    b.finish_and_clear();
+    Ok((first.unwrap_or(last), last))
+}
+
+fn worker_vars(opts: &Options) -> Vec<(&'static str, String)> {
+    let mut v = Vec::new();
+    if let Some(c) = opts.concurrency {
+        v.push(("WARREN__WORKER__CONCURRENCY", c.to_string()));
+        v.push(("WARREN__WORKER__PREFETCH", (c * 2).max(1).to_string()));
+    }
+    v
+}
+
+/// One drain measurement: publish rate, drain rate and CPU per task.
+struct Drain {
+    publish_per_s: f64,
+    drain_per_s: f64,
+    cpu_ms_per_task: f64,
+    peak_rss_mb: f64,
+}
+
+async fn drain_warren(base: &Config, opts: &Options) -> anyhow::Result<Drain> {
+    let n = opts.n;
+    let mut env = BenchEnv::new(base, opts.config_path.clone()).await?;
+    let mut watch = env.client.watch(&["succeeded.diag.echo"]).await?;
+    let reqs: Vec<TaskRequest> = (0..n)
+        .map(|i| TaskRequest::new("diag.echo", json!({ "i": i })))
+        .collect();
+    let b = bar(n as u64, "warren: publish");
+    let t = Instant::now();
+    env.client
+        .publish_batch(&reqs, 512, |k| b.set_position(k as u64))
+        .await?;
+    let publish_s = t.elapsed().as_secs_f64();
+    b.finish_and_clear();
+    let pid = env.spawn(&["worker", "--queues", "diag"], &worker_vars(opts))?;
+    let b = bar(n as u64, "warren: drain");
+    let (first, last) = count_events(&mut watch, n, Duration::from_secs(30), &b).await?;
+    let sample = procstat::sample(pid).context("sample the worker")?;
+    env.stop(pid).await;
+    drop(watch);
+    env.cleanup().await?;
+    Ok(Drain {
+        publish_per_s: n as f64 / publish_s,
+        drain_per_s: (n.max(2) - 1) as f64 / (last - first).as_secs_f64().max(1e-9),
+        cpu_ms_per_task: sample.cpu_s * 1000.0 / n as f64,
+        peak_rss_mb: sample.hwm as f64 / MB,
+    })
+}
+
+async fn drain_baseline(base: &Config, opts: &Options) -> anyhow::Result<Drain> {
+    let n = opts.n;
+    let mut env = BenchEnv::new(base, opts.config_path.clone()).await?;
+    let names = env.names();
+    let mut watch = env.client.watch(&["succeeded.diag.echo"]).await?;
+    let publish_s = baseline::publish(
+        env.config.broker.url.expose(),
+        &names.tasks(),
+        "diag.echo",
+        n,
+        512,
+        |i| {
+            (
+                uuid::Uuid::now_v7().to_string(),
+                serde_json::to_vec(&json!({ "i": i })).expect("JSON"),
+            )
+        },
+    )
+    .await?;
+    let prefetch = opts
+        .concurrency
+        .map(|c| c * 2)
+        .unwrap_or(env.config.worker.prefetch as usize);
+    let pid = env.spawn(
+        &[
+            "bench-baseline-worker",
+            "--queue",
+            &names.work_queue("diag"),
+            "--events",
+            &names.events(),
+            "--prefetch",
+            &prefetch.to_string(),
+        ],
+        &[],
+    )?;
+    let b = bar(n as u64, "baseline: drain");
+    let (first, last) = count_events(&mut watch, n, Duration::from_secs(30), &b).await?;
+    let sample = procstat::sample(pid).context("sample the baseline worker")?;
+    env.stop(pid).await;
+    drop(watch);
+    env.cleanup().await?;
+    Ok(Drain {
+        publish_per_s: n as f64 / publish_s,
+        drain_per_s: (n.max(2) - 1) as f64 / (last - first).as_secs_f64().max(1e-9),
+        cpu_ms_per_task: sample.cpu_s * 1000.0 / n as f64,
+        peak_rss_mb: sample.hwm as f64 / MB,
+    })
+}
+
+/// Scenario `throughput` (with its baseline): publish rate with confirms,
+/// preloaded-queue drain rate, CPU per task.
+pub async fn throughput(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row>> {
+    let w = drain_warren(base, opts).await?;
+    let b = drain_baseline(base, opts).await?;
+    let s = "throughput";
+    Ok(vec![
+        Row::vs(
+            s,
+            "publish with confirms",
+            "tasks/s",
+            w.publish_per_s,
+            b.publish_per_s,
+        ),
+        Row::vs(
+            s,
+            "worker drain, events confirmed before ack",
+            "tasks/s",
+            w.drain_per_s,
+            b.drain_per_s,
+        ),
+        Row::vs(
+            s,
+            "worker CPU per task",
+            "ms",
+            w.cpu_ms_per_task,
+            b.cpu_ms_per_task,
+        ),
+        Row::vs(s, "worker peak RSS", "MB", w.peak_rss_mb, b.peak_rss_mb),
+    ])
+}
+
+/// Publishes `n` tasks at `rate`/s on one confirm channel, recording each
+/// send time; confirms are awaited on another task so pacing holds.
+async fn paced_publish(
+    env: &BenchEnv,
+    n: usize,
+    rate: f64,
+    exchange: &str,
+    mut make: impl FnMut(usize) -> (String, Vec<u8>, BasicProperties),
+) -> anyhow::Result<HashMap<String, f64>> {
+    let ch = env.client.channel().await?;
+    let (tx, mut rx) = mpsc::channel::<lapin::PublisherConfirm>(100_000);
+    let confirms = tokio::spawn(async move {
+        while let Some(c) = rx.recv().await {
+            c.await?;
+        }
+        Ok::<_, lapin::Error>(())
+    });
+    let mut sent = HashMap::with_capacity(n);
+    let start = tokio::time::Instant::now();
+    let b = bar(n as u64, "paced publish");
+    for i in 0..n {
+        tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate)).await;
+        let (id, body, props) = make(i);
+        sent.insert(id, wall_ms());
+        let c = ch.send(exchange, "diag.echo", &body, props).await?;
+        tx.send(c).await.context("confirm collector stopped")?;
+        b.inc(1);
+    }
+    drop(tx);
+    confirms.await??;
+    b.finish_and_clear();
+    Ok(sent)
+}
+
+fn task_props(id: &str) -> BasicProperties {
+    BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(id.into())
+}
+
+/// Latencies from send to start and to the final event.
+async fn latency_run(
+    base: &Config,
+    opts: &Options,
+    raw: bool,
+) -> anyhow::Result<(Summary, Summary)> {
+    let n = (opts.rate * opts.duration_s) as usize;
+    let mut env = BenchEnv::new(base, opts.config_path.clone()).await?;
+    let names = env.names();
+    let mut watch = env
+        .client
+        .watch(&["started.diag.echo", "succeeded.diag.echo"])
+        .await?;
+    let pid = if raw {
+        env.spawn(
+            &[
+                "bench-baseline-worker",
+                "--queue",
+                &names.work_queue("diag"),
+                "--events",
+                &names.events(),
+                "--prefetch",
+                &env.config.worker.prefetch.to_string(),
+            ],
+            &[],
+        )?
+    } else {
+        env.spawn(&["worker", "--queues", "diag"], &worker_vars(opts))?
+    };
+    // Warm-up: one task through, so the worker is consuming before timing starts.
+    env.client
+        .publish(&TaskRequest::new("diag.echo", json!({})).id("warmup"))
+        .await?;
+    loop {
+        match watch.next(Duration::from_secs(30)).await? {
+            Some(e) if e.event.task_id == "warmup" && e.event.state == TaskState::Succeeded => {
+                break
+            }
+            Some(_) => {}
+            None => bail!("the worker did not start within 30 s"),
+        }
+    }
+    let tasks = names.tasks();
+    let collector = async {
+        let mut starts = HashMap::new();
+        let mut finals = HashMap::new();
+        while finals.len() < n {
+            let Some(e) = watch.next(Duration::from_secs(30)).await? else {
+                bail!("only {} of {n} tasks finished", finals.len());
+            };
+            let at = at_ms(&e.event.at);
+            match e.event.state {
+                TaskState::Started => {
+                    starts.insert(e.event.task_id, at);
+                }
+                TaskState::Succeeded => {
+                    if raw {
+                        let d = e.event.duration_ms.unwrap_or(0) as f64;
+                        starts.insert(e.event.task_id.clone(), at - d);
+                    }
+                    finals.insert(e.event.task_id, at);
+                }
+                _ => {}
+            }
+        }
+        Ok((starts, finals))
+    };
+    let publisher = paced_publish(&env, n, opts.rate, &tasks, |i| {
+        let id = format!("lat-{i}");
+        let props = task_props(&id);
+        (id, b"{}".to_vec(), props)
+    });
+    let (sent, collected) = tokio::join!(publisher, collector);
+    let sent = sent?;
+    let (starts, finals) = collected?;
+    let lat = |m: &HashMap<String, f64>| {
+        summarize(
+            m.iter()
+                .filter_map(|(id, at)| sent.get(id).map(|s| (at - s).max(0.0)))
+                .collect(),
+        )
+    };
+    let out = (lat(&starts), lat(&finals));
+    env.stop(pid).await;
+    drop(watch);
+    env.cleanup().await?;
+    Ok(out)
+}
+
+/// Scenario `latency` (with its baseline): fixed rate, enqueue→start and
+/// enqueue→final-event percentiles.
+pub async fn latency(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row>> {
+    let (ws, wf) = latency_run(base, opts, false).await?;
+    let (bs, bf) = latency_run(base, opts, true).await?;
+    let s = format!("latency @{}/s", opts.rate);
+    Ok(vec![
+        Row::vs(&s, "enqueue->start p50", "ms", ws.p50, bs.p50),
+        Row::vs(&s, "enqueue->start p99", "ms", ws.p99, bs.p99),
+        Row::vs(&s, "enqueue->start p99.9", "ms", ws.p999, bs.p999),
+        Row::vs(&s, "enqueue->start max", "ms", ws.max, bs.max),
+        Row::vs(&s, "enqueue->final p50", "ms", wf.p50, bf.p50),
+        Row::vs(&s, "enqueue->final p99", "ms", wf.p99, bf.p99),
+        Row::vs(&s, "enqueue->final p99.9", "ms", wf.p999, bf.p999),
+    ])
+}
+
+fn delay_props(id: &str, header: (&str, AMQPValue)) -> BasicProperties {
+    let mut h = FieldTable::default();
+    h.insert(header.0.into(), header.1);
+    task_props(id).with_headers(h)
+}
+
+/// Scenario `delay`: delayed tasks at a fixed rate with delays spread over
+/// 1–5 s; lateness of the start after the due time, and early starts.
+pub async fn delay(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row>> {
+    let n = (opts.rate * opts.duration_s) as usize;
+    let mut env = BenchEnv::new(base, opts.config_path.clone()).await?;
+    let names = env.names();
+    let mut watch = env
+        .client
+        .watch(&["scheduled.diag.echo", "started.diag.echo"])
+        .await?;
+    env.spawn(&["scheduler"], &[])?;
+    env.spawn(&["worker", "--queues", "diag"], &worker_vars(opts))?;
+    let exchange = names.delay();
+    let collector = async {
+        let mut due = HashMap::new();
+        let mut started = HashMap::new();
+        while started.len() < n {
+            let Some(e) = watch.next(Duration::from_secs(30)).await? else {
+                bail!("only {} of {n} delayed tasks started", started.len());
+            };
+            match e.event.state {
+                TaskState::Scheduled => {
+                    due.insert(
+                        e.event.task_id,
+                        at_ms(e.event.due_at.as_deref().unwrap_or("")),
+                    );
+                }
+                TaskState::Started => {
+                    started.insert(e.event.task_id, at_ms(&e.event.at));
+                }
+                _ => {}
+            }
+        }
+        Ok((due, started))
+    };
+    let mut rng = rand::thread_rng();
+    let publisher = paced_publish(&env, n, opts.rate, &exchange, |i| {
+        let id = format!("delay-{i}");
+        let ms: i64 = rng.gen_range(1000..=5000);
+        let props = delay_props(&id, ("x-delay", AMQPValue::LongLongInt(ms)));
+        (id, b"{}".to_vec(), props)
+    });
+    let (sent, collected) = tokio::join!(publisher, collector);
+    sent?;
+    let (due, started) = collected?;
+    let lateness: Vec<f64> = started
+        .iter()
+        .filter_map(|(id, s)| due.get(id).map(|d| s - d))
+        .collect();
+    let early = lateness.iter().filter(|l| **l < 0.0).count();
+    let sum = summarize(lateness);
+    env.cleanup().await?;
+    let s = format!("delay @{}/s", opts.rate);
+    Ok(vec![
+        Row::new(&s, "lateness p50", "ms", sum.p50),
+        Row::new(&s, "lateness p99", "ms", sum.p99),
+        Row::new(&s, "lateness max", "ms", sum.max),
+        Row::new(&s, "tasks started early", "count", early as f64),
+    ])
+}
+
+/// Scenario `hold`: many delayed tasks waiting at once; scheduler RSS while
+/// it holds them, and the release rate when they all come due.
+pub async fn hold(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row>> {
+    let n = opts.hold;
+    let mut env = BenchEnv::new(base, opts.config_path.clone()).await?;
+    let names = env.names();
+    let pid = env.spawn(&["scheduler"], &[])?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_start = procstat::sample(pid)
+        .map(|s| s.rss as f64 / MB)
+        .unwrap_or(0.0);
+    // Every task comes due at the same moment, after publishing and the hops.
+    let hold_s = 30.0 + n as f64 / 4000.0;
+    let due_ms = Utc::now().timestamp_millis() + (hold_s * 1000.0) as i64;
+    let mut rss_max: f64 = rss_start;
+    let sampler = {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let s = stop.clone();
+        let h = tokio::spawn(async move {
+            let mut max = 0.0f64;
+            while !s.is_cancelled() {
+                if let Some(x) = procstat::sample(pid) {
+                    max = max.max(x.rss as f64 / MB);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            max
+        });
+        (stop, h)
+    };
+    let b = bar(n as u64, "hold: publish");
+    let ch = env.client.channel().await?;
+    let mut in_flight = futures::stream::FuturesOrdered::new();
+    let exchange = names.delay();
+    for i in 0..n {
+        let id = format!("hold-{i}");
+        let props = delay_props(&id, ("x-warren-eta", AMQPValue::LongLongInt(due_ms)));
+        in_flight.push_back(ch.send(&exchange, "diag.echo", b"{}", props).await?);
+        if in_flight.len() >= 512 {
+            use futures::StreamExt;
+            if let Some(c) = in_flight.next().await {
+                c?;
+            }
+            b.inc(1);
+        }
+    }
+    {
+        use futures::StreamExt;
+        while let Some(c) = in_flight.next().await {
+            c?;
+            b.inc(1);
+        }
+    }
+    b.finish_and_clear();
+    let work = names.work_queue("diag");
+    let b = bar(n as u64, "hold: released");
+    let release_deadline = Instant::now() + Duration::from_secs_f64(hold_s + 600.0);
+    let mut first_release = None;
+    loop {
+        let d = env.depth(&work).await? as usize;
+        b.set_position(d as u64);
+        if d > 0 && first_release.is_none() {
+            first_release = Some(Instant::now());
+        }
+        if d >= n {
+            break;
+        }
+        if Instant::now() > release_deadline {
+            bail!("only {d} of {n} held tasks were released");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let released = Instant::now();
+    b.finish_and_clear();
+    sampler.0.cancel();
+    rss_max = rss_max.max(sampler.1.await.unwrap_or(0.0));
+    let release_s = (released - first_release.unwrap_or(released))
+        .as_secs_f64()
+        .max(1e-3);
+    env.cleanup().await?;
+    let s = format!("hold {n}");
+    Ok(vec![
+        Row::new(&s, "scheduler RSS at start", "MB", rss_start),
+        Row::new(&s, "scheduler RSS max while holding", "MB", rss_max),
+        Row::new(&s, "release rate when due", "tasks/s", n as f64 / release_s),
+    ])
+}
+
+/// Scenario `memory`: worker RSS idle and with 256 sleeping tasks in flight.
+pub async fn memory(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row>> {
+    let mut env = BenchEnv::new(base, opts.config_path.clone()).await?;
+    let mut watch = env
+        .client
+        .watch(&["started.diag.sleep", "succeeded.diag.sleep"])
+        .await?;
+    let vars = vec![
+        ("WARREN__WORKER__CONCURRENCY", "256".to_owned()),
+        ("WARREN__WORKER__PREFETCH", "256".to_owned()),
+    ];
+    let pid = env.spawn(&["worker", "--queues", "diag"], &vars)?;
+    // Settle after start-up before reading the idle figure.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = procstat::sample(pid).context("sample the worker")?;
+    let reqs: Vec<TaskRequest> = (0..256)
+        .map(|_| TaskRequest::new("diag.sleep", json!({ "ms": 4000 })))
+        .collect();
+    env.client.publish_batch(&reqs, 256, |_| {}).await?;
+    let mut started = 0;
+    while started < 256 {
+        match watch.next(Duration::from_secs(30)).await? {
+            Some(e) if e.event.state == TaskState::Started => started += 1,
+            Some(_) => {}
+            None => bail!("only {started} of 256 tasks started"),
+        }
+    }
+    let busy = procstat::sample(pid).context("sample the worker")?;
+    let mut done = 0;
+    while done < 256 {
+        match watch.next(Duration::from_secs(30)).await? {
+            Some(e) if e.event.state == TaskState::Succeeded => done += 1,
+            Some(_) => {}
+            None => bail!("only {done} of 256 tasks finished"),
+        }
+    }
+    env.stop(pid).await;
+    drop(watch);
+    env.cleanup().await?;
+    Ok(vec![
+        Row::new("memory", "worker RSS idle", "MB", idle.rss as f64 / MB),
+        Row::new(
+            "memory",
+            "worker RSS, 256 tasks in flight",
+            "MB",
+            busy.rss as f64 / MB,
+        ),
+    ])
+}

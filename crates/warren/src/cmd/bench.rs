@@ -1,0 +1,51 @@
+//! `warren bench SCENARIO`.
+
+use std::path::PathBuf;
+
+use warren_bench::{Options, Scenario};
+use warren_core::Config;
+
+use crate::cli::{BenchArgs, BenchScenario};
+
+pub async fn run(
+    config: &Config,
+    config_path: Option<PathBuf>,
+    args: BenchArgs,
+) -> anyhow::Result<i32> {
+    let scenario = match args.scenario {
+        BenchScenario::Throughput => Scenario::Throughput,
+        BenchScenario::Latency => Scenario::Latency,
+        BenchScenario::Delay => Scenario::Delay,
+        BenchScenario::Hold => Scenario::Hold,
+        BenchScenario::Memory => Scenario::Memory,
+        BenchScenario::All => Scenario::All,
+    };
+    anyhow::ensure!(args.n >= 2, "--n must be at least 2");
+    anyhow::ensure!(
+        args.rate > 0.0 && args.duration > 0.0,
+        "--rate and --duration must be positive"
+    );
+    let opts = Options {
+        n: args.n,
+        rate: args.rate,
+        duration_s: args.duration,
+        concurrency: args.concurrency,
+        hold: args.hold.max(1),
+        config_path,
+    };
+    let rows = warren_bench::run(config, scenario, &opts).await?;
+    if args.json {
+        for r in &rows {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "scenario": r.scenario, "metric": r.metric, "unit": r.unit,
+                    "warren": r.warren, "baseline": r.baseline, "ratio": r.ratio(),
+                })
+            );
+        }
+    } else {
+        print!("{}", warren_bench::table(&rows));
+    }
+    Ok(0)
+}

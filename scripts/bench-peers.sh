@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Celery and Dramatiq on the same broker and the same throughput and latency
+# workloads as `warren bench`, so the peers' figures in BENCHMARKS.md can be
+# reproduced. Makes bench/peers/.venv (pip, versions pinned in
+# bench/peers/requirements.txt) the first time, or when the pins change.
+#
+#   scripts/bench-peers.sh [--quick] [--n N] [--rate R] [--duration S]
+#                          [--peers celery,dramatiq] [--scenarios throughput,latency]
+#                          [--dramatiq-processes P] [--dramatiq-threads T] [--json]
+#
+# --quick is n=5000 and 5 s of latency (a few minutes in all on 2 cores).
+# Each peer runs on queues of its own (peerbench-<peer>-<random>.*), deleted
+# afterwards. Prints a table (peer, scenario, metric, unit, value), or with
+# --json one object per row on stdout (the rest goes to stderr).
+#
+# Environment: WARREN__BROKER__URL (default amqp://guest:guest@127.0.0.1:5672/%2f),
+# WARREN_MGMT_URL / WARREN_MGMT_USER / WARREN_MGMT_PASS as in scripts/lib.sh.
+set -euo pipefail
+# shellcheck disable=SC2317  # kill_workers and on_signal run from traps
+
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$WARREN_ROOT"
+
+PEERS_DIR="$WARREN_ROOT/bench/peers"
+DRIVER="$PEERS_DIR/bench_peers.py"
+
+for a in "$@"; do
+    case "$a" in
+        -h | --help)
+            command -v python3 >/dev/null 2>&1 || die "python3 not found"
+            exec python3 "$DRIVER" --help
+            ;;
+    esac
+done
+
+# Create bench/peers/.venv and install the pinned peers, only when the venv is
+# missing or the pins (or python) changed.
+ensure_peers_venv() {
+    local venv="$PEERS_DIR/.venv" req="$PEERS_DIR/requirements.txt"
+    local stamp="$venv/.requirements.stamp" want
+    if ! command -v python3 >/dev/null 2>&1; then
+        apt_install python3 python3-venv
+    fi
+    want="$(
+        python3 --version 2>&1
+        sha256sum "$req" | cut -d' ' -f1
+    )"
+    if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] &&
+        "$venv/bin/python" -c 'import celery, dramatiq, pika' >/dev/null 2>&1; then
+        log "peers venv up to date ($venv)"
+    else
+        log "creating python venv $venv"
+        rm -rf "$venv"
+        if ! python3 -m venv "$venv" >&2; then
+            rm -rf "$venv"
+            apt_install python3-venv
+            python3 -m venv "$venv" >&2 || die "python3 -m venv $venv failed"
+        fi
+        log "pip install -r bench/peers/requirements.txt"
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check --timeout 60 -r "$req" >&2 ||
+            die "pip install -r $req failed"
+        printf '%s\n' "$want" >"$stamp"
+    fi
+    PEERS_PYTHON="$venv/bin/python"
+}
+
+ensure_broker
+ensure_management
+export WARREN_MGMT_URL WARREN_MGMT_USER WARREN_MGMT_PASS
+ensure_peers_venv
+
+# The driver lists the process group of every worker it starts here, so the
+# trap can end them even if the driver itself is killed.
+PIDFILE="$(mktemp -t bench-peers.XXXXXX)"
+CHILD=""
+
+kill_workers() {
+    local pgid
+    if [ -f "$PIDFILE" ]; then
+        while read -r pgid; do
+            [[ "$pgid" =~ ^[0-9]+$ ]] || continue
+            kill -KILL -- "-$pgid" 2>/dev/null || true
+        done <"$PIDFILE"
+        rm -f "$PIDFILE"
+    fi
+}
+
+on_signal() {
+    local code="$1" i
+    trap - INT TERM
+    if [ -n "$CHILD" ] && kill -0 "$CHILD" 2>/dev/null; then
+        # The driver stops its workers and deletes its queues on SIGTERM.
+        kill -TERM "$CHILD" 2>/dev/null || true
+        for ((i = 0; i < 300; i++)); do
+            kill -0 "$CHILD" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$CHILD" 2>/dev/null || true
+    fi
+    kill_workers
+    exit "$code"
+}
+
+trap kill_workers EXIT
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
+
+"$PEERS_PYTHON" "$DRIVER" --pidfile "$PIDFILE" "$@" &
+CHILD=$!
+rc=0
+wait "$CHILD" || rc=$?
+CHILD=""
+exit "$rc"
