@@ -194,6 +194,59 @@ def _pss(pid):
     return 0
 
 
+def _busy_s():
+    """CPU seconds the whole machine has spent busy (all cores), /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq + steal) / TICK
+
+
+def _pid_cpu_s(pid):
+    s = _proc_sample(pid)
+    return s["cpu_s"] if s else 0.0
+
+
+def _broker_pids():
+    """Local RabbitMQ (beam.smp) processes, whose CPU is part of the run."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{d}/comm") as f:
+                    if f.read().strip() == "beam.smp":
+                        out.append(int(d))
+    return out
+
+
+class OtherLoad:
+    """CPU the machine spent on anything but this run (the driver, the worker
+    tree and a local broker) between start() and stop(), in % of one core:
+    another build or test on a 2-core machine moves every figure, so each
+    scenario reports it."""
+
+    def __init__(self, tree):
+        self.tree = tree
+        self.broker = _broker_pids()
+
+    def _ours(self):
+        return (
+            _pid_cpu_s(os.getpid())
+            + self.tree.cpu_s()
+            + sum(_pid_cpu_s(p) for p in self.broker)
+        )
+
+    def start(self):
+        self.tree.sample()
+        self.t0, self.busy0, self.ours0 = time.monotonic(), _busy_s(), self._ours()
+
+    def stop(self):
+        self.tree.sample()
+        wall = max(time.monotonic() - self.t0, 1e-9)
+        other = (_busy_s() - self.busy0) - (self._ours() - self.ours0)
+        return max(other, 0.0) / wall * 100.0
+
+
 class Tree:
     """A process and its descendants; keeps each one's last sample, so a
     process that exits between samples still counts with what it used."""
@@ -405,6 +458,8 @@ class Run:
             raise BenchError(f"{self.peer}: after publishing {n} tasks the queue holds {depth}")
         log(f"{self.peer}: published {n} in {publish_s:.2f} s; starting the worker to drain")
         proc, tree, out = self.start_worker("throughput")
+        load = OtherLoad(tree)
+        load.start()
         first = {}
         try:
 
@@ -412,7 +467,7 @@ class Run:
                 first["cpu_s"], first["done"] = tree.cpu_s(), c
 
             self.wait_records(proc, tree, out, "finish", FINISH_WIDTH, n, f"{self.peer} drain", on_first=on_first)
-            tree.sample()
+            other = load.stop()
             cpu_s, hwm, pss = tree.cpu_s(), tree.hwm(), tree.pss()
             nprocs = len(tree.pids())
         except BenchError:
@@ -443,6 +498,7 @@ class Run:
             self.row(s, "worker CPU per task after start-up", "ms", after),
             self.row(s, "worker peak RSS (sum of VmHWM)", "MB", hwm / MB),
             self.row(s, "worker PSS at end of drain", "MB", pss / MB),
+            self.row(s, "other processes' CPU during the drain", "% of a core", other),
         ]
 
     def paced_publish(self, total, rate, limit_s):
@@ -498,16 +554,19 @@ class Run:
         total = int(rate * duration)
         log(f"{self.peer}: latency: starting the worker, {total} tasks at {rate:g}/s")
         proc, tree, out = self.start_worker("latency")
+        load = OtherLoad(tree)
         try:
             # Warm-up: one task through, so the worker consumes before timing starts.
             with deadline(60.0, f"{self.peer}: warm-up publish"):
                 self.mod.publish_lat(0.0)
             self.wait_records(proc, tree, out, "start", START_WIDTH, 1, f"{self.peer} warm-up")
+            load.start()
             cpu0 = time.process_time()
             publish_s = self.paced_publish(total, rate, duration * 3 + 60.0)
             cpu = time.process_time() - cpu0
             log(f"{self.peer}: published {total} in {publish_s:.2f} s (publisher CPU {100 * cpu / publish_s:.0f}% of a core)")
             self.wait_records(proc, tree, out, "start", START_WIDTH, total + 1, f"{self.peer} latency")
+            other = load.stop()
         except BenchError:
             tail = self.worker_log_tail("latency")
             if tail:
@@ -526,6 +585,7 @@ class Run:
             self.row(s, "enqueue->start p99", "ms", sm["p99"]),
             self.row(s, "enqueue->start p99.9", "ms", sm["p999"]),
             self.row(s, "enqueue->start max", "ms", sm["max"]),
+            self.row(s, "other processes' CPU during the run", "% of a core", other),
         ]
 
     def cleanup(self):
@@ -667,6 +727,7 @@ def main(argv):
     header = [
         f"peers on RabbitMQ {rabbit} at {urllib.parse.urlsplit(url).hostname}, Python {platform.python_version()}, "
         + ", ".join(f"{k} {v}" for k, v in versions().items()),
+        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the start",
         f"n={args.n} (one publisher thread); latency at {args.rate:g}/s for {args.duration:g} s "
         f"from {args.publishers} publisher threads; persistent messages, publisher confirms, "
         "acks after the task returns",
@@ -705,6 +766,12 @@ def main(argv):
             print(json.dumps(r), flush=True)
     else:
         print(table(rows))
+    for r in rows:
+        if r["unit"] == "% of a core" and r["value"] > 10.0:
+            notes.append(
+                f"{r['peer']} {r['scenario']}: other processes used {r['value']:.0f}% of a core "
+                "meanwhile; its figures are disturbed"
+            )
     for n in notes:
         print(f"warning: {n}", file=out)
     print(NOTE, file=out)

@@ -513,39 +513,9 @@ async fn a_300_mb_download_streams_with_bounded_memory_and_a_verified_sha256() {
     let mut env = env("big", &data, true, &[]).await;
     let up = env.up(&[]);
     let expected = tokio::task::spawn_blocking(|| content_sha256(LEN));
-    let started = std::time::Instant::now();
-    let ev = env
-        .client
-        .call(
-            &TaskRequest::new(
-                "file.download",
-                json!({"url": srv.url(&format!("/gen/{LEN}")), "path": "big/file.bin"}),
-            ),
-            Duration::from_secs(240),
-        )
-        .await
-        .unwrap();
-    let secs = started.elapsed().as_secs_f64();
-    assert_eq!(ev.state, TaskState::Succeeded, "{ev:?}");
-    let rss = peak_rss(up.pid);
-    println!(
-        "300 MB download in {secs:.1} s; worker peak RSS (VmHWM) {:.1} MB",
-        rss as f64 / MB as f64
-    );
-    let r = ev.result.unwrap();
-    let expected = expected.await.unwrap();
-    assert_eq!(r["bytes"], LEN);
-    assert_eq!(r["sha256"], expected);
-    assert_eq!(r["path"], "big/file.bin");
-    assert_eq!(
-        std::fs::metadata(data.join("big/file.bin")).unwrap().len(),
-        LEN
-    );
-    assert_eq!(files_in(&data), ["big/file.bin"], "no partial file left");
-    assert!(rss < 150 * MB, "worker peak RSS {rss} bytes");
-    std::fs::remove_file(data.join("big/file.bin")).unwrap();
 
-    // The same content with the sha256 given: verified; a wrong one: no file.
+    // A small download with the sha256 given is verified; a wrong one
+    // leaves no file. These also bring the worker to its working size.
     let small = 3 * MB + 17;
     let got = run_all(
         &env,
@@ -577,6 +547,40 @@ async fn a_300_mb_download_streams_with_bounded_memory_and_a_verified_sha256() {
         ["ok.bin"],
         "no file, no partial file after a mismatch"
     );
+    std::fs::remove_file(data.join("ok.bin")).unwrap();
+    let before = peak_rss(up.pid);
+
+    let started = std::time::Instant::now();
+    let ev = env
+        .client
+        .call(
+            &TaskRequest::new(
+                "file.download",
+                json!({"url": srv.url(&format!("/gen/{LEN}")), "path": "big/file.bin"}),
+            ),
+            Duration::from_secs(240),
+        )
+        .await
+        .unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(ev.state, TaskState::Succeeded, "{ev:?}");
+    let rss = peak_rss(up.pid);
+    println!(
+        "300 MB download in {secs:.1} s; worker peak RSS (VmHWM) {:.1} MB after, {:.1} MB before",
+        rss as f64 / MB as f64,
+        before as f64 / MB as f64
+    );
+    let r = ev.result.unwrap();
+    let expected = expected.await.unwrap();
+    assert_eq!(r["bytes"], LEN);
+    assert_eq!(r["sha256"], expected);
+    assert_eq!(r["path"], "big/file.bin");
+    assert_eq!(
+        std::fs::metadata(data.join("big/file.bin")).unwrap().len(),
+        LEN
+    );
+    assert_eq!(files_in(&data), ["big/file.bin"], "no partial file left");
+    assert!(rss < 150 * MB, "worker peak RSS {rss} bytes");
     let _ = std::fs::remove_dir_all(&data);
 }
 

@@ -252,6 +252,9 @@ async fn route(req: Request<Incoming>, addr: SocketAddr, state: &Arc<State>) -> 
             .unwrap(),
         "/upload" => upload(req, &headers, state).await,
         p if p.starts_with("/status/") => {
+            // Read the request body first, as servers such as nginx do, so
+            // the client sees the status rather than a reset connection.
+            let _ = req.into_body().collect().await;
             let code: u16 = p["/status/".len()..].parse().unwrap_or(500);
             let status = StatusCode::from_u16(code).unwrap();
             let mut r = full(status, "text/plain", format!("status {code} body"));

@@ -97,6 +97,7 @@ async fn a_running_task_is_aborted_and_the_worker_lives_on() {
 async fn a_cancel_is_remembered_across_restarts() {
     let mut env = Env::new("cancel-restart", &[]).await;
     let first = env.spawn(&["worker"], &[]);
+    env.wait_log(&first, "worker consuming", T).await;
     env.client.cancel("later-1").await.unwrap();
     env.signal(&first, "TERM");
     assert_eq!(env.wait_exit(&first, T).await, Some(0));

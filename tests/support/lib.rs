@@ -173,6 +173,20 @@ impl Env {
             .unwrap_or_default()
     }
 
+    /// Waits (bounded) until a process's log contains `needle`.
+    pub async fn wait_log(&self, p: &Proc, needle: &str, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.log_of(p).contains(needle) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "process {} did not log {needle:?} within {timeout:?}: {}",
+                p.pid,
+                self.log_of(p)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Follows events matching `patterns`.
     pub async fn watch(&self, patterns: &[&str]) -> EventWatch {
         self.client.watch(patterns).await.expect("watch events")

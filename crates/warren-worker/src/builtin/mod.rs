@@ -202,6 +202,8 @@ pub fn transport_error(e: reqwest::Error, url: &Url) -> TaskError {
         "could not connect"
     } else if e.is_body() || e.is_decode() {
         "failed reading the response"
+    } else if e.is_request() {
+        "failed sending the request"
     } else {
         "failed"
     };
