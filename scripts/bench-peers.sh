@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317  # the cleanup functions run from traps
 # Celery and Dramatiq on the same broker and the same throughput and latency
 # workloads as `warren bench`, so the peers' figures in BENCHMARKS.md can be
 # reproduced. Makes bench/peers/.venv (pip, versions pinned in
@@ -16,7 +17,6 @@
 # Environment: WARREN__BROKER__URL (default amqp://guest:guest@127.0.0.1:5672/%2f),
 # WARREN_MGMT_URL / WARREN_MGMT_USER / WARREN_MGMT_PASS as in scripts/lib.sh.
 set -euo pipefail
-# shellcheck disable=SC2317  # kill_workers and on_signal run from traps
 
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -70,19 +70,40 @@ ensure_management
 export WARREN_MGMT_URL WARREN_MGMT_USER WARREN_MGMT_PASS
 ensure_peers_venv
 
-# The driver lists the process group of every worker it starts here, so the
-# trap can end them even if the driver itself is killed.
+# The driver lists here the process group of every worker it runs ("pgid N")
+# and each prefix it has not cleaned up yet ("prefix P"), so the trap can end
+# the workers and delete the queues even if the driver itself was killed.
 PIDFILE="$(mktemp -t bench-peers.XXXXXX)"
 CHILD=""
 
+# delete_prefixed KIND PREFIX: delete every queue or exchange named PREFIX*.
+delete_prefixed() {
+    local kind="$1" prefix="$2" name
+    mgmt_get "$kind/$BROKER_VHOST_ENC?columns=name" 2>/dev/null |
+        grep -o "\"name\":\"${prefix}[^\"]*\"" | cut -d'"' -f4 |
+        while read -r name; do
+            curl -sf -m 3 -o /dev/null -X DELETE -u "$WARREN_MGMT_USER:$WARREN_MGMT_PASS" \
+                "$WARREN_MGMT_URL/api/$kind/$BROKER_VHOST_ENC/$name" || true
+            warn "deleted leftover $kind entry $name"
+        done || true
+}
+
 kill_workers() {
-    local pgid
+    local key val
+    set +e
     if [ -f "$PIDFILE" ]; then
-        while read -r pgid; do
-            [[ "$pgid" =~ ^[0-9]+$ ]] || continue
-            kill -KILL -- "-$pgid" 2>/dev/null || true
+        while read -r key val; do
+            if [ "$key" = pgid ] && [[ "$val" =~ ^[0-9]+$ ]]; then
+                kill -KILL -- "-$val" 2>/dev/null || true
+            fi
         done <"$PIDFILE"
-        rm -f "$PIDFILE"
+        while read -r key val; do
+            if [ "$key" = prefix ] && [[ "$val" =~ ^peerbench-[a-z]+-[0-9a-f]+$ ]]; then
+                delete_prefixed queues "$val"
+                delete_prefixed exchanges "$val"
+            fi
+        done <"$PIDFILE"
+        rm -f "$PIDFILE" "$PIDFILE.tmp"
     fi
 }
 

@@ -236,14 +236,28 @@ class OtherLoad:
             + sum(_pid_cpu_s(p) for p in self.broker)
         )
 
+    def _broker_cpu_s(self):
+        return sum(_pid_cpu_s(p) for p in self.broker)
+
     def start(self):
         self.tree.sample()
         self.t0, self.busy0, self.ours0 = time.monotonic(), _busy_s(), self._ours()
+        self.broker0, self.self0 = self._broker_cpu_s(), _pid_cpu_s(os.getpid())
+        self.tree0 = {pid: v["cpu_s"] for pid, v in self.tree.last.items()}
 
     def stop(self):
         self.tree.sample()
         wall = max(time.monotonic() - self.t0, 1e-9)
         other = (_busy_s() - self.busy0) - (self._ours() - self.ours0)
+        self.detail = (
+            f"{wall:.1f} s: machine busy {(_busy_s() - self.busy0) / wall * 100:.0f}% of a core; "
+            f"broker {(self._broker_cpu_s() - self.broker0) / wall * 100:.0f}%, "
+            f"driver {(_pid_cpu_s(os.getpid()) - self.self0) / wall * 100:.0f}%, "
+            "worker processes "
+            + "+".join(
+                f"{(v['cpu_s'] - self.tree0.get(pid, 0.0)) / wall * 100:.0f}%" for pid, v in self.tree.last.items()
+            )
+        )
         return max(other, 0.0) / wall * 100.0
 
 
@@ -288,17 +302,31 @@ class Tree:
 
 class Workers:
     """Worker subprocesses, each in a session (process group) of its own,
-    listed in a pid file that scripts/bench-peers.sh's trap also reads."""
+    listed in a pid file that scripts/bench-peers.sh's trap also reads
+    ("pgid N" lines), with the prefixes not yet cleaned up ("prefix P"
+    lines), so that the trap can end the workers and delete the queues even
+    if this driver is killed."""
 
     def __init__(self, pidfile):
         self.pidfile = pidfile
         self.live = {}
+        self.prefixes = set()
         atexit.register(self.stop_all)
 
     def _write(self):
         if self.pidfile:
-            with open(self.pidfile, "w") as f:
-                f.writelines(f"{pgid}\n" for pgid in self.live)
+            with open(self.pidfile + ".tmp", "w") as f:
+                f.writelines(f"pgid {pgid}\n" for pgid in self.live)
+                f.writelines(f"prefix {p}\n" for p in sorted(self.prefixes))
+            os.replace(self.pidfile + ".tmp", self.pidfile)
+
+    def add_prefix(self, prefix):
+        self.prefixes.add(prefix)
+        self._write()
+
+    def drop_prefix(self, prefix):
+        self.prefixes.discard(prefix)
+        self._write()
 
     def start(self, cmd, env, log_path):
         logf = open(log_path, "wb")
@@ -390,6 +418,7 @@ class Run:
         self.url = url
         self.prefix = f"peerbench-{peer}-{uuid.uuid4().hex[:8]}"
         self.tmp = tempfile.mkdtemp(prefix=f"{self.prefix}-")
+        workers.add_prefix(self.prefix)
         os.environ["PEER_BENCH_PREFIX"] = self.prefix
         os.environ["PEER_BENCH_BROKER"] = url
         os.environ["PEER_BENCH_DRAMATIQ_PROCESSES"] = str(args.dramatiq_processes)
@@ -490,6 +519,7 @@ class Run:
             f"{self.peer}: drained {n} in {span:.2f} s; worker tree of {nprocs} processes; "
             f"queue depth after stop {left}"
         )
+        log(f"{self.peer}: CPU from worker start to drained, {load.detail}")
         s = "throughput"
         return [
             self.row(s, "publish with confirms", "tasks/s", n / publish_s),
@@ -510,6 +540,7 @@ class Run:
         seconds from t0 to the last send."""
         k = self.args.publishers
         barrier = threading.Barrier(k + 1)
+        halt = threading.Event()
         errors, ends = [], []
         t0 = [0.0]
 
@@ -517,6 +548,8 @@ class Run:
             try:
                 self.mod.warm_publisher(barrier)
                 for i in range(j, total, k):
+                    if halt.is_set():
+                        return
                     wait = t0[0] + i / rate - time.perf_counter()
                     if wait > 0:
                         time.sleep(wait)
@@ -531,18 +564,26 @@ class Run:
         for t in threads:
             t.start()
         try:
-            barrier.wait(timeout=60)
-        except threading.BrokenBarrierError:
-            raise BenchError(f"{self.peer}: publisher threads did not connect: {errors[:1]}") from None
-        t0[0] = time.perf_counter() + 0.05
-        end = time.monotonic() + limit_s
-        sent = 0
-        for t in threads:
-            while t.is_alive() and time.monotonic() < end:
-                t.join(timeout=0.25)
-                sent = min(total, int((time.perf_counter() - t0[0]) * rate))
-                progress(f"{self.peer} paced publish", max(sent, 0), total)
-        progress_end()
+            try:
+                barrier.wait(timeout=60)
+            except threading.BrokenBarrierError:
+                raise BenchError(f"{self.peer}: publisher threads did not connect: {errors[:1]}") from None
+            t0[0] = time.perf_counter() + 0.05
+            end = time.monotonic() + limit_s
+            for t in threads:
+                while t.is_alive() and time.monotonic() < end:
+                    t.join(timeout=0.25)
+                    sent = min(total, int((time.perf_counter() - t0[0]) * rate))
+                    progress(f"{self.peer} paced publish", max(sent, 0), total)
+        finally:
+            # On an error or an interrupt, no thread may publish (and so
+            # declare the queue again) after the cleanup.
+            halt.set()
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.abort()
+            for t in threads:
+                t.join(timeout=5)
+            progress_end()
         if errors:
             raise BenchError(f"{self.peer}: paced publish failed: {type(errors[0]).__name__}: {errors[0]}")
         if any(t.is_alive() for t in threads):
@@ -567,6 +608,7 @@ class Run:
             log(f"{self.peer}: published {total} in {publish_s:.2f} s (publisher CPU {100 * cpu / publish_s:.0f}% of a core)")
             self.wait_records(proc, tree, out, "start", START_WIDTH, total + 1, f"{self.peer} latency")
             other = load.stop()
+            log(f"{self.peer}: CPU from the first paced send to the last start, {load.detail}")
         except BenchError:
             tail = self.worker_log_tail("latency")
             if tail:
@@ -605,6 +647,7 @@ class Run:
             log(f"{self.peer}: management API cleanup failed ({e}); deleting the known names over AMQP")
             deleted += self._amqp_cleanup()
         log(f"{self.peer}: deleted {len(deleted)} queues/exchanges: {', '.join(sorted(deleted))}")
+        self.workers.drop_prefix(self.prefix)
         if os.environ.get("PEER_BENCH_KEEP"):
             log(f"{self.peer}: kept the records and worker logs in {self.tmp}")
         else:

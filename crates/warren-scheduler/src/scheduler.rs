@@ -21,6 +21,9 @@ pub enum SchedulerError {
     /// A broker operation failed in a way reconnecting cannot fix.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// A `[[cron]]` entry cannot run (unknown time zone, schedule that never fires).
+    #[error(transparent)]
+    Cron(#[from] crate::cron::CronError),
 }
 
 /// Applies the time and failure rules of the contract through the broker.
@@ -84,13 +87,22 @@ impl Scheduler {
                 backoff = (backoff * 2).min(max);
             }
         };
-        let ((), cron_result) = tokio::join!(main, cron);
-        if let Err(e) = cron_result {
-            warn!(error = %e, "cron stopped with an error");
-        }
+        let main = async {
+            main.await;
+            Ok::<(), SchedulerError>(())
+        };
+        let cron = async {
+            // A bad schedule stops the whole scheduler rather than run without cron.
+            let r = cron.await;
+            if r.is_err() {
+                shutdown.cancel();
+            }
+            r.map_err(SchedulerError::from)
+        };
+        let joined = tokio::try_join!(main, cron);
         let _ = follower.await;
         info!("scheduler stopped");
-        Ok(())
+        joined.map(|_| ())
     }
 
     /// One connection's life: returns `Ok` on shutdown, `Err` when it died.

@@ -652,6 +652,10 @@ async fn run_task(
     };
     progress_events.finish().await;
     let duration_ms = began.elapsed().as_millis() as u64;
+    // The handler is done: free its slot while the outcome is recorded, so
+    // waiting for confirms never holds back the next handler. In-flight
+    // deliveries stay bounded by the prefetch.
+    drop(slot);
 
     match result {
         Ok(value) => {
@@ -752,7 +756,7 @@ fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
 
 /// The concurrency a running task holds: one of `worker.concurrency`'s
 /// slots and, for a type capped by `worker.type_concurrency`, one of its
-/// type's. Dropped when the task's outcome is recorded.
+/// type's. Dropped as soon as the handler returns.
 struct Slot {
     pool: Arc<Semaphore>,
     general: Option<OwnedSemaphorePermit>,
