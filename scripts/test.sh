@@ -28,6 +28,6 @@ step "cargo build --workspace --all-targets"
 cargo build --workspace --all-targets
 
 step "cargo test --workspace"
-cargo test --workspace
+cargo test --workspace --no-fail-fast
 
 echo "all tests passed"
