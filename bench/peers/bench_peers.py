@@ -219,6 +219,26 @@ def _broker_pids():
     return out
 
 
+def wait_idle(limit_s, label):
+    """Waits (at most `limit_s`) for the machine to be nearly idle, busy under
+    15% of a core over 2 s, before a measured phase; then measures anyway."""
+    if limit_s <= 0:
+        return
+    end, said = time.monotonic() + limit_s, False
+    while True:
+        b0, t0 = _busy_s(), time.monotonic()
+        time.sleep(2.0)
+        busy = (_busy_s() - b0) / (time.monotonic() - t0) * 100.0
+        if busy < 15.0:
+            return
+        if time.monotonic() > end:
+            log(f"{label}: the machine is still busy ({busy:.0f}% of a core) after {limit_s:.0f} s; measuring anyway")
+            return
+        if not said:
+            log(f"{label}: waiting up to {limit_s:.0f} s for the machine to be idle (busy {busy:.0f}% of a core)")
+            said = True
+
+
 class OtherLoad:
     """CPU the machine spent on anything but this run (the driver, the worker
     tree and a local broker) between start() and stop(), in % of one core:
@@ -473,6 +493,7 @@ class Run:
     def throughput(self):
         n = self.args.n
         q = self.mod.QUEUE
+        wait_idle(self.args.wait_idle, f"{self.peer} publish")
         log(f"{self.peer}: throughput: publishing {n} tasks with confirms to {q}")
         with deadline(max(120.0, n / 50.0), f"{self.peer}: publish {n}"):
             t0 = time.perf_counter()
@@ -485,7 +506,9 @@ class Run:
         depth = queue_depth(self.url, q)
         if depth != n:
             raise BenchError(f"{self.peer}: after publishing {n} tasks the queue holds {depth}")
-        log(f"{self.peer}: published {n} in {publish_s:.2f} s; starting the worker to drain")
+        log(f"{self.peer}: published {n} in {publish_s:.2f} s")
+        wait_idle(self.args.wait_idle, f"{self.peer} drain")
+        log(f"{self.peer}: starting the worker to drain the queue")
         proc, tree, out = self.start_worker("throughput")
         load = OtherLoad(tree)
         load.start()
@@ -601,11 +624,12 @@ class Run:
             with deadline(60.0, f"{self.peer}: warm-up publish"):
                 self.mod.publish_lat(0.0)
             self.wait_records(proc, tree, out, "start", START_WIDTH, 1, f"{self.peer} warm-up")
+            wait_idle(self.args.wait_idle, f"{self.peer} latency")
             load.start()
             cpu0 = time.process_time()
             publish_s = self.paced_publish(total, rate, duration * 3 + 60.0)
-            cpu = time.process_time() - cpu0
-            log(f"{self.peer}: published {total} in {publish_s:.2f} s (publisher CPU {100 * cpu / publish_s:.0f}% of a core)")
+            publisher_cpu = (time.process_time() - cpu0) / publish_s * 100.0
+            log(f"{self.peer}: published {total} in {publish_s:.2f} s (publisher CPU {publisher_cpu:.0f}% of a core)")
             self.wait_records(proc, tree, out, "start", START_WIDTH, total + 1, f"{self.peer} latency")
             other = load.stop()
             log(f"{self.peer}: CPU from the first paced send to the last start, {load.detail}")
@@ -623,6 +647,7 @@ class Run:
         s = f"latency @{rate:g}/s"
         return [
             self.row(s, "paced publish rate achieved", "tasks/s", total / publish_s),
+            self.row(s, "publisher CPU (same machine)", "% of a core", publisher_cpu),
             self.row(s, "enqueue->start p50", "ms", sm["p50"]),
             self.row(s, "enqueue->start p99", "ms", sm["p99"]),
             self.row(s, "enqueue->start p99.9", "ms", sm["p999"]),
@@ -726,6 +751,13 @@ def parse(argv):
         default=4,
         help="publisher threads holding the latency rate (default 4; each send waits for its confirm)",
     )
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        metavar="SECS",
+        help="before each measured phase, wait up to SECS for the machine to be idle (default 0: no wait)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
     p.add_argument("--pidfile", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -810,7 +842,7 @@ def main(argv):
     else:
         print(table(rows))
     for r in rows:
-        if r["unit"] == "% of a core" and r["value"] > 10.0:
+        if r["metric"].startswith("other processes") and r["value"] > 10.0:
             notes.append(
                 f"{r['peer']} {r['scenario']}: other processes used {r['value']:.0f}% of a core "
                 "meanwhile; its figures are disturbed"

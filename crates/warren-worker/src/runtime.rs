@@ -655,11 +655,14 @@ async fn run_task(
     // The handler is done: free its slot while the outcome is recorded, so
     // waiting for confirms never holds back the next handler. In-flight
     // deliveries stay bounded by the prefetch.
+    // Outcome events are stamped with the moment the handler finished.
+    let finished_at = warren_core::event::format_time(chrono::Utc::now());
     drop(slot);
 
     match result {
         Ok(value) => {
             let mut ev = base(TaskState::Succeeded, task.attempt);
+            ev.at = finished_at;
             ev.duration_ms = Some(duration_ms);
             ev.result = Some(cap_result(value, sh.config.limits.max_result_bytes));
             let mut confirms = vec![started, out.event(&ev).await?];
@@ -676,6 +679,7 @@ async fn run_task(
                 .unwrap_or(u64::from(sh.config.retry_policy(task_type).max_retries));
             let will_retry = err.is_retryable() && (task.attempt as u64) <= max_retries;
             let mut failed = base(TaskState::Failed, task.attempt);
+            failed.at = finished_at;
             failed.duration_ms = Some(duration_ms);
             failed.error = Some(err.to_info());
             failed.retry = Some(will_retry);
