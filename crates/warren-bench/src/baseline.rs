@@ -48,6 +48,8 @@ pub async fn worker(
     while let Some(d) = deliveries.next().await {
         let d = d?;
         let began = Instant::now();
+        // The event's `at` is when the task started, like Warren's `started` event.
+        let received = chrono::Utc::now();
         let args: Value = serde_json::from_slice(&d.data).unwrap_or(Value::Null);
         let id = d
             .properties
@@ -55,7 +57,6 @@ pub async fn worker(
             .as_ref()
             .map(|m| m.as_str().to_owned())
             .unwrap_or_default();
-        let now = chrono::Utc::now();
         let event = json!({
             "event_id": uuid::Uuid::now_v7().to_string(),
             "task_id": id,
@@ -64,7 +65,7 @@ pub async fn worker(
             "attempt": 1,
             "queue": "diag",
             "worker": "baseline",
-            "at": warren_core::event::format_time(now),
+            "at": warren_core::event::format_time(received),
             "duration_ms": began.elapsed().as_millis() as u64,
             "result": args,
             "error": null,

@@ -50,6 +50,8 @@ pub struct Options {
     pub concurrency: Option<usize>,
     /// Delayed tasks held in the hold scenario.
     pub hold: usize,
+    /// Throughput rounds (baseline and Warren alternate; best of each).
+    pub rounds: usize,
     /// The --config file, passed on to child processes.
     pub config_path: Option<PathBuf>,
 }

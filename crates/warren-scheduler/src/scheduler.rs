@@ -1,6 +1,9 @@
 //! The scheduler process: consumes its intake queues with reconnect and backoff.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::sync::Semaphore;
 
 use futures::stream::{select_all, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -44,6 +47,17 @@ enum Intake {
 /// How many delayed tasks one scheduler may hold unacknowledged (hops in
 /// flight and tasks in their final second).
 const DELAY_PREFETCH: u16 = 5000;
+
+/// How many deliveries are being handled (publish, confirm, ack) at once.
+const HANDLERS_IN_FLIGHT: usize = 256;
+
+fn take(failure: &Mutex<Option<ClientError>>) -> ClientError {
+    failure
+        .lock()
+        .expect("not poisoned")
+        .take()
+        .unwrap_or_else(|| ClientError::Closed("scheduler session".into()))
+}
 
 impl Scheduler {
     /// A scheduler for `config` (its topology must have been applied).
@@ -149,10 +163,23 @@ impl Scheduler {
         // session ends, so the broker redelivers them to the next scheduler.
         let holds = TaskTracker::new();
         let stop_holds = CancellationToken::new();
+        // Deliveries are handled concurrently so confirms pipeline; a failed
+        // handler (the connection is going) ends the session, and whatever
+        // was not acknowledged returns to the broker.
+        let handlers = TaskTracker::new();
+        let slots = Arc::new(Semaphore::new(HANDLERS_IN_FLIGHT));
+        let failed = CancellationToken::new();
+        let failure: Arc<Mutex<Option<ClientError>>> = Arc::default();
         let result = loop {
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => p.expect("never closed"),
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = failed.cancelled() => break Err(take(&failure)),
+            };
             let next = tokio::select! {
                 n = deliveries.next() => n,
                 _ = shutdown.cancelled() => break Ok(()),
+                _ = failed.cancelled() => break Err(take(&failure)),
             };
             let (kind, d) = match next {
                 None => break Err(ClientError::Closed("scheduler consumers".into())),
@@ -164,25 +191,46 @@ impl Scheduler {
                 }
                 Some((kind, Ok(d))) => (kind, d),
             };
-            let r = match kind {
-                Intake::DeadLetters => {
-                    match park_dead_lettered(&out, &names, &self.identity, &d).await {
-                        Ok(()) => d
-                            .acker
-                            .ack(BasicAckOptions::default())
-                            .await
-                            .map(|_| ())
-                            .map_err(amqp("ack dead letter")),
-                        Err(e) => Err(e),
+            let (out, names, identity, delays) = (
+                out.clone(),
+                names.clone(),
+                self.identity.clone(),
+                delays.clone(),
+            );
+            let (holds, stop_holds, failed, failure) = (
+                holds.clone(),
+                stop_holds.clone(),
+                failed.clone(),
+                failure.clone(),
+            );
+            handlers.spawn(async move {
+                let r = match kind {
+                    Intake::DeadLetters => {
+                        match park_dead_lettered(&out, &names, &identity, &d).await {
+                            Ok(()) => d
+                                .acker
+                                .ack(BasicAckOptions::default())
+                                .await
+                                .map(|_| ())
+                                .map_err(|source| ClientError::Amqp {
+                                    what: "ack dead letter".into(),
+                                    source,
+                                }),
+                            Err(e) => Err(e),
+                        }
                     }
+                    Intake::Delayed => delays.intake(&out, d, &holds, &stop_holds).await,
+                    Intake::Due => delays.hop(&out, d, &holds, &stop_holds).await,
+                };
+                if let Err(e) = r {
+                    failure.lock().expect("not poisoned").get_or_insert(e);
+                    failed.cancel();
                 }
-                Intake::Delayed => delays.intake(&out, d, &holds, &stop_holds).await,
-                Intake::Due => delays.hop(&out, d, &holds, &stop_holds).await,
-            };
-            if let Err(e) = r {
-                break Err(e);
-            }
+                drop(permit);
+            });
         };
+        handlers.close();
+        handlers.wait().await;
         stop_holds.cancel();
         holds.close();
         holds.wait().await;

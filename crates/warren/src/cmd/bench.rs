@@ -31,6 +31,7 @@ pub async fn run(
         duration_s: args.duration,
         concurrency: args.concurrency,
         hold: args.hold.max(1),
+        rounds: args.rounds.max(1),
         config_path,
     };
     let rows = warren_bench::run(config, scenario, &opts).await?;
