@@ -7,9 +7,13 @@
 #
 #   scripts/bench-peers.sh [--quick] [--n N] [--rate R] [--duration S]
 #                          [--peers celery,dramatiq] [--scenarios throughput,latency]
-#                          [--dramatiq-processes P] [--dramatiq-threads T] [--json]
+#                          [--dramatiq-processes P] [--dramatiq-threads T]
+#                          [--publishers K] [--wait-idle SECS] [--json]
 #
-# --quick is n=5000 and 5 s of latency (a few minutes in all on 2 cores).
+# --quick is n=5000 and 5 s of latency (about a minute on 2 cores, plus the
+# venv the first time). --wait-idle SECS waits up to SECS before each measured
+# phase for the machine to be idle (other load moves every figure; each
+# scenario reports how much CPU other processes used meanwhile).
 # Each peer runs on queues of its own (peerbench-<peer>-<random>.*), deleted
 # afterwards. Prints a table (peer, scenario, metric, unit, value), or with
 # --json one object per row on stdout (the rest goes to stderr).
@@ -127,7 +131,7 @@ trap kill_workers EXIT
 trap 'on_signal 130' INT
 trap 'on_signal 143' TERM
 
-"$PEERS_PYTHON" "$DRIVER" --pidfile "$PIDFILE" "$@" &
+PYTHONDONTWRITEBYTECODE=1 "$PEERS_PYTHON" "$DRIVER" --pidfile "$PIDFILE" "$@" &
 CHILD=$!
 rc=0
 wait "$CHILD" || rc=$?

@@ -249,3 +249,16 @@ ensure_python_venv() {
     fi
     export WARREN_INTEROP_PYTHON="$venv/bin/python"
 }
+
+# Make sure headless Chromium is there for the dashboard test (Debian's
+# chromium package). Exports WARREN_CHROMIUM (its path).
+ensure_chromium() {
+    local bin
+    bin="$(command -v chromium || command -v chromium-browser || true)"
+    if [ -z "$bin" ]; then
+        apt_install chromium
+        bin="$(command -v chromium)" || die "chromium is not on the PATH after installing it"
+    fi
+    log "$("$bin" --version 2>/dev/null || echo "$bin")"
+    export WARREN_CHROMIUM="$bin"
+}

@@ -16,6 +16,7 @@ ensure_rust full
 ensure_broker
 ensure_management
 ensure_python_venv
+ensure_chromium
 
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check

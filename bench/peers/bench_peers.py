@@ -4,17 +4,29 @@ Run through scripts/bench-peers.sh, which makes the venv. Scenarios, matching
 crates/warren-bench/src/scenarios.rs:
 
 throughput  N echo tasks published with confirms into the peer's own queue
-            (publish rate = N / publish time); then the peer's worker is
-            started and drains the preloaded queue: drain rate =
-            (N - 1) / (last task finished - first task finished). The worker's
+            from one thread (publish rate = N / publish time); then the
+            peer's worker is started and drains the preloaded queue: drain
+            rate = (N - 1) / (last task finished - first task finished), as
+            Warren's (N - 1) / (last succeeded event - first). The worker's
             process tree is sampled from /proc every 100 ms: peak RSS = sum of
-            VmHWM over the tree, CPU per task = utime+stime of the tree / N.
-latency     tasks published at a fixed rate for a duration, each carrying its
-            send time (time.time()); the task records its start time;
-            enqueue->start percentiles (nearest rank, as Warren's).
+            VmHWM over the tree; CPU per task = utime+stime of the tree / N
+            (start-up included, as Warren's), and again counting only from
+            the first finished task on ("after start-up"). After the drain the
+            worker is stopped and the queue must be empty: a message not acked
+            would be back in it.
+latency     a worker is started and one warm-up task run; then N = rate x
+            duration tasks are sent on a fixed schedule (task i at i/rate)
+            from --publishers threads, each task carrying its send time
+            (time.time() just before the send); the task records its start
+            time; enqueue->start percentiles (nearest rank, as Warren's).
 
 Completions are counted through one fixed-width line appended per task to a
 per-process file (peerrec.py), so nothing else is added to the task.
+
+Every scenario also reports the CPU that other processes on the machine used
+meanwhile (busy time from /proc/stat less the driver, the worker tree and a
+local broker): on a 2-core machine a build next door moves every figure.
+--wait-idle SECS waits for a quiet machine before each measured phase.
 """
 
 import argparse
@@ -195,11 +207,12 @@ def _pss(pid):
 
 
 def _busy_s():
-    """CPU seconds the whole machine has spent busy (all cores), /proc/stat."""
+    """CPU seconds all processes of the machine have spent (user, nice and
+    system time from /proc/stat, all cores). Interrupt and softirq time is
+    left out: loopback traffic of the run itself lands there."""
     with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    user, nice, system, idle, iowait, irq, softirq, steal = v
-    return (user + nice + system + irq + softirq + steal) / TICK
+        user, nice, system = (int(x) for x in f.readline().split()[1:4])
+    return (user + nice + system) / TICK
 
 
 def _pid_cpu_s(pid):
@@ -240,8 +253,8 @@ def wait_idle(limit_s, label):
 
 
 class OtherLoad:
-    """CPU the machine spent on anything but this run (the driver, the worker
-    tree and a local broker) between start() and stop(), in % of one core:
+    """CPU that processes other than this run's (the driver, the worker tree
+    and a local broker) used between start() and stop(), in % of one core:
     another build or test on a 2-core machine moves every figure, so each
     scenario reports it."""
 
@@ -270,7 +283,8 @@ class OtherLoad:
         wall = max(time.monotonic() - self.t0, 1e-9)
         other = (_busy_s() - self.busy0) - (self._ours() - self.ours0)
         self.detail = (
-            f"{wall:.1f} s: machine busy {(_busy_s() - self.busy0) / wall * 100:.0f}% of a core; "
+            f"{wall:.1f} s: machine busy {(_busy_s() - self.busy0) / wall * 100:.0f}% of a core, "
+            f"other {other / wall * 100:.0f}%; "
             f"broker {(self._broker_cpu_s() - self.broker0) / wall * 100:.0f}%, "
             f"driver {(_pid_cpu_s(os.getpid()) - self.self0) / wall * 100:.0f}%, "
             "worker processes "

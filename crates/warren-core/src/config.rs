@@ -80,6 +80,9 @@ pub struct Config {
     /// Outbound HTTP of the built-in `http.*` and `file.*` task types.
     #[serde(default)]
     pub http: HttpConfig,
+    /// The task tracker: its database, retention and HTTP address.
+    #[serde(default)]
+    pub tracker: TrackerConfig,
 }
 
 fn default_prefix() -> String {
@@ -624,6 +627,7 @@ impl Config {
         self.check_scheduler(&mut issues);
         self.check_cron(&mut issues);
         self.check_http(&mut issues);
+        self.check_tracker(&mut issues);
         if issues.0.is_empty() {
             Ok(())
         } else {
@@ -1400,6 +1404,188 @@ impl Config {
 
 /// Most redirects `http.max_redirects` may allow.
 const MAX_HTTP_REDIRECTS: usize = 20;
+
+/// Most events `tracker.batch_max_events` may put in one transaction.
+const MAX_TRACKER_BATCH: usize = 10_000;
+
+/// The task tracker (`warren tracker`, also inside `warren up`): where it
+/// keeps task states, how long, and where it serves its HTTP API.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrackerConfig {
+    /// `sqlite://PATH` (one file, created if missing) or
+    /// `postgres://user:pass@host:5432/db`; its password is redacted when printed.
+    pub database_url: DatabaseUrl,
+    /// How long a task is kept after its last event, in milliseconds.
+    pub retention_ms: u64,
+    /// Address of the dashboard, the JSON API, `/metrics` and health (`host:port`).
+    pub listen: String,
+    /// Most events written in one transaction.
+    pub batch_max_events: usize,
+    /// Longest an event waits for its batch to fill before it is written.
+    pub batch_max_ms: u64,
+    /// Largest result stored per task; a larger one is kept as a truncated preview.
+    pub max_result_bytes: usize,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        Self {
+            database_url: DatabaseUrl::new("sqlite://warren-tracker/tracker.db"),
+            retention_ms: 7 * 24 * 3600 * 1000,
+            listen: "127.0.0.1:8089".into(),
+            batch_max_events: 500,
+            batch_max_ms: 50,
+            max_result_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// A database URL (`sqlite://PATH` or `postgres://...`). `Debug` and
+/// `Display` hide its password, so it can be logged; [`DatabaseUrl::expose`]
+/// gives the real URL to the connection code.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// Wraps a URL as given; [`Config::validate`] checks it.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    /// The real URL, password included: only for opening connections.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with the password, if any, replaced by `***`.
+    pub fn redacted(&self) -> String {
+        redact_userinfo(&self.0)
+    }
+
+    /// Whether this is a PostgreSQL URL (`postgres://` or `postgresql://`).
+    pub fn is_postgres(&self) -> bool {
+        let lower = self.0.to_ascii_lowercase();
+        lower.starts_with("postgres://") || lower.starts_with("postgresql://")
+    }
+
+    /// The file of a `sqlite://PATH` or `sqlite:PATH` URL (query removed);
+    /// `None` for other URLs.
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        let rest = self
+            .0
+            .strip_prefix("sqlite://")
+            .or_else(|| self.0.strip_prefix("sqlite:"))?;
+        let path = rest.split('?').next().unwrap_or_default();
+        Some(PathBuf::from(path))
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("DatabaseUrl")
+            .field(&self.redacted())
+            .finish()
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// Replaces the password in any `scheme://user:pass@host...` URL with `***`
+/// (for URLs that are not the broker's, such as the management API's).
+pub fn redact_url(url: &str) -> String {
+    redact_userinfo(url)
+}
+
+impl Config {
+    fn check_tracker(&self, issues: &mut Issues) {
+        let t = &self.tracker;
+        let url = &t.database_url;
+        if let Some(path) = url.sqlite_path() {
+            let data_dir = &self.worker.data_dir;
+            if path.as_os_str().is_empty() || path.as_os_str() == ":memory:" {
+                issues.add(
+                    "tracker.database_url",
+                    format!(
+                        "\"{url}\" names no file: use sqlite://PATH, for example \
+                         sqlite://warren-tracker/tracker.db (the tracker and `warren status` \
+                         must share it)"
+                    ),
+                );
+            } else if !data_dir.as_os_str().is_empty()
+                && normalized(&path).starts_with(normalized(data_dir))
+            {
+                issues.add(
+                    "tracker.database_url",
+                    format!(
+                        "\"{url}\" is inside worker.data_dir = {:?}, where file.download and \
+                         file.upload tasks could overwrite or send it: put it elsewhere, for \
+                         example sqlite://warren-tracker/tracker.db",
+                        data_dir.display().to_string()
+                    ),
+                );
+            }
+        } else if !url.is_postgres() {
+            issues.add(
+                "tracker.database_url",
+                format!(
+                    "\"{url}\" is not a database URL: use sqlite://PATH (one file, created \
+                     if missing) or postgres://user:pass@host:5432/database"
+                ),
+            );
+        }
+        if t.retention_ms == 0 {
+            issues.add(
+                "tracker.retention_ms",
+                "0 would delete every task at once: set it above 0, for example 604800000 \
+                 (7 days)",
+            );
+        }
+        if t.listen.parse::<std::net::SocketAddr>().is_err() {
+            issues.add(
+                "tracker.listen",
+                format!(
+                    "{:?} is not an address and port: use one such as \"127.0.0.1:8089\" \
+                     (\"0.0.0.0:8089\" listens on every interface)",
+                    t.listen
+                ),
+            );
+        }
+        if !(1..=MAX_TRACKER_BATCH).contains(&t.batch_max_events) {
+            issues.add(
+                "tracker.batch_max_events",
+                format!(
+                    "{} is out of range: must be 1..={MAX_TRACKER_BATCH}, for example 500",
+                    t.batch_max_events
+                ),
+            );
+        }
+        if t.batch_max_ms == 0 {
+            issues.add(
+                "tracker.batch_max_ms",
+                "0 would write every event alone: set it above 0, for example 50",
+            );
+        }
+        if t.max_result_bytes == 0 {
+            issues.add(
+                "tracker.max_result_bytes",
+                "0 would keep no result: set it above 0, for example 16384 (16 KiB)",
+            );
+        }
+    }
+}
+
+/// A path without `.` components, for comparing where files live.
+fn normalized(path: &Path) -> PathBuf {
+    path.components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .collect()
+}
 
 /// Outbound HTTP of the built-in task types (`http.request`, `file.download`,
 /// `file.upload`): where requests may go and how much they may move.
@@ -2469,6 +2655,78 @@ mod tests {
         let quorum = Config::load_from(Some(&root.join("examples/quorum.toml")), &[]).unwrap();
         assert_eq!(quorum.queue("io").unwrap().kind, QueueKind::Quorum);
     }
+    #[test]
+    fn tracker_defaults_and_environment() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.tracker, TrackerConfig::default());
+        assert_eq!(
+            c.tracker.database_url.sqlite_path(),
+            Some(PathBuf::from("warren-tracker/tracker.db"))
+        );
+        let c = Config::load_from(
+            None,
+            &env(&[
+                (
+                    "WARREN__TRACKER__DATABASE_URL",
+                    "postgres://warren:s3cret@db:5432/warren",
+                ),
+                ("WARREN__TRACKER__LISTEN", "0.0.0.0:9000"),
+            ]),
+        )
+        .unwrap();
+        assert!(c.tracker.database_url.is_postgres());
+        assert_eq!(c.tracker.database_url.sqlite_path(), None);
+        assert_eq!(
+            c.tracker.database_url.to_string(),
+            "postgres://warren:***@db:5432/warren"
+        );
+        assert!(!format!("{c:?}").contains("s3cret"));
+        assert_eq!(c.tracker.listen, "0.0.0.0:9000");
+    }
+
+    #[test]
+    fn tracker_rules() {
+        one_issue(
+            "[tracker]\ndatabase_url = \"mysql://root:pw@db/warren\"",
+            "config key tracker.database_url: \"mysql://root:***@db/warren\" is not a database \
+             URL: use sqlite://PATH (one file, created if missing) or \
+             postgres://user:pass@host:5432/database",
+        );
+        one_issue(
+            "[tracker]\ndatabase_url = \"sqlite://./data/tracker.db\"",
+            "config key tracker.database_url: \"sqlite://./data/tracker.db\" is inside \
+             worker.data_dir = \"data\", where file.download and file.upload tasks could \
+             overwrite or send it: put it elsewhere, for example \
+             sqlite://warren-tracker/tracker.db",
+        );
+        assert_eq!(
+            issues("[tracker]\ndatabase_url = \"sqlite::memory:\"").len(),
+            1
+        );
+        assert!(Config::from_toml("[tracker]\ndatabase_url = \"sqlite:/var/lib/t.db\"").is_ok());
+        one_issue(
+            "[tracker]\nlisten = \"localhost\"",
+            "config key tracker.listen: \"localhost\" is not an address and port: use one such \
+             as \"127.0.0.1:8089\" (\"0.0.0.0:8089\" listens on every interface)",
+        );
+        let keys: Vec<String> = issues(
+            "[tracker]\nretention_ms = 0\nbatch_max_events = 0\nbatch_max_ms = 0\n\
+             max_result_bytes = 0",
+        )
+        .iter()
+        .map(|i| i.split(':').next().unwrap().to_owned())
+        .collect();
+        assert_eq!(
+            keys,
+            [
+                "config key tracker.retention_ms",
+                "config key tracker.batch_max_events",
+                "config key tracker.batch_max_ms",
+                "config key tracker.max_result_bytes",
+            ]
+        );
+    }
+
     #[test]
     fn http_defaults_and_environment() {
         let c = Config::from_toml("").unwrap();

@@ -37,8 +37,9 @@ pub enum LogFormat {
 /// What to run.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Apply the topology, then run the scheduler and a worker in one process
-    /// (a laptop, a demo). Stops cleanly on Ctrl-C or SIGTERM.
+    /// Apply the topology, then run the scheduler, a worker and the task
+    /// tracker (dashboard on tracker.listen) in one process (a laptop, a
+    /// demo). Stops cleanly on Ctrl-C or SIGTERM.
     Up(WorkerArgs),
     /// Run a worker: consume work queues and run task handlers.
     Worker(WorkerArgs),
@@ -78,6 +79,49 @@ pub enum Command {
         #[command(subcommand)]
         action: DeadAction,
     },
+    /// Run the task tracker: follow every status event into its database
+    /// (tracker.database_url) and serve the dashboard, JSON API, /metrics and
+    /// health checks on tracker.listen (http://127.0.0.1:8089/ by default).
+    Tracker,
+    /// What happened to one task: its state and every event, oldest first
+    /// (read from the tracker's database).
+    Status(StatusArgs),
+    /// Tracked tasks, latest event first (read from the tracker's database).
+    Tasks(TasksArgs),
+}
+
+/// `status` flags.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The task id (the message_id it was published with).
+    pub task_id: String,
+    /// One JSON object: {"task": {...}, "events": [...]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `tasks` flags.
+#[derive(Debug, Args)]
+pub struct TasksArgs {
+    /// Only tasks in this state.
+    #[arg(long, value_parser = [
+        "scheduled", "started", "failed", "succeeded", "dead", "cancelled",
+    ])]
+    pub state: Option<String>,
+    /// Only tasks of this type (exact, e.g. diag.echo).
+    #[arg(long = "type", value_name = "TYPE")]
+    pub task_type: Option<String>,
+    /// Only tasks with an event since: an age (30s, 15m, 2h, 7d), an RFC 3339
+    /// time or Unix milliseconds.
+    #[arg(long, value_name = "WHEN")]
+    pub since: Option<String>,
+    /// Show at most N tasks.
+    #[arg(long, value_name = "N", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub limit: u64,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Benchmark scenarios.
@@ -118,6 +162,9 @@ pub struct BenchArgs {
     /// Delayed tasks held in the hold scenario.
     #[arg(long, default_value_t = 1_000_000)]
     pub hold: usize,
+    /// Throughput rounds: baseline and Warren alternate, best of each is reported.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
     /// Print JSON rows instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -4,7 +4,10 @@ mod bench;
 mod dead;
 mod publish;
 mod scheduler;
+mod status;
+mod tasks;
 mod topology;
+mod tracker;
 mod up;
 mod worker;
 
@@ -37,6 +40,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Dead { action } => dead::run(&config, action).await,
         Command::Scheduler => scheduler::run(&config).await,
+        Command::Tracker => tracker::run(config).await,
+        Command::Status(args) => status::run(&config, args).await,
+        Command::Tasks(args) => tasks::run(&config, args).await,
         Command::Worker(args) => {
             apply_worker_args(&mut config, args)?;
             worker::run(config).await

@@ -1,4 +1,4 @@
-//! `warren up`: topology, scheduler and a worker in one process.
+//! `warren up`: topology, scheduler, a worker and the task tracker in one process.
 
 use warren_core::Config;
 use warren_worker::{Registry, Worker};
@@ -7,13 +7,24 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     let shutdown = crate::shutdown::on_signal()?;
     super::scheduler::apply_topology(&config).await?;
     let worker = Worker::new(config.clone(), Registry::with_builtins())?;
-    let scheduler = warren_scheduler::Scheduler::new(config);
-    let (w, s) = tokio::join!(worker.run(shutdown.clone()), async {
-        let r = scheduler.run(shutdown.clone()).await;
-        // If the scheduler fails, stop the worker too rather than run half a system.
-        shutdown.cancel();
-        r
-    });
+    let scheduler = warren_scheduler::Scheduler::new(config.clone());
+    // The tracker only watches: a taken HTTP address or an unusable database
+    // is reported, and tasks keep running without it.
+    let tracker = warren_tracker::Tracker::new(config).http_optional(true);
+    let (w, s, ()) = tokio::join!(
+        worker.run(shutdown.clone()),
+        async {
+            let r = scheduler.run(shutdown.clone()).await;
+            // If the scheduler fails, stop the worker too rather than run half a system.
+            shutdown.cancel();
+            r
+        },
+        async {
+            if let Err(e) = tracker.run(shutdown.clone()).await {
+                tracing::error!(error = %e, "task tracker not running; tasks run without it");
+            }
+        }
+    );
     w?;
     s?;
     Ok(0)

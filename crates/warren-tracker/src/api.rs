@@ -1,0 +1,385 @@
+//! The tracker's HTTP side: the dashboard (static files compiled in), the
+//! JSON API (`docs/openapi.yaml`), `/metrics`, `/healthz` and `/readyz`.
+
+use std::collections::BTreeSet;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use warren_client::dead::{DeadFilter, DeadLetters};
+
+use crate::store::TaskFilter;
+use crate::tracker::Shared;
+
+const INDEX_HTML: &str = include_str!("../static/index.html");
+const APP_JS: &str = include_str!("../static/app.js");
+const STYLE_CSS: &str = include_str!("../static/style.css");
+
+/// Most tasks one listing returns.
+const MAX_LIMIT: i64 = 1000;
+
+/// Most dead tasks one listing returns.
+const MAX_DEAD_LIMIT: usize = 500;
+
+/// The routes, over the tracker's shared state.
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(
+            "/",
+            get(|| async { static_file("text/html; charset=utf-8", INDEX_HTML) }),
+        )
+        .route(
+            "/app.js",
+            get(|| async { static_file("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/style.css",
+            get(|| async { static_file("text/css; charset=utf-8", STYLE_CSS) }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/tasks", get(list_tasks))
+        .route("/api/tasks/{id}", get(task))
+        .route("/api/stats", get(stats))
+        .route("/api/failures", get(failures))
+        .route("/api/queues", get(queues))
+        .route("/api/dead", get(dead_list))
+        .route("/api/dead/replay", post(dead_replay))
+        .with_state(shared)
+}
+
+fn static_file(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// A JSON error `{"error": "..."}` with a status.
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+fn internal(e: impl std::fmt::Display) -> Response {
+    tracing::warn!(error = %e, "tracker API request failed");
+    error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+async fn readyz(State(s): State<Arc<Shared>>) -> Response {
+    let broker = s.is_consuming();
+    let database = s.store.ping().await.is_ok();
+    let body = Json(json!({"ready": broker && database, "broker": broker, "database": database}));
+    let status = if broker && database {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, body).into_response()
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    let counts = s.store.state_counts().await.ok();
+    let ready = s.is_consuming() && counts.is_some();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(counts.as_ref(), ready),
+    )
+        .into_response()
+}
+
+/// Query of `GET /api/tasks`.
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    state: Option<String>,
+    #[serde(rename = "type")]
+    task_type: Option<String>,
+    /// RFC 3339 time, Unix ms, or an age such as `15m`.
+    since: Option<String>,
+    limit: Option<i64>,
+}
+
+/// A time filter: RFC 3339, Unix milliseconds, or an age back from now
+/// (`30s`, `15m`, `2h`, `7d`). Returns Unix milliseconds.
+pub fn parse_since(text: &str, now_ms: i64) -> Result<i64, String> {
+    let text = text.trim();
+    if let Some(ms) = crate::record::parse_time_ms(text) {
+        return Ok(ms);
+    }
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (n, unit) = text.split_at(split);
+    let unit_ms: i64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => 0,
+    };
+    match n.parse::<i64>() {
+        Ok(n) if unit_ms > 0 => Ok(now_ms.saturating_sub(n.saturating_mul(unit_ms))),
+        _ => Err(format!(
+            "since {text:?} is not a time: use an age such as 15m, 2h or 7d, an RFC 3339 time \
+             (2026-11-24T10:00:00Z) or Unix milliseconds"
+        )),
+    }
+}
+
+async fn list_tasks(State(s): State<Arc<Shared>>, Query(q): Query<ListQuery>) -> Response {
+    let since_ms = match q.since.as_deref().filter(|t| !t.is_empty()) {
+        Some(t) => match parse_since(t, chrono::Utc::now().timestamp_millis()) {
+            Ok(ms) => Some(ms),
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        },
+        None => None,
+    };
+    let filter = TaskFilter {
+        state: q.state.filter(|v| !v.is_empty()),
+        task_type: q.task_type.filter(|v| !v.is_empty()),
+        since_ms,
+        limit: q.limit.unwrap_or(100).clamp(1, MAX_LIMIT),
+    };
+    match s.store.list(&filter).await {
+        Ok(rows) => {
+            let tasks: Vec<_> = rows.iter().map(|r| r.view()).collect();
+            Json(json!({"tasks": tasks})).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+async fn task(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+    let row = match s.store.task(&id).await {
+        Ok(Some(row)) => row,
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("no task {id:?} in the tracker (unknown, not seen yet, or pruned)"),
+            )
+        }
+        Err(e) => return internal(e),
+    };
+    match s.store.history(&id).await {
+        Ok(history) => {
+            let events: Vec<Value> = history.into_iter().map(|h| h.event).collect();
+            Json(json!({"task": row.view(), "events": events})).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+async fn stats(State(s): State<Arc<Shared>>) -> Response {
+    match s.store.state_counts().await {
+        Ok(states) => {
+            let total: i64 = states.values().sum();
+            Json(json!({
+                "at": crate::record::format_ms(chrono::Utc::now().timestamp_millis()),
+                "states": states,
+                "tasks": total,
+                "events_ingested": s.metrics.ingested_total(),
+                "consuming": s.is_consuming(),
+            }))
+            .into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// Query of listings that take only a limit.
+#[derive(Debug, Deserialize)]
+struct LimitQuery {
+    limit: Option<i64>,
+}
+
+async fn failures(State(s): State<Arc<Shared>>, Query(q): Query<LimitQuery>) -> Response {
+    match s
+        .store
+        .recent_failures(q.limit.unwrap_or(20).clamp(1, MAX_LIMIT))
+        .await
+    {
+        Ok(rows) => {
+            let tasks: Vec<_> = rows.iter().map(|r| r.view()).collect();
+            Json(json!({"tasks": tasks})).into_response()
+        }
+        Err(e) => internal(e),
+    }
+}
+
+async fn queues(State(s): State<Arc<Shared>>) -> Response {
+    match crate::mgmt::queues(&s.http, &s.config).await {
+        Ok(queues) => Json(json!({"queues": queues})).into_response(),
+        Err(e) => error(StatusCode::BAD_GATEWAY, e),
+    }
+}
+
+/// The API's broker connection, opened (again) when needed.
+async fn with_connection<R>(
+    s: &Shared,
+    f: impl AsyncFnOnce(&lapin::Connection) -> R,
+) -> Result<R, String> {
+    let mut slot = s.amqp.lock().await;
+    if !slot.as_ref().is_some_and(|c| c.status().connected()) {
+        let conn = warren_client::connect(&s.config.broker.url, "tracker-api")
+            .await
+            .map_err(|e| e.to_string())?;
+        *slot = Some(conn);
+    }
+    let conn = slot.as_ref().expect("connected just above");
+    Ok(f(conn).await)
+}
+
+/// Query of `GET /api/dead`.
+#[derive(Debug, Deserialize)]
+struct DeadQuery {
+    #[serde(rename = "type")]
+    task_type: Option<String>,
+    reason: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn dead_list(State(s): State<Arc<Shared>>, Query(q): Query<DeadQuery>) -> Response {
+    let filter = DeadFilter {
+        task_type: q.task_type.filter(|v| !v.is_empty()),
+        reason: q.reason.filter(|v| !v.is_empty()),
+        ids: None,
+    };
+    let limit = q.limit.unwrap_or(50).clamp(1, MAX_DEAD_LIMIT);
+    let names = s.config.names();
+    let outcome = with_connection(&s, async |conn| {
+        let mut tasks = Vec::new();
+        let report = DeadLetters::new(conn, &names)
+            .list(&filter, Some(limit), |t| {
+                tasks.push(t.to_json());
+                ControlFlow::Continue(())
+            })
+            .await;
+        report.map(|r| (r, tasks))
+    })
+    .await;
+    match outcome {
+        Ok(Ok((report, tasks))) => Json(json!({
+            "queue": names.dead(),
+            "depth": report.depth,
+            "shown": tasks.len(),
+            "limited": report.limited,
+            "tasks": tasks,
+        }))
+        .into_response(),
+        Ok(Err(e)) => internal(e),
+        Err(e) => error(StatusCode::BAD_GATEWAY, e),
+    }
+}
+
+/// Body of `POST /api/dead/replay`.
+#[derive(Debug, Deserialize)]
+struct ReplayRequest {
+    #[serde(default)]
+    ids: Vec<String>,
+    #[serde(default)]
+    all: bool,
+    #[serde(rename = "type")]
+    task_type: Option<String>,
+    reason: Option<String>,
+}
+
+async fn dead_replay(State(s): State<Arc<Shared>>, Json(req): Json<ReplayRequest>) -> Response {
+    if req.ids.is_empty() && !req.all {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "say which dead tasks to replay: {\"ids\": [\"<task id>\", ...]} or {\"all\": true}",
+        );
+    }
+    let filter = DeadFilter {
+        task_type: req.task_type.filter(|v| !v.is_empty()),
+        reason: req.reason.filter(|v| !v.is_empty()),
+        ids: (!req.all).then(|| req.ids.iter().cloned().collect::<BTreeSet<_>>()),
+    };
+    let names = s.config.names();
+    let outcome = with_connection(&s, async |conn| {
+        DeadLetters::new(conn, &names).replay(&filter).await
+    })
+    .await;
+    match outcome {
+        Ok(Ok(report)) => {
+            let not_found: Vec<&String> = if req.all {
+                Vec::new()
+            } else {
+                req.ids
+                    .iter()
+                    .filter(|id| !report.found.contains(*id))
+                    .collect()
+            };
+            tracing::info!(
+                replayed = report.replayed,
+                "dead tasks replayed through the tracker API"
+            );
+            Json(json!({
+                "replayed": report.replayed,
+                "not_found": not_found,
+                "skipped_no_type": report.skipped_no_type,
+            }))
+            .into_response()
+        }
+        Ok(Err(e)) => internal(e),
+        Err(e) => error(StatusCode::BAD_GATEWAY, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_documented_in_openapi() {
+        let spec = include_str!("../../../docs/openapi.yaml");
+        for path in [
+            "/",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/api/tasks",
+            "/api/tasks/{id}",
+            "/api/stats",
+            "/api/failures",
+            "/api/queues",
+            "/api/dead",
+            "/api/dead/replay",
+        ] {
+            assert!(
+                spec.contains(&format!("\n  {path}:\n")),
+                "{path} in docs/openapi.yaml"
+            );
+        }
+    }
+
+    #[test]
+    fn since_accepts_ages_times_and_millis() {
+        let now = 10_000_000;
+        assert_eq!(parse_since("15m", now), Ok(now - 900_000));
+        assert_eq!(parse_since("2h", now), Ok(now - 7_200_000));
+        assert_eq!(parse_since("1d", now), Ok(now - 86_400_000));
+        assert_eq!(parse_since("500ms", now), Ok(now - 500));
+        assert_eq!(parse_since("1234", now), Ok(1234));
+        assert_eq!(parse_since("1970-01-01T00:00:01Z", now), Ok(1000));
+        assert!(parse_since("soon", now).unwrap_err().contains("15m"));
+        assert!(parse_since("5w", now).is_err());
+    }
+}

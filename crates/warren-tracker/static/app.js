@@ -1,0 +1,224 @@
+// Warren dashboard: polls the tracker's JSON API every 2 s and draws the
+// page with DOM calls only (every value is set as text, never as HTML).
+"use strict";
+
+const POLL_MS = 2000;
+const HISTORY = 150; // samples kept for the chart: 5 minutes
+const STATES = ["scheduled", "started", "failed", "succeeded", "dead", "cancelled"];
+const COLORS = {
+  scheduled: "#7a5cd6", started: "#2f6fde", failed: "#c77800",
+  succeeded: "#2a7a3b", dead: "#c62f2f", cancelled: "#6b7480",
+};
+const samples = [];
+let shownTask = null;
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (v !== undefined && v !== null) node.setAttribute(k, v);
+  }
+  for (const c of children) {
+    if (c === null || c === undefined) continue;
+    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return node;
+}
+
+async function getJSON(path, options) {
+  const res = await fetch(path, options);
+  let body = null;
+  try { body = await res.json(); } catch (_) { /* not JSON */ }
+  if (!res.ok) throw new Error((body && body.error) || `${path}: HTTP ${res.status}`);
+  return body;
+}
+
+function rate(x) { return x ? x.toFixed(1) : "0"; }
+function when(t) { return t ? t.replace("T", " ").replace("Z", "") : ""; }
+function errorText(e) {
+  if (!e) return "";
+  if (typeof e === "string") return e;
+  return [e.code, e.message].filter(Boolean).join(": ");
+}
+function fill(tbody, rows, cols, empty) {
+  tbody.replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", { colspan: cols, class: "muted" }, empty))]));
+}
+function taskLink(id) {
+  return el("a", { href: `?task=${encodeURIComponent(id)}`, class: "mono", onclick: (ev) => { ev.preventDefault(); showTask(id); } }, id);
+}
+
+async function refreshQueues() {
+  const tbody = document.querySelector("#queues tbody");
+  const err = document.getElementById("queues-error");
+  try {
+    const { queues } = await getJSON("/api/queues");
+    const shown = queues.filter((q) => q.kind !== "delay" || !/\.wait\.\d+s$/.test(q.name));
+    const tiers = queues.filter((q) => q.kind === "delay" && /\.wait\.\d+s$/.test(q.name));
+    const rows = shown.map((q) => el("tr", { "data-queue": q.name },
+      el("td", { class: "mono" }, q.name), el("td", {}, q.kind),
+      el("td", { class: "num" }, q.ready), el("td", { class: "num" }, q.unacked),
+      el("td", { class: "num" }, q.consumers), el("td", { class: "num" }, rate(q.publish_rate)),
+      el("td", { class: "num" }, rate(q.deliver_rate)), el("td", { class: "num" }, rate(q.ack_rate))));
+    if (tiers.length) {
+      const sum = (k) => tiers.reduce((a, q) => a + (q[k] || 0), 0);
+      rows.push(el("tr", { "data-queue": "delay-tiers" },
+        el("td", { class: "mono" }, `delay tiers (${tiers.length} queues)`), el("td", {}, "delay"),
+        el("td", { class: "num" }, sum("ready")), el("td", { class: "num" }, sum("unacked")),
+        el("td", { class: "num" }, sum("consumers")), el("td", { class: "num" }, rate(sum("publish_rate"))),
+        el("td", { class: "num" }, rate(sum("deliver_rate"))), el("td", { class: "num" }, rate(sum("ack_rate")))));
+    }
+    fill(tbody, rows, 8, "no queues");
+    err.hidden = true;
+  } catch (e) {
+    err.textContent = `queues unavailable: ${e.message}`;
+    err.hidden = false;
+  }
+}
+
+async function refreshStats() {
+  const pill = document.getElementById("status");
+  try {
+    const s = await getJSON("/api/stats");
+    pill.textContent = s.consuming ? "tracking" : "broker unreachable";
+    pill.className = "pill " + (s.consuming ? "ok" : "bad");
+    samples.push({ t: Date.now(), states: s.states });
+    if (samples.length > HISTORY) samples.shift();
+    const counts = document.getElementById("state-counts");
+    counts.replaceChildren(el("span", { class: "count", "data-state": "total" }, "total ", el("b", {}, s.tasks)),
+      ...STATES.map((st) => el("span", { class: `count state-${st}`, "data-state": st }, `${st} `, el("b", {}, s.states[st] || 0))));
+    drawChart();
+  } catch (e) {
+    pill.textContent = "tracker unreachable";
+    pill.className = "pill bad";
+  }
+}
+
+function drawChart() {
+  const svg = document.getElementById("chart");
+  const ns = "http://www.w3.org/2000/svg";
+  const W = 800, H = 200, pad = 4;
+  const max = Math.max(1, ...samples.flatMap((h) => STATES.map((s) => h.states[s] || 0)));
+  const x = (i) => (samples.length < 2 ? W / 2 : pad + (i * (W - 2 * pad)) / (samples.length - 1));
+  const y = (v) => H - pad - (v * (H - 2 * pad)) / max;
+  const nodes = [];
+  for (const st of STATES) {
+    if (!samples.some((h) => h.states[st])) continue;
+    const line = document.createElementNS(ns, "polyline");
+    line.setAttribute("points", samples.map((h, i) => `${x(i).toFixed(1)},${y(h.states[st] || 0).toFixed(1)}`).join(" "));
+    line.setAttribute("fill", "none");
+    line.setAttribute("stroke", COLORS[st]);
+    line.setAttribute("stroke-width", "2");
+    line.setAttribute("vector-effect", "non-scaling-stroke");
+    line.setAttribute("data-state", st);
+    nodes.push(line);
+  }
+  const label = document.createElementNS(ns, "text");
+  label.setAttribute("x", "6"); label.setAttribute("y", "14"); label.setAttribute("font-size", "12"); label.setAttribute("fill", "#6b7480");
+  label.textContent = `max ${max}`;
+  nodes.push(label);
+  svg.replaceChildren(...nodes);
+  document.getElementById("legend").replaceChildren(...STATES.map((st) =>
+    el("span", {}, el("span", { class: "swatch", style: `background:${COLORS[st]}` }), st)));
+}
+
+async function refreshFailures() {
+  const tbody = document.querySelector("#failures tbody");
+  try {
+    const { tasks } = await getJSON("/api/failures?limit=15");
+    fill(tbody, tasks.map((t) => el("tr", { "data-task": t.task_id },
+      el("td", { class: "mono" }, when(t.last_event_at)), el("td", {}, taskLink(t.task_id)), el("td", {}, t.type),
+      el("td", { class: `state-${t.state}` }, t.state), el("td", { class: "num" }, t.attempts),
+      el("td", { class: "error" }, errorText(t.error)))), 6, "no failures");
+  } catch (e) {
+    fill(tbody, [], 6, `failures unavailable: ${e.message}`);
+  }
+}
+
+async function replay(id, button) {
+  button.disabled = true;
+  const msg = document.getElementById("dead-message");
+  try {
+    const r = await getJSON("/api/dead/replay", {
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ ids: [id] }),
+    });
+    msg.textContent = r.replayed ? `replayed ${id}` : `${id} was no longer in the dead-letter queue`;
+  } catch (e) {
+    msg.textContent = `replay failed: ${e.message}`;
+    button.disabled = false;
+  }
+  msg.hidden = false;
+  refreshDead();
+}
+
+async function refreshDead() {
+  const tbody = document.querySelector("#dead tbody");
+  try {
+    const d = await getJSON("/api/dead?limit=20");
+    document.getElementById("dead-depth").textContent = `${d.queue}: ${d.depth}`;
+    fill(tbody, d.tasks.map((t) => el("tr", { "data-dead": t.id || "" },
+      el("td", {}, t.id ? taskLink(t.id) : "-"), el("td", {}, t.type || "-"), el("td", {}, t.reason || "-"),
+      el("td", { class: "num" }, t.attempt ?? "-"), el("td", { class: "error" }, t.detail || ""),
+      el("td", {}, t.id ? el("button", { type: "button", class: "replay", onclick: (ev) => replay(t.id, ev.target) }, "Replay") : ""))),
+      6, "no dead tasks");
+  } catch (e) {
+    fill(tbody, [], 6, `dead letters unavailable: ${e.message}`);
+  }
+}
+
+async function showTask(id) {
+  id = (id || "").trim();
+  if (!id) return;
+  const panel = document.getElementById("task-panel");
+  const body = document.getElementById("task-body");
+  document.getElementById("task-title").textContent = id;
+  if (shownTask !== id) {
+    document.getElementById("search-id").value = id;
+    window.history.replaceState(null, "", `?task=${encodeURIComponent(id)}`);
+  }
+  shownTask = id;
+  panel.hidden = false;
+  try {
+    const { task, events } = await getJSON(`/api/tasks/${encodeURIComponent(id)}`);
+    const facts = [["state", task.state], ["type", task.type], ["attempts", task.attempts], ["queue", task.queue],
+      ["worker", task.worker], ["first seen", when(task.first_seen)], ["started", when(task.started_at)],
+      ["finished", when(task.finished_at)], ["duration", task.duration_ms != null ? `${task.duration_ms} ms` : ""],
+      ["reason", task.reason], ["error", errorText(task.error)],
+      ["result", task.result != null ? JSON.stringify(task.result) : ""]];
+    const dl = el("table", { id: "task-facts", "data-state": task.state },
+      el("tbody", {}, ...facts.filter(([, v]) => v !== null && v !== undefined && v !== "")
+        .map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", { class: k === "error" ? "error" : "mono" }, v)))));
+    const rows = events.map((e) => el("tr", {}, el("td", { class: "mono" }, when(e.at)),
+      el("td", { class: `state-${e.state}` }, e.state), el("td", { class: "num" }, e.attempt), el("td", { class: "mono" }, e.worker || ""),
+      el("td", { class: "error" }, errorText(e.error) || e.reason || "")));
+    const ev = el("table", { id: "task-events" },
+      el("thead", {}, el("tr", {}, el("th", {}, "at"), el("th", {}, "state"), el("th", { class: "num" }, "attempt"), el("th", {}, "worker"), el("th", {}, "detail"))),
+      el("tbody", {}, ...rows));
+    body.replaceChildren(dl, el("h3", {}, "History"), ev);
+  } catch (e) {
+    body.replaceChildren(el("p", { class: "error", id: "task-missing" }, e.message));
+  }
+}
+
+function poll() {
+  refreshStats();
+  refreshQueues();
+  refreshFailures();
+  refreshDead();
+  if (shownTask) showTask(shownTask);
+}
+
+document.getElementById("search").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  showTask(document.getElementById("search-id").value);
+});
+document.getElementById("task-close").addEventListener("click", () => {
+  document.getElementById("task-panel").hidden = true;
+  shownTask = null;
+  window.history.replaceState(null, "", location.pathname);
+});
+
+const wanted = new URLSearchParams(location.search).get("task");
+if (wanted) showTask(wanted);
+poll();
+setInterval(poll, POLL_MS);
