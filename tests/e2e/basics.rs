@@ -226,3 +226,110 @@ async fn a_task_that_expires_in_its_queue_ends_dead_expired() {
         "a parked task does not expire again"
     );
 }
+
+#[tokio::test]
+async fn a_forged_type_property_is_overwritten_and_charset_parameters_are_ignored() {
+    let mut env = Env::new("forged", &[]).await;
+    env.up(&[]);
+    let mut watch = env.watch(&["#"]).await;
+    let props = BasicProperties::default()
+        .with_content_type("Application/JSON; charset=utf-8".into())
+        .with_message_id("forged-1".into())
+        .with_type("something.else".into());
+    env.client
+        .publish_raw(&env.names().tasks(), "diag.echo", b"{\"a\":1}", props)
+        .await
+        .unwrap();
+    let got = until_final(&mut watch, &["forged-1".to_owned()], T).await;
+    let ev = final_event(&got["forged-1"]);
+    assert_eq!(ev.state, TaskState::Succeeded);
+    assert_eq!(ev.task_type, "diag.echo", "the routing key is the type");
+    assert_eq!(got["forged-1"][1].routing_key, "succeeded.diag.echo");
+}
+
+#[tokio::test]
+async fn a_large_result_is_truncated_and_says_so() {
+    let mut env = Env::new(
+        "big-result",
+        &[
+            ("WARREN__LIMITS__MAX_RESULT_BYTES", "200"),
+            ("WARREN__HTTP__MAX_RESPONSE_BYTES", "100"),
+        ],
+    )
+    .await;
+    env.up(&[]);
+    let ev = env
+        .client
+        .call(
+            &TaskRequest::new("diag.echo", json!({"pad": "x".repeat(5000)})),
+            T,
+        )
+        .await
+        .unwrap();
+    let result = ev.result.unwrap();
+    assert_eq!(result["truncated"], true);
+    assert!(result["bytes"].as_u64().unwrap() > 5000);
+    assert!(result["preview"]
+        .as_str()
+        .unwrap()
+        .starts_with("{\"pad\":\"xxx"));
+}
+
+#[tokio::test]
+async fn with_a_default_queue_an_unrouted_type_goes_there() {
+    let env = Env::new("default-queue", &[]).await;
+    let file = std::env::temp_dir().join(format!("{}.toml", env.prefix));
+    std::fs::write(
+        &file,
+        "[[queues]]\nname = \"diag\"\n\n[[queues]]\nname = \"main\"\ndefault = true\n\n\
+         [[routes]]\npattern = \"diag.*\"\nqueue = \"diag\"\n",
+    )
+    .unwrap();
+    let out = env
+        .warren(&["--config", file.to_str().unwrap(), "topology", "apply"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    env.client
+        .publish(&TaskRequest::new("report.monthly", json!({})))
+        .await
+        .unwrap();
+    env.wait_depth(&env.names().work_queue("main"), 1, T).await;
+    assert_eq!(env.depth(&env.names().unroutable()).await, 0);
+}
+
+#[tokio::test]
+async fn a_quorum_work_queue_runs_tasks() {
+    let env = Env::new("quorum", &[]).await;
+    let file = std::env::temp_dir().join(format!("{}.toml", env.prefix));
+    std::fs::write(
+        &file,
+        "[[queues]]\nname = \"qq\"\ntype = \"quorum\"\n\n[[routes]]\npattern = \"diag.*\"\nqueue = \"qq\"\n",
+    )
+    .unwrap();
+    let cfg = file.to_str().unwrap().to_owned();
+    let out = env
+        .warren(&["--config", &cfg, "topology", "apply"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut env = env;
+    env.spawn(&["--config", &cfg, "worker"], &[]);
+    let ev = env
+        .client
+        .call(&TaskRequest::new("diag.echo", json!({"q": "quorum"})), T)
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(ev.state, TaskState::Succeeded);
+    assert_eq!(ev.queue.as_deref(), Some("qq"));
+}

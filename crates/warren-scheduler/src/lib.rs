@@ -13,5 +13,5 @@ pub mod intake;
 pub mod reconcile;
 mod scheduler;
 
-pub use reconcile::{apply, ApplyReport, TopologyError};
+pub use reconcile::{apply, prune_stale_bindings, reconcile, ApplyReport, TopologyError};
 pub use scheduler::{Scheduler, SchedulerError};

@@ -15,6 +15,8 @@ pub struct ApplyReport {
     pub queues: usize,
     /// Bindings declared.
     pub bindings: usize,
+    /// Bindings removed because the configuration no longer has them.
+    pub stale_bindings_removed: usize,
 }
 
 /// Why the topology could not be applied.
@@ -121,4 +123,121 @@ pub async fn apply(conn: &Connection, plan: &TopologyPlan) -> Result<ApplyReport
     }
     let _ = ch.close(200, "topology applied".into()).await;
     Ok(report)
+}
+
+/// [`apply`], then [`prune_stale_bindings`] with the configuration's
+/// management API.
+pub async fn reconcile(
+    conn: &Connection,
+    config: &warren_core::Config,
+) -> Result<ApplyReport, TopologyError> {
+    let plan = TopologyPlan::from_config(config);
+    let mut report = apply(conn, &plan).await?;
+    report.stale_bindings_removed = prune_stale_bindings(
+        conn,
+        &plan,
+        &config.broker.url,
+        &config.broker.management_url,
+    )
+    .await?;
+    Ok(report)
+}
+
+/// Bindings the broker has from Warren's exchanges into Warren's queues that
+/// the plan no longer has (a route removed, a default queue added) are
+/// removed, so a task is never routed by a stale binding. Listing bindings needs the management
+/// API; when it does not answer, the check is skipped with a warning.
+pub async fn prune_stale_bindings(
+    conn: &Connection,
+    plan: &TopologyPlan,
+    url: &warren_core::config::BrokerUrl,
+    management_url: &str,
+) -> Result<usize, TopologyError> {
+    let uri: lapin::uri::AMQPUri = match url.expose().parse() {
+        Ok(u) => u,
+        Err(_) => return Ok(0),
+    };
+    let user = &uri.authority.userinfo;
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .expect("an HTTP client with default settings");
+    let vhost = percent_encode(&uri.vhost);
+    let mut removed = 0;
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|source| TopologyError::Broker {
+            what: "open channel".into(),
+            source,
+        })?;
+    for x in &plan.exchanges {
+        let api = format!(
+            "{}/api/exchanges/{vhost}/{}/bindings/source",
+            management_url.trim_end_matches('/'),
+            percent_encode(&x.name)
+        );
+        let answer = http
+            .get(&api)
+            .basic_auth(&user.username, Some(&user.password))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status());
+        let bindings: Vec<serde_json::Value> = match answer {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e.without_url(),
+                    "management API unreachable: stale bindings were not checked"
+                );
+                return Ok(removed);
+            }
+        };
+        for b in bindings {
+            let (Some(queue), Some(key), Some("queue")) = (
+                b["destination"].as_str(),
+                b["routing_key"].as_str(),
+                b["destination_type"].as_str(),
+            ) else {
+                continue;
+            };
+            // Only bindings into Warren's own queues are managed: queues that
+            // others bind to these exchanges (event taps, watchers, the
+            // tracker) are theirs.
+            let ours = plan.queues.iter().any(|q| q.name == queue);
+            let planned = plan
+                .bindings
+                .iter()
+                .any(|p| p.exchange == x.name && p.queue == queue && p.routing_key == key);
+            if planned || !ours {
+                continue;
+            }
+            tracing::info!(exchange = %x.name, queue, key, "removing a binding the configuration no longer has");
+            ch.queue_unbind(
+                queue.into(),
+                x.name.as_str().into(),
+                key.into(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| TopologyError::Broker {
+                what: format!("unbind {queue} from {} ({key:?})", x.name),
+                source,
+            })?;
+            removed += 1;
+        }
+    }
+    let _ = ch.close(200, "pruned".into()).await;
+    Ok(removed)
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

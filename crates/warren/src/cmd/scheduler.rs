@@ -1,6 +1,5 @@
 //! `warren scheduler`.
 
-use warren_core::topology::TopologyPlan;
 use warren_core::Config;
 
 pub async fn run(config: &Config) -> anyhow::Result<i32> {
@@ -15,7 +14,7 @@ pub async fn run(config: &Config) -> anyhow::Result<i32> {
 /// Applies the configured topology, waiting for the broker to answer.
 pub async fn apply_topology(config: &Config) -> anyhow::Result<()> {
     let conn = super::connect(config, "scheduler").await?;
-    let report = warren_scheduler::apply(&conn, &TopologyPlan::from_config(config)).await?;
+    let report = warren_scheduler::reconcile(&conn, config).await?;
     tracing::info!(
         exchanges = report.exchanges,
         queues = report.queues,

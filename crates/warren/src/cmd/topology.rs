@@ -11,11 +11,15 @@ pub async fn run(config: &Config, action: TopologyAction) -> anyhow::Result<i32>
         TopologyAction::Show => print!("{}", plan.render()),
         TopologyAction::Apply => {
             let conn = super::connect(config, "topology").await?;
-            let report = warren_scheduler::apply(&conn, &plan).await?;
+            let report = warren_scheduler::reconcile(&conn, config).await?;
             let _ = conn.close(200, "done".into()).await;
             println!(
-                "topology applied on {}: {} exchanges, {} queues, {} bindings",
-                config.broker.url, report.exchanges, report.queues, report.bindings
+                "topology applied on {}: {} exchanges, {} queues, {} bindings ({} stale bindings removed)",
+                config.broker.url,
+                report.exchanges,
+                report.queues,
+                report.bindings,
+                report.stale_bindings_removed
             );
         }
     }
