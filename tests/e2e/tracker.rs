@@ -242,6 +242,19 @@ async fn postgres_tracker_in_up_counts_a_known_batch() {
     assert!((0.0..30.0).contains(&lag), "lag {lag}");
     assert!(m("warren_tracker_batch_write_seconds_count") >= 1.0);
     assert!(metrics.contains("# TYPE warren_tracker_batch_write_seconds histogram"));
+    // Fleet metrics, from the events of every worker and scheduler.
+    assert_eq!(
+        m("warren_task_duration_seconds_count{type=\"diag.echo\",outcome=\"succeeded\"}"),
+        20.0
+    );
+    assert_eq!(
+        m("warren_task_duration_seconds_bucket{type=\"diag.echo\",outcome=\"succeeded\",le=\"+Inf\"}"),
+        20.0
+    );
+    assert_eq!(
+        m("warren_tasks_dead_total{type=\"diag.fail\",reason=\"permanent_failure\"}"),
+        5.0
+    );
 
     let listed = api.ok("/api/tasks?state=dead&type=diag.fail&limit=3").await;
     assert_eq!(listed["tasks"].as_array().unwrap().len(), 3, "{listed}");

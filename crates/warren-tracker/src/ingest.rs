@@ -216,8 +216,7 @@ async fn write_and_ack(
                 let now = chrono::Utc::now().timestamp_millis();
                 let oldest = events.iter().map(|e| e.at_ms).min().unwrap_or(now);
                 shared.metrics.batch_committed(
-                    &report.ingested,
-                    report.duplicates,
+                    &report,
                     started.elapsed().as_secs_f64(),
                     (now - oldest) as f64 / 1000.0,
                 );

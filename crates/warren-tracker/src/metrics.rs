@@ -5,10 +5,59 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 
+use crate::store::BatchReport;
+
 /// Upper bounds of the batch write duration histogram, in seconds.
 const BATCH_BUCKETS: [f64; 12] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
+
+/// Upper bounds of the task duration histogram, in seconds.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// One histogram's buckets, sum and count.
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    buckets: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, bounds: &[f64], value: f64) {
+        if self.buckets.is_empty() {
+            self.buckets = vec![0; bounds.len()];
+        }
+        for (i, le) in bounds.iter().enumerate() {
+            if value <= *le {
+                self.buckets[i] += 1;
+            }
+        }
+        self.sum += value;
+        self.count += 1;
+    }
+
+    fn write(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64]) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (le, n) in bounds.iter().zip(&self.buckets) {
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
+    }
+}
 
 /// Counters and gauges of one tracker process.
 #[derive(Debug, Default)]
@@ -22,8 +71,10 @@ struct Inner {
     duplicates: u64,
     invalid: u64,
     batches: u64,
-    batch_buckets: [u64; BATCH_BUCKETS.len()],
-    batch_sum: f64,
+    batch_seconds: Histogram,
+    task_seconds: BTreeMap<(String, &'static str), Histogram>,
+    retries: BTreeMap<String, u64>,
+    dead: BTreeMap<(String, String), u64>,
     write_errors: u64,
     reconnects: u64,
     pruned: u64,
@@ -41,24 +92,25 @@ impl Metrics {
     /// A batch was committed: its new events by `(state, type)`, the
     /// duplicates it skipped, how long the write took, and the age of its
     /// oldest event at commit.
-    pub fn batch_committed(
-        &self,
-        ingested: &BTreeMap<(String, String), u64>,
-        duplicates: u64,
-        write_seconds: f64,
-        lag_seconds: f64,
-    ) {
+    pub fn batch_committed(&self, report: &BatchReport, write_seconds: f64, lag_seconds: f64) {
         self.with(|m| {
-            for (k, n) in ingested {
+            for (k, n) in &report.ingested {
                 *m.ingested.entry(k.clone()).or_default() += n;
             }
-            m.duplicates += duplicates;
+            m.duplicates += report.duplicates;
             m.batches += 1;
-            m.batch_sum += write_seconds;
-            for (i, le) in BATCH_BUCKETS.iter().enumerate() {
-                if write_seconds <= *le {
-                    m.batch_buckets[i] += 1;
-                }
+            m.batch_seconds.observe(&BATCH_BUCKETS, write_seconds);
+            for (task_type, outcome, ms) in &report.durations {
+                m.task_seconds
+                    .entry((task_type.clone(), outcome))
+                    .or_default()
+                    .observe(&DURATION_BUCKETS, *ms as f64 / 1000.0);
+            }
+            for (k, n) in &report.retries {
+                *m.retries.entry(k.clone()).or_default() += n;
+            }
+            for (k, n) in &report.dead {
+                *m.dead.entry(k.clone()).or_default() += n;
             }
             m.lag_seconds = lag_seconds.max(0.0);
             m.last_commit_unix = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
@@ -131,12 +183,28 @@ impl Metrics {
             }
             header(&mut out, "warren_tracker_batch_write_seconds", "histogram",
                 "Time to write and commit one batch.");
-            for (le, n) in BATCH_BUCKETS.iter().zip(m.batch_buckets) {
-                let _ = writeln!(out, "warren_tracker_batch_write_seconds_bucket{{le=\"{le}\"}} {n}");
+            let mut batches = m.batch_seconds.clone();
+            if batches.buckets.is_empty() {
+                batches.buckets = vec![0; BATCH_BUCKETS.len()];
             }
-            let _ = writeln!(out, "warren_tracker_batch_write_seconds_bucket{{le=\"+Inf\"}} {}", m.batches);
-            let _ = writeln!(out, "warren_tracker_batch_write_seconds_sum {}", m.batch_sum);
-            let _ = writeln!(out, "warren_tracker_batch_write_seconds_count {}", m.batches);
+            batches.write(&mut out, "warren_tracker_batch_write_seconds", "", &BATCH_BUCKETS);
+            header(&mut out, "warren_task_duration_seconds", "histogram",
+                "Attempt durations reported by succeeded and failed events, by type and outcome (whole fleet).");
+            for ((task_type, outcome), h) in &m.task_seconds {
+                let labels = format!("type=\"{}\",outcome=\"{outcome}\"", escape(task_type));
+                h.write(&mut out, "warren_task_duration_seconds", &labels, &DURATION_BUCKETS);
+            }
+            header(&mut out, "warren_task_retries_total", "counter",
+                "Failed attempts that will be retried, by type (whole fleet).");
+            for (task_type, n) in &m.retries {
+                let _ = writeln!(out, "warren_task_retries_total{{type=\"{}\"}} {n}", escape(task_type));
+            }
+            header(&mut out, "warren_tasks_dead_total", "counter",
+                "Tasks parked in P.dead, by type and reason (whole fleet).");
+            for ((task_type, reason), n) in &m.dead {
+                let _ = writeln!(out, "warren_tasks_dead_total{{type=\"{}\",reason=\"{}\"}} {n}",
+                    escape(task_type), escape(reason));
+            }
         });
         if let Some(tasks) = tasks {
             header(
@@ -188,11 +256,24 @@ mod tests {
     #[test]
     fn renders_counters_by_label_and_the_histogram() {
         let m = Metrics::default();
-        let mut batch = BTreeMap::new();
-        batch.insert(("succeeded".to_owned(), "diag.echo".to_owned()), 3);
-        batch.insert(("started".to_owned(), "a\"b".to_owned()), 1);
-        m.batch_committed(&batch, 2, 0.004, 0.2);
-        m.batch_committed(&batch, 0, 0.3, 0.1);
+        let mut batch = BatchReport::default();
+        batch
+            .ingested
+            .insert(("succeeded".to_owned(), "diag.echo".to_owned()), 3);
+        batch
+            .ingested
+            .insert(("started".to_owned(), "a\"b".to_owned()), 1);
+        batch.duplicates = 2;
+        batch
+            .durations
+            .push(("diag.echo".to_owned(), "succeeded", 40));
+        batch.retries.insert("diag.fail".to_owned(), 1);
+        batch
+            .dead
+            .insert(("diag.fail".to_owned(), "retries_exhausted".to_owned()), 1);
+        m.batch_committed(&batch, 0.004, 0.2);
+        batch.duplicates = 0;
+        m.batch_committed(&batch, 0.3, 0.1);
         let mut tasks = BTreeMap::new();
         tasks.insert("succeeded".to_owned(), 3);
         let text = m.render(Some(&tasks), true);
@@ -207,6 +288,19 @@ mod tests {
         assert!(text.contains("warren_tracker_ingest_lag_seconds 0.1\n"));
         assert!(text.contains("warren_tracker_tasks{state=\"succeeded\"} 3\n"));
         assert!(text.contains("warren_tracker_ready 1\n"));
+        assert!(text.contains(
+            "warren_task_duration_seconds_bucket{type=\"diag.echo\",outcome=\"succeeded\",le=\"0.05\"} 2\n"
+        ));
+        assert!(text.contains(
+            "warren_task_duration_seconds_bucket{type=\"diag.echo\",outcome=\"succeeded\",le=\"0.025\"} 0\n"
+        ));
+        assert!(text.contains(
+            "warren_task_duration_seconds_count{type=\"diag.echo\",outcome=\"succeeded\"} 2\n"
+        ));
+        assert!(text.contains("warren_task_retries_total{type=\"diag.fail\"} 2\n"));
+        assert!(text.contains(
+            "warren_tasks_dead_total{type=\"diag.fail\",reason=\"retries_exhausted\"} 2\n"
+        ));
         assert_eq!(m.ingested_total(), 8);
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();

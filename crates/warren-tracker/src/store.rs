@@ -20,8 +20,14 @@ use warren_core::config::DatabaseUrl;
 
 use crate::record::{IncomingEvent, TaskRow};
 
-/// Rows per multi-row statement (parameters stay well below every limit).
-const ROWS_PER_STATEMENT: usize = 200;
+/// Rows per multi-row statement on SQLite. Binding slows down with the
+/// number of parameters of one statement there, so small statements in one
+/// transaction are fastest (measured: 16 rows ~15k events/s, 200 rows ~4k).
+const SQLITE_ROWS_PER_STATEMENT: usize = 16;
+
+/// Rows per multi-row statement on PostgreSQL, where each statement is a
+/// round trip (measured: 100 rows ~12k events/s, 10 rows ~7k).
+const POSTGRES_ROWS_PER_STATEMENT: usize = 100;
 
 /// PostgreSQL advisory lock key that serializes tracker writes ("warren" in ASCII).
 const PG_WRITE_LOCK: i64 = 0x7761_7272_656e;
@@ -121,6 +127,36 @@ pub struct BatchReport {
     pub duplicates: u64,
     /// Distinct tasks written.
     pub tasks: usize,
+    /// Attempt durations of new `succeeded` and `failed` events:
+    /// `(type, outcome, milliseconds)`.
+    pub durations: Vec<(String, &'static str, u64)>,
+    /// New `failed` events that will be retried, by type.
+    pub retries: BTreeMap<String, u64>,
+    /// New `dead` events by `(type, reason)`.
+    pub dead: BTreeMap<(String, String), u64>,
+}
+
+impl BatchReport {
+    /// Counts what a new event says about the fleet's tasks.
+    fn observe(&mut self, e: &warren_core::Event) {
+        use warren_core::TaskState;
+        let t = &e.task_type;
+        match e.state {
+            TaskState::Succeeded | TaskState::Failed => {
+                if let Some(ms) = e.duration_ms {
+                    self.durations.push((t.clone(), e.state.as_str(), ms));
+                }
+                if e.retry == Some(true) {
+                    *self.retries.entry(t.clone()).or_default() += 1;
+                }
+            }
+            TaskState::Dead => {
+                let reason = e.reason.clone().unwrap_or_else(|| "unknown".into());
+                *self.dead.entry((t.clone(), reason)).or_default() += 1;
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Which tasks a listing shows.
@@ -218,6 +254,14 @@ impl Store {
         &self.url
     }
 
+    /// Rows per multi-row statement for this engine.
+    fn rows_per_statement(&self) -> usize {
+        match self.backend {
+            Backend::Sqlite => SQLITE_ROWS_PER_STATEMENT,
+            Backend::Postgres => POSTGRES_ROWS_PER_STATEMENT,
+        }
+    }
+
     fn err(&self, source: sqlx::Error) -> StoreError {
         StoreError::Db {
             url: self.url.clone(),
@@ -298,6 +342,7 @@ impl Store {
         tx: &mut Transaction<'static, Any>,
         events: &[IncomingEvent],
     ) -> Result<BatchReport, sqlx::Error> {
+        let per_statement = self.rows_per_statement();
         let mut report = BatchReport::default();
         let mut seen = HashSet::new();
         let unique: Vec<&IncomingEvent> = events
@@ -307,7 +352,7 @@ impl Store {
 
         let now = chrono::Utc::now().timestamp_millis();
         let mut fresh_ids: HashSet<String> = HashSet::new();
-        for chunk in unique.chunks(ROWS_PER_STATEMENT) {
+        for chunk in unique.chunks(per_statement) {
             let sql = format!(
                 "INSERT INTO events (event_id, task_id, at, state, type, attempt, body, \
                  ingested_at) VALUES {} ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
@@ -342,7 +387,7 @@ impl Store {
         task_ids.sort_unstable();
         task_ids.dedup();
         let mut rows: HashMap<String, TaskRow> = HashMap::new();
-        for chunk in task_ids.chunks(ROWS_PER_STATEMENT) {
+        for chunk in task_ids.chunks(per_statement) {
             let sql = format!(
                 "SELECT {} FROM tasks WHERE task_id IN ({})",
                 task_columns().join(", "),
@@ -372,6 +417,7 @@ impl Store {
                 .ingested
                 .entry((e.event.state.as_str().to_owned(), e.event.task_type.clone()))
                 .or_default() += 1;
+            report.observe(&e.event);
         }
         let mut deltas: BTreeMap<String, i64> = BTreeMap::new();
         for (id, row) in &rows {
@@ -392,7 +438,7 @@ impl Store {
             .map(|c| format!("{c} = excluded.{c}"))
             .collect::<Vec<_>>()
             .join(", ");
-        for chunk in changed.chunks(ROWS_PER_STATEMENT) {
+        for chunk in changed.chunks(per_statement) {
             let sql = format!(
                 "INSERT INTO tasks ({}) VALUES {} ON CONFLICT (task_id) DO UPDATE SET {updates}",
                 task_columns().join(", "),
@@ -545,7 +591,7 @@ impl Store {
     pub async fn prune_chunk(&self, cutoff_ms: i64, chunk: i64) -> Result<usize, StoreError> {
         let _guard = self.write_lock.lock().await;
         let mut tx = self.begin_write().await?;
-        let n = prune_in(&mut tx, cutoff_ms, chunk)
+        let n = prune_in(&mut tx, cutoff_ms, chunk, self.rows_per_statement())
             .await
             .map_err(|e| self.err(e))?;
         tx.commit().await.map_err(|e| self.err(e))?;
@@ -557,6 +603,7 @@ async fn prune_in(
     tx: &mut Transaction<'static, Any>,
     cutoff_ms: i64,
     chunk: i64,
+    per_statement: usize,
 ) -> Result<usize, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT task_id, state FROM tasks WHERE last_at < $1 ORDER BY last_at LIMIT $2",
@@ -574,7 +621,7 @@ async fn prune_in(
         ids.push(r.try_get::<String, _>(0)?);
         *deltas.entry(r.try_get::<String, _>(1)?).or_default() -= 1;
     }
-    for part in ids.chunks(ROWS_PER_STATEMENT) {
+    for part in ids.chunks(per_statement) {
         let list = (1..=part.len())
             .map(|i| format!("${i}"))
             .collect::<Vec<_>>()
