@@ -68,9 +68,21 @@ impl Env {
     pub async fn new(name: &str, overrides: &[(&str, &str)]) -> Env {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let prefix = format!("wt.{name}.{}", &suffix[..8]);
+        let tracker_db = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("target")
+            .join("e2e-tracker");
+        std::fs::create_dir_all(&tracker_db).expect("create tracker dir");
         let mut vars = vec![
             ("WARREN__PREFIX".to_owned(), prefix.clone()),
             ("WARREN__BROKER__URL".to_owned(), broker_url()),
+            // Each test's tracker (inside `warren up`) has its own database
+            // and an ephemeral port; tests that care override these.
+            (
+                "WARREN__TRACKER__DATABASE_URL".to_owned(),
+                format!("sqlite://{}/{prefix}.db", tracker_db.display()),
+            ),
+            ("WARREN__TRACKER__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
         ];
         for (k, v) in overrides {
             vars.push(((*k).to_owned(), (*v).to_owned()));
