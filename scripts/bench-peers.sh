@@ -75,8 +75,9 @@ export WARREN_MGMT_URL WARREN_MGMT_USER WARREN_MGMT_PASS
 ensure_peers_venv
 
 # The driver lists here the process group of every worker it runs ("pgid N")
-# and each prefix it has not cleaned up yet ("prefix P"), so the trap can end
-# the workers and delete the queues even if the driver itself was killed.
+# and each prefix and record directory it has not cleaned up yet ("prefix P",
+# "tmp DIR"), so the trap can end the workers and delete the queues and files
+# even if the driver itself was killed.
 PIDFILE="$(mktemp -t bench-peers.XXXXXX)"
 CHILD=""
 
@@ -105,6 +106,8 @@ kill_workers() {
             if [ "$key" = prefix ] && [[ "$val" =~ ^peerbench-[a-z]+-[0-9a-f]+$ ]]; then
                 delete_prefixed queues "$val"
                 delete_prefixed exchanges "$val"
+            elif [ "$key" = tmp ] && [[ "$(basename "$val")" =~ ^peerbench-[a-z]+-[0-9a-f]+- ]] && [ -d "$val" ]; then
+                rm -rf -- "$val"
             fi
         done <"$PIDFILE"
         rm -f "$PIDFILE" "$PIDFILE.tmp"

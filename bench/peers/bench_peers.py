@@ -23,10 +23,13 @@ latency     a worker is started and one warm-up task run; then N = rate x
 Completions are counted through one fixed-width line appended per task to a
 per-process file (peerrec.py), so nothing else is added to the task.
 
-Every scenario also reports the CPU that other processes on the machine used
-meanwhile (busy time from /proc/stat less the driver, the worker tree and a
-local broker): on a 2-core machine a build next door moves every figure.
---wait-idle SECS waits for a quiet machine before each measured phase.
+Every scenario also reports what else was going on: the CPU that other
+processes of the machine used meanwhile (OtherLoad), and the most
+connections of other clients seen on the broker (BrokerClients); either
+one above its threshold prints a warning under the table. On a 2-core
+machine a build next door, or someone else's tests on the same broker,
+moves every figure. --wait-idle SECS waits for a quiet machine before each
+measured phase.
 """
 
 import argparse
@@ -59,6 +62,10 @@ MB = 1024.0 * 1024.0
 TICK = os.sysconf("SC_CLK_TCK")
 FINISH_WIDTH = 18  # peerrec.FINISH_WIDTH
 START_WIDTH = 36  # peerrec.START_WIDTH
+# Above this (% of a core) a scenario's figures are flagged as disturbed. The
+# estimate itself is rough: in a VM, /proc/stat and the per-process times
+# can disagree by a few tens of % of a core (steal time).
+OTHER_LOAD_WARN = 25.0
 PEERS = ("celery", "dramatiq")
 SCENARIOS = ("throughput", "latency")
 NOTE = (
@@ -130,6 +137,10 @@ class Mgmt:
 
     def names(self, kind):
         return [x["name"] for x in self._call("GET", f"{kind}/{self.vhost}?columns=name")]
+
+    def client_ports(self):
+        """Client-side ports of the broker's AMQP connections."""
+        return [c.get("peer_port") for c in self._call("GET", "connections?columns=peer_port")]
 
     def delete(self, kind, name):
         try:
@@ -221,6 +232,45 @@ def _cpu_by_process():
     return out
 
 
+def _local_ports(pids):
+    """Local TCP ports of the sockets that processes `pids` hold."""
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        inodes.add(link[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if cols[9] in inodes:
+                        ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+class BrokerClients:
+    """Largest number of other clients' connections seen on the broker (a
+    shared broker busy with someone else's work moves the figures too)."""
+
+    def __init__(self, mgmt, tree):
+        self.mgmt, self.tree, self.most, self.last = mgmt, tree, 0, 0.0
+
+    def sample(self, every_s=1.0):
+        now = time.monotonic()
+        if now - self.last < every_s:
+            return
+        self.last = now
+        with contextlib.suppress(Exception):
+            ours = _local_ports([os.getpid(), *self.tree.pids()])
+            self.most = max(self.most, sum(1 for p in self.mgmt.client_ports() if p not in ours))
+
+
 def _comm(pid):
     try:
         with open(f"/proc/{pid}/comm") as f:
@@ -282,7 +332,9 @@ class OtherLoad:
     out. Two estimates, the larger reported: the machine's busy time
     (/proc/stat) less ours, which sees short-lived processes too, and the sum
     over the other processes alive at the end. On a 2-core machine a build
-    next door moves every figure, so each scenario reports this."""
+    next door moves every figure, so each scenario reports this. It is rough
+    (see OTHER_LOAD_WARN), and it cannot see other clients' load on a shared
+    broker: the broker's CPU in the log line shows that."""
 
     def __init__(self, tree):
         self.tree = tree
@@ -367,9 +419,9 @@ class Tree:
 class Workers:
     """Worker subprocesses, each in a session (process group) of its own,
     listed in a pid file that scripts/bench-peers.sh's trap also reads
-    ("pgid N" lines), with the prefixes not yet cleaned up ("prefix P"
-    lines), so that the trap can end the workers and delete the queues even
-    if this driver is killed."""
+    ("pgid N" lines), with the prefixes and record directories not yet
+    cleaned up ("prefix P", "tmp DIR" lines), so that the trap can end the
+    workers and delete the queues and files even if this driver is killed."""
 
     def __init__(self, pidfile):
         self.pidfile = pidfile
@@ -381,15 +433,15 @@ class Workers:
         if self.pidfile:
             with open(self.pidfile + ".tmp", "w") as f:
                 f.writelines(f"pgid {pgid}\n" for pgid in self.live)
-                f.writelines(f"prefix {p}\n" for p in sorted(self.prefixes))
+                f.writelines(f"prefix {p}\ntmp {t}\n" for p, t in sorted(self.prefixes))
             os.replace(self.pidfile + ".tmp", self.pidfile)
 
-    def add_prefix(self, prefix):
-        self.prefixes.add(prefix)
+    def add_prefix(self, prefix, tmp):
+        self.prefixes.add((prefix, tmp))
         self._write()
 
-    def drop_prefix(self, prefix):
-        self.prefixes.discard(prefix)
+    def drop_prefix(self, prefix, tmp):
+        self.prefixes.discard((prefix, tmp))
         self._write()
 
     def start(self, cmd, env, log_path):
@@ -482,7 +534,7 @@ class Run:
         self.url = url
         self.prefix = f"peerbench-{peer}-{uuid.uuid4().hex[:8]}"
         self.tmp = tempfile.mkdtemp(prefix=f"{self.prefix}-")
-        workers.add_prefix(self.prefix)
+        workers.add_prefix(self.prefix, self.tmp)
         os.environ["PEER_BENCH_PREFIX"] = self.prefix
         os.environ["PEER_BENCH_BROKER"] = url
         os.environ["PEER_BENCH_DRAMATIQ_PROCESSES"] = str(args.dramatiq_processes)
@@ -491,6 +543,7 @@ class Run:
             sys.path.insert(0, HERE)
         self.mod = importlib.import_module(f"{peer}_app")
         self.notes = []
+        self.clients = None  # BrokerClients of the phase being measured
 
     def row(self, scenario, metric, unit, value):
         return {"peer": self.peer, "scenario": scenario, "metric": metric, "unit": unit, "value": value}
@@ -515,6 +568,8 @@ class Run:
         seen, last_change = 0, time.monotonic()
         while True:
             tree.sample()
+            if self.clients:
+                self.clients.sample()
             c = count_records(out, kind, width)
             now = time.monotonic()
             if c > seen:
@@ -556,6 +611,8 @@ class Run:
         proc, tree, out = self.start_worker("throughput")
         load = OtherLoad(tree)
         load.start()
+        self.clients = BrokerClients(self.mgmt, tree)
+        self.clients.sample(0)
         first = {}
         try:
 
@@ -564,6 +621,7 @@ class Run:
 
             self.wait_records(proc, tree, out, "finish", FINISH_WIDTH, n, f"{self.peer} drain", on_first=on_first)
             other = load.stop()
+            self.clients.sample(0)
             cpu_s, hwm, pss = tree.cpu_s(), tree.hwm(), tree.pss()
             nprocs = len(tree.pids())
         except BenchError:
@@ -596,6 +654,7 @@ class Run:
             self.row(s, "worker peak RSS (sum of VmHWM)", "MB", hwm / MB),
             self.row(s, "worker PSS at end of drain", "MB", pss / MB),
             self.row(s, "other processes' CPU during the drain", "% of a core", other),
+            self.row(s, "other clients' broker connections (most seen)", "count", self.clients.most),
         ]
 
     def paced_publish(self, total, rate, limit_s):
@@ -640,6 +699,8 @@ class Run:
             for t in threads:
                 while t.is_alive() and time.monotonic() < end:
                     t.join(timeout=0.25)
+                    if self.clients:
+                        self.clients.sample()
                     sent = min(total, int((time.perf_counter() - t0[0]) * rate))
                     progress(f"{self.peer} paced publish", max(sent, 0), total)
         finally:
@@ -670,12 +731,15 @@ class Run:
             self.wait_records(proc, tree, out, "start", START_WIDTH, 1, f"{self.peer} warm-up")
             wait_idle(self.args.wait_idle, f"{self.peer} latency")
             load.start()
+            self.clients = BrokerClients(self.mgmt, tree)
+            self.clients.sample(0)
             cpu0 = time.process_time()
             publish_s = self.paced_publish(total, rate, duration * 3 + 60.0)
             publisher_cpu = (time.process_time() - cpu0) / publish_s * 100.0
             log(f"{self.peer}: published {total} in {publish_s:.2f} s (publisher CPU {publisher_cpu:.0f}% of a core)")
             self.wait_records(proc, tree, out, "start", START_WIDTH, total + 1, f"{self.peer} latency")
             other = load.stop()
+            self.clients.sample(0)
             log(f"{self.peer}: CPU from the first paced send to the last start, {load.detail}")
         except BenchError:
             tail = self.worker_log_tail("latency")
@@ -697,6 +761,7 @@ class Run:
             self.row(s, "enqueue->start p99.9", "ms", sm["p999"]),
             self.row(s, "enqueue->start max", "ms", sm["max"]),
             self.row(s, "other processes' CPU during the run", "% of a core", other),
+            self.row(s, "other clients' broker connections (most seen)", "count", self.clients.most),
         ]
 
     def cleanup(self):
@@ -716,7 +781,7 @@ class Run:
             log(f"{self.peer}: management API cleanup failed ({e}); deleting the known names over AMQP")
             deleted += self._amqp_cleanup()
         log(f"{self.peer}: deleted {len(deleted)} queues/exchanges: {', '.join(sorted(deleted))}")
-        self.workers.drop_prefix(self.prefix)
+        self.workers.drop_prefix(self.prefix, self.tmp)
         if os.environ.get("PEER_BENCH_KEEP"):
             log(f"{self.peer}: kept the records and worker logs in {self.tmp}")
         else:
@@ -747,13 +812,13 @@ class Run:
 # ---------------------------------------------------------------- output
 
 
-def fmt(v):
-    return f"{v:.0f}" if abs(v) >= 100 else f"{v:.2f}"
+def fmt(v, unit=""):
+    return f"{v:.0f}" if abs(v) >= 100 or unit == "count" else f"{v:.2f}"
 
 
 def table(rows):
     head = ["peer", "scenario", "metric", "unit", "value"]
-    cells = [[r["peer"], r["scenario"], r["metric"], r["unit"], fmt(r["value"])] for r in rows]
+    cells = [[r["peer"], r["scenario"], r["metric"], r["unit"], fmt(r["value"], r["unit"])] for r in rows]
     widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(head)]
 
     def line(c):
@@ -886,10 +951,16 @@ def main(argv):
     else:
         print(table(rows))
     for r in rows:
-        if r["metric"].startswith("other processes") and r["value"] > 10.0:
+        if r["metric"].startswith("other processes") and r["value"] > OTHER_LOAD_WARN:
             notes.append(
-                f"{r['peer']} {r['scenario']}: other processes used {r['value']:.0f}% of a core "
-                "meanwhile; its figures are disturbed"
+                f"{r['peer']} {r['scenario']}: other processes used about {r['value']:.0f}% of a core "
+                "meanwhile; its figures are disturbed (rerun on a quiet machine, or with --wait-idle)"
+            )
+    for r in rows:
+        if r["metric"].startswith("other clients") and r["value"] > 0:
+            notes.append(
+                f"{r['peer']} {r['scenario']}: the broker had up to {r['value']:.0f} other clients' "
+                "connections meanwhile; if they were busy, its figures are disturbed"
             )
     for n in notes:
         print(f"warning: {n}", file=out)

@@ -82,7 +82,10 @@ impl Env {
                 "WARREN__TRACKER__DATABASE_URL".to_owned(),
                 format!("sqlite://{}/{prefix}.db", tracker_db.display()),
             ),
-            ("WARREN__TRACKER__LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+            (
+                "WARREN__TRACKER__LISTEN".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
         ];
         for (k, v) in overrides {
             vars.push(((*k).to_owned(), (*v).to_owned()));

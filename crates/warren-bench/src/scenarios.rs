@@ -446,15 +446,20 @@ pub async fn hold(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row>> {
     // Every task comes due at the same moment, after publishing and the hops.
     let hold_s = 30.0 + n as f64 / 4000.0;
     let due_ms = Utc::now().timestamp_millis() + (hold_s * 1000.0) as i64;
-    let mut rss_max: f64 = rss_start;
     let sampler = {
         let stop = tokio_util::sync::CancellationToken::new();
         let s = stop.clone();
         let h = tokio::spawn(async move {
-            let mut max = 0.0f64;
+            // (before the due time, during the release)
+            let mut max = (0.0f64, 0.0f64);
             while !s.is_cancelled() {
                 if let Some(x) = procstat::sample(pid) {
-                    max = max.max(x.rss as f64 / MB);
+                    let mb = x.rss as f64 / MB;
+                    if Utc::now().timestamp_millis() < due_ms {
+                        max.0 = max.0.max(mb);
+                    } else {
+                        max.1 = max.1.max(mb);
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
@@ -507,7 +512,7 @@ pub async fn hold(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row>> {
     let released = Instant::now();
     b.finish_and_clear();
     sampler.0.cancel();
-    rss_max = rss_max.max(sampler.1.await.unwrap_or(0.0));
+    let (rss_holding, rss_release) = sampler.1.await.unwrap_or((0.0, 0.0));
     let release_s = (released - first_release.unwrap_or(released))
         .as_secs_f64()
         .max(1e-3);
@@ -515,7 +520,13 @@ pub async fn hold(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row>> {
     let s = format!("hold {n}");
     Ok(vec![
         Row::new(&s, "scheduler RSS at start", "MB", rss_start),
-        Row::new(&s, "scheduler RSS max while holding", "MB", rss_max),
+        Row::new(
+            &s,
+            "scheduler RSS max while holding",
+            "MB",
+            rss_holding.max(rss_start),
+        ),
+        Row::new(&s, "scheduler RSS max during release", "MB", rss_release),
         Row::new(&s, "release rate when due", "tasks/s", n as f64 / release_s),
     ])
 }

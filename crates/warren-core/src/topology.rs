@@ -131,6 +131,9 @@ pub struct TopologyPlan {
     pub bindings: Vec<BindingPlan>,
 }
 
+/// Delay tiers at least this long are lazy queues (contents on disk).
+const LAZY_TIER_SECONDS: u64 = 64;
+
 fn args<const N: usize>(pairs: [(&str, ArgValue); N]) -> BTreeMap<String, ArgValue> {
     pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
@@ -270,13 +273,18 @@ impl TopologyPlan {
             ),
         ];
         for t in crate::delay::tiers(c.scheduler.max_delay_ms) {
+            let mut arguments = args([
+                ("x-dead-letter-exchange", ArgValue::Str(n.wait_due())),
+                ("x-message-ttl", ArgValue::Int(t as i64 * 1000)),
+            ]);
+            // Long tiers may hold millions of tasks: keep them on disk. Short
+            // ones turn over within seconds, where paging would only add I/O.
+            if t >= LAZY_TIER_SECONDS {
+                arguments.insert("x-queue-mode".into(), ArgValue::Str("lazy".into()));
+            }
             queues.push(queue(
                 n.wait_tier(t),
-                args([
-                    ("x-dead-letter-exchange", ArgValue::Str(n.wait_due())),
-                    ("x-message-ttl", ArgValue::Int(t as i64 * 1000)),
-                    ("x-queue-mode", ArgValue::Str("lazy".into())),
-                ]),
+                arguments,
                 format!("delay tier: holds tasks {t} s, then back to the scheduler"),
             ));
         }
@@ -614,6 +622,12 @@ mod tests {
             "1 s .. 2^28 s for the default 10-year maximum"
         );
         assert_eq!(tiers[0], "warren.wait.1s");
+        assert!(
+            !queue(&p, "warren.wait.32s")
+                .arguments
+                .contains_key("x-queue-mode"),
+            "short tiers stay in memory"
+        );
         assert_eq!(
             queue(&p, "warren.wait.64s").arguments,
             args([
