@@ -18,7 +18,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 warren \
     && useradd --system --uid 10001 --gid warren --home-dir /var/lib/warren --shell /usr/sbin/nologin warren \
-    && install -d -o warren -g warren -m 0750 /var/lib/warren
+    && install -d -o warren -g warren -m 0750 /var/lib/warren /var/lib/warren-tracker
 COPY --from=builder /out/warren /usr/local/bin/warren
 COPY config/default.toml /etc/warren/default.toml
 USER warren:warren

@@ -18,6 +18,13 @@ ensure_management
 ensure_python_venv
 ensure_chromium
 
+step "docker-compose config"
+if command -v docker-compose >/dev/null 2>&1; then
+    docker-compose -f docker-compose.yml config -q
+else
+    echo "docker-compose not installed: compose file not validated (apt-get install docker-compose)" >&2
+fi
+
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
