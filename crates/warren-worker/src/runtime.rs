@@ -602,7 +602,9 @@ async fn run_task(
 
     let timeout =
         Duration::from_millis(task.timeout_ms.unwrap_or(sh.config.worker.task_timeout_ms));
-    let cancel = abort.child_token();
+    // Not a child of `abort`: on shutdown the abort branch below must win,
+    // returning the task unacknowledged, not a handler failing on its token.
+    let cancel = CancellationToken::new();
     let (progress, progress_rx) = Progress::channel();
     let ctx = TaskContext {
         id: task.id.clone(),
@@ -643,6 +645,7 @@ async fn run_task(
             return Ok(Disposition::Ack);
         }
         _ = abort.cancelled() => {
+            cancel.cancel();
             join.abort();
             progress_events.finish().await;
             confirm_all(vec![started]).await?;
