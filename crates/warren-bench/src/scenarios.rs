@@ -87,7 +87,7 @@ struct Drain {
 async fn drain_warren(base: &Config, opts: &Options) -> anyhow::Result<Drain> {
     let n = opts.n;
     let mut env = BenchEnv::new(base, opts.config_path.clone()).await?;
-    let mut watch = env.client.watch(&["succeeded.diag.echo"]).await?;
+    let watch = env.client.watch(&["succeeded.diag.echo"]).await?;
     let reqs: Vec<TaskRequest> = (0..n)
         .map(|i| TaskRequest::new("diag.echo", json!({ "i": i })))
         .collect();
@@ -99,7 +99,19 @@ async fn drain_warren(base: &Config, opts: &Options) -> anyhow::Result<Drain> {
     let publish_s = t.elapsed().as_secs_f64();
     b.finish_and_clear();
     let pid = env.spawn(&["worker", "--queues", "diag"], &worker_vars(opts))?;
-    let b = bar(n as u64, "warren: drain");
+    finish_drain(env, watch, pid, n, publish_s, "warren: drain").await
+}
+
+/// Waits for the `n` events of a drain, samples the worker, cleans up.
+async fn finish_drain(
+    mut env: BenchEnv,
+    mut watch: EventWatch,
+    pid: u32,
+    n: usize,
+    publish_s: f64,
+    label: &'static str,
+) -> anyhow::Result<Drain> {
+    let b = bar(n as u64, label);
     let (first, last) = count_events(&mut watch, n, Duration::from_secs(30), &b).await?;
     let sample = procstat::sample(pid).context("sample the worker")?;
     env.stop(pid).await;
@@ -117,7 +129,7 @@ async fn drain_baseline(base: &Config, opts: &Options) -> anyhow::Result<Drain> 
     let n = opts.n;
     let mut env = BenchEnv::new(base, opts.config_path.clone()).await?;
     let names = env.names();
-    let mut watch = env.client.watch(&["succeeded.diag.echo"]).await?;
+    let watch = env.client.watch(&["succeeded.diag.echo"]).await?;
     let publish_s = baseline::publish(
         env.config.broker.url.expose(),
         &names.tasks(),
@@ -148,18 +160,7 @@ async fn drain_baseline(base: &Config, opts: &Options) -> anyhow::Result<Drain> 
         ],
         &[],
     )?;
-    let b = bar(n as u64, "baseline: drain");
-    let (first, last) = count_events(&mut watch, n, Duration::from_secs(30), &b).await?;
-    let sample = procstat::sample(pid).context("sample the baseline worker")?;
-    env.stop(pid).await;
-    drop(watch);
-    env.cleanup().await?;
-    Ok(Drain {
-        publish_per_s: n as f64 / publish_s,
-        drain_per_s: (n.max(2) - 1) as f64 / (last - first).as_secs_f64().max(1e-9),
-        cpu_ms_per_task: sample.cpu_s * 1000.0 / n as f64,
-        peak_rss_mb: sample.hwm as f64 / MB,
-    })
+    finish_drain(env, watch, pid, n, publish_s, "baseline: drain").await
 }
 
 fn best(a: Option<Drain>, b: Drain) -> Drain {
