@@ -38,35 +38,10 @@ for a in "$@"; do
     esac
 done
 
-# Create bench/peers/.venv and install the pinned peers, only when the venv is
-# missing or the pins (or python) changed.
+# bench/peers/.venv with the pinned peers (see ensure_venv in lib.sh).
 ensure_peers_venv() {
-    local venv="$PEERS_DIR/.venv" req="$PEERS_DIR/requirements.txt"
-    local stamp="$venv/.requirements.stamp" want
-    if ! command -v python3 >/dev/null 2>&1; then
-        apt_install python3 python3-venv
-    fi
-    want="$(
-        python3 --version 2>&1
-        sha256sum "$req" | cut -d' ' -f1
-    )"
-    if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] &&
-        "$venv/bin/python" -c 'import celery, dramatiq, pika' >/dev/null 2>&1; then
-        log "peers venv up to date ($venv)"
-    else
-        log "creating python venv $venv"
-        rm -rf "$venv"
-        if ! python3 -m venv "$venv" >&2; then
-            rm -rf "$venv"
-            apt_install python3-venv
-            python3 -m venv "$venv" >&2 || die "python3 -m venv $venv failed"
-        fi
-        log "pip install -r bench/peers/requirements.txt"
-        "$venv/bin/python" -m pip install -q --disable-pip-version-check --timeout 60 -r "$req" >&2 ||
-            die "pip install -r $req failed"
-        printf '%s\n' "$want" >"$stamp"
-    fi
-    PEERS_PYTHON="$venv/bin/python"
+    ensure_venv "$PEERS_DIR" "celery, dramatiq, pika"
+    PEERS_PYTHON="$VENV_PYTHON"
 }
 
 ensure_broker

@@ -215,24 +215,23 @@ ensure_rust() {
     log "$(cargo --version)"
 }
 
-# Create tests/interop/.venv and install tests/interop/requirements.txt into
-# it, only when the venv is missing or the requirements (or python) changed.
-# Exports WARREN_INTEROP_PYTHON (the venv's python).
-ensure_python_venv() {
-    local dir="$WARREN_ROOT/tests/interop"
+# Create DIR/.venv and install DIR/requirements.txt into it, only when the
+# venv is missing, the requirements (or python) changed, or the modules in
+# IMPORTS (comma-separated) no longer import. Sets VENV_PYTHON.
+ensure_venv() {
+    local dir="$1" imports="${2:-sys}"
     local venv="$dir/.venv" req="$dir/requirements.txt"
-    local stamp="$venv/.requirements.stamp"
+    local stamp="$venv/.requirements.stamp" want
     [ -f "$req" ] || die "missing $req"
     if ! command -v python3 >/dev/null 2>&1; then
         apt_install python3 python3-venv
     fi
-    local want
     want="$(
         python3 --version 2>&1
         sha256sum "$req" | cut -d' ' -f1
     )"
     if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] &&
-        "$venv/bin/python" -c 'import sys' >/dev/null 2>&1; then
+        "$venv/bin/python" -c "import $imports" >/dev/null 2>&1; then
         log "python venv up to date ($venv)"
     else
         log "creating python venv $venv"
@@ -242,12 +241,18 @@ ensure_python_venv() {
             apt_install python3-venv
             python3 -m venv "$venv" >&2 || die "python3 -m venv $venv failed"
         fi
-        log "pip install -r tests/interop/requirements.txt"
-        "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$req" >&2 ||
+        log "pip install -r $req"
+        "$venv/bin/python" -m pip install -q --disable-pip-version-check --timeout 60 -r "$req" >&2 ||
             die "pip install -r $req failed"
         printf '%s\n' "$want" >"$stamp"
     fi
-    export WARREN_INTEROP_PYTHON="$venv/bin/python"
+    VENV_PYTHON="$venv/bin/python"
+}
+
+# The interop tests' venv (tests/interop). Exports WARREN_INTEROP_PYTHON.
+ensure_python_venv() {
+    ensure_venv "$WARREN_ROOT/tests/interop" pika
+    export WARREN_INTEROP_PYTHON="$VENV_PYTHON"
 }
 
 # Make sure headless Chromium is there for the dashboard test (Debian's
