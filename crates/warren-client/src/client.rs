@@ -124,11 +124,12 @@ impl Client {
         let mut ids = Vec::with_capacity(reqs.len());
         let mut in_flight = FuturesOrdered::new();
         let mut done = 0;
+        // The two exchange names, built once rather than per message.
+        let (tasks, delay) = (self.names.tasks(), self.names.delay());
         for req in reqs {
             let (id, body, props) = req.encode()?;
-            let confirm = ch
-                .send(&req.exchange(&self.names), &req.task_type, &body, props)
-                .await?;
+            let exchange = if req.is_delayed() { &delay } else { &tasks };
+            let confirm = ch.send(exchange, &req.task_type, &body, props).await?;
             let what = id.clone();
             in_flight.push_back(async move { confirmed(confirm, &what).await });
             ids.push(id);
