@@ -23,5 +23,16 @@ COPY --from=builder /out/warren /usr/local/bin/warren
 COPY config/default.toml /etc/warren/default.toml
 USER warren:warren
 WORKDIR /var/lib/warren
+# Metrics and health (/metrics, /healthz, /readyz) of each role, on every
+# interface of the container so Prometheus can scrape them.
+ENV WARREN__WORKER__LISTEN=0.0.0.0:8090 \
+    WARREN__SCHEDULER__LISTEN=0.0.0.0:8091 \
+    WARREN_HEALTH_COMPONENT=worker
+EXPOSE 8089 8090 8091
+# `warren health` probes the /healthz of the role named by
+# WARREN_HEALTH_COMPONENT (worker, scheduler or tracker; set it per service)
+# at its configured address; the image needs no curl.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["warren", "health"]
 ENTRYPOINT ["warren"]
 CMD ["--help"]

@@ -267,3 +267,12 @@ ensure_chromium() {
     log "$("$bin" --version 2>/dev/null || echo "$bin")"
     export WARREN_CHROMIUM="$bin"
 }
+
+# docker-compose (Debian's package) validates docker-compose.yml; no Docker
+# engine is needed for `docker-compose config`.
+ensure_compose() {
+    if ! command -v docker-compose >/dev/null 2>&1; then
+        apt_install docker-compose
+        command -v docker-compose >/dev/null 2>&1 || die "docker-compose is not on the PATH after installing it"
+    fi
+}

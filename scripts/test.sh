@@ -17,13 +17,10 @@ ensure_broker
 ensure_management
 ensure_python_venv
 ensure_chromium
+ensure_compose
 
 step "docker-compose config"
-if command -v docker-compose >/dev/null 2>&1; then
-    docker-compose -f docker-compose.yml config -q
-else
-    echo "docker-compose not installed: compose file not validated (apt-get install docker-compose)" >&2
-fi
+docker-compose -f docker-compose.yml config -q
 
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check

@@ -145,6 +145,7 @@ if [ "$STOPPING" = 0 ]; then
 Warren is running (pid $WARREN_PID, log: $LOG).
 
   Dashboard    http://${WARREN__TRACKER__LISTEN:-127.0.0.1:8089}/  (tasks, queues, failures, dead letters)
+  Metrics      http://${WARREN__WORKER__LISTEN:-127.0.0.1:8090}/metrics (worker)  http://${WARREN__SCHEDULER__LISTEN:-127.0.0.1:8091}/metrics (scheduler)
   Console      $WARREN_MGMT_URL  ($creds)
     Queues     $P.q.io  $P.q.cpu  $P.q.diag   work queues
                $P.dead            tasks that failed for good

@@ -49,7 +49,7 @@ async fn connection_force_closed_under_load_every_task_of_2000_succeeds() {
     // The worker's connection is named "warren worker <host>/<pid>".
     let suffix = format!("/{}", worker.pid);
     let mut closed: Vec<String> = Vec::new();
-    let first = mgmt.wait_connection(&suffix, &closed, T).await;
+    let first = mgmt.wait_connection("worker", &suffix, &closed, T).await;
     let mut watch = env.watch(&["succeeded.#", "dead.#"]).await;
     let reqs: Vec<TaskRequest> = (0..2000)
         .map(|i| TaskRequest::new("diag.sleep", json!({"ms": 50})).id(format!("load-{i}")))
@@ -76,7 +76,7 @@ async fn connection_force_closed_under_load_every_task_of_2000_succeeds() {
             mgmt.close_connection(&first).await;
             closed.push(first.clone());
         } else if closed.len() == 1 && finished.len() >= 800 {
-            let second = mgmt.wait_connection(&suffix, &closed, T).await;
+            let second = mgmt.wait_connection("worker", &suffix, &closed, T).await;
             mgmt.close_connection(&second).await;
             closed.push(second);
         }

@@ -86,6 +86,16 @@ impl Env {
                 "WARREN__TRACKER__LISTEN".to_owned(),
                 "127.0.0.1:0".to_owned(),
             ),
+            // Metrics and health of workers and schedulers on ephemeral
+            // ports too ([`Env::ops_addr`] reads them from the log).
+            (
+                "WARREN__WORKER__LISTEN".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
+            (
+                "WARREN__SCHEDULER__LISTEN".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
         ];
         for (k, v) in overrides {
             vars.push(((*k).to_owned(), (*v).to_owned()));
@@ -200,6 +210,19 @@ impl Env {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The `host:port` of a process's metrics and health endpoint for
+    /// `component` ("worker" or "scheduler"), read from its log (bounded wait).
+    pub async fn ops_addr(&self, p: &Proc, component: &str, timeout: Duration) -> String {
+        let needle = format!("{component} metrics on http://");
+        self.wait_log(p, &needle, timeout).await;
+        let log = self.log_of(p);
+        let at = log.find(&needle).expect("logged") + needle.len();
+        log[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+            .collect()
     }
 
     /// Follows events matching `patterns`.

@@ -97,10 +97,12 @@ impl Mgmt {
         v["routed"].as_bool().unwrap_or(false)
     }
 
-    /// Waits (bounded) for a connection whose client-given name ends with
-    /// `suffix` and whose broker name is not in `except`; returns its broker name.
+    /// Waits (bounded) for a connection of `role` (client-given name
+    /// `warren <role> <host>/<pid>`) whose name ends with `suffix` and whose
+    /// broker name is not in `except`; returns its broker name.
     pub async fn wait_connection(
         &self,
+        role: &str,
         suffix: &str,
         except: &[String],
         timeout: Duration,
@@ -111,15 +113,17 @@ impl Mgmt {
             let found = v.as_array().into_iter().flatten().find_map(|c| {
                 let client_name = c["client_properties"]["connection_name"].as_str()?;
                 let name = c["name"].as_str()?;
-                (client_name.ends_with(suffix) && !except.iter().any(|e| e == name))
-                    .then(|| name.to_owned())
+                (client_name.starts_with(&format!("warren {role} "))
+                    && client_name.ends_with(suffix)
+                    && !except.iter().any(|e| e == name))
+                .then(|| name.to_owned())
             });
             if let Some(name) = found {
                 return name;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "no connection named *{suffix} appeared within {timeout:?}"
+                "no connection named warren {role} *{suffix} appeared within {timeout:?}"
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

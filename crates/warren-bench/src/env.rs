@@ -60,6 +60,10 @@ impl BenchEnv {
             .env("WARREN__PREFIX", &self.config.prefix)
             .env("WARREN__BROKER__URL", self.config.broker.url.expose())
             .env("WARREN_LOG", "warn")
+            // Metrics endpoints stay on (as in production) on free ports,
+            // so a Warren already running on this host does not clash.
+            .env("WARREN__WORKER__LISTEN", "127.0.0.1:0")
+            .env("WARREN__SCHEDULER__LISTEN", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         for (k, v) in vars {

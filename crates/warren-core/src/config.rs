@@ -271,6 +271,9 @@ pub struct WorkerConfig {
     /// Per task type caps on tasks run at once within this worker
     /// (`{ "file.download" = 2 }`), below `concurrency`.
     pub type_concurrency: BTreeMap<String, usize>,
+    /// Address of this worker's `/metrics`, `/healthz` and `/readyz`
+    /// (`host:port`); empty turns them off.
+    pub listen: String,
 }
 
 impl Default for WorkerConfig {
@@ -284,6 +287,7 @@ impl Default for WorkerConfig {
             data_dir: PathBuf::from("data"),
             reconnect_max_ms: 10_000,
             type_concurrency: BTreeMap::new(),
+            listen: "127.0.0.1:8090".into(),
         }
     }
 }
@@ -375,6 +379,27 @@ impl Default for RetryPolicy {
     }
 }
 
+/// Checks a `host:port` listen address (`""` turns it off when `optional`).
+fn check_listen(issues: &mut Issues, key: &str, value: &str, port: &str, optional: bool) {
+    if optional && value.is_empty() {
+        return;
+    }
+    if value.parse::<std::net::SocketAddr>().is_err() {
+        let off = if optional {
+            ", or \"\" to turn it off"
+        } else {
+            ""
+        };
+        issues.add(
+            key,
+            format!(
+                "{value:?} is not an address and port: use one such as \"127.0.0.1:{port}\" \
+                 (\"0.0.0.0:{port}\" listens on every interface){off}"
+            ),
+        );
+    }
+}
+
 /// Settings of the scheduler.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -385,6 +410,9 @@ pub struct SchedulerConfig {
     pub poison_redeliveries: u32,
     /// How long a cancel request is remembered.
     pub cancel_ttl_ms: u64,
+    /// Address of the scheduler's `/metrics`, `/healthz` and `/readyz`
+    /// (`host:port`); empty turns them off.
+    pub listen: String,
 }
 
 impl Default for SchedulerConfig {
@@ -393,6 +421,7 @@ impl Default for SchedulerConfig {
             max_delay_ms: 315_576_000_000,
             poison_redeliveries: 5,
             cancel_ttl_ms: 86_400_000,
+            listen: "127.0.0.1:8091".into(),
         }
     }
 }
@@ -863,6 +892,7 @@ impl Config {
 
     fn check_worker(&self, issues: &mut Issues) {
         let w = &self.worker;
+        check_listen(issues, "worker.listen", &w.listen, "8090", true);
         let mut listed = BTreeSet::new();
         for (i, name) in w.queues.iter().enumerate() {
             if self.queue(name).is_none() {
@@ -964,6 +994,13 @@ impl Config {
     }
 
     fn check_scheduler(&self, issues: &mut Issues) {
+        check_listen(
+            issues,
+            "scheduler.listen",
+            &self.scheduler.listen,
+            "8091",
+            true,
+        );
         let s = &self.scheduler;
         if s.max_delay_ms == 0 {
             issues.add(
@@ -1546,16 +1583,7 @@ impl Config {
                  (7 days)",
             );
         }
-        if t.listen.parse::<std::net::SocketAddr>().is_err() {
-            issues.add(
-                "tracker.listen",
-                format!(
-                    "{:?} is not an address and port: use one such as \"127.0.0.1:8089\" \
-                     (\"0.0.0.0:8089\" listens on every interface)",
-                    t.listen
-                ),
-            );
-        }
+        check_listen(issues, "tracker.listen", &t.listen, "8089", false);
         if !(1..=MAX_TRACKER_BATCH).contains(&t.batch_max_events) {
             issues.add(
                 "tracker.batch_max_events",
@@ -2709,6 +2737,19 @@ mod tests {
             "config key tracker.listen: \"localhost\" is not an address and port: use one such \
              as \"127.0.0.1:8089\" (\"0.0.0.0:8089\" listens on every interface)",
         );
+        one_issue(
+            "[worker]\nlisten = \"8090\"",
+            "config key worker.listen: \"8090\" is not an address and port: use one such \
+             as \"127.0.0.1:8090\" (\"0.0.0.0:8090\" listens on every interface), or \"\" to \
+             turn it off",
+        );
+        one_issue(
+            "[scheduler]\nlisten = \"host:x\"",
+            "config key scheduler.listen: \"host:x\" is not an address and port: use one such \
+             as \"127.0.0.1:8091\" (\"0.0.0.0:8091\" listens on every interface), or \"\" to \
+             turn it off",
+        );
+        assert!(Config::from_toml("[worker]\nlisten = \"\"\n[scheduler]\nlisten = \"\"").is_ok());
         let keys: Vec<String> = issues(
             "[tracker]\nretention_ms = 0\nbatch_max_events = 0\nbatch_max_ms = 0\n\
              max_result_bytes = 0",

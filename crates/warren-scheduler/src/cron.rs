@@ -24,6 +24,7 @@
 //! same rule, and one process never fires the same schedule and time twice.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
@@ -43,6 +44,8 @@ use tracing::{debug, info, warn};
 use warren_client::{connect, process_identity, ClientError, ConfirmChannel};
 use warren_core::config::{ConfigIssue, CronConfig, MissedFires};
 use warren_core::{Config, ConfigError, Names};
+
+use crate::metrics::SchedulerMetrics;
 
 /// Header naming the schedule that published a task.
 pub const CRON_HEADER: &str = "x-warren-cron";
@@ -248,6 +251,15 @@ impl Schedule {
 /// and retried with backoff, never returned: the only error is a schedule
 /// the scheduler cannot evaluate, found before connecting.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), CronError> {
+    run_counted(config, shutdown, Arc::default()).await
+}
+
+/// [`run`], counting leadership and fires in `metrics`.
+pub(crate) async fn run_counted(
+    config: Config,
+    shutdown: CancellationToken,
+    metrics: Arc<SchedulerMetrics>,
+) -> Result<(), CronError> {
     if config.cron.is_empty() {
         return Ok(());
     }
@@ -257,6 +269,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Cron
         identity: process_identity(),
         schedules,
         config,
+        metrics,
     };
     let mut fired = Fired::new();
     let max = Duration::from_millis(service.config.worker.reconnect_max_ms.max(100));
@@ -283,6 +296,7 @@ struct CronService {
     names: Names,
     identity: String,
     schedules: Vec<Schedule>,
+    metrics: Arc<SchedulerMetrics>,
 }
 
 /// The latest fire time this process sent per schedule name, so that it
@@ -316,7 +330,12 @@ impl CronService {
             })??;
         *backoff = RECONNECT_FIRST;
         let result = match self.campaign(&conn, shutdown).await {
-            Ok(Some(lock)) => self.lead(&conn, lock, fired, shutdown).await,
+            Ok(Some(lock)) => {
+                self.metrics.cron_leader(true);
+                let r = self.lead(&conn, lock, fired, shutdown).await;
+                self.metrics.cron_leader(false);
+                r
+            }
             Ok(None) => Ok(()),
             Err(e) => Err(e.into()),
         };
@@ -547,6 +566,7 @@ impl CronService {
         sent();
         confirm(task, &id).await?;
         info!(schedule = %c.name, task_id = %id, r#type = %c.task_type, "cron fired");
+        self.metrics.cron_fired(&c.name);
 
         let record = serde_json::json!({
             "schedule": c.name,

@@ -7,6 +7,7 @@
 //! second before the due time is waited in process, holding the delivery
 //! unacknowledged.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -24,6 +25,8 @@ use warren_core::delay::{due_at_ms, tier_for, tiers, DUE_AT};
 use warren_core::event::{format_time, new_id, ErrorKind, EventErrorInfo};
 use warren_core::{headers, DeadReason, Event, Names, TaskState};
 
+use crate::metrics::SchedulerMetrics;
+
 /// The delay machinery of one scheduler.
 #[derive(Clone)]
 pub(crate) struct Delays {
@@ -32,6 +35,7 @@ pub(crate) struct Delays {
     pub(crate) max_delay_ms: u64,
     pub(crate) identity: String,
     pub(crate) cancels: CancelSet,
+    pub(crate) metrics: Arc<SchedulerMetrics>,
 }
 
 /// A task on its way through the delay path.
@@ -54,13 +58,19 @@ fn ms_to_time(ms: i64) -> String {
 }
 
 impl Delays {
-    pub(crate) fn new(config: &warren_core::Config, identity: String, cancels: CancelSet) -> Self {
+    pub(crate) fn new(
+        config: &warren_core::Config,
+        identity: String,
+        cancels: CancelSet,
+        metrics: Arc<SchedulerMetrics>,
+    ) -> Self {
         Delays {
             names: config.names(),
             tiers: tiers(config.scheduler.max_delay_ms),
             max_delay_ms: config.scheduler.max_delay_ms,
             identity,
             cancels,
+            metrics,
         }
     }
 
@@ -127,7 +137,9 @@ impl Delays {
                     out.event(&ev).await?,
                 ];
                 confirm_all(confirms).await?;
-                return ack(&d).await;
+                ack(&d).await?;
+                self.metrics.dead(DeadReason::Invalid.as_str());
+                return Ok(());
             }
         };
         w.due_ms = due;
@@ -146,6 +158,7 @@ impl Delays {
         let mut ev = self.event(&w, TaskState::Scheduled);
         ev.due_at = Some(ms_to_time(due));
         let scheduled = out.event(&ev).await?;
+        self.metrics.scheduled();
         self.route(out, d, w, vec![scheduled], holds, stop).await
     }
 
@@ -180,6 +193,7 @@ impl Delays {
             due_ms: headers::get_int(hdrs, DUE_AT).ok().flatten().unwrap_or(0),
             headers: h,
         };
+        self.metrics.hop();
         if self.cancelled(out, &w, &d).await? {
             return Ok(());
         }
@@ -211,6 +225,7 @@ impl Delays {
         }
         confirm_all(confirms).await?;
         ack(d).await?;
+        self.metrics.cancelled();
         Ok(true)
     }
 
@@ -239,14 +254,16 @@ impl Delays {
         let this = self.clone();
         let out = out.clone();
         let stop = stop.clone();
+        self.metrics.held(1);
         holds.spawn(async move {
             let wait = Duration::from_millis(w.due_ms.saturating_sub(now_ms()).max(0) as u64);
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
+            let released = tokio::select! {
+                _ = tokio::time::sleep(wait) => this.release(&out, &d, &w).await,
                 // Unacknowledged: the broker hands it to the next scheduler.
-                _ = stop.cancelled() => return,
-            }
-            if let Err(e) = this.release(&out, &d, &w).await {
+                _ = stop.cancelled() => Ok(()),
+            };
+            this.metrics.held(-1);
+            if let Err(e) = released {
                 warn!(task_id = %w.id, error = %e, "release failed; the broker will redeliver");
             }
         });
@@ -271,8 +288,11 @@ impl Delays {
             .send(&self.names.tasks(), &w.task_type, &d.data, props)
             .await?;
         confirm_all(vec![c]).await?;
-        debug!(task_id = %w.id, late_ms = now_ms() - w.due_ms, "released");
-        ack(d).await
+        let late_ms = now_ms() - w.due_ms;
+        debug!(task_id = %w.id, late_ms, "released");
+        ack(d).await?;
+        self.metrics.released(late_ms);
+        Ok(())
     }
 }
 

@@ -28,13 +28,14 @@ pub fn death_of(d: &Delivery) -> (Option<String>, Option<String>) {
     (text("reason"), text("queue"))
 }
 
-/// Parks one dead-lettered task and reports it; the caller acks on `Ok`.
+/// Parks one dead-lettered task and reports it; the caller acks on `Ok`,
+/// which carries the reason it was parked with.
 pub async fn park_dead_lettered(
     out: &Outbox,
     names: &Names,
     identity: &str,
     d: &Delivery,
-) -> Result<(), ClientError> {
+) -> Result<DeadReason, ClientError> {
     let (why, queue) = death_of(d);
     let (reason, detail) = match why.as_deref() {
         Some("expired") => (
@@ -88,5 +89,6 @@ pub async fn park_dead_lettered(
         let cid = p.correlation_id().as_ref().map(|c| c.as_str());
         confirms.push(out.reply(&ev, r.as_str(), cid).await?);
     }
-    confirm_all(confirms).await
+    confirm_all(confirms).await?;
+    Ok(reason)
 }

@@ -10,6 +10,7 @@
 pub mod cron;
 mod delays;
 pub mod intake;
+mod metrics;
 pub mod reconcile;
 mod scheduler;
 

@@ -17,6 +17,7 @@ use warren_core::Config;
 
 use crate::delays::Delays;
 use crate::intake::park_dead_lettered;
+use crate::metrics::SchedulerMetrics;
 
 /// Why the scheduler stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,7 @@ pub enum SchedulerError {
 pub struct Scheduler {
     config: Config,
     identity: String,
+    metrics: Arc<SchedulerMetrics>,
 }
 
 /// Which intake a delivery came from.
@@ -65,7 +67,13 @@ impl Scheduler {
         Scheduler {
             config,
             identity: process_identity(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// What this scheduler reports on `/metrics` and `/readyz`.
+    pub fn probe(&self) -> Arc<dyn warren_ops::Probe> {
+        self.metrics.clone()
     }
 
     /// Runs until `shutdown`, reconnecting with backoff when the broker goes away.
@@ -80,18 +88,29 @@ impl Scheduler {
             tokio::spawn(async move { cancels.follow(url, names, shutdown, ready_tx).await })
         };
         tokio::select! {
-            _ = ready_rx => {}
+            r = ready_rx => if r.is_ok() { self.metrics.cancels_known() },
             _ = shutdown.cancelled() => {}
         }
-        let delays = Delays::new(&self.config, self.identity.clone(), cancels);
-        let cron = crate::cron::run(self.config.clone(), shutdown.clone());
+        let delays = Delays::new(
+            &self.config,
+            self.identity.clone(),
+            cancels,
+            self.metrics.clone(),
+        );
+        let cron =
+            crate::cron::run_counted(self.config.clone(), shutdown.clone(), self.metrics.clone());
         let main = async {
             let max = Duration::from_millis(self.config.worker.reconnect_max_ms.max(100));
             let mut backoff = Duration::from_millis(100);
             while !shutdown.is_cancelled() {
-                match self.session(&delays, &shutdown).await {
+                let r = self.session(&delays, &shutdown).await;
+                self.metrics.consuming(false);
+                match r {
                     Ok(()) => break,
-                    Err(e) => warn!(error = %e, retry_in = ?backoff, "scheduler lost the broker"),
+                    Err(e) => {
+                        self.metrics.reconnect();
+                        warn!(error = %e, retry_in = ?backoff, "scheduler lost the broker");
+                    }
                 }
                 let jittered = rand::thread_rng().gen_range(backoff / 2..=backoff);
                 tokio::select! {
@@ -159,6 +178,7 @@ impl Scheduler {
         }
         let mut deliveries = select_all(consumers);
         info!("scheduler consuming its intake queues");
+        self.metrics.consuming(true);
         // Tasks in their final second; stopped (left unacknowledged) when the
         // session ends, so the broker redelivers them to the next scheduler.
         let holds = TaskTracker::new();
@@ -191,11 +211,12 @@ impl Scheduler {
                 }
                 Some((kind, Ok(d))) => (kind, d),
             };
-            let (out, names, identity, delays) = (
+            let (out, names, identity, delays, metrics) = (
                 out.clone(),
                 names.clone(),
                 self.identity.clone(),
                 delays.clone(),
+                self.metrics.clone(),
             );
             let (holds, stop_holds, failed, failure) = (
                 holds.clone(),
@@ -207,11 +228,11 @@ impl Scheduler {
                 let r = match kind {
                     Intake::DeadLetters => {
                         match park_dead_lettered(&out, &names, &identity, &d).await {
-                            Ok(()) => d
+                            Ok(reason) => d
                                 .acker
                                 .ack(BasicAckOptions::default())
                                 .await
-                                .map(|_| ())
+                                .map(|_| metrics.dead(reason.as_str()))
                                 .map_err(|source| ClientError::Amqp {
                                     what: "ack dead letter".into(),
                                     source,

@@ -2,70 +2,24 @@
 //! (version 0.0.4) by hand: a few counters, gauges and one histogram.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::Mutex;
+
+use warren_ops::{Exposition, Histogram, DURATION_BUCKETS};
 
 use crate::store::BatchReport;
 
 /// Upper bounds of the batch write duration histogram, in seconds.
-const BATCH_BUCKETS: [f64; 12] = [
+const BATCH_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 
-/// Upper bounds of the task duration histogram, in seconds.
-const DURATION_BUCKETS: [f64; 14] = [
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-];
-
-/// One histogram's buckets, sum and count.
-#[derive(Debug, Default, Clone)]
-struct Histogram {
-    buckets: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn observe(&mut self, bounds: &[f64], value: f64) {
-        if self.buckets.is_empty() {
-            self.buckets = vec![0; bounds.len()];
-        }
-        for (i, le) in bounds.iter().enumerate() {
-            if value <= *le {
-                self.buckets[i] += 1;
-            }
-        }
-        self.sum += value;
-        self.count += 1;
-    }
-
-    fn write(&self, out: &mut String, name: &str, labels: &str, bounds: &[f64]) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (le, n) in bounds.iter().zip(&self.buckets) {
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{le}\"}} {n}");
-        }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
-            self.count
-        );
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
-    }
-}
-
 /// Counters and gauges of one tracker process.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
     inner: Mutex<Inner>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
     ingested: BTreeMap<(String, String), u64>,
     duplicates: u64,
@@ -81,6 +35,29 @@ struct Inner {
     lag_seconds: f64,
     backlog: Option<u64>,
     last_commit_unix: f64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            inner: Mutex::new(Inner {
+                ingested: BTreeMap::new(),
+                duplicates: 0,
+                invalid: 0,
+                batches: 0,
+                batch_seconds: Histogram::new(BATCH_BUCKETS),
+                task_seconds: BTreeMap::new(),
+                retries: BTreeMap::new(),
+                dead: BTreeMap::new(),
+                write_errors: 0,
+                reconnects: 0,
+                pruned: 0,
+                lag_seconds: 0.0,
+                backlog: None,
+                last_commit_unix: 0.0,
+            }),
+        }
+    }
 }
 
 impl Metrics {
@@ -99,12 +76,12 @@ impl Metrics {
             }
             m.duplicates += report.duplicates;
             m.batches += 1;
-            m.batch_seconds.observe(&BATCH_BUCKETS, write_seconds);
+            m.batch_seconds.observe(write_seconds);
             for (task_type, outcome, ms) in &report.durations {
                 m.task_seconds
                     .entry((task_type.clone(), outcome))
-                    .or_default()
-                    .observe(&DURATION_BUCKETS, *ms as f64 / 1000.0);
+                    .or_insert_with(|| Histogram::new(DURATION_BUCKETS))
+                    .observe(*ms as f64 / 1000.0);
             }
             for (k, n) in &report.retries {
                 *m.retries.entry(k.clone()).or_default() += n;
@@ -150,103 +127,82 @@ impl Metrics {
     /// The text exposition, with `tasks` (tasks per state, from the
     /// database) when it could be read.
     pub fn render(&self, tasks: Option<&BTreeMap<String, i64>>, ready: bool) -> String {
-        let mut out = String::new();
+        let mut e = Exposition::new();
         self.with(|m| {
-            header(&mut out, "warren_tracker_events_ingested_total", "counter",
-                "Events stored, by state and task type (each event id once).");
+            e.family(
+                "warren_tracker_events_ingested_total",
+                "counter",
+                "Events stored, by state and task type (each event id once).",
+            );
             for ((state, task_type), n) in &m.ingested {
-                let _ = writeln!(
-                    out,
-                    "warren_tracker_events_ingested_total{{state=\"{}\",type=\"{}\"}} {n}",
-                    escape(state),
-                    escape(task_type)
+                e.sample(
+                    "warren_tracker_events_ingested_total",
+                    &[("state", state), ("type", task_type)],
+                    *n as f64,
                 );
             }
-            simple(&mut out, "warren_tracker_events_duplicate_total", "counter",
-                "Events skipped because their event id was already stored.", m.duplicates as f64);
-            simple(&mut out, "warren_tracker_messages_invalid_total", "counter",
-                "Messages on the tracker queue that were not status events (acknowledged, not stored).",
-                m.invalid as f64);
-            simple(&mut out, "warren_tracker_write_errors_total", "counter",
-                "Batch writes that failed and were retried.", m.write_errors as f64);
-            simple(&mut out, "warren_tracker_reconnects_total", "counter",
-                "Times the broker connection was lost and re-established.", m.reconnects as f64);
-            simple(&mut out, "warren_tracker_tasks_pruned_total", "counter",
-                "Tasks deleted by retention.", m.pruned as f64);
-            simple(&mut out, "warren_tracker_ingest_lag_seconds", "gauge",
-                "Age of the oldest event of the last committed batch, at commit.", m.lag_seconds);
-            simple(&mut out, "warren_tracker_last_commit_timestamp_seconds", "gauge",
-                "Unix time of the last committed batch (0: none yet).", m.last_commit_unix);
+            for (name, kind, help, value) in [
+                ("warren_tracker_events_duplicate_total", "counter",
+                    "Events skipped because their event id was already stored.", m.duplicates as f64),
+                ("warren_tracker_messages_invalid_total", "counter",
+                    "Messages on the tracker queue that were not status events (acknowledged, not stored).",
+                    m.invalid as f64),
+                ("warren_tracker_write_errors_total", "counter",
+                    "Batch writes that failed and were retried.", m.write_errors as f64),
+                ("warren_tracker_reconnects_total", "counter",
+                    "Times the broker connection was lost and re-established.", m.reconnects as f64),
+                ("warren_tracker_tasks_pruned_total", "counter",
+                    "Tasks deleted by retention.", m.pruned as f64),
+                ("warren_tracker_ingest_lag_seconds", "gauge",
+                    "Age of the oldest event of the last committed batch, at commit.", m.lag_seconds),
+                ("warren_tracker_last_commit_timestamp_seconds", "gauge",
+                    "Unix time of the last committed batch (0: none yet).", m.last_commit_unix),
+            ] {
+                e.single(name, kind, help, value);
+            }
             if let Some(b) = m.backlog {
-                simple(&mut out, "warren_tracker_backlog_messages", "gauge",
+                e.single("warren_tracker_backlog_messages", "gauge",
                     "Messages waiting on the tracker queue, as last seen.", b as f64);
             }
-            header(&mut out, "warren_tracker_batch_write_seconds", "histogram",
+            e.family("warren_tracker_batch_write_seconds", "histogram",
                 "Time to write and commit one batch.");
-            let mut batches = m.batch_seconds.clone();
-            if batches.buckets.is_empty() {
-                batches.buckets = vec![0; BATCH_BUCKETS.len()];
-            }
-            batches.write(&mut out, "warren_tracker_batch_write_seconds", "", &BATCH_BUCKETS);
-            header(&mut out, "warren_task_duration_seconds", "histogram",
+            e.histogram("warren_tracker_batch_write_seconds", &[], &m.batch_seconds);
+            e.family("warren_task_duration_seconds", "histogram",
                 "Attempt durations reported by succeeded and failed events, by type and outcome (whole fleet).");
             for ((task_type, outcome), h) in &m.task_seconds {
-                let labels = format!("type=\"{}\",outcome=\"{outcome}\"", escape(task_type));
-                h.write(&mut out, "warren_task_duration_seconds", &labels, &DURATION_BUCKETS);
+                e.histogram("warren_task_duration_seconds",
+                    &[("type", task_type), ("outcome", outcome)], h);
             }
-            header(&mut out, "warren_task_retries_total", "counter",
+            e.family("warren_task_retries_total", "counter",
                 "Failed attempts that will be retried, by type (whole fleet).");
             for (task_type, n) in &m.retries {
-                let _ = writeln!(out, "warren_task_retries_total{{type=\"{}\"}} {n}", escape(task_type));
+                e.sample("warren_task_retries_total", &[("type", task_type)], *n as f64);
             }
-            header(&mut out, "warren_tasks_dead_total", "counter",
+            e.family("warren_tasks_dead_total", "counter",
                 "Tasks parked in P.dead, by type and reason (whole fleet).");
             for ((task_type, reason), n) in &m.dead {
-                let _ = writeln!(out, "warren_tasks_dead_total{{type=\"{}\",reason=\"{}\"}} {n}",
-                    escape(task_type), escape(reason));
+                e.sample("warren_tasks_dead_total",
+                    &[("type", task_type), ("reason", reason)], *n as f64);
             }
         });
         if let Some(tasks) = tasks {
-            header(
-                &mut out,
+            e.family(
                 "warren_tracker_tasks",
                 "gauge",
                 "Tasks stored, by current state.",
             );
             for (state, n) in tasks {
-                let _ = writeln!(
-                    out,
-                    "warren_tracker_tasks{{state=\"{}\"}} {n}",
-                    escape(state)
-                );
+                e.sample("warren_tracker_tasks", &[("state", state)], *n as f64);
             }
         }
-        simple(
-            &mut out,
+        e.single(
             "warren_tracker_ready",
             "gauge",
             "1 when consuming from the broker and the database answers.",
             f64::from(u8::from(ready)),
         );
-        out
+        e.finish()
     }
-}
-
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-fn simple(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
-    header(out, name, kind, help);
-    let _ = writeln!(out, "{name} {value}");
-}
-
-/// A label value with `\`, `"` and newlines escaped.
-fn escape(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

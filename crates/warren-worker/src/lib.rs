@@ -12,6 +12,7 @@
 pub mod builtin;
 pub mod diag;
 mod handler;
+mod metrics;
 mod runtime;
 
 pub use handler::{Handler, Progress, Registry, TaskContext, TaskError};

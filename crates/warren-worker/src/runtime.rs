@@ -28,6 +28,7 @@ use warren_core::task::{task_type_of, InvalidTask, MessageMeta};
 use warren_core::{headers, Config, DeadReason, Event, Names, TaskEnvelope, TaskState};
 
 use crate::handler::ProgressReport;
+use crate::metrics::{Outcome, WorkerMetrics};
 use crate::{Progress, Registry, TaskContext, TaskError};
 
 /// Why a worker stopped with an error.
@@ -53,6 +54,19 @@ struct Shared {
     cancels: CancelSet,
     /// Semaphores of the types capped by `worker.type_concurrency`.
     type_caps: BTreeMap<String, Arc<Semaphore>>,
+    metrics: Arc<WorkerMetrics>,
+}
+
+impl Shared {
+    /// The type as a metrics label: types without a handler share one label,
+    /// so hostile routing keys cannot grow the metrics without bound.
+    fn label<'a>(&self, task_type: &'a str) -> &'a str {
+        if self.registry.get(task_type).is_some() {
+            task_type
+        } else {
+            "_unregistered"
+        }
+    }
 }
 
 /// One connection's worth of channels. When it dies, in-flight tasks can no
@@ -87,6 +101,7 @@ impl Worker {
             return Err(WorkerError::NoQueues);
         }
         let routing_exchanges = [names.tasks(), names.unroutable()];
+        let config_concurrency = config.worker.concurrency;
         let type_caps = config
             .worker
             .type_concurrency
@@ -103,8 +118,14 @@ impl Worker {
                 routing_exchanges,
                 cancels: CancelSet::new(),
                 type_caps,
+                metrics: Arc::new(WorkerMetrics::new(config_concurrency)),
             }),
         })
+    }
+
+    /// What this worker reports on `/metrics` and `/readyz`.
+    pub fn probe(&self) -> Arc<dyn warren_ops::Probe> {
+        self.shared.metrics.clone()
     }
 
     /// Consumes until `shutdown` is cancelled, reconnecting with backoff when
@@ -124,7 +145,7 @@ impl Worker {
             tokio::spawn(async move { cancels.follow(url, names, stop, ready_tx).await })
         };
         tokio::select! {
-            _ = ready_rx => {}
+            r = ready_rx => if r.is_ok() { sh.metrics.cancels_known() },
             _ = shutdown.cancelled() => {}
         }
         let tracker = TaskTracker::new();
@@ -139,6 +160,7 @@ impl Worker {
             match self.open_session().await {
                 Ok((session, consumers)) => {
                     backoff = Duration::from_millis(100);
+                    sh.metrics.consuming(true);
                     let session = Arc::new(session);
                     let mut stream = merge(consumers);
                     info!(
@@ -150,10 +172,12 @@ impl Worker {
                     let ended = self
                         .consume(&session, &mut stream, &shutdown, &tracker, &abort, &permits)
                         .await;
+                    sh.metrics.consuming(false);
                     if shutdown.is_cancelled() {
                         kept = Some((session, stream));
                         break;
                     }
+                    sh.metrics.reconnect();
                     warn!(reason = %ended, "broker connection lost; reconnecting");
                 }
                 Err(e) => warn!(error = %e, retry_in = ?backoff, "cannot reach broker"),
@@ -384,7 +408,7 @@ async fn process(
                 .as_ref()
                 .map(|e| e.message.clone())
                 .unwrap_or_default();
-            park(
+            let r = park(
                 &session.outbox,
                 &delivery,
                 &meta,
@@ -393,9 +417,13 @@ async fn process(
                 &detail,
                 &ev,
             )
-            .await
-            .map(|_| ())
+            .await;
+            if r.is_ok() {
+                sh.metrics.dead(sh.label(&task_type), "poison", None);
+            }
+            r.map(|_| ())
         } else {
+            sh.metrics.redelivered();
             headers::set_int(&mut h, headers::REDELIVERIES, seen);
             requeue(sh, session, queue, &delivery, h, &task_type, &task_id).await
         };
@@ -516,8 +544,11 @@ async fn cancelled(
                 .await?,
         );
     }
+    confirm_all(confirms).await?;
     info!(task_id, "cancelled");
-    confirm_all(confirms).await
+    sh.metrics
+        .outcome(sh.label(task_type), Outcome::Cancelled, None);
+    Ok(())
 }
 
 enum Disposition {
@@ -579,7 +610,7 @@ async fn run_task(
                 code: invalid.code.into(),
                 message: invalid.message.clone(),
             });
-            return park(
+            let r = park(
                 out,
                 delivery,
                 meta,
@@ -588,7 +619,10 @@ async fn run_task(
                 &invalid.message,
                 &ev,
             )
-            .await;
+            .await?;
+            sh.metrics
+                .dead(sh.label(task_type), DeadReason::Invalid.as_str(), None);
+            return Ok(r);
         }
     };
     tracing::Span::current().record("attempt", task.attempt);
@@ -624,6 +658,8 @@ async fn run_task(
     let command = CancellationToken::new();
     let _running = sh.cancels.running(task_id, command.clone());
     let began = Instant::now();
+    sh.metrics.running(1);
+    let running = Running(&sh.metrics);
     let mut join = tokio::spawn(async move { handler.handle(ctx).await });
     let result: Result<Value, TaskError> = tokio::select! {
         r = &mut join => match r {
@@ -650,11 +686,14 @@ async fn run_task(
             progress_events.finish().await;
             confirm_all(vec![started]).await?;
             warn!("aborted at shutdown; returned to the queue");
+            sh.metrics.returned();
             return Ok(Disposition::Requeue);
         }
     };
     progress_events.finish().await;
-    let duration_ms = began.elapsed().as_millis() as u64;
+    let ran = began.elapsed();
+    drop(running);
+    let duration_ms = ran.as_millis() as u64;
     // The handler is done: free its slot while the outcome is recorded, so
     // waiting for confirms never holds back the next handler. In-flight
     // deliveries stay bounded by the prefetch.
@@ -674,6 +713,7 @@ async fn run_task(
             }
             confirm_all(confirms).await?;
             info!(duration_ms, "succeeded");
+            sh.metrics.outcome(task_type, Outcome::Succeeded, Some(ran));
             Ok(Disposition::Ack)
         }
         Err(err) => {
@@ -705,6 +745,7 @@ async fn run_task(
                     )
                     .await?;
                 confirm_all(vec![started, failed_c, retry_c]).await?;
+                sh.metrics.outcome(task_type, Outcome::Retried, Some(ran));
                 return Ok(Disposition::Ack);
             }
             let reason = if err.is_retryable() {
@@ -716,7 +757,9 @@ async fn run_task(
             ev.reason = Some(reason.as_str().into());
             ev.error = Some(err.to_info());
             confirm_all(vec![started, failed_c]).await?;
-            park(out, delivery, meta, queue, reason, &err.to_string(), &ev).await
+            let r = park(out, delivery, meta, queue, reason, &err.to_string(), &ev).await?;
+            sh.metrics.dead(task_type, reason.as_str(), Some(ran));
+            Ok(r)
         }
     }
 }
@@ -750,6 +793,15 @@ async fn park(
     }
     confirm_all(confirms).await?;
     Ok(Disposition::Ack)
+}
+
+/// Counts a handler as running until dropped.
+struct Running<'a>(&'a WorkerMetrics);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running(-1);
+    }
 }
 
 fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {

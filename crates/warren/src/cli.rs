@@ -88,6 +88,36 @@ pub enum Command {
     Status(StatusArgs),
     /// Tracked tasks, latest event first (read from the tracker's database).
     Tasks(TasksArgs),
+    /// Probe a running worker, scheduler or tracker on this host through
+    /// its /healthz (or /readyz with --ready) at the configured listen
+    /// address; exit 0 when it answers 200 (the image's HEALTHCHECK).
+    Health(HealthArgs),
+}
+
+/// `health` flags.
+#[derive(Debug, clap::Args)]
+pub struct HealthArgs {
+    /// Which process to probe: worker (worker.listen), scheduler
+    /// (scheduler.listen) or tracker (tracker.listen).
+    #[arg(value_enum, env = "WARREN_HEALTH_COMPONENT", default_value = "worker")]
+    pub component: Component,
+    /// Probe /readyz (connected to the broker, ready to work) instead of /healthz.
+    #[arg(long)]
+    pub ready: bool,
+    /// Give up after this many milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    pub timeout_ms: u64,
+}
+
+/// A long-running Warren process with a health endpoint.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Component {
+    /// `warren worker` (and `warren up`).
+    Worker,
+    /// `warren scheduler`.
+    Scheduler,
+    /// `warren tracker`.
+    Tracker,
 }
 
 /// `status` flags.

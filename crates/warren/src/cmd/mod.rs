@@ -2,6 +2,7 @@
 
 mod bench;
 mod dead;
+mod health;
 mod publish;
 mod scheduler;
 mod status;
@@ -11,8 +12,12 @@ mod tracker;
 mod up;
 mod worker;
 
+use std::sync::Arc;
+
 use anyhow::Context;
+use tokio_util::sync::CancellationToken;
 use warren_core::Config;
+use warren_ops::Probe;
 
 use crate::cli::{Cli, Command, WorkerArgs};
 
@@ -43,6 +48,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Tracker => tracker::run(config).await,
         Command::Status(args) => status::run(&config, args).await,
         Command::Tasks(args) => tasks::run(&config, args).await,
+        Command::Health(args) => health::run(&config, args).await,
         Command::Worker(args) => {
             apply_worker_args(&mut config, args)?;
             worker::run(config).await
@@ -66,6 +72,23 @@ fn apply_worker_args(config: &mut Config, args: WorkerArgs) -> anyhow::Result<()
         config.worker.prefetch = p;
     }
     config.validate().context("command-line flags")?;
+    Ok(())
+}
+
+/// Serves one component's `/metrics`, `/healthz` and `/readyz` on `listen`
+/// (the value of config key `key`; empty serves nothing) until `shutdown`.
+pub async fn serve_ops(
+    key: &str,
+    listen: &str,
+    probe: Arc<dyn Probe>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    if let Some(addr) = warren_ops::serve(key, listen, vec![probe], shutdown.clone()).await? {
+        let component = key.split('.').next().unwrap_or(key);
+        tracing::info!(
+            "{component} metrics on http://{addr}/metrics, health on /healthz and /readyz"
+        );
+    }
     Ok(())
 }
 

@@ -5,9 +5,15 @@ use warren_core::Config;
 pub async fn run(config: &Config) -> anyhow::Result<i32> {
     let shutdown = crate::shutdown::on_signal()?;
     apply_topology(config).await?;
-    warren_scheduler::Scheduler::new(config.clone())
-        .run(shutdown)
-        .await?;
+    let scheduler = warren_scheduler::Scheduler::new(config.clone());
+    super::serve_ops(
+        "scheduler.listen",
+        &config.scheduler.listen,
+        scheduler.probe(),
+        &shutdown,
+    )
+    .await?;
+    scheduler.run(shutdown).await?;
     Ok(0)
 }
 

@@ -8,6 +8,20 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     super::scheduler::apply_topology(&config).await?;
     let worker = Worker::new(config.clone(), Registry::with_builtins())?;
     let scheduler = warren_scheduler::Scheduler::new(config.clone());
+    // Like the tracker, the endpoints only report: a taken address is logged
+    // and the tasks run on.
+    for (key, listen, probe) in [
+        ("worker.listen", &config.worker.listen, worker.probe()),
+        (
+            "scheduler.listen",
+            &config.scheduler.listen,
+            scheduler.probe(),
+        ),
+    ] {
+        if let Err(e) = super::serve_ops(key, listen, probe, &shutdown).await {
+            tracing::error!(error = %e, "metrics and health not served");
+        }
+    }
     // The tracker only watches: a taken HTTP address or an unusable database
     // is reported, and tasks keep running without it.
     let tracker = warren_tracker::Tracker::new(config).http_optional(true);

@@ -5,7 +5,14 @@ use warren_worker::{Registry, Worker};
 
 pub async fn run(config: Config) -> anyhow::Result<i32> {
     let shutdown = crate::shutdown::on_signal()?;
-    let worker = Worker::new(config, Registry::with_builtins())?;
+    let worker = Worker::new(config.clone(), Registry::with_builtins())?;
+    super::serve_ops(
+        "worker.listen",
+        &config.worker.listen,
+        worker.probe(),
+        &shutdown,
+    )
+    .await?;
     worker.run(shutdown).await?;
     Ok(0)
 }

@@ -1,0 +1,281 @@
+//! What a worker counts, exposed on `/metrics` and `/readyz`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use warren_ops::{Exposition, Histogram, Probe, DURATION_BUCKETS};
+
+/// How a task left this worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Outcome {
+    /// Its handler returned a result.
+    Succeeded,
+    /// Its handler failed and a retry was scheduled.
+    Retried,
+    /// Parked in `P.dead` (the reason is counted apart).
+    Dead,
+    /// Dropped by a cancel command.
+    Cancelled,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Retried => "retried",
+            Outcome::Dead => "dead",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A worker's counters and gauges.
+#[derive(Debug)]
+pub(crate) struct WorkerMetrics {
+    inner: Mutex<Inner>,
+    concurrency: usize,
+    running: AtomicI64,
+    consuming: AtomicBool,
+    cancels_known: AtomicBool,
+    reconnects: AtomicU64,
+    redeliveries: AtomicU64,
+    returned: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    outcomes: BTreeMap<(String, Outcome), u64>,
+    dead: BTreeMap<(String, &'static str), u64>,
+    durations: BTreeMap<(String, &'static str), Histogram>,
+}
+
+impl WorkerMetrics {
+    pub(crate) fn new(concurrency: usize) -> Self {
+        WorkerMetrics {
+            inner: Mutex::default(),
+            concurrency,
+            running: AtomicI64::new(0),
+            consuming: AtomicBool::new(false),
+            cancels_known: AtomicBool::new(false),
+            reconnects: AtomicU64::new(0),
+            redeliveries: AtomicU64::new(0),
+            returned: AtomicU64::new(0),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    }
+
+    /// A task's outcome is recorded by the broker; `ran` is how long its
+    /// handler ran, when it did.
+    pub(crate) fn outcome(&self, task_type: &str, outcome: Outcome, ran: Option<Duration>) {
+        self.with(|m| {
+            *m.outcomes
+                .entry((task_type.to_owned(), outcome))
+                .or_default() += 1;
+            if let Some(ran) = ran {
+                let label = if outcome == Outcome::Succeeded {
+                    "succeeded"
+                } else {
+                    "failed"
+                };
+                m.durations
+                    .entry((task_type.to_owned(), label))
+                    .or_insert_with(|| Histogram::new(DURATION_BUCKETS))
+                    .observe(ran.as_secs_f64());
+            }
+        });
+    }
+
+    /// A task parked in `P.dead` for `reason`.
+    pub(crate) fn dead(&self, task_type: &str, reason: &'static str, ran: Option<Duration>) {
+        self.outcome(task_type, Outcome::Dead, ran);
+        self.with(|m| *m.dead.entry((task_type.to_owned(), reason)).or_default() += 1);
+    }
+
+    /// A delivery came back without an outcome (its worker died).
+    pub(crate) fn redelivered(&self) {
+        self.redeliveries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A task was returned to its queue unacknowledged at shutdown.
+    pub(crate) fn returned(&self) {
+        self.returned.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A handler starts (`+1`) or ends (`-1`).
+    pub(crate) fn running(&self, delta: i64) {
+        self.running.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// Whether the worker has its consumers on the broker.
+    pub(crate) fn consuming(&self, on: bool) {
+        self.consuming.store(on, Ordering::Relaxed);
+    }
+
+    /// Every cancel published before start has been read.
+    pub(crate) fn cancels_known(&self) {
+        self.cancels_known.store(true, Ordering::Relaxed);
+    }
+
+    /// The broker connection was lost.
+    pub(crate) fn reconnect(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Probe for WorkerMetrics {
+    fn metrics(&self) -> String {
+        let mut e = Exposition::new();
+        self.with(|m| {
+            e.family(
+                "warren_worker_tasks_total",
+                "counter",
+                "Tasks this worker finished, by type and outcome (succeeded, retried, dead, \
+                 cancelled).",
+            );
+            for ((t, o), n) in &m.outcomes {
+                e.sample(
+                    "warren_worker_tasks_total",
+                    &[("type", t), ("outcome", o.as_str())],
+                    *n as f64,
+                );
+            }
+            e.family(
+                "warren_worker_dead_total",
+                "counter",
+                "Tasks this worker parked in P.dead, by type and reason.",
+            );
+            for ((t, r), n) in &m.dead {
+                e.sample(
+                    "warren_worker_dead_total",
+                    &[("type", t), ("reason", r)],
+                    *n as f64,
+                );
+            }
+            e.family(
+                "warren_worker_task_duration_seconds",
+                "histogram",
+                "Handler run time, by type and result (succeeded or failed).",
+            );
+            for ((t, r), h) in &m.durations {
+                e.histogram(
+                    "warren_worker_task_duration_seconds",
+                    &[("type", t), ("result", r)],
+                    h,
+                );
+            }
+            let retried: u64 = m
+                .outcomes
+                .iter()
+                .filter(|((_, o), _)| *o == Outcome::Retried)
+                .map(|(_, n)| n)
+                .sum();
+            e.single(
+                "warren_worker_retries_total",
+                "counter",
+                "Failed attempts this worker sent back for a retry.",
+                retried as f64,
+            );
+        });
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+        e.single(
+            "warren_worker_tasks_running",
+            "gauge",
+            "Handlers running now.",
+            self.running.load(Ordering::Relaxed) as f64,
+        );
+        e.single(
+            "warren_worker_concurrency",
+            "gauge",
+            "Handlers this worker may run at once (worker.concurrency).",
+            self.concurrency as f64,
+        );
+        e.single(
+            "warren_worker_redeliveries_total",
+            "counter",
+            "Deliveries that came back without an outcome (a worker died holding them).",
+            load(&self.redeliveries),
+        );
+        e.single(
+            "warren_worker_returned_total",
+            "counter",
+            "Running tasks returned to their queue unacknowledged at shutdown.",
+            load(&self.returned),
+        );
+        e.single(
+            "warren_worker_reconnects_total",
+            "counter",
+            "Times the broker connection was lost and re-established.",
+            load(&self.reconnects),
+        );
+        e.single(
+            "warren_worker_up",
+            "gauge",
+            "1 while consuming from the broker.",
+            f64::from(u8::from(self.consuming.load(Ordering::Relaxed))),
+        );
+        e.finish()
+    }
+
+    fn checks(&self) -> Vec<(&'static str, bool)> {
+        vec![
+            ("broker", self.consuming.load(Ordering::Relaxed)),
+            ("cancels", self.cancels_known.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_durations_and_dead_reasons_are_exposed() {
+        let m = WorkerMetrics::new(4);
+        m.outcome(
+            "diag.echo",
+            Outcome::Succeeded,
+            Some(Duration::from_millis(20)),
+        );
+        m.outcome(
+            "diag.echo",
+            Outcome::Succeeded,
+            Some(Duration::from_millis(30)),
+        );
+        m.outcome(
+            "diag.fail",
+            Outcome::Retried,
+            Some(Duration::from_millis(1)),
+        );
+        m.dead(
+            "diag.fail",
+            "retries_exhausted",
+            Some(Duration::from_millis(1)),
+        );
+        m.dead("_unregistered", "invalid", None);
+        m.running(1);
+        m.consuming(true);
+        let text = m.metrics();
+        for line in [
+            "warren_worker_tasks_total{type=\"diag.echo\",outcome=\"succeeded\"} 2\n",
+            "warren_worker_tasks_total{type=\"diag.fail\",outcome=\"retried\"} 1\n",
+            "warren_worker_tasks_total{type=\"diag.fail\",outcome=\"dead\"} 1\n",
+            "warren_worker_dead_total{type=\"_unregistered\",reason=\"invalid\"} 1\n",
+            "warren_worker_task_duration_seconds_count{type=\"diag.echo\",result=\"succeeded\"} 2\n",
+            "warren_worker_task_duration_seconds_bucket{type=\"diag.echo\",result=\"succeeded\",le=\"0.025\"} 1\n",
+            "warren_worker_task_duration_seconds_count{type=\"diag.fail\",result=\"failed\"} 2\n",
+            "warren_worker_retries_total 1\n",
+            "warren_worker_tasks_running 1\n",
+            "warren_worker_concurrency 4\n",
+            "warren_worker_up 1\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert_eq!(m.checks(), vec![("broker", true), ("cancels", false)]);
+    }
+}

@@ -1,0 +1,259 @@
+//! Worker and scheduler `/metrics`, `/healthz` and `/readyz` against the real
+//! broker: values checked after a known batch, readiness across a lost
+//! connection.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use warren_client::TaskRequest;
+use warren_e2e::{until_final, Env, Mgmt};
+
+const T: Duration = Duration::from_secs(30);
+
+async fn get(addr: &str, path: &str) -> (u16, String) {
+    let r = reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"));
+    (r.status().as_u16(), r.text().await.expect("body"))
+}
+
+/// The value of one series (name with its labels, exactly as written).
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Every sample line is `series value` with a number for value, and every
+/// family has HELP and TYPE.
+fn assert_parses(text: &str) {
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# ") {
+            assert!(
+                rest.starts_with("HELP ") || rest.starts_with("TYPE "),
+                "{line}"
+            );
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("series and value");
+        assert!(value.parse::<f64>().is_ok(), "not a number: {line}");
+        let name = series.split('{').next().unwrap();
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .filter(|f| text.contains(&format!("# TYPE {f} histogram")))
+            .unwrap_or(name);
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "no TYPE for {family}"
+        );
+    }
+}
+
+/// Polls `/readyz` until it answers 200 (bounded); returns its JSON.
+async fn wait_ready(addr: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let (status, body) = get(addr, "/readyz").await;
+        if status == 200 {
+            return serde_json::from_str(&body).expect("JSON");
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ready within {T:?}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls `/metrics` until `series` reaches `at_least` (bounded); returns the text.
+async fn wait_metric(addr: &str, series: &str, at_least: f64) -> String {
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let (_, text) = get(addr, "/metrics").await;
+        if metric(&text, series).is_some_and(|v| v >= at_least) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} did not reach {at_least} within {T:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn worker_and_scheduler_metrics_count_a_known_batch() {
+    let mut env = Env::new("ops-batch", &[]).await;
+    let worker = env.spawn(&["worker", "--queues", "diag"], &[]);
+    let scheduler = env.spawn(&["scheduler"], &[]);
+    let w = env.ops_addr(&worker, "worker", T).await;
+    let s = env.ops_addr(&scheduler, "scheduler", T).await;
+    for addr in [&w, &s] {
+        assert_eq!(get(addr, "/healthz").await, (200, "ok\n".to_owned()));
+        let ready = wait_ready(addr).await;
+        assert_eq!(ready["ready"], true, "{ready}");
+        assert_eq!(ready["checks"]["broker"], true, "{ready}");
+        assert_eq!(ready["checks"]["cancels"], true, "{ready}");
+    }
+
+    // The image's HEALTHCHECK command, against both processes.
+    for (component, key, addr, flag) in [
+        ("worker", "WARREN__WORKER__LISTEN", &w, "--ready"),
+        (
+            "scheduler",
+            "WARREN__SCHEDULER__LISTEN",
+            &s,
+            "--timeout-ms=2000",
+        ),
+    ] {
+        let out = env
+            .warren(&["health", component, flag])
+            .env(key, addr)
+            .output()
+            .expect("run warren health");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let mut watch = env.watch(&["#"]).await;
+    let mut reqs: Vec<TaskRequest> = (0..10)
+        .map(|i| TaskRequest::new("diag.echo", json!({"i": i})))
+        .collect();
+    reqs.extend((0..3).map(|i| {
+        TaskRequest::new(
+            "diag.fail",
+            json!({"kind": "permanent", "message": format!("bad {i}")}),
+        )
+    }));
+    reqs.extend((0..2).map(|i| TaskRequest::new("diag.echo", json!({"late": i})).delay_ms(300)));
+    // Routed to the diag queue by `diag.*`, but no handler: dead invalid.
+    reqs.push(TaskRequest::new("diag.nothing", json!({})));
+    let ids = env.client.publish_batch(&reqs, 64, |_| {}).await.unwrap();
+    until_final(&mut watch, &ids, T).await;
+
+    let text = wait_metric(
+        &w,
+        "warren_worker_tasks_total{type=\"diag.echo\",outcome=\"succeeded\"}",
+        12.0,
+    )
+    .await;
+    assert_parses(&text);
+    let m = |series: &str| metric(&text, series).unwrap_or_else(|| panic!("{series} in\n{text}"));
+    assert_eq!(
+        m("warren_worker_tasks_total{type=\"diag.echo\",outcome=\"succeeded\"}"),
+        12.0
+    );
+    assert_eq!(
+        m("warren_worker_tasks_total{type=\"diag.fail\",outcome=\"dead\"}"),
+        3.0
+    );
+    assert_eq!(
+        m("warren_worker_dead_total{type=\"diag.fail\",reason=\"permanent_failure\"}"),
+        3.0
+    );
+    assert_eq!(
+        m("warren_worker_dead_total{type=\"_unregistered\",reason=\"invalid\"}"),
+        1.0
+    );
+    assert_eq!(
+        m("warren_worker_task_duration_seconds_count{type=\"diag.echo\",result=\"succeeded\"}"),
+        12.0
+    );
+    assert_eq!(
+        m("warren_worker_task_duration_seconds_bucket{type=\"diag.echo\",result=\"succeeded\",le=\"+Inf\"}"),
+        12.0
+    );
+    assert_eq!(
+        m("warren_worker_task_duration_seconds_count{type=\"diag.fail\",result=\"failed\"}"),
+        3.0
+    );
+    assert_eq!(m("warren_worker_retries_total"), 0.0);
+    assert_eq!(m("warren_worker_tasks_running"), 0.0);
+    assert_eq!(m("warren_worker_concurrency"), 8.0);
+    assert_eq!(m("warren_worker_up"), 1.0);
+    assert_eq!(m("warren_worker_reconnects_total"), 0.0);
+
+    let text = wait_metric(&s, "warren_scheduler_released_total", 2.0).await;
+    assert_parses(&text);
+    let m = |series: &str| metric(&text, series).unwrap_or_else(|| panic!("{series} in\n{text}"));
+    assert_eq!(m("warren_scheduler_delayed_total"), 2.0);
+    assert_eq!(m("warren_scheduler_released_total"), 2.0);
+    assert_eq!(m("warren_scheduler_release_lateness_seconds_count"), 2.0);
+    assert_eq!(
+        m("warren_scheduler_release_lateness_seconds_bucket{le=\"+Inf\"}"),
+        2.0
+    );
+    assert_eq!(m("warren_scheduler_held_tasks"), 0.0);
+    assert_eq!(m("warren_scheduler_cron_leader"), 0.0);
+    assert_eq!(m("warren_scheduler_up"), 1.0);
+}
+
+#[tokio::test]
+async fn a_force_closed_connection_is_counted_and_readiness_returns() {
+    let mut env = Env::new("ops-reconnect", &[]).await;
+    let worker = env.spawn(&["worker", "--queues", "diag"], &[]);
+    let w = env.ops_addr(&worker, "worker", T).await;
+    wait_ready(&w).await;
+    let mgmt = Mgmt::new();
+    // The worker's connection is named "warren worker <host>/<pid>".
+    let suffix = format!("/{}", worker.pid);
+    let first = mgmt.wait_connection("worker", &suffix, &[], T).await;
+    mgmt.close_connection(&first).await;
+    let text = wait_metric(&w, "warren_worker_reconnects_total", 1.0).await;
+    assert_eq!(metric(&text, "warren_worker_reconnects_total"), Some(1.0));
+    let ready = wait_ready(&w).await;
+    assert_eq!(ready["checks"]["broker"], true, "{ready}");
+    // Tasks run on the new connection.
+    let mut watch = env.watch(&["#"]).await;
+    let ids = env
+        .client
+        .publish_batch(&[TaskRequest::new("diag.echo", json!({}))], 8, |_| {})
+        .await
+        .unwrap();
+    until_final(&mut watch, &ids, T).await;
+    wait_metric(
+        &w,
+        "warren_worker_tasks_total{type=\"diag.echo\",outcome=\"succeeded\"}",
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn health_fails_in_one_line_when_nothing_answers() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap().to_string();
+    drop(free);
+    let env = Env::new("ops-health", &[]).await;
+    let out = env
+        .warren(&["health", "tracker"])
+        .env("WARREN__TRACKER__LISTEN", &addr)
+        .output()
+        .expect("run warren health");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains(&addr), "{err}");
+}
+
+#[tokio::test]
+async fn a_taken_metrics_address_is_a_one_line_error_naming_the_key() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = held.local_addr().unwrap().to_string();
+    let env = Env::new("ops-taken", &[]).await;
+    let out = env
+        .warren(&["worker", "--queues", "diag"])
+        .env("WARREN__WORKER__LISTEN", &taken)
+        .output()
+        .expect("run warren");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.contains("worker.listen"), "{err}");
+    assert!(last.contains(&taken), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
