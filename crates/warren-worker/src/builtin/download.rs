@@ -16,10 +16,12 @@
 //! deletes the partial file.
 
 use std::collections::BTreeMap;
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use reqwest::header::{
     HeaderMap, HeaderValue, CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE,
 };
@@ -27,7 +29,7 @@ use reqwest::{Method, StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 
 use super::redirects::Request;
 use super::{
@@ -36,8 +38,11 @@ use super::{
 };
 use crate::{Handler, TaskContext, TaskError};
 
-/// Write buffer of a download: few, large writes to the file.
+/// Bytes handed to the writer thread at once (and started to disk).
 const WRITE_BUFFER: usize = 1 << 20;
+
+/// Blocks of about [`WRITE_BUFFER`] bytes waiting for the writer thread, at most.
+const WRITE_AHEAD: usize = 4;
 
 /// The `file.download` handler.
 pub struct FileDownload {
@@ -251,7 +256,7 @@ impl Download<'_> {
         if let Some(t) = total.filter(|&t| t > self.limit) {
             return Err(too_large(&self.url, t, self.limit));
         }
-        let (mut file, mut hasher) = if start > 0 {
+        let (file, hasher) = if start > 0 {
             self.reopen(start).await?
         } else {
             self.write_meta(resp.headers()).await;
@@ -260,32 +265,28 @@ impl Download<'_> {
                 .map_err(io("create"))?;
             (f, Sha256::new())
         };
-        let mut w = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, &mut file);
+        let mut sink = Sink::start(file.into_std().await, hasher);
         let mut written = start;
         let mut resp = resp;
         self.ctx.progress.report(written, total);
-        loop {
+        let ended = loop {
             let chunk = tokio::select! {
                 c = tokio::time::timeout(idle, resp.chunk()) => c,
                 _ = self.ctx.cancel.cancelled() => return Err(aborted()),
             };
             let chunk = match chunk {
                 Ok(Ok(Some(c))) => c,
-                Ok(Ok(None)) => break,
-                Ok(Err(e)) => {
-                    let _ = w.flush().await;
-                    return Err(transport_error(e, &last_url));
-                }
+                Ok(Ok(None)) => break Ended::Complete,
+                Ok(Err(e)) => break Ended::Failed(transport_error(e, &last_url)),
                 Err(_) => {
-                    let _ = w.flush().await;
-                    return Err(TaskError::retryable(
+                    break Ended::Failed(TaskError::retryable(
                         "timeout",
                         format!(
                             "{} sent no data for {} ms after {written} bytes",
                             redact(&self.url),
                             http.timeout_ms
                         ),
-                    ));
+                    ))
                 }
             };
             if written + chunk.len() as u64 > self.limit {
@@ -295,15 +296,27 @@ impl Download<'_> {
                     self.limit,
                 ));
             }
-            w.write_all(&chunk).await.map_err(io("write"))?;
-            hasher.update(&chunk);
-            written += chunk.len() as u64;
+            let len = chunk.len() as u64;
+            if sink.push(chunk).await.is_err() {
+                break Ended::WriterStopped;
+            }
+            written += len;
             self.ctx.progress.report(written, total);
-        }
-        w.flush().await.map_err(io("write"))?;
-        drop(w);
-        file.sync_all().await.map_err(io("sync"))?;
-        drop(file);
+        };
+        // Whatever arrived is written out, so a retry can resume after it.
+        let finished = sink.finish().await;
+        let (file, hasher) = match (ended, finished) {
+            (Ended::Failed(e), _) => return Err(e),
+            (_, Err(e)) => return Err(io("write")(e)),
+            (Ended::WriterStopped, Ok(_)) => {
+                return Err(TaskError::retryable("io", "the download writer stopped"))
+            }
+            (Ended::Complete, Ok(x)) => x,
+        };
+        tokio::fs::File::from_std(file)
+            .sync_all()
+            .await
+            .map_err(io("sync"))?;
         if let Some(t) = total.filter(|&t| t != written) {
             return Err(TaskError::retryable(
                 "incomplete",
@@ -364,6 +377,102 @@ impl Download<'_> {
             }
         }
     }
+}
+
+/// How the receiving loop of a download ended.
+enum Ended {
+    /// The body ended.
+    Complete,
+    /// The transfer failed.
+    Failed(TaskError),
+    /// The writer thread stopped (its error comes from [`Sink::finish`]).
+    WriterStopped,
+}
+
+/// Writes and hashes a download on a blocking thread, so receiving,
+/// hashing and writing overlap; at most [`WRITE_AHEAD`] blocks wait for it,
+/// which bounds the memory a transfer takes.
+struct Sink {
+    /// Chunks as they arrived (not copied), until they make a block.
+    pending: Vec<Bytes>,
+    pending_len: usize,
+    tx: tokio::sync::mpsc::Sender<Vec<Bytes>>,
+    writer: tokio::task::JoinHandle<std::io::Result<(std::fs::File, Sha256)>>,
+}
+
+impl Sink {
+    fn start(file: std::fs::File, hasher: Sha256) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(WRITE_AHEAD);
+        let writer = tokio::task::spawn_blocking(move || {
+            let (mut file, mut hasher) = (file, hasher);
+            let mut offset = file.stream_position()?;
+            while let Some(block) = rx.blocking_recv() {
+                let len: usize = block.iter().map(Bytes::len).sum();
+                for chunk in &block {
+                    file.write_all(chunk)?;
+                    hasher.update(chunk);
+                }
+                start_writeback(&file, offset, len);
+                offset += len as u64;
+            }
+            Ok((file, hasher))
+        });
+        Sink {
+            pending: Vec::new(),
+            pending_len: 0,
+            tx,
+            writer,
+        }
+    }
+
+    /// Queues bytes; a full block goes to the writer. `Err` when the writer
+    /// has stopped (see [`Sink::finish`] for why).
+    async fn push(&mut self, chunk: Bytes) -> Result<(), ()> {
+        self.pending_len += chunk.len();
+        self.pending.push(chunk);
+        if self.pending_len >= WRITE_BUFFER {
+            self.pending_len = 0;
+            let block = std::mem::take(&mut self.pending);
+            self.tx.send(block).await.map_err(|_| ())?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is pending and stops the writer: the file and the hash
+    /// of everything in it, or the write error.
+    async fn finish(mut self) -> std::io::Result<(std::fs::File, Sha256)> {
+        if !self.pending.is_empty() {
+            let _ = self.tx.send(std::mem::take(&mut self.pending)).await;
+        }
+        drop(self.tx);
+        self.writer.await.map_err(std::io::Error::other)?
+    }
+}
+
+/// Asks the kernel to start writing a block to disk now, without waiting,
+/// so the fsync before the rename finds little left to write (Linux; a
+/// no-op elsewhere).
+fn start_writeback(file: &std::fs::File, offset: u64, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: the descriptor is open for the duration of the call and
+        // sync_file_range reads no memory of ours; a failure only means the
+        // final fsync does all the work.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset,
+                len,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
 }
 
 /// `.<name>.warren-<hash of task id and path>.part`, next to the target.

@@ -18,14 +18,17 @@ use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
+use std::io::Read;
 
 use super::redirects::Request;
 use super::{error_snippet, paths, redact, request_headers, send, status_error, Clients};
 use crate::{Handler, Progress, TaskContext, TaskError};
 
 /// Size of each read from the file.
-const READ_CHUNK: usize = 256 * 1024;
+const READ_CHUNK: usize = 1 << 20;
+
+/// Chunks read ahead of the network, at most.
+const READ_AHEAD: usize = 4;
 
 /// The `file.upload` handler.
 pub struct FileUpload {
@@ -100,7 +103,12 @@ impl Handler for FileUpload {
             ));
         }
         let sent = Arc::new(Mutex::new(Sent::default()));
-        let content = file_stream(file, size, sent.clone(), ctx.progress.clone());
+        let content = file_stream(
+            file.into_std().await,
+            size,
+            sent.clone(),
+            ctx.progress.clone(),
+        );
         let mut extra = HeaderMap::new();
         let (body, length) = match &args.field {
             None => (reqwest::Body::wrap_stream(content), size),
@@ -178,37 +186,47 @@ impl Handler for FileUpload {
 
 /// The file's bytes in chunks, hashed and counted into `sent` as they go;
 /// exactly `size` bytes (the length announced), or an error.
+///
+/// A blocking thread reads and hashes ahead of the network by at most
+/// [`READ_AHEAD`] chunks, so disk, hashing and sending overlap while memory
+/// stays bounded. Dropping the stream (the request ended) stops the thread.
 fn file_stream(
-    file: tokio::fs::File,
+    file: std::fs::File,
     size: u64,
     sent: Arc<Mutex<Sent>>,
     progress: Progress,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
-    stream::try_unfold((file, 0u64), move |(mut file, done)| {
-        let sent = sent.clone();
-        let progress = progress.clone();
-        async move {
-            if done >= size {
-                return Ok(None);
-            }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(READ_AHEAD);
+    tokio::task::spawn_blocking(move || {
+        let mut file = file;
+        let mut done = 0u64;
+        while done < size {
             let want = READ_CHUNK.min(usize::try_from(size - done).unwrap_or(READ_CHUNK));
-            let mut buf = vec![0u8; want];
-            let n = file.read(&mut buf).await?;
-            if n == 0 {
-                return Err(std::io::Error::new(
+            let mut buf = Vec::with_capacity(want);
+            let read = (&mut file).take(want as u64).read_to_end(&mut buf);
+            let item = match read {
+                Ok(0) => Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     format!("the file shrank to {done} bytes while being sent"),
-                ));
+                )),
+                Ok(n) => {
+                    done += n as u64;
+                    let mut s = sent.lock().expect("lock poisoned");
+                    s.hasher.update(&buf);
+                    s.bytes = done;
+                    drop(s);
+                    progress.report(done, Some(size));
+                    Ok(Bytes::from(buf))
+                }
+                Err(e) => Err(e),
+            };
+            let failed = item.is_err();
+            if tx.blocking_send(item).is_err() || failed {
+                return;
             }
-            buf.truncate(n);
-            let done = done + n as u64;
-            {
-                let mut s = sent.lock().expect("lock poisoned");
-                s.hasher.update(&buf);
-                s.bytes = done;
-            }
-            progress.report(done, Some(size));
-            Ok(Some((Bytes::from(buf), (file, done))))
         }
+    });
+    stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
     })
 }
