@@ -27,7 +27,7 @@ pub fn connection_name(role: &str) -> String {
 /// Opens one connection, named for the console.
 pub async fn connect(url: &BrokerUrl, role: &str) -> Result<Connection, ClientError> {
     let props = ConnectionProperties::default().with_connection_name(connection_name(role).into());
-    Connection::connect(url.expose(), props)
+    Connection::connect(&url.connection_uri(), props)
         .await
         .map_err(|source| ClientError::Connect {
             url: url.redacted(),

@@ -8,7 +8,7 @@
 //! sent twice, so redirects are not followed: a 3xx answer is a failure.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -102,13 +102,7 @@ impl Handler for FileUpload {
                 ),
             ));
         }
-        let sent = Arc::new(Mutex::new(Sent::default()));
-        let content = file_stream(
-            file.into_std().await,
-            size,
-            sent.clone(),
-            ctx.progress.clone(),
-        );
+        let (content, hashed) = file_stream(file.into_std().await, size, ctx.progress.clone());
         let mut extra = HeaderMap::new();
         let (body, length) = match &args.field {
             None => (reqwest::Body::wrap_stream(content), size),
@@ -161,10 +155,13 @@ impl Handler for FileUpload {
         }
         // Let the server finish its answer, briefly: the outcome is known.
         let _ = tokio::time::timeout(Duration::from_secs(5), resp.bytes()).await;
-        let (bytes, sha256) = {
-            let s = sent.lock().expect("lock poisoned");
-            (s.bytes, hex::encode(s.hasher.clone().finalize()))
-        };
+        // The request is over, so its body stream is gone and the reading
+        // has stopped: the hash covers exactly what was read.
+        let sent = tokio::time::timeout(Duration::from_secs(30), hashed)
+            .await
+            .map_err(|_| TaskError::retryable("io", "hashing the upload did not finish"))?
+            .map_err(|e| TaskError::retryable("io", format!("hashing the upload failed: {e}")))?;
+        let (bytes, sha256) = (sent.bytes, hex::encode(sent.hasher.finalize()));
         if bytes != size {
             return Err(TaskError::retryable(
                 "incomplete",
@@ -184,39 +181,51 @@ impl Handler for FileUpload {
     }
 }
 
-/// The file's bytes in chunks, hashed and counted into `sent` as they go;
-/// exactly `size` bytes (the length announced), or an error.
+/// The file's bytes in chunks, exactly `size` of them (the length
+/// announced) or an error, and the hash of what was read, ready when the
+/// reading stopped.
 ///
-/// A blocking thread reads and hashes ahead of the network by at most
-/// [`READ_AHEAD`] chunks, so disk, hashing and sending overlap while memory
-/// stays bounded. Dropping the stream (the request ended) stops the thread.
+/// A blocking thread reads at most [`READ_AHEAD`] chunks ahead of the
+/// network and hands each chunk (shared, not copied) to a second thread that
+/// hashes it, so reading, hashing and sending overlap while memory stays
+/// bounded. Dropping the stream (the request ended) stops both threads.
 fn file_stream(
     file: std::fs::File,
     size: u64,
-    sent: Arc<Mutex<Sent>>,
     progress: Progress,
-) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+) -> (
+    impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+    tokio::task::JoinHandle<Sent>,
+) {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(READ_AHEAD);
+    let (hash_tx, mut hash_rx) = tokio::sync::mpsc::channel::<Bytes>(READ_AHEAD);
+    let hashed = tokio::task::spawn_blocking(move || {
+        let mut sent = Sent::default();
+        while let Some(chunk) = hash_rx.blocking_recv() {
+            sent.hasher.update(&chunk);
+            sent.bytes += chunk.len() as u64;
+        }
+        sent
+    });
     tokio::task::spawn_blocking(move || {
         let mut file = file;
         let mut done = 0u64;
         while done < size {
             let want = READ_CHUNK.min(usize::try_from(size - done).unwrap_or(READ_CHUNK));
             let mut buf = Vec::with_capacity(want);
-            let read = (&mut file).take(want as u64).read_to_end(&mut buf);
-            let item = match read {
+            let item = match (&mut file).take(want as u64).read_to_end(&mut buf) {
                 Ok(0) => Err(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     format!("the file shrank to {done} bytes while being sent"),
                 )),
                 Ok(n) => {
                     done += n as u64;
-                    let mut s = sent.lock().expect("lock poisoned");
-                    s.hasher.update(&buf);
-                    s.bytes = done;
-                    drop(s);
                     progress.report(done, Some(size));
-                    Ok(Bytes::from(buf))
+                    let chunk = Bytes::from(buf);
+                    if hash_tx.blocking_send(chunk.clone()).is_err() {
+                        return;
+                    }
+                    Ok(chunk)
                 }
                 Err(e) => Err(e),
             };
@@ -226,7 +235,8 @@ fn file_stream(
             }
         }
     });
-    stream::unfold(rx, |mut rx| async move {
+    let chunks = stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
-    })
+    });
+    (chunks, hashed)
 }
