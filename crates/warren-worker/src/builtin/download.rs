@@ -463,12 +463,7 @@ fn start_writeback(file: &std::fs::File, offset: u64, len: usize) {
         // sync_file_range reads no memory of ours; a failure only means the
         // final fsync does all the work.
         unsafe {
-            libc::sync_file_range(
-                file.as_raw_fd(),
-                offset,
-                len,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
+            libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
         }
     }
     #[cfg(not(target_os = "linux"))]
