@@ -1,10 +1,12 @@
 //! Delays: reading a due time from headers and choosing delay tiers.
 //!
-//! A delayed task waits in durable tier queues `P.wait.<n>s` (n a power of
-//! two) whose per-queue TTL dead-letters it back to the scheduler; each hop
-//! takes the largest tier that fits the remaining time, and the last second
-//! is waited in process. Tiers are never longer than the remaining time, so a
-//! task is never released early.
+//! A delayed task waits in durable tier queues `P.wait.<n>s` whose per-queue
+//! TTL dead-letters it back to the scheduler; each hop takes the largest
+//! tier that fits the remaining time, and the last second is waited in
+//! process. Tiers are never longer than the remaining time, so a task is
+//! never released early. There is a tier for every second up to 15 s, so
+//! a short delay (most retries and countdowns) takes one hop, then powers
+//! of two from 16 s, so a year takes a few dozen.
 
 use amq_protocol_types::{AMQPValue, FieldTable};
 use chrono::DateTime;
@@ -18,13 +20,18 @@ pub const FINAL_HOLD_MS: i64 = 1000;
 /// Header carrying the absolute due time (Unix ms) while a task hops between tiers.
 pub const DUE_AT: &str = "x-warren-due-at";
 
-/// Tier lengths in seconds: 1, 2, 4, … up to the largest power of two not
-/// above `max_delay_ms` (at least one tier).
+/// Tiers of every whole second below this many seconds.
+const FINE_TIERS_BELOW: u64 = 16;
+
+/// Tier lengths in seconds: 1, 2, 3, … 15, then 16, 32, 64, … up to the
+/// largest not above `max_delay_ms` (at least one tier).
 pub fn tiers(max_delay_ms: u64) -> Vec<u64> {
     let max_s = (max_delay_ms / 1000).max(1);
-    let mut out = vec![1u64];
-    while out.last().expect("non-empty") * 2 <= max_s {
-        out.push(out.last().expect("non-empty") * 2);
+    let mut out: Vec<u64> = (1..FINE_TIERS_BELOW).take_while(|t| *t <= max_s).collect();
+    let mut t = FINE_TIERS_BELOW;
+    while t <= max_s {
+        out.push(t);
+        t *= 2;
     }
     out
 }
@@ -114,12 +121,22 @@ mod tests {
     const YEAR_MS: u64 = 365 * 24 * 3600 * 1000;
 
     #[test]
-    fn tiers_are_powers_of_two_up_to_the_maximum() {
-        assert_eq!(tiers(10_000), vec![1, 2, 4, 8]);
+    fn tiers_are_every_second_to_15_then_powers_of_two_up_to_the_maximum() {
+        assert_eq!(tiers(4_000), vec![1, 2, 3, 4]);
         assert_eq!(tiers(0), vec![1]);
+        assert_eq!(tiers(40_000)[13..], [14, 15, 16, 32]);
         let t = tiers(10 * YEAR_MS);
         assert_eq!(*t.last().unwrap(), 1 << 28);
-        assert_eq!(t.len(), 29);
+        assert_eq!(t.len(), 15 + 25);
+    }
+
+    #[test]
+    fn a_delay_under_16_seconds_takes_one_hop() {
+        let t = tiers(10 * YEAR_MS);
+        for r in (1001i64..16_000).step_by(7) {
+            let tier = tier_for(r, &t).unwrap();
+            assert!(r - (tier as i64) * 1000 <= FINAL_HOLD_MS, "{r}");
+        }
     }
 
     #[test]
@@ -129,7 +146,8 @@ mod tests {
         assert_eq!(tier_for(-5, &t), None);
         assert_eq!(tier_for(1001, &t), Some(1));
         assert_eq!(tier_for(2000, &t), Some(2));
-        assert_eq!(tier_for(3999, &t), Some(2));
+        assert_eq!(tier_for(3999, &t), Some(3));
+        assert_eq!(tier_for(20_000, &t), Some(16));
         assert_eq!(tier_for(YEAR_MS as i64, &t), Some(1 << 24));
         for r in [1001i64, 1500, 7777, 123_456, 99_999_999] {
             let tier = tier_for(r, &t).unwrap();

@@ -618,8 +618,8 @@ mod tests {
             .collect();
         assert_eq!(
             tiers.len(),
-            29,
-            "1 s .. 2^28 s for the default 10-year maximum"
+            15 + 25,
+            "1 s .. 15 s, then 16 s .. 2^28 s for the default 10-year maximum"
         );
         assert_eq!(tiers[0], "warren.wait.1s");
         assert!(
@@ -762,7 +762,7 @@ mod tests {
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("queue ")).count(),
-            9 + 29
+            9 + 40
         );
         assert_eq!(text.lines().filter(|l| l.starts_with("bind ")).count(), 8);
         assert!(text.lines().all(|l| l == l.trim_end()));
