@@ -352,8 +352,27 @@ async fn latency_run(
 /// Scenario `latency` (with its baseline): fixed rate, enqueue→start and
 /// enqueue→final-event percentiles.
 pub async fn latency(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row>> {
-    let (ws, wf) = latency_run(base, opts, false).await?;
-    let (bs, bf) = latency_run(base, opts, true).await?;
+    // Rounds alternate Warren and the baseline; each side's round with the
+    // lowest enqueue->start p99 is reported, as throughput reports the best.
+    let mut warren: Option<(Summary, Summary)> = None;
+    let mut baseline: Option<(Summary, Summary)> = None;
+    for round in 0..opts.rounds.max(1) {
+        for is_baseline in [round % 2 == 1, round % 2 == 0] {
+            let run = latency_run(base, opts, is_baseline).await?;
+            let best = if is_baseline {
+                &mut baseline
+            } else {
+                &mut warren
+            };
+            if best.as_ref().is_none_or(|b| run.0.p99 < b.0.p99) {
+                *best = Some(run);
+            }
+        }
+    }
+    let ((ws, wf), (bs, bf)) = (
+        warren.expect("at least one round"),
+        baseline.expect("at least one round"),
+    );
     let s = format!("latency @{}/s", opts.rate);
     Ok(vec![
         Row::vs(&s, "enqueue->start p50", "ms", ws.p50, bs.p50),
