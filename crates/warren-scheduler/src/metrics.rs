@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use warren_ops::{Exposition, Histogram, Probe, LATENESS_BUCKETS};
+use warren_ops::{BrokerLink, Exposition, Histogram, Probe, LATENESS_BUCKETS};
 
 /// A scheduler's counters and gauges.
 #[derive(Debug)]
@@ -15,9 +15,8 @@ pub(crate) struct SchedulerMetrics {
     released: AtomicU64,
     cancelled: AtomicU64,
     held: AtomicI64,
-    reconnects: AtomicU64,
-    consuming: AtomicBool,
-    cancels_known: AtomicBool,
+    /// Consuming, caught up with cancels, reconnects.
+    pub(crate) link: BrokerLink,
     cron_leader: AtomicBool,
 }
 
@@ -41,9 +40,7 @@ impl Default for SchedulerMetrics {
             released: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             held: AtomicI64::new(0),
-            reconnects: AtomicU64::new(0),
-            consuming: AtomicBool::new(false),
-            cancels_known: AtomicBool::new(false),
+            link: BrokerLink::default(),
             cron_leader: AtomicBool::new(false),
         }
     }
@@ -89,21 +86,6 @@ impl SchedulerMetrics {
     /// A task starts (`+1`) or ends (`-1`) its final second in process.
     pub(crate) fn held(&self, delta: i64) {
         self.held.fetch_add(delta, Ordering::Relaxed);
-    }
-
-    /// Whether the intake queues are being consumed.
-    pub(crate) fn consuming(&self, on: bool) {
-        self.consuming.store(on, Ordering::Relaxed);
-    }
-
-    /// The broker connection was lost.
-    pub(crate) fn reconnect(&self) {
-        bump(&self.reconnects);
-    }
-
-    /// Every cancel published before start has been read.
-    pub(crate) fn cancels_known(&self) {
-        self.cancels_known.store(true, Ordering::Relaxed);
     }
 
     /// This process leads cron (or stopped leading).
@@ -194,26 +176,16 @@ impl Probe for SchedulerMetrics {
             "1 while this scheduler holds the cron leader lock.",
             flag(&self.cron_leader),
         );
-        e.single(
-            "warren_scheduler_reconnects_total",
-            "counter",
-            "Times the broker connection was lost and re-established.",
-            load(&self.reconnects),
-        );
-        e.single(
-            "warren_scheduler_up",
-            "gauge",
+        self.link.write(
+            &mut e,
+            "warren_scheduler",
             "1 while consuming the intake queues.",
-            flag(&self.consuming),
         );
         e.finish()
     }
 
     fn checks(&self) -> Vec<(&'static str, bool)> {
-        vec![
-            ("broker", self.consuming.load(Ordering::Relaxed)),
-            ("cancels", self.cancels_known.load(Ordering::Relaxed)),
-        ]
+        self.link.checks()
     }
 }
 

@@ -88,7 +88,7 @@ impl Scheduler {
             tokio::spawn(async move { cancels.follow(url, names, shutdown, ready_tx).await })
         };
         tokio::select! {
-            r = ready_rx => if r.is_ok() { self.metrics.cancels_known() },
+            r = ready_rx => if r.is_ok() { self.metrics.link.cancels_known() },
             _ = shutdown.cancelled() => {}
         }
         let delays = Delays::new(
@@ -104,11 +104,11 @@ impl Scheduler {
             let mut backoff = Duration::from_millis(100);
             while !shutdown.is_cancelled() {
                 let r = self.session(&delays, &shutdown).await;
-                self.metrics.consuming(false);
+                self.metrics.link.consuming(false);
                 match r {
                     Ok(()) => break,
                     Err(e) => {
-                        self.metrics.reconnect();
+                        self.metrics.link.reconnect();
                         warn!(error = %e, retry_in = ?backoff, "scheduler lost the broker");
                     }
                 }
@@ -178,7 +178,7 @@ impl Scheduler {
         }
         let mut deliveries = select_all(consumers);
         info!("scheduler consuming its intake queues");
-        self.metrics.consuming(true);
+        self.metrics.link.consuming(true);
         // Tasks in their final second; stopped (left unacknowledged) when the
         // session ends, so the broker redelivers them to the next scheduler.
         let holds = TaskTracker::new();

@@ -1,11 +1,11 @@
 //! What a worker counts, exposed on `/metrics` and `/readyz`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use warren_ops::{Exposition, Histogram, Probe, DURATION_BUCKETS};
+use warren_ops::{BrokerLink, Exposition, Histogram, Probe, DURATION_BUCKETS};
 
 /// How a task left this worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -37,9 +37,8 @@ pub(crate) struct WorkerMetrics {
     inner: Mutex<Inner>,
     concurrency: usize,
     running: AtomicI64,
-    consuming: AtomicBool,
-    cancels_known: AtomicBool,
-    reconnects: AtomicU64,
+    /// Consuming, caught up with cancels, reconnects.
+    pub(crate) link: BrokerLink,
     redeliveries: AtomicU64,
     returned: AtomicU64,
 }
@@ -57,9 +56,7 @@ impl WorkerMetrics {
             inner: Mutex::default(),
             concurrency,
             running: AtomicI64::new(0),
-            consuming: AtomicBool::new(false),
-            cancels_known: AtomicBool::new(false),
-            reconnects: AtomicU64::new(0),
+            link: BrokerLink::default(),
             redeliveries: AtomicU64::new(0),
             returned: AtomicU64::new(0),
         }
@@ -110,21 +107,6 @@ impl WorkerMetrics {
     /// A handler starts (`+1`) or ends (`-1`).
     pub(crate) fn running(&self, delta: i64) {
         self.running.fetch_add(delta, Ordering::Relaxed);
-    }
-
-    /// Whether the worker has its consumers on the broker.
-    pub(crate) fn consuming(&self, on: bool) {
-        self.consuming.store(on, Ordering::Relaxed);
-    }
-
-    /// Every cancel published before start has been read.
-    pub(crate) fn cancels_known(&self) {
-        self.cancels_known.store(true, Ordering::Relaxed);
-    }
-
-    /// The broker connection was lost.
-    pub(crate) fn reconnect(&self) {
-        self.reconnects.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -207,26 +189,16 @@ impl Probe for WorkerMetrics {
             "Running tasks returned to their queue unacknowledged at shutdown.",
             load(&self.returned),
         );
-        e.single(
-            "warren_worker_reconnects_total",
-            "counter",
-            "Times the broker connection was lost and re-established.",
-            load(&self.reconnects),
-        );
-        e.single(
-            "warren_worker_up",
-            "gauge",
+        self.link.write(
+            &mut e,
+            "warren_worker",
             "1 while consuming from the broker.",
-            f64::from(u8::from(self.consuming.load(Ordering::Relaxed))),
         );
         e.finish()
     }
 
     fn checks(&self) -> Vec<(&'static str, bool)> {
-        vec![
-            ("broker", self.consuming.load(Ordering::Relaxed)),
-            ("cancels", self.cancels_known.load(Ordering::Relaxed)),
-        ]
+        self.link.checks()
     }
 }
 
@@ -259,7 +231,7 @@ mod tests {
         );
         m.dead("_unregistered", "invalid", None);
         m.running(1);
-        m.consuming(true);
+        m.link.consuming(true);
         let text = m.metrics();
         for line in [
             "warren_worker_tasks_total{type=\"diag.echo\",outcome=\"succeeded\"} 2\n",

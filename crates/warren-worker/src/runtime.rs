@@ -145,7 +145,7 @@ impl Worker {
             tokio::spawn(async move { cancels.follow(url, names, stop, ready_tx).await })
         };
         tokio::select! {
-            r = ready_rx => if r.is_ok() { sh.metrics.cancels_known() },
+            r = ready_rx => if r.is_ok() { sh.metrics.link.cancels_known() },
             _ = shutdown.cancelled() => {}
         }
         let tracker = TaskTracker::new();
@@ -160,7 +160,7 @@ impl Worker {
             match self.open_session().await {
                 Ok((session, consumers)) => {
                     backoff = Duration::from_millis(100);
-                    sh.metrics.consuming(true);
+                    sh.metrics.link.consuming(true);
                     let session = Arc::new(session);
                     let mut stream = merge(consumers);
                     info!(
@@ -172,12 +172,12 @@ impl Worker {
                     let ended = self
                         .consume(&session, &mut stream, &shutdown, &tracker, &abort, &permits)
                         .await;
-                    sh.metrics.consuming(false);
+                    sh.metrics.link.consuming(false);
                     if shutdown.is_cancelled() {
                         kept = Some((session, stream));
                         break;
                     }
-                    sh.metrics.reconnect();
+                    sh.metrics.link.reconnect();
                     warn!(reason = %ended, "broker connection lost; reconnecting");
                 }
                 Err(e) => warn!(error = %e, retry_in = ?backoff, "cannot reach broker"),
