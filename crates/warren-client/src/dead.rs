@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 use warren_core::{headers, Names};
 
 use crate::connect::confirmed;
+use crate::outbox::copy_producer_properties;
 use crate::{ClientError, ConfirmChannel, ORIGINAL_EXPIRATION};
 
 /// The header the broker records dead-lettering in; dropped on replay.
@@ -431,40 +432,17 @@ pub fn replay_properties(p: &BasicProperties) -> BasicProperties {
         (None, Some(e)) => out = out.with_expiration(e.clone()),
         (None, None) => {}
     }
-    if let Some(v) = p.content_type() {
-        out = out.with_content_type(v.clone());
-    }
-    if let Some(v) = p.content_encoding() {
-        out = out.with_content_encoding(v.clone());
-    }
+    // Delivery mode, id and type exactly as parked (absent stays absent).
     if let Some(v) = p.delivery_mode() {
         out = out.with_delivery_mode(*v);
-    }
-    if let Some(v) = p.priority() {
-        out = out.with_priority(*v);
-    }
-    if let Some(v) = p.correlation_id() {
-        out = out.with_correlation_id(v.clone());
-    }
-    if let Some(v) = p.reply_to() {
-        out = out.with_reply_to(v.clone());
     }
     if let Some(v) = p.message_id() {
         out = out.with_message_id(v.clone());
     }
-    if let Some(v) = p.timestamp() {
-        out = out.with_timestamp(*v);
-    }
     if let Some(v) = p.kind() {
         out = out.with_type(v.clone());
     }
-    if let Some(v) = p.app_id() {
-        out = out.with_app_id(v.clone());
-    }
-    if let Some(v) = p.cluster_id() {
-        out = out.with_cluster_id(v.clone());
-    }
-    out
+    copy_producer_properties(p, out)
 }
 
 /// An AMQP table as a JSON object: integers and floats as numbers, strings

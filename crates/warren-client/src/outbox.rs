@@ -161,10 +161,28 @@ pub fn copy_properties(
     task_type: &str,
     task_id: Option<&str>,
 ) -> BasicProperties {
-    let mut out = BasicProperties::default()
-        .with_headers(headers)
-        .with_delivery_mode(2)
-        .with_type(short(task_type).into());
+    let mut out = copy_producer_properties(
+        p,
+        BasicProperties::default()
+            .with_headers(headers)
+            .with_delivery_mode(2)
+            .with_type(short(task_type).into()),
+    );
+    match (task_id, p.message_id()) {
+        (Some(id), _) => out = out.with_message_id(short(id).into()),
+        (None, Some(v)) => out = out.with_message_id(v.clone()),
+        (None, None) => {}
+    }
+    out
+}
+
+/// Sets on `out` the properties of `p` that belong to the producer and
+/// travel unchanged with every copy: content type and encoding, priority,
+/// correlation id, reply-to, timestamp, app id and cluster id.
+pub(crate) fn copy_producer_properties(
+    p: &BasicProperties,
+    mut out: BasicProperties,
+) -> BasicProperties {
     if let Some(v) = p.content_type() {
         out = out.with_content_type(v.clone());
     }
@@ -179,11 +197,6 @@ pub fn copy_properties(
     }
     if let Some(v) = p.reply_to() {
         out = out.with_reply_to(v.clone());
-    }
-    match (task_id, p.message_id()) {
-        (Some(id), _) => out = out.with_message_id(short(id).into()),
-        (None, Some(v)) => out = out.with_message_id(v.clone()),
-        (None, None) => {}
     }
     if let Some(v) = p.timestamp() {
         out = out.with_timestamp(*v);
