@@ -13,12 +13,14 @@ pub mod procstat;
 pub mod report;
 mod scenarios;
 pub mod stats;
+mod tracker;
 
 use std::path::PathBuf;
 
 use warren_core::Config;
 
 pub use report::{table, Row};
+pub use tracker::TrackerOptions;
 
 /// Which scenario to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +35,11 @@ pub enum Scenario {
     Hold,
     /// Worker RSS idle and busy.
     Memory,
-    /// All of the above.
+    /// Tracker ingestion rate and `warren status` latency, SQLite and
+    /// PostgreSQL (not part of `all`: it needs PostgreSQL and fills a
+    /// database with --tracker-tasks tasks).
+    Tracker,
+    /// All of the above but tracker.
     All,
 }
 
@@ -52,6 +58,8 @@ pub struct Options {
     pub hold: usize,
     /// Throughput rounds (baseline and Warren alternate; best of each).
     pub rounds: usize,
+    /// The tracker scenario's sizes and databases.
+    pub tracker: TrackerOptions,
     /// The --config file, passed on to child processes.
     pub config_path: Option<PathBuf>,
 }
@@ -75,6 +83,9 @@ pub async fn run(config: &Config, scenario: Scenario, opts: &Options) -> anyhow:
     }
     if all || scenario == Memory {
         rows.extend(scenarios::memory(config, opts).await?);
+    }
+    if scenario == Tracker {
+        rows.extend(tracker::tracker(config, opts).await?);
     }
     Ok(rows)
 }

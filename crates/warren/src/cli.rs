@@ -167,7 +167,11 @@ pub enum BenchScenario {
     Hold,
     /// Worker RSS idle and with 256 tasks in flight.
     Memory,
-    /// Every scenario.
+    /// Tracker ingestion rate (a preloaded backlog of --tracker-events) and
+    /// `warren status` latency over --tracker-tasks stored tasks, on SQLite
+    /// and PostgreSQL.
+    Tracker,
+    /// Every scenario but tracker.
     All,
 }
 
@@ -195,6 +199,28 @@ pub struct BenchArgs {
     /// Throughput rounds: baseline and Warren alternate, best of each is reported.
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
+    /// Status events preloaded per backend in the tracker scenario.
+    #[arg(long, default_value_t = 100_000)]
+    pub tracker_events: usize,
+    /// Tasks stored (with their events) before `warren status` is timed in
+    /// the tracker scenario.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub tracker_tasks: u64,
+    /// `warren status` runs timed per backend in the tracker scenario.
+    #[arg(long, default_value_t = 50)]
+    pub tracker_status_runs: usize,
+    /// PostgreSQL server for the tracker scenario; its user must be allowed
+    /// to create databases (one is created and dropped per measurement).
+    #[arg(
+        long,
+        env = "WARREN_BENCH_POSTGRES",
+        default_value = "postgres://root@127.0.0.1:5432/postgres"
+    )]
+    pub tracker_postgres: String,
+    /// Tracker databases to measure.
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres",
+          value_parser = ["sqlite", "postgres"])]
+    pub tracker_backends: Vec<String>,
     /// Print JSON rows instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 
-use warren_bench::{Options, Scenario};
+use warren_bench::{Options, Scenario, TrackerOptions};
 use warren_core::Config;
+use warren_tracker::Backend;
 
 use crate::cli::{BenchArgs, BenchScenario};
 
@@ -18,6 +19,7 @@ pub async fn run(
         BenchScenario::Delay => Scenario::Delay,
         BenchScenario::Hold => Scenario::Hold,
         BenchScenario::Memory => Scenario::Memory,
+        BenchScenario::Tracker => Scenario::Tracker,
         BenchScenario::All => Scenario::All,
     };
     anyhow::ensure!(args.n >= 2, "--n must be at least 2");
@@ -32,6 +34,20 @@ pub async fn run(
         concurrency: args.concurrency,
         hold: args.hold.max(1),
         rounds: args.rounds.max(1),
+        tracker: TrackerOptions {
+            events: args.tracker_events.max(2),
+            tasks: args.tracker_tasks.max(1),
+            status_runs: args.tracker_status_runs.max(1),
+            postgres_url: args.tracker_postgres,
+            backends: args
+                .tracker_backends
+                .iter()
+                .map(|b| match b.as_str() {
+                    "postgres" => Backend::Postgres,
+                    _ => Backend::Sqlite,
+                })
+                .collect(),
+        },
         config_path,
     };
     let rows = warren_bench::run(config, scenario, &opts).await?;
