@@ -14,6 +14,7 @@ pub mod report;
 mod scenarios;
 pub mod stats;
 mod tracker;
+mod transfer;
 
 use std::path::PathBuf;
 
@@ -39,7 +40,10 @@ pub enum Scenario {
     /// PostgreSQL (not part of `all`: it needs PostgreSQL and fills a
     /// database with --tracker-tasks tasks).
     Tracker,
-    /// All of the above but tracker.
+    /// file.download and file.upload beside curl, with the worker's RSS
+    /// (not part of `all`: it writes files of --transfer-mb).
+    Transfer,
+    /// All of the above but transfer and tracker.
     All,
 }
 
@@ -58,6 +62,8 @@ pub struct Options {
     pub hold: usize,
     /// Throughput rounds (baseline and Warren alternate; best of each).
     pub rounds: usize,
+    /// MiB moved each way in the transfer scenario.
+    pub transfer_mb: u64,
     /// The tracker scenario's sizes and databases.
     pub tracker: TrackerOptions,
     /// The --config file, passed on to child processes.
@@ -86,6 +92,9 @@ pub async fn run(config: &Config, scenario: Scenario, opts: &Options) -> anyhow:
     }
     if scenario == Tracker {
         rows.extend(tracker::tracker(config, opts).await?);
+    }
+    if scenario == Transfer {
+        rows.extend(transfer::transfer(config, opts).await?);
     }
     Ok(rows)
 }

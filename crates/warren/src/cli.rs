@@ -171,7 +171,10 @@ pub enum BenchScenario {
     /// `warren status` latency over --tracker-tasks stored tasks, on SQLite
     /// and PostgreSQL.
     Tracker,
-    /// Every scenario but tracker.
+    /// file.download and file.upload of --transfer-mb through a worker from
+    /// and to a local HTTP server, beside curl; the worker's peak RSS.
+    Transfer,
+    /// Every scenario but transfer and tracker.
     All,
 }
 
@@ -196,9 +199,13 @@ pub struct BenchArgs {
     /// Delayed tasks held in the hold scenario.
     #[arg(long, default_value_t = 1_000_000)]
     pub hold: usize,
-    /// Throughput rounds: baseline and Warren alternate, best of each is reported.
+    /// Throughput and transfer rounds: baseline and Warren alternate, best of
+    /// each is reported.
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
+    /// MiB moved each way in the transfer scenario.
+    #[arg(long, default_value_t = 1024)]
+    pub transfer_mb: u64,
     /// Status events preloaded per backend in the tracker scenario.
     #[arg(long, default_value_t = 100_000)]
     pub tracker_events: usize,

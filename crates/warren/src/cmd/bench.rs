@@ -20,6 +20,7 @@ pub async fn run(
         BenchScenario::Hold => Scenario::Hold,
         BenchScenario::Memory => Scenario::Memory,
         BenchScenario::Tracker => Scenario::Tracker,
+        BenchScenario::Transfer => Scenario::Transfer,
         BenchScenario::All => Scenario::All,
     };
     anyhow::ensure!(args.n >= 2, "--n must be at least 2");
@@ -34,6 +35,7 @@ pub async fn run(
         concurrency: args.concurrency,
         hold: args.hold.max(1),
         rounds: args.rounds.max(1),
+        transfer_mb: args.transfer_mb.max(1),
         tracker: TrackerOptions {
             events: args.tracker_events.max(2),
             tasks: args.tracker_tasks.max(1),
