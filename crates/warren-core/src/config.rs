@@ -1489,7 +1489,7 @@ impl Default for TrackerConfig {
             database_url: DatabaseUrl::new("sqlite://warren-tracker/tracker.db"),
             retention_ms: 7 * 24 * 3600 * 1000,
             listen: "127.0.0.1:8089".into(),
-            batch_max_events: 500,
+            batch_max_events: 2000,
             batch_max_ms: 50,
             max_result_bytes: 16 * 1024,
         }
@@ -1606,7 +1606,7 @@ impl Config {
             issues.add(
                 "tracker.batch_max_events",
                 format!(
-                    "{} is out of range: must be 1..={MAX_TRACKER_BATCH}, for example 500",
+                    "{} is out of range: must be 1..={MAX_TRACKER_BATCH}, for example 2000",
                     t.batch_max_events
                 ),
             );
