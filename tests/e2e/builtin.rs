@@ -778,6 +778,11 @@ async fn uploads_put_raw_and_post_multipart_with_matching_checksums() {
                        "field": "file"}),
             ),
             (
+                "unhashed",
+                "file.upload",
+                json!({"path": "out/report.bin", "url": srv.url("/upload"), "checksum": false}),
+            ),
+            (
                 "bad-method",
                 "file.upload",
                 json!({"path": "out/report.bin", "url": srv.url("/upload"), "method": "PATCH"}),
@@ -797,6 +802,9 @@ async fn uploads_put_raw_and_post_multipart_with_matching_checksums() {
     let mp = result_of(&got["multipart"]);
     assert_eq!(mp["sha256"], expected);
     assert_eq!(mp["bytes"], LEN);
+    let unhashed = result_of(&got["unhashed"]);
+    assert_eq!(unhashed["bytes"], LEN);
+    assert_eq!(unhashed["sha256"], Value::Null);
     assert_eq!(failure_of(&got["bad-method"]).1, "invalid_args");
     let (_, code, message) = failure_of(&got["rejected"]);
     assert_eq!(code, "http_403", "{message}");
@@ -804,18 +812,20 @@ async fn uploads_put_raw_and_post_multipart_with_matching_checksums() {
     // What the server received, and the checksum it computed.
     let seen = srv.seen("/upload");
     let put_seen = seen.iter().find(|s| s.method == "PUT").unwrap();
+    assert_eq!(seen.iter().filter(|s| s.method == "PUT").count(), 2);
     assert_eq!(put_seen.headers["content-length"], LEN.to_string());
     assert!(!put_seen.headers.contains_key("transfer-encoding"));
     let post_seen = seen.iter().find(|s| s.method == "POST").unwrap();
     assert!(post_seen.headers["content-type"].starts_with("multipart/form-data; boundary="));
     let uploads = srv.uploads();
-    assert_eq!(uploads.len(), 2, "{uploads:?}");
-    let raw = uploads.iter().find(|u| u["multipart"] == false).unwrap();
-    assert_eq!(
-        (&raw["sha256"], &raw["bytes"]),
-        (&json!(expected), &json!(LEN))
-    );
-    assert_eq!(raw["chunked"], false);
+    assert_eq!(uploads.len(), 3, "{uploads:?}");
+    for raw in uploads.iter().filter(|u| u["multipart"] == false) {
+        assert_eq!(
+            (&raw["sha256"], &raw["bytes"]),
+            (&json!(expected), &json!(LEN))
+        );
+        assert_eq!(raw["chunked"], false);
+    }
     let form = uploads.iter().find(|u| u["multipart"] == true).unwrap();
     assert_eq!(
         (&form["sha256"], &form["bytes"]),

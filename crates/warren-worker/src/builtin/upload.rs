@@ -1,5 +1,5 @@
-//! `file.upload {path, url, method?, field?, headers?}` →
-//! `{status, bytes, sha256, elapsed_ms}`.
+//! `file.upload {path, url, method?, field?, headers?, checksum?}` →
+//! `{status, bytes, sha256, elapsed_ms}` (`sha256` null with `checksum: false`).
 //!
 //! The file is streamed from the data directory (never held in memory) with
 //! its `Content-Length`: as the raw body (`PUT` by default), or, when
@@ -46,12 +46,21 @@ struct Args {
     field: Option<String>,
     #[serde(default)]
     headers: Option<BTreeMap<String, String>>,
+    /// Whether to compute the sha256 of the bytes sent (default true). On a
+    /// fast network the hash, one core's work, is what limits an upload.
+    #[serde(default = "yes")]
+    checksum: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What the body stream saw, read once the response is in.
 #[derive(Default)]
 struct Sent {
-    hasher: Sha256,
+    /// `None` when no checksum was asked for.
+    hasher: Option<Sha256>,
     bytes: u64,
 }
 
@@ -102,7 +111,12 @@ impl Handler for FileUpload {
                 ),
             ));
         }
-        let (content, hashed) = file_stream(file.into_std().await, size, ctx.progress.clone());
+        let (content, hashed) = file_stream(
+            file.into_std().await,
+            size,
+            args.checksum,
+            ctx.progress.clone(),
+        );
         let mut extra = HeaderMap::new();
         let (body, length) = match &args.field {
             None => (reqwest::Body::wrap_stream(content), size),
@@ -161,7 +175,7 @@ impl Handler for FileUpload {
             .await
             .map_err(|_| TaskError::retryable("io", "hashing the upload did not finish"))?
             .map_err(|e| TaskError::retryable("io", format!("hashing the upload failed: {e}")))?;
-        let (bytes, sha256) = (sent.bytes, hex::encode(sent.hasher.finalize()));
+        let (bytes, sha256) = (sent.bytes, sent.hasher.map(|h| hex::encode(h.finalize())));
         if bytes != size {
             return Err(TaskError::retryable(
                 "incomplete",
@@ -192,6 +206,7 @@ impl Handler for FileUpload {
 fn file_stream(
     file: std::fs::File,
     size: u64,
+    checksum: bool,
     progress: Progress,
 ) -> (
     impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
@@ -200,9 +215,14 @@ fn file_stream(
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(READ_AHEAD);
     let (hash_tx, mut hash_rx) = tokio::sync::mpsc::channel::<Bytes>(READ_AHEAD);
     let hashed = tokio::task::spawn_blocking(move || {
-        let mut sent = Sent::default();
+        let mut sent = Sent {
+            hasher: checksum.then(Sha256::new),
+            bytes: 0,
+        };
         while let Some(chunk) = hash_rx.blocking_recv() {
-            sent.hasher.update(&chunk);
+            if let Some(h) = &mut sent.hasher {
+                h.update(&chunk);
+            }
             sent.bytes += chunk.len() as u64;
         }
         sent
