@@ -257,3 +257,49 @@ async fn a_taken_metrics_address_is_a_one_line_error_naming_the_key() {
     assert!(last.contains(&taken), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[tokio::test]
+async fn json_logs_carry_task_id_type_and_attempt_on_a_tasks_lines() {
+    let mut env = Env::new("ops-logs", &[]).await;
+    let worker = env.spawn(&["--log-format", "json", "worker", "--queues", "diag"], &[]);
+    let w = env.ops_addr(&worker, "worker", T).await;
+    wait_ready(&w).await;
+    let mut watch = env.watch(&["#"]).await;
+    let reqs = [
+        TaskRequest::new("diag.echo", json!({"n": 1})).id("log-ok"),
+        TaskRequest::new("diag.fail", json!({"kind": "permanent", "message": "no"})).id("log-bad"),
+    ];
+    let ids = env.client.publish_batch(&reqs, 8, |_| {}).await.unwrap();
+    until_final(&mut watch, &ids, T).await;
+    wait_metric(
+        &w,
+        "warren_worker_dead_total{type=\"diag.fail\",reason=\"permanent_failure\"}",
+        1.0,
+    )
+    .await;
+    let log = env.log_of(&worker);
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let of_task = |id: &str| -> Vec<&Value> {
+        lines
+            .iter()
+            .filter(|l| l["span"]["task_id"] == id)
+            .collect()
+    };
+    for (id, task_type, message) in [
+        ("log-ok", "diag.echo", "succeeded"),
+        ("log-bad", "diag.fail", "failed: no"),
+    ] {
+        let task_lines = of_task(id);
+        assert!(
+            task_lines.iter().any(|l| l["fields"]["message"] == message),
+            "no {message:?} line for {id} in\n{log}"
+        );
+        for l in task_lines {
+            assert_eq!(l["span"]["type"], task_type, "{l}");
+            assert_eq!(l["span"]["attempt"], 1, "{l}");
+        }
+    }
+}
