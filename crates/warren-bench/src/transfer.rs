@@ -104,6 +104,12 @@ async fn generate(path: &Path, bytes: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes every dirty page to disk (`sync`), so no transfer pays for the
+/// writeback of the one before it.
+async fn settle() {
+    let _ = tokio::process::Command::new("sync").status().await;
+}
+
 /// Runs `curl` and returns its wall time.
 async fn curl(args: &[&str]) -> anyhow::Result<Duration> {
     let began = Instant::now();
@@ -237,9 +243,11 @@ async fn measure(
         for round in 0..opts.rounds.max(1) {
             eprintln!("transfer: round {}", round + 1);
             let _ = tokio::fs::remove_file(&curl_out).await;
+            settle().await;
             best_curl_dl = best_curl_dl.min(curl(&["-o", &curl_out_s, &url]).await?);
             let _ = tokio::fs::remove_file(&curl_out).await;
             let target = format!("dl-{round}.bin");
+            settle().await;
             let (t, rss) = peak_rss(
                 pid,
                 run_task(&env, "file.download", json!({"url": url, "path": target})),
