@@ -266,40 +266,22 @@ async fn measure(
                 "curl upload short"
             );
             served.uploaded.store(0, Ordering::SeqCst);
-            let (t, rss) = peak_rss(
-                pid,
-                run_task(
-                    &env,
-                    "file.upload",
-                    json!({"path": "upload.bin", "url": upload_url, "method": "PUT"}),
-                ),
-            )
-            .await;
-            best_warren_ul = best_warren_ul.min(t?);
-            peak = peak.max(rss);
-            anyhow::ensure!(
-                served.uploaded.load(Ordering::SeqCst) == bytes,
-                "upload short"
-            );
-            served.uploaded.store(0, Ordering::SeqCst);
-            // The same without the sha256, which curl does not compute either.
-            let (t, rss) = peak_rss(
-                pid,
-                run_task(
-                    &env,
-                    "file.upload",
-                    json!({"path": "upload.bin", "url": upload_url, "method": "PUT",
-                           "checksum": false}),
-                ),
-            )
-            .await;
-            best_warren_ul_plain = best_warren_ul_plain.min(t?);
-            peak = peak.max(rss);
-            anyhow::ensure!(
-                served.uploaded.load(Ordering::SeqCst) == bytes,
-                "upload short"
-            );
-            served.uploaded.store(0, Ordering::SeqCst);
+            // With the sha256 (the default), then without it, as curl.
+            for (checksum, best) in [
+                (true, &mut best_warren_ul),
+                (false, &mut best_warren_ul_plain),
+            ] {
+                let args = json!({"path": "upload.bin", "url": upload_url, "method": "PUT",
+                                  "checksum": checksum});
+                let (t, rss) = peak_rss(pid, run_task(&env, "file.upload", args)).await;
+                *best = (*best).min(t?);
+                peak = peak.max(rss);
+                anyhow::ensure!(
+                    served.uploaded.load(Ordering::SeqCst) == bytes,
+                    "upload short"
+                );
+                served.uploaded.store(0, Ordering::SeqCst);
+            }
         }
         let hwm = procstat::sample(pid).map_or(0, |s| s.hwm);
         let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
