@@ -140,3 +140,45 @@ impl Drop for BenchEnv {
         }
     }
 }
+
+/// Publisher confirms awaited in publishing order with at most `window` of
+/// them outstanding, each counted on a progress bar as it arrives.
+pub(crate) struct ConfirmWindow {
+    in_flight: futures::stream::FuturesOrdered<lapin::PublisherConfirm>,
+    window: usize,
+    bar: indicatif::ProgressBar,
+}
+
+impl ConfirmWindow {
+    pub(crate) fn new(window: usize, bar: indicatif::ProgressBar) -> Self {
+        ConfirmWindow {
+            in_flight: futures::stream::FuturesOrdered::new(),
+            window: window.max(1),
+            bar,
+        }
+    }
+
+    /// Adds a confirm; when the window is full, waits for the oldest.
+    pub(crate) async fn push(&mut self, confirm: lapin::PublisherConfirm) -> anyhow::Result<()> {
+        use futures::StreamExt;
+        self.in_flight.push_back(confirm);
+        if self.in_flight.len() >= self.window {
+            if let Some(c) = self.in_flight.next().await {
+                c?;
+            }
+            self.bar.inc(1);
+        }
+        Ok(())
+    }
+
+    /// Waits for every outstanding confirm and clears the bar.
+    pub(crate) async fn finish(mut self) -> anyhow::Result<()> {
+        use futures::StreamExt;
+        while let Some(c) = self.in_flight.next().await {
+            c?;
+            self.bar.inc(1);
+        }
+        self.bar.finish_and_clear();
+        Ok(())
+    }
+}

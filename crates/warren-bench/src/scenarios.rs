@@ -14,14 +14,15 @@ use tokio::sync::mpsc;
 use warren_client::{EventWatch, TaskRequest};
 use warren_core::{Config, TaskState};
 
-use crate::env::BenchEnv;
+use crate::env::{BenchEnv, ConfirmWindow};
 use crate::report::Row;
 use crate::stats::{summarize, Summary};
 use crate::{baseline, procstat, Options};
 
 const MB: f64 = 1024.0 * 1024.0;
 
-fn bar(len: u64, msg: &'static str) -> ProgressBar {
+/// A progress bar of `len` steps labelled `msg`, as every scenario shows it.
+pub(crate) fn bar(len: u64, msg: &'static str) -> ProgressBar {
     let b = ProgressBar::new(len);
     b.set_style(
         ProgressStyle::with_template("{msg:22} [{bar:30}] {pos}/{len} {per_sec}")
@@ -487,30 +488,17 @@ pub async fn hold(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row>> {
         });
         (stop, h)
     };
-    let b = bar(n as u64, "hold: publish");
     let ch = env.client.channel().await?;
-    let mut in_flight = futures::stream::FuturesOrdered::new();
+    let mut confirms = ConfirmWindow::new(512, bar(n as u64, "hold: publish"));
     let exchange = names.delay();
     for i in 0..n {
         let id = format!("hold-{i}");
         let props = delay_props(&id, ("x-warren-eta", AMQPValue::LongLongInt(due_ms)));
-        in_flight.push_back(ch.send(&exchange, "diag.echo", b"{}", props).await?);
-        if in_flight.len() >= 512 {
-            use futures::StreamExt;
-            if let Some(c) = in_flight.next().await {
-                c?;
-            }
-            b.inc(1);
-        }
+        confirms
+            .push(ch.send(&exchange, "diag.echo", b"{}", props).await?)
+            .await?;
     }
-    {
-        use futures::StreamExt;
-        while let Some(c) = in_flight.next().await {
-            c?;
-            b.inc(1);
-        }
-    }
-    b.finish_and_clear();
+    confirms.finish().await?;
     let work = names.work_queue("diag");
     let b = bar(n as u64, "hold: released");
     let release_deadline = Instant::now() + Duration::from_secs_f64(hold_s + 600.0);

@@ -14,7 +14,6 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use futures::StreamExt;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::BasicProperties;
@@ -27,8 +26,9 @@ use warren_core::config::DatabaseUrl;
 use warren_core::{Config, Event, TaskState};
 use warren_tracker::{Backend, OpenMode, Store};
 
-use crate::env::BenchEnv;
+use crate::env::{BenchEnv, ConfirmWindow};
 use crate::report::Row;
+use crate::scenarios::bar;
 use crate::stats::summarize;
 use crate::{procstat, Options};
 
@@ -227,17 +227,6 @@ fn task_events(i: usize) -> [Event; 2] {
     [started, done]
 }
 
-fn bar(len: u64, msg: &'static str) -> indicatif::ProgressBar {
-    let b = indicatif::ProgressBar::new(len);
-    b.set_style(
-        indicatif::ProgressStyle::with_template("{msg:22} [{bar:30}] {pos}/{len} {per_sec}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    b.set_message(msg);
-    b
-}
-
 /// A free loopback port for the tracker's HTTP server.
 fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("find a free port")?;
@@ -357,27 +346,16 @@ async fn ingest_into(
             FieldTable::default(),
         )
         .await?;
-    let b = bar(n as u64, "tracker: preload");
-    let mut in_flight = futures::stream::FuturesOrdered::new();
+    let mut confirms = ConfirmWindow::new(512, bar(n as u64, "tracker: preload"));
     for i in 0..pairs {
         for e in task_events(i) {
             let c = ch
                 .send(&events_x, &e.routing_key(), &e.to_json(), event_props(&e))
                 .await?;
-            in_flight.push_back(c);
-            if in_flight.len() >= 512 {
-                if let Some(c) = in_flight.next().await {
-                    c?;
-                }
-                b.inc(1);
-            }
+            confirms.push(c).await?;
         }
     }
-    while let Some(c) = in_flight.next().await {
-        c?;
-        b.inc(1);
-    }
-    b.finish_and_clear();
+    confirms.finish().await?;
     let depth = env.depth(queue).await? as usize;
     if depth != n {
         bail!("{queue} holds {depth} events after preloading {n}");
