@@ -38,15 +38,14 @@ pub enum OpsError {
     },
 }
 
-/// Serves `probes` on `listen` until `shutdown`: `/metrics` (every probe's
-/// text, one after another), `/healthz` (always 200 while the process runs)
-/// and `/readyz` (200 when every check passes, else 503, with the checks as
-/// JSON). `key` names the configuration key of `listen` for errors. An empty
+/// Serves `probe` on `listen` until `shutdown`: `/metrics` (its text),
+/// `/healthz` (always 200 while the process runs) and `/readyz` (200 when
+/// every check passes, else 503, with the checks as JSON). `key` names the configuration key of `listen` for errors. An empty
 /// `listen` serves nothing and returns `None`; otherwise the bound address.
 pub async fn serve(
     key: &str,
     listen: &str,
-    probes: Vec<Arc<dyn Probe>>,
+    probe: Arc<dyn Probe>,
     shutdown: CancellationToken,
 ) -> Result<Option<SocketAddr>, OpsError> {
     if listen.trim().is_empty() {
@@ -66,7 +65,7 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(Arc::new(probes));
+        .with_state(probe);
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -78,10 +77,8 @@ pub async fn serve(
     Ok(Some(addr))
 }
 
-type Probes = Arc<Vec<Arc<dyn Probe>>>;
-
-async fn metrics(State(probes): State<Probes>) -> Response {
-    let text: String = probes.iter().map(|p| p.metrics()).collect();
+async fn metrics(State(probe): State<Arc<dyn Probe>>) -> Response {
+    let text = probe.metrics();
     (
         [(
             header::CONTENT_TYPE,
@@ -92,10 +89,10 @@ async fn metrics(State(probes): State<Probes>) -> Response {
         .into_response()
 }
 
-async fn readyz(State(probes): State<Probes>) -> Response {
+async fn readyz(State(probe): State<Arc<dyn Probe>>) -> Response {
     let mut checks = Map::new();
     let mut ready = true;
-    for (name, ok) in probes.iter().flat_map(|p| p.checks()) {
+    for (name, ok) in probe.checks() {
         ready &= ok;
         checks.insert(name.to_owned(), Value::Bool(ok));
     }
@@ -130,15 +127,10 @@ mod tests {
     async fn serves_metrics_health_and_readiness_that_follows_the_checks() {
         let probe = Arc::new(Fake(AtomicBool::new(false)));
         let stop = CancellationToken::new();
-        let addr = serve(
-            "worker.listen",
-            "127.0.0.1:0",
-            vec![probe.clone()],
-            stop.clone(),
-        )
-        .await
-        .expect("binds")
-        .expect("an address");
+        let addr = serve("worker.listen", "127.0.0.1:0", probe.clone(), stop.clone())
+            .await
+            .expect("binds")
+            .expect("an address");
         let base = format!("http://{addr}");
         let get = |path: &str| reqwest::get(format!("{base}{path}"));
         assert_eq!(get("/healthz").await.unwrap().status(), 200);
@@ -160,13 +152,14 @@ mod tests {
     #[tokio::test]
     async fn an_empty_address_serves_nothing_and_a_taken_one_names_the_key() {
         let stop = CancellationToken::new();
-        assert!(serve("worker.listen", "", Vec::new(), stop.clone())
+        let probe = || -> Arc<dyn Probe> { Arc::new(Fake(AtomicBool::new(true))) };
+        assert!(serve("worker.listen", "", probe(), stop.clone())
             .await
             .unwrap()
             .is_none());
         let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let taken = held.local_addr().unwrap().to_string();
-        let err = serve("scheduler.listen", &taken, Vec::new(), stop.clone())
+        let err = serve("scheduler.listen", &taken, probe(), stop.clone())
             .await
             .unwrap_err()
             .to_string();

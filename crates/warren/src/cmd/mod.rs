@@ -83,7 +83,7 @@ pub async fn serve_ops(
     probe: Arc<dyn Probe>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    if let Some(addr) = warren_ops::serve(key, listen, vec![probe], shutdown.clone()).await? {
+    if let Some(addr) = warren_ops::serve(key, listen, probe, shutdown.clone()).await? {
         let component = key.split('.').next().unwrap_or(key);
         tracing::info!(
             "{component} metrics on http://{addr}/metrics, health on /healthz and /readyz"
