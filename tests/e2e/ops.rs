@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use warren_client::TaskRequest;
-use warren_e2e::{until_final, Env, Mgmt};
+use warren_e2e::{metric, until_final, Env, Mgmt};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -15,12 +15,6 @@ async fn get(addr: &str, path: &str) -> (u16, String) {
         .await
         .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"));
     (r.status().as_u16(), r.text().await.expect("body"))
-}
-
-/// The value of one series (name with its labels, exactly as written).
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// Every sample line is `series value` with a number for value, and every

@@ -279,9 +279,3 @@ pub async fn publish_event(env: &Env, e: &Event) {
         .await
         .expect("publish event");
 }
-
-/// The value of one sample line of a Prometheus text exposition.
-pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}

@@ -322,6 +322,13 @@ pub fn states(events: &[ReceivedEvent]) -> Vec<&'static str> {
     events.iter().map(|e| e.event.state.as_str()).collect()
 }
 
+/// The value of one sample line (series name with its labels, exactly as
+/// written) of a Prometheus text exposition.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// The final event of a task.
 pub fn final_event(events: &[ReceivedEvent]) -> &Event {
     &events

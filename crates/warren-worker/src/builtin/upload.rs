@@ -57,7 +57,6 @@ fn yes() -> bool {
 }
 
 /// What the body stream saw, read once the response is in.
-#[derive(Default)]
 struct Sent {
     /// `None` when no checksum was asked for.
     hasher: Option<Sha256>,
