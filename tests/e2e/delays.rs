@@ -191,26 +191,74 @@ async fn delayed_tasks_wait_while_no_scheduler_runs_and_each_is_released_once() 
 async fn a_scheduler_killed_mid_hop_loses_nothing() {
     let mut env = Env::new("delay-kill", &[]).await;
     let first = env.spawn(&["scheduler"], &[]);
-    let mut watch = env.watch(&["succeeded.#"]).await;
+    let mut watch = env.watch(&["succeeded.#", "dead.#"]).await;
+    // Half keep an expiration, which only the scheduler can restore on
+    // release: they hop through wait tier 2 and back to the scheduler. The
+    // other half go to release tier 2, which the broker empties when due.
     let ids: Vec<String> = (0..40).map(|i| format!("hop-{i}")).collect();
-    for id in &ids {
+    for (i, id) in ids.iter().enumerate() {
+        let mut props = delayed(id, "x-warren-eta", AMQPValue::LongLongInt(now_ms() + 2999));
+        if i % 2 == 0 {
+            props = props.with_expiration("60000".into());
+        }
         env.client
-            .publish_raw(
-                &env.names().delay(),
-                "diag.echo",
-                b"{}",
-                delayed(id, "x-delay", AMQPValue::LongInt(2500)),
-            )
+            .publish_raw(&env.names().delay(), "diag.echo", b"{}", props)
             .await
             .unwrap();
     }
-    // All 40 are waiting in the 2 s tier; kill the scheduler while they wait.
-    env.wait_depth(&env.names().wait_tier(2), 40, T).await;
+    // All 40 are waiting in the broker's 2 s tiers; kill the scheduler while
+    // they wait, then start a worker and a new scheduler.
+    env.wait_depth(&env.names().wait_tier(2), 20, T).await;
+    env.wait_depth(&env.names().release_tier(2), 20, T).await;
+    env.signal(&first, "KILL");
+    env.wait_exit(&first, T).await.expect("killed");
+    // With no scheduler at all, the broker releases the release tier's half.
+    env.spawn(&["worker"], &[]);
+    let by_broker: Vec<String> = ids.iter().skip(1).step_by(2).cloned().collect();
+    let got = until_final(&mut watch, &by_broker, T).await;
+    // The other half need a scheduler for their release.
+    env.spawn(&["scheduler"], &[]);
+    let rest: Vec<String> = ids.iter().step_by(2).cloned().collect();
+    let mut got_rest = until_final(&mut watch, &rest, T).await;
+    got_rest.extend(got);
+    for id in &ids {
+        assert_eq!(
+            final_event(&got_rest[id]).state,
+            TaskState::Succeeded,
+            "{id}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_scheduler_killed_while_it_waits_the_last_fraction_loses_nothing() {
+    let mut env = Env::new("delay-kill-hold", &[]).await;
+    let first = env.spawn(&["scheduler"], &[]);
+    let mut watch = env.watch(&["succeeded.#"]).await;
+    // 1.9 s: the scheduler holds each (unacknowledged) for 0.9 s in process
+    // before release tier 1.
+    let ids: Vec<String> = (0..40).map(|i| format!("frac-{i}")).collect();
+    let due = now_ms() + 1900;
+    for id in &ids {
+        let props = delayed(id, "x-warren-eta", AMQPValue::LongLongInt(due));
+        env.client
+            .publish_raw(&env.names().delay(), "diag.echo", b"{}", props)
+            .await
+            .unwrap();
+    }
+    let ops = env.ops_addr(&first, "scheduler", T).await;
+    warren_e2e::wait_metric(&ops, "warren_scheduler_held_tasks", 40.0, T).await;
     env.signal(&first, "KILL");
     env.wait_exit(&first, T).await.expect("killed");
     env.up(&[]);
     let got = until_final(&mut watch, &ids, T).await;
-    assert_eq!(got.len(), 40);
+    for id in &ids {
+        let started = got[id]
+            .iter()
+            .find(|e| e.event.state == TaskState::Succeeded)
+            .expect("succeeded");
+        assert!(at_ms(&started.event.at) >= due, "{id} early");
+    }
 }
 
 #[tokio::test]

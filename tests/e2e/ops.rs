@@ -6,16 +6,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use warren_client::TaskRequest;
-use warren_e2e::{metric, until_final, Env, Mgmt};
+use warren_e2e::{http_get as get, metric, until_final, Env, Mgmt};
 
 const T: Duration = Duration::from_secs(30);
-
-async fn get(addr: &str, path: &str) -> (u16, String) {
-    let r = reqwest::get(format!("http://{addr}{path}"))
-        .await
-        .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"));
-    (r.status().as_u16(), r.text().await.expect("body"))
-}
 
 /// Every sample line is `series value` with a number for value, and every
 /// family has HELP and TYPE.
@@ -60,20 +53,8 @@ async fn wait_ready(addr: &str) -> Value {
     }
 }
 
-/// Polls `/metrics` until `series` reaches `at_least` (bounded); returns the text.
-async fn wait_metric(addr: &str, series: &str, at_least: f64) -> String {
-    let deadline = tokio::time::Instant::now() + T;
-    loop {
-        let (_, text) = get(addr, "/metrics").await;
-        if metric(&text, series).is_some_and(|v| v >= at_least) {
-            return text;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{series} did not reach {at_least} within {T:?}:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+async fn wait_metric_t(addr: &str, series: &str, at_least: f64) -> String {
+    warren_e2e::wait_metric(addr, series, at_least, T).await
 }
 
 #[tokio::test]
@@ -124,22 +105,24 @@ async fn worker_and_scheduler_metrics_count_a_known_batch() {
         )
     }));
     reqs.extend((0..2).map(|i| TaskRequest::new("diag.echo", json!({"late": i})).delay_ms(300)));
+    // Over a second: through release tier 1, which the broker empties.
+    reqs.push(TaskRequest::new("diag.echo", json!({"later": 1})).delay_ms(1500));
     // Routed to the diag queue by `diag.*`, but no handler: dead invalid.
     reqs.push(TaskRequest::new("diag.nothing", json!({})));
     let ids = env.client.publish_batch(&reqs, 64, |_| {}).await.unwrap();
     until_final(&mut watch, &ids, T).await;
 
-    let text = wait_metric(
+    let text = wait_metric_t(
         &w,
         "warren_worker_tasks_total{type=\"diag.echo\",outcome=\"succeeded\"}",
-        12.0,
+        13.0,
     )
     .await;
     assert_parses(&text);
     let m = |series: &str| metric(&text, series).unwrap_or_else(|| panic!("{series} in\n{text}"));
     assert_eq!(
         m("warren_worker_tasks_total{type=\"diag.echo\",outcome=\"succeeded\"}"),
-        12.0
+        13.0
     );
     assert_eq!(
         m("warren_worker_tasks_total{type=\"diag.fail\",outcome=\"dead\"}"),
@@ -155,32 +138,35 @@ async fn worker_and_scheduler_metrics_count_a_known_batch() {
     );
     assert_eq!(
         m("warren_worker_task_duration_seconds_count{type=\"diag.echo\",result=\"succeeded\"}"),
-        12.0
+        13.0
     );
     assert_eq!(
         m("warren_worker_task_duration_seconds_bucket{type=\"diag.echo\",result=\"succeeded\",le=\"+Inf\"}"),
-        12.0
+        13.0
     );
     assert_eq!(
         m("warren_worker_task_duration_seconds_count{type=\"diag.fail\",result=\"failed\"}"),
         3.0
     );
+    // Every delayed task's start, measured against its due time.
+    assert_eq!(m("warren_worker_delay_lateness_seconds_count"), 3.0);
     assert_eq!(m("warren_worker_retries_total"), 0.0);
     assert_eq!(m("warren_worker_tasks_running"), 0.0);
     assert_eq!(m("warren_worker_concurrency"), 8.0);
     assert_eq!(m("warren_worker_up"), 1.0);
     assert_eq!(m("warren_worker_reconnects_total"), 0.0);
 
-    let text = wait_metric(&s, "warren_scheduler_released_total", 2.0).await;
+    let text = wait_metric_t(&s, "warren_scheduler_released_total", 2.0).await;
     assert_parses(&text);
     let m = |series: &str| metric(&text, series).unwrap_or_else(|| panic!("{series} in\n{text}"));
-    assert_eq!(m("warren_scheduler_delayed_total"), 2.0);
+    assert_eq!(m("warren_scheduler_delayed_total"), 3.0);
     assert_eq!(m("warren_scheduler_released_total"), 2.0);
     assert_eq!(m("warren_scheduler_release_lateness_seconds_count"), 2.0);
     assert_eq!(
         m("warren_scheduler_release_lateness_seconds_bucket{le=\"+Inf\"}"),
         2.0
     );
+    assert_eq!(m("warren_scheduler_release_tier_total"), 1.0);
     assert_eq!(m("warren_scheduler_held_tasks"), 0.0);
     assert_eq!(m("warren_scheduler_cron_leader"), 0.0);
     assert_eq!(m("warren_scheduler_up"), 1.0);
@@ -197,7 +183,7 @@ async fn a_force_closed_connection_is_counted_and_readiness_returns() {
     let suffix = format!("/{}", worker.pid);
     let first = mgmt.wait_connection("worker", &suffix, &[], T).await;
     mgmt.close_connection(&first).await;
-    let text = wait_metric(&w, "warren_worker_reconnects_total", 1.0).await;
+    let text = wait_metric_t(&w, "warren_worker_reconnects_total", 1.0).await;
     assert_eq!(metric(&text, "warren_worker_reconnects_total"), Some(1.0));
     let ready = wait_ready(&w).await;
     assert_eq!(ready["checks"]["broker"], true, "{ready}");
@@ -209,7 +195,7 @@ async fn a_force_closed_connection_is_counted_and_readiness_returns() {
         .await
         .unwrap();
     until_final(&mut watch, &ids, T).await;
-    wait_metric(
+    wait_metric_t(
         &w,
         "warren_worker_tasks_total{type=\"diag.echo\",outcome=\"succeeded\"}",
         1.0,
@@ -265,7 +251,7 @@ async fn json_logs_carry_task_id_type_and_attempt_on_a_tasks_lines() {
     ];
     let ids = env.client.publish_batch(&reqs, 8, |_| {}).await.unwrap();
     until_final(&mut watch, &ids, T).await;
-    wait_metric(
+    wait_metric_t(
         &w,
         "warren_worker_dead_total{type=\"diag.fail\",reason=\"permanent_failure\"}",
         1.0,

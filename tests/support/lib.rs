@@ -329,6 +329,31 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
+/// `GET http://{addr}{path}`: status and body.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let r = reqwest::get(format!("http://{addr}{path}"))
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} on {addr}: {e}"));
+    (r.status().as_u16(), r.text().await.expect("body"))
+}
+
+/// Polls `/metrics` on `addr` until `series` reaches `at_least` (bounded by
+/// `timeout`); returns the text.
+pub async fn wait_metric(addr: &str, series: &str, at_least: f64, timeout: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let (_, text) = http_get(addr, "/metrics").await;
+        if metric(&text, series).is_some_and(|v| v >= at_least) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{series} did not reach {at_least} within {timeout:?}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The final event of a task.
 pub fn final_event(events: &[ReceivedEvent]) -> &Event {
     &events

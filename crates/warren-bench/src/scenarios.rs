@@ -12,7 +12,7 @@ use rand::Rng;
 use serde_json::json;
 use tokio::sync::mpsc;
 use warren_client::{EventWatch, TaskRequest};
-use warren_core::{Config, TaskState};
+use warren_core::{headers, Config, TaskState};
 
 use crate::env::{BenchEnv, ConfirmWindow};
 use crate::report::Row;
@@ -392,51 +392,44 @@ fn delay_props(id: &str, header: (&str, AMQPValue)) -> BasicProperties {
     task_props(id).with_headers(h)
 }
 
-/// Scenario `delay`: delayed tasks at a fixed rate with delays spread over
-/// 1–5 s; lateness of the start after the due time, and early starts.
+/// Scenario `delay`: delayed tasks at a fixed rate with due times spread over
+/// 1–5 s ahead; lateness of the start after the due time, and early starts.
+///
+/// Each task names its due time in `x-warren-eta` (Unix ms), so lateness is
+/// measured from the time the producer asked for, intake included, and only
+/// `started` events are watched.
 pub async fn delay(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row>> {
     let n = (opts.rate * opts.duration_s) as usize;
     let mut env = BenchEnv::new(base, opts.config_path.clone()).await?;
     let names = env.names();
-    let mut watch = env
-        .client
-        .watch(&["scheduled.diag.echo", "started.diag.echo"])
-        .await?;
+    let mut watch = env.client.watch(&["started.diag.echo"]).await?;
     env.spawn(&["scheduler"], &[])?;
     env.spawn(&["worker", "--queues", "diag"], &worker_vars(opts))?;
     let exchange = names.delay();
     let collector = async {
-        let mut due = HashMap::new();
-        let mut started = HashMap::new();
+        let mut started = HashMap::with_capacity(n);
         while started.len() < n {
             let Some(e) = watch.next(Duration::from_secs(30)).await? else {
                 bail!("only {} of {n} delayed tasks started", started.len());
             };
-            match e.event.state {
-                TaskState::Scheduled => {
-                    due.insert(
-                        e.event.task_id,
-                        at_ms(e.event.due_at.as_deref().unwrap_or("")),
-                    );
-                }
-                TaskState::Started => {
-                    started.insert(e.event.task_id, at_ms(&e.event.at));
-                }
-                _ => {}
+            if e.event.state == TaskState::Started {
+                started.insert(e.event.task_id, at_ms(&e.event.at));
             }
         }
-        Ok((due, started))
+        Ok(started)
     };
     let mut rng = rand::thread_rng();
+    let mut due = HashMap::with_capacity(n);
     let publisher = paced_publish(&env, n, opts.rate, &exchange, |i| {
         let id = format!("delay-{i}");
-        let ms: i64 = rng.gen_range(1000..=5000);
-        let props = delay_props(&id, ("x-delay", AMQPValue::LongLongInt(ms)));
+        let eta = Utc::now().timestamp_millis() + rng.gen_range(1000..=5000);
+        due.insert(id.clone(), eta as f64);
+        let props = delay_props(&id, (headers::ETA, AMQPValue::LongLongInt(eta)));
         (id, b"{}".to_vec(), props)
     });
     let (sent, collected) = tokio::join!(publisher, collector);
     sent?;
-    let (due, started) = collected?;
+    let started = collected?;
     let lateness: Vec<f64> = started
         .iter()
         .filter_map(|(id, s)| due.get(id).map(|d| s - d))

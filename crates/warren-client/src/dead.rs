@@ -27,7 +27,7 @@ use crate::{ClientError, ConfirmChannel, ORIGINAL_EXPIRATION};
 pub const X_DEATH: &str = "x-death";
 
 /// Headers a replay removes, so the task starts again from attempt 1.
-pub const REPLAY_REMOVED_HEADERS: [&str; 8] = [
+pub const REPLAY_REMOVED_HEADERS: [&str; 9] = [
     headers::ATTEMPT,
     headers::REPUBLISHED,
     headers::DEAD_REASON,
@@ -36,6 +36,7 @@ pub const REPLAY_REMOVED_HEADERS: [&str; 8] = [
     headers::LAST_ERROR,
     X_DEATH,
     ORIGINAL_EXPIRATION,
+    warren_core::delay::DUE_AT,
 ];
 
 /// Confirms a replay keeps in flight before it waits for the oldest.

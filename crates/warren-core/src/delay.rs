@@ -2,11 +2,14 @@
 //!
 //! A delayed task waits in durable tier queues `P.wait.<n>s` whose per-queue
 //! TTL dead-letters it back to the scheduler; each hop takes the largest
-//! tier that fits the remaining time, and the last second is waited in
-//! process. Tiers are never longer than the remaining time, so a task is
-//! never released early. There is a tier for every second up to 15 s, so
-//! a short delay (most retries and countdowns) takes one hop, then powers
-//! of two from 16 s, so a year takes a few dozen.
+//! tier that leaves at least a second, and tiers are never longer than the
+//! remaining time, so a task is never released early. There is a tier for
+//! every second up to 15 s, then powers of two from 16 s, so a year takes a
+//! few dozen hops. Under 16 s before the due time the scheduler waits the
+//! fraction of a second in process and puts the task in release tier
+//! `P.release.<n>s`, whose TTL dead-letters it straight into `P.tasks` at
+//! its due time: a short delay (most retries and countdowns) costs the
+//! broker one tier and no trip back through the scheduler.
 
 use amq_protocol_types::{AMQPValue, FieldTable};
 use chrono::DateTime;
@@ -34,6 +37,47 @@ pub fn tiers(max_delay_ms: u64) -> Vec<u64> {
         t *= 2;
     }
     out
+}
+
+/// Release tier lengths in seconds: 1, 2, … 15 (none above the maximum delay).
+/// A task enters release tier `n` exactly `n` s before it is due and the
+/// broker dead-letters it into `P.tasks` when the tier's TTL runs out.
+pub fn release_tiers(max_delay_ms: u64) -> Vec<u64> {
+    let max_s = (max_delay_ms / 1000).max(1);
+    (1..FINE_TIERS_BELOW).take_while(|t| *t <= max_s).collect()
+}
+
+/// What the scheduler does next with a task that has `remaining_ms` to wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// Wait the rest in process (under a second), then publish to `P.tasks`.
+    Release,
+    /// Wait in process until `n` s before the due time (under a second), then
+    /// publish to release tier `n`, which hands the task to its work queue
+    /// when due.
+    ReleaseTier(u64),
+    /// Publish to wait tier `n` now; it comes back to the scheduler after `n` s.
+    Wait(u64),
+}
+
+/// The next hop of a task with `remaining_ms` to wait. Without
+/// `release_tiers` (tasks that must get their `expiration` back on release,
+/// which dead-lettering would drop) the last second is waited in process.
+pub fn next_hop(remaining_ms: i64, tiers: &[u64], release_tiers: &[u64]) -> Hop {
+    if release_tiers.is_empty() {
+        return tier_for(remaining_ms, tiers).map_or(Hop::Release, Hop::Wait);
+    }
+    if remaining_ms < 1000 {
+        return Hop::Release;
+    }
+    let whole = (remaining_ms / 1000) as u64;
+    if release_tiers.contains(&whole) {
+        return Hop::ReleaseTier(whole);
+    }
+    // Come back with at least a second left, for the release tier.
+    tier_for(remaining_ms - FINAL_HOLD_MS, tiers)
+        .or_else(|| tier_for(remaining_ms, tiers))
+        .map_or(Hop::Release, Hop::Wait)
 }
 
 /// The tier for the next hop of a task with `remaining_ms` to wait, or `None`
@@ -157,6 +201,52 @@ mod tests {
                 "{r}"
             );
         }
+    }
+
+    #[test]
+    fn under_16_seconds_a_task_waits_under_a_second_then_takes_its_release_tier() {
+        let (t, r) = (tiers(10 * YEAR_MS), release_tiers(10 * YEAR_MS));
+        assert_eq!(r, (1..=15).collect::<Vec<u64>>());
+        assert_eq!(next_hop(-5, &t, &r), Hop::Release);
+        assert_eq!(next_hop(999, &t, &r), Hop::Release);
+        assert_eq!(next_hop(1000, &t, &r), Hop::ReleaseTier(1));
+        assert_eq!(next_hop(15_999, &t, &r), Hop::ReleaseTier(15));
+        for rem in (1000i64..16_000).step_by(7) {
+            let Hop::ReleaseTier(n) = next_hop(rem, &t, &r) else {
+                panic!("{rem}");
+            };
+            // Entered no earlier than n s before due: never early, and the
+            // in-process wait before it is under a second.
+            let wait = rem - n as i64 * 1000;
+            assert!((0..1000).contains(&wait), "{rem}");
+        }
+    }
+
+    #[test]
+    fn longer_waits_hop_through_wait_tiers_and_come_back_with_a_second_to_spare() {
+        let (t, r) = (tiers(10 * YEAR_MS), release_tiers(10 * YEAR_MS));
+        assert_eq!(next_hop(16_000, &t, &r), Hop::Wait(15));
+        assert_eq!(next_hop(17_000, &t, &r), Hop::Wait(16));
+        assert_eq!(next_hop(40_000, &t, &r), Hop::Wait(32));
+        for rem in [16_000i64, 16_999, 20_000, 123_456, YEAR_MS as i64] {
+            let Hop::Wait(n) = next_hop(rem, &t, &r) else {
+                panic!("{rem}");
+            };
+            assert!(rem - n as i64 * 1000 >= 1000, "{rem}");
+        }
+        // A short maximum has short release tiers too.
+        let (t, r) = (tiers(4_000), release_tiers(4_000));
+        assert_eq!(r, vec![1, 2, 3, 4]);
+        assert_eq!(next_hop(4_500, &t, &r), Hop::ReleaseTier(4));
+        assert_eq!(next_hop(5_500, &t, &r), Hop::Wait(4));
+    }
+
+    #[test]
+    fn without_release_tiers_the_last_second_is_waited_in_process() {
+        let t = tiers(10 * YEAR_MS);
+        assert_eq!(next_hop(1000, &t, &[]), Hop::Release);
+        assert_eq!(next_hop(2500, &t, &[]), Hop::Wait(2));
+        assert_eq!(next_hop(20_000, &t, &[]), Hop::Wait(16));
     }
 
     #[test]

@@ -84,6 +84,13 @@ impl Names {
         self.join(&format!("wait.{seconds}s"))
     }
 
+    /// `P.release.<n>s`: exchange and queue of a release tier, holding a task
+    /// for the last `n` whole seconds before its due time, then
+    /// dead-lettering it into `P.tasks` under its own type.
+    pub fn release_tier(&self, seconds: u64) -> String {
+        self.join(&format!("release.{seconds}s"))
+    }
+
     /// `P.wait.due`: exchange and queue where tasks leaving a delay tier
     /// return to the scheduler for their next hop or release.
     pub fn wait_due(&self) -> String {

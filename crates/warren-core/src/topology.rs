@@ -185,7 +185,7 @@ impl TopologyPlan {
             None => format!("parked in the queue {}", n.unroutable()),
         };
 
-        let exchanges = vec![
+        let mut exchanges = vec![
             exchange(
                 n.tasks(),
                 Topic,
@@ -288,6 +288,25 @@ impl TopologyPlan {
                 format!("delay tier: holds tasks {t} s, then back to the scheduler"),
             ));
         }
+        for t in crate::delay::release_tiers(c.scheduler.max_delay_ms) {
+            exchanges.push(exchange(
+                n.release_tier(t),
+                Fanout,
+                BTreeMap::new(),
+                format!("into release tier {}", n.release_tier(t)),
+            ));
+            queues.push(queue(
+                n.release_tier(t),
+                args([
+                    ("x-dead-letter-exchange", ArgValue::Str(n.tasks())),
+                    ("x-message-ttl", ArgValue::Int(t as i64 * 1000)),
+                ]),
+                format!(
+                    "release tier: holds a task its last {t} s, then dead-letters it into {} (its work queue)",
+                    n.tasks()
+                ),
+            ));
+        }
         for q in &c.queues {
             let patterns: Vec<&str> = c
                 .routes
@@ -338,6 +357,9 @@ impl TopologyPlan {
         bindings.push(binding(n.delay(), n.delay_intake(), "#"));
         bindings.push(binding(dlx, n.dead_letter_intake(), ""));
         bindings.push(binding(n.wait_due(), n.wait_due(), ""));
+        for t in crate::delay::release_tiers(c.scheduler.max_delay_ms) {
+            bindings.push(binding(n.release_tier(t), n.release_tier(t), ""));
+        }
         bindings.push(binding(n.control(), n.cancels(), ""));
         let unrouted_queue = match default_queue {
             Some(q) => n.work_queue(&q.name),
@@ -551,6 +573,7 @@ mod tests {
     fn bindings(p: &TopologyPlan) -> Vec<(&str, &str, &str)> {
         p.bindings
             .iter()
+            .filter(|b| !b.queue.contains(".release."))
             .map(|b| {
                 (
                     b.exchange.as_str(),
@@ -567,6 +590,7 @@ mod tests {
         let exchanges: Vec<(&str, ExchangeKind)> = p
             .exchanges
             .iter()
+            .filter(|e| !e.name.starts_with("warren.release."))
             .map(|e| (e.name.as_str(), e.kind))
             .collect();
         assert_eq!(
@@ -595,6 +619,7 @@ mod tests {
             .iter()
             .map(|q| q.name.as_str())
             .filter(|q| !q.starts_with("warren.wait.") || *q == "warren.wait.due")
+            .filter(|q| !q.starts_with("warren.release."))
             .collect();
         assert_eq!(
             queues,
@@ -639,6 +664,32 @@ mod tests {
                 ("x-queue-mode", ArgValue::Str("lazy".into())),
             ])
         );
+        let release: Vec<&str> = p
+            .queues
+            .iter()
+            .map(|q| q.name.as_str())
+            .filter(|q| q.starts_with("warren.release."))
+            .collect();
+        let want: Vec<String> = (1..=15).map(|n| format!("warren.release.{n}s")).collect();
+        assert_eq!(release, want, "a release tier for every second up to 15 s");
+        assert_eq!(
+            queue(&p, "warren.release.3s").arguments,
+            args([
+                (
+                    "x-dead-letter-exchange",
+                    ArgValue::Str("warren.tasks".into())
+                ),
+                ("x-message-ttl", ArgValue::Int(3_000)),
+            ])
+        );
+        for name in &want {
+            let x = p.exchanges.iter().find(|e| &e.name == name).expect(name);
+            assert_eq!(x.kind, ExchangeKind::Fanout);
+            assert!(p
+                .bindings
+                .iter()
+                .any(|b| &b.exchange == name && &b.queue == name && b.routing_key.is_empty()));
+        }
         assert_eq!(
             queue(&p, "warren.cancels").arguments["x-queue-type"],
             ArgValue::Str("stream".into())
@@ -758,13 +809,16 @@ mod tests {
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("exchange ")).count(),
-            7
+            7 + 15
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("queue ")).count(),
-            9 + 40
+            9 + 40 + 15
         );
-        assert_eq!(text.lines().filter(|l| l.starts_with("bind ")).count(), 8);
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("bind ")).count(),
+            8 + 15
+        );
         assert!(text.lines().all(|l| l == l.trim_end()));
     }
 

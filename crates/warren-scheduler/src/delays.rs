@@ -1,10 +1,12 @@
 //! Delays and retries: intake from `P.delay`, hops through the wait tiers,
-//! release to `P.tasks` when due.
+//! and the release: into a release tier that the broker empties into
+//! `P.tasks` at the due time, or straight into `P.tasks`.
 //!
 //! A delivery is acknowledged only after its next copy (in a tier, or in
 //! `P.tasks`) is confirmed by the broker, so a scheduler killed at any moment
-//! loses nothing: the broker redelivers what was not acknowledged. The last
-//! second before the due time is waited in process, holding the delivery
+//! loses nothing: the broker redelivers what was not acknowledged. Under a
+//! second is ever waited in process (to enter a release tier on the exact
+//! millisecond, or before the release itself), holding the delivery
 //! unacknowledged.
 
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use tracing::{debug, warn};
 use warren_client::{
     confirm_all, copy_properties, CancelSet, ClientError, Outbox, ORIGINAL_EXPIRATION,
 };
-use warren_core::delay::{due_at_ms, tier_for, tiers, DUE_AT};
+use warren_core::delay::{due_at_ms, next_hop, release_tiers, tiers, Hop, DUE_AT};
 use warren_core::event::{format_time, new_id, ErrorKind, EventErrorInfo};
 use warren_core::{headers, DeadReason, Event, Names, TaskState};
 
@@ -32,6 +34,7 @@ use crate::metrics::SchedulerMetrics;
 pub(crate) struct Delays {
     pub(crate) names: Names,
     pub(crate) tiers: Vec<u64>,
+    pub(crate) release_tiers: Vec<u64>,
     pub(crate) max_delay_ms: u64,
     pub(crate) identity: String,
     pub(crate) cancels: CancelSet,
@@ -67,6 +70,7 @@ impl Delays {
         Delays {
             names: config.names(),
             tiers: tiers(config.scheduler.max_delay_ms),
+            release_tiers: release_tiers(config.scheduler.max_delay_ms),
             max_delay_ms: config.scheduler.max_delay_ms,
             identity,
             cancels,
@@ -229,8 +233,8 @@ impl Delays {
         Ok(true)
     }
 
-    /// Next hop: a tier if more than the final second remains, else wait in
-    /// process and release.
+    /// Next hop: a wait tier while more than 16 s remain; then, after under
+    /// a second in process, a release tier (or `P.tasks` itself).
     async fn route(
         &self,
         out: &Outbox,
@@ -241,24 +245,35 @@ impl Delays {
         stop: &CancellationToken,
     ) -> Result<(), ClientError> {
         let remaining = w.due_ms - now_ms();
-        if let Some(tier) = tier_for(remaining, &self.tiers) {
-            let props =
-                copy_properties(&d.properties, w.headers.clone(), &w.task_type, Some(&w.id));
-            let queue = self.names.wait_tier(tier);
-            confirms.push(out.channel.send("", &queue, &d.data, props).await?);
-            confirm_all(confirms).await?;
-            debug!(task_id = %w.id, tier, remaining, "waiting in {queue}");
-            return ack(&d).await;
-        }
+        // Dead-lettering drops `expiration`, so a task that must get its
+        // own back is released by the scheduler, not by a release tier.
+        let release = if headers::get_str(Some(&w.headers), ORIGINAL_EXPIRATION).is_some() {
+            &[][..]
+        } else {
+            &self.release_tiers[..]
+        };
+        let (enter_ms, tier) = match next_hop(remaining, &self.tiers, release) {
+            Hop::Wait(tier) => {
+                let props =
+                    copy_properties(&d.properties, w.headers.clone(), &w.task_type, Some(&w.id));
+                let queue = self.names.wait_tier(tier);
+                confirms.push(out.channel.send("", &queue, &d.data, props).await?);
+                confirm_all(confirms).await?;
+                debug!(task_id = %w.id, tier, remaining, "waiting in {queue}");
+                return ack(&d).await;
+            }
+            Hop::ReleaseTier(n) => (w.due_ms - n as i64 * 1000, Some(n)),
+            Hop::Release => (w.due_ms, None),
+        };
         confirm_all(confirms).await?;
         let this = self.clone();
         let out = out.clone();
         let stop = stop.clone();
         self.metrics.held(1);
         holds.spawn(async move {
-            let wait = Duration::from_millis(w.due_ms.saturating_sub(now_ms()).max(0) as u64);
+            let wait = Duration::from_millis(enter_ms.saturating_sub(now_ms()).max(0) as u64);
             let released = tokio::select! {
-                _ = tokio::time::sleep(wait) => this.release(&out, &d, &w).await,
+                _ = tokio::time::sleep(wait) => this.release(&out, &d, &w, tier).await,
                 // Unacknowledged: the broker hands it to the next scheduler.
                 _ = stop.cancelled() => Ok(()),
             };
@@ -270,28 +285,50 @@ impl Delays {
         Ok(())
     }
 
-    /// Publishes a due task to `P.tasks` and acknowledges its delivery.
-    async fn release(&self, out: &Outbox, d: &Delivery, w: &Waiting) -> Result<(), ClientError> {
+    /// Publishes a task to release tier `tier` (entered exactly `tier` s
+    /// before its due time, so the broker hands it to `P.tasks` when due) or,
+    /// without one, straight to `P.tasks`; then acknowledges its delivery.
+    async fn release(
+        &self,
+        out: &Outbox,
+        d: &Delivery,
+        w: &Waiting,
+        tier: Option<u64>,
+    ) -> Result<(), ClientError> {
         if self.cancelled(out, w, d).await? {
             return Ok(());
         }
+        // `x-warren-due-at` stays: workers measure their start against it.
         let mut h = w.headers.clone();
         let expiration = headers::get_str(Some(&h), ORIGINAL_EXPIRATION);
-        headers::remove(&mut h, &[DUE_AT, ORIGINAL_EXPIRATION]);
+        headers::remove(&mut h, &[ORIGINAL_EXPIRATION]);
         let mut props: BasicProperties =
             copy_properties(&d.properties, h, &w.task_type, Some(&w.id));
         if let Some(exp) = expiration {
             props = props.with_expiration(exp.as_str().into());
         }
+        // The routing key is the type either way: dead-lettering keeps it.
+        let exchange = match tier {
+            Some(n) => self.names.release_tier(n),
+            None => self.names.tasks(),
+        };
         let c = out
             .channel
-            .send(&self.names.tasks(), &w.task_type, &d.data, props)
+            .send(&exchange, &w.task_type, &d.data, props)
             .await?;
         confirm_all(vec![c]).await?;
-        let late_ms = now_ms() - w.due_ms;
-        debug!(task_id = %w.id, late_ms, "released");
         ack(d).await?;
-        self.metrics.released(late_ms);
+        match tier {
+            Some(n) => {
+                debug!(task_id = %w.id, tier = n, "released through {exchange}");
+                self.metrics.release_tier();
+            }
+            None => {
+                let late_ms = now_ms() - w.due_ms;
+                debug!(task_id = %w.id, late_ms, "released");
+                self.metrics.released(late_ms);
+            }
+        }
         Ok(())
     }
 }

@@ -13,6 +13,7 @@ pub(crate) struct SchedulerMetrics {
     scheduled: AtomicU64,
     hops: AtomicU64,
     released: AtomicU64,
+    release_tier: AtomicU64,
     cancelled: AtomicU64,
     held: AtomicI64,
     /// Consuming, caught up with cancels, reconnects.
@@ -38,6 +39,7 @@ impl Default for SchedulerMetrics {
             scheduled: AtomicU64::new(0),
             hops: AtomicU64::new(0),
             released: AtomicU64::new(0),
+            release_tier: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             held: AtomicI64::new(0),
             link: BrokerLink::default(),
@@ -73,6 +75,11 @@ impl SchedulerMetrics {
         self.with(|m| m.lateness.observe(late));
     }
 
+    /// A task entered its release tier, which hands it to `P.tasks` when due.
+    pub(crate) fn release_tier(&self) {
+        bump(&self.release_tier);
+    }
+
     /// A waiting task was dropped by a cancel command.
     pub(crate) fn cancelled(&self) {
         bump(&self.cancelled);
@@ -83,7 +90,8 @@ impl SchedulerMetrics {
         self.with(|m| *m.dead.entry(reason).or_default() += 1);
     }
 
-    /// A task starts (`+1`) or ends (`-1`) its final second in process.
+    /// A task starts (`+1`) or ends (`-1`) its wait in process (under a
+    /// second, before its release or its release tier).
     pub(crate) fn held(&self, delta: i64) {
         self.held.fetch_add(delta, Ordering::Relaxed);
     }
@@ -119,8 +127,14 @@ impl Probe for SchedulerMetrics {
         e.single(
             "warren_scheduler_released_total",
             "counter",
-            "Due tasks published to P.tasks.",
+            "Due tasks the scheduler published to P.tasks itself.",
             load(&self.released),
+        );
+        e.single(
+            "warren_scheduler_release_tier_total",
+            "counter",
+            "Tasks put in a release tier, which hands them to P.tasks when due.",
+            load(&self.release_tier),
         );
         e.single(
             "warren_scheduler_cancelled_total",
@@ -131,7 +145,7 @@ impl Probe for SchedulerMetrics {
         e.single(
             "warren_scheduler_held_tasks",
             "gauge",
-            "Tasks in their final second, waited in process.",
+            "Tasks waiting in process (under a second) before their release or release tier.",
             self.held.load(Ordering::Relaxed) as f64,
         );
         self.with(|m| {

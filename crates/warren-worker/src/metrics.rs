@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use warren_ops::{BrokerLink, Exposition, Histogram, Probe, DURATION_BUCKETS};
+use warren_ops::{BrokerLink, Exposition, Histogram, Probe, DURATION_BUCKETS, LATENESS_BUCKETS};
 
 /// How a task left this worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -48,6 +48,8 @@ struct Inner {
     outcomes: BTreeMap<(String, Outcome), u64>,
     dead: BTreeMap<(String, &'static str), u64>,
     durations: BTreeMap<(String, &'static str), Histogram>,
+    /// Start of a delayed task's attempt after its due time.
+    lateness: Option<Histogram>,
 }
 
 impl WorkerMetrics {
@@ -92,6 +94,16 @@ impl WorkerMetrics {
     pub(crate) fn dead(&self, task_type: &str, reason: &'static str, ran: Option<Duration>) {
         self.outcome(task_type, Outcome::Dead, ran);
         self.with(|m| *m.dead.entry((task_type.to_owned(), reason)).or_default() += 1);
+    }
+
+    /// A delayed task started `late_ms` after its due time.
+    pub(crate) fn delay_lateness(&self, late_ms: i64) {
+        let late = late_ms.max(0) as f64 / 1000.0;
+        self.with(|m| {
+            m.lateness
+                .get_or_insert_with(|| Histogram::new(LATENESS_BUCKETS))
+                .observe(late)
+        });
     }
 
     /// A delivery came back without an outcome (its worker died).
@@ -151,6 +163,17 @@ impl Probe for WorkerMetrics {
                     h,
                 );
             }
+            e.family(
+                "warren_worker_delay_lateness_seconds",
+                "histogram",
+                "How long after its due time a delayed task or retry started (never early).",
+            );
+            let empty = Histogram::new(LATENESS_BUCKETS);
+            e.histogram(
+                "warren_worker_delay_lateness_seconds",
+                &[],
+                m.lateness.as_ref().unwrap_or(&empty),
+            );
             let retried: u64 = m
                 .outcomes
                 .iter()

@@ -21,6 +21,7 @@ use warren_client::{
     confirm_all, connect, process_identity, CancelSet, ClientError, ConfirmChannel, Outbox,
 };
 use warren_core::backoff::full_jitter_ms;
+use warren_core::delay::DUE_AT;
 use warren_core::event::{
     cap_result, format_time, new_id, ErrorKind, EventErrorInfo, ProgressInfo,
 };
@@ -633,6 +634,16 @@ async fn run_task(
     }
     let started = out.event(&base(TaskState::Started, task.attempt)).await?;
     debug!("started");
+    // A delayed task's first start after its release (not a redelivery).
+    let hdrs = delivery.properties.headers().as_ref();
+    if let (Ok(Some(due)), false, Ok(None)) = (
+        headers::get_int(hdrs, DUE_AT),
+        delivery.redelivered,
+        headers::get_int(hdrs, headers::REDELIVERIES),
+    ) {
+        sh.metrics
+            .delay_lateness(chrono::Utc::now().timestamp_millis() - due);
+    }
 
     let timeout =
         Duration::from_millis(task.timeout_ms.unwrap_or(sh.config.worker.task_timeout_ms));
