@@ -179,13 +179,19 @@ fn best(a: Option<Drain>, b: Drain) -> Drain {
 /// Scenario `throughput` (with its baseline): publish rate with confirms,
 /// preloaded-queue drain rate, CPU per task.
 pub async fn throughput(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row>> {
-    // Alternate baseline and Warren, best of each over the rounds, so neither
-    // side gets the broker's warmer or colder moments.
+    // Alternate baseline and Warren, and which goes first, best of each over
+    // the rounds, so neither side always follows the other's cleanup (the
+    // broker compacts its store after a drain) or gets its warmer moments.
     let mut w: Option<Drain> = None;
     let mut b: Option<Drain> = None;
-    for _ in 0..opts.rounds.max(1) {
-        b = Some(best(b, drain_baseline(base, opts).await?));
-        w = Some(best(w, drain_warren(base, opts).await?));
+    for round in 0..opts.rounds.max(1) {
+        if round % 2 == 0 {
+            b = Some(best(b, drain_baseline(base, opts).await?));
+            w = Some(best(w, drain_warren(base, opts).await?));
+        } else {
+            w = Some(best(w, drain_warren(base, opts).await?));
+            b = Some(best(b, drain_baseline(base, opts).await?));
+        }
     }
     let (w, b) = (w.expect("one round"), b.expect("one round"));
     let s = "throughput";

@@ -107,9 +107,11 @@ impl ConfirmChannel {
 
 /// Awaits a confirm; a negative one is an error naming `what`.
 pub(crate) async fn confirmed(confirm: PublisherConfirm, what: &str) -> Result<(), ClientError> {
-    let c = confirm
-        .await
-        .map_err(ClientError::amqp(format!("confirm of {what}")))?;
+    // The error's text is built only on failure: this runs once per message.
+    let c = confirm.await.map_err(|source| ClientError::Amqp {
+        what: format!("confirm of {what}"),
+        source,
+    })?;
     if c.is_nack() {
         return Err(ClientError::Nacked {
             task_id: what.to_owned(),
