@@ -272,10 +272,17 @@ impl Delays {
         self.metrics.held(1);
         holds.spawn(async move {
             let wait = Duration::from_millis(enter_ms.saturating_sub(now_ms()).max(0) as u64);
-            let released = tokio::select! {
-                _ = tokio::time::sleep(wait) => this.release(&out, &d, &w, tier).await,
+            let due = tokio::select! {
+                _ = tokio::time::sleep(wait) => true,
                 // Unacknowledged: the broker hands it to the next scheduler.
-                _ = stop.cancelled() => Ok(()),
+                _ = stop.cancelled() => false,
+            };
+            // Boxed, so a waiting task's future stays small: thousands may
+            // wait at once, and the release's state is allocated only when it runs.
+            let released = if due {
+                Box::pin(this.release(&out, &d, &w, tier)).await
+            } else {
+                Ok(())
             };
             this.metrics.held(-1);
             if let Err(e) = released {

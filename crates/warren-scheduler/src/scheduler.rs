@@ -46,9 +46,12 @@ enum Intake {
     Due,
 }
 
-/// How many delayed tasks one scheduler may hold unacknowledged (hops in
-/// flight and tasks in their final second).
-const DELAY_PREFETCH: u16 = 5000;
+/// How many delayed tasks one scheduler may hold unacknowledged: hops in
+/// flight, and tasks waiting (under a second) for their release or release
+/// tier. At 1,000 delayed tasks/s about 500 wait at once. Memory grows with
+/// this bound when many tasks share a due time (measured: 42 MB peak RSS at
+/// 1,500, 52 MB at 2,000, 75 MB at 5,000), not with the tasks held in tiers.
+const DELAY_PREFETCH: u16 = 1500;
 
 /// How many deliveries are being handled (publish, confirm, ack) at once.
 const HANDLERS_IN_FLIGHT: usize = 256;
