@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use warren_client::TaskRequest;
-use warren_e2e::{http_get as get, metric, until_final, Env, Mgmt};
+use warren_e2e::{http_get as get, metric, until_final, wait_metric, Env, Mgmt};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -51,10 +51,6 @@ async fn wait_ready(addr: &str) -> Value {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn wait_metric_t(addr: &str, series: &str, at_least: f64) -> String {
-    warren_e2e::wait_metric(addr, series, at_least, T).await
 }
 
 #[tokio::test]
@@ -112,10 +108,11 @@ async fn worker_and_scheduler_metrics_count_a_known_batch() {
     let ids = env.client.publish_batch(&reqs, 64, |_| {}).await.unwrap();
     until_final(&mut watch, &ids, T).await;
 
-    let text = wait_metric_t(
+    let text = wait_metric(
         &w,
         "warren_worker_tasks_total{type=\"diag.echo\",outcome=\"succeeded\"}",
         13.0,
+        T,
     )
     .await;
     assert_parses(&text);
@@ -156,7 +153,7 @@ async fn worker_and_scheduler_metrics_count_a_known_batch() {
     assert_eq!(m("warren_worker_up"), 1.0);
     assert_eq!(m("warren_worker_reconnects_total"), 0.0);
 
-    let text = wait_metric_t(&s, "warren_scheduler_released_total", 2.0).await;
+    let text = wait_metric(&s, "warren_scheduler_released_total", 2.0, T).await;
     assert_parses(&text);
     let m = |series: &str| metric(&text, series).unwrap_or_else(|| panic!("{series} in\n{text}"));
     assert_eq!(m("warren_scheduler_delayed_total"), 3.0);
@@ -183,7 +180,7 @@ async fn a_force_closed_connection_is_counted_and_readiness_returns() {
     let suffix = format!("/{}", worker.pid);
     let first = mgmt.wait_connection("worker", &suffix, &[], T).await;
     mgmt.close_connection(&first).await;
-    let text = wait_metric_t(&w, "warren_worker_reconnects_total", 1.0).await;
+    let text = wait_metric(&w, "warren_worker_reconnects_total", 1.0, T).await;
     assert_eq!(metric(&text, "warren_worker_reconnects_total"), Some(1.0));
     let ready = wait_ready(&w).await;
     assert_eq!(ready["checks"]["broker"], true, "{ready}");
@@ -195,10 +192,11 @@ async fn a_force_closed_connection_is_counted_and_readiness_returns() {
         .await
         .unwrap();
     until_final(&mut watch, &ids, T).await;
-    wait_metric_t(
+    wait_metric(
         &w,
         "warren_worker_tasks_total{type=\"diag.echo\",outcome=\"succeeded\"}",
         1.0,
+        T,
     )
     .await;
 }
@@ -251,10 +249,11 @@ async fn json_logs_carry_task_id_type_and_attempt_on_a_tasks_lines() {
     ];
     let ids = env.client.publish_batch(&reqs, 8, |_| {}).await.unwrap();
     until_final(&mut watch, &ids, T).await;
-    wait_metric_t(
+    wait_metric(
         &w,
         "warren_worker_dead_total{type=\"diag.fail\",reason=\"permanent_failure\"}",
         1.0,
+        T,
     )
     .await;
     let log = env.log_of(&worker);

@@ -288,15 +288,17 @@ impl TopologyPlan {
                 format!("delay tier: holds tasks {t} s, then back to the scheduler"),
             ));
         }
-        for t in crate::delay::release_tiers(c.scheduler.max_delay_ms) {
+        let release_tiers = crate::delay::release_tiers(c.scheduler.max_delay_ms);
+        for &t in &release_tiers {
+            let name = n.release_tier(t);
             exchanges.push(exchange(
-                n.release_tier(t),
+                name.clone(),
                 Fanout,
                 BTreeMap::new(),
-                format!("into release tier {}", n.release_tier(t)),
+                format!("into release tier {name}"),
             ));
             queues.push(queue(
-                n.release_tier(t),
+                name,
                 args([
                     ("x-dead-letter-exchange", ArgValue::Str(n.tasks())),
                     ("x-message-ttl", ArgValue::Int(t as i64 * 1000)),
@@ -357,7 +359,7 @@ impl TopologyPlan {
         bindings.push(binding(n.delay(), n.delay_intake(), "#"));
         bindings.push(binding(dlx, n.dead_letter_intake(), ""));
         bindings.push(binding(n.wait_due(), n.wait_due(), ""));
-        for t in crate::delay::release_tiers(c.scheduler.max_delay_ms) {
+        for &t in &release_tiers {
             bindings.push(binding(n.release_tier(t), n.release_tier(t), ""));
         }
         bindings.push(binding(n.control(), n.cancels(), ""));

@@ -40,8 +40,9 @@ pub enum OpsError {
 
 /// Serves `probe` on `listen` until `shutdown`: `/metrics` (its text),
 /// `/healthz` (always 200 while the process runs) and `/readyz` (200 when
-/// every check passes, else 503, with the checks as JSON). `key` names the configuration key of `listen` for errors. An empty
-/// `listen` serves nothing and returns `None`; otherwise the bound address.
+/// every check passes, else 503, with the checks as JSON). `key` names the
+/// configuration key of `listen` for errors. An empty `listen` serves
+/// nothing and returns `None`; otherwise the bound address.
 pub async fn serve(
     key: &str,
     listen: &str,

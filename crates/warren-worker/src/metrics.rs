@@ -43,19 +43,24 @@ pub(crate) struct WorkerMetrics {
     returned: AtomicU64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
     outcomes: BTreeMap<(String, Outcome), u64>,
     dead: BTreeMap<(String, &'static str), u64>,
     durations: BTreeMap<(String, &'static str), Histogram>,
     /// Start of a delayed task's attempt after its due time.
-    lateness: Option<Histogram>,
+    lateness: Histogram,
 }
 
 impl WorkerMetrics {
     pub(crate) fn new(concurrency: usize) -> Self {
         WorkerMetrics {
-            inner: Mutex::default(),
+            inner: Mutex::new(Inner {
+                outcomes: BTreeMap::new(),
+                dead: BTreeMap::new(),
+                durations: BTreeMap::new(),
+                lateness: Histogram::new(LATENESS_BUCKETS),
+            }),
             concurrency,
             running: AtomicI64::new(0),
             link: BrokerLink::default(),
@@ -99,11 +104,7 @@ impl WorkerMetrics {
     /// A delayed task started `late_ms` after its due time.
     pub(crate) fn delay_lateness(&self, late_ms: i64) {
         let late = late_ms.max(0) as f64 / 1000.0;
-        self.with(|m| {
-            m.lateness
-                .get_or_insert_with(|| Histogram::new(LATENESS_BUCKETS))
-                .observe(late)
-        });
+        self.with(|m| m.lateness.observe(late));
     }
 
     /// A delivery came back without an outcome (its worker died).
@@ -168,12 +169,7 @@ impl Probe for WorkerMetrics {
                 "histogram",
                 "How long after its due time a delayed task or retry started (never early).",
             );
-            let empty = Histogram::new(LATENESS_BUCKETS);
-            e.histogram(
-                "warren_worker_delay_lateness_seconds",
-                &[],
-                m.lateness.as_ref().unwrap_or(&empty),
-            );
+            e.histogram("warren_worker_delay_lateness_seconds", &[], &m.lateness);
             let retried: u64 = m
                 .outcomes
                 .iter()
