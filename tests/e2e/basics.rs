@@ -196,6 +196,42 @@ async fn higher_priority_runs_first_with_concurrency_one() {
 }
 
 #[tokio::test]
+async fn a_batch_arrives_in_request_order_and_a_bad_request_sends_none_of_it() {
+    let env = Env::new("batch", &[]).await;
+    let work = env.names().work_queue("diag");
+    let echo = |i: usize| TaskRequest::new("diag.echo", json!({ "i": i }));
+    // A bad request at the end of a batch is refused before any is sent.
+    let mut bad: Vec<TaskRequest> = (0..100).map(echo).collect();
+    bad.push(TaskRequest::new("not a type", json!({})));
+    let err = env
+        .client
+        .publish_batch(&bad, 16, |_| {})
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("task type"), "{err}");
+    // Sends and confirms pipelined 64 deep keep the request order.
+    let reqs: Vec<TaskRequest> = (0..500).map(echo).collect();
+    let mut confirmed = 0;
+    let ids = env
+        .client
+        .publish_batch(&reqs, 64, |n| confirmed = n)
+        .await
+        .unwrap();
+    assert_eq!(confirmed, 500);
+    assert_eq!(env.depth(&work).await, 500, "confirmed means queued");
+    let got = env.drain(&work).await;
+    let got_ids: Vec<String> = got
+        .iter()
+        .map(|(p, _)| p.message_id().as_ref().expect("id").to_string())
+        .collect();
+    assert_eq!(got_ids, ids, "queued in request order");
+    for (i, (_, body)) in got.iter().enumerate() {
+        let args: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(args, json!({ "i": i }));
+    }
+}
+
+#[tokio::test]
 async fn a_task_that_expires_in_its_queue_ends_dead_expired() {
     let mut env = Env::new("expiry", &[]).await;
     // Only the scheduler runs: no worker takes the task before it expires.

@@ -17,6 +17,8 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{json, Value};
 
+use crate::procstat::{Spent, Stopwatch};
+
 /// Runs the baseline worker on `queue` until the process is killed.
 pub async fn worker(
     url: &str,
@@ -93,7 +95,7 @@ pub async fn worker(
 }
 
 /// Publishes `n` persistent messages with confirms, `window` in flight;
-/// returns the elapsed seconds.
+/// returns the wall and CPU time spent once connected.
 pub async fn publish(
     url: &str,
     exchange: &str,
@@ -101,7 +103,7 @@ pub async fn publish(
     n: usize,
     window: usize,
     mut body: impl FnMut(usize) -> (String, Vec<u8>),
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Spent> {
     let conn = Connection::connect(
         url,
         ConnectionProperties::default()
@@ -110,7 +112,7 @@ pub async fn publish(
     .await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let began = Instant::now();
+    let clock = Stopwatch::start();
     let mut in_flight = FuturesOrdered::new();
     for i in 0..n {
         let (id, data) = body(i);
@@ -137,7 +139,7 @@ pub async fn publish(
     while let Some(c) = in_flight.next().await {
         anyhow::ensure!(c?.is_ack(), "baseline publish refused");
     }
-    let secs = began.elapsed().as_secs_f64();
+    let spent = clock.stop();
     let _ = conn.close(200, "done".into()).await;
-    Ok(secs)
+    Ok(spent)
 }

@@ -40,6 +40,44 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     })
 }
 
+/// Wall and CPU time this process spent on one piece of work.
+#[derive(Debug, Clone, Copy)]
+pub struct Spent {
+    /// Elapsed wall time, seconds.
+    pub secs: f64,
+    /// User + system CPU time of the whole process, seconds (10 ms ticks).
+    pub cpu_s: f64,
+}
+
+/// Measures [`Spent`] from `start` to `stop`.
+#[derive(Debug)]
+pub struct Stopwatch {
+    began: std::time::Instant,
+    cpu_s: f64,
+}
+
+impl Stopwatch {
+    /// Starts measuring now.
+    pub fn start() -> Self {
+        Stopwatch {
+            began: std::time::Instant::now(),
+            cpu_s: own_cpu_s(),
+        }
+    }
+
+    /// What was spent since `start`.
+    pub fn stop(self) -> Spent {
+        Spent {
+            secs: self.began.elapsed().as_secs_f64(),
+            cpu_s: own_cpu_s() - self.cpu_s,
+        }
+    }
+}
+
+fn own_cpu_s() -> f64 {
+    sample(std::process::id()).map_or(0.0, |s| s.cpu_s)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -15,6 +15,7 @@ use warren_client::{EventWatch, TaskRequest};
 use warren_core::{headers, Config, TaskState};
 
 use crate::env::{BenchEnv, ConfirmWindow};
+use crate::procstat::{Spent, Stopwatch};
 use crate::report::Row;
 use crate::stats::{summarize, Summary};
 use crate::{baseline, procstat, Options};
@@ -80,6 +81,7 @@ fn worker_vars(opts: &Options) -> Vec<(&'static str, String)> {
 /// One drain measurement: publish rate, drain rate and CPU per task.
 struct Drain {
     publish_per_s: f64,
+    publish_cpu_us: f64,
     drain_per_s: f64,
     cpu_ms_per_task: f64,
     peak_rss_mb: f64,
@@ -93,14 +95,14 @@ async fn drain_warren(base: &Config, opts: &Options) -> anyhow::Result<Drain> {
         .map(|i| TaskRequest::new("diag.echo", json!({ "i": i })))
         .collect();
     let b = bar(n as u64, "warren: publish");
-    let t = Instant::now();
+    let clock = Stopwatch::start();
     env.client
         .publish_batch(&reqs, 512, |k| b.set_position(k as u64))
         .await?;
-    let publish_s = t.elapsed().as_secs_f64();
+    let publish = clock.stop();
     b.finish_and_clear();
     let pid = env.spawn(&["worker", "--queues", "diag"], &worker_vars(opts))?;
-    finish_drain(env, watch, pid, n, publish_s, "warren: drain").await
+    finish_drain(env, watch, pid, n, publish, "warren: drain").await
 }
 
 /// Waits for the `n` events of a drain, samples the worker, cleans up.
@@ -109,7 +111,7 @@ async fn finish_drain(
     mut watch: EventWatch,
     pid: u32,
     n: usize,
-    publish_s: f64,
+    publish: Spent,
     label: &'static str,
 ) -> anyhow::Result<Drain> {
     let b = bar(n as u64, label);
@@ -119,7 +121,8 @@ async fn finish_drain(
     drop(watch);
     env.cleanup().await?;
     Ok(Drain {
-        publish_per_s: n as f64 / publish_s,
+        publish_per_s: n as f64 / publish.secs,
+        publish_cpu_us: publish.cpu_s * 1e6 / n as f64,
         drain_per_s: (n.max(2) - 1) as f64 / (last - first).as_secs_f64().max(1e-9),
         cpu_ms_per_task: sample.cpu_s * 1000.0 / n as f64,
         peak_rss_mb: sample.hwm as f64 / MB,
@@ -131,7 +134,7 @@ async fn drain_baseline(base: &Config, opts: &Options) -> anyhow::Result<Drain> 
     let mut env = BenchEnv::new(base, opts.config_path.clone()).await?;
     let names = env.names();
     let watch = env.client.watch(&["succeeded.diag.echo"]).await?;
-    let publish_s = baseline::publish(
+    let publish = baseline::publish(
         env.config.broker.url.expose(),
         &names.tasks(),
         "diag.echo",
@@ -161,7 +164,7 @@ async fn drain_baseline(base: &Config, opts: &Options) -> anyhow::Result<Drain> 
         ],
         &[],
     )?;
-    finish_drain(env, watch, pid, n, publish_s, "baseline: drain").await
+    finish_drain(env, watch, pid, n, publish, "baseline: drain").await
 }
 
 fn best(a: Option<Drain>, b: Drain) -> Drain {
@@ -169,6 +172,7 @@ fn best(a: Option<Drain>, b: Drain) -> Drain {
         None => b,
         Some(a) => Drain {
             publish_per_s: a.publish_per_s.max(b.publish_per_s),
+            publish_cpu_us: a.publish_cpu_us.min(b.publish_cpu_us),
             drain_per_s: a.drain_per_s.max(b.drain_per_s),
             cpu_ms_per_task: a.cpu_ms_per_task.min(b.cpu_ms_per_task),
             peak_rss_mb: a.peak_rss_mb.min(b.peak_rss_mb),
@@ -202,6 +206,13 @@ pub async fn throughput(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row
             "tasks/s",
             w.publish_per_s,
             b.publish_per_s,
+        ),
+        Row::vs(
+            s,
+            "publisher CPU per task",
+            "us",
+            w.publish_cpu_us,
+            b.publish_cpu_us,
         ),
         Row::vs(
             s,

@@ -101,8 +101,9 @@ impl TaskRequest {
         self
     }
 
-    /// Checks the request and fixes its id: returns `(id, body, properties)`.
-    pub(crate) fn encode(&self) -> Result<(String, Vec<u8>, BasicProperties), ClientError> {
+    /// Checks what the broker or a worker would refuse: the task type, the
+    /// priority and the id's length.
+    pub(crate) fn check(&self) -> Result<(), ClientError> {
         if !warren_core::routes::is_valid_task_type(&self.task_type) {
             return Err(ClientError::InvalidRequest(format!(
                 "task type {:?} must be dot-separated words such as diag.echo",
@@ -116,10 +117,17 @@ impl TaskRequest {
                 )));
             }
         }
+        if self.id.as_ref().is_some_and(|id| id.len() > 255) {
+            return Err(too_long_id());
+        }
+        Ok(())
+    }
+
+    /// Checks the request and fixes its id: returns `(id, body, properties)`.
+    pub(crate) fn encode(&self) -> Result<(String, Vec<u8>, BasicProperties), ClientError> {
+        self.check()?;
         let id = self.id.clone().unwrap_or_else(new_id);
-        let id_short = ShortString::try_new(id.clone()).map_err(|_| {
-            ClientError::InvalidRequest("task id is longer than 255 bytes".to_owned())
-        })?;
+        let id_short = ShortString::try_new(id.clone()).map_err(|_| too_long_id())?;
         let body = serde_json::to_vec(&self.args).expect("a JSON value always serializes");
         let mut props = BasicProperties::default()
             .with_content_type("application/json".into())
@@ -151,4 +159,8 @@ impl TaskRequest {
         }
         Ok((id, body, props))
     }
+}
+
+fn too_long_id() -> ClientError {
+    ClientError::InvalidRequest("task id is longer than 255 bytes".to_owned())
 }
