@@ -316,3 +316,80 @@ async fn an_expired_task_replayed_runs_again_from_attempt_one() {
     assert_eq!(ev.result, Some(json!({"late": true})));
     assert_eq!(env.depth(&dead).await, 0);
 }
+
+#[tokio::test]
+async fn a_replay_killed_midway_loses_nothing_and_a_second_replay_finishes() {
+    use futures::StreamExt;
+    use std::collections::HashSet;
+
+    // No worker runs: replayed copies stay in the work queue to be counted.
+    let mut env = Env::new("deadkill", &[]).await;
+    let (dead, work) = (env.names().dead(), env.names().work_queue("diag"));
+    const N: u32 = 3_000;
+    // Copies confirmed but not yet acknowledged in P.dead when the replay
+    // dies come back on the second replay: at most the replay's window.
+    const WINDOW: u32 = 64;
+    let ch = env.client.channel().await.unwrap();
+    let mut parked = futures::stream::iter(0..N)
+        .map(|i| {
+            let (ch, dead) = (&ch, &dead);
+            async move {
+                let mut h = FieldTable::default();
+                h.insert(
+                    "x-warren-dead-reason".into(),
+                    AMQPValue::LongString("permanent_failure".into()),
+                );
+                let props = BasicProperties::default()
+                    .with_message_id(format!("r{i}").into())
+                    .with_type("diag.echo".into())
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2)
+                    .with_headers(h);
+                let confirm = ch.send("", dead, b"{}", props).await.unwrap();
+                assert!(confirm.await.unwrap().is_ack());
+            }
+        })
+        .buffered(256);
+    while parked.next().await.is_some() {}
+    env.wait_depth(&dead, N, T).await;
+
+    let replay = env.spawn(&["dead", "replay", "--all"], &[]);
+    let deadline = tokio::time::Instant::now() + T;
+    while env.depth(&work).await < N / 10 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replay never started"
+        );
+    }
+    env.signal(&replay, "KILL");
+    assert!(env.wait_exit(&replay, T).await.is_some());
+
+    // The broker returns what the replay held unacknowledged to P.dead: every
+    // task is in one queue or the other (or, inside the window, both).
+    let deadline = tokio::time::Instant::now() + T;
+    let (moved, left) = loop {
+        let (moved, left) = (env.depth(&work).await, env.depth(&dead).await);
+        if moved + left >= N {
+            break (moved, left);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{moved} replayed + {left} still dead < {N}: tasks were lost"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(left > 0, "the kill came after the replay had finished");
+    assert!(moved + left <= N + WINDOW, "{moved} + {left}");
+
+    let out = run(&env, &["dead", "replay", "--all"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(env.depth(&dead).await, 0);
+    let copies = env.drain(&work).await;
+    let ids: HashSet<String> = copies
+        .iter()
+        .map(|(p, _)| p.message_id().as_ref().expect("id").to_string())
+        .collect();
+    assert_eq!(ids.len() as u32, N, "every task replayed");
+    let duplicates = copies.len() as u32 - N;
+    assert!(duplicates <= WINDOW, "{duplicates} duplicates");
+}
