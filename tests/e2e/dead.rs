@@ -345,8 +345,7 @@ async fn a_replay_killed_midway_loses_nothing_and_a_second_replay_finishes() {
                     .with_content_type("application/json".into())
                     .with_delivery_mode(2)
                     .with_headers(h);
-                let confirm = ch.send("", dead, b"{}", props).await.unwrap();
-                assert!(confirm.await.unwrap().is_ack());
+                ch.publish("", dead, b"{}", props, "parked").await.unwrap();
             }
         })
         .buffered(256);

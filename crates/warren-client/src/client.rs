@@ -136,9 +136,10 @@ impl Client {
             .map(|req| {
                 let (ch, exchange) = (&ch, if req.is_delayed() { &delay } else { &tasks });
                 async move {
-                    let (id, body, props) = req.encode()?;
-                    let confirm = ch.send(exchange, &req.task_type, &body, props).await?;
-                    confirmed(confirm, &id).await?;
+                    // Checked above, before the first send.
+                    let (id, body, props) = req.build()?;
+                    ch.publish(exchange, &req.task_type, &body, props, &id)
+                        .await?;
                     Ok::<_, ClientError>(id)
                 }
             })

@@ -126,6 +126,12 @@ impl TaskRequest {
     /// Checks the request and fixes its id: returns `(id, body, properties)`.
     pub(crate) fn encode(&self) -> Result<(String, Vec<u8>, BasicProperties), ClientError> {
         self.check()?;
+        self.build()
+    }
+
+    /// [`encode`](Self::encode) for a request already checked with
+    /// [`check`](Self::check).
+    pub(crate) fn build(&self) -> Result<(String, Vec<u8>, BasicProperties), ClientError> {
         let id = self.id.clone().unwrap_or_else(new_id);
         let id_short = ShortString::try_new(id.clone()).map_err(|_| too_long_id())?;
         let body = serde_json::to_vec(&self.args).expect("a JSON value always serializes");
