@@ -6,32 +6,24 @@ use std::time::Duration;
 
 use serde_json::json;
 use warren_core::TaskState;
-use warren_e2e::{broker_url, final_event, states, until_final, Env, Mgmt};
+use warren_e2e::{broker_url, final_event, python, states, until_final, Env, Mgmt};
+
+fn pika_command() -> std::process::Command {
+    let mut c = std::process::Command::new(python());
+    c.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/publish_pika.py"));
+    c
+}
 
 const T: Duration = Duration::from_secs(30);
-
-fn python() -> PathBuf {
-    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/.venv/bin/python");
-    assert!(
-        venv.exists(),
-        "{} is missing: scripts/test.sh creates the interop venv",
-        venv.display()
-    );
-    venv
-}
-
-fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/publish_pika.py")
-}
 
 #[tokio::test]
 async fn a_task_published_with_python_pika_runs_and_its_events_arrive() {
     let mut env = Env::new("pika", &[]).await;
     env.up(&[]);
     let mut watch = env.watch(&["#"]).await;
-    let out = std::process::Command::new(python())
-        .arg(script())
-        .args(["--url", &broker_url(), "--exchange", &env.names().tasks()])
+    let tasks = env.names().tasks();
+    let out = pika_command()
+        .args(["--url", &broker_url(), "--exchange", &tasks])
         .args([
             "--routing-key",
             "diag.echo",
@@ -65,14 +57,14 @@ async fn a_task_published_with_python_pika_runs_and_its_events_arrive() {
 async fn pika_call_through_direct_reply_to_gets_the_final_event() {
     let mut env = Env::new("pika-reply", &[]).await;
     env.up(&[]);
-    let out = std::process::Command::new(python())
-        .arg(script())
-        .args(["--url", &broker_url(), "--exchange", &env.names().tasks()])
+    let tasks = env.names().tasks();
+    let out = pika_command()
+        .args(["--url", &broker_url(), "--exchange", &tasks])
         .args([
             "--routing-key",
             "diag.echo",
             "--body",
-            "[42]",
+            r#"{"n": 42}"#,
             "--message-id",
             "py-2",
         ])
@@ -93,7 +85,7 @@ async fn pika_call_through_direct_reply_to_gets_the_final_event() {
     let ev = warren_core::Event::from_json(line.trim().as_bytes()).expect("reply is an event");
     assert_eq!(ev.state, TaskState::Succeeded);
     assert_eq!(ev.task_id, "py-2");
-    assert_eq!(ev.result, Some(json!([42])));
+    assert_eq!(ev.result, Some(json!({"n": 42})));
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ producer would, and optionally wait for the reply on direct reply-to.
         --exchange warren.tasks --routing-key diag.echo --body '{"hello": "world"}' \
         [--message-id ID] [--content-type CT] [--priority N] [--expiration MS] \
         [--reply-to Q] [--correlation-id C] [--header K=V ...] [--count N] \
+        [--header-bytes K=N] [--many-headers N] [--nested-header K=DEPTH] \
         [--wait-reply-timeout S]
 
 Every message is persistent (delivery_mode 2) and published with publisher
@@ -16,6 +17,11 @@ With `--reply-to amq.rabbitmq.reply-to` the script consumes from direct
 reply-to (auto-ack) before publishing, then waits up to --wait-reply-timeout
 seconds for one reply per published message and prints each reply body to
 stdout as one JSON line. Nothing else goes to stdout.
+
+Hostile headers, as an attacker with publish rights would send them:
+`--header-bytes K=N` adds header K holding a string of N bytes,
+`--many-headers N` adds N small headers (`h-0` .. `h-<N-1>`), and
+`--nested-header K=DEPTH` adds header K holding a table nested DEPTH deep.
 
 With --count N > 1 and --message-id ID, the messages get ids ID-1 .. ID-N.
 
@@ -52,6 +58,13 @@ def parse_header(text):
     return key, value
 
 
+def key_and_count(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected K=N, got {text!r}")
+    return key, int(value)
+
+
 def positive_int(text):
     value = int(text)
     if value < 1:
@@ -84,6 +97,12 @@ def parse_args(argv):
     p.add_argument("--correlation-id")
     p.add_argument("--header", action="append", type=parse_header, default=[],
                    metavar="K=V", help="repeatable; integer-looking values are sent as integers")
+    p.add_argument("--header-bytes", action="append", type=key_and_count, default=[],
+                   metavar="K=N", help="header K holding a string of N bytes")
+    p.add_argument("--many-headers", type=int, default=0, metavar="N",
+                   help="add N small headers h-0 .. h-<N-1>")
+    p.add_argument("--nested-header", type=key_and_count, metavar="K=DEPTH",
+                   help="header K holding a table nested DEPTH deep")
     p.add_argument("--mandatory", action="store_true",
                    help="publish mandatory: an unroutable message is a failure")
     p.add_argument("--count", type=positive_int, default=1)
@@ -113,6 +132,23 @@ def connect(args):
         raise Failure(f"cannot connect to {redact(args.url)}: {exc}") from exc
 
 
+def headers_of(args):
+    headers = dict(args.header)
+    for key, size in args.header_bytes:
+        headers[key] = "x" * size
+    for i in range(args.many_headers):
+        headers[f"h-{i}"] = i
+    if args.nested_header:
+        key, depth = args.nested_header
+        # pika encodes tables recursively: allow it the depth asked for.
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 4 * depth + 1000))
+        value = {}
+        for _ in range(depth):
+            value = {"n": value}
+        headers[key] = value
+    return headers or None
+
+
 def message_properties(args, index):
     message_id = args.message_id
     if message_id is not None and args.count > 1:
@@ -127,7 +163,7 @@ def message_properties(args, index):
         reply_to=args.reply_to,
         correlation_id=args.correlation_id,
         type=args.msg_type,
-        headers=dict(args.header) or None,
+        headers=headers_of(args),
     )
 
 

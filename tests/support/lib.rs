@@ -40,6 +40,35 @@ pub fn warren_bin() -> PathBuf {
     bin
 }
 
+/// The interop virtualenv's Python (scripts/test.sh creates it).
+pub fn python() -> PathBuf {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/.venv/bin/python");
+    assert!(
+        venv.exists(),
+        "{} is missing: scripts/test.sh creates the interop venv",
+        venv.display()
+    );
+    venv
+}
+
+/// Runs `interop/publish_pika.py` against the test broker with `args`
+/// (see the script's `--help`); panics with its stderr when it fails.
+pub fn pika(args: &[&str]) -> std::process::Output {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/publish_pika.py");
+    let out = Command::new(python())
+        .arg(script)
+        .args(["--url", &broker_url()])
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "publish_pika.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// One test's isolated Warren: prefix, settings, processes, cleanup.
 pub struct Env {
     /// The topology prefix, unique to this test.

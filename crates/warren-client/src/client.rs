@@ -39,7 +39,7 @@ impl Client {
     pub async fn connect(config: &Config) -> Result<Self, ClientError> {
         let size = config.broker.pool_size.max(1);
         let pool_config = deadpool_lapin::Config {
-            url: Some(config.broker.url.connection_uri()),
+            url: Some(config.broker.url.expose().to_owned()),
             pool: Some(deadpool_lapin::PoolConfig {
                 max_size: size,
                 timeouts: deadpool_lapin::Timeouts {

@@ -25,9 +25,15 @@ pub fn connection_name(role: &str) -> String {
 }
 
 /// Opens one connection, named for the console.
+///
+/// The connection takes the broker's `frame_max` (128 KiB on RabbitMQ unless
+/// `broker.url` sets a `frame_max` query parameter): an AMQP header frame
+/// cannot be split, so a consumer that asked for smaller frames would have
+/// its connection closed by any message whose headers the broker accepted
+/// but that did not fit, again at every redelivery.
 pub async fn connect(url: &BrokerUrl, role: &str) -> Result<Connection, ClientError> {
     let props = ConnectionProperties::default().with_connection_name(connection_name(role).into());
-    Connection::connect(&url.connection_uri(), props)
+    Connection::connect(url.expose(), props)
         .await
         .map_err(|source| ClientError::Connect {
             url: url.redacted(),

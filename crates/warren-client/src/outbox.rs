@@ -45,7 +45,9 @@ impl Outbox {
         self.channel.send("", reply_to, &ev.to_json(), props).await
     }
 
-    /// Parks a task in `P.dead`: body, properties and headers intact, plus
+    /// Parks a task in `P.dead`: body, properties and headers intact (headers
+    /// too large or too deep to carry (see [`headers::unfit`]) replaced
+    /// by their size), plus
     /// the dead reason, its detail, the queue it came from and the last
     /// attempt started, all taken with the id and type from its `dead` event.
     pub async fn dead(
@@ -58,7 +60,16 @@ impl Outbox {
         queue: Option<&str>,
     ) -> Result<PublisherConfirm, ClientError> {
         let (task_id, task_type) = (ev.task_id.as_str(), ev.task_type.as_str());
-        let mut h = original.headers().clone().unwrap_or_default();
+        // Headers too large to carry with the system's own are left behind,
+        // or the copy would not fit in a frame and could never be parked.
+        let mut h = match headers::unfit(original.headers().as_ref()) {
+            Some(shape) => {
+                let mut h = FieldTable::default();
+                headers::set_int(&mut h, headers::HEADERS_DROPPED, shape.bytes as i64);
+                h
+            }
+            None => original.headers().clone().unwrap_or_default(),
+        };
         headers::set_int(&mut h, headers::ATTEMPT, ev.attempt);
         headers::set_str(&mut h, headers::DEAD_REASON, reason.as_str());
         headers::set_str(&mut h, headers::DEAD_DETAIL, &truncate(detail, 4096));

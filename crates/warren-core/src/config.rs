@@ -136,25 +136,7 @@ impl BrokerUrl {
     pub fn redacted(&self) -> String {
         redact_userinfo(&self.0)
     }
-
-    /// The URI Warren connects with: the one given, asking for frames of
-    /// [`DEFAULT_FRAME_MAX`] bytes unless it sets `frame_max` itself.
-    pub fn connection_uri(&self) -> String {
-        let query = self.0.split_once('?').map_or("", |(_, q)| q);
-        if query.split('&').any(|kv| kv.starts_with("frame_max=")) {
-            return self.0.clone();
-        }
-        let sep = if self.0.contains('?') { '&' } else { '?' };
-        format!("{}{sep}frame_max={DEFAULT_FRAME_MAX}", self.0)
-    }
 }
-
-/// Largest AMQP frame Warren asks the broker for (RabbitMQ offers 128 KiB).
-/// The client keeps a receive and a send buffer of 32 frames per connection,
-/// so 128 KiB frames cost 8 MiB of memory per connection; 16 KiB frames
-/// cost 1 MiB, and a larger message simply takes more frames. A `frame_max`
-/// query parameter in `broker.url` overrides it.
-pub const DEFAULT_FRAME_MAX: u32 = 16_384;
 
 impl fmt::Debug for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1894,23 +1876,6 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
-    }
-
-    #[test]
-    fn connections_ask_for_small_frames_unless_the_url_says() {
-        let u = |s: &str| BrokerUrl::new(s).connection_uri();
-        assert_eq!(
-            u("amqp://g:p@h:5672/%2f"),
-            "amqp://g:p@h:5672/%2f?frame_max=16384"
-        );
-        assert_eq!(
-            u("amqp://h/%2f?heartbeat=30"),
-            "amqp://h/%2f?heartbeat=30&frame_max=16384"
-        );
-        assert_eq!(
-            u("amqp://h/%2f?frame_max=131072"),
-            "amqp://h/%2f?frame_max=131072"
-        );
     }
 
     #[test]

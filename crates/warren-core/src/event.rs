@@ -130,6 +130,10 @@ pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
+/// Stands for the task type in the routing key of an event whose type is too
+/// long to route.
+pub const TYPE_TOO_LONG_KEY: &str = "_type_too_long";
+
 impl Event {
     /// A new event for a task, stamped now, with every optional field empty.
     pub fn new(task_id: &str, task_type: &str, state: TaskState, attempt: i64) -> Self {
@@ -152,9 +156,17 @@ impl Event {
         }
     }
 
-    /// The routing key on `P.events`: `<state>.<task type>`.
+    /// The routing key on `P.events`: `<state>.<task type>`, or
+    /// `<state>._type_too_long` for a type over
+    /// [`MAX_TYPE_BYTES`](crate::routes::MAX_TYPE_BYTES), whose key would
+    /// not fit AMQP's 255 bytes (the body still names the type).
     pub fn routing_key(&self) -> String {
-        format!("{}.{}", self.state.as_str(), self.task_type)
+        let t = if self.task_type.len() > crate::routes::MAX_TYPE_BYTES {
+            TYPE_TOO_LONG_KEY
+        } else {
+            self.task_type.as_str()
+        };
+        format!("{}.{t}", self.state.as_str())
     }
 
     /// The JSON body.
@@ -256,6 +268,22 @@ mod tests {
         );
         assert_eq!(e.routing_key(), "failed.diag.fail");
         assert_eq!(Event::from_json(&e.to_json()).unwrap(), e);
+    }
+
+    #[test]
+    fn every_routing_key_fits_amqp_whatever_the_type() {
+        let longest = "t".repeat(crate::routes::MAX_TYPE_BYTES);
+        let e = Event::new("id", &longest, TaskState::Cancelled, 0);
+        assert_eq!(e.routing_key(), format!("cancelled.{longest}"));
+        assert!(e.routing_key().len() <= 255);
+        let hostile = "t".repeat(255);
+        for state in [TaskState::Scheduled, TaskState::Succeeded, TaskState::Dead] {
+            let e = Event::new("id", &hostile, state, 0);
+            assert_eq!(
+                e.routing_key(),
+                format!("{}._type_too_long", state.as_str())
+            );
+        }
     }
 
     #[test]

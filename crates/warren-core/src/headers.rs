@@ -26,6 +26,87 @@ pub const DELAY: &str = "x-delay";
 /// Absolute due time, RFC 3339 or Unix milliseconds.
 pub const ETA: &str = "x-warren-eta";
 
+/// Set on a copy in `P.dead` whose producer headers were too large or too
+/// deep to carry (see [`unfit`]): how many bytes they took on the wire.
+pub const HEADERS_DROPPED: &str = "x-warren-headers-dropped";
+
+/// Largest header table, in encoded bytes, that a task may carry. Every copy
+/// the system re-publishes (retry, dead, requeue, release) adds a few KiB of
+/// its own headers, and an AMQP header frame cannot be split: 64 KiB leaves
+/// room for them within RabbitMQ's default `frame_max` of 128 KiB. A task
+/// over it is invalid (`headers_too_large`) and parked without its headers.
+pub const MAX_HEADER_BYTES: usize = 65_536;
+
+/// Deepest nesting of tables and arrays a task's headers may have (RabbitMQ's
+/// own `x-death` uses three levels). Deeper headers make the task invalid
+/// (`headers_too_deep`), so no copy the system publishes carries them.
+pub const MAX_HEADER_DEPTH: usize = 32;
+
+/// The encoded size and the nesting depth of a header table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderShape {
+    /// Bytes on the wire, the table's own 4-byte length included.
+    pub bytes: usize,
+    /// 1 for a flat table, plus one per nested table or array.
+    pub depth: usize,
+}
+
+/// Measures `table` without recursion, so a hostile table nested thousands
+/// deep costs no stack.
+pub fn shape(table: &FieldTable) -> HeaderShape {
+    enum Item<'a> {
+        Table(&'a FieldTable, usize),
+        Value(&'a AMQPValue, usize),
+    }
+    let (mut bytes, mut depth) = (0usize, 0usize);
+    let mut stack = vec![Item::Table(table, 1)];
+    while let Some(item) = stack.pop() {
+        match item {
+            Item::Table(t, level) => {
+                depth = depth.max(level);
+                bytes += 4;
+                for (k, v) in t {
+                    bytes += 1 + k.as_str().len();
+                    stack.push(Item::Value(v, level));
+                }
+            }
+            Item::Value(v, level) => {
+                bytes += 1; // the type tag
+                bytes += match v {
+                    AMQPValue::Void => 0,
+                    AMQPValue::Boolean(_)
+                    | AMQPValue::ShortShortInt(_)
+                    | AMQPValue::ShortShortUInt(_) => 1,
+                    AMQPValue::ShortInt(_) | AMQPValue::ShortUInt(_) => 2,
+                    AMQPValue::LongInt(_) | AMQPValue::LongUInt(_) | AMQPValue::Float(_) => 4,
+                    AMQPValue::DecimalValue(_) => 5,
+                    AMQPValue::LongLongInt(_) | AMQPValue::Double(_) | AMQPValue::Timestamp(_) => 8,
+                    AMQPValue::ShortString(s) => 1 + s.as_str().len(),
+                    AMQPValue::LongString(s) => 4 + s.as_bytes().len(),
+                    AMQPValue::ByteArray(b) => 4 + b.as_slice().len(),
+                    AMQPValue::FieldArray(a) => {
+                        depth = depth.max(level + 1);
+                        stack.extend(a.as_slice().iter().map(|v| Item::Value(v, level + 1)));
+                        4
+                    }
+                    AMQPValue::FieldTable(t) => {
+                        stack.push(Item::Table(t, level + 1));
+                        0 // the nested table counts its own length
+                    }
+                };
+            }
+        }
+    }
+    HeaderShape { bytes, depth }
+}
+
+/// What makes `headers` unfit to carry, if anything: over
+/// [`MAX_HEADER_BYTES`] or nested deeper than [`MAX_HEADER_DEPTH`].
+pub fn unfit(headers: Option<&FieldTable>) -> Option<HeaderShape> {
+    let s = shape(headers?);
+    (s.bytes > MAX_HEADER_BYTES || s.depth > MAX_HEADER_DEPTH).then_some(s)
+}
+
 /// A header whose value is not what the contract allows.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("header {key}: {problem}")]
@@ -270,5 +351,87 @@ mod tests {
         set_str(&mut t, DEAD_REASON, "invalid");
         assert!(get_flag(Some(&t), REPUBLISHED));
         assert_eq!(get_str(Some(&t), DEAD_REASON).as_deref(), Some("invalid"));
+    }
+
+    /// The size the wire encoder writes, to check `encoded_len` against.
+    fn wire_len(t: &FieldTable) -> usize {
+        let buf = cookie_factory::gen_simple(
+            amq_protocol_types::generation::gen_field_table(t),
+            Vec::new(),
+        )
+        .expect("encodes");
+        buf.len()
+    }
+
+    #[test]
+    fn encoded_len_matches_the_wire_encoder_for_every_value_type() {
+        let mut inner = FieldTable::default();
+        inner.insert("deep".into(), AMQPValue::LongString("v".into()));
+        let values = vec![
+            AMQPValue::Void,
+            AMQPValue::Boolean(true),
+            AMQPValue::ShortShortInt(-1),
+            AMQPValue::ShortShortUInt(1),
+            AMQPValue::ShortInt(-2),
+            AMQPValue::ShortUInt(2),
+            AMQPValue::LongInt(-3),
+            AMQPValue::LongUInt(3),
+            AMQPValue::LongLongInt(-4),
+            AMQPValue::Float(1.5),
+            AMQPValue::Double(2.5),
+            AMQPValue::DecimalValue(amq_protocol_types::DecimalValue { scale: 2, value: 7 }),
+            AMQPValue::ShortString(ShortString::from("short")),
+            AMQPValue::LongString(LongString::from("long string")),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                AMQPValue::LongInt(1),
+                AMQPValue::FieldTable(inner.clone()),
+            ])),
+            AMQPValue::Timestamp(9),
+            AMQPValue::FieldTable(inner),
+            AMQPValue::ByteArray(vec![1u8, 2, 3].into()),
+        ];
+        let mut all = FieldTable::default();
+        for (i, v) in values.into_iter().enumerate() {
+            let one = table("k", v.clone());
+            assert_eq!(shape(&one).bytes, wire_len(&one), "{v:?}");
+            all.insert(format!("key-{i}").into(), v);
+        }
+        assert_eq!(shape(&all).bytes, wire_len(&all));
+        // The array holding a table is three levels deep.
+        assert_eq!(shape(&all).depth, 3);
+        assert_eq!(
+            shape(&FieldTable::default()),
+            HeaderShape { bytes: 4, depth: 1 }
+        );
+    }
+
+    #[test]
+    fn unfit_headers_are_measured_without_recursion() {
+        let mut t = FieldTable::default();
+        for _ in 0..100_000 {
+            let mut outer = FieldTable::default();
+            outer.insert("n".into(), AMQPValue::FieldTable(t));
+            t = outer;
+        }
+        // 100,000 levels of 4 (length) + 2 (key) + 1 (tag) bytes, plus the innermost table.
+        let deep = HeaderShape {
+            bytes: 100_000 * 7 + 4,
+            depth: 100_001,
+        };
+        assert_eq!(shape(&t), deep);
+        assert_eq!(unfit(Some(&t)), Some(deep));
+        // Dropping a table this deep recurses: leak it, as the worker never builds one.
+        std::mem::forget(t);
+        let small = table("x-custom", AMQPValue::LongString("kept".into()));
+        assert_eq!(unfit(Some(&small)), None);
+        assert_eq!(unfit(None), None);
+        let mut nested = small.clone();
+        for _ in 0..MAX_HEADER_DEPTH {
+            let mut outer = FieldTable::default();
+            outer.insert("n".into(), AMQPValue::FieldTable(nested));
+            nested = outer;
+        }
+        assert_eq!(shape(&nested).depth, MAX_HEADER_DEPTH + 1);
+        assert!(unfit(Some(&nested)).is_some(), "too deep though small");
     }
 }

@@ -9,6 +9,11 @@
 /// Longest routing key or binding key AMQP can carry (a short string).
 const MAX_KEY_BYTES: usize = 255;
 
+/// Longest task type, in bytes. Events are routed by `<state>.<task type>`
+/// and an AMQP routing key holds at most 255 bytes, so a type must leave
+/// room for the longest state word and its dot.
+pub const MAX_TYPE_BYTES: usize = 200;
+
 /// Placeholder word used in overlap examples where any word would do.
 const ANY_WORD: &str = "x";
 
@@ -71,9 +76,9 @@ pub fn is_valid_pattern(p: &str) -> Result<(), String> {
 }
 
 /// Whether `t` is a valid task type: non-empty words of `[A-Za-z0-9_-]`
-/// separated by `.`, no wildcards, at most 255 bytes.
+/// separated by `.`, no wildcards, at most [`MAX_TYPE_BYTES`].
 pub fn is_valid_task_type(t: &str) -> bool {
-    !t.is_empty() && t.len() <= MAX_KEY_BYTES && t.split('.').all(is_word)
+    !t.is_empty() && t.len() <= MAX_TYPE_BYTES && t.split('.').all(is_word)
 }
 
 /// Whether the topic `pattern` matches `task_type`, with RabbitMQ semantics
@@ -230,8 +235,10 @@ mod tests {
         assert!(!is_valid_task_type("diag..echo"));
         assert!(!is_valid_task_type(".diag"));
         assert!(!is_valid_task_type("diag echo"));
-        assert!(is_valid_task_type(&"a".repeat(255)));
-        assert!(!is_valid_task_type(&"a".repeat(256)));
+        assert!(is_valid_task_type(&"a".repeat(MAX_TYPE_BYTES)));
+        // Its events' routing keys would not fit AMQP's 255 bytes.
+        assert!(!is_valid_task_type(&"a".repeat(MAX_TYPE_BYTES + 1)));
+        assert!(!is_valid_task_type(&"a".repeat(255)));
     }
 
     #[test]

@@ -64,7 +64,8 @@ pub struct MessageMeta {
 #[error("invalid task ({code}): {message}")]
 pub struct InvalidTask {
     /// Short machine word: `content_type`, `content_encoding`, `too_large`,
-    /// `not_json`, `bad_header`, `bad_type`, `no_handler`.
+    /// `not_json`, `bad_header`, `bad_type`, `type_too_long`, `no_handler`,
+    /// `headers_too_large`, `headers_too_deep`.
     pub code: &'static str,
     /// What exactly is wrong.
     pub message: String,
@@ -78,6 +79,34 @@ impl InvalidTask {
             message: message.into(),
         }
     }
+}
+
+/// A task whose headers are over [`headers::MAX_HEADER_BYTES`] or nested
+/// deeper than [`headers::MAX_HEADER_DEPTH`] is invalid (`headers_too_large`,
+/// `headers_too_deep`): checked before anything re-publishes it.
+pub fn check_headers(h: Option<&FieldTable>) -> Result<(), InvalidTask> {
+    let Some(s) = headers::unfit(h) else {
+        return Ok(());
+    };
+    Err(if s.bytes > headers::MAX_HEADER_BYTES {
+        InvalidTask::new(
+            "headers_too_large",
+            format!(
+                "headers are {} bytes, the limit is {}",
+                s.bytes,
+                headers::MAX_HEADER_BYTES
+            ),
+        )
+    } else {
+        InvalidTask::new(
+            "headers_too_deep",
+            format!(
+                "headers are nested {} deep, the limit is {}",
+                s.depth,
+                headers::MAX_HEADER_DEPTH
+            ),
+        )
+    })
 }
 
 impl From<HeaderError> for InvalidTask {
@@ -163,6 +192,16 @@ impl TaskEnvelope {
                 format!(
                     "body is {} bytes, the limit is {max_body_bytes} (limits.max_body_bytes)",
                     body.len()
+                ),
+            ));
+        }
+        if task_type.len() > crate::routes::MAX_TYPE_BYTES {
+            return Err(InvalidTask::new(
+                "type_too_long",
+                format!(
+                    "task type is {} bytes, the limit is {}",
+                    task_type.len(),
+                    crate::routes::MAX_TYPE_BYTES
                 ),
             ));
         }

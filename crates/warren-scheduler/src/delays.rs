@@ -25,6 +25,7 @@ use warren_client::{
 };
 use warren_core::delay::{due_at_ms, next_hop, release_tiers, tiers, Hop, DUE_AT};
 use warren_core::event::{format_time, new_id, ErrorKind, EventErrorInfo};
+use warren_core::task::check_headers;
 use warren_core::{headers, DeadReason, Event, Names, TaskState};
 
 use crate::metrics::SchedulerMetrics;
@@ -124,7 +125,9 @@ impl Delays {
             due_ms: 0,
             headers: FieldTable::default(),
         };
-        let due = match due_at_ms(hdrs, now_ms(), self.max_delay_ms) {
+        let checked =
+            check_headers(hdrs).and_then(|()| due_at_ms(hdrs, now_ms(), self.max_delay_ms));
+        let due = match checked {
             Ok(due) => due,
             Err(invalid) => {
                 let mut ev = self.event(&w, TaskState::Dead);

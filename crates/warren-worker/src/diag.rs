@@ -20,12 +20,13 @@ pub fn register(r: &mut Registry) {
     r.register("diag.panic", Panic);
 }
 
-/// `diag.echo`: returns its arguments.
+/// `diag.echo`: returns its arguments, which must be an object.
 pub struct Echo;
 
 #[async_trait::async_trait]
 impl Handler for Echo {
     async fn handle(&self, ctx: TaskContext) -> Result<Value, TaskError> {
+        ctx.args_object()?;
         Ok(ctx.args)
     }
 }
@@ -82,7 +83,7 @@ pub struct Panic;
 impl Handler for Panic {
     async fn handle(&self, ctx: TaskContext) -> Result<Value, TaskError> {
         let msg = ctx
-            .args
+            .args_object()?
             .get("message")
             .and_then(Value::as_str)
             .unwrap_or("diag.panic")
@@ -113,6 +114,29 @@ mod tests {
     async fn echo_returns_args() {
         let v = json!({"a": [1, 2]});
         assert_eq!(Echo.handle(ctx("diag.echo", v.clone())).await.unwrap(), v);
+    }
+
+    #[tokio::test]
+    async fn every_diag_type_refuses_arguments_that_are_not_an_object() {
+        for t in ["diag.echo", "diag.sleep", "diag.fail", "diag.panic"] {
+            for args in [json!([1, 2, 3]), json!("a string"), json!(42), json!(null)] {
+                let mut r = Registry::new();
+                register(&mut r);
+                let e = r
+                    .get(t)
+                    .unwrap()
+                    .handle(ctx(t, args.clone()))
+                    .await
+                    .unwrap_err();
+                assert_eq!(e.code, "invalid_args", "{t} {args}");
+                assert!(!e.is_retryable(), "{t} {args}");
+                assert!(
+                    e.message.contains("must be a JSON object"),
+                    "{t}: {}",
+                    e.message
+                );
+            }
+        }
     }
 
     #[tokio::test]

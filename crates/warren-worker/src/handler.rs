@@ -66,8 +66,33 @@ impl Progress {
 impl TaskContext {
     /// Deserializes the arguments; failure is a permanent `invalid_args` error.
     pub fn args_as<T: DeserializeOwned>(&self) -> Result<T, TaskError> {
+        self.args_object()?;
         serde_json::from_value(self.args.clone())
             .map_err(|e| TaskError::invalid_args(format!("arguments of {}: {e}", self.task_type)))
+    }
+
+    /// The arguments as a JSON object, as every built-in handler takes them;
+    /// anything else is a permanent `invalid_args` failure.
+    pub fn args_object(&self) -> Result<&serde_json::Map<String, Value>, TaskError> {
+        self.args.as_object().ok_or_else(|| {
+            TaskError::invalid_args(format!(
+                "arguments of {} must be a JSON object, got {}",
+                self.task_type,
+                json_kind(&self.args)
+            ))
+        })
+    }
+}
+
+/// "an array", "a string", ...: how a JSON value is named in an error.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 

@@ -25,7 +25,7 @@ use warren_core::delay::DUE_AT;
 use warren_core::event::{
     cap_result, format_time, new_id, ErrorKind, EventErrorInfo, ProgressInfo,
 };
-use warren_core::task::{task_type_of, InvalidTask, MessageMeta};
+use warren_core::task::{check_headers, task_type_of, InvalidTask, MessageMeta};
 use warren_core::{headers, Config, DeadReason, Event, Names, TaskEnvelope, TaskState};
 
 use crate::handler::ProgressReport;
@@ -374,6 +374,17 @@ async fn process(
             sh.routing_exchanges[1].as_str(),
         ],
     );
+    if let Err(invalid) = check_headers(meta.headers.as_ref()) {
+        // Checked before anything re-publishes the message: with the
+        // system's headers added, a copy would no longer fit in a frame.
+        let id = meta.message_id.clone().unwrap_or_else(new_id);
+        let r = park_invalid(
+            sh, session, queue, &delivery, &meta, &task_type, &id, &invalid,
+        )
+        .await;
+        finish(&delivery, r.map(|_| ()), &id).await;
+        return;
+    }
     let Some(task_id) = meta.message_id.clone() else {
         // No id: re-publish a copy carrying one, so every event and every
         // redelivery of this task reports the same id.
@@ -603,27 +614,10 @@ async fn run_task(
     let (task, handler) = match parsed {
         Ok(x) => x,
         Err(invalid) => {
-            info!(code = invalid.code, "invalid task: {}", invalid.message);
-            let mut ev = base(TaskState::Dead, 0);
-            ev.reason = Some(DeadReason::Invalid.as_str().into());
-            ev.error = Some(EventErrorInfo {
-                kind: ErrorKind::Permanent,
-                code: invalid.code.into(),
-                message: invalid.message.clone(),
-            });
-            let r = park(
-                out,
-                delivery,
-                meta,
-                queue,
-                DeadReason::Invalid,
-                &invalid.message,
-                &ev,
+            return park_invalid(
+                sh, session, queue, delivery, meta, task_type, task_id, &invalid,
             )
-            .await?;
-            sh.metrics
-                .dead(sh.label(task_type), DeadReason::Invalid.as_str(), None);
-            return Ok(r);
+            .await;
         }
     };
     tracing::Span::current().record("attempt", task.attempt);
@@ -773,6 +767,42 @@ async fn run_task(
             Ok(r)
         }
     }
+}
+
+/// Parks a message that is not a valid task: `dead` with reason `invalid`
+/// and the problem's code, no attempt started.
+#[allow(clippy::too_many_arguments)]
+async fn park_invalid(
+    sh: &Shared,
+    session: &Session,
+    queue: &str,
+    delivery: &Delivery,
+    meta: &MessageMeta,
+    task_type: &str,
+    task_id: &str,
+    invalid: &InvalidTask,
+) -> Result<Disposition, ClientError> {
+    info!(code = invalid.code, "invalid task: {}", invalid.message);
+    let mut ev = new_event(sh, queue, task_id, task_type, TaskState::Dead, 0);
+    ev.reason = Some(DeadReason::Invalid.as_str().into());
+    ev.error = Some(EventErrorInfo {
+        kind: ErrorKind::Permanent,
+        code: invalid.code.into(),
+        message: invalid.message.clone(),
+    });
+    let r = park(
+        &session.outbox,
+        delivery,
+        meta,
+        queue,
+        DeadReason::Invalid,
+        &invalid.message,
+        &ev,
+    )
+    .await?;
+    sh.metrics
+        .dead(sh.label(task_type), DeadReason::Invalid.as_str(), None);
+    Ok(r)
 }
 
 /// Parks a task in `P.dead`, emits its `dead` event (and the reply), and

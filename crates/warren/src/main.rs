@@ -6,7 +6,23 @@ mod shutdown;
 
 use clap::Parser;
 
+/// Stack for every thread of the process (unless `RUST_MIN_STACK` is set).
+/// lapin parses an AMQP header table recursively on its own thread, and a
+/// publisher may send one nested as deep as a frame allows (about 18,700
+/// levels in RabbitMQ's 128 KiB frames), which needs between 32 and 64 MiB
+/// in a release build and far more in a debug build. Pages are only
+/// reserved: a thread uses memory for the depth it actually reaches.
+const THREAD_STACK_BYTES: usize = if cfg!(debug_assertions) {
+    1 << 30
+} else {
+    256 << 20
+};
+
 fn main() {
+    // Before any thread starts: the standard library reads it once.
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        std::env::set_var("RUST_MIN_STACK", THREAD_STACK_BYTES.to_string());
+    }
     let cli = cli::Cli::parse();
     init_logging(&cli);
     let runtime = match tokio::runtime::Runtime::new() {
