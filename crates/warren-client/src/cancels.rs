@@ -15,7 +15,6 @@ use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
-use rand::Rng;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +23,7 @@ use warren_core::config::BrokerUrl;
 use warren_core::event::new_id;
 use warren_core::Names;
 
+use crate::reconnect::Reconnect;
 use crate::{connect, ClientError, ConfirmChannel};
 
 /// The cancelled task ids this process knows, and the tokens of tasks it runs.
@@ -93,29 +93,27 @@ impl CancelSet {
         }
     }
 
-    /// Follows `P.cancels` until `shutdown`, reconnecting with backoff.
-    /// `ready` fires once every cancel published before the call is known
-    /// (or after a bounded wait, if the broker is slow).
+    /// Follows `P.cancels` until `shutdown`, reconnecting with backoff of at
+    /// most `max_backoff`. `ready` fires once every cancel published before
+    /// the call is known (or after a bounded wait, if the broker is slow).
     pub async fn follow(
         &self,
         url: BrokerUrl,
         names: Names,
+        max_backoff: Duration,
         shutdown: CancellationToken,
         ready: oneshot::Sender<()>,
     ) {
         let mut ready = Some(ready);
-        let mut backoff = Duration::from_millis(100);
-        while !shutdown.is_cancelled() {
-            match self.follow_once(&url, &names, &shutdown, &mut ready).await {
+        let mut retry = Reconnect::new("cancel stream", max_backoff);
+        while retry.ready(&shutdown).await {
+            match self
+                .follow_once(&url, &names, &shutdown, &mut ready, &mut retry)
+                .await
+            {
                 Ok(()) => return,
-                Err(e) => warn!(error = %e, "cancel stream lost; reconnecting"),
+                Err(e) => retry.lost(&e),
             }
-            let jittered = rand::thread_rng().gen_range(backoff / 2..=backoff);
-            tokio::select! {
-                _ = tokio::time::sleep(jittered) => {}
-                _ = shutdown.cancelled() => return,
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
         }
     }
 
@@ -125,6 +123,7 @@ impl CancelSet {
         names: &Names,
         shutdown: &CancellationToken,
         ready: &mut Option<oneshot::Sender<()>>,
+        retry: &mut Reconnect,
     ) -> Result<(), ClientError> {
         let amqp = |what: &'static str| {
             move |source| ClientError::Amqp {
@@ -151,6 +150,7 @@ impl CancelSet {
             )
             .await
             .map_err(amqp("consume the cancel stream"))?;
+        retry.up();
         let marker = new_id();
         if ready.is_some() {
             let pc = ConfirmChannel::open(&conn).await?;

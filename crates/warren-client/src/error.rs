@@ -47,7 +47,8 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    pub(crate) fn amqp(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> ClientError {
+    /// Wraps a lapin error with what was being done: `.map_err(ClientError::amqp("set prefetch"))`.
+    pub fn amqp(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> ClientError {
         let what = what.into();
         move |source| ClientError::Amqp { what, source }
     }

@@ -13,6 +13,7 @@ mod connect;
 pub mod dead;
 mod error;
 mod outbox;
+pub mod reconnect;
 mod request;
 mod watch;
 

@@ -41,6 +41,7 @@ use lapin::{BasicProperties, Connection, Consumer, PublisherConfirm};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use warren_client::reconnect::Reconnect;
 use warren_client::{connect, process_identity, ClientError, ConfirmChannel};
 use warren_core::config::{ConfigIssue, CronConfig, MissedFires};
 use warren_core::{Config, ConfigError, Names};
@@ -57,9 +58,6 @@ pub const LATE_GRACE: TimeDelta = TimeDelta::seconds(10);
 /// First and largest wait between tries to take the leader lock.
 const LOCK_RETRY_FIRST: Duration = Duration::from_millis(200);
 const LOCK_RETRY_MAX: Duration = Duration::from_secs(1);
-
-/// First wait before reconnecting; the largest is `worker.reconnect_max_ms`.
-const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 
 /// The leader reads the wall clock at least this often, so a clock that
 /// jumps is noticed.
@@ -272,19 +270,13 @@ pub(crate) async fn run_counted(
         metrics,
     };
     let mut fired = Fired::new();
-    let max = Duration::from_millis(service.config.worker.reconnect_max_ms.max(100));
-    let mut backoff = RECONNECT_FIRST;
-    while !shutdown.is_cancelled() {
-        match service.session(&mut fired, &shutdown, &mut backoff).await {
+    let max = Duration::from_millis(service.config.worker.reconnect_max_ms);
+    let mut retry = Reconnect::new("cron", max);
+    while retry.ready(&shutdown).await {
+        match service.session(&mut fired, &shutdown, &mut retry).await {
             Ok(()) => break,
-            Err(e) => warn!(error = %e, retry_in = ?backoff, "cron lost the broker"),
+            Err(e) => retry.lost(&e),
         }
-        let jittered = rand::thread_rng().gen_range(backoff / 2..=backoff);
-        tokio::select! {
-            _ = tokio::time::sleep(jittered) => {}
-            _ = shutdown.cancelled() => break,
-        }
-        backoff = (backoff * 2).min(max);
     }
     info!("cron stopped");
     Ok(())
@@ -318,7 +310,7 @@ impl CronService {
         &self,
         fired: &mut Fired,
         shutdown: &CancellationToken,
-        backoff: &mut Duration,
+        retry: &mut Reconnect,
     ) -> Result<(), SessionError> {
         let url = &self.config.broker.url;
         let timeout = Duration::from_millis(self.config.broker.connect_timeout_ms);
@@ -328,7 +320,7 @@ impl CronService {
                 url: url.redacted(),
                 timeout,
             })??;
-        *backoff = RECONNECT_FIRST;
+        retry.up();
         let result = match self.campaign(&conn, shutdown).await {
             Ok(Some(lock)) => {
                 self.metrics.cron_leader(true);

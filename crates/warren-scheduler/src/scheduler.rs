@@ -8,10 +8,10 @@ use tokio::sync::Semaphore;
 use futures::stream::{select_all, StreamExt};
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::info;
+use warren_client::reconnect::Reconnect;
 use warren_client::{connect, process_identity, CancelSet, ClientError, ConfirmChannel, Outbox};
 use warren_core::Config;
 
@@ -82,6 +82,7 @@ impl Scheduler {
 
     /// Runs until `shutdown`, reconnecting with backoff when the broker goes away.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), SchedulerError> {
+        let max_backoff = Duration::from_millis(self.config.worker.reconnect_max_ms);
         let cancels = CancelSet::new();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let follower = {
@@ -89,7 +90,11 @@ impl Scheduler {
             let url = self.config.broker.url.clone();
             let names = self.config.names();
             let shutdown = shutdown.clone();
-            tokio::spawn(async move { cancels.follow(url, names, shutdown, ready_tx).await })
+            tokio::spawn(async move {
+                cancels
+                    .follow(url, names, max_backoff, shutdown, ready_tx)
+                    .await
+            })
         };
         tokio::select! {
             r = ready_rx => if r.is_ok() { self.metrics.link.cancels_known() },
@@ -104,24 +109,17 @@ impl Scheduler {
         let cron =
             crate::cron::run_counted(self.config.clone(), shutdown.clone(), self.metrics.clone());
         let main = async {
-            let max = Duration::from_millis(self.config.worker.reconnect_max_ms.max(100));
-            let mut backoff = Duration::from_millis(100);
-            while !shutdown.is_cancelled() {
-                let r = self.session(&delays, &shutdown).await;
+            let mut retry = Reconnect::new("scheduler", max_backoff);
+            while retry.ready(&shutdown).await {
+                let r = self.session(&delays, &shutdown, &mut retry).await;
                 self.metrics.link.consuming(false);
                 match r {
                     Ok(()) => break,
                     Err(e) => {
                         self.metrics.link.reconnect();
-                        warn!(error = %e, retry_in = ?backoff, "scheduler lost the broker");
+                        retry.lost(&e);
                     }
                 }
-                let jittered = rand::thread_rng().gen_range(backoff / 2..=backoff);
-                tokio::select! {
-                    _ = tokio::time::sleep(jittered) => {}
-                    _ = shutdown.cancelled() => break,
-                }
-                backoff = (backoff * 2).min(max);
             }
         };
         let main = async {
@@ -147,6 +145,7 @@ impl Scheduler {
         &self,
         delays: &Delays,
         shutdown: &CancellationToken,
+        retry: &mut Reconnect,
     ) -> Result<(), ClientError> {
         let names = self.config.names();
         let conn = connect(&self.config.broker.url, "scheduler").await?;
@@ -182,6 +181,7 @@ impl Scheduler {
         }
         let mut deliveries = select_all(consumers);
         info!("scheduler consuming its intake queues");
+        retry.up();
         self.metrics.link.consuming(true);
         // Tasks in their final second; stopped (left unacknowledged) when the
         // session ends, so the broker redelivers them to the next scheduler.

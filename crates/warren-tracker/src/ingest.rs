@@ -13,9 +13,9 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, ExchangeKind};
-use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use warren_client::reconnect::Reconnect;
 
 use crate::record::IncomingEvent;
 use crate::tracker::{amqp, tracker_queue, Shared, TrackerError};
@@ -31,28 +31,20 @@ const WRITE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Consumes until `shutdown`, reconnecting with backoff when the broker goes away.
 pub(crate) async fn consume(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let max_backoff = Duration::from_millis(shared.config.worker.reconnect_max_ms.max(100));
-    let mut backoff = Duration::from_millis(100);
-    while !shutdown.is_cancelled() {
-        let mut attached = false;
-        let outcome = session(&shared, &shutdown, &mut attached).await;
+    let max_backoff = Duration::from_millis(shared.config.worker.reconnect_max_ms);
+    let mut retry = Reconnect::new("tracker", max_backoff);
+    while retry.ready(&shutdown).await {
+        let outcome = session(&shared, &shutdown, &mut retry).await;
         shared.consuming.store(false, Ordering::Relaxed);
         match outcome {
             Ok(()) => break,
             Err(e) => {
-                if attached {
-                    backoff = Duration::from_millis(100);
+                if retry.was_up() {
                     shared.metrics.reconnect();
                 }
-                warn!(error = %e, retry_in = ?backoff, "tracker lost the broker; reconnecting");
+                retry.lost(&e);
             }
         }
-        let jittered = rand::thread_rng().gen_range(backoff / 2..=backoff);
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(jittered) => {}
-        }
-        backoff = (backoff * 2).min(max_backoff);
     }
 }
 
@@ -98,7 +90,7 @@ async fn declare(ch: &Channel, shared: &Shared) -> Result<(String, u32), Tracker
 async fn session(
     shared: &Shared,
     shutdown: &CancellationToken,
-    attached: &mut bool,
+    retry: &mut Reconnect,
 ) -> Result<(), TrackerError> {
     let cfg = &shared.config.tracker;
     let conn = warren_client::connect(&shared.config.broker.url, "tracker").await?;
@@ -126,7 +118,7 @@ async fn session(
         .map_err(amqp(format!("consume {queue}")))?;
     shared.metrics.backlog(u64::from(backlog));
     shared.consuming.store(true, Ordering::Relaxed);
-    *attached = true;
+    retry.up();
     info!(queue = %queue, backlog, "tracker consuming events");
 
     let batch_wait = Duration::from_millis(cfg.batch_max_ms);

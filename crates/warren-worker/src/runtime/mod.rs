@@ -1,0 +1,245 @@
+//! Consuming, running and acknowledging: the worker's main loop.
+//!
+//! - this module: the worker, its reconnect loop, the consume loop and the
+//!   drain at shutdown;
+//! - [`session`]: one connection's channels and consumers;
+//! - [`attempt`]: one delivery from triage to its ack, and what each
+//!   outcome confirms first;
+//! - [`slots`]: the concurrency a running task holds;
+//! - [`progress`]: a running task's `progress` events.
+
+mod attempt;
+mod progress;
+mod session;
+mod slots;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use warren_client::reconnect::Reconnect;
+use warren_client::{process_identity, CancelSet};
+use warren_core::{Config, Names};
+
+use crate::metrics::WorkerMetrics;
+use crate::Registry;
+use attempt::Attempt;
+use session::{Deliveries, Session};
+use slots::Slot;
+
+/// Why a worker stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The configuration names no queue to consume.
+    #[error("worker has no queues to consume: set worker.queues or add [[queues]]")]
+    NoQueues,
+}
+
+/// Runs handlers for tasks from the configured work queues.
+pub struct Worker {
+    shared: Arc<Shared>,
+}
+
+/// What every attempt of this worker reads.
+struct Shared {
+    config: Arc<Config>,
+    names: Names,
+    registry: Registry,
+    identity: String,
+    /// `(short name, full name)` of each queue consumed.
+    queues: Vec<(String, String)>,
+    routing_exchanges: [String; 2],
+    cancels: CancelSet,
+    /// Semaphores of the types capped by `worker.type_concurrency`.
+    type_caps: BTreeMap<String, Arc<Semaphore>>,
+    metrics: Arc<WorkerMetrics>,
+}
+
+impl Shared {
+    /// The type as a metrics label: types without a handler share one label,
+    /// so hostile routing keys cannot grow the metrics without bound.
+    fn label<'a>(&self, task_type: &'a str) -> &'a str {
+        if self.registry.get(task_type).is_some() {
+            task_type
+        } else {
+            "_unregistered"
+        }
+    }
+}
+
+/// Running tasks and how to stop them, across sessions.
+struct Running {
+    tracker: TaskTracker,
+    abort: CancellationToken,
+    permits: Arc<Semaphore>,
+}
+
+impl Worker {
+    /// A worker for `config`, running the handlers of `registry`.
+    pub fn new(config: Config, registry: Registry) -> Result<Self, WorkerError> {
+        let names = config.names();
+        let queues: Vec<(String, String)> = config
+            .worker_queues()
+            .into_iter()
+            .map(|q| (q.name.clone(), names.work_queue(&q.name)))
+            .collect();
+        if queues.is_empty() {
+            return Err(WorkerError::NoQueues);
+        }
+        let routing_exchanges = [names.tasks(), names.unroutable()];
+        let config_concurrency = config.worker.concurrency;
+        let type_caps = config
+            .worker
+            .type_concurrency
+            .iter()
+            .map(|(t, &n)| (t.clone(), Arc::new(Semaphore::new(n))))
+            .collect();
+        Ok(Worker {
+            shared: Arc::new(Shared {
+                config: Arc::new(config),
+                names,
+                registry,
+                identity: process_identity(),
+                queues,
+                routing_exchanges,
+                cancels: CancelSet::new(),
+                type_caps,
+                metrics: Arc::new(WorkerMetrics::new(config_concurrency)),
+            }),
+        })
+    }
+
+    /// What this worker reports on `/metrics` and `/readyz`.
+    pub fn probe(&self) -> Arc<dyn warren_ops::Probe> {
+        self.shared.metrics.clone()
+    }
+
+    /// Consumes until `shutdown` is cancelled, reconnecting with backoff when
+    /// the broker goes away, then drains: running tasks get the grace period
+    /// to finish; the rest are aborted and returned unacknowledged.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let sh = &self.shared;
+        let max_backoff = Duration::from_millis(sh.config.worker.reconnect_max_ms);
+        // Know every cancel published so far before taking a task.
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let follower = {
+            let cancels = sh.cancels.clone();
+            let (url, names, stop) = (
+                sh.config.broker.url.clone(),
+                sh.names.clone(),
+                shutdown.clone(),
+            );
+            tokio::spawn(async move {
+                cancels
+                    .follow(url, names, max_backoff, stop, ready_tx)
+                    .await
+            })
+        };
+        tokio::select! {
+            r = ready_rx => if r.is_ok() { sh.metrics.link.cancels_known() },
+            _ = shutdown.cancelled() => {}
+        }
+        let running = Running {
+            tracker: TaskTracker::new(),
+            abort: CancellationToken::new(),
+            permits: Arc::new(Semaphore::new(sh.config.worker.concurrency)),
+        };
+        // Kept alive until the drain is over: dropping the consumers or the
+        // channel would return running tasks to the queue before they ack.
+        let mut kept: Option<(Arc<Session>, Deliveries)> = None;
+        let mut retry = Reconnect::new("worker", max_backoff);
+        while retry.ready(&shutdown).await {
+            let (session, mut stream) = match Session::open(sh).await {
+                Ok(opened) => opened,
+                Err(e) => {
+                    retry.lost(&e);
+                    continue;
+                }
+            };
+            retry.up();
+            sh.metrics.link.consuming(true);
+            let session = Arc::new(session);
+            info!(
+                queues = ?sh.queues.iter().map(|q| &q.0).collect::<Vec<_>>(),
+                concurrency = sh.config.worker.concurrency,
+                prefetch = sh.config.worker.prefetch,
+                "worker consuming"
+            );
+            let ended = self
+                .consume(&session, &mut stream, &shutdown, &running)
+                .await;
+            sh.metrics.link.consuming(false);
+            if shutdown.is_cancelled() {
+                kept = Some((session, stream));
+                break;
+            }
+            sh.metrics.link.reconnect();
+            retry.lost(&format!("connection lost: {ended}"));
+        }
+        self.drain(running, kept).await;
+        let _ = follower.await;
+        Ok(())
+    }
+
+    async fn drain(&self, running: Running, kept: Option<(Arc<Session>, Deliveries)>) {
+        if let Some((s, _)) = &kept {
+            s.stop_consuming().await;
+        }
+        let Running { tracker, abort, .. } = running;
+        let grace = Duration::from_millis(self.shared.config.worker.grace_period_ms);
+        tracker.close();
+        if !tracker.is_empty() {
+            info!(running = tracker.len(), ?grace, "draining running tasks");
+        }
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            warn!(
+                running = tracker.len(),
+                "grace period over: aborting running tasks, returning them unacknowledged"
+            );
+            abort.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+        }
+        if let Some((s, stream)) = kept {
+            drop(stream);
+            s.close().await;
+        }
+        info!("worker stopped");
+    }
+
+    /// Takes deliveries until the connection dies (returns why) or shutdown.
+    async fn consume(
+        &self,
+        session: &Arc<Session>,
+        stream: &mut Deliveries,
+        shutdown: &CancellationToken,
+        running: &Running,
+    ) -> String {
+        loop {
+            let permit = tokio::select! {
+                p = running.permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                _ = shutdown.cancelled() => return "shutdown".into(),
+            };
+            let next = tokio::select! {
+                n = stream.next() => n,
+                _ = shutdown.cancelled() => return "shutdown".into(),
+            };
+            let (queue, delivery) = match next {
+                None => return "consumers ended".into(),
+                Some((_, Err(e))) => return e.to_string(),
+                Some((q, Ok(d))) => (q, d),
+            };
+            let shared = self.shared.clone();
+            let session = session.clone();
+            let abort = running.abort.clone();
+            let slot = Slot::new(running.permits.clone(), permit);
+            running.tracker.spawn(async move {
+                Attempt::run(&shared, &session, &queue, delivery, &abort, slot).await;
+            });
+        }
+    }
+}
