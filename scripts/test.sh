@@ -22,6 +22,9 @@ ensure_compose
 step "docker-compose config"
 docker-compose -f docker-compose.yml config -q
 
+step "doc links"
+scripts/check-links.sh
+
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
 
