@@ -53,11 +53,11 @@ async fn call_through_direct_reply_to_returns_the_final_event() {
     env.up(&[]);
     let ev = env
         .client
-        .call(&TaskRequest::new("diag.echo", json!([1, 2, 3])), T)
+        .call(&TaskRequest::new("diag.echo", json!({"n": [1, 2, 3]})), T)
         .await
         .unwrap();
     assert_eq!(ev.state, TaskState::Succeeded);
-    assert_eq!(ev.result, Some(json!([1, 2, 3])));
+    assert_eq!(ev.result, Some(json!({"n": [1, 2, 3]})));
     let ev = env
         .client
         .call(

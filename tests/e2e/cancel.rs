@@ -86,7 +86,7 @@ async fn a_running_task_is_aborted_and_the_worker_lives_on() {
     assert_eq!(final_event(&got[&id]).attempt, 1);
     let ok = env
         .client
-        .call(&TaskRequest::new("diag.echo", json!(1)), T)
+        .call(&TaskRequest::new("diag.echo", json!({"n": 1})), T)
         .await
         .unwrap();
     assert_eq!(ok.state, TaskState::Succeeded);

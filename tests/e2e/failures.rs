@@ -118,7 +118,7 @@ async fn a_panicking_handler_is_a_failure_and_the_worker_lives_on() {
     assert!(err.message.contains("kaboom"));
     let ok = env
         .client
-        .call(&TaskRequest::new("diag.echo", json!(1)), T)
+        .call(&TaskRequest::new("diag.echo", json!({"n": 1})), T)
         .await
         .unwrap();
     assert_eq!(ok.state, TaskState::Succeeded);
@@ -155,7 +155,7 @@ async fn a_handler_over_its_time_limit_fails_with_timeout_and_the_worker_lives_o
     // The single slot is free again.
     let ok = env
         .client
-        .call(&TaskRequest::new("diag.echo", json!(2)), T)
+        .call(&TaskRequest::new("diag.echo", json!({"n": 2})), T)
         .await
         .unwrap();
     assert_eq!(ok.state, TaskState::Succeeded);

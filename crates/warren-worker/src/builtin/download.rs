@@ -452,6 +452,7 @@ impl Sink {
 /// Asks the kernel to start writing a block to disk now, without waiting,
 /// so the fsync before the rename finds little left to write (Linux; a
 /// no-op elsewhere).
+#[allow(unsafe_code)] // the workspace's one exception: see the SAFETY note
 fn start_writeback(file: &std::fs::File, offset: u64, len: usize) {
     #[cfg(target_os = "linux")]
     {
