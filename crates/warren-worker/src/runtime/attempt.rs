@@ -397,7 +397,7 @@ impl<'a> Attempt<'a> {
                     &self.delivery.properties,
                     id,
                     &self.task_type,
-                    task.attempt + 1,
+                    task.attempt.saturating_add(1),
                     delay,
                     &err.to_string(),
                 )
