@@ -60,12 +60,11 @@ impl Config {
                 format!("{} is out of range: must be 1..=64", b.pool_size),
             );
         }
-        if b.connect_timeout_ms == 0 {
-            issues.add(
-                "broker.connect_timeout_ms",
-                "0 would give up at once: set it above 0, for example 5000",
-            );
-        }
+        issues.above_zero(
+            "broker.connect_timeout_ms",
+            b.connect_timeout_ms,
+            "0 would give up at once: set it above 0, for example 5000",
+        );
     }
 }
 

@@ -150,24 +150,21 @@ impl Config {
                 ),
             );
         }
-        if h.timeout_ms == 0 {
-            issues.add(
-                "http.timeout_ms",
-                "0 would time out every request: set it above 0, for example 30000",
-            );
-        }
-        if h.connect_timeout_ms == 0 {
-            issues.add(
-                "http.connect_timeout_ms",
-                "0 would time out every connection: set it above 0, for example 10000",
-            );
-        }
-        if h.max_response_bytes == 0 {
-            issues.add(
-                "http.max_response_bytes",
-                "0 would cut every response body: set it above 0, for example 32768",
-            );
-        } else if self.limits.max_result_bytes > 0
+        issues.above_zero(
+            "http.timeout_ms",
+            h.timeout_ms,
+            "0 would time out every request: set it above 0, for example 30000",
+        );
+        issues.above_zero(
+            "http.connect_timeout_ms",
+            h.connect_timeout_ms,
+            "0 would time out every connection: set it above 0, for example 10000",
+        );
+        if issues.above_zero(
+            "http.max_response_bytes",
+            h.max_response_bytes,
+            "0 would cut every response body: set it above 0, for example 32768",
+        ) && self.limits.max_result_bytes > 0
             && h.max_response_bytes > self.limits.max_result_bytes
         {
             issues.add(
@@ -180,12 +177,11 @@ impl Config {
                 ),
             );
         }
-        if h.max_file_bytes == 0 {
-            issues.add(
-                "http.max_file_bytes",
-                "0 would refuse every transfer: set it above 0, for example 10737418240 (10 GiB)",
-            );
-        }
+        issues.above_zero(
+            "http.max_file_bytes",
+            h.max_file_bytes,
+            "0 would refuse every transfer: set it above 0, for example 10737418240 (10 GiB)",
+        );
     }
 }
 

@@ -59,6 +59,22 @@ impl Issues {
         });
     }
 
+    /// The check behind every "must be above 0" rule: adds `problem` under
+    /// `key` when `value` is 0. Returns whether `value` is above 0, so that
+    /// a further check of the same key can follow with `&&`.
+    pub(super) fn above_zero<T: PartialEq + From<u8>>(
+        &mut self,
+        key: impl AsRef<str>,
+        value: T,
+        problem: &str,
+    ) -> bool {
+        let above = value != T::from(0);
+        if !above {
+            self.add(key, problem);
+        }
+        above
+    }
+
     /// Every issue added, or none.
     pub(super) fn finish(self) -> Result<(), ConfigError> {
         if self.0.is_empty() {

@@ -29,12 +29,12 @@ impl Default for LimitsConfig {
 impl Config {
     pub(super) fn check_limits(&self, issues: &mut Issues) {
         let l = &self.limits;
-        if l.max_body_bytes == 0 {
-            issues.add(
-                "limits.max_body_bytes",
-                "0 would reject every task: set it above 0, for example 10485760 (10 MiB)",
-            );
-        } else if l.max_body_bytes > MAX_BODY_LIMIT {
+        if issues.above_zero(
+            "limits.max_body_bytes",
+            l.max_body_bytes,
+            "0 would reject every task: set it above 0, for example 10485760 (10 MiB)",
+        ) && l.max_body_bytes > MAX_BODY_LIMIT
+        {
             issues.add(
                 "limits.max_body_bytes",
                 format!(
@@ -44,12 +44,11 @@ impl Config {
                 ),
             );
         }
-        if l.max_result_bytes == 0 {
-            issues.add(
-                "limits.max_result_bytes",
-                "0 would truncate every result: set it above 0, for example 65536 (64 KiB)",
-            );
-        }
+        issues.above_zero(
+            "limits.max_result_bytes",
+            l.max_result_bytes,
+            "0 would truncate every result: set it above 0, for example 65536 (64 KiB)",
+        );
     }
 }
 

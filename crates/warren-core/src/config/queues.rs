@@ -154,12 +154,11 @@ impl Config {
             } else {
                 first_with_name.insert(&q.name, i);
             }
-            if q.max_priority == 0 {
-                issues.add(
-                    format!("queues[{i}].max_priority"),
-                    "0 is out of range: must be 1..=255 (RabbitMQ limit)",
-                );
-            }
+            issues.above_zero(
+                format!("queues[{i}].max_priority"),
+                q.max_priority,
+                "0 is out of range: must be 1..=255 (RabbitMQ limit)",
+            );
             if q.default {
                 match first_default {
                     Some(first) => issues.add(

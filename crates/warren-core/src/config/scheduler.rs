@@ -140,27 +140,24 @@ impl Config {
             true,
         );
         let s = &self.scheduler;
-        if s.max_delay_ms == 0 {
-            issues.add(
-                "scheduler.max_delay_ms",
-                "0 would reject every delayed task: set it above 0, for example 315576000000 \
-                 (10 years)",
-            );
-        }
-        if s.poison_redeliveries == 0 {
-            issues.add(
-                "scheduler.poison_redeliveries",
-                "0 would park a task after a single worker crash: set it to at least 1, \
-                 for example 5",
-            );
-        }
-        if s.cancel_ttl_ms == 0 {
-            issues.add(
-                "scheduler.cancel_ttl_ms",
-                "0 would forget cancel requests at once: set it above 0, for example \
-                 86400000 (24 hours)",
-            );
-        }
+        issues.above_zero(
+            "scheduler.max_delay_ms",
+            s.max_delay_ms,
+            "0 would reject every delayed task: set it above 0, for example 315576000000 \
+             (10 years)",
+        );
+        issues.above_zero(
+            "scheduler.poison_redeliveries",
+            s.poison_redeliveries,
+            "0 would park a task after a single worker crash: set it to at least 1, \
+             for example 5",
+        );
+        issues.above_zero(
+            "scheduler.cancel_ttl_ms",
+            s.cancel_ttl_ms,
+            "0 would forget cancel requests at once: set it above 0, for example \
+             86400000 (24 hours)",
+        );
     }
 
     pub(super) fn check_cron(&self, issues: &mut Issues) {

@@ -80,13 +80,12 @@ impl Config {
                 ),
             );
         }
-        if t.retention_ms == 0 {
-            issues.add(
-                "tracker.retention_ms",
-                "0 would delete every task at once: set it above 0, for example 604800000 \
-                 (7 days)",
-            );
-        }
+        issues.above_zero(
+            "tracker.retention_ms",
+            t.retention_ms,
+            "0 would delete every task at once: set it above 0, for example 604800000 \
+             (7 days)",
+        );
         check_listen(issues, "tracker.listen", &t.listen, "8089", false);
         if !(1..=MAX_TRACKER_BATCH).contains(&t.batch_max_events) {
             issues.add(
@@ -97,18 +96,16 @@ impl Config {
                 ),
             );
         }
-        if t.batch_max_ms == 0 {
-            issues.add(
-                "tracker.batch_max_ms",
-                "0 would write every event alone: set it above 0, for example 50",
-            );
-        }
-        if t.max_result_bytes == 0 {
-            issues.add(
-                "tracker.max_result_bytes",
-                "0 would keep no result: set it above 0, for example 16384 (16 KiB)",
-            );
-        }
+        issues.above_zero(
+            "tracker.batch_max_ms",
+            t.batch_max_ms,
+            "0 would write every event alone: set it above 0, for example 50",
+        );
+        issues.above_zero(
+            "tracker.max_result_bytes",
+            t.max_result_bytes,
+            "0 would keep no result: set it above 0, for example 16384 (16 KiB)",
+        );
     }
 }
 

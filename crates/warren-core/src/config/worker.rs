@@ -73,18 +73,17 @@ impl Config {
                 );
             }
         }
-        if w.concurrency == 0 {
-            issues.add(
-                "worker.concurrency",
-                "0 would run no task: set it to at least 1",
-            );
-        }
-        if w.prefetch == 0 {
-            issues.add(
-                "worker.prefetch",
-                "0 means unlimited deliveries in AMQP: set it to at least worker.concurrency",
-            );
-        } else if usize::from(w.prefetch) < w.concurrency {
+        issues.above_zero(
+            "worker.concurrency",
+            w.concurrency,
+            "0 would run no task: set it to at least 1",
+        );
+        if issues.above_zero(
+            "worker.prefetch",
+            w.prefetch,
+            "0 means unlimited deliveries in AMQP: set it to at least worker.concurrency",
+        ) && usize::from(w.prefetch) < w.concurrency
+        {
             issues.add(
                 "worker.prefetch",
                 format!(
@@ -95,18 +94,16 @@ impl Config {
                 ),
             );
         }
-        if w.task_timeout_ms == 0 {
-            issues.add(
-                "worker.task_timeout_ms",
-                "0 would time out every task: set it above 0, for example 300000 (5 minutes)",
-            );
-        }
-        if w.reconnect_max_ms == 0 {
-            issues.add(
-                "worker.reconnect_max_ms",
-                "0 would reconnect in a tight loop: set it above 0, for example 10000",
-            );
-        }
+        issues.above_zero(
+            "worker.task_timeout_ms",
+            w.task_timeout_ms,
+            "0 would time out every task: set it above 0, for example 300000 (5 minutes)",
+        );
+        issues.above_zero(
+            "worker.reconnect_max_ms",
+            w.reconnect_max_ms,
+            "0 would reconnect in a tight loop: set it above 0, for example 10000",
+        );
         if w.data_dir.as_os_str().is_empty() {
             issues.add(
                 "worker.data_dir",
@@ -127,12 +124,11 @@ impl Config {
                      letters, digits, '_' or '-' joined by '.', without '*' or '#'",
                 );
             }
-            if cap == 0 {
-                issues.add(
-                    &key,
-                    "0 would never run this type: set it to at least 1, or remove the entry",
-                );
-            }
+            issues.above_zero(
+                &key,
+                cap,
+                "0 would never run this type: set it to at least 1, or remove the entry",
+            );
         }
     }
 }
