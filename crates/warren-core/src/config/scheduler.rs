@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use croner::errors::CronError;
+use croner::parser::{CronParser, Seconds, Year};
 use serde::{Deserialize, Deserializer};
 
 use super::issues::check_listen;
@@ -207,7 +209,7 @@ impl Config {
                     "is missing or empty: set a cron expression with seconds, such as \
                      \"0 */5 * * * *\" (every 5 minutes)",
                 );
-            } else if let Err(why) = check_cron_expression(&c.schedule) {
+            } else if let Err(why) = parse_cron(&c.schedule) {
                 issues.add(key("schedule"), format!("{:?} {why}", c.schedule));
             }
 
@@ -282,8 +284,30 @@ fn is_time_zone_name(tz: &str) -> bool {
         })
 }
 
-/// One field of a cron expression: its name, its range and the names its
-/// values may be written with (the first name stands for `first_named`).
+/// Parses a cron expression exactly as the scheduler runs it: six fields,
+/// `second minute hour day-of-month month day-of-week`, read by the `croner`
+/// crate with the seconds field required and no year field (the day fields
+/// match when either does, as in Vixie cron). Configuration validation and
+/// the scheduler both call this, so an expression that validates is one the
+/// scheduler accepts, and the reverse.
+///
+/// The error continues a sentence that starts with the quoted expression,
+/// naming the field and, where it can, the item and what is wrong with it.
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    cron_parser()
+        .parse(expr)
+        .map_err(|e| explain_cron_error(expr, &e))
+}
+
+fn cron_parser() -> CronParser {
+    CronParser::builder()
+        .seconds(Seconds::Required)
+        .year(Year::Disallowed)
+        .build()
+}
+
+/// One field of a cron expression, for messages: its name, its range and the
+/// names its values may be written with (the first stands for `first_named`).
 struct CronField {
     name: &'static str,
     min: u32,
@@ -346,115 +370,123 @@ const CRON_FIELDS: [CronField; 6] = [
     },
 ];
 
-/// Checks a six-field cron expression; the error continues a sentence that
-/// starts with the quoted expression. Accepted per field: `*`, values (or
-/// names for months and weekdays), ranges `a-b`, steps `*/n` and `a-b/n`,
-/// lists joined by `,`; `?` for either day field; `L` and `nW` in the day of
-/// month; `nL` and `n#k` in the day of week.
-fn check_cron_expression(expr: &str) -> Result<(), String> {
+/// Why `croner` rejected `expr`, in Warren's words. The parser decides; this
+/// only finds the culprit, by parsing the first field that fails alone (every
+/// other field `*`), then each of its list items alone, and says what is wrong
+/// with that item; what it cannot explain is told in croner's own words.
+fn explain_cron_error(expr: &str, error: &CronError) -> String {
     let fields: Vec<&str> = expr.split_whitespace().collect();
     if fields.len() == 5 {
-        return Err(format!(
+        return format!(
             "has 5 fields, but schedules start with a seconds field: use 6, for example \
              \"0 {}\" to fire at second 0",
             fields.join(" ")
-        ));
+        );
     }
     if fields.len() != CRON_FIELDS.len() {
-        return Err(format!(
+        return format!(
             "has {} fields: use 6, \"second minute hour day-of-month month day-of-week\", \
              for example \"0 */5 * * * *\" (every 5 minutes)",
             fields.len()
-        ));
+        );
     }
-    for (index, (field, text)) in CRON_FIELDS.iter().zip(&fields).enumerate() {
-        for item in text.split(',') {
-            check_cron_item(field, index, item).map_err(|why| {
-                format!(
-                    "is not a valid cron expression: {} field {text:?}: {why}",
-                    field.name
+    let parser = cron_parser();
+    let alone = |index: usize, text: &str| {
+        let mut probe = ["*"; 6];
+        probe[index] = text;
+        parser.parse(&probe.join(" "))
+    };
+    for (index, (field, &text)) in CRON_FIELDS.iter().zip(&fields).enumerate() {
+        let Err(field_error) = alone(index, text) else {
+            continue;
+        };
+        let items: Vec<&str> = text.split(',').collect();
+        let why = items
+            .iter()
+            .find_map(|item| {
+                let item_error = alone(index, item).err()?;
+                Some(
+                    explain_cron_item(field, index, item).unwrap_or_else(|| item_error.to_string()),
                 )
-            })?;
-        }
+            })
+            .unwrap_or_else(|| {
+                if items.len() > 1 && items.contains(&"*") {
+                    "\"*\" cannot be one item of a list: write \"*\" alone".into()
+                } else {
+                    field_error.to_string()
+                }
+            });
+        return format!(
+            "is not a valid cron expression: {} field {text:?}: {why}",
+            field.name
+        );
     }
-    Ok(())
+    format!("is not a valid cron expression: {error}")
 }
 
-fn check_cron_item(field: &CronField, index: usize, item: &str) -> Result<(), String> {
-    if item.is_empty() {
-        return Err("an empty list item (a comma too many)".into());
-    }
+/// What is wrong with one list item of a field, which the parser rejected;
+/// `None` when nothing more precise than the parser's own words can be said.
+fn explain_cron_item(field: &CronField, index: usize, item: &str) -> Option<String> {
     let (range, step) = match item.split_once('/') {
         Some((range, step)) => (range, Some(step)),
         None => (item, None),
     };
     if let Some(step) = step {
         if !step.parse::<u16>().is_ok_and(|n| n >= 1) {
-            return Err(format!(
+            return Some(format!(
                 "the step {step:?} of {item:?} must be a whole number of at least 1"
             ));
         }
         if range != "*" && range != "?" && !range.contains('-') {
-            return Err(format!(
+            return Some(format!(
                 "{item:?} steps from a single value: write \"*/{step}\", or a range such as \
                  \"{range}-{}/{step}\"",
                 field.max
             ));
         }
     }
-    if range == "*" {
-        return Ok(());
-    }
-    if range == "?" {
-        return if index == DAY_OF_MONTH || index == DAY_OF_WEEK {
-            Ok(())
-        } else {
-            Err("\"?\" is allowed only in the day-of-month and day-of-week fields".into())
-        };
+    if range == "?" && index != DAY_OF_MONTH && index != DAY_OF_WEEK {
+        return Some("\"?\" is allowed only in the day-of-month and day-of-week fields".into());
     }
     if step.is_none() && index == DAY_OF_MONTH {
-        if range.eq_ignore_ascii_case("L") {
-            return Ok(());
-        }
         if let Some(day) = range.strip_suffix(['W', 'w']) {
-            return cron_value(field, day).map(drop);
+            return cron_value(field, day).err();
         }
     }
     if step.is_none() && index == DAY_OF_WEEK {
         if let Some((day, nth)) = range.split_once('#') {
-            cron_value(field, day)?;
-            return if nth.eq_ignore_ascii_case("L") || matches!(nth, "1" | "2" | "3" | "4" | "5") {
-                Ok(())
-            } else {
-                Err(format!(
-                    "the occurrence {nth:?} of {item:?} must be 1..=5 or L (the last)"
-                ))
-            };
+            if let Err(why) = cron_value(field, day) {
+                return Some(why);
+            }
+            return (!nth.eq_ignore_ascii_case("L") && !matches!(nth, "1" | "2" | "3" | "4" | "5"))
+                .then(|| {
+                    format!("the occurrence {nth:?} of {item:?} must be 1..=5 or L (the last)")
+                });
         }
         if let Some(day) = range.strip_suffix(['L', 'l']) {
-            return cron_value(field, day).map(drop);
+            return cron_value(field, day).err();
         }
     }
     let (low, high) = match range.split_once('-') {
         Some((a, b)) => {
-            let high = match cron_value(field, b)? {
+            let high = match cron_value(field, b) {
                 // `FRI-SUN` ends on the Sunday written 7.
-                0 if index == DAY_OF_WEEK && !b.starts_with(|c: char| c.is_ascii_digit()) => 7,
-                n => n,
+                Ok(0) if index == DAY_OF_WEEK && !b.starts_with(|c: char| c.is_ascii_digit()) => 7,
+                Ok(n) => n,
+                Err(why) => return Some(why),
             };
-            (cron_value(field, a)?, high)
+            match cron_value(field, a) {
+                Ok(low) => (low, high),
+                Err(why) => return Some(why),
+            }
         }
-        None => {
-            let v = cron_value(field, range)?;
-            (v, v)
-        }
+        None if range == "*" => return None,
+        None => match cron_value(field, range) {
+            Ok(v) => (v, v),
+            Err(why) => return Some(why),
+        },
     };
-    if low > high {
-        return Err(format!(
-            "the range {range:?} runs backwards: write it from low to high"
-        ));
-    }
-    Ok(())
+    (low > high).then(|| format!("the range {range:?} runs backwards: write it from low to high"))
 }
 
 /// One value of a cron field, as a number in range or a name.
@@ -663,11 +695,6 @@ mod tests {
              \"18-9\" runs backwards: write it from low to high",
         );
         schedule_issue(
-            "0 1,,2 * * * *",
-            "\"0 1,,2 * * * *\" is not a valid cron expression: minute field \"1,,2\": an \
-             empty list item (a comma too many)",
-        );
-        schedule_issue(
             "? * * * * *",
             "\"? * * * * *\" is not a valid cron expression: second field \"?\": \"?\" is \
              allowed only in the day-of-month and day-of-week fields",
@@ -689,6 +716,8 @@ mod tests {
             "0 0 12 * * 0,7",
             "0 0 12 * jan-mar/2 *",
             "0 0-30/10 8-18 * * 1-5",
+            // The scheduler's parser skips empty list items.
+            "0 1,,2 * * * *",
         ] {
             assert!(
                 Config::from_toml(&cron_entry(&[&format!("schedule = \"{ok}\"")])).is_ok(),
@@ -814,6 +843,91 @@ mod tests {
                 "config key cron[0].task_type",
                 "config key cron[0].priority",
             ]
+        );
+    }
+
+    /// The grammar is croner's, configured as the scheduler runs it: each
+    /// expression is accepted or refused alike by [`parse_cron`] and by
+    /// validation (the scheduler's side is checked in warren-scheduler).
+    #[test]
+    fn cron_validation_uses_the_scheduler_parser() {
+        let cases = [
+            ("*/5 * * * * *", true),
+            ("0 30 9 * * MON-FRI", true),
+            ("0 0 12 * * mon,wed,fri", true),
+            ("0 0 12 * JAN-MAR/2 *", true),
+            ("0 0 12 * DEC *", true),
+            ("0 0 12 L * *", true),
+            ("0 0 12 LW * *", true),
+            ("0 0 12 15W * *", true),
+            ("0 0 12 ? * FRI#L", true),
+            ("0 0 12 ? * MON#1", true),
+            ("0 0 12 * * 5L", true),
+            ("0 0 12 * * L", true),
+            ("0 0 12 ? * ?", true),
+            ("0 0 12 * * 0,7", true),
+            ("0 0 12 * * FRI-SUN", true),
+            ("0 0 12 * * 1-5/2", true),
+            ("0 0 12 1 * +MON", true),
+            ("0 1,,2 * * * *", true),
+            ("*/100 * * * * *", true),
+            ("@daily", true),
+            ("@hourly", true),
+            ("*/5 * * * *", false),
+            ("0 0 0 * * * 2030", false),
+            ("@reboot", false),
+            ("0 60 * * * *", false),
+            ("0 0 24 * * *", false),
+            ("0 0 0 0 * *", false),
+            ("0 0 12 32W * *", false),
+            ("0 0 12 * 13 *", false),
+            ("0 0 12 * * 8", false),
+            ("0 0 12 * JANUARY *", false),
+            ("0 0 12 * * MONDAY", false),
+            ("0 0 12 * * MON#6", false),
+            ("0 0 12 * * MON#0", false),
+            ("0 0 12 15L * *", false),
+            ("? * * * * *", false),
+            ("*/0 * * * * *", false),
+            ("5/10 * * * * *", false),
+            ("0 0 18-9 * * *", false),
+            ("*,5 * * * * *", false),
+            ("x * * * * *", false),
+        ];
+        for (expr, accepted) in cases {
+            assert_eq!(parse_cron(expr).is_ok(), accepted, "parse_cron({expr:?})");
+            let toml = cron_entry(&[&format!("schedule = \"{expr}\"")]);
+            assert_eq!(
+                Config::from_toml(&toml).is_ok(),
+                accepted,
+                "validation of {expr:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cron_messages_name_the_item_the_parser_refuses() {
+        let schedule_issue = |schedule: &str, problem: &str| {
+            one_issue(
+                &cron_entry(&[&format!("schedule = \"{schedule}\"")]),
+                &format!("config key cron[0].schedule: {problem}"),
+            )
+        };
+        // The first failing field, and in it the failing item, are blamed.
+        schedule_issue(
+            "0 1,,2 24,25 * * *",
+            "\"0 1,,2 24,25 * * *\" is not a valid cron expression: hour field \"24,25\": 24 \
+             is out of range: a hour is 0..=23",
+        );
+        schedule_issue(
+            "0 0 12 1,32W * *",
+            "\"0 0 12 1,32W * *\" is not a valid cron expression: day-of-month field \
+             \"1,32W\": 32 is out of range: a day-of-month is 1..=31",
+        );
+        schedule_issue(
+            "*,5 * * * * *",
+            "\"*,5 * * * * *\" is not a valid cron expression: second field \"*,5\": \"*\" \
+             cannot be one item of a list: write \"*\" alone",
         );
     }
 }
