@@ -17,6 +17,11 @@ pub struct BrokerConfig {
     pub pool_size: usize,
     /// Give up connecting after this many milliseconds.
     pub connect_timeout_ms: u64,
+    /// Upper bound, in milliseconds, of the backoff between attempts to
+    /// reconnect to the broker. Replaces `worker.reconnect_max_ms`, which
+    /// loading still reads, with a warning, when this key is not set: this
+    /// field always holds the value in effect.
+    pub reconnect_max_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -26,6 +31,7 @@ impl Default for BrokerConfig {
             management_url: "http://127.0.0.1:15672".into(),
             pool_size: 4,
             connect_timeout_ms: 5000,
+            reconnect_max_ms: 10_000,
         }
     }
 }
@@ -65,12 +71,52 @@ impl Config {
             b.connect_timeout_ms,
             "0 would give up at once: set it above 0, for example 5000",
         );
+        // Taken from worker.reconnect_max_ms, it is checked under that key.
+        if !self.notes.reconnect_from_worker {
+            issues.above_zero(
+                "broker.reconnect_max_ms",
+                b.reconnect_max_ms,
+                RECONNECT_ZERO,
+            );
+        }
+    }
+
+    /// Settles `broker.reconnect_max_ms` after loading: when a file or the
+    /// environment set the deprecated `worker.reconnect_max_ms` but not the
+    /// new key, its value is used, and either way setting it earns a warning.
+    /// Both fields then hold the value in effect, for code that still reads
+    /// the old one. `set_by(key)` says whether a file or the environment set
+    /// `key` and, if so, where: `" (set by WARREN__...)"` or `" (in ...)"`.
+    pub(super) fn settle_reconnect_max_ms(&mut self, set_by: impl Fn(&str) -> Option<String>) {
+        if let Some(source) = set_by("worker.reconnect_max_ms") {
+            let warning = if set_by("broker.reconnect_max_ms").is_some() {
+                format!(
+                    "config key worker.reconnect_max_ms: deprecated and ignored, as \
+                     broker.reconnect_max_ms is set too; remove it{source}"
+                )
+            } else {
+                self.broker.reconnect_max_ms = self.worker.reconnect_max_ms;
+                self.notes.reconnect_from_worker = true;
+                format!(
+                    "config key worker.reconnect_max_ms: deprecated; rename it \
+                     broker.reconnect_max_ms, which takes its value ({}) meanwhile{source}",
+                    self.worker.reconnect_max_ms
+                )
+            };
+            self.notes.warnings.push(warning);
+        }
+        self.worker.reconnect_max_ms = self.broker.reconnect_max_ms;
     }
 }
+
+/// The problem of a reconnect backoff cap of 0, under either key.
+pub(super) const RECONNECT_ZERO: &str =
+    "0 would reconnect in a tight loop: set it above 0, for example 10000";
 
 #[cfg(test)]
 mod tests {
     use super::super::test_support::*;
+    use super::super::Config;
 
     #[test]
     fn broker_rules() {
@@ -96,6 +142,79 @@ mod tests {
             "[broker]\nconnect_timeout_ms = 0",
             "config key broker.connect_timeout_ms: 0 would give up at once: set it above 0, \
              for example 5000",
+        );
+        one_issue(
+            "[broker]\nreconnect_max_ms = 0",
+            "config key broker.reconnect_max_ms: 0 would reconnect in a tight loop: set it \
+             above 0, for example 10000",
+        );
+    }
+
+    #[test]
+    fn reconnect_max_ms_is_a_broker_key_and_the_worker_key_still_works() {
+        // Built in, and set as the new key: no warning, both fields agree.
+        for (toml, expected) in [("", 10_000), ("[broker]\nreconnect_max_ms = 2000", 2000)] {
+            let c = Config::from_toml(toml).unwrap();
+            assert_eq!(c.broker.reconnect_max_ms, expected, "{toml}");
+            assert_eq!(c.worker.reconnect_max_ms, expected, "{toml}");
+            assert!(c.warnings().is_empty(), "{toml}: {:?}", c.warnings());
+        }
+        let c =
+            Config::load_from(None, &env(&[("WARREN__BROKER__RECONNECT_MAX_MS", "2500")])).unwrap();
+        assert_eq!(c.broker.reconnect_max_ms, 2500);
+        assert_eq!(c.worker.reconnect_max_ms, 2500);
+        assert!(c.warnings().is_empty());
+
+        // The old key alone, in a file or the environment: its value is used.
+        let c = Config::from_toml("[worker]\nreconnect_max_ms = 3000").unwrap();
+        assert_eq!(c.broker.reconnect_max_ms, 3000);
+        assert_eq!(c.worker.reconnect_max_ms, 3000);
+        assert_eq!(
+            c.warnings(),
+            ["config key worker.reconnect_max_ms: deprecated; rename it \
+                 broker.reconnect_max_ms, which takes its value (3000) meanwhile (in config TOML)"]
+        );
+        c.validate().unwrap();
+        let c =
+            Config::load_from(None, &env(&[("WARREN__WORKER__RECONNECT_MAX_MS", "4000")])).unwrap();
+        assert_eq!(c.broker.reconnect_max_ms, 4000);
+        assert_eq!(
+            c.warnings(),
+            ["config key worker.reconnect_max_ms: deprecated; rename it \
+                 broker.reconnect_max_ms, which takes its value (4000) meanwhile (set by \
+                 WARREN__WORKER__RECONNECT_MAX_MS)"]
+        );
+
+        // Both keys: the new one wins and the old one is reported as ignored.
+        let c = Config::load_from(
+            None,
+            &env(&[
+                ("WARREN__WORKER__RECONNECT_MAX_MS", "4000"),
+                ("WARREN__BROKER__RECONNECT_MAX_MS", "6000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.broker.reconnect_max_ms, 6000);
+        assert_eq!(c.worker.reconnect_max_ms, 6000);
+        assert_eq!(
+            c.warnings(),
+            [
+                "config key worker.reconnect_max_ms: deprecated and ignored, as \
+                 broker.reconnect_max_ms is set too; remove it (set by \
+                 WARREN__WORKER__RECONNECT_MAX_MS)"
+            ]
+        );
+        let c =
+            Config::from_toml("[broker]\nreconnect_max_ms = 6000\n[worker]\nreconnect_max_ms = 0")
+                .unwrap();
+        assert_eq!(c.broker.reconnect_max_ms, 6000);
+        assert_eq!(c.warnings().len(), 1);
+
+        // A 0 is reported under the key that was written.
+        one_issue(
+            "[worker]\nreconnect_max_ms = 0",
+            "config key worker.reconnect_max_ms: 0 would reconnect in a tight loop: set it \
+             above 0, for example 10000",
         );
     }
 }

@@ -59,47 +59,79 @@ impl Config {
     }
 
     fn layered(file: Option<UserFile>, env: &[(String, String)]) -> Result<Config, ConfigError> {
-        use config::{File, FileFormat};
-
         let file_label = file.as_ref().map(|f| f.label.clone());
         let convert = |e| parse_error(e, file_label.as_deref(), env);
 
-        let mut builder =
-            config::Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
-        if let Some(file) = &file {
-            builder = builder.add_source(File::from_str(&file.text, FileFormat::Toml));
-        }
-        let origin = ENV_ORIGIN.to_string();
-        for (var, value) in env {
-            let Some(key) = env_key(var) else { continue };
-            let kind = if ENV_LIST_KEYS.contains(&key.as_str()) {
-                let items = value
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(|s| config::Value::new(Some(&origin), s))
-                    .collect::<Vec<_>>();
-                config::ValueKind::Array(items)
-            } else {
-                config::ValueKind::String(value.clone())
-            };
-            builder = builder
-                .set_override(key.as_str(), config::Value::new(Some(&origin), kind))
-                .map_err(|_| {
-                    ConfigError::Parse(format!(
-                        "environment variable {var}: does not name a config key; \
-                         use WARREN__SECTION__KEY, for example WARREN__WORKER__CONCURRENCY"
-                    ))
-                })?;
-        }
-        let config: Config = builder
+        let mut config: Config = layers(true, file.as_ref(), env)?
             .build()
             .map_err(convert)?
             .try_deserialize()
             .map_err(convert)?;
+        // The file and the environment alone, to tell which keys they set.
+        let user = layers(false, file.as_ref(), env)?
+            .build()
+            .map_err(convert)?;
+        config.settle_reconnect_max_ms(|key| {
+            user.get::<config::Value>(key)
+                .is_ok()
+                .then(|| key_source(key, file_label.as_deref(), env))
+        });
         config.validate()?;
         Ok(config)
     }
+}
+
+/// The layers of a load, the built-in defaults first if `defaults`, then
+/// the file, then the environment.
+fn layers(
+    defaults: bool,
+    file: Option<&UserFile>,
+    env: &[(String, String)],
+) -> Result<config::builder::ConfigBuilder<config::builder::DefaultState>, ConfigError> {
+    use config::{File, FileFormat};
+
+    let mut builder = config::Config::builder();
+    if defaults {
+        builder = builder.add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+    }
+    if let Some(file) = file {
+        builder = builder.add_source(File::from_str(&file.text, FileFormat::Toml));
+    }
+    let origin = ENV_ORIGIN.to_string();
+    for (var, value) in env {
+        let Some(key) = env_key(var) else { continue };
+        let kind = if ENV_LIST_KEYS.contains(&key.as_str()) {
+            let items = value
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| config::Value::new(Some(&origin), s))
+                .collect::<Vec<_>>();
+            config::ValueKind::Array(items)
+        } else {
+            config::ValueKind::String(value.clone())
+        };
+        builder = builder
+            .set_override(key.as_str(), config::Value::new(Some(&origin), kind))
+            .map_err(|_| {
+                ConfigError::Parse(format!(
+                    "environment variable {var}: does not name a config key; \
+                     use WARREN__SECTION__KEY, for example WARREN__WORKER__CONCURRENCY"
+                ))
+            })?;
+    }
+    Ok(builder)
+}
+
+/// Where a key the file or the environment sets was set, for messages:
+/// `" (set by WARREN__...)"` when the environment sets it (the top layer),
+/// else `" (in <file>)"`.
+fn key_source(key: &str, file: Option<&str>, env: &[(String, String)]) -> String {
+    env.iter()
+        .find(|(var, _)| env_key(var).as_deref() == Some(key))
+        .map(|(var, _)| format!(" (set by {var})"))
+        .or_else(|| file.map(|f| format!(" (in {f})")))
+        .unwrap_or_default()
 }
 
 /// A configuration document above the defaults, and how to name it in errors.

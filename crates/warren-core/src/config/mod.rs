@@ -81,6 +81,19 @@ pub struct Config {
     /// The task tracker: its database, retention and HTTP address.
     #[serde(default)]
     pub tracker: TrackerConfig,
+    /// What loading noted beside the values; not a configuration key.
+    #[serde(skip)]
+    notes: LoadNotes,
+}
+
+/// What loading noted beside the values themselves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct LoadNotes {
+    /// Warnings for the caller to show, one line each.
+    warnings: Vec<String>,
+    /// Whether `broker.reconnect_max_ms` was taken from the deprecated
+    /// `worker.reconnect_max_ms`, so that its problems name the key written.
+    reconnect_from_worker: bool,
 }
 
 fn default_prefix() -> String {
@@ -104,6 +117,14 @@ impl Config {
         self.check_type_concurrency(&mut issues);
         self.check_tracker(&mut issues);
         issues.finish()
+    }
+
+    /// What loading warns about without refusing the configuration, such as
+    /// a deprecated key it still reads; one line each, for the caller to
+    /// show. Empty for a configuration not built by [`Config::load`],
+    /// [`Config::load_from`] or [`Config::from_toml`].
+    pub fn warnings(&self) -> &[String] {
+        &self.notes.warnings
     }
 
     /// The broker object names for this configuration's prefix.

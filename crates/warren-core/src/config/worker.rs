@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+use super::broker::RECONNECT_ZERO;
 use super::issues::check_listen;
 use super::{Config, Issues};
 use crate::routes;
@@ -25,7 +26,10 @@ pub struct WorkerConfig {
     pub task_timeout_ms: u64,
     /// Directory for files that tasks produce.
     pub data_dir: PathBuf,
-    /// Upper bound of the reconnect backoff.
+    /// Deprecated: set `broker.reconnect_max_ms` instead. When a file or the
+    /// environment sets only this key, loading takes its value for
+    /// `broker.reconnect_max_ms` (with a warning); either way loading leaves
+    /// here the value in effect, the same as `broker.reconnect_max_ms`.
     pub reconnect_max_ms: u64,
     /// Per task type caps on tasks run at once within this worker
     /// (`{ "file.download" = 2 }`), below `concurrency`.
@@ -99,11 +103,14 @@ impl Config {
             w.task_timeout_ms,
             "0 would time out every task: set it above 0, for example 300000 (5 minutes)",
         );
-        issues.above_zero(
-            "worker.reconnect_max_ms",
-            w.reconnect_max_ms,
-            "0 would reconnect in a tight loop: set it above 0, for example 10000",
-        );
+        // Checked here only when it gave broker.reconnect_max_ms its value.
+        if self.notes.reconnect_from_worker {
+            issues.above_zero(
+                "worker.reconnect_max_ms",
+                w.reconnect_max_ms,
+                RECONNECT_ZERO,
+            );
+        }
         if w.data_dir.as_os_str().is_empty() {
             issues.add(
                 "worker.data_dir",
