@@ -24,6 +24,9 @@ use crate::cli::{Cli, Command, WorkerArgs};
 /// Runs the chosen command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     let mut config = Config::load(cli.config.as_deref())?;
+    for warning in config.warnings() {
+        eprintln!("warning: {warning}");
+    }
     match cli.command {
         Command::Topology { action } => topology::run(&config, action).await,
         Command::Publish(args) => publish::run(&config, args).await,
