@@ -262,7 +262,7 @@ pub(crate) async fn run_counted(
         metrics,
     };
     let mut fired = Fired::new();
-    let max = Duration::from_millis(service.config.worker.reconnect_max_ms);
+    let max = Duration::from_millis(service.config.broker.reconnect_max_ms);
     let mut retry = Reconnect::new("cron", max);
     while retry.ready(&shutdown).await {
         match service.session(&mut fired, &shutdown, &mut retry).await {

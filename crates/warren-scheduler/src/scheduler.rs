@@ -82,7 +82,7 @@ impl Scheduler {
 
     /// Runs until `shutdown`, reconnecting with backoff when the broker goes away.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), SchedulerError> {
-        let max_backoff = Duration::from_millis(self.config.worker.reconnect_max_ms);
+        let max_backoff = Duration::from_millis(self.config.broker.reconnect_max_ms);
         let cancels = CancelSet::new();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let follower = {

@@ -31,7 +31,7 @@ const WRITE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Consumes until `shutdown`, reconnecting with backoff when the broker goes away.
 pub(crate) async fn consume(shared: Arc<Shared>, shutdown: CancellationToken) {
-    let max_backoff = Duration::from_millis(shared.config.worker.reconnect_max_ms);
+    let max_backoff = Duration::from_millis(shared.config.broker.reconnect_max_ms);
     let mut retry = Reconnect::new("tracker", max_backoff);
     while retry.ready(&shutdown).await {
         let outcome = session(&shared, &shutdown, &mut retry).await;

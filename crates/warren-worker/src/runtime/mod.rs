@@ -124,7 +124,7 @@ impl Worker {
     /// to finish; the rest are aborted and returned unacknowledged.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), WorkerError> {
         let sh = &self.shared;
-        let max_backoff = Duration::from_millis(sh.config.worker.reconnect_max_ms);
+        let max_backoff = Duration::from_millis(sh.config.broker.reconnect_max_ms);
         // Know every cancel published so far before taking a task.
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let follower = {
