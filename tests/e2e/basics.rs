@@ -75,7 +75,7 @@ async fn reply_to_a_named_queue_carries_the_producers_correlation_id() {
     let mut env = Env::new("named-reply", &[]).await;
     env.up(&[]);
     let reply_queue = format!("{}.replies", env.prefix);
-    let conn = warren_client::connect(&env.config.broker.url, "test")
+    let conn = warren_client::runtime::connect(&env.config.broker.url, "test")
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();

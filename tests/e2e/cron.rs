@@ -89,7 +89,7 @@ struct Fires {
 
 impl Fires {
     async fn follow(env: &Env, queue: &str) -> Fires {
-        let conn = warren_client::connect(&env.config.broker.url, "test")
+        let conn = warren_client::runtime::connect(&env.config.broker.url, "test")
             .await
             .expect("connect");
         let ch = conn.create_channel().await.expect("channel");
@@ -322,7 +322,7 @@ async fn killing_the_leader_hands_over_and_fires_continue_within_seconds() {
 /// Seeds a schedule's record in `P.cron.state.<name>` as if it last fired at
 /// `last_fire`: the durable queue (`x-max-length = 1`) and one message.
 async fn seed_record(env: &Env, name: &str, last_fire: &str) {
-    let conn = warren_client::connect(&env.config.broker.url, "test")
+    let conn = warren_client::runtime::connect(&env.config.broker.url, "test")
         .await
         .expect("connect");
     let ch = conn.create_channel().await.expect("channel");
@@ -354,7 +354,7 @@ async fn seed_record(env: &Env, name: &str, last_fire: &str) {
 
 /// The `last_fire` in a schedule's record (read and put back).
 async fn record_of(env: &Env, name: &str) -> Option<String> {
-    let conn = warren_client::connect(&env.config.broker.url, "test")
+    let conn = warren_client::runtime::connect(&env.config.broker.url, "test")
         .await
         .expect("connect");
     let ch = conn.create_channel().await.expect("channel");

@@ -261,7 +261,7 @@ impl Env {
 
     /// Messages ready in a queue right now (AMQP passive declare: exact).
     pub async fn depth(&self, queue: &str) -> u32 {
-        let conn = warren_client::connect(&self.config.broker.url, "test")
+        let conn = warren_client::runtime::connect(&self.config.broker.url, "test")
             .await
             .expect("connect");
         let ch = conn.create_channel().await.expect("channel");
@@ -298,7 +298,7 @@ impl Env {
 
     /// Takes every message from a queue (acking them): `(properties, body)`.
     pub async fn drain(&self, queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
-        let conn = warren_client::connect(&self.config.broker.url, "test")
+        let conn = warren_client::runtime::connect(&self.config.broker.url, "test")
             .await
             .expect("connect");
         let ch = conn.create_channel().await.expect("channel");

@@ -23,8 +23,9 @@ use warren_core::config::BrokerUrl;
 use warren_core::event::new_id;
 use warren_core::Names;
 
+use crate::connect::{connect, ConfirmChannel};
 use crate::reconnect::Reconnect;
-use crate::{connect, ClientError, ConfirmChannel};
+use crate::ClientError;
 
 /// The cancelled task ids this process knows, and the tokens of tasks it runs.
 #[derive(Clone, Default, Debug)]

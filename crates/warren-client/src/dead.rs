@@ -20,8 +20,9 @@ use serde_json::{json, Value};
 use warren_core::{headers, Names};
 
 use crate::connect::confirmed;
+use crate::connect::ConfirmChannel;
 use crate::outbox::copy_producer_properties;
-use crate::{ClientError, ConfirmChannel, ORIGINAL_EXPIRATION};
+use crate::{ClientError, ORIGINAL_EXPIRATION};
 
 /// The header the broker records dead-lettering in; dropped on replay.
 pub const X_DEATH: &str = "x-death";

@@ -13,16 +13,26 @@ mod connect;
 pub mod dead;
 mod error;
 mod outbox;
-pub mod reconnect;
+mod reconnect;
 mod request;
 mod watch;
 
-pub use cancels::{cancel_command, CancelSet, RunningGuard};
+pub use cancels::cancel_command;
 pub use client::Client;
-pub use connect::{connect, connection_name, process_identity, ConfirmChannel};
 pub use error::ClientError;
-pub use outbox::{confirm_all, copy_properties, short, Outbox, ORIGINAL_EXPIRATION};
+pub use outbox::ORIGINAL_EXPIRATION;
 pub use request::TaskRequest;
 pub use watch::{EventWatch, ReceivedEvent};
+
+/// What Warren's own long-running processes (worker, scheduler, tracker)
+/// build on: named connections, confirm channels, the outbox of events and
+/// task copies, the cancel set and the reconnect loop. A producer needs none
+/// of it.
+pub mod runtime {
+    pub use crate::cancels::{CancelSet, RunningGuard};
+    pub use crate::connect::{connect, connection_name, process_identity, ConfirmChannel};
+    pub use crate::outbox::{confirm_all, copy_properties, short, Outbox};
+    pub use crate::reconnect::{jittered, next_delay, Reconnect, FIRST_RETRY};
+}
 
 pub use lapin;

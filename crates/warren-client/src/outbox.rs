@@ -1,7 +1,8 @@
 //! What workers and the scheduler publish: events, reply_to copies, dead and
 //! retry copies, each keeping the task's body, properties and headers.
 
-use crate::{ClientError, ConfirmChannel};
+use crate::connect::ConfirmChannel;
+use crate::ClientError;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, PublisherConfirm};
 use warren_core::headers;

@@ -40,8 +40,8 @@ use lapin::{BasicProperties, Connection, Consumer, PublisherConfirm};
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use warren_client::reconnect::Reconnect;
-use warren_client::{connect, process_identity, ClientError, ConfirmChannel};
+use warren_client::runtime::{connect, process_identity, ConfirmChannel, Reconnect};
+use warren_client::ClientError;
 use warren_core::config::{parse_cron, ConfigIssue, CronConfig, MissedFires};
 use warren_core::{Config, ConfigError, Names};
 

@@ -20,9 +20,8 @@ use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
-use warren_client::{
-    confirm_all, copy_properties, CancelSet, ClientError, Outbox, ORIGINAL_EXPIRATION,
-};
+use warren_client::runtime::{confirm_all, copy_properties, CancelSet, Outbox};
+use warren_client::{ClientError, ORIGINAL_EXPIRATION};
 use warren_core::delay::{due_at_ms, next_hop, release_tiers, tiers, Hop, DUE_AT};
 use warren_core::event::{format_time, new_id, ErrorKind, EventErrorInfo};
 use warren_core::task::check_headers;

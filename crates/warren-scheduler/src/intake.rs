@@ -3,7 +3,8 @@
 
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
-use warren_client::{confirm_all, ClientError, Outbox};
+use warren_client::runtime::{confirm_all, Outbox};
+use warren_client::ClientError;
 use warren_core::event::{ErrorKind, EventErrorInfo};
 use warren_core::{headers, DeadReason, Event, Names, TaskState};
 

@@ -11,8 +11,10 @@ use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
-use warren_client::reconnect::Reconnect;
-use warren_client::{connect, process_identity, CancelSet, ClientError, ConfirmChannel, Outbox};
+use warren_client::runtime::{
+    connect, process_identity, CancelSet, ConfirmChannel, Outbox, Reconnect,
+};
+use warren_client::ClientError;
 use warren_core::Config;
 
 use crate::delays::Delays;

@@ -15,7 +15,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, ExchangeKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use warren_client::reconnect::Reconnect;
+use warren_client::runtime::Reconnect;
 
 use crate::record::IncomingEvent;
 use crate::tracker::{amqp, tracker_queue, Shared, TrackerError};
@@ -93,7 +93,7 @@ async fn session(
     retry: &mut Reconnect,
 ) -> Result<(), TrackerError> {
     let cfg = &shared.config.tracker;
-    let conn = warren_client::connect(&shared.config.broker.url, "tracker").await?;
+    let conn = warren_client::runtime::connect(&shared.config.broker.url, "tracker").await?;
     let ch = conn
         .create_channel()
         .await
@@ -105,7 +105,7 @@ async fn session(
     let (queue, backlog) = declare(&ch, shared).await?;
     let tag = format!(
         "{queue}.{}",
-        warren_client::process_identity().replace('/', "-")
+        warren_client::runtime::process_identity().replace('/', "-")
     );
     let mut consumer = ch
         .basic_consume(

@@ -22,8 +22,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-use warren_client::reconnect::Reconnect;
-use warren_client::{process_identity, CancelSet};
+use warren_client::runtime::{process_identity, CancelSet, Reconnect};
 use warren_core::{Config, Names};
 
 use crate::metrics::WorkerMetrics;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use warren_client::Outbox;
+use warren_client::runtime::Outbox;
 use warren_core::event::{format_time, new_id, ProgressInfo};
 use warren_core::Event;
 

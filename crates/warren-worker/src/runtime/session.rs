@@ -7,7 +7,8 @@ use lapin::message::Delivery;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
-use warren_client::{connect, ClientError, ConfirmChannel, Outbox};
+use warren_client::runtime::{connect, ConfirmChannel, Outbox};
+use warren_client::ClientError;
 
 use super::Shared;
 

@@ -101,7 +101,7 @@ pub async fn connect(config: &Config, role: &str) -> anyhow::Result<lapin::Conne
     let deadline = std::time::Instant::now()
         + std::time::Duration::from_millis(config.broker.connect_timeout_ms);
     loop {
-        match warren_client::connect(&config.broker.url, role).await {
+        match warren_client::runtime::connect(&config.broker.url, role).await {
             Ok(c) => return Ok(c),
             Err(e) if std::time::Instant::now() >= deadline => return Err(e.into()),
             Err(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
