@@ -1,7 +1,5 @@
 //! Immediate tasks end to end: events, reply_to, routing, priorities, expiry.
 
-use std::time::Duration;
-
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -9,9 +7,7 @@ use lapin::BasicProperties;
 use serde_json::json;
 use warren_client::TaskRequest;
 use warren_core::TaskState;
-use warren_e2e::{final_event, states, until_final, Env};
-
-const T: Duration = Duration::from_secs(30);
+use warren_e2e::{final_event, states, until_final, Env, T};
 
 #[tokio::test]
 async fn echo_emits_started_then_succeeded_with_every_contract_field() {

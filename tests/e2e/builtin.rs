@@ -13,11 +13,9 @@ use serde_json::{json, Value};
 use warren_client::{ReceivedEvent, TaskRequest};
 use warren_core::event::ErrorKind;
 use warren_core::{Event, TaskState};
-use warren_e2e::{final_event, until_final, Env};
+use warren_e2e::{final_event, until_final, Env, T_LONG};
 
 use server::{content, content_sha256, TestServer};
-
-const T: Duration = Duration::from_secs(60);
 const MB: u64 = 1024 * 1024;
 
 /// A fresh data directory for one test's worker.
@@ -63,7 +61,7 @@ async fn run_all(
         ids.push(id.clone());
         by_name.push((name, id));
     }
-    let mut got = until_final(&mut watch, &ids, T).await;
+    let mut got = until_final(&mut watch, &ids, T_LONG).await;
     by_name
         .into_iter()
         .map(|(name, id)| (name, got.remove(&id).unwrap()))
@@ -341,7 +339,7 @@ async fn retry_after_sets_the_earliest_retry() {
         )
         .await
         .unwrap();
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, std::slice::from_ref(&id), T_LONG).await;
     let evs: Vec<&Event> = got[&id].iter().map(|e| &e.event).collect();
     let failed = evs.iter().find(|e| e.state == TaskState::Failed).unwrap();
     assert_eq!(failed.retry, Some(true));
@@ -605,7 +603,7 @@ async fn a_download_killed_mid_transfer_leaves_no_file_and_resumes_with_range() 
     // Progress events: at most one a second, growing, with the total.
     let mut progress: Vec<Event> = Vec::new();
     while progress.len() < 3 {
-        let e = watch.next(T).await.unwrap().expect("an event");
+        let e = watch.next(T_LONG).await.unwrap().expect("an event");
         assert!(!e.event.state.is_final(), "{:?}", e.event);
         if e.event.state == TaskState::Progress {
             assert_eq!(e.routing_key, "progress.file.download");
@@ -625,7 +623,9 @@ async fn a_download_killed_mid_transfer_leaves_no_file_and_resumes_with_range() 
         assert!(gap >= 900, "progress events {gap} ms apart");
     }
     env.signal(&first, "KILL");
-    env.wait_exit(&first, T).await.expect("killed worker exits");
+    env.wait_exit(&first, T_LONG)
+        .await
+        .expect("killed worker exits");
     let sent_before = srv.sent();
     assert!(sent_before < LEN, "killed mid-transfer");
     assert!(
@@ -641,7 +641,7 @@ async fn a_download_killed_mid_transfer_leaves_no_file_and_resumes_with_range() 
     );
 
     env.up(&[]);
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, std::slice::from_ref(&id), T_LONG).await;
     let ev = final_event(&got[&id]);
     assert_eq!(ev.state, TaskState::Succeeded, "{ev:?}");
     let r = ev.result.as_ref().unwrap();

@@ -1,15 +1,11 @@
 //! Cancellation (contract section 5): queued, delayed and running tasks.
 
-use std::time::Duration;
-
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use serde_json::json;
 use warren_client::TaskRequest;
 use warren_core::TaskState;
-use warren_e2e::{final_event, states, until_final, Env};
-
-const T: Duration = Duration::from_secs(60);
+use warren_e2e::{final_event, states, until_final, Env, T_LONG};
 
 #[tokio::test]
 async fn a_queued_task_is_dropped_with_a_cancelled_event() {
@@ -23,10 +19,11 @@ async fn a_queued_task_is_dropped_with_a_cancelled_event() {
     env.client.cancel(&id).await.unwrap();
     // The worker starts after the cancel: it must know it before its first task.
     env.spawn(&["worker"], &[]);
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, std::slice::from_ref(&id), T_LONG).await;
     assert_eq!(states(&got[&id]), ["cancelled"]);
     assert_eq!(final_event(&got[&id]).attempt, 0);
-    env.wait_depth(&env.names().work_queue("diag"), 0, T).await;
+    env.wait_depth(&env.names().work_queue("diag"), 0, T_LONG)
+        .await;
 }
 
 #[tokio::test]
@@ -44,7 +41,7 @@ async fn a_delayed_task_is_cancelled_no_later_than_its_due_time() {
         .publish_raw(&env.names().delay(), "diag.echo", b"{}", props)
         .await
         .unwrap();
-    let scheduled = watch.next(T).await.unwrap().expect("scheduled");
+    let scheduled = watch.next(T_LONG).await.unwrap().expect("scheduled");
     assert_eq!(scheduled.event.state, TaskState::Scheduled);
     // The CLI sends the cancel, as an operator would.
     let out = env.warren(&["cancel", "delayed-1"]).output().unwrap();
@@ -53,7 +50,7 @@ async fn a_delayed_task_is_cancelled_no_later_than_its_due_time() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let got = until_final(&mut watch, &["delayed-1".to_owned()], T).await;
+    let got = until_final(&mut watch, &["delayed-1".to_owned()], T_LONG).await;
     assert_eq!(states(&got["delayed-1"]), ["cancelled"]);
     let cancelled = final_event(&got["delayed-1"]);
     let due = scheduled.event.due_at.clone().unwrap();
@@ -78,15 +75,15 @@ async fn a_running_task_is_aborted_and_the_worker_lives_on() {
         .publish(&TaskRequest::new("diag.sleep", json!({"ms": 600000})))
         .await
         .unwrap();
-    let started = watch.next(T).await.unwrap().expect("started");
+    let started = watch.next(T_LONG).await.unwrap().expect("started");
     assert_eq!(started.event.state, TaskState::Started);
     env.client.cancel(&id).await.unwrap();
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, std::slice::from_ref(&id), T_LONG).await;
     assert_eq!(states(&got[&id]), ["cancelled"]);
     assert_eq!(final_event(&got[&id]).attempt, 1);
     let ok = env
         .client
-        .call(&TaskRequest::new("diag.echo", json!(1)), T)
+        .call(&TaskRequest::new("diag.echo", json!(1)), T_LONG)
         .await
         .unwrap();
     assert_eq!(ok.state, TaskState::Succeeded);
@@ -97,10 +94,10 @@ async fn a_running_task_is_aborted_and_the_worker_lives_on() {
 async fn a_cancel_is_remembered_across_restarts() {
     let mut env = Env::new("cancel-restart", &[]).await;
     let first = env.spawn(&["worker"], &[]);
-    env.wait_log(&first, "worker consuming", T).await;
+    env.wait_log(&first, "worker consuming", T_LONG).await;
     env.client.cancel("later-1").await.unwrap();
     env.signal(&first, "TERM");
-    assert_eq!(env.wait_exit(&first, T).await, Some(0));
+    assert_eq!(env.wait_exit(&first, T_LONG).await, Some(0));
     let mut watch = env.watch(&["#"]).await;
     env.client
         .publish(&TaskRequest::new("diag.echo", json!({})).id("later-1"))
@@ -108,6 +105,6 @@ async fn a_cancel_is_remembered_across_restarts() {
         .unwrap();
     // A new worker reads the cancel from the stream on boot.
     env.spawn(&["worker"], &[]);
-    let got = until_final(&mut watch, &["later-1".to_owned()], T).await;
+    let got = until_final(&mut watch, &["later-1".to_owned()], T_LONG).await;
     assert_eq!(states(&got["later-1"]), ["cancelled"]);
 }

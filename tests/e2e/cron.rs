@@ -14,9 +14,7 @@ use lapin::{BasicProperties, Connection, Consumer};
 use serde_json::json;
 use tokio::time::Instant;
 use warren_core::TaskState;
-use warren_e2e::{Env, Proc};
-
-const T: Duration = Duration::from_secs(30);
+use warren_e2e::{Env, Proc, T};
 
 /// Writes a config file with these `[[cron]]` entries (queues and routes
 /// stay the built-in ones: a file's array replaces only the same key).

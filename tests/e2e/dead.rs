@@ -9,9 +9,7 @@ use serde_json::{json, Value};
 use warren_client::{TaskRequest, ORIGINAL_EXPIRATION};
 use warren_core::headers::{get_int, get_str};
 use warren_core::TaskState;
-use warren_e2e::{final_event, states, until_final, Env};
-
-const T: Duration = Duration::from_secs(30);
+use warren_e2e::{final_event, states, until_final, Env, T};
 
 /// Runs `warren <args>` with stdin closed; returns the output.
 fn run(env: &Env, args: &[&str]) -> Output {

@@ -10,9 +10,7 @@ use serde_json::json;
 use warren_client::TaskRequest;
 use warren_core::event::ErrorKind;
 use warren_core::TaskState;
-use warren_e2e::{final_event, states, until_final, Env};
-
-const T: Duration = Duration::from_secs(60);
+use warren_e2e::{final_event, states, until_final, Env, T_LONG};
 
 fn at_ms(at: &str) -> i64 {
     DateTime::parse_from_rfc3339(at).unwrap().timestamp_millis()
@@ -82,7 +80,7 @@ async fn delayed_tasks_are_never_early_with_x_delay_and_both_eta_forms() {
             .unwrap();
     }
     let ids: Vec<String> = cases.iter().map(|c| c.0.to_owned()).collect();
-    let got = until_final(&mut watch, &ids, T).await;
+    let got = until_final(&mut watch, &ids, T_LONG).await;
     for (id, _, _, earliest) in &cases {
         let evs = &got[*id];
         assert_eq!(states(evs), ["scheduled", "started", "succeeded"], "{id}");
@@ -142,7 +140,7 @@ async fn bad_delay_headers_are_parked_invalid_nothing_lost() {
             .unwrap();
     }
     let ids: Vec<String> = cases.iter().map(|c| c.0.to_owned()).collect();
-    let got = until_final(&mut watch, &ids, T).await;
+    let got = until_final(&mut watch, &ids, T_LONG).await;
     for id in &ids {
         let ev = final_event(&got[id]);
         assert_eq!(ev.state, TaskState::Dead, "{id}");
@@ -167,9 +165,10 @@ async fn delayed_tasks_wait_while_no_scheduler_runs_and_each_is_released_once() 
             .await
             .unwrap();
     }
-    env.wait_depth(&env.names().delay_intake(), 30, T).await;
+    env.wait_depth(&env.names().delay_intake(), 30, T_LONG)
+        .await;
     env.up(&[]);
-    let got = until_final(&mut watch, &ids, T).await;
+    let got = until_final(&mut watch, &ids, T_LONG).await;
     // Nothing more arrives for them: no duplicate release.
     let mut extra = 0;
     while let Some(e) = watch.next(Duration::from_millis(1500)).await.unwrap() {
@@ -208,18 +207,19 @@ async fn a_scheduler_killed_mid_hop_loses_nothing() {
     }
     // All 40 are waiting in the broker's 2 s tiers; kill the scheduler while
     // they wait, then start a worker and a new scheduler.
-    env.wait_depth(&env.names().wait_tier(2), 20, T).await;
-    env.wait_depth(&env.names().release_tier(2), 20, T).await;
+    env.wait_depth(&env.names().wait_tier(2), 20, T_LONG).await;
+    env.wait_depth(&env.names().release_tier(2), 20, T_LONG)
+        .await;
     env.signal(&first, "KILL");
-    env.wait_exit(&first, T).await.expect("killed");
+    env.wait_exit(&first, T_LONG).await.expect("killed");
     // With no scheduler at all, the broker releases the release tier's half.
     env.spawn(&["worker"], &[]);
     let by_broker: Vec<String> = ids.iter().skip(1).step_by(2).cloned().collect();
-    let got = until_final(&mut watch, &by_broker, T).await;
+    let got = until_final(&mut watch, &by_broker, T_LONG).await;
     // The other half need a scheduler for their release.
     env.spawn(&["scheduler"], &[]);
     let rest: Vec<String> = ids.iter().step_by(2).cloned().collect();
-    let mut got_rest = until_final(&mut watch, &rest, T).await;
+    let mut got_rest = until_final(&mut watch, &rest, T_LONG).await;
     got_rest.extend(got);
     for id in &ids {
         assert_eq!(
@@ -246,12 +246,12 @@ async fn a_scheduler_killed_while_it_waits_the_last_fraction_loses_nothing() {
             .await
             .unwrap();
     }
-    let ops = env.ops_addr(&first, "scheduler", T).await;
-    warren_e2e::wait_metric(&ops, "warren_scheduler_held_tasks", 40.0, T).await;
+    let ops = env.ops_addr(&first, "scheduler", T_LONG).await;
+    warren_e2e::wait_metric(&ops, "warren_scheduler_held_tasks", 40.0, T_LONG).await;
     env.signal(&first, "KILL");
-    env.wait_exit(&first, T).await.expect("killed");
+    env.wait_exit(&first, T_LONG).await.expect("killed");
     env.up(&[]);
-    let got = until_final(&mut watch, &ids, T).await;
+    let got = until_final(&mut watch, &ids, T_LONG).await;
     for id in &ids {
         let succeeded = got[id]
             .iter()
@@ -281,7 +281,7 @@ async fn two_scheduler_replicas_release_each_delayed_task_once() {
             .await
             .unwrap();
     }
-    let got = until_final(&mut watch, &ids, T).await;
+    let got = until_final(&mut watch, &ids, T_LONG).await;
     let mut extra: HashMap<String, usize> = HashMap::new();
     while let Some(e) = watch.next(Duration::from_millis(1500)).await.unwrap() {
         *extra.entry(e.event.task_id).or_default() += 1;
@@ -319,7 +319,7 @@ async fn retries_back_off_with_attempts_and_events_then_end_retries_exhausted() 
         )
         .await
         .unwrap();
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, std::slice::from_ref(&id), T_LONG).await;
     let evs = &got[&id];
     assert_eq!(
         states(evs),
@@ -372,6 +372,6 @@ async fn expiration_counts_from_release_not_while_waiting() {
         .publish_raw(&env.names().delay(), "diag.echo", b"{}", p)
         .await
         .unwrap();
-    let got = until_final(&mut watch, &["exp-later".to_owned()], T).await;
+    let got = until_final(&mut watch, &["exp-later".to_owned()], T_LONG).await;
     assert_eq!(final_event(&got["exp-later"]).state, TaskState::Succeeded);
 }

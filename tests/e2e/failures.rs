@@ -1,14 +1,10 @@
 //! Handler failures: permanent, retryable with no retries left, panics, time limits.
 
-use std::time::Duration;
-
 use serde_json::json;
 use warren_client::TaskRequest;
 use warren_core::event::ErrorKind;
 use warren_core::TaskState;
-use warren_e2e::{states, until_final, Env};
-
-const T: Duration = Duration::from_secs(30);
+use warren_e2e::{states, until_final, Env, T};
 
 #[tokio::test]
 async fn permanent_failure_parks_dead_with_the_verbatim_message() {

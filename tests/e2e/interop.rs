@@ -2,19 +2,16 @@
 //! "Publish message" form (the HTTP API).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use serde_json::json;
 use warren_core::TaskState;
-use warren_e2e::{broker_url, final_event, python, states, until_final, Env, Mgmt};
+use warren_e2e::{broker_url, final_event, python, states, until_final, Env, Mgmt, T};
 
 fn pika_command() -> std::process::Command {
     let mut c = std::process::Command::new(python());
     c.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/publish_pika.py"));
     c
 }
-
-const T: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn a_task_published_with_python_pika_runs_and_its_events_arrive() {

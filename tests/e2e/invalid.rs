@@ -1,16 +1,12 @@
 //! Malformed messages are parked dead `invalid`, intact, and the worker keeps working.
 
-use std::time::Duration;
-
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use serde_json::json;
 use warren_client::TaskRequest;
 use warren_core::headers::get_str;
 use warren_core::TaskState;
-use warren_e2e::{final_event, until_final, Env};
-
-const T: Duration = Duration::from_secs(30);
+use warren_e2e::{final_event, until_final, Env, T};
 
 fn props(id: &str) -> BasicProperties {
     BasicProperties::default()

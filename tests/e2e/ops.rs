@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use warren_client::TaskRequest;
-use warren_e2e::{http_get as get, metric, until_final, wait_metric, Env, Mgmt};
-
-const T: Duration = Duration::from_secs(30);
+use warren_e2e::{http_get as get, metric, until_final, wait_metric, Env, Mgmt, T};
 
 /// Every sample line is `series value` with a number for value, and every
 /// family has HELP and TYPE.

@@ -10,10 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 use warren_core::event::{format_time, EventErrorInfo};
 use warren_core::{Event, TaskState};
-use warren_e2e::Env;
-
-/// Bound of every wait in these tests.
-pub const T: Duration = Duration::from_secs(30);
+use warren_e2e::{Env, T};
 
 /// PostgreSQL server URL (a database this role may create databases in).
 pub fn postgres_admin_url() -> String {

@@ -19,6 +19,13 @@ use warren_core::{Config, Event};
 
 pub use mgmt::Mgmt;
 
+/// The bound of a test's waits (events, queue depths, logs, exits).
+pub const T: Duration = Duration::from_secs(30);
+
+/// The bound of a slower test's waits: retries, delays, faults, large
+/// transfers.
+pub const T_LONG: Duration = Duration::from_secs(60);
+
 /// The broker URL tests use.
 pub fn broker_url() -> String {
     std::env::var("WARREN__BROKER__URL")
