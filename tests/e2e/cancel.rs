@@ -44,12 +44,7 @@ async fn a_delayed_task_is_cancelled_no_later_than_its_due_time() {
     let scheduled = watch.next(T_LONG).await.unwrap().expect("scheduled");
     assert_eq!(scheduled.event.state, TaskState::Scheduled);
     // The CLI sends the cancel, as an operator would.
-    let out = env.warren(&["cancel", "delayed-1"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    env.cli_ok(&["cancel", "delayed-1"]);
     let got = until_final(&mut watch, &["delayed-1".to_owned()], T_LONG).await;
     assert_eq!(states(&got["delayed-1"]), ["cancelled"]);
     let cancelled = final_event(&got["delayed-1"]);

@@ -13,7 +13,7 @@ use std::process::Command;
 use serde_json::json;
 use support::{as_refs, free_port, tracker_vars, Api, TestDb};
 use warren_client::TaskRequest;
-use warren_e2e::{until_final, Env, T};
+use warren_e2e::{until_final, CommandExt, Env, T};
 
 /// The Chromium binary: `WARREN_CHROMIUM`, else `chromium` on the PATH.
 fn chromium() -> PathBuf {
@@ -49,13 +49,7 @@ fn headless(url: &str, profile: &Path, args: &[&str]) -> String {
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(args)
         .arg(url)
-        .output()
-        .expect("run chromium");
-    assert!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .succeeds();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 

@@ -1,6 +1,5 @@
 //! The dead-letter CLI: `warren dead list|replay|purge` on a real `P.dead`.
 
-use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldArray, FieldTable};
@@ -11,14 +10,6 @@ use warren_core::headers::{get_int, get_str};
 use warren_core::TaskState;
 use warren_e2e::{final_event, states, until_final, Env, T};
 
-/// Runs `warren <args>` with stdin closed; returns the output.
-fn run(env: &Env, args: &[&str]) -> Output {
-    env.warren(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run warren")
-}
-
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -27,8 +18,7 @@ fn text(b: &[u8]) -> String {
 fn list_json(env: &Env, extra: &[&str]) -> Vec<Value> {
     let mut args = vec!["dead", "list", "--json"];
     args.extend_from_slice(extra);
-    let out = run(env, &args);
-    assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    let out = env.cli_ok(&args);
     text(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
@@ -79,8 +69,7 @@ async fn list_shows_dead_tasks_without_removing_them_and_purge_deletes_them() {
     env.wait_depth(&dead, 3, T).await;
 
     // Text listing: one line per task, a header and a count line.
-    let out = run(&env, &["dead", "list"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = env.cli_ok(&["dead", "list"]);
     let stdout = text(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 5, "header, 3 tasks, count: {stdout}");
@@ -139,35 +128,31 @@ async fn list_shows_dead_tasks_without_removing_them_and_purge_deletes_them() {
         "type is exact"
     );
     assert_eq!(list_json(&env, &["--limit", "1"]).len(), 1);
-    let out = run(&env, &["dead", "list", "--reason", "bogus"]);
-    assert!(!out.status.success(), "an unknown reason is refused");
+    // An unknown reason is refused.
+    env.cli_err(&["dead", "list", "--reason", "bogus"]);
     assert_eq!(env.depth(&dead).await, 3, "listing never removes anything");
 
     // Replaying an unknown id fails, names it, and changes nothing.
-    let out = run(&env, &["dead", "replay", "no-such-task"]);
-    assert_eq!(out.status.code(), Some(1));
+    let out = env.cli_exit(&["dead", "replay", "no-such-task"], 1);
     let err = text(&out.stderr);
     assert!(err.contains("no-such-task"), "{err}");
     assert_eq!(env.depth(&dead).await, 3);
 
     // Purge without --yes and without a terminal refuses and deletes nothing.
-    let out = run(&env, &["dead", "purge"]);
-    assert_eq!(out.status.code(), Some(1));
+    let out = env.cli_exit(&["dead", "purge"], 1);
     let err = text(&out.stderr);
     assert!(err.contains("--yes"), "{err}");
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     assert_eq!(env.depth(&dead).await, 3);
 
     // Purge with a filter deletes only what matches; then the rest.
-    let out = run(&env, &["dead", "purge", "--reason", "invalid", "--yes"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = env.cli_ok(&["dead", "purge", "--reason", "invalid", "--yes"]);
     assert!(text(&out.stdout).contains("deleted 1 dead task"));
     assert_eq!(ids_of(&list_json(&env, &[])), ["fail-1", "fail-2"]);
-    let out = run(&env, &["dead", "purge", "--yes"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = env.cli_ok(&["dead", "purge", "--yes"]);
     assert!(text(&out.stdout).contains("deleted 2 dead tasks"));
     assert_eq!(env.depth(&dead).await, 0);
-    let out = run(&env, &["dead", "list"]);
+    let out = env.warren(&["dead", "list"]).output().expect("run warren");
     assert_eq!(text(&out.stdout).trim(), format!("0 dead tasks in {dead}"));
 }
 
@@ -227,8 +212,7 @@ async fn replay_by_id_resets_the_attempt_and_keeps_everything_else() {
     env.wait_depth(&dead, 3, T).await;
 
     // One id found, one not: the found one is replayed, the exit says which is missing.
-    let out = run(&env, &["dead", "replay", "crafted", "ghost"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let out = env.cli_exit(&["dead", "replay", "crafted", "ghost"], 1);
     assert!(text(&out.stdout).contains("replayed 1 dead task"));
     let err = text(&out.stderr);
     assert!(err.contains("ghost") && !err.contains("crafted"), "{err}");
@@ -263,11 +247,9 @@ async fn replay_by_id_resets_the_attempt_and_keeps_everything_else() {
     assert_eq!(ids_of(&rows), ["other", "untyped"]);
 
     // A task without a type cannot be routed: it stays, with a warning.
-    let out = run(&env, &["dead", "replay", "--all", "--reason", "invalid"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = env.cli_ok(&["dead", "replay", "--all", "--reason", "invalid"]);
     assert!(text(&out.stdout).contains("replayed 1 dead task"));
-    let out = run(&env, &["dead", "replay", "untyped"]);
-    assert_eq!(out.status.code(), Some(1));
+    let out = env.cli_exit(&["dead", "replay", "untyped"], 1);
     assert!(text(&out.stderr).contains("warning: dead task untyped"));
     let left = env.drain(&dead).await;
     assert_eq!(left.len(), 1);
@@ -303,8 +285,7 @@ async fn an_expired_task_replayed_runs_again_from_attempt_one() {
     assert!(env.wait_exit(&scheduler, T).await.is_some());
     env.up(&[]);
     let mut watch = env.watch(&["#"]).await;
-    let out = run(&env, &["dead", "replay", "--all"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = env.cli_ok(&["dead", "replay", "--all"]);
     assert!(text(&out.stdout).contains("replayed 1 dead task"));
     let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
     let events = &got[&id];
@@ -378,8 +359,7 @@ async fn a_replay_killed_midway_loses_nothing_and_a_second_replay_finishes() {
     assert!(left > 0, "the kill came after the replay had finished");
     assert!(moved + left <= N + WINDOW, "{moved} + {left}");
 
-    let out = run(&env, &["dead", "replay", "--all"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    env.cli_ok(&["dead", "replay", "--all"]);
     assert_eq!(env.depth(&dead).await, 0);
     let copies = env.drain(&work).await;
     let ids: HashSet<String> = copies

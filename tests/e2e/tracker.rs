@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use support::{as_refs, event, free_port, publish_event, tracker_vars, Api, TestDb};
 use warren_client::TaskRequest;
 use warren_core::TaskState;
-use warren_e2e::{metric, until_final, Env, T};
+use warren_e2e::{metric, until_final, CommandExt, Env, T};
 
 /// The fields that must not depend on the order events arrived in.
 fn comparable(task: &Value) -> Value {
@@ -105,12 +105,7 @@ async fn out_of_order_and_duplicates(db: TestDb, name: &str) {
     );
 
     // The CLI reads the same database.
-    let out = env.warren(&["status", "ooo-a", "--json"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = env.cli_ok(&["status", "ooo-a", "--json"]);
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["task"], got_a["task"]);
     assert_eq!(status["events"].as_array().unwrap().len(), 6);
@@ -130,24 +125,16 @@ async fn out_of_order_and_duplicates(db: TestDb, name: &str) {
         "{text}"
     );
 
-    let out = env
-        .warren(&[
-            "tasks",
-            "--state",
-            "dead",
-            "--type",
-            "test.crafted",
-            "--since",
-            "1h",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = env.cli_ok(&[
+        "tasks",
+        "--state",
+        "dead",
+        "--type",
+        "test.crafted",
+        "--since",
+        "1h",
+        "--json",
+    ]);
     let ids: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| {
@@ -168,9 +155,8 @@ async fn out_of_order_and_duplicates(db: TestDb, name: &str) {
         "events are a minute old: {text}"
     );
 
-    let out = env.warren(&["status", "nope"]).output().unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no task \"nope\""));
+    let err = env.cli_err(&["status", "nope"]);
+    assert!(err.contains("no task \"nope\""));
 
     env.signal(&tracker, "TERM");
     assert_eq!(
@@ -324,15 +310,7 @@ async fn tracker_killed_under_load_loses_no_event() {
         .await;
     assert_eq!(stats["tasks"].as_u64(), Some(TASKS as u64), "{stats}");
     // Every event stored exactly once: the events counts add up.
-    let out = env
-        .warren(&["tasks", "--json", "--limit", "100000"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = env.cli_ok(&["tasks", "--json", "--limit", "100000"]);
     let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -613,16 +591,13 @@ async fn secrets_stay_out_of_logs_and_answers() {
             "{second_log}"
         );
         // A status query against an unreachable database names it, without its password.
-        let out = env
+        let stderr = env
             .warren(&["status", "x"])
             .env(
                 "WARREN__TRACKER__DATABASE_URL",
                 format!("postgres://root:{PG_SECRET}@127.0.0.1:1/nowhere"),
             )
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            .fails();
         assert!(
             stderr.contains("postgres://root:***@127.0.0.1:1/nowhere"),
             "{stderr}"

@@ -9,7 +9,7 @@ mod mgmt;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
@@ -60,20 +60,86 @@ pub fn python() -> PathBuf {
 
 /// Runs `interop/publish_pika.py` against the test broker with `args`
 /// (see the script's `--help`); panics with its stderr when it fails.
-pub fn pika(args: &[&str]) -> std::process::Output {
+pub fn pika(args: &[&str]) -> Output {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/publish_pika.py");
-    let out = Command::new(python())
+    Command::new(python())
         .arg(script)
         .args(["--url", &broker_url()])
         .args(args)
+        .succeeds()
+}
+
+/// Runs a [`Command`] to the end (stdin closed, output captured) and checks
+/// how it exited. On a mismatch it panics at the caller's line, showing the
+/// command line, the exit status and the stderr (and stdout).
+pub trait CommandExt {
+    /// Asserts the command succeeded; returns its output.
+    fn succeeds(&mut self) -> Output;
+    /// Asserts the command failed; returns its stderr.
+    fn fails(&mut self) -> String;
+    /// Asserts the command exited with `code`; returns its output.
+    fn exits_with(&mut self, code: i32) -> Output;
+}
+
+impl CommandExt for Command {
+    #[track_caller]
+    fn succeeds(&mut self) -> Output {
+        let out = run(self);
+        assert!(out.status.success(), "{}", report(self, &out, "succeed"));
+        out
+    }
+
+    #[track_caller]
+    fn fails(&mut self) -> String {
+        let out = run(self);
+        assert!(!out.status.success(), "{}", report(self, &out, "fail"));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    #[track_caller]
+    fn exits_with(&mut self, code: i32) -> Output {
+        let out = run(self);
+        let expected = format!("exit with {code}");
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{}",
+            report(self, &out, &expected)
+        );
+        out
+    }
+}
+
+#[track_caller]
+fn run(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
         .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "publish_pika.py {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+        .unwrap_or_else(|e| panic!("cannot run `{}`: {e}", command_line(cmd)))
+}
+
+/// `program args…`, the program by its file name.
+fn command_line(cmd: &Command) -> String {
+    let program = std::path::Path::new(cmd.get_program());
+    let mut line = program
+        .file_name()
+        .unwrap_or(program.as_os_str())
+        .to_string_lossy()
+        .into_owned();
+    for a in cmd.get_args() {
+        line.push(' ');
+        line.push_str(&a.to_string_lossy());
+    }
+    line
+}
+
+fn report(cmd: &Command, out: &Output, expected: &str) -> String {
+    format!(
+        "`{}` was expected to {expected} but ended with {}\nstderr:\n{}\nstdout:\n{}",
+        command_line(cmd),
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout),
+    )
 }
 
 /// One test's isolated Warren: prefix, settings, processes, cleanup.
@@ -143,7 +209,7 @@ impl Env {
             .join("e2e-logs");
         std::fs::create_dir_all(&logs).expect("create log dir");
         let client = Client::connect(&config).await.expect("broker reachable");
-        let mut env = Env {
+        let env = Env {
             prefix,
             vars,
             config,
@@ -151,16 +217,7 @@ impl Env {
             children: Vec::new(),
             logs,
         };
-        let out = env
-            .warren(&["topology", "apply"])
-            .output()
-            .expect("run warren");
-        assert!(
-            out.status.success(),
-            "topology apply failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        env.children.clear();
+        env.cli_ok(&["topology", "apply"]);
         env
     }
 
@@ -178,6 +235,24 @@ impl Env {
         }
         c.env("WARREN_LOG", "info,lapin=warn");
         c
+    }
+
+    /// Runs `warren <args>` and asserts it succeeded (see [`CommandExt`]).
+    #[track_caller]
+    pub fn cli_ok(&self, args: &[&str]) -> Output {
+        self.warren(args).succeeds()
+    }
+
+    /// Runs `warren <args>` and asserts it failed; returns its stderr.
+    #[track_caller]
+    pub fn cli_err(&self, args: &[&str]) -> String {
+        self.warren(args).fails()
+    }
+
+    /// Runs `warren <args>` and asserts it exited with `code`.
+    #[track_caller]
+    pub fn cli_exit(&self, args: &[&str], code: i32) -> Output {
+        self.warren(args).exits_with(code)
     }
 
     /// Starts `warren <args>` in the background, its stderr in a log file.
