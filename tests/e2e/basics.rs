@@ -11,9 +11,7 @@ use warren_e2e::{final_event, states, until_final, Env, T};
 
 #[tokio::test]
 async fn echo_emits_started_then_succeeded_with_every_contract_field() {
-    let mut env = Env::new("echo", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("echo", &[]).await;
     let id = env
         .client
         .publish(&TaskRequest::new("diag.echo", json!({"hello": "world"})).id("echo-1"))
@@ -45,8 +43,7 @@ async fn echo_emits_started_then_succeeded_with_every_contract_field() {
 
 #[tokio::test]
 async fn call_through_direct_reply_to_returns_the_final_event() {
-    let mut env = Env::new("call", &[]).await;
-    env.up(&[]);
+    let env = Env::with_up("call", &[]).await;
     let ev = env
         .client
         .call(&TaskRequest::new("diag.echo", json!([1, 2, 3])), T)
@@ -68,8 +65,7 @@ async fn call_through_direct_reply_to_returns_the_final_event() {
 
 #[tokio::test]
 async fn reply_to_a_named_queue_carries_the_producers_correlation_id() {
-    let mut env = Env::new("named-reply", &[]).await;
-    env.up(&[]);
+    let env = Env::with_up("named-reply", &[]).await;
     let reply_queue = format!("{}.replies", env.prefix);
     let conn = warren_client::connect(&env.config.broker.url, "test")
         .await
@@ -132,9 +128,7 @@ async fn an_unrouted_type_is_parked_in_unroutable_never_dropped() {
 
 #[tokio::test]
 async fn a_task_without_message_id_gets_one_that_every_event_reports() {
-    let mut env = Env::new("no-id", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("no-id", &[]).await;
     let props = BasicProperties::default().with_content_type("application/json".into());
     env.client
         .publish_raw(&env.names().tasks(), "diag.echo", b"{\"n\":1}", props)
@@ -261,9 +255,7 @@ async fn a_task_that_expires_in_its_queue_ends_dead_expired() {
 
 #[tokio::test]
 async fn a_forged_type_property_is_overwritten_and_charset_parameters_are_ignored() {
-    let mut env = Env::new("forged", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("forged", &[]).await;
     let props = BasicProperties::default()
         .with_content_type("Application/JSON; charset=utf-8".into())
         .with_message_id("forged-1".into())
@@ -281,7 +273,7 @@ async fn a_forged_type_property_is_overwritten_and_charset_parameters_are_ignore
 
 #[tokio::test]
 async fn a_large_result_is_truncated_and_says_so() {
-    let mut env = Env::new(
+    let env = Env::with_up(
         "big-result",
         &[
             ("WARREN__LIMITS__MAX_RESULT_BYTES", "200"),
@@ -289,7 +281,6 @@ async fn a_large_result_is_truncated_and_says_so() {
         ],
     )
     .await;
-    env.up(&[]);
     let ev = env
         .client
         .call(

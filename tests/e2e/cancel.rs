@@ -28,9 +28,7 @@ async fn a_queued_task_is_dropped_with_a_cancelled_event() {
 
 #[tokio::test]
 async fn a_delayed_task_is_cancelled_no_later_than_its_due_time() {
-    let mut env = Env::new("cancel-delayed", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("cancel-delayed", &[]).await;
     let mut h = FieldTable::default();
     h.insert("x-delay".into(), AMQPValue::LongInt(3000));
     let props = BasicProperties::default()
@@ -62,9 +60,7 @@ async fn a_delayed_task_is_cancelled_no_later_than_its_due_time() {
 
 #[tokio::test]
 async fn a_running_task_is_aborted_and_the_worker_lives_on() {
-    let mut env = Env::new("cancel-running", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("cancel-running", &[]).await;
     let id = env
         .client
         .publish(&TaskRequest::new("diag.sleep", json!({"ms": 600000})))

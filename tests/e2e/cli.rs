@@ -117,8 +117,7 @@ async fn topology_apply_is_idempotent_and_conflicts_name_the_fix() {
 
 #[tokio::test]
 async fn publish_wait_prints_the_final_event_and_count_shows_progress() {
-    let mut env = Env::new("cli-publish", &[]).await;
-    env.up(&[]);
+    let env = Env::with_up("cli-publish", &[]).await;
     let out = env.cli_ok(&[
         "publish",
         "diag.echo",

@@ -58,8 +58,7 @@ async fn dashboard_shows_queues_counts_failures_dead_letters_and_a_task() {
     let db = TestDb::sqlite("dashboard");
     let port = free_port();
     let vars = tracker_vars(&db, port);
-    let mut env = Env::new("dash", &as_refs(&vars)).await;
-    env.up(&[]);
+    let env = Env::with_up("dash", &as_refs(&vars)).await;
     let api = Api::new(port);
     api.wait_ready().await;
 

@@ -41,8 +41,7 @@ async fn park(env: &Env, body: &[u8], props: BasicProperties) {
 
 #[tokio::test]
 async fn list_shows_dead_tasks_without_removing_them_and_purge_deletes_them() {
-    let mut env = Env::new("deadlist", &[]).await;
-    env.up(&[]);
+    let env = Env::with_up("deadlist", &[]).await;
     let dead = env.names().dead();
     for id in ["fail-1", "fail-2"] {
         let ev = env

@@ -31,9 +31,7 @@ fn delayed(id: &str, header: &str, value: AMQPValue) -> BasicProperties {
 
 #[tokio::test]
 async fn delayed_tasks_are_never_early_with_x_delay_and_both_eta_forms() {
-    let mut env = Env::new("delay", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("delay", &[]).await;
     let now = now_ms();
     let rfc = DateTime::<Utc>::from_timestamp_millis(now + 2600)
         .unwrap()
@@ -298,7 +296,7 @@ async fn two_scheduler_replicas_release_each_delayed_task_once() {
 
 #[tokio::test]
 async fn retries_back_off_with_attempts_and_events_then_end_retries_exhausted() {
-    let mut env = Env::new(
+    let (env, mut watch) = Env::with_up_watching(
         "retries",
         &[
             ("WARREN__RETRY__DEFAULT__BASE_MS", "200"),
@@ -306,8 +304,6 @@ async fn retries_back_off_with_attempts_and_events_then_end_retries_exhausted() 
         ],
     )
     .await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
     let id = env
         .client
         .publish(
@@ -363,9 +359,7 @@ async fn retries_back_off_with_attempts_and_events_then_end_retries_exhausted() 
 
 #[tokio::test]
 async fn expiration_counts_from_release_not_while_waiting() {
-    let mut env = Env::new("delay-expiry", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("delay-expiry", &[]).await;
     let p =
         delayed("exp-later", "x-delay", AMQPValue::LongInt(2500)).with_expiration("1000".into());
     env.client

@@ -8,9 +8,7 @@ use warren_e2e::{states, until_final, Env, T};
 
 #[tokio::test]
 async fn permanent_failure_parks_dead_with_the_verbatim_message() {
-    let mut env = Env::new("permanent", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("permanent", &[]).await;
     let id = env
         .client
         .publish(&TaskRequest::new(
@@ -34,9 +32,7 @@ async fn permanent_failure_parks_dead_with_the_verbatim_message() {
 
 #[tokio::test]
 async fn retryable_failure_with_no_retries_left_is_retries_exhausted() {
-    let mut env = Env::new("exhausted", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("exhausted", &[]).await;
     let id = env
         .client
         .publish(
@@ -98,8 +94,7 @@ async fn a_retryable_failure_with_retries_left_goes_to_the_delay_exchange() {
 
 #[tokio::test]
 async fn a_panicking_handler_is_a_failure_and_the_worker_lives_on() {
-    let mut env = Env::new("panic", &[]).await;
-    env.up(&[]);
+    let env = Env::with_up("panic", &[]).await;
     let ev = env
         .client
         .call(
@@ -122,7 +117,7 @@ async fn a_panicking_handler_is_a_failure_and_the_worker_lives_on() {
 
 #[tokio::test]
 async fn a_handler_over_its_time_limit_fails_with_timeout_and_the_worker_lives_on() {
-    let mut env = Env::new(
+    let (env, mut watch) = Env::with_up_watching(
         "timeout",
         &[
             ("WARREN__WORKER__CONCURRENCY", "1"),
@@ -130,8 +125,6 @@ async fn a_handler_over_its_time_limit_fails_with_timeout_and_the_worker_lives_o
         ],
     )
     .await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
     let id = env
         .client
         .publish(

@@ -53,9 +53,7 @@ fn all_succeeded(got: &HashMap<String, Vec<ReceivedEvent>>, ids: &[String]) {
 
 #[tokio::test]
 async fn headers_too_large_or_deep_are_parked_once_and_the_queue_keeps_moving() {
-    let mut env = Env::new("hostile-hdr", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("hostile-hdr", &[]).await;
     let (tasks, delay) = (env.names().tasks(), env.names().delay());
     // 100 KiB in one value: over the header limit, under the broker's frame.
     publish(
@@ -139,9 +137,7 @@ async fn headers_too_large_or_deep_are_parked_once_and_the_queue_keeps_moving() 
 
 #[tokio::test]
 async fn a_task_type_too_long_to_route_its_events_is_parked_with_one_dead_event() {
-    let mut env = Env::new("hostile-type", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("hostile-type", &[]).await;
     let tasks = env.names().tasks();
     // 255 bytes, AMQP's limit for a routing key: `succeeded.<type>` would not fit.
     let long_type = format!("diag.{}", "x".repeat(250));
@@ -166,9 +162,7 @@ async fn a_task_type_too_long_to_route_its_events_is_parked_with_one_dead_event(
 
 #[tokio::test]
 async fn echo_fails_permanently_on_arguments_that_are_not_an_object() {
-    let mut env = Env::new("hostile-args", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("hostile-args", &[]).await;
     let tasks = env.names().tasks();
     let bodies = [
         ("array", "[1,2,3]"),

@@ -7,9 +7,7 @@ use warren_e2e::{final_event, pika, states, until_final, Env, Mgmt, T};
 
 #[tokio::test]
 async fn a_task_published_with_python_pika_runs_and_its_events_arrive() {
-    let mut env = Env::new("pika", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("pika", &[]).await;
     let tasks = env.names().tasks();
     pika(&[
         "--exchange",
@@ -35,8 +33,7 @@ async fn a_task_published_with_python_pika_runs_and_its_events_arrive() {
 
 #[tokio::test]
 async fn pika_call_through_direct_reply_to_gets_the_final_event() {
-    let mut env = Env::new("pika-reply", &[]).await;
-    env.up(&[]);
+    let env = Env::with_up("pika-reply", &[]).await;
     let tasks = env.names().tasks();
     let out = pika(&[
         "--exchange",
@@ -61,9 +58,7 @@ async fn pika_call_through_direct_reply_to_gets_the_final_event() {
 
 #[tokio::test]
 async fn a_task_published_from_the_management_console_runs() {
-    let mut env = Env::new("console", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("console", &[]).await;
     let routed = Mgmt::new()
         .publish(
             &env.names().tasks(),

@@ -16,9 +16,8 @@ fn props(id: &str) -> BasicProperties {
 
 #[tokio::test]
 async fn each_kind_of_invalid_message_is_parked_with_its_reason_and_nothing_is_lost() {
-    let mut env = Env::new("invalid", &[("WARREN__LIMITS__MAX_BODY_BYTES", "1024")]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) =
+        Env::with_up_watching("invalid", &[("WARREN__LIMITS__MAX_BODY_BYTES", "1024")]).await;
     let tasks = env.names().tasks();
     let mut hostile = FieldTable::default();
     hostile.insert(
@@ -125,8 +124,7 @@ async fn each_kind_of_invalid_message_is_parked_with_its_reason_and_nothing_is_l
 
 #[tokio::test]
 async fn invalid_arguments_are_a_permanent_failure_not_an_invalid_message() {
-    let mut env = Env::new("badargs", &[]).await;
-    env.up(&[]);
+    let env = Env::with_up("badargs", &[]).await;
     let ev = env
         .client
         .call(&TaskRequest::new("diag.sleep", json!({"ms": "soon"})), T)

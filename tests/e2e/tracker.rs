@@ -184,8 +184,7 @@ async fn postgres_tracker_in_up_counts_a_known_batch() {
     let db = TestDb::postgres(None).await;
     let port = free_port();
     let vars = tracker_vars(&db, port);
-    let mut env = Env::new("trk-batch", &as_refs(&vars)).await;
-    env.up(&[]);
+    let env = Env::with_up("trk-batch", &as_refs(&vars)).await;
     let api = Api::new(port);
     api.wait_ready().await;
     let mut watch = env.watch(&["#"]).await;
@@ -333,8 +332,7 @@ async fn api_answers_task_queue_and_dead_letter_queries() {
     let db = TestDb::sqlite("api");
     let port = free_port();
     let vars = tracker_vars(&db, port);
-    let mut env = Env::new("trk-api", &as_refs(&vars)).await;
-    env.up(&[]);
+    let env = Env::with_up("trk-api", &as_refs(&vars)).await;
     let api = Api::new(port);
     api.wait_ready().await;
     let mut watch = env.watch(&["#"]).await;

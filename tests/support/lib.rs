@@ -221,6 +221,21 @@ impl Env {
         env
     }
 
+    /// A new env ([`Env::new`]) with `warren up` running.
+    pub async fn with_up(name: &str, overrides: &[(&str, &str)]) -> Env {
+        let mut env = Env::new(name, overrides).await;
+        env.up(&[]);
+        env
+    }
+
+    /// A new env with `warren up` running ([`Env::with_up`]) and a watch on
+    /// every event (`#`).
+    pub async fn with_up_watching(name: &str, overrides: &[(&str, &str)]) -> (Env, EventWatch) {
+        let env = Env::with_up(name, overrides).await;
+        let watch = env.watch(&["#"]).await;
+        (env, watch)
+    }
+
     /// The topology names.
     pub fn names(&self) -> warren_core::Names {
         self.config.names()
