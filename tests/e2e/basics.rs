@@ -18,7 +18,7 @@ async fn echo_emits_started_then_succeeded_with_every_contract_field() {
         .await
         .unwrap();
     assert_eq!(id, "echo-1");
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, &[&id], T).await;
     let events = &got[&id];
     assert_eq!(states(events), ["started", "succeeded"]);
     let done = &events[1];
@@ -140,7 +140,7 @@ async fn a_task_without_message_id_gets_one_that_every_event_reports() {
         uuid::Uuid::parse_str(&id).is_ok(),
         "assigned id {id} is a UUID"
     );
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, &[&id], T).await;
     assert!(got[&id].iter().all(|e| e.event.task_id == id));
 }
 
@@ -235,7 +235,7 @@ async fn a_task_that_expires_in_its_queue_ends_dead_expired() {
         )
         .await
         .unwrap();
-    let got = until_final(&mut watch, &["exp-1".to_owned()], T).await;
+    let got = until_final(&mut watch, &["exp-1"], T).await;
     let ev = final_event(&got["exp-1"]);
     assert_eq!(ev.reason.as_deref(), Some("expired"));
     assert_eq!(ev.attempt, 0);
@@ -264,7 +264,7 @@ async fn a_forged_type_property_is_overwritten_and_charset_parameters_are_ignore
         .publish_raw(&env.names().tasks(), "diag.echo", b"{\"a\":1}", props)
         .await
         .unwrap();
-    let got = until_final(&mut watch, &["forged-1".to_owned()], T).await;
+    let got = until_final(&mut watch, &["forged-1"], T).await;
     let ev = final_event(&got["forged-1"]);
     assert_eq!(ev.state, TaskState::Succeeded);
     assert_eq!(ev.task_type, "diag.echo", "the routing key is the type");

@@ -339,7 +339,7 @@ async fn retry_after_sets_the_earliest_retry() {
         )
         .await
         .unwrap();
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T_LONG).await;
+    let got = until_final(&mut watch, &[&id], T_LONG).await;
     let evs: Vec<&Event> = got[&id].iter().map(|e| &e.event).collect();
     let failed = evs.iter().find(|e| e.state == TaskState::Failed).unwrap();
     assert_eq!(failed.retry, Some(true));
@@ -641,7 +641,7 @@ async fn a_download_killed_mid_transfer_leaves_no_file_and_resumes_with_range() 
     );
 
     env.up(&[]);
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T_LONG).await;
+    let got = until_final(&mut watch, &[&id], T_LONG).await;
     let ev = final_event(&got[&id]);
     assert_eq!(ev.state, TaskState::Succeeded, "{ev:?}");
     let r = ev.result.as_ref().unwrap();

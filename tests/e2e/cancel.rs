@@ -19,7 +19,7 @@ async fn a_queued_task_is_dropped_with_a_cancelled_event() {
     env.client.cancel(&id).await.unwrap();
     // The worker starts after the cancel: it must know it before its first task.
     env.spawn(&["worker"], &[]);
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T_LONG).await;
+    let got = until_final(&mut watch, &[&id], T_LONG).await;
     assert_eq!(states(&got[&id]), ["cancelled"]);
     assert_eq!(final_event(&got[&id]).attempt, 0);
     env.wait_depth(&env.names().work_queue("diag"), 0, T_LONG)
@@ -43,7 +43,7 @@ async fn a_delayed_task_is_cancelled_no_later_than_its_due_time() {
     assert_eq!(scheduled.event.state, TaskState::Scheduled);
     // The CLI sends the cancel, as an operator would.
     env.cli_ok(&["cancel", "delayed-1"]);
-    let got = until_final(&mut watch, &["delayed-1".to_owned()], T_LONG).await;
+    let got = until_final(&mut watch, &["delayed-1"], T_LONG).await;
     assert_eq!(states(&got["delayed-1"]), ["cancelled"]);
     let cancelled = final_event(&got["delayed-1"]);
     let due = scheduled.event.due_at.clone().unwrap();
@@ -69,7 +69,7 @@ async fn a_running_task_is_aborted_and_the_worker_lives_on() {
     let started = watch.next(T_LONG).await.unwrap().expect("started");
     assert_eq!(started.event.state, TaskState::Started);
     env.client.cancel(&id).await.unwrap();
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T_LONG).await;
+    let got = until_final(&mut watch, &[&id], T_LONG).await;
     assert_eq!(states(&got[&id]), ["cancelled"]);
     assert_eq!(final_event(&got[&id]).attempt, 1);
     let ok = env
@@ -96,6 +96,6 @@ async fn a_cancel_is_remembered_across_restarts() {
         .unwrap();
     // A new worker reads the cancel from the stream on boot.
     env.spawn(&["worker"], &[]);
-    let got = until_final(&mut watch, &["later-1".to_owned()], T_LONG).await;
+    let got = until_final(&mut watch, &["later-1"], T_LONG).await;
     assert_eq!(states(&got["later-1"]), ["cancelled"]);
 }

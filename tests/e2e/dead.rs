@@ -286,7 +286,7 @@ async fn an_expired_task_replayed_runs_again_from_attempt_one() {
     let mut watch = env.watch(&["#"]).await;
     let out = env.cli_ok(&["dead", "replay", "--all"]);
     assert!(text(&out.stdout).contains("replayed 1 dead task"));
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, &[&id], T).await;
     let events = &got[&id];
     assert_eq!(states(events), ["started", "succeeded"]);
     let ev = final_event(events);

@@ -315,7 +315,7 @@ async fn retries_back_off_with_attempts_and_events_then_end_retries_exhausted() 
         )
         .await
         .unwrap();
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T_LONG).await;
+    let got = until_final(&mut watch, &[&id], T_LONG).await;
     let evs = &got[&id];
     assert_eq!(
         states(evs),
@@ -366,6 +366,6 @@ async fn expiration_counts_from_release_not_while_waiting() {
         .publish_raw(&env.names().delay(), "diag.echo", b"{}", p)
         .await
         .unwrap();
-    let got = until_final(&mut watch, &["exp-later".to_owned()], T_LONG).await;
+    let got = until_final(&mut watch, &["exp-later"], T_LONG).await;
     assert_eq!(final_event(&got["exp-later"]).state, TaskState::Succeeded);
 }

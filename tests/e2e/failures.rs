@@ -17,7 +17,7 @@ async fn permanent_failure_parks_dead_with_the_verbatim_message() {
         ))
         .await
         .unwrap();
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, &[&id], T).await;
     let ev = &got[&id];
     assert_eq!(states(ev), ["started", "failed", "dead"]);
     let failed = &ev[1].event;
@@ -41,7 +41,7 @@ async fn retryable_failure_with_no_retries_left_is_retries_exhausted() {
         )
         .await
         .unwrap();
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, &[&id], T).await;
     let ev = &got[&id];
     assert_eq!(states(ev), ["started", "failed", "dead"]);
     assert_eq!(ev[1].event.retry, Some(false));
@@ -134,7 +134,7 @@ async fn a_handler_over_its_time_limit_fails_with_timeout_and_the_worker_lives_o
         )
         .await
         .unwrap();
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, &[&id], T).await;
     let ev = &got[&id];
     assert_eq!(states(ev), ["started", "failed", "dead"]);
     let err = ev[1].event.error.as_ref().unwrap();

@@ -24,7 +24,7 @@ async fn a_worker_killed_mid_task_loses_nothing_the_task_is_redelivered_and_succ
         .await
         .expect("killed worker exits");
     env.spawn(&["worker"], &[]);
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T_LONG).await;
+    let got = until_final(&mut watch, &[&id], T_LONG).await;
     let ev = final_event(&got[&id]);
     assert_eq!(ev.state, TaskState::Succeeded);
     assert_ne!(
@@ -108,7 +108,7 @@ async fn sigterm_lets_the_running_task_finish_then_exits_zero() {
     let started = watch.next(T_LONG).await.unwrap().expect("started");
     assert_eq!(started.event.state, TaskState::Started);
     env.signal(&worker, "TERM");
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T_LONG).await;
+    let got = until_final(&mut watch, &[&id], T_LONG).await;
     assert_eq!(final_event(&got[&id]).state, TaskState::Succeeded);
     assert_eq!(env.wait_exit(&worker, T_LONG).await, Some(0), "exit code 0");
     assert_eq!(env.depth(&env.names().work_queue("diag")).await, 0);
@@ -150,7 +150,7 @@ async fn a_task_that_keeps_killing_its_worker_is_parked_poison() {
         env.wait_exit(&w, T_LONG).await.expect("killed");
     }
     env.spawn(&["worker"], &[]);
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T_LONG).await;
+    let got = until_final(&mut watch, &[&id], T_LONG).await;
     let ev = final_event(&got[&id]);
     assert_eq!(ev.state, TaskState::Dead);
     assert_eq!(ev.reason.as_deref(), Some("poison"));

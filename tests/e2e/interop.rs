@@ -23,7 +23,7 @@ async fn a_task_published_with_python_pika_runs_and_its_events_arrive() {
         "--header",
         "x-warren-max-retries=2",
     ]);
-    let got = until_final(&mut watch, &["py-1".to_owned()], T).await;
+    let got = until_final(&mut watch, &["py-1"], T).await;
     assert_eq!(states(&got["py-1"]), ["started", "succeeded"]);
     assert_eq!(
         final_event(&got["py-1"]).result,
@@ -68,7 +68,7 @@ async fn a_task_published_from_the_management_console_runs() {
         )
         .await;
     assert!(routed);
-    let got = until_final(&mut watch, &["console-1".to_owned()], T).await;
+    let got = until_final(&mut watch, &["console-1"], T).await;
     assert_eq!(
         final_event(&got["console-1"]).result,
         Some(json!({"from": "console"}))

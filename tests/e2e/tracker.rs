@@ -352,7 +352,7 @@ async fn api_answers_task_queue_and_dead_letter_queries() {
         )
         .await
         .unwrap();
-    until_final(&mut watch, &[ok.clone(), bad.clone()], T).await;
+    until_final(&mut watch, &[&ok, &bad], T).await;
 
     let got = api.wait_events("api-bad", 3).await;
     let states: Vec<&str> = got["events"]

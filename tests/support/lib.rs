@@ -414,14 +414,15 @@ impl Env {
 
 /// Collects events until every id in `ids` has a final event; panics with
 /// what is missing after `timeout`. Returns each task's events in order.
+/// `ids` may be `String`s or `&str`s: `&[&id]`, `&["task-1"]`, `&ids`.
 pub async fn until_final(
     watch: &mut EventWatch,
-    ids: &[String],
+    ids: &[impl AsRef<str>],
     timeout: Duration,
 ) -> HashMap<String, Vec<ReceivedEvent>> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut by_id: HashMap<String, Vec<ReceivedEvent>> = HashMap::new();
-    let mut open: std::collections::HashSet<&String> = ids.iter().collect();
+    let mut open: std::collections::HashSet<&str> = ids.iter().map(|id| id.as_ref()).collect();
     while !open.is_empty() {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let Some(got) = watch.next(left).await.expect("watch") else {
@@ -433,7 +434,7 @@ pub async fn until_final(
             );
         };
         if got.event.state.is_final() {
-            open.remove(&got.event.task_id);
+            open.remove(got.event.task_id.as_str());
         }
         by_id
             .entry(got.event.task_id.clone())
