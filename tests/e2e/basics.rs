@@ -13,10 +13,8 @@ use warren_e2e::{final_event, states, until_final, Env, T};
 async fn echo_emits_started_then_succeeded_with_every_contract_field() {
     let (env, mut watch) = Env::with_up_watching("echo", &[]).await;
     let id = env
-        .client
         .publish(&TaskRequest::new("diag.echo", json!({"hello": "world"})).id("echo-1"))
-        .await
-        .unwrap();
+        .await;
     assert_eq!(id, "echo-1");
     let got = until_final(&mut watch, &[&id], T).await;
     let events = &got[&id];
@@ -45,20 +43,16 @@ async fn echo_emits_started_then_succeeded_with_every_contract_field() {
 async fn call_through_direct_reply_to_returns_the_final_event() {
     let env = Env::with_up("call", &[]).await;
     let ev = env
-        .client
         .call(&TaskRequest::new("diag.echo", json!([1, 2, 3])), T)
-        .await
-        .unwrap();
+        .await;
     assert_eq!(ev.state, TaskState::Succeeded);
     assert_eq!(ev.result, Some(json!([1, 2, 3])));
     let ev = env
-        .client
         .call(
             &TaskRequest::new("diag.fail", json!({"kind": "permanent", "message": "nope"})),
             T,
         )
-        .await
-        .unwrap();
+        .await;
     assert_eq!(ev.state, TaskState::Dead);
     assert_eq!(ev.reason.as_deref(), Some("permanent_failure"));
 }
@@ -95,10 +89,8 @@ async fn reply_to_a_named_queue_carries_the_producers_correlation_id() {
         .with_message_id("named-1".into())
         .with_reply_to(reply_queue.as_str().into())
         .with_correlation_id("my-corr".into());
-    env.client
-        .publish_raw(&env.names().tasks(), "diag.echo", b"{\"x\":1}", props)
-        .await
-        .unwrap();
+    env.publish_raw(&env.names().tasks(), "diag.echo", b"{\"x\":1}", props)
+        .await;
     let d = tokio::time::timeout(T, replies.next())
         .await
         .expect("a reply within the timeout")
@@ -117,10 +109,8 @@ async fn reply_to_a_named_queue_carries_the_producers_correlation_id() {
 #[tokio::test]
 async fn an_unrouted_type_is_parked_in_unroutable_never_dropped() {
     let env = Env::new("unroutable", &[]).await;
-    env.client
-        .publish(&TaskRequest::new("nobody.handles.this", json!({})))
-        .await
-        .unwrap();
+    env.publish(&TaskRequest::new("nobody.handles.this", json!({})))
+        .await;
     env.wait_depth(&env.names().unroutable(), 1, T).await;
     let msgs = env.drain(&env.names().unroutable()).await;
     assert_eq!(msgs.len(), 1);
@@ -130,10 +120,8 @@ async fn an_unrouted_type_is_parked_in_unroutable_never_dropped() {
 async fn a_task_without_message_id_gets_one_that_every_event_reports() {
     let (env, mut watch) = Env::with_up_watching("no-id", &[]).await;
     let props = BasicProperties::default().with_content_type("application/json".into());
-    env.client
-        .publish_raw(&env.names().tasks(), "diag.echo", b"{\"n\":1}", props)
-        .await
-        .unwrap();
+    env.publish_raw(&env.names().tasks(), "diag.echo", b"{\"n\":1}", props)
+        .await;
     let first = watch.next(T).await.unwrap().expect("an event");
     let id = first.event.task_id.clone();
     assert!(
@@ -227,14 +215,12 @@ async fn a_task_that_expires_in_its_queue_ends_dead_expired() {
     // Only the scheduler runs: no worker takes the task before it expires.
     env.spawn(&["scheduler"], &[]);
     let mut watch = env.watch(&["dead.#"]).await;
-    env.client
-        .publish(
-            &TaskRequest::new("diag.echo", json!({}))
-                .id("exp-1")
-                .expiration_ms(50),
-        )
-        .await
-        .unwrap();
+    env.publish(
+        &TaskRequest::new("diag.echo", json!({}))
+            .id("exp-1")
+            .expiration_ms(50),
+    )
+    .await;
     let got = until_final(&mut watch, &["exp-1"], T).await;
     let ev = final_event(&got["exp-1"]);
     assert_eq!(ev.reason.as_deref(), Some("expired"));
@@ -260,10 +246,8 @@ async fn a_forged_type_property_is_overwritten_and_charset_parameters_are_ignore
         .with_content_type("Application/JSON; charset=utf-8".into())
         .with_message_id("forged-1".into())
         .with_type("something.else".into());
-    env.client
-        .publish_raw(&env.names().tasks(), "diag.echo", b"{\"a\":1}", props)
-        .await
-        .unwrap();
+    env.publish_raw(&env.names().tasks(), "diag.echo", b"{\"a\":1}", props)
+        .await;
     let got = until_final(&mut watch, &["forged-1"], T).await;
     let ev = final_event(&got["forged-1"]);
     assert_eq!(ev.state, TaskState::Succeeded);
@@ -282,13 +266,11 @@ async fn a_large_result_is_truncated_and_says_so() {
     )
     .await;
     let ev = env
-        .client
         .call(
             &TaskRequest::new("diag.echo", json!({"pad": "x".repeat(5000)})),
             T,
         )
-        .await
-        .unwrap();
+        .await;
     let result = ev.result.unwrap();
     assert_eq!(result["truncated"], true);
     assert!(result["bytes"].as_u64().unwrap() > 5000);
@@ -310,10 +292,8 @@ async fn with_a_default_queue_an_unrouted_type_goes_there() {
     .unwrap();
     env.cli_ok(&["--config", file.to_str().unwrap(), "topology", "apply"]);
     let _ = std::fs::remove_file(&file);
-    env.client
-        .publish(&TaskRequest::new("report.monthly", json!({})))
-        .await
-        .unwrap();
+    env.publish(&TaskRequest::new("report.monthly", json!({})))
+        .await;
     env.wait_depth(&env.names().work_queue("main"), 1, T).await;
     assert_eq!(env.depth(&env.names().unroutable()).await, 0);
 }
@@ -332,10 +312,8 @@ async fn a_quorum_work_queue_runs_tasks() {
     let mut env = env;
     env.spawn(&["--config", &cfg, "worker"], &[]);
     let ev = env
-        .client
         .call(&TaskRequest::new("diag.echo", json!({"q": "quorum"})), T)
-        .await
-        .unwrap();
+        .await;
     let _ = std::fs::remove_file(&file);
     assert_eq!(ev.state, TaskState::Succeeded);
     assert_eq!(ev.queue.as_deref(), Some("qq"));

@@ -54,10 +54,8 @@ async fn run_all(
     let mut by_name = Vec::new();
     for (name, task_type, args) in tasks {
         let id = env
-            .client
             .publish(&TaskRequest::new(task_type, args).header_int("x-warren-max-retries", 0))
-            .await
-            .unwrap();
+            .await;
         ids.push(id.clone());
         by_name.push((name, id));
     }
@@ -329,7 +327,6 @@ async fn retry_after_sets_the_earliest_retry() {
     env.up(&[]);
     let mut watch = env.watch(&["#"]).await;
     let id = env
-        .client
         .publish(
             &TaskRequest::new(
                 "http.request",
@@ -337,8 +334,7 @@ async fn retry_after_sets_the_earliest_retry() {
             )
             .header_int("x-warren-max-retries", 1),
         )
-        .await
-        .unwrap();
+        .await;
     let got = until_final(&mut watch, &[&id], T_LONG).await;
     let evs: Vec<&Event> = got[&id].iter().map(|e| &e.event).collect();
     let failed = evs.iter().find(|e| e.state == TaskState::Failed).unwrap();
@@ -550,7 +546,6 @@ async fn a_300_mb_download_streams_with_bounded_memory_and_a_verified_sha256() {
 
     let started = std::time::Instant::now();
     let ev = env
-        .client
         .call(
             &TaskRequest::new(
                 "file.download",
@@ -558,8 +553,7 @@ async fn a_300_mb_download_streams_with_bounded_memory_and_a_verified_sha256() {
             ),
             Duration::from_secs(240),
         )
-        .await
-        .unwrap();
+        .await;
     let secs = started.elapsed().as_secs_f64();
     assert_eq!(ev.state, TaskState::Succeeded, "{ev:?}");
     let rss = peak_rss(up.pid);
@@ -591,15 +585,13 @@ async fn a_download_killed_mid_transfer_leaves_no_file_and_resumes_with_range() 
     let first = env.up(&[]);
     let mut watch = env.watch(&["#"]).await;
     let id = env
-        .client
         .publish(&TaskRequest::new(
             "file.download",
             // 2 MB/s for a full response: about 8 s, so the kill lands mid-way.
             json!({"url": srv.url(&format!("/gen/{LEN}?rate=2000000")), "path": "dl/file.bin",
                    "sha256": content_sha256(LEN)}),
         ))
-        .await
-        .unwrap();
+        .await;
     // Progress events: at most one a second, growing, with the total.
     let mut progress: Vec<Event> = Vec::new();
     while progress.len() < 3 {

@@ -12,10 +12,8 @@ async fn a_queued_task_is_dropped_with_a_cancelled_event() {
     let mut env = Env::new("cancel-queued", &[]).await;
     let mut watch = env.watch(&["#"]).await;
     let id = env
-        .client
         .publish(&TaskRequest::new("diag.echo", json!({})).id("queued-1"))
-        .await
-        .unwrap();
+        .await;
     env.client.cancel(&id).await.unwrap();
     // The worker starts after the cancel: it must know it before its first task.
     env.spawn(&["worker"], &[]);
@@ -35,10 +33,8 @@ async fn a_delayed_task_is_cancelled_no_later_than_its_due_time() {
         .with_content_type("application/json".into())
         .with_message_id("delayed-1".into())
         .with_headers(h);
-    env.client
-        .publish_raw(&env.names().delay(), "diag.echo", b"{}", props)
-        .await
-        .unwrap();
+    env.publish_raw(&env.names().delay(), "diag.echo", b"{}", props)
+        .await;
     let scheduled = watch.next(T_LONG).await.unwrap().expect("scheduled");
     assert_eq!(scheduled.event.state, TaskState::Scheduled);
     // The CLI sends the cancel, as an operator would.
@@ -62,10 +58,8 @@ async fn a_delayed_task_is_cancelled_no_later_than_its_due_time() {
 async fn a_running_task_is_aborted_and_the_worker_lives_on() {
     let (env, mut watch) = Env::with_up_watching("cancel-running", &[]).await;
     let id = env
-        .client
         .publish(&TaskRequest::new("diag.sleep", json!({"ms": 600000})))
-        .await
-        .unwrap();
+        .await;
     let started = watch.next(T_LONG).await.unwrap().expect("started");
     assert_eq!(started.event.state, TaskState::Started);
     env.client.cancel(&id).await.unwrap();
@@ -73,10 +67,8 @@ async fn a_running_task_is_aborted_and_the_worker_lives_on() {
     assert_eq!(states(&got[&id]), ["cancelled"]);
     assert_eq!(final_event(&got[&id]).attempt, 1);
     let ok = env
-        .client
         .call(&TaskRequest::new("diag.echo", json!(1)), T_LONG)
-        .await
-        .unwrap();
+        .await;
     assert_eq!(ok.state, TaskState::Succeeded);
     assert_eq!(env.depth(&env.names().work_queue("diag")).await, 0);
 }
@@ -90,10 +82,8 @@ async fn a_cancel_is_remembered_across_restarts() {
     env.signal(&first, "TERM");
     assert_eq!(env.wait_exit(&first, T_LONG).await, Some(0));
     let mut watch = env.watch(&["#"]).await;
-    env.client
-        .publish(&TaskRequest::new("diag.echo", json!({})).id("later-1"))
-        .await
-        .unwrap();
+    env.publish(&TaskRequest::new("diag.echo", json!({})).id("later-1"))
+        .await;
     // A new worker reads the cancel from the stream on boot.
     env.spawn(&["worker"], &[]);
     let got = until_final(&mut watch, &["later-1"], T_LONG).await;

@@ -33,10 +33,7 @@ fn ids_of(rows: &[Value]) -> Vec<&str> {
 
 /// Publishes a message straight into `P.dead`, as a dead copy would look.
 async fn park(env: &Env, body: &[u8], props: BasicProperties) {
-    env.client
-        .publish_raw("", &env.names().dead(), body, props)
-        .await
-        .unwrap();
+    env.publish_raw("", &env.names().dead(), body, props).await;
 }
 
 #[tokio::test]
@@ -45,7 +42,6 @@ async fn list_shows_dead_tasks_without_removing_them_and_purge_deletes_them() {
     let dead = env.names().dead();
     for id in ["fail-1", "fail-2"] {
         let ev = env
-            .client
             .call(
                 &TaskRequest::new(
                     "diag.fail",
@@ -54,17 +50,14 @@ async fn list_shows_dead_tasks_without_removing_them_and_purge_deletes_them() {
                 .id(id),
                 T,
             )
-            .await
-            .unwrap();
+            .await;
         assert_eq!(ev.state, TaskState::Dead, "{id}");
     }
     let props = BasicProperties::default()
         .with_message_id("oops-1".into())
         .with_content_type("application/json".into());
-    env.client
-        .publish_raw(&env.names().tasks(), "diag.echo", b"{oops", props)
-        .await
-        .unwrap();
+    env.publish_raw(&env.names().tasks(), "diag.echo", b"{oops", props)
+        .await;
     env.wait_depth(&dead, 3, T).await;
 
     // Text listing: one line per task, a header and a count line.
@@ -267,14 +260,12 @@ async fn an_expired_task_replayed_runs_again_from_attempt_one() {
     // Only the scheduler runs: the task expires in its work queue and is parked.
     let scheduler = env.spawn(&["scheduler"], &[]);
     let id = env
-        .client
         .publish(
             &TaskRequest::new("diag.echo", json!({"late": true}))
                 .id("late-1")
                 .expiration_ms(500),
         )
-        .await
-        .unwrap();
+        .await;
     env.wait_depth(&dead, 1, T).await;
     let rows = list_json(&env, &[]);
     assert_eq!(rows[0]["id"], "late-1");

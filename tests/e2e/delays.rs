@@ -67,15 +67,13 @@ async fn delayed_tasks_are_never_early_with_x_delay_and_both_eta_forms() {
         ),
     ];
     for (id, h, v, _) in &cases {
-        env.client
-            .publish_raw(
-                &env.names().delay(),
-                "diag.echo",
-                b"{}",
-                delayed(id, h, v.clone()),
-            )
-            .await
-            .unwrap();
+        env.publish_raw(
+            &env.names().delay(),
+            "diag.echo",
+            b"{}",
+            delayed(id, h, v.clone()),
+        )
+        .await;
     }
     let ids: Vec<String> = cases.iter().map(|c| c.0.to_owned()).collect();
     let got = until_final(&mut watch, &ids, T_LONG).await;
@@ -132,10 +130,8 @@ async fn bad_delay_headers_are_parked_invalid_nothing_lost() {
         ),
     ];
     for (_, p) in &cases {
-        env.client
-            .publish_raw(&env.names().delay(), "diag.echo", b"{}", p.clone())
-            .await
-            .unwrap();
+        env.publish_raw(&env.names().delay(), "diag.echo", b"{}", p.clone())
+            .await;
     }
     let ids: Vec<String> = cases.iter().map(|c| c.0.to_owned()).collect();
     let got = until_final(&mut watch, &ids, T_LONG).await;
@@ -153,15 +149,13 @@ async fn delayed_tasks_wait_while_no_scheduler_runs_and_each_is_released_once() 
     let mut watch = env.watch(&["#"]).await;
     let ids: Vec<String> = (0..30).map(|i| format!("held-{i}")).collect();
     for id in &ids {
-        env.client
-            .publish_raw(
-                &env.names().delay(),
-                "diag.echo",
-                b"{}",
-                delayed(id, "x-delay", AMQPValue::LongInt(300)),
-            )
-            .await
-            .unwrap();
+        env.publish_raw(
+            &env.names().delay(),
+            "diag.echo",
+            b"{}",
+            delayed(id, "x-delay", AMQPValue::LongInt(300)),
+        )
+        .await;
     }
     env.wait_depth(&env.names().delay_intake(), 30, T_LONG)
         .await;
@@ -198,10 +192,8 @@ async fn a_scheduler_killed_mid_hop_loses_nothing() {
         if i % 2 == 0 {
             props = props.with_expiration("60000".into());
         }
-        env.client
-            .publish_raw(&env.names().delay(), "diag.echo", b"{}", props)
-            .await
-            .unwrap();
+        env.publish_raw(&env.names().delay(), "diag.echo", b"{}", props)
+            .await;
     }
     // All 40 are waiting in the broker's 2 s tiers; kill the scheduler while
     // they wait, then start a worker and a new scheduler.
@@ -239,10 +231,8 @@ async fn a_scheduler_killed_while_it_waits_the_last_fraction_loses_nothing() {
     let due = now_ms() + 1900;
     for id in &ids {
         let props = delayed(id, "x-warren-eta", AMQPValue::LongLongInt(due));
-        env.client
-            .publish_raw(&env.names().delay(), "diag.echo", b"{}", props)
-            .await
-            .unwrap();
+        env.publish_raw(&env.names().delay(), "diag.echo", b"{}", props)
+            .await;
     }
     let ops = env.ops_addr(&first, "scheduler", T_LONG).await;
     warren_e2e::wait_metric(&ops, "warren_scheduler_held_tasks", 40.0, T_LONG).await;
@@ -269,15 +259,13 @@ async fn two_scheduler_replicas_release_each_delayed_task_once() {
     let ids: Vec<String> = (0..200).map(|i| format!("rep-{i}")).collect();
     for (i, id) in ids.iter().enumerate() {
         let ms = 1100 + (i as i32 % 10) * 100;
-        env.client
-            .publish_raw(
-                &env.names().delay(),
-                "diag.echo",
-                b"{}",
-                delayed(id, "x-delay", AMQPValue::LongInt(ms)),
-            )
-            .await
-            .unwrap();
+        env.publish_raw(
+            &env.names().delay(),
+            "diag.echo",
+            b"{}",
+            delayed(id, "x-delay", AMQPValue::LongInt(ms)),
+        )
+        .await;
     }
     let got = until_final(&mut watch, &ids, T_LONG).await;
     let mut extra: HashMap<String, usize> = HashMap::new();
@@ -305,7 +293,6 @@ async fn retries_back_off_with_attempts_and_events_then_end_retries_exhausted() 
     )
     .await;
     let id = env
-        .client
         .publish(
             &TaskRequest::new(
                 "diag.fail",
@@ -313,8 +300,7 @@ async fn retries_back_off_with_attempts_and_events_then_end_retries_exhausted() 
             )
             .header_int("x-warren-max-retries", 2),
         )
-        .await
-        .unwrap();
+        .await;
     let got = until_final(&mut watch, &[&id], T_LONG).await;
     let evs = &got[&id];
     assert_eq!(
@@ -362,10 +348,8 @@ async fn expiration_counts_from_release_not_while_waiting() {
     let (env, mut watch) = Env::with_up_watching("delay-expiry", &[]).await;
     let p =
         delayed("exp-later", "x-delay", AMQPValue::LongInt(2500)).with_expiration("1000".into());
-    env.client
-        .publish_raw(&env.names().delay(), "diag.echo", b"{}", p)
-        .await
-        .unwrap();
+    env.publish_raw(&env.names().delay(), "diag.echo", b"{}", p)
+        .await;
     let got = until_final(&mut watch, &["exp-later"], T_LONG).await;
     assert_eq!(final_event(&got["exp-later"]).state, TaskState::Succeeded);
 }

@@ -10,13 +10,11 @@ use warren_e2e::{states, until_final, Env, T};
 async fn permanent_failure_parks_dead_with_the_verbatim_message() {
     let (env, mut watch) = Env::with_up_watching("permanent", &[]).await;
     let id = env
-        .client
         .publish(&TaskRequest::new(
             "diag.fail",
             json!({"kind": "permanent", "message": "card declined ✗"}),
         ))
-        .await
-        .unwrap();
+        .await;
     let got = until_final(&mut watch, &[&id], T).await;
     let ev = &got[&id];
     assert_eq!(states(ev), ["started", "failed", "dead"]);
@@ -34,13 +32,11 @@ async fn permanent_failure_parks_dead_with_the_verbatim_message() {
 async fn retryable_failure_with_no_retries_left_is_retries_exhausted() {
     let (env, mut watch) = Env::with_up_watching("exhausted", &[]).await;
     let id = env
-        .client
         .publish(
             &TaskRequest::new("diag.fail", json!({"kind": "retryable", "message": "503"}))
                 .header_int("x-warren-max-retries", 0),
         )
-        .await
-        .unwrap();
+        .await;
     let got = until_final(&mut watch, &[&id], T).await;
     let ev = &got[&id];
     assert_eq!(states(ev), ["started", "failed", "dead"]);
@@ -59,7 +55,6 @@ async fn a_retryable_failure_with_retries_left_goes_to_the_delay_exchange() {
     env.spawn(&["worker"], &[]);
     let mut watch = env.watch(&["#"]).await;
     let id = env
-        .client
         .publish(
             &TaskRequest::new(
                 "diag.fail",
@@ -67,8 +62,7 @@ async fn a_retryable_failure_with_retries_left_goes_to_the_delay_exchange() {
             )
             .header_int("x-warren-max-retries", 2),
         )
-        .await
-        .unwrap();
+        .await;
     let first = watch.next(T).await.unwrap().unwrap();
     assert_eq!(first.event.state, TaskState::Started);
     let failed = watch.next(T).await.unwrap().unwrap();
@@ -96,22 +90,16 @@ async fn a_retryable_failure_with_retries_left_goes_to_the_delay_exchange() {
 async fn a_panicking_handler_is_a_failure_and_the_worker_lives_on() {
     let env = Env::with_up("panic", &[]).await;
     let ev = env
-        .client
         .call(
             &TaskRequest::new("diag.panic", json!({"message": "kaboom"})),
             T,
         )
-        .await
-        .unwrap();
+        .await;
     assert_eq!(ev.state, TaskState::Dead);
     let err = ev.error.unwrap();
     assert_eq!(err.code, "panic");
     assert!(err.message.contains("kaboom"));
-    let ok = env
-        .client
-        .call(&TaskRequest::new("diag.echo", json!(1)), T)
-        .await
-        .unwrap();
+    let ok = env.call(&TaskRequest::new("diag.echo", json!(1)), T).await;
     assert_eq!(ok.state, TaskState::Succeeded);
 }
 
@@ -126,14 +114,12 @@ async fn a_handler_over_its_time_limit_fails_with_timeout_and_the_worker_lives_o
     )
     .await;
     let id = env
-        .client
         .publish(
             &TaskRequest::new("diag.sleep", json!({"ms": 600000}))
                 .header_int("x-warren-timeout-ms", 200)
                 .header_int("x-warren-max-retries", 0),
         )
-        .await
-        .unwrap();
+        .await;
     let got = until_final(&mut watch, &[&id], T).await;
     let ev = &got[&id];
     assert_eq!(states(ev), ["started", "failed", "dead"]);
@@ -142,10 +128,6 @@ async fn a_handler_over_its_time_limit_fails_with_timeout_and_the_worker_lives_o
     assert_eq!(err.kind, ErrorKind::Retryable);
     assert_eq!(ev[2].event.reason.as_deref(), Some("retries_exhausted"));
     // The single slot is free again.
-    let ok = env
-        .client
-        .call(&TaskRequest::new("diag.echo", json!(2)), T)
-        .await
-        .unwrap();
+    let ok = env.call(&TaskRequest::new("diag.echo", json!(2)), T).await;
     assert_eq!(ok.state, TaskState::Succeeded);
 }

@@ -13,10 +13,8 @@ async fn a_worker_killed_mid_task_loses_nothing_the_task_is_redelivered_and_succ
     let first = env.spawn(&["worker"], &[]);
     let mut watch = env.watch(&["#"]).await;
     let id = env
-        .client
         .publish(&TaskRequest::new("diag.sleep", json!({"ms": 2000})))
-        .await
-        .unwrap();
+        .await;
     let started = watch.next(T_LONG).await.unwrap().expect("started");
     assert_eq!(started.event.state, TaskState::Started);
     env.signal(&first, "KILL");
@@ -101,10 +99,8 @@ async fn sigterm_lets_the_running_task_finish_then_exits_zero() {
     let worker = env.spawn(&["worker"], &[]);
     let mut watch = env.watch(&["#"]).await;
     let id = env
-        .client
         .publish(&TaskRequest::new("diag.sleep", json!({"ms": 1500})))
-        .await
-        .unwrap();
+        .await;
     let started = watch.next(T_LONG).await.unwrap().expect("started");
     assert_eq!(started.event.state, TaskState::Started);
     env.signal(&worker, "TERM");
@@ -119,10 +115,8 @@ async fn past_the_grace_period_a_running_task_is_returned_unacknowledged() {
     let mut env = Env::new("grace", &[("WARREN__WORKER__GRACE_PERIOD_MS", "300")]).await;
     let worker = env.spawn(&["worker"], &[]);
     let mut watch = env.watch(&["#"]).await;
-    env.client
-        .publish(&TaskRequest::new("diag.sleep", json!({"ms": 600000})))
-        .await
-        .unwrap();
+    env.publish(&TaskRequest::new("diag.sleep", json!({"ms": 600000})))
+        .await;
     let started = watch.next(T_LONG).await.unwrap().expect("started");
     assert_eq!(started.event.state, TaskState::Started);
     env.signal(&worker, "TERM");
@@ -136,10 +130,8 @@ async fn a_task_that_keeps_killing_its_worker_is_parked_poison() {
     let mut env = Env::new("poison", &[("WARREN__SCHEDULER__POISON_REDELIVERIES", "2")]).await;
     let mut watch = env.watch(&["#"]).await;
     let id = env
-        .client
         .publish(&TaskRequest::new("diag.sleep", json!({"ms": 600000})))
-        .await
-        .unwrap();
+        .await;
     // Three workers die with the task running: one crash never parks a task,
     // but more than two redeliveries without an outcome do.
     for round in 0..3 {

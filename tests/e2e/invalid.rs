@@ -71,10 +71,7 @@ async fn each_kind_of_invalid_message_is_parked_with_its_reason_and_nothing_is_l
         ),
     ];
     for (_, rk, body, p, _) in &cases {
-        env.client
-            .publish_raw(&tasks, rk, body, p.clone())
-            .await
-            .unwrap();
+        env.publish_raw(&tasks, rk, body, p.clone()).await;
     }
     let ids: Vec<String> = cases.iter().map(|c| c.0.to_owned()).collect();
     let got = until_final(&mut watch, &ids, T).await;
@@ -114,10 +111,8 @@ async fn each_kind_of_invalid_message_is_parked_with_its_reason_and_nothing_is_l
     }
     // The worker is still working.
     let ev = env
-        .client
         .call(&TaskRequest::new("diag.echo", json!({"still": "alive"})), T)
-        .await
-        .unwrap();
+        .await;
     assert_eq!(ev.state, TaskState::Succeeded);
     assert_eq!(env.depth(&env.names().work_queue("diag")).await, 0);
 }
@@ -126,10 +121,8 @@ async fn each_kind_of_invalid_message_is_parked_with_its_reason_and_nothing_is_l
 async fn invalid_arguments_are_a_permanent_failure_not_an_invalid_message() {
     let env = Env::with_up("badargs", &[]).await;
     let ev = env
-        .client
         .call(&TaskRequest::new("diag.sleep", json!({"ms": "soon"})), T)
-        .await
-        .unwrap();
+        .await;
     assert_eq!(ev.state, TaskState::Dead);
     assert_eq!(ev.reason.as_deref(), Some("permanent_failure"));
     assert_eq!(ev.error.unwrap().code, "invalid_args");

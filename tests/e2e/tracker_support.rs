@@ -271,8 +271,6 @@ pub async fn publish_event(env: &Env, e: &Event) {
         .with_message_id(e.event_id.as_str().into())
         .with_correlation_id(e.task_id.as_str().into())
         .with_delivery_mode(2);
-    env.client
-        .publish_raw(&env.names().events(), &e.routing_key(), &e.to_json(), props)
-        .await
-        .expect("publish event");
+    env.publish_raw(&env.names().events(), &e.routing_key(), &e.to_json(), props)
+        .await;
 }

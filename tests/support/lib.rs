@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use warren_client::{Client, EventWatch, ReceivedEvent};
+use warren_client::{Client, EventWatch, ReceivedEvent, TaskRequest};
 use warren_core::{Config, Event};
 
 pub use mgmt::Mgmt;
@@ -349,6 +349,37 @@ impl Env {
             .chars()
             .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
             .collect()
+    }
+
+    /// Publishes a task with the env's client (confirmed); returns its id.
+    pub async fn publish(&self, req: &TaskRequest) -> String {
+        self.client
+            .publish(req)
+            .await
+            .unwrap_or_else(|e| panic!("publish {}: {e}", req.task_type))
+    }
+
+    /// Publishes a message as is (confirmed), as another client would.
+    pub async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: lapin::BasicProperties,
+    ) {
+        self.client
+            .publish_raw(exchange, routing_key, body, properties)
+            .await
+            .unwrap_or_else(|e| panic!("publish to {exchange} under {routing_key}: {e}"));
+    }
+
+    /// Publishes a task and waits (bounded) for its final event through
+    /// direct reply-to.
+    pub async fn call(&self, req: &TaskRequest, timeout: Duration) -> Event {
+        self.client
+            .call(req, timeout)
+            .await
+            .unwrap_or_else(|e| panic!("call {}: {e}", req.task_type))
     }
 
     /// Follows events matching `patterns`.
