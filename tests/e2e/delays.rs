@@ -200,8 +200,7 @@ async fn a_scheduler_killed_mid_hop_loses_nothing() {
     env.wait_depth(&env.names().wait_tier(2), 20, T_LONG).await;
     env.wait_depth(&env.names().release_tier(2), 20, T_LONG)
         .await;
-    env.signal(&first, "KILL");
-    env.wait_exit(&first, T_LONG).await.expect("killed");
+    env.kill(&first, T_LONG).await;
     // With no scheduler at all, the broker releases the release tier's half.
     env.spawn(&["worker"], &[]);
     let by_broker: Vec<String> = ids.iter().skip(1).step_by(2).cloned().collect();
@@ -236,8 +235,7 @@ async fn a_scheduler_killed_while_it_waits_the_last_fraction_loses_nothing() {
     }
     let ops = env.ops_addr(&first, "scheduler", T_LONG).await;
     warren_e2e::wait_metric(&ops, "warren_scheduler_held_tasks", 40.0, T_LONG).await;
-    env.signal(&first, "KILL");
-    env.wait_exit(&first, T_LONG).await.expect("killed");
+    env.kill(&first, T_LONG).await;
     env.up(&[]);
     let got = until_final(&mut watch, &ids, T_LONG).await;
     for id in &ids {

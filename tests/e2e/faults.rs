@@ -17,10 +17,7 @@ async fn a_worker_killed_mid_task_loses_nothing_the_task_is_redelivered_and_succ
         .await;
     let started = watch.next(T_LONG).await.unwrap().expect("started");
     assert_eq!(started.event.state, TaskState::Started);
-    env.signal(&first, "KILL");
-    env.wait_exit(&first, T_LONG)
-        .await
-        .expect("killed worker exits");
+    env.kill(&first, T_LONG).await;
     env.spawn(&["worker"], &[]);
     let got = until_final(&mut watch, &[&id], T_LONG).await;
     let ev = final_event(&got[&id]);
@@ -138,8 +135,7 @@ async fn a_task_that_keeps_killing_its_worker_is_parked_poison() {
         let w = env.spawn(&["worker"], &[]);
         let e = watch.next(T_LONG).await.unwrap().expect("started");
         assert_eq!(e.event.state, TaskState::Started, "round {round}");
-        env.signal(&w, "KILL");
-        env.wait_exit(&w, T_LONG).await.expect("killed");
+        env.kill(&w, T_LONG).await;
     }
     env.spawn(&["worker"], &[]);
     let got = until_final(&mut watch, &[&id], T_LONG).await;

@@ -292,10 +292,7 @@ async fn tracker_killed_under_load_loses_no_event() {
                 v["tasks"].as_i64() > Some(0)
             })
             .await;
-            env.signal(&first, "KILL");
-            env.wait_exit(&first, T)
-                .await
-                .expect("killed tracker exits");
+            env.kill(&first, T).await;
             killed = true;
             env.spawn(&["tracker"], &[]);
         }

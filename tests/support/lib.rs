@@ -318,6 +318,17 @@ impl Env {
         }
     }
 
+    /// Kills a process (SIGKILL) and waits (bounded) until it has exited.
+    pub async fn kill(&mut self, p: &Proc, timeout: Duration) {
+        self.signal(p, "KILL");
+        let exited = self.wait_exit(p, timeout).await;
+        assert!(
+            exited.is_some(),
+            "killed process {} did not exit within {timeout:?}",
+            p.pid
+        );
+    }
+
     /// The log a process wrote so far.
     pub fn log_of(&self, p: &Proc) -> String {
         std::fs::read_to_string(self.logs.join(format!("{}-{}.log", self.prefix, p.index)))
