@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use warren_client::{ReceivedEvent, TaskRequest};
 use warren_core::event::ErrorKind;
 use warren_core::{Event, TaskState};
-use warren_e2e::{final_event, until_final, Env, T_LONG};
+use warren_e2e::{final_event, free_port, unix_ms, until_final, Env, T_LONG};
 
 use server::{content, content_sha256, TestServer};
 const MB: u64 = 1024 * 1024;
@@ -184,10 +184,7 @@ async fn http_request_returns_status_headers_and_body_as_json_text_or_base64() {
 async fn http_request_failure_classes() {
     let srv = TestServer::start().await;
     // A port nothing listens on.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let closed = free_port();
     let data = data_dir("http-fail");
     let mut env = env("http-fail", &data, true, &[]).await;
     env.up(&[]);
@@ -344,12 +341,7 @@ async fn retry_after_sets_the_earliest_retry() {
         .filter(|e| e.state == TaskState::Started)
         .collect();
     assert_eq!(started.len(), 2, "{evs:?}");
-    let ms = |s: &str| {
-        chrono::DateTime::parse_from_rfc3339(s)
-            .unwrap()
-            .timestamp_millis()
-    };
-    let gap = ms(&started[1].at) - ms(&failed.at);
+    let gap = unix_ms(&started[1].at) - unix_ms(&failed.at);
     assert!(
         gap >= 950,
         "retried {gap} ms after the 503, Retry-After said 1 s"
@@ -602,16 +594,11 @@ async fn a_download_killed_mid_transfer_leaves_no_file_and_resumes_with_range() 
             progress.push(e.event);
         }
     }
-    let ms = |s: &str| {
-        chrono::DateTime::parse_from_rfc3339(s)
-            .unwrap()
-            .timestamp_millis()
-    };
     for pair in progress.windows(2) {
         let (a, b) = (pair[0].progress.unwrap(), pair[1].progress.unwrap());
         assert!(b.bytes > a.bytes, "{a:?} then {b:?}");
         assert_eq!(b.total, Some(LEN));
-        let gap = ms(&pair[1].at) - ms(&pair[0].at);
+        let gap = unix_ms(&pair[1].at) - unix_ms(&pair[0].at);
         assert!(gap >= 900, "progress events {gap} ms apart");
     }
     env.kill(&first, T_LONG).await;
@@ -854,9 +841,7 @@ async fn a_type_concurrency_cap_holds_back_that_type_only() {
             .iter()
             .find(|e| e.event.state == state)
             .unwrap_or_else(|| panic!("{name} has no {state:?} event"));
-        chrono::DateTime::parse_from_rfc3339(&e.event.at)
-            .unwrap()
-            .timestamp_millis()
+        unix_ms(&e.event.at)
     };
     let (d1s, d1e) = (at("d1", TaskState::Started), at("d1", TaskState::Succeeded));
     let (d2s, d2e) = (at("d2", TaskState::Started), at("d2", TaskState::Succeeded));

@@ -5,7 +5,7 @@ use lapin::BasicProperties;
 use serde_json::json;
 use warren_client::TaskRequest;
 use warren_core::TaskState;
-use warren_e2e::{final_event, states, until_final, Env, T_LONG};
+use warren_e2e::{final_event, states, unix_ms, until_final, Env, T_LONG};
 
 #[tokio::test]
 async fn a_queued_task_is_dropped_with_a_cancelled_event() {
@@ -43,13 +43,8 @@ async fn a_delayed_task_is_cancelled_no_later_than_its_due_time() {
     assert_eq!(states(&got["delayed-1"]), ["cancelled"]);
     let cancelled = final_event(&got["delayed-1"]);
     let due = scheduled.event.due_at.clone().unwrap();
-    let at = |s: &str| {
-        chrono::DateTime::parse_from_rfc3339(s)
-            .unwrap()
-            .timestamp_millis()
-    };
     assert!(
-        at(&cancelled.at) <= at(&due) + 50,
+        unix_ms(&cancelled.at) <= unix_ms(&due) + 50,
         "cancelled by its due time"
     );
 }

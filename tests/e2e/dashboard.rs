@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::json;
-use support::{as_refs, free_port, tracker_vars, Api, TestDb};
+use support::{as_refs, tracker_vars, Api, TestDb};
 use warren_client::TaskRequest;
-use warren_e2e::{until_final, CommandExt, Env, T};
+use warren_e2e::{free_port, until_final, CommandExt, Env, T};
 
 /// The Chromium binary: `WARREN_CHROMIUM`, else `chromium` on the PATH.
 fn chromium() -> PathBuf {

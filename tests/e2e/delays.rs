@@ -10,11 +10,7 @@ use serde_json::json;
 use warren_client::TaskRequest;
 use warren_core::event::ErrorKind;
 use warren_core::TaskState;
-use warren_e2e::{final_event, states, until_final, Env, T_LONG};
-
-fn at_ms(at: &str) -> i64 {
-    DateTime::parse_from_rfc3339(at).unwrap().timestamp_millis()
-}
+use warren_e2e::{final_event, states, unix_ms, until_final, Env, T_LONG};
 
 fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
@@ -82,9 +78,9 @@ async fn delayed_tasks_are_never_early_with_x_delay_and_both_eta_forms() {
         assert_eq!(states(evs), ["scheduled", "started", "succeeded"], "{id}");
         let scheduled = &evs[0].event;
         assert_eq!(scheduled.attempt, 1);
-        let due = at_ms(scheduled.due_at.as_deref().expect("due_at"));
+        let due = unix_ms(scheduled.due_at.as_deref().expect("due_at"));
         assert!(due >= *earliest, "{id}: due_at {due} before {earliest}");
-        let started = at_ms(&evs[1].event.at);
+        let started = unix_ms(&evs[1].event.at);
         assert!(
             started >= *earliest,
             "{id} started {} ms early",
@@ -243,7 +239,7 @@ async fn a_scheduler_killed_while_it_waits_the_last_fraction_loses_nothing() {
             .iter()
             .find(|e| e.event.state == TaskState::Succeeded)
             .expect("succeeded");
-        assert!(at_ms(&succeeded.event.at) >= due, "{id} early");
+        assert!(unix_ms(&succeeded.event.at) >= due, "{id} early");
     }
 }
 

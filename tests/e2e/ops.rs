@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use warren_client::TaskRequest;
-use warren_e2e::{http_get as get, metric, until_final, wait_metric, CommandExt, Env, Mgmt, T};
+use warren_e2e::{
+    free_port, http_get as get, metric, until_final, wait_metric, CommandExt, Env, Mgmt, T,
+};
 
 /// Every sample line is `series value` with a number for value, and every
 /// family has HELP and TYPE.
@@ -194,9 +196,7 @@ async fn a_force_closed_connection_is_counted_and_readiness_returns() {
 
 #[tokio::test]
 async fn health_fails_in_one_line_when_nothing_answers() {
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = free.local_addr().unwrap().to_string();
-    drop(free);
+    let addr = format!("127.0.0.1:{}", free_port());
     let env = Env::new("ops-health", &[]).await;
     let out = env
         .warren(&["health", "tracker"])

@@ -8,10 +8,10 @@ mod support;
 use std::collections::BTreeSet;
 
 use serde_json::{json, Value};
-use support::{as_refs, event, free_port, publish_event, tracker_vars, Api, TestDb};
+use support::{as_refs, event, publish_event, tracker_vars, Api, TestDb};
 use warren_client::TaskRequest;
 use warren_core::TaskState;
-use warren_e2e::{metric, until_final, CommandExt, Env, T};
+use warren_e2e::{free_port, metric, until_final, CommandExt, Env, T};
 
 /// The fields that must not depend on the order events arrived in.
 fn comparable(task: &Value) -> Value {

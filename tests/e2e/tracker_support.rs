@@ -105,14 +105,6 @@ impl Drop for TestDb {
     }
 }
 
-/// A TCP port free right now on 127.0.0.1.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free port")
-        .port()
-}
-
 /// The tracker overrides for `Env::new`: its database and HTTP address.
 pub fn tracker_vars(db: &TestDb, port: u16) -> Vec<(String, String)> {
     vec![

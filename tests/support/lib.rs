@@ -486,6 +486,21 @@ pub async fn until_final(
     by_id
 }
 
+/// Unix milliseconds of an RFC 3339 time, such as an event's `at` or `due_at`.
+pub fn unix_ms(rfc3339: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .unwrap_or_else(|e| panic!("{rfc3339:?} is not an RFC 3339 time: {e}"))
+        .timestamp_millis()
+}
+
+/// A TCP port of 127.0.0.1 that is free right now (nothing listens on it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
 /// The states of a task's events, in order.
 pub fn states(events: &[ReceivedEvent]) -> Vec<&'static str> {
     events.iter().map(|e| e.event.state.as_str()).collect()
