@@ -283,15 +283,11 @@ async fn a_large_result_is_truncated_and_says_so() {
 #[tokio::test]
 async fn with_a_default_queue_an_unrouted_type_goes_there() {
     let env = Env::new("default-queue", &[]).await;
-    let file = std::env::temp_dir().join(format!("{}.toml", env.prefix));
-    std::fs::write(
-        &file,
+    let cfg = env.config_file(
         "[[queues]]\nname = \"diag\"\n\n[[queues]]\nname = \"main\"\ndefault = true\n\n\
          [[routes]]\npattern = \"diag.*\"\nqueue = \"diag\"\n",
-    )
-    .unwrap();
-    env.cli_ok(&["--config", file.to_str().unwrap(), "topology", "apply"]);
-    let _ = std::fs::remove_file(&file);
+    );
+    env.cli_ok(&["--config", &cfg, "topology", "apply"]);
     env.publish(&TaskRequest::new("report.monthly", json!({})))
         .await;
     env.wait_depth(&env.names().work_queue("main"), 1, T).await;
@@ -300,21 +296,15 @@ async fn with_a_default_queue_an_unrouted_type_goes_there() {
 
 #[tokio::test]
 async fn a_quorum_work_queue_runs_tasks() {
-    let env = Env::new("quorum", &[]).await;
-    let file = std::env::temp_dir().join(format!("{}.toml", env.prefix));
-    std::fs::write(
-        &file,
+    let mut env = Env::new("quorum", &[]).await;
+    let cfg = env.config_file(
         "[[queues]]\nname = \"qq\"\ntype = \"quorum\"\n\n[[routes]]\npattern = \"diag.*\"\nqueue = \"qq\"\n",
-    )
-    .unwrap();
-    let cfg = file.to_str().unwrap().to_owned();
+    );
     env.cli_ok(&["--config", &cfg, "topology", "apply"]);
-    let mut env = env;
     env.spawn(&["--config", &cfg, "worker"], &[]);
     let ev = env
         .call(&TaskRequest::new("diag.echo", json!({"q": "quorum"})), T)
         .await;
-    let _ = std::fs::remove_file(&file);
     assert_eq!(ev.state, TaskState::Succeeded);
     assert_eq!(ev.queue.as_deref(), Some("qq"));
 }

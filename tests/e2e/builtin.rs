@@ -823,9 +823,8 @@ async fn a_type_concurrency_cap_holds_back_that_type_only() {
     let srv = TestServer::start().await;
     let data = data_dir("cap");
     let mut env = env("cap", &data, true, &[("WARREN__WORKER__CONCURRENCY", "4")]).await;
-    let cfg = data.join("cap.toml");
-    std::fs::write(&cfg, "[worker.type_concurrency]\n\"file.download\" = 1\n").unwrap();
-    env.spawn(&["--config", cfg.to_str().unwrap(), "up"], &[]);
+    let cfg = env.config_file("[worker.type_concurrency]\n\"file.download\" = 1\n");
+    env.spawn(&["--config", &cfg, "up"], &[]);
     let slow = |p: &str| json!({"url": srv.url("/gen/1500000?rate=1500000"), "path": p});
     let got = run_all(
         &env,

@@ -97,14 +97,10 @@ async fn topology_apply_is_idempotent_and_conflicts_name_the_fix() {
     let env = Env::new("topo", &[]).await;
     // Re-applying the same topology succeeds.
     env.cli_ok(&["topology", "apply"]);
-    let dir = std::env::temp_dir().join(format!("{}.toml", env.prefix));
-    std::fs::write(
-        &dir,
+    let cfg = env.config_file(
         "[[queues]]\nname = \"diag\"\nmax_priority = 5\n\n[[routes]]\npattern = \"diag.*\"\nqueue = \"diag\"\n",
-    )
-    .unwrap();
-    let err = env.cli_err(&["--config", dir.to_str().unwrap(), "topology", "apply"]);
-    let _ = std::fs::remove_file(&dir);
+    );
+    let err = env.cli_err(&["--config", &cfg, "topology", "apply"]);
     assert!(err.contains(&env.names().work_queue("diag")), "{err}");
     assert!(err.contains("x-max-priority"), "{err}");
     assert!(err.contains("max_priority = 10"), "names the fix: {err}");

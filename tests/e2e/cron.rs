@@ -4,7 +4,6 @@
 //! schedule's policy from the record kept in the broker.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
@@ -16,23 +15,13 @@ use tokio::time::Instant;
 use warren_core::TaskState;
 use warren_e2e::{Env, Proc, T};
 
-/// Writes a config file with these `[[cron]]` entries (queues and routes
-/// stay the built-in ones: a file's array replaces only the same key).
-fn cron_file(env: &Env, entries: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("{}.toml", env.prefix));
-    std::fs::write(&path, entries).expect("write config file");
-    path
-}
-
 /// Starts `warren scheduler --config <file>`.
-fn scheduler(env: &mut Env, file: &std::path::Path) -> Proc {
-    env.spawn(
-        &["--config", file.to_str().expect("UTF-8 path"), "scheduler"],
-        &[],
-    )
+fn scheduler(env: &mut Env, file: &str) -> Proc {
+    env.spawn(&["--config", file, "scheduler"], &[])
 }
 
-/// A `[[cron]]` entry of `diag.echo`.
+/// A `[[cron]]` entry of `diag.echo`, for [`Env::config_file`] (queues and
+/// routes stay the built-in ones: a file's array replaces only the same key).
 fn entry(name: &str, schedule: &str, extra: &str) -> String {
     format!(
         "[[cron]]\nname = \"{name}\"\nschedule = \"{schedule}\"\ntask_type = \"diag.echo\"\n\
@@ -168,14 +157,11 @@ fn assert_every_second_once(name: &str, fires: &Fires) {
 #[tokio::test]
 async fn a_schedule_fires_every_second_and_its_tasks_run() {
     let mut env = Env::new("cron-fire", &[]).await;
-    let file = cron_file(
-        &env,
-        &entry(
-            "tick",
-            "*/1 * * * * *",
-            "args = { from = \"cron\" }\npriority = 4",
-        ),
-    );
+    let file = env.config_file(&entry(
+        "tick",
+        "*/1 * * * * *",
+        "args = { from = \"cron\" }\npriority = 4",
+    ));
     env.spawn(&["worker"], &[]);
     let mut watch = env.watch(&["succeeded.diag.echo"]).await;
     let sched = scheduler(&mut env, &file);
@@ -212,13 +198,12 @@ async fn a_schedule_fires_every_second_and_its_tasks_run() {
     let log = env.log_of(&sched);
     assert!(log.contains(LEADER_LOG), "{log}");
     assert!(log.contains("cron fired"), "{log}");
-    let _ = std::fs::remove_file(file);
 }
 
 #[tokio::test]
 async fn two_schedulers_publish_each_fire_time_exactly_once() {
     let mut env = Env::new("cron-two", &[]).await;
-    let file = cron_file(&env, &entry("tick", "* * * * * *", "priority = 2"));
+    let file = env.config_file(&entry("tick", "* * * * * *", "priority = 2"));
     let mut fires = Fires::follow(&env, &env.names().work_queue("diag")).await;
     let a = scheduler(&mut env, &file);
     let b = scheduler(&mut env, &file);
@@ -253,13 +238,12 @@ async fn two_schedulers_publish_each_fire_time_exactly_once() {
     let leaders = logs.iter().filter(|l| l.contains(LEADER_LOG)).count();
     let standbys = logs.iter().filter(|l| l.contains(STANDBY_LOG)).count();
     assert_eq!((leaders, standbys), (1, 1), "{logs:#?}");
-    let _ = std::fs::remove_file(file);
 }
 
 #[tokio::test]
 async fn killing_the_leader_hands_over_and_fires_continue_within_seconds() {
     let mut env = Env::new("cron-kill", &[]).await;
-    let file = cron_file(&env, &entry("tick", "* * * * * *", ""));
+    let file = env.config_file(&entry("tick", "* * * * * *", ""));
     let mut fires = Fires::follow(&env, &env.names().work_queue("diag")).await;
     let a = scheduler(&mut env, &file);
     let b = scheduler(&mut env, &file);
@@ -314,7 +298,6 @@ async fn killing_the_leader_hands_over_and_fires_continue_within_seconds() {
             );
         }
     }
-    let _ = std::fs::remove_file(file);
 }
 
 /// Seeds a schedule's record in `P.cron.state.<name>` as if it last fired at
@@ -371,8 +354,7 @@ async fn missed_fires_run_once_fires_the_latest_skip_and_new_schedules_nothing()
     let mut env = Env::new("cron-missed", &[]).await;
     // Yearly schedules, so nothing fires on time during the test; in this
     // order "caught-up" is decided last, so its task arrives after any other.
-    let file = cron_file(
-        &env,
+    let file = env.config_file(
         &[
             entry("skipped", "0 0 0 1 1 *", "missed = \"skip\""),
             entry("fresh", "0 0 0 1 1 *", "missed = \"run_once\""),
@@ -408,5 +390,4 @@ async fn missed_fires_run_once_fires_the_latest_skip_and_new_schedules_nothing()
         Some("2020-01-01T00:00:00Z")
     );
     assert_eq!(record_of(&env, "fresh").await, None);
-    let _ = std::fs::remove_file(file);
 }

@@ -241,6 +241,15 @@ impl Env {
         self.config.names()
     }
 
+    /// Writes `toml` as this env's configuration file and returns its path
+    /// (for `--config`). There is one per env, `<temp dir>/<prefix>.toml`:
+    /// a second call replaces it. It is removed when the env is dropped.
+    pub fn config_file(&self, toml: &str) -> String {
+        let path = config_path(&self.prefix);
+        std::fs::write(&path, toml).expect("write config file");
+        path.to_str().expect("UTF-8 temp dir").to_owned()
+    }
+
     /// A `warren` command with this env's overrides.
     pub fn warren(&self, args: &[&str]) -> Command {
         let mut c = Command::new(warren_bin());
@@ -454,6 +463,11 @@ impl Env {
     }
 }
 
+/// The path of an env's configuration file ([`Env::config_file`]).
+fn config_path(prefix: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{prefix}.toml"))
+}
+
 /// Collects events until every id in `ids` has a final event; panics with
 /// what is missing after `timeout`. Returns each task's events in order.
 /// `ids` may be `String`s or `&str`s: `&[&id]`, `&["task-1"]`, `&ids`.
@@ -554,6 +568,7 @@ impl Drop for Env {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let _ = std::fs::remove_file(config_path(&self.prefix));
         let prefix = self.prefix.clone();
         // Cleanup runs on its own thread and runtime: Drop may run inside the
         // test's runtime, which must not be blocked on.
