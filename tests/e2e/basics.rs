@@ -61,10 +61,7 @@ async fn call_through_direct_reply_to_returns_the_final_event() {
 async fn reply_to_a_named_queue_carries_the_producers_correlation_id() {
     let env = Env::with_up("named-reply", &[]).await;
     let reply_queue = format!("{}.replies", env.prefix);
-    let conn = warren_client::connect(&env.config.broker.url, "test")
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
+    let (_conn, ch) = env.open_channel().await;
     ch.queue_declare(
         reply_queue.as_str().into(),
         QueueDeclareOptions::default(),

@@ -76,10 +76,7 @@ struct Fires {
 
 impl Fires {
     async fn follow(env: &Env, queue: &str) -> Fires {
-        let conn = warren_client::connect(&env.config.broker.url, "test")
-            .await
-            .expect("connect");
-        let ch = conn.create_channel().await.expect("channel");
+        let (conn, ch) = env.open_channel().await;
         let consumer = ch
             .basic_consume(
                 queue.into(),
@@ -123,20 +120,6 @@ impl Fires {
 
     fn ids(&self) -> Vec<&str> {
         self.seen.iter().map(|f| f.id.as_str()).collect()
-    }
-}
-
-/// Waits (bounded) until a process's log contains `text`.
-async fn wait_log(env: &Env, p: &Proc, text: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !env.log_of(p).contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "process {} did not log {text:?} within {timeout:?}:\n{}",
-            p.pid,
-            env.log_of(p)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -261,7 +244,7 @@ async fn killing_the_leader_hands_over_and_fires_continue_within_seconds() {
     env.wait_exit(&leader, T)
         .await
         .expect("killed scheduler exits");
-    wait_log(&env, &standby, LEADER_LOG, T).await;
+    env.wait_log(&standby, LEADER_LOG, T).await;
     let took_over = killed.elapsed();
     fires
         .until("fires after the kill", T, |s| {
@@ -303,10 +286,7 @@ async fn killing_the_leader_hands_over_and_fires_continue_within_seconds() {
 /// Seeds a schedule's record in `P.cron.state.<name>` as if it last fired at
 /// `last_fire`: the durable queue (`x-max-length = 1`) and one message.
 async fn seed_record(env: &Env, name: &str, last_fire: &str) {
-    let conn = warren_client::connect(&env.config.broker.url, "test")
-        .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
+    let (conn, ch) = env.open_channel().await;
     let queue = format!("{}.cron.state.{name}", env.prefix);
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
@@ -335,10 +315,7 @@ async fn seed_record(env: &Env, name: &str, last_fire: &str) {
 
 /// The `last_fire` in a schedule's record (read and put back).
 async fn record_of(env: &Env, name: &str) -> Option<String> {
-    let conn = warren_client::connect(&env.config.broker.url, "test")
-        .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
+    let (conn, ch) = env.open_channel().await;
     let queue = format!("{}.cron.state.{name}", env.prefix);
     let msg = ch
         .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
@@ -367,7 +344,7 @@ async fn missed_fires_run_once_fires_the_latest_skip_and_new_schedules_nothing()
     let mut fires = Fires::follow(&env, &env.names().work_queue("diag")).await;
     let sched = scheduler(&mut env, &file);
     fires.until("the run_once fire", T, |s| !s.is_empty()).await;
-    wait_log(&env, &sched, "cron fired", T).await;
+    env.wait_log(&sched, "cron fired", T).await;
 
     assert_eq!(fires.seen.len(), 1, "{:?}", fires.ids());
     let id = &fires.seen[0].id;

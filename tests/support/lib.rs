@@ -407,12 +407,19 @@ impl Env {
         self.client.watch(patterns).await.expect("watch events")
     }
 
-    /// Messages ready in a queue right now (AMQP passive declare: exact).
-    pub async fn depth(&self, queue: &str) -> u32 {
+    /// A broker connection of the test's own and a channel on it; the
+    /// channel lives as long as the connection is kept.
+    pub async fn open_channel(&self) -> (lapin::Connection, lapin::Channel) {
         let conn = warren_client::connect(&self.config.broker.url, "test")
             .await
             .expect("connect");
         let ch = conn.create_channel().await.expect("channel");
+        (conn, ch)
+    }
+
+    /// Messages ready in a queue right now (AMQP passive declare: exact).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let (conn, ch) = self.open_channel().await;
         let q = ch
             .queue_declare(
                 queue.into(),
@@ -446,10 +453,7 @@ impl Env {
 
     /// Takes every message from a queue (acking them): `(properties, body)`.
     pub async fn drain(&self, queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
-        let conn = warren_client::connect(&self.config.broker.url, "test")
-            .await
-            .expect("connect");
-        let ch = conn.create_channel().await.expect("channel");
+        let (conn, ch) = self.open_channel().await;
         let mut out = Vec::new();
         while let Some(m) = ch
             .basic_get(queue.into(), BasicGetOptions { no_ack: true })
