@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::json;
-use support::{as_refs, tracker_vars, Api, TestDb};
+use support::{tracker_env, TestDb};
 use warren_client::TaskRequest;
-use warren_e2e::{free_port, until_final, CommandExt, Env, T};
+use warren_e2e::{until_final, CommandExt, T};
 
 /// The Chromium binary: `WARREN_CHROMIUM`, else `chromium` on the PATH.
 fn chromium() -> PathBuf {
@@ -56,10 +56,8 @@ fn headless(url: &str, profile: &Path, args: &[&str]) -> String {
 #[tokio::test]
 async fn dashboard_shows_queues_counts_failures_dead_letters_and_a_task() {
     let db = TestDb::sqlite("dashboard");
-    let port = free_port();
-    let vars = tracker_vars(&db, port);
-    let env = Env::with_up("dash", &as_refs(&vars)).await;
-    let api = Api::new(port);
+    let (mut env, api) = tracker_env("dash", &db, &[]).await;
+    env.up(&[]);
     api.wait_ready().await;
 
     let mut watch = env.watch(&["#"]).await;

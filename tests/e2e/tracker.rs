@@ -8,10 +8,10 @@ mod support;
 use std::collections::BTreeSet;
 
 use serde_json::{json, Value};
-use support::{as_refs, event, publish_event, tracker_vars, Api, TestDb};
+use support::{event, publish_event, tracker_env, TestDb};
 use warren_client::TaskRequest;
 use warren_core::TaskState;
-use warren_e2e::{free_port, metric, until_final, CommandExt, Env, T};
+use warren_e2e::{metric, until_final, CommandExt, T};
 
 /// The fields that must not depend on the order events arrived in.
 fn comparable(task: &Value) -> Value {
@@ -34,11 +34,8 @@ fn comparable(task: &Value) -> Value {
 /// order; C succeeds and then sees a late `started`. Their stored states
 /// must agree, and `warren status` / `warren tasks` must read them.
 async fn out_of_order_and_duplicates(db: TestDb, name: &str) {
-    let port = free_port();
-    let vars = tracker_vars(&db, port);
-    let mut env = Env::new(name, &as_refs(&vars)).await;
+    let (mut env, api) = tracker_env(name, &db, &[]).await;
     let tracker = env.spawn(&["tracker"], &[]);
-    let api = Api::new(port);
     api.wait_ready().await;
 
     let t0 = chrono::Utc::now().timestamp_millis() - 60_000;
@@ -182,10 +179,8 @@ async fn postgres_state_is_the_same_whatever_the_order_and_duplicates() {
 #[tokio::test]
 async fn postgres_tracker_in_up_counts_a_known_batch() {
     let db = TestDb::postgres(None).await;
-    let port = free_port();
-    let vars = tracker_vars(&db, port);
-    let env = Env::with_up("trk-batch", &as_refs(&vars)).await;
-    let api = Api::new(port);
+    let (mut env, api) = tracker_env("trk-batch", &db, &[]).await;
+    env.up(&[]);
     api.wait_ready().await;
     let mut watch = env.watch(&["#"]).await;
     let mut reqs: Vec<TaskRequest> = (0..20)
@@ -251,11 +246,8 @@ async fn postgres_tracker_in_up_counts_a_known_batch() {
 async fn tracker_killed_under_load_loses_no_event() {
     const TASKS: usize = 1500;
     let db = TestDb::sqlite("kill");
-    let port = free_port();
-    let vars = tracker_vars(&db, port);
-    let mut env = Env::new("trk-kill", &as_refs(&vars)).await;
+    let (mut env, api) = tracker_env("trk-kill", &db, &[]).await;
     let first = env.spawn(&["tracker"], &[]);
-    let api = Api::new(port);
     api.wait_ready().await;
 
     let t0 = chrono::Utc::now().timestamp_millis();
@@ -327,10 +319,8 @@ async fn tracker_killed_under_load_loses_no_event() {
 #[tokio::test]
 async fn api_answers_task_queue_and_dead_letter_queries() {
     let db = TestDb::sqlite("api");
-    let port = free_port();
-    let vars = tracker_vars(&db, port);
-    let env = Env::with_up("trk-api", &as_refs(&vars)).await;
-    let api = Api::new(port);
+    let (mut env, api) = tracker_env("trk-api", &db, &[]).await;
+    env.up(&[]);
     api.wait_ready().await;
     let mut watch = env.watch(&["#"]).await;
     let ok = env
@@ -438,12 +428,13 @@ async fn api_answers_task_queue_and_dead_letter_queries() {
 #[tokio::test]
 async fn retention_prunes_old_tasks_in_the_background() {
     let db = TestDb::sqlite("retention");
-    let port = free_port();
-    let mut vars = tracker_vars(&db, port);
-    vars.push(("WARREN__TRACKER__RETENTION_MS".into(), "20000".into()));
-    let mut env = Env::new("trk-prune", &as_refs(&vars)).await;
+    let (mut env, api) = tracker_env(
+        "trk-prune",
+        &db,
+        &[("WARREN__TRACKER__RETENTION_MS", "20000")],
+    )
+    .await;
     env.spawn(&["tracker"], &[]);
-    let api = Api::new(port);
     api.wait_ready().await;
     let now = chrono::Utc::now().timestamp_millis();
     publish_event(
@@ -533,23 +524,22 @@ async fn secrets_stay_out_of_logs_and_answers() {
     assert!(r.status().is_success(), "set permissions: {}", r.status());
 
     let db = TestDb::postgres(Some(PG_SECRET)).await;
-    let port = free_port();
-    let mut vars = tracker_vars(&db, port);
-    vars.push((
-        "WARREN__BROKER__URL".into(),
-        format!("amqp://{user}:{AMQP_SECRET}@127.0.0.1:5672/%2f"),
-    ));
-    vars.push((
-        "WARREN__BROKER__MANAGEMENT_URL".into(),
-        base.replacen("://", &format!("://{user}:{AMQP_SECRET}@"), 1),
-    ));
+    let broker_url = format!("amqp://{user}:{AMQP_SECRET}@127.0.0.1:5672/%2f");
+    let mgmt_url = base.replacen("://", &format!("://{user}:{AMQP_SECRET}@"), 1);
     {
-        let mut env = Env::new("trk-secret", &as_refs(&vars)).await;
+        let (mut env, api) = tracker_env(
+            "trk-secret",
+            &db,
+            &[
+                ("WARREN__BROKER__URL", &broker_url),
+                ("WARREN__BROKER__MANAGEMENT_URL", &mgmt_url),
+            ],
+        )
+        .await;
         let up = env.up(&[(
             "WARREN_LOG",
             "debug,lapin=info,sqlx=debug,hyper=info,reqwest=debug",
         )]);
-        let api = Api::new(port);
         api.wait_ready().await;
         let id = env
             .publish(&TaskRequest::new("diag.echo", json!({"x": 1})))
