@@ -4,7 +4,18 @@
 //! `warren` processes against the real broker, observes events and queue
 //! depths with bounded waits, and deletes every object of its prefix when
 //! dropped.
+//!
+//! Most scenarios open in one line and bound every wait by [`T`] (or
+//! [`T_LONG`]):
+//!
+//! ```ignore
+//! let (env, mut watch) = Env::with_up_watching("echo", &[]).await;
+//! let id = env.publish(&TaskRequest::new("diag.echo", json!({}))).await;
+//! let got = until_final(&mut watch, &[&id], T).await;
+//! let out = env.cli_ok(&["dead", "list", "--json"]);
+//! ```
 
+mod command;
 mod mgmt;
 
 use std::collections::HashMap;
@@ -17,6 +28,7 @@ use lapin::types::FieldTable;
 use warren_client::{Client, EventWatch, ReceivedEvent, TaskRequest};
 use warren_core::{Config, Event};
 
+pub use command::CommandExt;
 pub use mgmt::Mgmt;
 
 /// The bound of a test's waits (events, queue depths, logs, exits).
@@ -67,79 +79,6 @@ pub fn pika(args: &[&str]) -> Output {
         .args(["--url", &broker_url()])
         .args(args)
         .succeeds()
-}
-
-/// Runs a [`Command`] to the end (stdin closed, output captured) and checks
-/// how it exited. On a mismatch it panics at the caller's line, showing the
-/// command line, the exit status and the stderr (and stdout).
-pub trait CommandExt {
-    /// Asserts the command succeeded; returns its output.
-    fn succeeds(&mut self) -> Output;
-    /// Asserts the command failed; returns its stderr.
-    fn fails(&mut self) -> String;
-    /// Asserts the command exited with `code`; returns its output.
-    fn exits_with(&mut self, code: i32) -> Output;
-}
-
-impl CommandExt for Command {
-    #[track_caller]
-    fn succeeds(&mut self) -> Output {
-        let out = run(self);
-        assert!(out.status.success(), "{}", report(self, &out, "succeed"));
-        out
-    }
-
-    #[track_caller]
-    fn fails(&mut self) -> String {
-        let out = run(self);
-        assert!(!out.status.success(), "{}", report(self, &out, "fail"));
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-
-    #[track_caller]
-    fn exits_with(&mut self, code: i32) -> Output {
-        let out = run(self);
-        let expected = format!("exit with {code}");
-        assert_eq!(
-            out.status.code(),
-            Some(code),
-            "{}",
-            report(self, &out, &expected)
-        );
-        out
-    }
-}
-
-#[track_caller]
-fn run(cmd: &mut Command) -> Output {
-    cmd.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `{}`: {e}", command_line(cmd)))
-}
-
-/// `program args…`, the program by its file name.
-fn command_line(cmd: &Command) -> String {
-    let program = std::path::Path::new(cmd.get_program());
-    let mut line = program
-        .file_name()
-        .unwrap_or(program.as_os_str())
-        .to_string_lossy()
-        .into_owned();
-    for a in cmd.get_args() {
-        line.push(' ');
-        line.push_str(&a.to_string_lossy());
-    }
-    line
-}
-
-fn report(cmd: &Command, out: &Output, expected: &str) -> String {
-    format!(
-        "`{}` was expected to {expected} but ended with {}\nstderr:\n{}\nstdout:\n{}",
-        command_line(cmd),
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout),
-    )
 }
 
 /// One test's isolated Warren: prefix, settings, processes, cleanup.
