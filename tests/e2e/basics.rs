@@ -1,7 +1,5 @@
 //! Immediate tasks end to end: events, reply_to, routing, priorities, expiry.
 
-use std::time::Duration;
-
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -9,22 +7,16 @@ use lapin::BasicProperties;
 use serde_json::json;
 use warren_client::TaskRequest;
 use warren_core::TaskState;
-use warren_e2e::{final_event, states, until_final, Env};
-
-const T: Duration = Duration::from_secs(30);
+use warren_e2e::{final_event, states, until_final, Env, T};
 
 #[tokio::test]
 async fn echo_emits_started_then_succeeded_with_every_contract_field() {
-    let mut env = Env::new("echo", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("echo", &[]).await;
     let id = env
-        .client
         .publish(&TaskRequest::new("diag.echo", json!({"hello": "world"})).id("echo-1"))
-        .await
-        .unwrap();
+        .await;
     assert_eq!(id, "echo-1");
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, &[&id], T).await;
     let events = &got[&id];
     assert_eq!(states(events), ["started", "succeeded"]);
     let done = &events[1];
@@ -49,36 +41,27 @@ async fn echo_emits_started_then_succeeded_with_every_contract_field() {
 
 #[tokio::test]
 async fn call_through_direct_reply_to_returns_the_final_event() {
-    let mut env = Env::new("call", &[]).await;
-    env.up(&[]);
+    let env = Env::with_up("call", &[]).await;
     let ev = env
-        .client
         .call(&TaskRequest::new("diag.echo", json!({"n": [1, 2, 3]})), T)
-        .await
-        .unwrap();
+        .await;
     assert_eq!(ev.state, TaskState::Succeeded);
     assert_eq!(ev.result, Some(json!({"n": [1, 2, 3]})));
     let ev = env
-        .client
         .call(
             &TaskRequest::new("diag.fail", json!({"kind": "permanent", "message": "nope"})),
             T,
         )
-        .await
-        .unwrap();
+        .await;
     assert_eq!(ev.state, TaskState::Dead);
     assert_eq!(ev.reason.as_deref(), Some("permanent_failure"));
 }
 
 #[tokio::test]
 async fn reply_to_a_named_queue_carries_the_producers_correlation_id() {
-    let mut env = Env::new("named-reply", &[]).await;
-    env.up(&[]);
+    let env = Env::with_up("named-reply", &[]).await;
     let reply_queue = format!("{}.replies", env.prefix);
-    let conn = warren_client::runtime::connect(&env.config.broker.url, "test")
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
+    let (_conn, ch) = env.open_channel().await;
     ch.queue_declare(
         reply_queue.as_str().into(),
         QueueDeclareOptions::default(),
@@ -103,10 +86,8 @@ async fn reply_to_a_named_queue_carries_the_producers_correlation_id() {
         .with_message_id("named-1".into())
         .with_reply_to(reply_queue.as_str().into())
         .with_correlation_id("my-corr".into());
-    env.client
-        .publish_raw(&env.names().tasks(), "diag.echo", b"{\"x\":1}", props)
-        .await
-        .unwrap();
+    env.publish_raw(&env.names().tasks(), "diag.echo", b"{\"x\":1}", props)
+        .await;
     let d = tokio::time::timeout(T, replies.next())
         .await
         .expect("a reply within the timeout")
@@ -125,10 +106,8 @@ async fn reply_to_a_named_queue_carries_the_producers_correlation_id() {
 #[tokio::test]
 async fn an_unrouted_type_is_parked_in_unroutable_never_dropped() {
     let env = Env::new("unroutable", &[]).await;
-    env.client
-        .publish(&TaskRequest::new("nobody.handles.this", json!({})))
-        .await
-        .unwrap();
+    env.publish(&TaskRequest::new("nobody.handles.this", json!({})))
+        .await;
     env.wait_depth(&env.names().unroutable(), 1, T).await;
     let msgs = env.drain(&env.names().unroutable()).await;
     assert_eq!(msgs.len(), 1);
@@ -136,21 +115,17 @@ async fn an_unrouted_type_is_parked_in_unroutable_never_dropped() {
 
 #[tokio::test]
 async fn a_task_without_message_id_gets_one_that_every_event_reports() {
-    let mut env = Env::new("no-id", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("no-id", &[]).await;
     let props = BasicProperties::default().with_content_type("application/json".into());
-    env.client
-        .publish_raw(&env.names().tasks(), "diag.echo", b"{\"n\":1}", props)
-        .await
-        .unwrap();
+    env.publish_raw(&env.names().tasks(), "diag.echo", b"{\"n\":1}", props)
+        .await;
     let first = watch.next(T).await.unwrap().expect("an event");
     let id = first.event.task_id.clone();
     assert!(
         uuid::Uuid::parse_str(&id).is_ok(),
         "assigned id {id} is a UUID"
     );
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, &[&id], T).await;
     assert!(got[&id].iter().all(|e| e.event.task_id == id));
 }
 
@@ -237,15 +212,13 @@ async fn a_task_that_expires_in_its_queue_ends_dead_expired() {
     // Only the scheduler runs: no worker takes the task before it expires.
     env.spawn(&["scheduler"], &[]);
     let mut watch = env.watch(&["dead.#"]).await;
-    env.client
-        .publish(
-            &TaskRequest::new("diag.echo", json!({}))
-                .id("exp-1")
-                .expiration_ms(50),
-        )
-        .await
-        .unwrap();
-    let got = until_final(&mut watch, &["exp-1".to_owned()], T).await;
+    env.publish(
+        &TaskRequest::new("diag.echo", json!({}))
+            .id("exp-1")
+            .expiration_ms(50),
+    )
+    .await;
+    let got = until_final(&mut watch, &["exp-1"], T).await;
     let ev = final_event(&got["exp-1"]);
     assert_eq!(ev.reason.as_deref(), Some("expired"));
     assert_eq!(ev.attempt, 0);
@@ -265,18 +238,14 @@ async fn a_task_that_expires_in_its_queue_ends_dead_expired() {
 
 #[tokio::test]
 async fn a_forged_type_property_is_overwritten_and_charset_parameters_are_ignored() {
-    let mut env = Env::new("forged", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("forged", &[]).await;
     let props = BasicProperties::default()
         .with_content_type("Application/JSON; charset=utf-8".into())
         .with_message_id("forged-1".into())
         .with_type("something.else".into());
-    env.client
-        .publish_raw(&env.names().tasks(), "diag.echo", b"{\"a\":1}", props)
-        .await
-        .unwrap();
-    let got = until_final(&mut watch, &["forged-1".to_owned()], T).await;
+    env.publish_raw(&env.names().tasks(), "diag.echo", b"{\"a\":1}", props)
+        .await;
+    let got = until_final(&mut watch, &["forged-1"], T).await;
     let ev = final_event(&got["forged-1"]);
     assert_eq!(ev.state, TaskState::Succeeded);
     assert_eq!(ev.task_type, "diag.echo", "the routing key is the type");
@@ -285,7 +254,7 @@ async fn a_forged_type_property_is_overwritten_and_charset_parameters_are_ignore
 
 #[tokio::test]
 async fn a_large_result_is_truncated_and_says_so() {
-    let mut env = Env::new(
+    let env = Env::with_up(
         "big-result",
         &[
             ("WARREN__LIMITS__MAX_RESULT_BYTES", "200"),
@@ -293,15 +262,12 @@ async fn a_large_result_is_truncated_and_says_so() {
         ],
     )
     .await;
-    env.up(&[]);
     let ev = env
-        .client
         .call(
             &TaskRequest::new("diag.echo", json!({"pad": "x".repeat(5000)})),
             T,
         )
-        .await
-        .unwrap();
+        .await;
     let result = ev.result.unwrap();
     assert_eq!(result["truncated"], true);
     assert!(result["bytes"].as_u64().unwrap() > 5000);
@@ -314,58 +280,28 @@ async fn a_large_result_is_truncated_and_says_so() {
 #[tokio::test]
 async fn with_a_default_queue_an_unrouted_type_goes_there() {
     let env = Env::new("default-queue", &[]).await;
-    let file = std::env::temp_dir().join(format!("{}.toml", env.prefix));
-    std::fs::write(
-        &file,
+    let cfg = env.config_file(
         "[[queues]]\nname = \"diag\"\n\n[[queues]]\nname = \"main\"\ndefault = true\n\n\
          [[routes]]\npattern = \"diag.*\"\nqueue = \"diag\"\n",
-    )
-    .unwrap();
-    let out = env
-        .warren(&["--config", file.to_str().unwrap(), "topology", "apply"])
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&file);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
-    env.client
-        .publish(&TaskRequest::new("report.monthly", json!({})))
-        .await
-        .unwrap();
+    env.cli_ok(&["--config", &cfg, "topology", "apply"]);
+    env.publish(&TaskRequest::new("report.monthly", json!({})))
+        .await;
     env.wait_depth(&env.names().work_queue("main"), 1, T).await;
     assert_eq!(env.depth(&env.names().unroutable()).await, 0);
 }
 
 #[tokio::test]
 async fn a_quorum_work_queue_runs_tasks() {
-    let env = Env::new("quorum", &[]).await;
-    let file = std::env::temp_dir().join(format!("{}.toml", env.prefix));
-    std::fs::write(
-        &file,
+    let mut env = Env::new("quorum", &[]).await;
+    let cfg = env.config_file(
         "[[queues]]\nname = \"qq\"\ntype = \"quorum\"\n\n[[routes]]\npattern = \"diag.*\"\nqueue = \"qq\"\n",
-    )
-    .unwrap();
-    let cfg = file.to_str().unwrap().to_owned();
-    let out = env
-        .warren(&["--config", &cfg, "topology", "apply"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
-    let mut env = env;
+    env.cli_ok(&["--config", &cfg, "topology", "apply"]);
     env.spawn(&["--config", &cfg, "worker"], &[]);
     let ev = env
-        .client
         .call(&TaskRequest::new("diag.echo", json!({"q": "quorum"})), T)
-        .await
-        .unwrap();
-    let _ = std::fs::remove_file(&file);
+        .await;
     assert_eq!(ev.state, TaskState::Succeeded);
     assert_eq!(ev.queue.as_deref(), Some("qq"));
 }

@@ -13,11 +13,9 @@ use serde_json::{json, Value};
 use warren_client::{ReceivedEvent, TaskRequest};
 use warren_core::event::ErrorKind;
 use warren_core::{Event, TaskState};
-use warren_e2e::{final_event, until_final, Env};
+use warren_e2e::{final_event, free_port, unix_ms, until_final, Env, T_LONG};
 
 use server::{content, content_sha256, TestServer};
-
-const T: Duration = Duration::from_secs(60);
 const MB: u64 = 1024 * 1024;
 
 /// A fresh data directory for one test's worker.
@@ -56,14 +54,12 @@ async fn run_all(
     let mut by_name = Vec::new();
     for (name, task_type, args) in tasks {
         let id = env
-            .client
             .publish(&TaskRequest::new(task_type, args).header_int("x-warren-max-retries", 0))
-            .await
-            .unwrap();
+            .await;
         ids.push(id.clone());
         by_name.push((name, id));
     }
-    let mut got = until_final(&mut watch, &ids, T).await;
+    let mut got = until_final(&mut watch, &ids, T_LONG).await;
     by_name
         .into_iter()
         .map(|(name, id)| (name, got.remove(&id).unwrap()))
@@ -188,10 +184,7 @@ async fn http_request_returns_status_headers_and_body_as_json_text_or_base64() {
 async fn http_request_failure_classes() {
     let srv = TestServer::start().await;
     // A port nothing listens on.
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let closed = free_port();
     let data = data_dir("http-fail");
     let mut env = env("http-fail", &data, true, &[]).await;
     env.up(&[]);
@@ -331,7 +324,6 @@ async fn retry_after_sets_the_earliest_retry() {
     env.up(&[]);
     let mut watch = env.watch(&["#"]).await;
     let id = env
-        .client
         .publish(
             &TaskRequest::new(
                 "http.request",
@@ -339,9 +331,8 @@ async fn retry_after_sets_the_earliest_retry() {
             )
             .header_int("x-warren-max-retries", 1),
         )
-        .await
-        .unwrap();
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+        .await;
+    let got = until_final(&mut watch, &[&id], T_LONG).await;
     let evs: Vec<&Event> = got[&id].iter().map(|e| &e.event).collect();
     let failed = evs.iter().find(|e| e.state == TaskState::Failed).unwrap();
     assert_eq!(failed.retry, Some(true));
@@ -350,12 +341,7 @@ async fn retry_after_sets_the_earliest_retry() {
         .filter(|e| e.state == TaskState::Started)
         .collect();
     assert_eq!(started.len(), 2, "{evs:?}");
-    let ms = |s: &str| {
-        chrono::DateTime::parse_from_rfc3339(s)
-            .unwrap()
-            .timestamp_millis()
-    };
-    let gap = ms(&started[1].at) - ms(&failed.at);
+    let gap = unix_ms(&started[1].at) - unix_ms(&failed.at);
     assert!(
         gap >= 950,
         "retried {gap} ms after the 503, Retry-After said 1 s"
@@ -552,7 +538,6 @@ async fn a_300_mb_download_streams_with_bounded_memory_and_a_verified_sha256() {
 
     let started = std::time::Instant::now();
     let ev = env
-        .client
         .call(
             &TaskRequest::new(
                 "file.download",
@@ -560,8 +545,7 @@ async fn a_300_mb_download_streams_with_bounded_memory_and_a_verified_sha256() {
             ),
             Duration::from_secs(240),
         )
-        .await
-        .unwrap();
+        .await;
     let secs = started.elapsed().as_secs_f64();
     assert_eq!(ev.state, TaskState::Succeeded, "{ev:?}");
     let rss = peak_rss(up.pid);
@@ -593,39 +577,31 @@ async fn a_download_killed_mid_transfer_leaves_no_file_and_resumes_with_range() 
     let first = env.up(&[]);
     let mut watch = env.watch(&["#"]).await;
     let id = env
-        .client
         .publish(&TaskRequest::new(
             "file.download",
             // 2 MB/s for a full response: about 8 s, so the kill lands mid-way.
             json!({"url": srv.url(&format!("/gen/{LEN}?rate=2000000")), "path": "dl/file.bin",
                    "sha256": content_sha256(LEN)}),
         ))
-        .await
-        .unwrap();
+        .await;
     // Progress events: at most one a second, growing, with the total.
     let mut progress: Vec<Event> = Vec::new();
     while progress.len() < 3 {
-        let e = watch.next(T).await.unwrap().expect("an event");
+        let e = watch.next(T_LONG).await.unwrap().expect("an event");
         assert!(!e.event.state.is_final(), "{:?}", e.event);
         if e.event.state == TaskState::Progress {
             assert_eq!(e.routing_key, "progress.file.download");
             progress.push(e.event);
         }
     }
-    let ms = |s: &str| {
-        chrono::DateTime::parse_from_rfc3339(s)
-            .unwrap()
-            .timestamp_millis()
-    };
     for pair in progress.windows(2) {
         let (a, b) = (pair[0].progress.unwrap(), pair[1].progress.unwrap());
         assert!(b.bytes > a.bytes, "{a:?} then {b:?}");
         assert_eq!(b.total, Some(LEN));
-        let gap = ms(&pair[1].at) - ms(&pair[0].at);
+        let gap = unix_ms(&pair[1].at) - unix_ms(&pair[0].at);
         assert!(gap >= 900, "progress events {gap} ms apart");
     }
-    env.signal(&first, "KILL");
-    env.wait_exit(&first, T).await.expect("killed worker exits");
+    env.kill(&first, T_LONG).await;
     let sent_before = srv.sent();
     assert!(sent_before < LEN, "killed mid-transfer");
     assert!(
@@ -641,7 +617,7 @@ async fn a_download_killed_mid_transfer_leaves_no_file_and_resumes_with_range() 
     );
 
     env.up(&[]);
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, &[&id], T_LONG).await;
     let ev = final_event(&got[&id]);
     assert_eq!(ev.state, TaskState::Succeeded, "{ev:?}");
     let r = ev.result.as_ref().unwrap();
@@ -847,9 +823,8 @@ async fn a_type_concurrency_cap_holds_back_that_type_only() {
     let srv = TestServer::start().await;
     let data = data_dir("cap");
     let mut env = env("cap", &data, true, &[("WARREN__WORKER__CONCURRENCY", "4")]).await;
-    let cfg = data.join("cap.toml");
-    std::fs::write(&cfg, "[worker.type_concurrency]\n\"file.download\" = 1\n").unwrap();
-    env.spawn(&["--config", cfg.to_str().unwrap(), "up"], &[]);
+    let cfg = env.config_file("[worker.type_concurrency]\n\"file.download\" = 1\n");
+    env.spawn(&["--config", &cfg, "up"], &[]);
     let slow = |p: &str| json!({"url": srv.url("/gen/1500000?rate=1500000"), "path": p});
     let got = run_all(
         &env,
@@ -865,9 +840,7 @@ async fn a_type_concurrency_cap_holds_back_that_type_only() {
             .iter()
             .find(|e| e.event.state == state)
             .unwrap_or_else(|| panic!("{name} has no {state:?} event"));
-        chrono::DateTime::parse_from_rfc3339(&e.event.at)
-            .unwrap()
-            .timestamp_millis()
+        unix_ms(&e.event.at)
     };
     let (d1s, d1e) = (at("d1", TaskState::Started), at("d1", TaskState::Succeeded));
     let (d2s, d2e) = (at("d2", TaskState::Started), at("d2", TaskState::Succeeded));

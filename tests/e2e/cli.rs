@@ -95,25 +95,12 @@ fn topology_show_prints_the_plan_without_a_broker() {
 #[tokio::test]
 async fn topology_apply_is_idempotent_and_conflicts_name_the_fix() {
     let env = Env::new("topo", &[]).await;
-    let out = env.warren(&["topology", "apply"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "re-apply: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dir = std::env::temp_dir().join(format!("{}.toml", env.prefix));
-    std::fs::write(
-        &dir,
+    // Re-applying the same topology succeeds.
+    env.cli_ok(&["topology", "apply"]);
+    let cfg = env.config_file(
         "[[queues]]\nname = \"diag\"\nmax_priority = 5\n\n[[routes]]\npattern = \"diag.*\"\nqueue = \"diag\"\n",
-    )
-    .unwrap();
-    let out = env
-        .warren(&["--config", dir.to_str().unwrap(), "topology", "apply"])
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&dir);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
+    let err = env.cli_err(&["--config", &cfg, "topology", "apply"]);
     assert!(err.contains(&env.names().work_queue("diag")), "{err}");
     assert!(err.contains("x-max-priority"), "{err}");
     assert!(err.contains("max_priority = 10"), "names the fix: {err}");
@@ -126,44 +113,31 @@ async fn topology_apply_is_idempotent_and_conflicts_name_the_fix() {
 
 #[tokio::test]
 async fn publish_wait_prints_the_final_event_and_count_shows_progress() {
-    let mut env = Env::new("cli-publish", &[]).await;
-    env.up(&[]);
-    let out = env
-        .warren(&[
-            "publish",
-            "diag.echo",
-            r#"{"a":1}"#,
-            "--wait",
-            "--timeout-ms",
-            "30000",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let env = Env::with_up("cli-publish", &[]).await;
+    let out = env.cli_ok(&[
+        "publish",
+        "diag.echo",
+        r#"{"a":1}"#,
+        "--wait",
+        "--timeout-ms",
+        "30000",
+    ]);
     let ev = warren_core::Event::from_json(String::from_utf8_lossy(&out.stdout).trim().as_bytes())
         .unwrap();
     assert_eq!(ev.result, Some(serde_json::json!({"a": 1})));
-    let out = env
-        .warren(&[
-            "publish",
-            "diag.sleep",
-            r#"{"ms":1}"#,
-            "--count",
-            "200",
-            "--wait",
-        ])
-        .output()
-        .unwrap();
+    let out = env.cli_ok(&[
+        "publish",
+        "diag.sleep",
+        r#"{"ms":1}"#,
+        "--count",
+        "200",
+        "--wait",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
     assert!(err.contains("all 200 tasks finished"), "{err}");
-    let out = env
-        .warren(&["publish", "diag.fail", r#"{"kind":"permanent"}"#, "--wait"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1), "a dead task exits 1");
+    // A dead task exits 1.
+    env.cli_exit(
+        &["publish", "diag.fail", r#"{"kind":"permanent"}"#, "--wait"],
+        1,
+    );
 }

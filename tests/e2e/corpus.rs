@@ -3,16 +3,13 @@
 //! one `warren up`: nothing is lost, nothing stalls, memory stays bounded.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use lapin::BasicProperties;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use warren_core::TaskState;
-use warren_e2e::Env;
-
-const T: Duration = Duration::from_secs(90);
+use warren_e2e::{Env, T_LONG as T};
 
 /// Fixed, so a failure can be replayed; printed on failure.
 const SEED: u64 = 0x5741_5252_454e;

@@ -4,7 +4,6 @@
 //! schedule's policy from the record kept in the broker.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
@@ -14,27 +13,15 @@ use lapin::{BasicProperties, Connection, Consumer};
 use serde_json::json;
 use tokio::time::Instant;
 use warren_core::TaskState;
-use warren_e2e::{Env, Proc};
-
-const T: Duration = Duration::from_secs(30);
-
-/// Writes a config file with these `[[cron]]` entries (queues and routes
-/// stay the built-in ones: a file's array replaces only the same key).
-fn cron_file(env: &Env, entries: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("{}.toml", env.prefix));
-    std::fs::write(&path, entries).expect("write config file");
-    path
-}
+use warren_e2e::{Env, Proc, T};
 
 /// Starts `warren scheduler --config <file>`.
-fn scheduler(env: &mut Env, file: &std::path::Path) -> Proc {
-    env.spawn(
-        &["--config", file.to_str().expect("UTF-8 path"), "scheduler"],
-        &[],
-    )
+fn scheduler(env: &mut Env, file: &str) -> Proc {
+    env.spawn(&["--config", file, "scheduler"], &[])
 }
 
-/// A `[[cron]]` entry of `diag.echo`.
+/// A `[[cron]]` entry of `diag.echo`, for [`Env::config_file`] (queues and
+/// routes stay the built-in ones: a file's array replaces only the same key).
 fn entry(name: &str, schedule: &str, extra: &str) -> String {
     format!(
         "[[cron]]\nname = \"{name}\"\nschedule = \"{schedule}\"\ntask_type = \"diag.echo\"\n\
@@ -89,10 +76,7 @@ struct Fires {
 
 impl Fires {
     async fn follow(env: &Env, queue: &str) -> Fires {
-        let conn = warren_client::runtime::connect(&env.config.broker.url, "test")
-            .await
-            .expect("connect");
-        let ch = conn.create_channel().await.expect("channel");
+        let (conn, ch) = env.open_channel().await;
         let consumer = ch
             .basic_consume(
                 queue.into(),
@@ -139,20 +123,6 @@ impl Fires {
     }
 }
 
-/// Waits (bounded) until a process's log contains `text`.
-async fn wait_log(env: &Env, p: &Proc, text: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !env.log_of(p).contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "process {} did not log {text:?} within {timeout:?}:\n{}",
-            p.pid,
-            env.log_of(p)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 const LEADER_LOG: &str = "cron leader";
 const STANDBY_LOG: &str = "cron standby";
 
@@ -170,14 +140,11 @@ fn assert_every_second_once(name: &str, fires: &Fires) {
 #[tokio::test]
 async fn a_schedule_fires_every_second_and_its_tasks_run() {
     let mut env = Env::new("cron-fire", &[]).await;
-    let file = cron_file(
-        &env,
-        &entry(
-            "tick",
-            "*/1 * * * * *",
-            "args = { from = \"cron\" }\npriority = 4",
-        ),
-    );
+    let file = env.config_file(&entry(
+        "tick",
+        "*/1 * * * * *",
+        "args = { from = \"cron\" }\npriority = 4",
+    ));
     env.spawn(&["worker"], &[]);
     let mut watch = env.watch(&["succeeded.diag.echo"]).await;
     let sched = scheduler(&mut env, &file);
@@ -214,13 +181,12 @@ async fn a_schedule_fires_every_second_and_its_tasks_run() {
     let log = env.log_of(&sched);
     assert!(log.contains(LEADER_LOG), "{log}");
     assert!(log.contains("cron fired"), "{log}");
-    let _ = std::fs::remove_file(file);
 }
 
 #[tokio::test]
 async fn two_schedulers_publish_each_fire_time_exactly_once() {
     let mut env = Env::new("cron-two", &[]).await;
-    let file = cron_file(&env, &entry("tick", "* * * * * *", "priority = 2"));
+    let file = env.config_file(&entry("tick", "* * * * * *", "priority = 2"));
     let mut fires = Fires::follow(&env, &env.names().work_queue("diag")).await;
     let a = scheduler(&mut env, &file);
     let b = scheduler(&mut env, &file);
@@ -255,13 +221,12 @@ async fn two_schedulers_publish_each_fire_time_exactly_once() {
     let leaders = logs.iter().filter(|l| l.contains(LEADER_LOG)).count();
     let standbys = logs.iter().filter(|l| l.contains(STANDBY_LOG)).count();
     assert_eq!((leaders, standbys), (1, 1), "{logs:#?}");
-    let _ = std::fs::remove_file(file);
 }
 
 #[tokio::test]
 async fn killing_the_leader_hands_over_and_fires_continue_within_seconds() {
     let mut env = Env::new("cron-kill", &[]).await;
-    let file = cron_file(&env, &entry("tick", "* * * * * *", ""));
+    let file = env.config_file(&entry("tick", "* * * * * *", ""));
     let mut fires = Fires::follow(&env, &env.names().work_queue("diag")).await;
     let a = scheduler(&mut env, &file);
     let b = scheduler(&mut env, &file);
@@ -279,7 +244,7 @@ async fn killing_the_leader_hands_over_and_fires_continue_within_seconds() {
     env.wait_exit(&leader, T)
         .await
         .expect("killed scheduler exits");
-    wait_log(&env, &standby, LEADER_LOG, T).await;
+    env.wait_log(&standby, LEADER_LOG, T).await;
     let took_over = killed.elapsed();
     fires
         .until("fires after the kill", T, |s| {
@@ -316,16 +281,12 @@ async fn killing_the_leader_hands_over_and_fires_continue_within_seconds() {
             );
         }
     }
-    let _ = std::fs::remove_file(file);
 }
 
 /// Seeds a schedule's record in `P.cron.state.<name>` as if it last fired at
 /// `last_fire`: the durable queue (`x-max-length = 1`) and one message.
 async fn seed_record(env: &Env, name: &str, last_fire: &str) {
-    let conn = warren_client::runtime::connect(&env.config.broker.url, "test")
-        .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
+    let (conn, ch) = env.open_channel().await;
     let queue = format!("{}.cron.state.{name}", env.prefix);
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
@@ -354,10 +315,7 @@ async fn seed_record(env: &Env, name: &str, last_fire: &str) {
 
 /// The `last_fire` in a schedule's record (read and put back).
 async fn record_of(env: &Env, name: &str) -> Option<String> {
-    let conn = warren_client::runtime::connect(&env.config.broker.url, "test")
-        .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
+    let (conn, ch) = env.open_channel().await;
     let queue = format!("{}.cron.state.{name}", env.prefix);
     let msg = ch
         .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
@@ -373,8 +331,7 @@ async fn missed_fires_run_once_fires_the_latest_skip_and_new_schedules_nothing()
     let mut env = Env::new("cron-missed", &[]).await;
     // Yearly schedules, so nothing fires on time during the test; in this
     // order "caught-up" is decided last, so its task arrives after any other.
-    let file = cron_file(
-        &env,
+    let file = env.config_file(
         &[
             entry("skipped", "0 0 0 1 1 *", "missed = \"skip\""),
             entry("fresh", "0 0 0 1 1 *", "missed = \"run_once\""),
@@ -387,7 +344,7 @@ async fn missed_fires_run_once_fires_the_latest_skip_and_new_schedules_nothing()
     let mut fires = Fires::follow(&env, &env.names().work_queue("diag")).await;
     let sched = scheduler(&mut env, &file);
     fires.until("the run_once fire", T, |s| !s.is_empty()).await;
-    wait_log(&env, &sched, "cron fired", T).await;
+    env.wait_log(&sched, "cron fired", T).await;
 
     assert_eq!(fires.seen.len(), 1, "{:?}", fires.ids());
     let id = &fires.seen[0].id;
@@ -410,5 +367,4 @@ async fn missed_fires_run_once_fires_the_latest_skip_and_new_schedules_nothing()
         Some("2020-01-01T00:00:00Z")
     );
     assert_eq!(record_of(&env, "fresh").await, None);
-    let _ = std::fs::remove_file(file);
 }

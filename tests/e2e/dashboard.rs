@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::json;
-use support::{as_refs, free_port, tracker_vars, Api, TestDb, T};
+use support::{tracker_env, TestDb};
 use warren_client::TaskRequest;
-use warren_e2e::{until_final, Env};
+use warren_e2e::{until_final, CommandExt, T};
 
 /// The Chromium binary: `WARREN_CHROMIUM`, else `chromium` on the PATH.
 fn chromium() -> PathBuf {
@@ -49,24 +49,15 @@ fn headless(url: &str, profile: &Path, args: &[&str]) -> String {
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(args)
         .arg(url)
-        .output()
-        .expect("run chromium");
-    assert!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .succeeds();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[tokio::test]
 async fn dashboard_shows_queues_counts_failures_dead_letters_and_a_task() {
     let db = TestDb::sqlite("dashboard");
-    let port = free_port();
-    let vars = tracker_vars(&db, port);
-    let mut env = Env::new("dash", &as_refs(&vars)).await;
+    let (mut env, api) = tracker_env("dash", &db, &[]).await;
     env.up(&[]);
-    let api = Api::new(port);
     api.wait_ready().await;
 
     let mut watch = env.watch(&["#"]).await;

@@ -1,6 +1,5 @@
 //! The dead-letter CLI: `warren dead list|replay|purge` on a real `P.dead`.
 
-use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldArray, FieldTable};
@@ -9,17 +8,7 @@ use serde_json::{json, Value};
 use warren_client::{TaskRequest, ORIGINAL_EXPIRATION};
 use warren_core::headers::{get_int, get_str};
 use warren_core::TaskState;
-use warren_e2e::{final_event, states, until_final, Env};
-
-const T: Duration = Duration::from_secs(30);
-
-/// Runs `warren <args>` with stdin closed; returns the output.
-fn run(env: &Env, args: &[&str]) -> Output {
-    env.warren(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run warren")
-}
+use warren_e2e::{final_event, states, until_final, Env, T};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -29,8 +18,7 @@ fn text(b: &[u8]) -> String {
 fn list_json(env: &Env, extra: &[&str]) -> Vec<Value> {
     let mut args = vec!["dead", "list", "--json"];
     args.extend_from_slice(extra);
-    let out = run(env, &args);
-    assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    let out = env.cli_ok(&args);
     text(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?} is not JSON: {e}")))
@@ -45,20 +33,15 @@ fn ids_of(rows: &[Value]) -> Vec<&str> {
 
 /// Publishes a message straight into `P.dead`, as a dead copy would look.
 async fn park(env: &Env, body: &[u8], props: BasicProperties) {
-    env.client
-        .publish_raw("", &env.names().dead(), body, props)
-        .await
-        .unwrap();
+    env.publish_raw("", &env.names().dead(), body, props).await;
 }
 
 #[tokio::test]
 async fn list_shows_dead_tasks_without_removing_them_and_purge_deletes_them() {
-    let mut env = Env::new("deadlist", &[]).await;
-    env.up(&[]);
+    let env = Env::with_up("deadlist", &[]).await;
     let dead = env.names().dead();
     for id in ["fail-1", "fail-2"] {
         let ev = env
-            .client
             .call(
                 &TaskRequest::new(
                     "diag.fail",
@@ -67,22 +50,18 @@ async fn list_shows_dead_tasks_without_removing_them_and_purge_deletes_them() {
                 .id(id),
                 T,
             )
-            .await
-            .unwrap();
+            .await;
         assert_eq!(ev.state, TaskState::Dead, "{id}");
     }
     let props = BasicProperties::default()
         .with_message_id("oops-1".into())
         .with_content_type("application/json".into());
-    env.client
-        .publish_raw(&env.names().tasks(), "diag.echo", b"{oops", props)
-        .await
-        .unwrap();
+    env.publish_raw(&env.names().tasks(), "diag.echo", b"{oops", props)
+        .await;
     env.wait_depth(&dead, 3, T).await;
 
     // Text listing: one line per task, a header and a count line.
-    let out = run(&env, &["dead", "list"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = env.cli_ok(&["dead", "list"]);
     let stdout = text(&out.stdout);
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 5, "header, 3 tasks, count: {stdout}");
@@ -141,35 +120,31 @@ async fn list_shows_dead_tasks_without_removing_them_and_purge_deletes_them() {
         "type is exact"
     );
     assert_eq!(list_json(&env, &["--limit", "1"]).len(), 1);
-    let out = run(&env, &["dead", "list", "--reason", "bogus"]);
-    assert!(!out.status.success(), "an unknown reason is refused");
+    // An unknown reason is refused.
+    env.cli_err(&["dead", "list", "--reason", "bogus"]);
     assert_eq!(env.depth(&dead).await, 3, "listing never removes anything");
 
     // Replaying an unknown id fails, names it, and changes nothing.
-    let out = run(&env, &["dead", "replay", "no-such-task"]);
-    assert_eq!(out.status.code(), Some(1));
+    let out = env.cli_exit(&["dead", "replay", "no-such-task"], 1);
     let err = text(&out.stderr);
     assert!(err.contains("no-such-task"), "{err}");
     assert_eq!(env.depth(&dead).await, 3);
 
     // Purge without --yes and without a terminal refuses and deletes nothing.
-    let out = run(&env, &["dead", "purge"]);
-    assert_eq!(out.status.code(), Some(1));
+    let out = env.cli_exit(&["dead", "purge"], 1);
     let err = text(&out.stderr);
     assert!(err.contains("--yes"), "{err}");
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     assert_eq!(env.depth(&dead).await, 3);
 
     // Purge with a filter deletes only what matches; then the rest.
-    let out = run(&env, &["dead", "purge", "--reason", "invalid", "--yes"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = env.cli_ok(&["dead", "purge", "--reason", "invalid", "--yes"]);
     assert!(text(&out.stdout).contains("deleted 1 dead task"));
     assert_eq!(ids_of(&list_json(&env, &[])), ["fail-1", "fail-2"]);
-    let out = run(&env, &["dead", "purge", "--yes"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = env.cli_ok(&["dead", "purge", "--yes"]);
     assert!(text(&out.stdout).contains("deleted 2 dead tasks"));
     assert_eq!(env.depth(&dead).await, 0);
-    let out = run(&env, &["dead", "list"]);
+    let out = env.warren(&["dead", "list"]).output().expect("run warren");
     assert_eq!(text(&out.stdout).trim(), format!("0 dead tasks in {dead}"));
 }
 
@@ -229,8 +204,7 @@ async fn replay_by_id_resets_the_attempt_and_keeps_everything_else() {
     env.wait_depth(&dead, 3, T).await;
 
     // One id found, one not: the found one is replayed, the exit says which is missing.
-    let out = run(&env, &["dead", "replay", "crafted", "ghost"]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let out = env.cli_exit(&["dead", "replay", "crafted", "ghost"], 1);
     assert!(text(&out.stdout).contains("replayed 1 dead task"));
     let err = text(&out.stderr);
     assert!(err.contains("ghost") && !err.contains("crafted"), "{err}");
@@ -265,11 +239,9 @@ async fn replay_by_id_resets_the_attempt_and_keeps_everything_else() {
     assert_eq!(ids_of(&rows), ["other", "untyped"]);
 
     // A task without a type cannot be routed: it stays, with a warning.
-    let out = run(&env, &["dead", "replay", "--all", "--reason", "invalid"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = env.cli_ok(&["dead", "replay", "--all", "--reason", "invalid"]);
     assert!(text(&out.stdout).contains("replayed 1 dead task"));
-    let out = run(&env, &["dead", "replay", "untyped"]);
-    assert_eq!(out.status.code(), Some(1));
+    let out = env.cli_exit(&["dead", "replay", "untyped"], 1);
     assert!(text(&out.stderr).contains("warning: dead task untyped"));
     let left = env.drain(&dead).await;
     assert_eq!(left.len(), 1);
@@ -288,14 +260,12 @@ async fn an_expired_task_replayed_runs_again_from_attempt_one() {
     // Only the scheduler runs: the task expires in its work queue and is parked.
     let scheduler = env.spawn(&["scheduler"], &[]);
     let id = env
-        .client
         .publish(
             &TaskRequest::new("diag.echo", json!({"late": true}))
                 .id("late-1")
                 .expiration_ms(500),
         )
-        .await
-        .unwrap();
+        .await;
     env.wait_depth(&dead, 1, T).await;
     let rows = list_json(&env, &[]);
     assert_eq!(rows[0]["id"], "late-1");
@@ -305,10 +275,9 @@ async fn an_expired_task_replayed_runs_again_from_attempt_one() {
     assert!(env.wait_exit(&scheduler, T).await.is_some());
     env.up(&[]);
     let mut watch = env.watch(&["#"]).await;
-    let out = run(&env, &["dead", "replay", "--all"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = env.cli_ok(&["dead", "replay", "--all"]);
     assert!(text(&out.stdout).contains("replayed 1 dead task"));
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, &[&id], T).await;
     let events = &got[&id];
     assert_eq!(states(events), ["started", "succeeded"]);
     let ev = final_event(events);
@@ -360,8 +329,7 @@ async fn a_replay_killed_midway_loses_nothing_and_a_second_replay_finishes() {
             "replay never started"
         );
     }
-    env.signal(&replay, "KILL");
-    assert!(env.wait_exit(&replay, T).await.is_some());
+    env.kill(&replay, T).await;
 
     // The broker returns what the replay held unacknowledged to P.dead: every
     // task is in one queue or the other (or, inside the window, both).
@@ -380,8 +348,7 @@ async fn a_replay_killed_midway_loses_nothing_and_a_second_replay_finishes() {
     assert!(left > 0, "the kill came after the replay had finished");
     assert!(moved + left <= N + WINDOW, "{moved} + {left}");
 
-    let out = run(&env, &["dead", "replay", "--all"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    env.cli_ok(&["dead", "replay", "--all"]);
     assert_eq!(env.depth(&dead).await, 0);
     let copies = env.drain(&work).await;
     let ids: HashSet<String> = copies

@@ -10,13 +10,7 @@ use serde_json::json;
 use warren_client::TaskRequest;
 use warren_core::event::ErrorKind;
 use warren_core::TaskState;
-use warren_e2e::{final_event, states, until_final, Env};
-
-const T: Duration = Duration::from_secs(60);
-
-fn at_ms(at: &str) -> i64 {
-    DateTime::parse_from_rfc3339(at).unwrap().timestamp_millis()
-}
+use warren_e2e::{final_event, states, unix_ms, until_final, Env, T_LONG};
 
 fn now_ms() -> i64 {
     Utc::now().timestamp_millis()
@@ -33,9 +27,7 @@ fn delayed(id: &str, header: &str, value: AMQPValue) -> BasicProperties {
 
 #[tokio::test]
 async fn delayed_tasks_are_never_early_with_x_delay_and_both_eta_forms() {
-    let mut env = Env::new("delay", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("delay", &[]).await;
     let now = now_ms();
     let rfc = DateTime::<Utc>::from_timestamp_millis(now + 2600)
         .unwrap()
@@ -71,26 +63,24 @@ async fn delayed_tasks_are_never_early_with_x_delay_and_both_eta_forms() {
         ),
     ];
     for (id, h, v, _) in &cases {
-        env.client
-            .publish_raw(
-                &env.names().delay(),
-                "diag.echo",
-                b"{}",
-                delayed(id, h, v.clone()),
-            )
-            .await
-            .unwrap();
+        env.publish_raw(
+            &env.names().delay(),
+            "diag.echo",
+            b"{}",
+            delayed(id, h, v.clone()),
+        )
+        .await;
     }
     let ids: Vec<String> = cases.iter().map(|c| c.0.to_owned()).collect();
-    let got = until_final(&mut watch, &ids, T).await;
+    let got = until_final(&mut watch, &ids, T_LONG).await;
     for (id, _, _, earliest) in &cases {
         let evs = &got[*id];
         assert_eq!(states(evs), ["scheduled", "started", "succeeded"], "{id}");
         let scheduled = &evs[0].event;
         assert_eq!(scheduled.attempt, 1);
-        let due = at_ms(scheduled.due_at.as_deref().expect("due_at"));
+        let due = unix_ms(scheduled.due_at.as_deref().expect("due_at"));
         assert!(due >= *earliest, "{id}: due_at {due} before {earliest}");
-        let started = at_ms(&evs[1].event.at);
+        let started = unix_ms(&evs[1].event.at);
         assert!(
             started >= *earliest,
             "{id} started {} ms early",
@@ -136,13 +126,11 @@ async fn bad_delay_headers_are_parked_invalid_nothing_lost() {
         ),
     ];
     for (_, p) in &cases {
-        env.client
-            .publish_raw(&env.names().delay(), "diag.echo", b"{}", p.clone())
-            .await
-            .unwrap();
+        env.publish_raw(&env.names().delay(), "diag.echo", b"{}", p.clone())
+            .await;
     }
     let ids: Vec<String> = cases.iter().map(|c| c.0.to_owned()).collect();
-    let got = until_final(&mut watch, &ids, T).await;
+    let got = until_final(&mut watch, &ids, T_LONG).await;
     for id in &ids {
         let ev = final_event(&got[id]);
         assert_eq!(ev.state, TaskState::Dead, "{id}");
@@ -157,19 +145,18 @@ async fn delayed_tasks_wait_while_no_scheduler_runs_and_each_is_released_once() 
     let mut watch = env.watch(&["#"]).await;
     let ids: Vec<String> = (0..30).map(|i| format!("held-{i}")).collect();
     for id in &ids {
-        env.client
-            .publish_raw(
-                &env.names().delay(),
-                "diag.echo",
-                b"{}",
-                delayed(id, "x-delay", AMQPValue::LongInt(300)),
-            )
-            .await
-            .unwrap();
+        env.publish_raw(
+            &env.names().delay(),
+            "diag.echo",
+            b"{}",
+            delayed(id, "x-delay", AMQPValue::LongInt(300)),
+        )
+        .await;
     }
-    env.wait_depth(&env.names().delay_intake(), 30, T).await;
+    env.wait_depth(&env.names().delay_intake(), 30, T_LONG)
+        .await;
     env.up(&[]);
-    let got = until_final(&mut watch, &ids, T).await;
+    let got = until_final(&mut watch, &ids, T_LONG).await;
     // Nothing more arrives for them: no duplicate release.
     let mut extra = 0;
     while let Some(e) = watch.next(Duration::from_millis(1500)).await.unwrap() {
@@ -201,25 +188,23 @@ async fn a_scheduler_killed_mid_hop_loses_nothing() {
         if i % 2 == 0 {
             props = props.with_expiration("60000".into());
         }
-        env.client
-            .publish_raw(&env.names().delay(), "diag.echo", b"{}", props)
-            .await
-            .unwrap();
+        env.publish_raw(&env.names().delay(), "diag.echo", b"{}", props)
+            .await;
     }
     // All 40 are waiting in the broker's 2 s tiers; kill the scheduler while
     // they wait, then start a worker and a new scheduler.
-    env.wait_depth(&env.names().wait_tier(2), 20, T).await;
-    env.wait_depth(&env.names().release_tier(2), 20, T).await;
-    env.signal(&first, "KILL");
-    env.wait_exit(&first, T).await.expect("killed");
+    env.wait_depth(&env.names().wait_tier(2), 20, T_LONG).await;
+    env.wait_depth(&env.names().release_tier(2), 20, T_LONG)
+        .await;
+    env.kill(&first, T_LONG).await;
     // With no scheduler at all, the broker releases the release tier's half.
     env.spawn(&["worker"], &[]);
     let by_broker: Vec<String> = ids.iter().skip(1).step_by(2).cloned().collect();
-    let got = until_final(&mut watch, &by_broker, T).await;
+    let got = until_final(&mut watch, &by_broker, T_LONG).await;
     // The other half need a scheduler for their release.
     env.spawn(&["scheduler"], &[]);
     let rest: Vec<String> = ids.iter().step_by(2).cloned().collect();
-    let mut got_rest = until_final(&mut watch, &rest, T).await;
+    let mut got_rest = until_final(&mut watch, &rest, T_LONG).await;
     got_rest.extend(got);
     for id in &ids {
         assert_eq!(
@@ -241,23 +226,20 @@ async fn a_scheduler_killed_while_it_waits_the_last_fraction_loses_nothing() {
     let due = now_ms() + 1900;
     for id in &ids {
         let props = delayed(id, "x-warren-eta", AMQPValue::LongLongInt(due));
-        env.client
-            .publish_raw(&env.names().delay(), "diag.echo", b"{}", props)
-            .await
-            .unwrap();
+        env.publish_raw(&env.names().delay(), "diag.echo", b"{}", props)
+            .await;
     }
-    let ops = env.ops_addr(&first, "scheduler", T).await;
-    warren_e2e::wait_metric(&ops, "warren_scheduler_held_tasks", 40.0, T).await;
-    env.signal(&first, "KILL");
-    env.wait_exit(&first, T).await.expect("killed");
+    let ops = env.ops_addr(&first, "scheduler", T_LONG).await;
+    warren_e2e::wait_metric(&ops, "warren_scheduler_held_tasks", 40.0, T_LONG).await;
+    env.kill(&first, T_LONG).await;
     env.up(&[]);
-    let got = until_final(&mut watch, &ids, T).await;
+    let got = until_final(&mut watch, &ids, T_LONG).await;
     for id in &ids {
         let succeeded = got[id]
             .iter()
             .find(|e| e.event.state == TaskState::Succeeded)
             .expect("succeeded");
-        assert!(at_ms(&succeeded.event.at) >= due, "{id} early");
+        assert!(unix_ms(&succeeded.event.at) >= due, "{id} early");
     }
 }
 
@@ -271,17 +253,15 @@ async fn two_scheduler_replicas_release_each_delayed_task_once() {
     let ids: Vec<String> = (0..200).map(|i| format!("rep-{i}")).collect();
     for (i, id) in ids.iter().enumerate() {
         let ms = 1100 + (i as i32 % 10) * 100;
-        env.client
-            .publish_raw(
-                &env.names().delay(),
-                "diag.echo",
-                b"{}",
-                delayed(id, "x-delay", AMQPValue::LongInt(ms)),
-            )
-            .await
-            .unwrap();
+        env.publish_raw(
+            &env.names().delay(),
+            "diag.echo",
+            b"{}",
+            delayed(id, "x-delay", AMQPValue::LongInt(ms)),
+        )
+        .await;
     }
-    let got = until_final(&mut watch, &ids, T).await;
+    let got = until_final(&mut watch, &ids, T_LONG).await;
     let mut extra: HashMap<String, usize> = HashMap::new();
     while let Some(e) = watch.next(Duration::from_millis(1500)).await.unwrap() {
         *extra.entry(e.event.task_id).or_default() += 1;
@@ -298,7 +278,7 @@ async fn two_scheduler_replicas_release_each_delayed_task_once() {
 
 #[tokio::test]
 async fn retries_back_off_with_attempts_and_events_then_end_retries_exhausted() {
-    let mut env = Env::new(
+    let (env, mut watch) = Env::with_up_watching(
         "retries",
         &[
             ("WARREN__RETRY__DEFAULT__BASE_MS", "200"),
@@ -306,10 +286,7 @@ async fn retries_back_off_with_attempts_and_events_then_end_retries_exhausted() 
         ],
     )
     .await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
     let id = env
-        .client
         .publish(
             &TaskRequest::new(
                 "diag.fail",
@@ -317,9 +294,8 @@ async fn retries_back_off_with_attempts_and_events_then_end_retries_exhausted() 
             )
             .header_int("x-warren-max-retries", 2),
         )
-        .await
-        .unwrap();
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+        .await;
+    let got = until_final(&mut watch, &[&id], T_LONG).await;
     let evs = &got[&id];
     assert_eq!(
         states(evs),
@@ -363,15 +339,11 @@ async fn retries_back_off_with_attempts_and_events_then_end_retries_exhausted() 
 
 #[tokio::test]
 async fn expiration_counts_from_release_not_while_waiting() {
-    let mut env = Env::new("delay-expiry", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("delay-expiry", &[]).await;
     let p =
         delayed("exp-later", "x-delay", AMQPValue::LongInt(2500)).with_expiration("1000".into());
-    env.client
-        .publish_raw(&env.names().delay(), "diag.echo", b"{}", p)
-        .await
-        .unwrap();
-    let got = until_final(&mut watch, &["exp-later".to_owned()], T).await;
+    env.publish_raw(&env.names().delay(), "diag.echo", b"{}", p)
+        .await;
+    let got = until_final(&mut watch, &["exp-later"], T_LONG).await;
     assert_eq!(final_event(&got["exp-later"]).state, TaskState::Succeeded);
 }

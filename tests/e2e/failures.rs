@@ -1,29 +1,21 @@
 //! Handler failures: permanent, retryable with no retries left, panics, time limits.
 
-use std::time::Duration;
-
 use serde_json::json;
 use warren_client::TaskRequest;
 use warren_core::event::ErrorKind;
 use warren_core::TaskState;
-use warren_e2e::{states, until_final, Env};
-
-const T: Duration = Duration::from_secs(30);
+use warren_e2e::{states, until_final, Env, T};
 
 #[tokio::test]
 async fn permanent_failure_parks_dead_with_the_verbatim_message() {
-    let mut env = Env::new("permanent", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("permanent", &[]).await;
     let id = env
-        .client
         .publish(&TaskRequest::new(
             "diag.fail",
             json!({"kind": "permanent", "message": "card declined ✗"}),
         ))
-        .await
-        .unwrap();
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+        .await;
+    let got = until_final(&mut watch, &[&id], T).await;
     let ev = &got[&id];
     assert_eq!(states(ev), ["started", "failed", "dead"]);
     let failed = &ev[1].event;
@@ -38,18 +30,14 @@ async fn permanent_failure_parks_dead_with_the_verbatim_message() {
 
 #[tokio::test]
 async fn retryable_failure_with_no_retries_left_is_retries_exhausted() {
-    let mut env = Env::new("exhausted", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("exhausted", &[]).await;
     let id = env
-        .client
         .publish(
             &TaskRequest::new("diag.fail", json!({"kind": "retryable", "message": "503"}))
                 .header_int("x-warren-max-retries", 0),
         )
-        .await
-        .unwrap();
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+        .await;
+    let got = until_final(&mut watch, &[&id], T).await;
     let ev = &got[&id];
     assert_eq!(states(ev), ["started", "failed", "dead"]);
     assert_eq!(ev[1].event.retry, Some(false));
@@ -67,7 +55,6 @@ async fn a_retryable_failure_with_retries_left_goes_to_the_delay_exchange() {
     env.spawn(&["worker"], &[]);
     let mut watch = env.watch(&["#"]).await;
     let id = env
-        .client
         .publish(
             &TaskRequest::new(
                 "diag.fail",
@@ -75,8 +62,7 @@ async fn a_retryable_failure_with_retries_left_goes_to_the_delay_exchange() {
             )
             .header_int("x-warren-max-retries", 2),
         )
-        .await
-        .unwrap();
+        .await;
     let first = watch.next(T).await.unwrap().unwrap();
     assert_eq!(first.event.state, TaskState::Started);
     let failed = watch.next(T).await.unwrap().unwrap();
@@ -102,31 +88,26 @@ async fn a_retryable_failure_with_retries_left_goes_to_the_delay_exchange() {
 
 #[tokio::test]
 async fn a_panicking_handler_is_a_failure_and_the_worker_lives_on() {
-    let mut env = Env::new("panic", &[]).await;
-    env.up(&[]);
+    let env = Env::with_up("panic", &[]).await;
     let ev = env
-        .client
         .call(
             &TaskRequest::new("diag.panic", json!({"message": "kaboom"})),
             T,
         )
-        .await
-        .unwrap();
+        .await;
     assert_eq!(ev.state, TaskState::Dead);
     let err = ev.error.unwrap();
     assert_eq!(err.code, "panic");
     assert!(err.message.contains("kaboom"));
     let ok = env
-        .client
         .call(&TaskRequest::new("diag.echo", json!({"n": 1})), T)
-        .await
-        .unwrap();
+        .await;
     assert_eq!(ok.state, TaskState::Succeeded);
 }
 
 #[tokio::test]
 async fn a_handler_over_its_time_limit_fails_with_timeout_and_the_worker_lives_on() {
-    let mut env = Env::new(
+    let (env, mut watch) = Env::with_up_watching(
         "timeout",
         &[
             ("WARREN__WORKER__CONCURRENCY", "1"),
@@ -134,18 +115,14 @@ async fn a_handler_over_its_time_limit_fails_with_timeout_and_the_worker_lives_o
         ],
     )
     .await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
     let id = env
-        .client
         .publish(
             &TaskRequest::new("diag.sleep", json!({"ms": 600000}))
                 .header_int("x-warren-timeout-ms", 200)
                 .header_int("x-warren-max-retries", 0),
         )
-        .await
-        .unwrap();
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+        .await;
+    let got = until_final(&mut watch, &[&id], T).await;
     let ev = &got[&id];
     assert_eq!(states(ev), ["started", "failed", "dead"]);
     let err = ev[1].event.error.as_ref().unwrap();
@@ -154,9 +131,7 @@ async fn a_handler_over_its_time_limit_fails_with_timeout_and_the_worker_lives_o
     assert_eq!(ev[2].event.reason.as_deref(), Some("retries_exhausted"));
     // The single slot is free again.
     let ok = env
-        .client
         .call(&TaskRequest::new("diag.echo", json!({"n": 2})), T)
-        .await
-        .unwrap();
+        .await;
     assert_eq!(ok.state, TaskState::Succeeded);
 }

@@ -5,9 +5,7 @@ use std::time::Duration;
 use serde_json::json;
 use warren_client::TaskRequest;
 use warren_core::TaskState;
-use warren_e2e::{final_event, until_final, Env, Mgmt};
-
-const T: Duration = Duration::from_secs(60);
+use warren_e2e::{final_event, until_final, Env, Mgmt, T_LONG};
 
 #[tokio::test]
 async fn a_worker_killed_mid_task_loses_nothing_the_task_is_redelivered_and_succeeds() {
@@ -15,16 +13,13 @@ async fn a_worker_killed_mid_task_loses_nothing_the_task_is_redelivered_and_succ
     let first = env.spawn(&["worker"], &[]);
     let mut watch = env.watch(&["#"]).await;
     let id = env
-        .client
         .publish(&TaskRequest::new("diag.sleep", json!({"ms": 2000})))
-        .await
-        .unwrap();
-    let started = watch.next(T).await.unwrap().expect("started");
+        .await;
+    let started = watch.next(T_LONG).await.unwrap().expect("started");
     assert_eq!(started.event.state, TaskState::Started);
-    env.signal(&first, "KILL");
-    env.wait_exit(&first, T).await.expect("killed worker exits");
+    env.kill(&first, T_LONG).await;
     env.spawn(&["worker"], &[]);
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, &[&id], T_LONG).await;
     let ev = final_event(&got[&id]);
     assert_eq!(ev.state, TaskState::Succeeded);
     assert_ne!(
@@ -49,7 +44,9 @@ async fn connection_force_closed_under_load_every_task_of_2000_succeeds() {
     // The worker's connection is named "warren worker <host>/<pid>".
     let suffix = format!("/{}", worker.pid);
     let mut closed: Vec<String> = Vec::new();
-    let first = mgmt.wait_connection("worker", &suffix, &closed, T).await;
+    let first = mgmt
+        .wait_connection("worker", &suffix, &closed, T_LONG)
+        .await;
     let mut watch = env.watch(&["succeeded.#", "dead.#"]).await;
     let reqs: Vec<TaskRequest> = (0..2000)
         .map(|i| TaskRequest::new("diag.sleep", json!({"ms": 50})).id(format!("load-{i}")))
@@ -76,7 +73,9 @@ async fn connection_force_closed_under_load_every_task_of_2000_succeeds() {
             mgmt.close_connection(&first).await;
             closed.push(first.clone());
         } else if closed.len() == 1 && finished.len() >= 800 {
-            let second = mgmt.wait_connection("worker", &suffix, &closed, T).await;
+            let second = mgmt
+                .wait_connection("worker", &suffix, &closed, T_LONG)
+                .await;
             mgmt.close_connection(&second).await;
             closed.push(second);
         }
@@ -97,16 +96,14 @@ async fn sigterm_lets_the_running_task_finish_then_exits_zero() {
     let worker = env.spawn(&["worker"], &[]);
     let mut watch = env.watch(&["#"]).await;
     let id = env
-        .client
         .publish(&TaskRequest::new("diag.sleep", json!({"ms": 1500})))
-        .await
-        .unwrap();
-    let started = watch.next(T).await.unwrap().expect("started");
+        .await;
+    let started = watch.next(T_LONG).await.unwrap().expect("started");
     assert_eq!(started.event.state, TaskState::Started);
     env.signal(&worker, "TERM");
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, &[&id], T_LONG).await;
     assert_eq!(final_event(&got[&id]).state, TaskState::Succeeded);
-    assert_eq!(env.wait_exit(&worker, T).await, Some(0), "exit code 0");
+    assert_eq!(env.wait_exit(&worker, T_LONG).await, Some(0), "exit code 0");
     assert_eq!(env.depth(&env.names().work_queue("diag")).await, 0);
 }
 
@@ -115,15 +112,14 @@ async fn past_the_grace_period_a_running_task_is_returned_unacknowledged() {
     let mut env = Env::new("grace", &[("WARREN__WORKER__GRACE_PERIOD_MS", "300")]).await;
     let worker = env.spawn(&["worker"], &[]);
     let mut watch = env.watch(&["#"]).await;
-    env.client
-        .publish(&TaskRequest::new("diag.sleep", json!({"ms": 600000})))
-        .await
-        .unwrap();
-    let started = watch.next(T).await.unwrap().expect("started");
+    env.publish(&TaskRequest::new("diag.sleep", json!({"ms": 600000})))
+        .await;
+    let started = watch.next(T_LONG).await.unwrap().expect("started");
     assert_eq!(started.event.state, TaskState::Started);
     env.signal(&worker, "TERM");
-    assert_eq!(env.wait_exit(&worker, T).await, Some(0), "exit code 0");
-    env.wait_depth(&env.names().work_queue("diag"), 1, T).await;
+    assert_eq!(env.wait_exit(&worker, T_LONG).await, Some(0), "exit code 0");
+    env.wait_depth(&env.names().work_queue("diag"), 1, T_LONG)
+        .await;
 }
 
 #[tokio::test]
@@ -131,21 +127,18 @@ async fn a_task_that_keeps_killing_its_worker_is_parked_poison() {
     let mut env = Env::new("poison", &[("WARREN__SCHEDULER__POISON_REDELIVERIES", "2")]).await;
     let mut watch = env.watch(&["#"]).await;
     let id = env
-        .client
         .publish(&TaskRequest::new("diag.sleep", json!({"ms": 600000})))
-        .await
-        .unwrap();
+        .await;
     // Three workers die with the task running: one crash never parks a task,
     // but more than two redeliveries without an outcome do.
     for round in 0..3 {
         let w = env.spawn(&["worker"], &[]);
-        let e = watch.next(T).await.unwrap().expect("started");
+        let e = watch.next(T_LONG).await.unwrap().expect("started");
         assert_eq!(e.event.state, TaskState::Started, "round {round}");
-        env.signal(&w, "KILL");
-        env.wait_exit(&w, T).await.expect("killed");
+        env.kill(&w, T_LONG).await;
     }
     env.spawn(&["worker"], &[]);
-    let got = until_final(&mut watch, std::slice::from_ref(&id), T).await;
+    let got = until_final(&mut watch, &[&id], T_LONG).await;
     let ev = final_event(&got[&id]);
     assert_eq!(ev.state, TaskState::Dead);
     assert_eq!(ev.reason.as_deref(), Some("poison"));

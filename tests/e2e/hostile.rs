@@ -3,15 +3,12 @@
 //! event, and valid tasks published behind them still run.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use serde_json::json;
 use warren_client::ReceivedEvent;
 use warren_core::headers::{get_int, get_str, HEADERS_DROPPED};
 use warren_core::TaskState;
-use warren_e2e::{final_event, pika, until_final, Env};
-
-const T: Duration = Duration::from_secs(60);
+use warren_e2e::{final_event, pika, until_final, Env, T_LONG};
 
 /// Publishes one message with pika to `exchange` under `routing_key`.
 fn publish(exchange: &str, routing_key: &str, body: &str, id: &str, extra: &[&str]) {
@@ -56,9 +53,7 @@ fn all_succeeded(got: &HashMap<String, Vec<ReceivedEvent>>, ids: &[String]) {
 
 #[tokio::test]
 async fn headers_too_large_or_deep_are_parked_once_and_the_queue_keeps_moving() {
-    let mut env = Env::new("hostile-hdr", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("hostile-hdr", &[]).await;
     let (tasks, delay) = (env.names().tasks(), env.names().delay());
     // 100 KiB in one value: over the header limit, under the broker's frame.
     publish(
@@ -110,7 +105,7 @@ async fn headers_too_large_or_deep_are_parked_once_and_the_queue_keeps_moving() 
     let mut ids: Vec<String> = parked.iter().map(|(id, _)| id.to_string()).collect();
     ids.push("many".into());
     ids.extend(behind.iter().cloned());
-    let got = until_final(&mut watch, &ids, T).await;
+    let got = until_final(&mut watch, &ids, T_LONG).await;
 
     all_succeeded(&got, &behind);
     let many = final_event(&got["many"]);
@@ -124,7 +119,7 @@ async fn headers_too_large_or_deep_are_parked_once_and_the_queue_keeps_moving() 
         assert_eq!(got[id].len(), 1, "{id}: only the dead event");
     }
     // Exactly one copy of each in P.dead, body kept, headers left behind.
-    env.wait_depth(&env.names().dead(), 4, T).await;
+    env.wait_depth(&env.names().dead(), 4, T_LONG).await;
     let dead = env.drain(&env.names().dead()).await;
     assert_eq!(dead.len(), 4);
     for (p, body) in &dead {
@@ -142,9 +137,7 @@ async fn headers_too_large_or_deep_are_parked_once_and_the_queue_keeps_moving() 
 
 #[tokio::test]
 async fn a_task_type_too_long_to_route_its_events_is_parked_with_one_dead_event() {
-    let mut env = Env::new("hostile-type", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("hostile-type", &[]).await;
     let tasks = env.names().tasks();
     // 255 bytes, AMQP's limit for a routing key: `succeeded.<type>` would not fit.
     let long_type = format!("diag.{}", "x".repeat(250));
@@ -152,7 +145,7 @@ async fn a_task_type_too_long_to_route_its_events_is_parked_with_one_dead_event(
     let behind = valid_behind(&tasks, "behind", 5);
     let mut ids = vec!["long-type".to_owned()];
     ids.extend(behind.iter().cloned());
-    let got = until_final(&mut watch, &ids, T).await;
+    let got = until_final(&mut watch, &ids, T_LONG).await;
 
     all_succeeded(&got, &behind);
     let events = &got["long-type"];
@@ -163,15 +156,13 @@ async fn a_task_type_too_long_to_route_its_events_is_parked_with_one_dead_event(
     assert_eq!(ev.routing_key, "dead._type_too_long");
     assert_eq!(ev.event.reason.as_deref(), Some("invalid"));
     assert_eq!(ev.event.error.as_ref().unwrap().code, "type_too_long");
-    env.wait_depth(&env.names().dead(), 1, T).await;
+    env.wait_depth(&env.names().dead(), 1, T_LONG).await;
     assert_eq!(env.depth(&env.names().work_queue("diag")).await, 0);
 }
 
 #[tokio::test]
 async fn echo_fails_permanently_on_arguments_that_are_not_an_object() {
-    let mut env = Env::new("hostile-args", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("hostile-args", &[]).await;
     let tasks = env.names().tasks();
     let bodies = [
         ("array", "[1,2,3]"),
@@ -186,7 +177,7 @@ async fn echo_fails_permanently_on_arguments_that_are_not_an_object() {
     let behind = valid_behind(&tasks, "behind", 5);
     let mut ids: Vec<String> = bodies.iter().map(|(id, _)| id.to_string()).collect();
     ids.extend(behind.iter().cloned());
-    let got = until_final(&mut watch, &ids, T).await;
+    let got = until_final(&mut watch, &ids, T_LONG).await;
 
     all_succeeded(&got, &behind);
     for (id, _) in bodies {
@@ -206,6 +197,6 @@ async fn echo_fails_permanently_on_arguments_that_are_not_an_object() {
             err.message
         );
     }
-    env.wait_depth(&env.names().dead(), bodies.len() as u32, T)
+    env.wait_depth(&env.names().dead(), bodies.len() as u32, T_LONG)
         .await;
 }

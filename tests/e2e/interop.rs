@@ -1,51 +1,29 @@
 //! Other clients than Warren's own: Python pika and the management console's
 //! "Publish message" form (the HTTP API).
 
-use std::path::PathBuf;
-use std::time::Duration;
-
 use serde_json::json;
 use warren_core::TaskState;
-use warren_e2e::{broker_url, final_event, python, states, until_final, Env, Mgmt};
-
-fn pika_command() -> std::process::Command {
-    let mut c = std::process::Command::new(python());
-    c.arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/publish_pika.py"));
-    c
-}
-
-const T: Duration = Duration::from_secs(30);
+use warren_e2e::{final_event, pika, states, until_final, Env, Mgmt, T};
 
 #[tokio::test]
 async fn a_task_published_with_python_pika_runs_and_its_events_arrive() {
-    let mut env = Env::new("pika", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("pika", &[]).await;
     let tasks = env.names().tasks();
-    let out = pika_command()
-        .args(["--url", &broker_url(), "--exchange", &tasks])
-        .args([
-            "--routing-key",
-            "diag.echo",
-            "--body",
-            r#"{"from": "python"}"#,
-        ])
-        .args([
-            "--message-id",
-            "py-1",
-            "--priority",
-            "5",
-            "--header",
-            "x-warren-max-retries=2",
-        ])
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "pika publish: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got = until_final(&mut watch, &["py-1".to_owned()], T).await;
+    pika(&[
+        "--exchange",
+        &tasks,
+        "--routing-key",
+        "diag.echo",
+        "--body",
+        r#"{"from": "python"}"#,
+        "--message-id",
+        "py-1",
+        "--priority",
+        "5",
+        "--header",
+        "x-warren-max-retries=2",
+    ]);
+    let got = until_final(&mut watch, &["py-1"], T).await;
     assert_eq!(states(&got["py-1"]), ["started", "succeeded"]);
     assert_eq!(
         final_event(&got["py-1"]).result,
@@ -55,32 +33,22 @@ async fn a_task_published_with_python_pika_runs_and_its_events_arrive() {
 
 #[tokio::test]
 async fn pika_call_through_direct_reply_to_gets_the_final_event() {
-    let mut env = Env::new("pika-reply", &[]).await;
-    env.up(&[]);
+    let env = Env::with_up("pika-reply", &[]).await;
     let tasks = env.names().tasks();
-    let out = pika_command()
-        .args(["--url", &broker_url(), "--exchange", &tasks])
-        .args([
-            "--routing-key",
-            "diag.echo",
-            "--body",
-            r#"{"n": 42}"#,
-            "--message-id",
-            "py-2",
-        ])
-        .args([
-            "--reply-to",
-            "amq.rabbitmq.reply-to",
-            "--wait-reply-timeout",
-            "30",
-        ])
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "pika call: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = pika(&[
+        "--exchange",
+        &tasks,
+        "--routing-key",
+        "diag.echo",
+        "--body",
+        r#"{"n": 42}"#,
+        "--message-id",
+        "py-2",
+        "--reply-to",
+        "amq.rabbitmq.reply-to",
+        "--wait-reply-timeout",
+        "30",
+    ]);
     let line = String::from_utf8_lossy(&out.stdout);
     let ev = warren_core::Event::from_json(line.trim().as_bytes()).expect("reply is an event");
     assert_eq!(ev.state, TaskState::Succeeded);
@@ -90,9 +58,7 @@ async fn pika_call_through_direct_reply_to_gets_the_final_event() {
 
 #[tokio::test]
 async fn a_task_published_from_the_management_console_runs() {
-    let mut env = Env::new("console", &[]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) = Env::with_up_watching("console", &[]).await;
     let routed = Mgmt::new()
         .publish(
             &env.names().tasks(),
@@ -102,7 +68,7 @@ async fn a_task_published_from_the_management_console_runs() {
         )
         .await;
     assert!(routed);
-    let got = until_final(&mut watch, &["console-1".to_owned()], T).await;
+    let got = until_final(&mut watch, &["console-1"], T).await;
     assert_eq!(
         final_event(&got["console-1"]).result,
         Some(json!({"from": "console"}))

@@ -1,16 +1,12 @@
 //! Malformed messages are parked dead `invalid`, intact, and the worker keeps working.
 
-use std::time::Duration;
-
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use serde_json::json;
 use warren_client::TaskRequest;
 use warren_core::headers::get_str;
 use warren_core::TaskState;
-use warren_e2e::{final_event, until_final, Env};
-
-const T: Duration = Duration::from_secs(30);
+use warren_e2e::{final_event, until_final, Env, T};
 
 fn props(id: &str) -> BasicProperties {
     BasicProperties::default()
@@ -20,9 +16,8 @@ fn props(id: &str) -> BasicProperties {
 
 #[tokio::test]
 async fn each_kind_of_invalid_message_is_parked_with_its_reason_and_nothing_is_lost() {
-    let mut env = Env::new("invalid", &[("WARREN__LIMITS__MAX_BODY_BYTES", "1024")]).await;
-    env.up(&[]);
-    let mut watch = env.watch(&["#"]).await;
+    let (env, mut watch) =
+        Env::with_up_watching("invalid", &[("WARREN__LIMITS__MAX_BODY_BYTES", "1024")]).await;
     let tasks = env.names().tasks();
     let mut hostile = FieldTable::default();
     hostile.insert(
@@ -76,10 +71,7 @@ async fn each_kind_of_invalid_message_is_parked_with_its_reason_and_nothing_is_l
         ),
     ];
     for (_, rk, body, p, _) in &cases {
-        env.client
-            .publish_raw(&tasks, rk, body, p.clone())
-            .await
-            .unwrap();
+        env.publish_raw(&tasks, rk, body, p.clone()).await;
     }
     let ids: Vec<String> = cases.iter().map(|c| c.0.to_owned()).collect();
     let got = until_final(&mut watch, &ids, T).await;
@@ -119,23 +111,18 @@ async fn each_kind_of_invalid_message_is_parked_with_its_reason_and_nothing_is_l
     }
     // The worker is still working.
     let ev = env
-        .client
         .call(&TaskRequest::new("diag.echo", json!({"still": "alive"})), T)
-        .await
-        .unwrap();
+        .await;
     assert_eq!(ev.state, TaskState::Succeeded);
     assert_eq!(env.depth(&env.names().work_queue("diag")).await, 0);
 }
 
 #[tokio::test]
 async fn invalid_arguments_are_a_permanent_failure_not_an_invalid_message() {
-    let mut env = Env::new("badargs", &[]).await;
-    env.up(&[]);
+    let env = Env::with_up("badargs", &[]).await;
     let ev = env
-        .client
         .call(&TaskRequest::new("diag.sleep", json!({"ms": "soon"})), T)
-        .await
-        .unwrap();
+        .await;
     assert_eq!(ev.state, TaskState::Dead);
     assert_eq!(ev.reason.as_deref(), Some("permanent_failure"));
     assert_eq!(ev.error.unwrap().code, "invalid_args");

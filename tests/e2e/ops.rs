@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use warren_client::TaskRequest;
-use warren_e2e::{http_get as get, metric, until_final, wait_metric, Env, Mgmt};
-
-const T: Duration = Duration::from_secs(30);
+use warren_e2e::{
+    free_port, http_get as get, metric, until_final, wait_metric, CommandExt, Env, Mgmt, T,
+};
 
 /// Every sample line is `series value` with a number for value, and every
 /// family has HELP and TYPE.
@@ -78,16 +78,9 @@ async fn worker_and_scheduler_metrics_count_a_known_batch() {
             "--timeout-ms=2000",
         ),
     ] {
-        let out = env
-            .warren(&["health", component, flag])
+        env.warren(&["health", component, flag])
             .env(key, addr)
-            .output()
-            .expect("run warren health");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+            .succeeds();
     }
 
     let mut watch = env.watch(&["#"]).await;
@@ -203,16 +196,12 @@ async fn a_force_closed_connection_is_counted_and_readiness_returns() {
 
 #[tokio::test]
 async fn health_fails_in_one_line_when_nothing_answers() {
-    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = free.local_addr().unwrap().to_string();
-    drop(free);
+    let addr = format!("127.0.0.1:{}", free_port());
     let env = Env::new("ops-health", &[]).await;
     let out = env
         .warren(&["health", "tracker"])
         .env("WARREN__TRACKER__LISTEN", &addr)
-        .output()
-        .expect("run warren health");
-    assert_eq!(out.status.code(), Some(1));
+        .exits_with(1);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains(&addr), "{err}");
@@ -223,13 +212,10 @@ async fn a_taken_metrics_address_is_a_one_line_error_naming_the_key() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = held.local_addr().unwrap().to_string();
     let env = Env::new("ops-taken", &[]).await;
-    let out = env
+    let err = env
         .warren(&["worker", "--queues", "diag"])
         .env("WARREN__WORKER__LISTEN", &taken)
-        .output()
-        .expect("run warren");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+        .fails();
     let last = err.lines().last().unwrap_or_default();
     assert!(last.contains("worker.listen"), "{err}");
     assert!(last.contains(&taken), "{err}");

@@ -8,10 +8,10 @@ mod support;
 use std::collections::BTreeSet;
 
 use serde_json::{json, Value};
-use support::{as_refs, event, free_port, publish_event, tracker_vars, Api, TestDb, T};
+use support::{event, publish_event, tracker_env, TestDb};
 use warren_client::TaskRequest;
 use warren_core::TaskState;
-use warren_e2e::{metric, until_final, Env};
+use warren_e2e::{metric, until_final, CommandExt, T};
 
 /// The fields that must not depend on the order events arrived in.
 fn comparable(task: &Value) -> Value {
@@ -34,11 +34,8 @@ fn comparable(task: &Value) -> Value {
 /// order; C succeeds and then sees a late `started`. Their stored states
 /// must agree, and `warren status` / `warren tasks` must read them.
 async fn out_of_order_and_duplicates(db: TestDb, name: &str) {
-    let port = free_port();
-    let vars = tracker_vars(&db, port);
-    let mut env = Env::new(name, &as_refs(&vars)).await;
+    let (mut env, api) = tracker_env(name, &db, &[]).await;
     let tracker = env.spawn(&["tracker"], &[]);
-    let api = Api::new(port);
     api.wait_ready().await;
 
     let t0 = chrono::Utc::now().timestamp_millis() - 60_000;
@@ -105,12 +102,7 @@ async fn out_of_order_and_duplicates(db: TestDb, name: &str) {
     );
 
     // The CLI reads the same database.
-    let out = env.warren(&["status", "ooo-a", "--json"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = env.cli_ok(&["status", "ooo-a", "--json"]);
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["task"], got_a["task"]);
     assert_eq!(status["events"].as_array().unwrap().len(), 6);
@@ -130,24 +122,16 @@ async fn out_of_order_and_duplicates(db: TestDb, name: &str) {
         "{text}"
     );
 
-    let out = env
-        .warren(&[
-            "tasks",
-            "--state",
-            "dead",
-            "--type",
-            "test.crafted",
-            "--since",
-            "1h",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = env.cli_ok(&[
+        "tasks",
+        "--state",
+        "dead",
+        "--type",
+        "test.crafted",
+        "--since",
+        "1h",
+        "--json",
+    ]);
     let ids: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| {
@@ -168,9 +152,8 @@ async fn out_of_order_and_duplicates(db: TestDb, name: &str) {
         "events are a minute old: {text}"
     );
 
-    let out = env.warren(&["status", "nope"]).output().unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no task \"nope\""));
+    let err = env.cli_err(&["status", "nope"]);
+    assert!(err.contains("no task \"nope\""));
 
     env.signal(&tracker, "TERM");
     assert_eq!(
@@ -196,11 +179,8 @@ async fn postgres_state_is_the_same_whatever_the_order_and_duplicates() {
 #[tokio::test]
 async fn postgres_tracker_in_up_counts_a_known_batch() {
     let db = TestDb::postgres(None).await;
-    let port = free_port();
-    let vars = tracker_vars(&db, port);
-    let mut env = Env::new("trk-batch", &as_refs(&vars)).await;
+    let (mut env, api) = tracker_env("trk-batch", &db, &[]).await;
     env.up(&[]);
-    let api = Api::new(port);
     api.wait_ready().await;
     let mut watch = env.watch(&["#"]).await;
     let mut reqs: Vec<TaskRequest> = (0..20)
@@ -266,11 +246,8 @@ async fn postgres_tracker_in_up_counts_a_known_batch() {
 async fn tracker_killed_under_load_loses_no_event() {
     const TASKS: usize = 1500;
     let db = TestDb::sqlite("kill");
-    let port = free_port();
-    let vars = tracker_vars(&db, port);
-    let mut env = Env::new("trk-kill", &as_refs(&vars)).await;
+    let (mut env, api) = tracker_env("trk-kill", &db, &[]).await;
     let first = env.spawn(&["tracker"], &[]);
-    let api = Api::new(port);
     api.wait_ready().await;
 
     let t0 = chrono::Utc::now().timestamp_millis();
@@ -307,10 +284,7 @@ async fn tracker_killed_under_load_loses_no_event() {
                 v["tasks"].as_i64() > Some(0)
             })
             .await;
-            env.signal(&first, "KILL");
-            env.wait_exit(&first, T)
-                .await
-                .expect("killed tracker exits");
+            env.kill(&first, T).await;
             killed = true;
             env.spawn(&["tracker"], &[]);
         }
@@ -324,15 +298,7 @@ async fn tracker_killed_under_load_loses_no_event() {
         .await;
     assert_eq!(stats["tasks"].as_u64(), Some(TASKS as u64), "{stats}");
     // Every event stored exactly once: the events counts add up.
-    let out = env
-        .warren(&["tasks", "--json", "--limit", "100000"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = env.cli_ok(&["tasks", "--json", "--limit", "100000"]);
     let rows: Vec<Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -353,20 +319,14 @@ async fn tracker_killed_under_load_loses_no_event() {
 #[tokio::test]
 async fn api_answers_task_queue_and_dead_letter_queries() {
     let db = TestDb::sqlite("api");
-    let port = free_port();
-    let vars = tracker_vars(&db, port);
-    let mut env = Env::new("trk-api", &as_refs(&vars)).await;
+    let (mut env, api) = tracker_env("trk-api", &db, &[]).await;
     env.up(&[]);
-    let api = Api::new(port);
     api.wait_ready().await;
     let mut watch = env.watch(&["#"]).await;
     let ok = env
-        .client
         .publish(&TaskRequest::new("diag.echo", json!({"hi": 1})).id("api-ok"))
-        .await
-        .unwrap();
+        .await;
     let bad = env
-        .client
         .publish(
             &TaskRequest::new(
                 "diag.fail",
@@ -374,9 +334,8 @@ async fn api_answers_task_queue_and_dead_letter_queries() {
             )
             .id("api-bad"),
         )
-        .await
-        .unwrap();
-    until_final(&mut watch, &[ok.clone(), bad.clone()], T).await;
+        .await;
+    until_final(&mut watch, &[&ok, &bad], T).await;
 
     let got = api.wait_events("api-bad", 3).await;
     let states: Vec<&str> = got["events"]
@@ -469,12 +428,13 @@ async fn api_answers_task_queue_and_dead_letter_queries() {
 #[tokio::test]
 async fn retention_prunes_old_tasks_in_the_background() {
     let db = TestDb::sqlite("retention");
-    let port = free_port();
-    let mut vars = tracker_vars(&db, port);
-    vars.push(("WARREN__TRACKER__RETENTION_MS".into(), "20000".into()));
-    let mut env = Env::new("trk-prune", &as_refs(&vars)).await;
+    let (mut env, api) = tracker_env(
+        "trk-prune",
+        &db,
+        &[("WARREN__TRACKER__RETENTION_MS", "20000")],
+    )
+    .await;
     env.spawn(&["tracker"], &[]);
-    let api = Api::new(port);
     api.wait_ready().await;
     let now = chrono::Utc::now().timestamp_millis();
     publish_event(
@@ -564,29 +524,26 @@ async fn secrets_stay_out_of_logs_and_answers() {
     assert!(r.status().is_success(), "set permissions: {}", r.status());
 
     let db = TestDb::postgres(Some(PG_SECRET)).await;
-    let port = free_port();
-    let mut vars = tracker_vars(&db, port);
-    vars.push((
-        "WARREN__BROKER__URL".into(),
-        format!("amqp://{user}:{AMQP_SECRET}@127.0.0.1:5672/%2f"),
-    ));
-    vars.push((
-        "WARREN__BROKER__MANAGEMENT_URL".into(),
-        base.replacen("://", &format!("://{user}:{AMQP_SECRET}@"), 1),
-    ));
+    let broker_url = format!("amqp://{user}:{AMQP_SECRET}@127.0.0.1:5672/%2f");
+    let mgmt_url = base.replacen("://", &format!("://{user}:{AMQP_SECRET}@"), 1);
     {
-        let mut env = Env::new("trk-secret", &as_refs(&vars)).await;
+        let (mut env, api) = tracker_env(
+            "trk-secret",
+            &db,
+            &[
+                ("WARREN__BROKER__URL", &broker_url),
+                ("WARREN__BROKER__MANAGEMENT_URL", &mgmt_url),
+            ],
+        )
+        .await;
         let up = env.up(&[(
             "WARREN_LOG",
             "debug,lapin=info,sqlx=debug,hyper=info,reqwest=debug",
         )]);
-        let api = Api::new(port);
         api.wait_ready().await;
         let id = env
-            .client
             .publish(&TaskRequest::new("diag.echo", json!({"x": 1})))
-            .await
-            .unwrap();
+            .await;
         api.wait_events(&id, 2).await;
         let mut answers = String::new();
         for path in [
@@ -613,16 +570,13 @@ async fn secrets_stay_out_of_logs_and_answers() {
             "{second_log}"
         );
         // A status query against an unreachable database names it, without its password.
-        let out = env
+        let stderr = env
             .warren(&["status", "x"])
             .env(
                 "WARREN__TRACKER__DATABASE_URL",
                 format!("postgres://root:{PG_SECRET}@127.0.0.1:1/nowhere"),
             )
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            .fails();
         assert!(
             stderr.contains("postgres://root:***@127.0.0.1:1/nowhere"),
             "{stderr}"

@@ -10,10 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 use warren_core::event::{format_time, EventErrorInfo};
 use warren_core::{Event, TaskState};
-use warren_e2e::Env;
-
-/// Bound of every wait in these tests.
-pub const T: Duration = Duration::from_secs(30);
+use warren_e2e::{free_port, Env, T};
 
 /// PostgreSQL server URL (a database this role may create databases in).
 pub fn postgres_admin_url() -> String {
@@ -108,37 +105,31 @@ impl Drop for TestDb {
     }
 }
 
-/// A TCP port free right now on 127.0.0.1.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free port")
-        .port()
-}
-
-/// The tracker overrides for `Env::new`: its database and HTTP address.
-pub fn tracker_vars(db: &TestDb, port: u16) -> Vec<(String, String)> {
-    vec![
-        ("WARREN__TRACKER__DATABASE_URL".into(), db.url().to_owned()),
-        (
-            "WARREN__TRACKER__LISTEN".into(),
-            format!("127.0.0.1:{port}"),
-        ),
-    ]
-}
-
-/// Borrows owned pairs as `Env::new` takes them.
-pub fn as_refs(vars: &[(String, String)]) -> Vec<(&str, &str)> {
-    vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+/// A new env whose tracker keeps its tasks in `db` and answers on a free
+/// port, with `overrides` on top, and a client of that tracker's API.
+/// Nothing is started: run `warren up` or `warren tracker`, then
+/// [`Api::wait_ready`].
+pub async fn tracker_env(name: &str, db: &TestDb, overrides: &[(&str, &str)]) -> (Env, Api) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut vars = vec![
+        ("WARREN__TRACKER__DATABASE_URL", db.url()),
+        ("WARREN__TRACKER__LISTEN", listen.as_str()),
+    ];
+    vars.extend_from_slice(overrides);
+    (Env::new(name, &vars).await, Api::new(port))
 }
 
 /// The tracker's HTTP API.
 pub struct Api {
+    /// `http://127.0.0.1:<port>`.
     pub base: String,
+    /// The HTTP client (10 s timeout per request).
     pub http: reqwest::Client,
 }
 
 impl Api {
+    /// A client of the tracker API on `port` of 127.0.0.1.
     pub fn new(port: u16) -> Api {
         Api {
             base: format!("http://127.0.0.1:{port}"),
@@ -274,8 +265,6 @@ pub async fn publish_event(env: &Env, e: &Event) {
         .with_message_id(e.event_id.as_str().into())
         .with_correlation_id(e.task_id.as_str().into())
         .with_delivery_mode(2);
-    env.client
-        .publish_raw(&env.names().events(), &e.routing_key(), &e.to_json(), props)
-        .await
-        .expect("publish event");
+    env.publish_raw(&env.names().events(), &e.routing_key(), &e.to_json(), props)
+        .await;
 }

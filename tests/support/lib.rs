@@ -4,20 +4,39 @@
 //! `warren` processes against the real broker, observes events and queue
 //! depths with bounded waits, and deletes every object of its prefix when
 //! dropped.
+//!
+//! Most scenarios open in one line and bound every wait by [`T`] (or
+//! [`T_LONG`]):
+//!
+//! ```ignore
+//! let (env, mut watch) = Env::with_up_watching("echo", &[]).await;
+//! let id = env.publish(&TaskRequest::new("diag.echo", json!({}))).await;
+//! let got = until_final(&mut watch, &[&id], T).await;
+//! let out = env.cli_ok(&["dead", "list", "--json"]);
+//! ```
 
+mod command;
 mod mgmt;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use warren_client::{Client, EventWatch, ReceivedEvent};
+use warren_client::{Client, EventWatch, ReceivedEvent, TaskRequest};
 use warren_core::{Config, Event};
 
+pub use command::CommandExt;
 pub use mgmt::Mgmt;
+
+/// The bound of a test's waits (events, queue depths, logs, exits).
+pub const T: Duration = Duration::from_secs(30);
+
+/// The bound of a slower test's waits: retries, delays, faults, large
+/// transfers.
+pub const T_LONG: Duration = Duration::from_secs(60);
 
 /// The broker URL tests use.
 pub fn broker_url() -> String {
@@ -53,20 +72,13 @@ pub fn python() -> PathBuf {
 
 /// Runs `interop/publish_pika.py` against the test broker with `args`
 /// (see the script's `--help`); panics with its stderr when it fails.
-pub fn pika(args: &[&str]) -> std::process::Output {
+pub fn pika(args: &[&str]) -> Output {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/publish_pika.py");
-    let out = Command::new(python())
+    Command::new(python())
         .arg(script)
         .args(["--url", &broker_url()])
         .args(args)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "publish_pika.py {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+        .succeeds()
 }
 
 /// One test's isolated Warren: prefix, settings, processes, cleanup.
@@ -136,7 +148,7 @@ impl Env {
             .join("e2e-logs");
         std::fs::create_dir_all(&logs).expect("create log dir");
         let client = Client::connect(&config).await.expect("broker reachable");
-        let mut env = Env {
+        let env = Env {
             prefix,
             vars,
             config,
@@ -144,22 +156,37 @@ impl Env {
             children: Vec::new(),
             logs,
         };
-        let out = env
-            .warren(&["topology", "apply"])
-            .output()
-            .expect("run warren");
-        assert!(
-            out.status.success(),
-            "topology apply failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        env.children.clear();
+        env.cli_ok(&["topology", "apply"]);
         env
+    }
+
+    /// A new env ([`Env::new`]) with `warren up` running.
+    pub async fn with_up(name: &str, overrides: &[(&str, &str)]) -> Env {
+        let mut env = Env::new(name, overrides).await;
+        env.up(&[]);
+        env
+    }
+
+    /// A new env with `warren up` running ([`Env::with_up`]) and a watch on
+    /// every event (`#`).
+    pub async fn with_up_watching(name: &str, overrides: &[(&str, &str)]) -> (Env, EventWatch) {
+        let env = Env::with_up(name, overrides).await;
+        let watch = env.watch(&["#"]).await;
+        (env, watch)
     }
 
     /// The topology names.
     pub fn names(&self) -> warren_core::Names {
         self.config.names()
+    }
+
+    /// Writes `toml` as this env's configuration file and returns its path
+    /// (for `--config`). There is one per env, `<temp dir>/<prefix>.toml`:
+    /// a second call replaces it. It is removed when the env is dropped.
+    pub fn config_file(&self, toml: &str) -> String {
+        let path = config_path(&self.prefix);
+        std::fs::write(&path, toml).expect("write config file");
+        path.to_str().expect("UTF-8 temp dir").to_owned()
     }
 
     /// A `warren` command with this env's overrides.
@@ -171,6 +198,24 @@ impl Env {
         }
         c.env("WARREN_LOG", "info,lapin=warn");
         c
+    }
+
+    /// Runs `warren <args>` and asserts it succeeded (see [`CommandExt`]).
+    #[track_caller]
+    pub fn cli_ok(&self, args: &[&str]) -> Output {
+        self.warren(args).succeeds()
+    }
+
+    /// Runs `warren <args>` and asserts it failed; returns its stderr.
+    #[track_caller]
+    pub fn cli_err(&self, args: &[&str]) -> String {
+        self.warren(args).fails()
+    }
+
+    /// Runs `warren <args>` and asserts it exited with `code`.
+    #[track_caller]
+    pub fn cli_exit(&self, args: &[&str], code: i32) -> Output {
+        self.warren(args).exits_with(code)
     }
 
     /// Starts `warren <args>` in the background, its stderr in a log file.
@@ -221,6 +266,17 @@ impl Env {
         }
     }
 
+    /// Kills a process (SIGKILL) and waits (bounded) until it has exited.
+    pub async fn kill(&mut self, p: &Proc, timeout: Duration) {
+        self.signal(p, "KILL");
+        let exited = self.wait_exit(p, timeout).await;
+        assert!(
+            exited.is_some(),
+            "killed process {} did not exit within {timeout:?}",
+            p.pid
+        );
+    }
+
     /// The log a process wrote so far.
     pub fn log_of(&self, p: &Proc) -> String {
         std::fs::read_to_string(self.logs.join(format!("{}-{}.log", self.prefix, p.index)))
@@ -254,17 +310,55 @@ impl Env {
             .collect()
     }
 
+    /// Publishes a task with the env's client (confirmed); returns its id.
+    pub async fn publish(&self, req: &TaskRequest) -> String {
+        self.client
+            .publish(req)
+            .await
+            .unwrap_or_else(|e| panic!("publish {}: {e}", req.task_type))
+    }
+
+    /// Publishes a message as is (confirmed), as another client would.
+    pub async fn publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: lapin::BasicProperties,
+    ) {
+        self.client
+            .publish_raw(exchange, routing_key, body, properties)
+            .await
+            .unwrap_or_else(|e| panic!("publish to {exchange} under {routing_key}: {e}"));
+    }
+
+    /// Publishes a task and waits (bounded) for its final event through
+    /// direct reply-to.
+    pub async fn call(&self, req: &TaskRequest, timeout: Duration) -> Event {
+        self.client
+            .call(req, timeout)
+            .await
+            .unwrap_or_else(|e| panic!("call {}: {e}", req.task_type))
+    }
+
     /// Follows events matching `patterns`.
     pub async fn watch(&self, patterns: &[&str]) -> EventWatch {
         self.client.watch(patterns).await.expect("watch events")
     }
 
-    /// Messages ready in a queue right now (AMQP passive declare: exact).
-    pub async fn depth(&self, queue: &str) -> u32 {
+    /// A broker connection of the test's own and a channel on it; the
+    /// channel lives as long as the connection is kept.
+    pub async fn open_channel(&self) -> (lapin::Connection, lapin::Channel) {
         let conn = warren_client::runtime::connect(&self.config.broker.url, "test")
             .await
             .expect("connect");
         let ch = conn.create_channel().await.expect("channel");
+        (conn, ch)
+    }
+
+    /// Messages ready in a queue right now (AMQP passive declare: exact).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let (conn, ch) = self.open_channel().await;
         let q = ch
             .queue_declare(
                 queue.into(),
@@ -298,10 +392,7 @@ impl Env {
 
     /// Takes every message from a queue (acking them): `(properties, body)`.
     pub async fn drain(&self, queue: &str) -> Vec<(lapin::BasicProperties, Vec<u8>)> {
-        let conn = warren_client::runtime::connect(&self.config.broker.url, "test")
-            .await
-            .expect("connect");
-        let ch = conn.create_channel().await.expect("channel");
+        let (conn, ch) = self.open_channel().await;
         let mut out = Vec::new();
         while let Some(m) = ch
             .basic_get(queue.into(), BasicGetOptions { no_ack: true })
@@ -315,16 +406,22 @@ impl Env {
     }
 }
 
+/// The path of an env's configuration file ([`Env::config_file`]).
+fn config_path(prefix: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{prefix}.toml"))
+}
+
 /// Collects events until every id in `ids` has a final event; panics with
 /// what is missing after `timeout`. Returns each task's events in order.
+/// `ids` may be `String`s or `&str`s: `&[&id]`, `&["task-1"]`, `&ids`.
 pub async fn until_final(
     watch: &mut EventWatch,
-    ids: &[String],
+    ids: &[impl AsRef<str>],
     timeout: Duration,
 ) -> HashMap<String, Vec<ReceivedEvent>> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut by_id: HashMap<String, Vec<ReceivedEvent>> = HashMap::new();
-    let mut open: std::collections::HashSet<&String> = ids.iter().collect();
+    let mut open: std::collections::HashSet<&str> = ids.iter().map(|id| id.as_ref()).collect();
     while !open.is_empty() {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let Some(got) = watch.next(left).await.expect("watch") else {
@@ -336,7 +433,7 @@ pub async fn until_final(
             );
         };
         if got.event.state.is_final() {
-            open.remove(&got.event.task_id);
+            open.remove(got.event.task_id.as_str());
         }
         by_id
             .entry(got.event.task_id.clone())
@@ -344,6 +441,21 @@ pub async fn until_final(
             .push(got);
     }
     by_id
+}
+
+/// Unix milliseconds of an RFC 3339 time, such as an event's `at` or `due_at`.
+pub fn unix_ms(rfc3339: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .unwrap_or_else(|e| panic!("{rfc3339:?} is not an RFC 3339 time: {e}"))
+        .timestamp_millis()
+}
+
+/// A TCP port of 127.0.0.1 that is free right now (nothing listens on it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
 }
 
 /// The states of a task's events, in order.
@@ -399,6 +511,7 @@ impl Drop for Env {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let _ = std::fs::remove_file(config_path(&self.prefix));
         let prefix = self.prefix.clone();
         // Cleanup runs on its own thread and runtime: Drop may run inside the
         // test's runtime, which must not be blocked on.
