@@ -185,80 +185,63 @@ impl Config {
     }
 }
 
-/// An AMQP URI (`amqp://user:pass@host:port/vhost`). `Debug` and `Display`
-/// show it with the password replaced by `***`, so it can be logged;
-/// [`BrokerUrl::expose`] gives the real URI to the connection code.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct BrokerUrl(String);
+/// Defines a URL type that holds a secret: `new` wraps it unchecked
+/// ([`Config::validate`] checks it), `expose` gives the real text to the
+/// connection code only, and `Debug`, `Display` and `redacted` show it with
+/// the password replaced by `***`, so it can be logged.
+macro_rules! secret_url {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
 
-impl BrokerUrl {
-    /// Wraps a URI as given; nothing is checked here ([`Config::validate`] does).
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
+        impl $name {
+            /// Wraps the URL as given; [`Config::validate`] checks it.
+            pub fn new(s: impl Into<String>) -> Self {
+                Self(s.into())
+            }
 
-    /// The real URI, password included: only for opening connections.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
+            /// The real URL, password included: only for opening connections.
+            pub fn expose(&self) -> &str {
+                &self.0
+            }
 
-    /// The URI with the password, if any, replaced by `***`.
-    pub fn redacted(&self) -> String {
-        redact_userinfo(&self.0)
-    }
-}
+            /// The URL with the password, if any, replaced by `***`.
+            pub fn redacted(&self) -> String {
+                redact_userinfo(&self.0)
+            }
+        }
 
-impl fmt::Debug for BrokerUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("BrokerUrl").field(&self.redacted()).finish()
-    }
-}
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_tuple(stringify!($name))
+                    .field(&self.redacted())
+                    .finish()
+            }
+        }
 
-impl fmt::Display for BrokerUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
-}
-
-/// Replaces the password of `scheme://user:pass@host...` with `***`. The
-/// credentials are taken to end at the last `@`, so a password holding an
-/// unencoded `/` or `@` is still hidden; when in doubt, more is hidden.
-pub(super) fn redact_userinfo(url: &str) -> String {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let rest = &url[start..];
-    let Some(at) = rest.rfind('@') else {
-        return url.to_string();
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.redacted())
+            }
+        }
     };
-    let Some(colon) = rest[..at].find(':') else {
-        return url.to_string();
-    };
-    format!("{}***{}", &url[..start + colon + 1], &rest[at..])
 }
 
-/// A database URL (`sqlite://PATH` or `postgres://...`). `Debug` and
-/// `Display` hide its password, so it can be logged; [`DatabaseUrl::expose`]
-/// gives the real URL to the connection code.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct DatabaseUrl(String);
+secret_url!(
+    /// An AMQP URI (`amqp://user:pass@host:port/vhost`), its password hidden
+    /// when shown.
+    BrokerUrl
+);
+
+secret_url!(
+    /// A database URL (`sqlite://PATH` or `postgres://...`), its password
+    /// hidden when shown.
+    DatabaseUrl
+);
 
 impl DatabaseUrl {
-    /// Wraps a URL as given; [`Config::validate`] checks it.
-    pub fn new(s: impl Into<String>) -> Self {
-        Self(s.into())
-    }
-
-    /// The real URL, password included: only for opening connections.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// The URL with the password, if any, replaced by `***`.
-    pub fn redacted(&self) -> String {
-        redact_userinfo(&self.0)
-    }
-
     /// Whether this is a PostgreSQL URL (`postgres://` or `postgresql://`).
     pub fn is_postgres(&self) -> bool {
         let lower = self.0.to_ascii_lowercase();
@@ -277,18 +260,19 @@ impl DatabaseUrl {
     }
 }
 
-impl fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("DatabaseUrl")
-            .field(&self.redacted())
-            .finish()
-    }
-}
-
-impl fmt::Display for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.redacted())
-    }
+/// Replaces the password of `scheme://user:pass@host...` with `***`. The
+/// credentials are taken to end at the last `@`, so a password holding an
+/// unencoded `/` or `@` is still hidden; when in doubt, more is hidden.
+pub(super) fn redact_userinfo(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    let Some(at) = rest.rfind('@') else {
+        return url.to_string();
+    };
+    let Some(colon) = rest[..at].find(':') else {
+        return url.to_string();
+    };
+    format!("{}***{}", &url[..start + colon + 1], &rest[at..])
 }
 
 /// Replaces the password in any `scheme://user:pass@host...` URL with `***`

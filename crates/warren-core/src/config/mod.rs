@@ -34,7 +34,7 @@ pub use issues::{ConfigError, ConfigIssue};
 pub use limits::LimitsConfig;
 pub use queues::{QueueConfig, QueueKind, RouteConfig};
 pub use retry::{RetryConfig, RetryPolicy};
-pub use scheduler::{parse_cron, CronConfig, MissedFires, SchedulerConfig};
+pub use scheduler::{parse_cron, CronConfig, MissedFires, SchedulerConfig, CRON_SAMPLES};
 pub use tracker::TrackerConfig;
 pub use worker::WorkerConfig;
 
