@@ -32,7 +32,7 @@ pub mod runtime {
     pub use crate::cancels::{CancelSet, RunningGuard};
     pub use crate::connect::{connect, connection_name, process_identity, ConfirmChannel};
     pub use crate::outbox::{confirm_all, copy_properties, short, Outbox};
-    pub use crate::reconnect::{jittered, next_delay, Reconnect, FIRST_RETRY};
+    pub use crate::reconnect::Reconnect;
 }
 
 pub use lapin;

@@ -35,6 +35,22 @@ impl Outbox {
             .await
     }
 
+    /// Publishes `ev` to `P.events` and, when the task's properties name a
+    /// `reply_to` queue, the same event there with the task's
+    /// `correlation_id`: the confirms, the event's first.
+    pub async fn event_and_reply(
+        &self,
+        ev: &Event,
+        task: &BasicProperties,
+    ) -> Result<Vec<PublisherConfirm>, ClientError> {
+        let mut confirms = vec![self.event(ev).await?];
+        if let Some(r) = task.reply_to().as_ref().filter(|r| !r.as_str().is_empty()) {
+            let cid = task.correlation_id().as_ref().map(|c| c.as_str());
+            confirms.push(self.reply(ev, r.as_str(), cid).await?);
+        }
+        Ok(confirms)
+    }
+
     /// Sends the same event to a producer's `reply_to` queue via the default exchange.
     pub async fn reply(
         &self,
@@ -46,11 +62,11 @@ impl Outbox {
         self.channel.send("", reply_to, &ev.to_json(), props).await
     }
 
-    /// Parks a task in `P.dead`: body, properties and headers intact (headers
-    /// too large or too deep to carry (see [`headers::unfit`]) replaced
-    /// by their size), plus
+    /// Parks a task in `P.dead`: body, properties and headers intact, plus
     /// the dead reason, its detail, the queue it came from and the last
     /// attempt started, all taken with the id and type from its `dead` event.
+    /// Headers too large or too deep to carry ([`headers::unfit`]) are
+    /// replaced by their size.
     pub async fn dead(
         &self,
         body: &[u8],

@@ -11,7 +11,7 @@ use tracing::warn;
 
 /// The first wait after a lost session, and the wait after a session that
 /// got going.
-pub const FIRST_RETRY: Duration = Duration::from_millis(100);
+const FIRST_RETRY: Duration = Duration::from_millis(100);
 
 /// The state of a reconnect loop; every long-running role drives its
 /// sessions with one:
@@ -30,8 +30,8 @@ pub struct Reconnect {
     role: &'static str,
     max: Duration,
     delay: Duration,
-    /// No wait before the first session, nor after [`Reconnect::new`].
-    waited_once: bool,
+    /// Whether the first session has started (no wait before it).
+    started: bool,
     /// Whether the current session reported itself working.
     up: bool,
 }
@@ -43,7 +43,7 @@ impl Reconnect {
             role,
             max,
             delay: FIRST_RETRY,
-            waited_once: false,
+            started: false,
             up: false,
         }
     }
@@ -56,8 +56,8 @@ impl Reconnect {
         if shutdown.is_cancelled() {
             return false;
         }
-        if !self.waited_once {
-            self.waited_once = true;
+        if !self.started {
+            self.started = true;
             return true;
         }
         if std::mem::take(&mut self.up) {
@@ -91,13 +91,13 @@ impl Reconnect {
 
 /// The wait after `current`: doubled, at most `max` (and never below
 /// [`FIRST_RETRY`], so a cap of 0 cannot make a tight loop).
-pub fn next_delay(current: Duration, max: Duration) -> Duration {
+fn next_delay(current: Duration, max: Duration) -> Duration {
     (current * 2).min(max.max(FIRST_RETRY))
 }
 
 /// A wait drawn uniformly from `[delay / 2, delay]`, so a fleet that lost
 /// the broker together does not come back in lockstep.
-pub fn jittered(delay: Duration, rng: &mut impl Rng) -> Duration {
+fn jittered(delay: Duration, rng: &mut impl Rng) -> Duration {
     rng.gen_range(delay / 2..=delay)
 }
 

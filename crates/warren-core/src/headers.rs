@@ -353,7 +353,7 @@ mod tests {
         assert_eq!(get_str(Some(&t), DEAD_REASON).as_deref(), Some("invalid"));
     }
 
-    /// The size the wire encoder writes, to check `encoded_len` against.
+    /// The size the wire encoder writes, to check `shape` against.
     fn wire_len(t: &FieldTable) -> usize {
         let buf = cookie_factory::gen_simple(
             amq_protocol_types::generation::gen_field_table(t),
@@ -364,7 +364,7 @@ mod tests {
     }
 
     #[test]
-    fn encoded_len_matches_the_wire_encoder_for_every_value_type() {
+    fn shape_measures_what_the_wire_encoder_writes_for_every_value_type() {
         let mut inner = FieldTable::default();
         inner.insert("deep".into(), AMQPValue::LongString("v".into()));
         let values = vec![

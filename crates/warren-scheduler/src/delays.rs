@@ -219,17 +219,7 @@ impl Delays {
         let mut ev = self.event(w, TaskState::Cancelled);
         ev.attempt = w.attempt - 1;
         ev.reason = Some("cancel command".into());
-        let mut confirms = vec![out.event(&ev).await?];
-        if let Some(r) = d
-            .properties
-            .reply_to()
-            .as_ref()
-            .filter(|r| !r.as_str().is_empty())
-        {
-            let cid = d.properties.correlation_id().as_ref().map(|c| c.as_str());
-            confirms.push(out.reply(&ev, r.as_str(), cid).await?);
-        }
-        confirm_all(confirms).await?;
+        confirm_all(out.event_and_reply(&ev, &d.properties).await?).await?;
         ack(d).await?;
         self.metrics.cancelled();
         Ok(true)

@@ -82,14 +82,8 @@ pub async fn park_dead_lettered(
         code: reason.as_str().to_owned(),
         message: detail.clone(),
     });
-    let mut confirms = vec![
-        out.dead(&d.data, p, &ev, reason, &detail, short).await?,
-        out.event(&ev).await?,
-    ];
-    if let Some(r) = p.reply_to().as_ref().filter(|r| !r.as_str().is_empty()) {
-        let cid = p.correlation_id().as_ref().map(|c| c.as_str());
-        confirms.push(out.reply(&ev, r.as_str(), cid).await?);
-    }
+    let mut confirms = vec![out.dead(&d.data, p, &ev, reason, &detail, short).await?];
+    confirms.extend(out.event_and_reply(&ev, p).await?);
     confirm_all(confirms).await?;
     Ok(reason)
 }

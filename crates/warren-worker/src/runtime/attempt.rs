@@ -352,13 +352,8 @@ impl<'a> Attempt<'a> {
         ev.at = ran.finished_at;
         ev.duration_ms = Some(duration_ms);
         ev.result = Some(cap_result(value, self.sh.config.limits.max_result_bytes));
-        let mut confirms = vec![started, out.event(&ev).await?];
-        if let Some(r) = &self.meta.reply_to {
-            confirms.push(
-                out.reply(&ev, r, self.meta.correlation_id.as_deref())
-                    .await?,
-            );
-        }
+        let mut confirms = vec![started];
+        confirms.extend(out.event_and_reply(&ev, &self.delivery.properties).await?);
         confirm_all(confirms).await?;
         info!(duration_ms, "succeeded");
         self.sh
@@ -425,16 +420,12 @@ impl<'a> Attempt<'a> {
 
     /// Confirms `cancelled` (for a task dropped by a cancel command) and the reply.
     async fn cancelled(&self, id: &str, attempt: i64) -> Result<Disposition, ClientError> {
-        let out = self.out();
         let mut ev = self.event(id, TaskState::Cancelled, attempt);
         ev.reason = Some("cancel command".into());
-        let mut confirms = vec![out.event(&ev).await?];
-        if let Some(r) = &self.meta.reply_to {
-            confirms.push(
-                out.reply(&ev, r, self.meta.correlation_id.as_deref())
-                    .await?,
-            );
-        }
+        let confirms = self
+            .out()
+            .event_and_reply(&ev, &self.delivery.properties)
+            .await?;
         confirm_all(confirms).await?;
         info!(task_id = id, "cancelled");
         self.sh
@@ -481,14 +472,8 @@ impl<'a> Attempt<'a> {
         let mut confirms = vec![
             out.dead(&d.data, &d.properties, ev, reason, detail, Some(self.queue))
                 .await?,
-            out.event(ev).await?,
         ];
-        if let Some(r) = &self.meta.reply_to {
-            confirms.push(
-                out.reply(ev, r, self.meta.correlation_id.as_deref())
-                    .await?,
-            );
-        }
+        confirms.extend(out.event_and_reply(ev, &d.properties).await?);
         confirm_all(confirms).await?;
         Ok(Disposition::Ack)
     }

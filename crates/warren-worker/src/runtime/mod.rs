@@ -71,8 +71,8 @@ impl Shared {
     }
 }
 
-/// Running tasks and how to stop them, across sessions.
-struct Running {
+/// Tasks in flight and how to stop them, across sessions.
+struct InFlight {
     tracker: TaskTracker,
     abort: CancellationToken,
     permits: Arc<Semaphore>,
@@ -143,7 +143,7 @@ impl Worker {
             r = ready_rx => if r.is_ok() { sh.metrics.link.cancels_known() },
             _ = shutdown.cancelled() => {}
         }
-        let running = Running {
+        let in_flight = InFlight {
             tracker: TaskTracker::new(),
             abort: CancellationToken::new(),
             permits: Arc::new(Semaphore::new(sh.config.worker.concurrency)),
@@ -170,7 +170,7 @@ impl Worker {
                 "worker consuming"
             );
             let ended = self
-                .consume(&session, &mut stream, &shutdown, &running)
+                .consume(&session, &mut stream, &shutdown, &in_flight)
                 .await;
             sh.metrics.link.consuming(false);
             if shutdown.is_cancelled() {
@@ -180,16 +180,16 @@ impl Worker {
             sh.metrics.link.reconnect();
             retry.lost(&format!("connection lost: {ended}"));
         }
-        self.drain(running, kept).await;
+        self.drain(in_flight, kept).await;
         let _ = follower.await;
         Ok(())
     }
 
-    async fn drain(&self, running: Running, kept: Option<(Arc<Session>, Deliveries)>) {
+    async fn drain(&self, in_flight: InFlight, kept: Option<(Arc<Session>, Deliveries)>) {
         if let Some((s, _)) = &kept {
             s.stop_consuming().await;
         }
-        let Running { tracker, abort, .. } = running;
+        let InFlight { tracker, abort, .. } = in_flight;
         let grace = Duration::from_millis(self.shared.config.worker.grace_period_ms);
         tracker.close();
         if !tracker.is_empty() {
@@ -216,11 +216,11 @@ impl Worker {
         session: &Arc<Session>,
         stream: &mut Deliveries,
         shutdown: &CancellationToken,
-        running: &Running,
+        in_flight: &InFlight,
     ) -> String {
         loop {
             let permit = tokio::select! {
-                p = running.permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                p = in_flight.permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
                 _ = shutdown.cancelled() => return "shutdown".into(),
             };
             let next = tokio::select! {
@@ -234,9 +234,9 @@ impl Worker {
             };
             let shared = self.shared.clone();
             let session = session.clone();
-            let abort = running.abort.clone();
-            let slot = Slot::new(running.permits.clone(), permit);
-            running.tracker.spawn(async move {
+            let abort = in_flight.abort.clone();
+            let slot = Slot::new(in_flight.permits.clone(), permit);
+            in_flight.tracker.spawn(async move {
                 Attempt::run(&shared, &session, &queue, delivery, &abort, slot).await;
             });
         }
