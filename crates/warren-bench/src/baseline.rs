@@ -1,23 +1,34 @@
-//! The raw-lapin baseline: the same guarantees as Warren with nothing else.
+//! The raw-lapin baseline: the same broker work as Warren, written as a
+//! skilled engineer would with plain lapin and nothing else.
 //!
-//! The baseline worker takes one message at a time: it parses the JSON body,
-//! publishes one persistent event to `P.events` on a confirm channel, waits
-//! for the confirm, then acks. The baseline publisher sends persistent
-//! messages with publisher confirms, keeping a window of confirms in flight.
-//! Warren's figures are printed as ratios to these.
+//! The baseline worker does per task what Warren's worker does: it publishes
+//! a persistent `started` event, parses the JSON body, publishes a persistent
+//! `succeeded` event carrying it, and acks the delivery once both events are
+//! confirmed. Confirms are pipelined: the worker never waits for one before
+//! taking the next delivery, and acks each task as soon as its own two
+//! confirms are in, so its throughput is bounded by the prefetch it is given
+//! (`--prefetch`, tuned for it), not by round trips. The baseline publisher
+//! sends persistent messages with publisher confirms, keeping a window of
+//! confirms in flight. Warren's figures are printed as ratios to these.
 
 use std::time::Instant;
 
-use futures::stream::{FuturesOrdered, StreamExt};
+use futures::stream::{FuturesOrdered, FuturesUnordered, StreamExt};
+use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, PublisherConfirm};
 use serde_json::{json, Value};
 
 use crate::procstat::{Spent, Stopwatch};
+
+/// The prefetch the baseline worker runs with unless `--baseline-prefetch`
+/// says otherwise: deep enough that confirms in flight do not leave it
+/// waiting for deliveries (BENCHMARKS.md has the figures at other depths).
+pub const BASELINE_PREFETCH: u16 = 200;
 
 /// Runs the baseline worker on `queue` until the process is killed.
 pub async fn worker(
@@ -47,51 +58,85 @@ pub async fn worker(
             FieldTable::default(),
         )
         .await?;
-    while let Some(d) = deliveries.next().await {
-        let d = d?;
-        let began = Instant::now();
-        // The event's `at` is when the task started, like Warren's `started` event.
-        let received = chrono::Utc::now();
-        let args: Value = serde_json::from_slice(&d.data).unwrap_or(Value::Null);
-        let id = d
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|m| m.as_str().to_owned())
-            .unwrap_or_default();
-        let event = json!({
-            "event_id": uuid::Uuid::now_v7().to_string(),
-            "task_id": id,
-            "type": "diag.echo",
-            "state": "succeeded",
-            "attempt": 1,
-            "queue": "diag",
-            "worker": "baseline",
-            "at": warren_core::event::format_time(received),
-            "duration_ms": began.elapsed().as_millis() as u64,
-            "result": args,
-            "error": null,
-            "reason": null,
-            "due_at": null,
-        });
-        let body = serde_json::to_vec(&event)?;
-        let props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_correlation_id(id.as_str().into());
-        publish
-            .basic_publish(
-                events_exchange.into(),
-                "succeeded.diag.echo".into(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
-            .await?
-            .await?;
-        d.acker.ack(BasicAckOptions::default()).await?;
+    // Tasks whose events are published, each waiting for its two confirms
+    // before its ack.
+    let mut settling = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            d = deliveries.next() => {
+                let Some(d) = d else { break };
+                let (started, succeeded, d) = run_one(&publish, events_exchange, d?).await?;
+                settling.push(async move {
+                    anyhow::ensure!(started.await?.is_ack(), "started event refused");
+                    anyhow::ensure!(succeeded.await?.is_ack(), "succeeded event refused");
+                    d.acker.ack(BasicAckOptions::default()).await?;
+                    anyhow::Ok(())
+                });
+            }
+            Some(done) = settling.next(), if !settling.is_empty() => done?,
+        }
+    }
+    while let Some(done) = settling.next().await {
+        done?;
     }
     Ok(())
+}
+
+/// Publishes one task's `started` and `succeeded` events without waiting
+/// for their confirms.
+async fn run_one(
+    ch: &Channel,
+    exchange: &str,
+    d: Delivery,
+) -> anyhow::Result<(PublisherConfirm, PublisherConfirm, Delivery)> {
+    let id = d
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_default();
+    let began = Instant::now();
+    let mut event = json!({
+        "event_id": uuid::Uuid::now_v7().to_string(),
+        "task_id": id,
+        "type": "diag.echo",
+        "state": "started",
+        "attempt": 1,
+        "queue": "diag",
+        "worker": "baseline",
+        "at": warren_core::event::format_time(chrono::Utc::now()),
+    });
+    let started = publish_event(ch, exchange, "started.diag.echo", &id, &event).await?;
+    let args: Value = serde_json::from_slice(&d.data).unwrap_or(Value::Null);
+    event["event_id"] = uuid::Uuid::now_v7().to_string().into();
+    event["state"] = "succeeded".into();
+    event["at"] = warren_core::event::format_time(chrono::Utc::now()).into();
+    event["duration_ms"] = (began.elapsed().as_millis() as u64).into();
+    event["result"] = args;
+    let succeeded = publish_event(ch, exchange, "succeeded.diag.echo", &id, &event).await?;
+    Ok((started, succeeded, d))
+}
+
+async fn publish_event(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    task_id: &str,
+    event: &Value,
+) -> anyhow::Result<PublisherConfirm> {
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_correlation_id(task_id.into());
+    Ok(ch
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(event)?,
+            props,
+        )
+        .await?)
 }
 
 /// Publishes `n` persistent messages with confirms, `window` in flight;

@@ -58,6 +58,8 @@ pub struct Options {
     pub duration_s: f64,
     /// Worker concurrency override (prefetch = 2x).
     pub concurrency: Option<usize>,
+    /// Prefetch of the raw-lapin baseline worker.
+    pub baseline_prefetch: u16,
     /// Delayed tasks held in the hold scenario.
     pub hold: usize,
     /// Throughput rounds (baseline and Warren alternate; best of each).

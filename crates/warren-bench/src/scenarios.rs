@@ -148,10 +148,7 @@ async fn drain_baseline(base: &Config, opts: &Options) -> anyhow::Result<Drain> 
         },
     )
     .await?;
-    let prefetch = opts
-        .concurrency
-        .map(|c| c * 2)
-        .unwrap_or(env.config.worker.prefetch as usize);
+    let prefetch = opts.baseline_prefetch;
     let pid = env.spawn(
         &[
             "bench-baseline-worker",
@@ -295,7 +292,7 @@ async fn latency_run(
                 "--events",
                 &names.events(),
                 "--prefetch",
-                &env.config.worker.prefetch.to_string(),
+                &opts.baseline_prefetch.to_string(),
             ],
             &[],
         )?

@@ -196,6 +196,10 @@ pub struct BenchArgs {
     /// Worker concurrency (prefetch is twice that); default from configuration.
     #[arg(long)]
     pub concurrency: Option<usize>,
+    /// Prefetch of the raw-lapin baseline worker (it pipelines its confirms;
+    /// tuned for it, independent of Warren's settings).
+    #[arg(long, default_value_t = warren_bench::baseline::BASELINE_PREFETCH)]
+    pub baseline_prefetch: u16,
     /// Delayed tasks held in the hold scenario.
     #[arg(long, default_value_t = 1_000_000)]
     pub hold: usize,

@@ -33,6 +33,7 @@ pub async fn run(
         rate: args.rate,
         duration_s: args.duration,
         concurrency: args.concurrency,
+        baseline_prefetch: args.baseline_prefetch.max(1),
         hold: args.hold.max(1),
         rounds: args.rounds.max(1),
         transfer_mb: args.transfer_mb.max(1),
