@@ -328,9 +328,6 @@ async fn latency_run(
                     starts.insert(e.event.task_id, at);
                 }
                 TaskState::Succeeded => {
-                    if raw {
-                        starts.insert(e.event.task_id.clone(), at);
-                    }
                     finals.insert(e.event.task_id, wall_ms());
                 }
                 _ => {}
