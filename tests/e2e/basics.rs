@@ -305,3 +305,59 @@ async fn a_quorum_work_queue_runs_tasks() {
     assert_eq!(ev.state, TaskState::Succeeded);
     assert_eq!(ev.queue.as_deref(), Some("qq"));
 }
+
+#[tokio::test]
+async fn tasks_waiting_behind_a_long_one_go_to_a_worker_with_a_free_slot() {
+    // Two workers of one slot each; the first takes a long task and, with
+    // a prefetch of 20, the short tasks queued behind it. Those are handed
+    // back after worker.handback_ms and run on the second worker long
+    // before the long task ends.
+    let mut env = Env::new(
+        "handback",
+        &[
+            ("WARREN__WORKER__CONCURRENCY", "1"),
+            ("WARREN__WORKER__PREFETCH", "20"),
+            ("WARREN__WORKER__HANDBACK_MS", "300"),
+        ],
+    )
+    .await;
+    let mut reqs = vec![TaskRequest::new("diag.sleep", json!({"ms": 8000})).id("long")];
+    for i in 0..30 {
+        reqs.push(TaskRequest::new("diag.sleep", json!({"ms": 20})).id(format!("short-{i}")));
+    }
+    env.client.publish_batch(&reqs, 32, |_| {}).await.unwrap();
+    env.wait_depth(&env.names().work_queue("diag"), 31, T).await;
+    let mut watch = env.watch(&["#"]).await;
+    let first = env.spawn(&["worker", "--queues", "diag"], &[]);
+    loop {
+        let e = watch.next(T).await.unwrap().expect("the long task starts");
+        if e.event.task_id == "long" && e.event.state == TaskState::Started {
+            break;
+        }
+    }
+    env.spawn(&["worker", "--queues", "diag"], &[]);
+    let mut finals: Vec<(String, TaskState)> = Vec::new();
+    while finals.len() < reqs.len() {
+        let e = watch.next(T).await.unwrap().expect("every task ends");
+        if e.event.state.is_final() {
+            finals.push((e.event.task_id, e.event.state));
+        }
+    }
+    assert!(
+        finals.iter().all(|(_, s)| *s == TaskState::Succeeded),
+        "{finals:?}"
+    );
+    let mut ids: Vec<&str> = finals.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        ids.last(),
+        Some(&"long"),
+        "no short task waited for it: {ids:?}"
+    );
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), reqs.len(), "each task ended once");
+    let addr = env.ops_addr(&first, "worker", T).await;
+    let (_, text) = warren_e2e::http_get(&addr, "/metrics").await;
+    let handed = warren_e2e::metric(&text, "warren_worker_handed_back_total").unwrap_or(0.0);
+    assert!(handed >= 1.0, "the first worker handed tasks back: {text}");
+}

@@ -41,6 +41,8 @@ pub(crate) struct WorkerMetrics {
     pub(crate) link: BrokerLink,
     redeliveries: AtomicU64,
     returned: AtomicU64,
+    handed_back: AtomicU64,
+    paused: AtomicI64,
 }
 
 #[derive(Debug)]
@@ -66,6 +68,8 @@ impl WorkerMetrics {
             link: BrokerLink::default(),
             redeliveries: AtomicU64::new(0),
             returned: AtomicU64::new(0),
+            handed_back: AtomicU64::new(0),
+            paused: AtomicI64::new(0),
         }
     }
 
@@ -110,6 +114,17 @@ impl WorkerMetrics {
     /// A delivery came back without an outcome (its worker died).
     pub(crate) fn redelivered(&self) {
         self.redeliveries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A delivery that waited too long for a slot went back to its queue.
+    pub(crate) fn handed_back(&self) {
+        self.handed_back.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the worker has stopped taking deliveries because every slot
+    /// is held by a long task.
+    pub(crate) fn paused(&self, paused: bool) {
+        self.paused.store(i64::from(paused), Ordering::Relaxed);
     }
 
     /// A task was returned to its queue unacknowledged at shutdown.
@@ -207,6 +222,18 @@ impl Probe for WorkerMetrics {
             "counter",
             "Running tasks returned to their queue unacknowledged at shutdown.",
             load(&self.returned),
+        );
+        e.single(
+            "warren_worker_handed_back_total",
+            "counter",
+            "Deliveries handed back to their queue after waiting worker.handback_ms for a slot.",
+            load(&self.handed_back),
+        );
+        e.single(
+            "warren_worker_paused",
+            "gauge",
+            "1 while every slot is held by a long task and the worker takes no deliveries.",
+            self.paused.load(Ordering::Relaxed) as f64,
         );
         self.link.write(
             &mut e,

@@ -20,6 +20,11 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     /// Unacknowledged deliveries allowed (`basic.qos`); at least `concurrency`.
     pub prefetch: u16,
+    /// A delivery that has waited this many milliseconds for a slot while
+    /// every slot is busy goes back to its queue for a worker with a free
+    /// slot, and this worker takes no more until a slot frees; 0 never hands
+    /// back.
+    pub handback_ms: u64,
     /// On shutdown, how long running tasks may finish before being aborted.
     pub grace_period_ms: u64,
     /// Default task timeout, overridden by `x-warren-timeout-ms`.
@@ -45,6 +50,7 @@ impl Default for WorkerConfig {
             queues: Vec::new(),
             concurrency: 8,
             prefetch: 16,
+            handback_ms: 1000,
             grace_period_ms: 30_000,
             task_timeout_ms: 300_000,
             data_dir: PathBuf::from("data"),

@@ -11,6 +11,7 @@
 //! |---|---|
 //! | invalid message, poison | copy in `P.dead`, `dead` event, reply |
 //! | no id, or redelivered below the poison limit | the copy put back on its queue |
+//! | handed back: waited `worker.handback_ms` for a slot | the copy put back on its queue |
 //! | cancelled before it started | `cancelled` event, reply |
 //! | cancelled while running | `started`, `cancelled` event, reply |
 //! | succeeded | `started`, `succeeded` event, reply |
@@ -100,20 +101,7 @@ impl<'a> Attempt<'a> {
         abort: &CancellationToken,
         slot: Slot,
     ) {
-        let meta = meta_of(&delivery);
-        let routing = [
-            sh.routing_exchanges[0].as_str(),
-            sh.routing_exchanges[1].as_str(),
-        ];
-        let task_type = task_type_of(&meta, &routing);
-        let attempt = Attempt {
-            sh,
-            session,
-            queue,
-            delivery,
-            meta,
-            task_type,
-        };
+        let attempt = Attempt::new(sh, session, queue, delivery);
         match attempt.triage().await {
             Triage::Settled(id, outcome) => attempt.settle(&id, outcome).await,
             Triage::Run(id) => {
@@ -125,6 +113,54 @@ impl<'a> Attempt<'a> {
                 .instrument(span)
                 .await
             }
+        }
+    }
+
+    /// Hands back a delivery that waited `worker.handback_ms` for a slot
+    /// while every slot was busy, so a worker with a free slot takes it: a
+    /// copy at the back of its queue (same id, headers and priority), then
+    /// the ack. What triage settles without a slot (invalid headers, no id,
+    /// a redelivery, a cancelled task) is settled here as it would be there.
+    pub(super) async fn hand_back(
+        sh: &'a Shared,
+        session: &'a Session,
+        queue: &'a str,
+        delivery: Delivery,
+    ) {
+        let attempt = Attempt::new(sh, session, queue, delivery);
+        match attempt.triage().await {
+            Triage::Settled(id, outcome) => attempt.settle(&id, outcome).await,
+            Triage::Run(id) => {
+                let h = attempt
+                    .delivery
+                    .properties
+                    .headers()
+                    .clone()
+                    .unwrap_or_default();
+                let outcome = attempt.requeue(&id, h).await;
+                if outcome.is_ok() {
+                    debug!(task_id = %id, "handed back: waited too long for a slot");
+                    sh.metrics.handed_back();
+                }
+                attempt.settle(&id, outcome).await;
+            }
+        }
+    }
+
+    fn new(sh: &'a Shared, session: &'a Session, queue: &'a str, delivery: Delivery) -> Self {
+        let meta = meta_of(&delivery);
+        let routing = [
+            sh.routing_exchanges[0].as_str(),
+            sh.routing_exchanges[1].as_str(),
+        ];
+        let task_type = task_type_of(&meta, &routing);
+        Attempt {
+            sh,
+            session,
+            queue,
+            delivery,
+            meta,
+            task_type,
         }
     }
 

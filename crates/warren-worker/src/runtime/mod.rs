@@ -13,15 +13,16 @@ mod progress;
 mod session;
 mod slots;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::stream::StreamExt;
-use tokio::sync::Semaphore;
+use lapin::message::Delivery;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use warren_client::runtime::{process_identity, CancelSet, Reconnect};
 use warren_core::{Config, Names};
 
@@ -211,6 +212,12 @@ impl Worker {
     }
 
     /// Takes deliveries until the connection dies (returns why) or shutdown.
+    ///
+    /// A delivery waits here for a slot. When the oldest waiting one has
+    /// waited `worker.handback_ms` with every slot busy (long tasks), the
+    /// worker stops consuming and hands every waiting delivery back to its
+    /// queue, so a worker with a free slot takes them; it consumes again once
+    /// a slot is free and nothing waits.
     async fn consume(
         &self,
         session: &Arc<Session>,
@@ -218,27 +225,113 @@ impl Worker {
         shutdown: &CancellationToken,
         in_flight: &InFlight,
     ) -> String {
+        let sh = &self.shared;
+        let handback = Duration::from_millis(sh.config.worker.handback_ms);
+        let mut waiting: VecDeque<(Instant, Arc<str>, Delivery)> = VecDeque::new();
+        let mut paused = false;
         loop {
-            let permit = tokio::select! {
-                p = in_flight.permits.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-                _ = shutdown.cancelled() => return "shutdown".into(),
+            while !waiting.is_empty() {
+                let Ok(permit) = in_flight.permits.clone().try_acquire_owned() else {
+                    break;
+                };
+                let (_, queue, delivery) = waiting.pop_front().expect("not empty");
+                self.start(session, in_flight, queue, delivery, permit);
+            }
+            if paused && waiting.is_empty() && in_flight.permits.available_permits() > 0 {
+                if let Err(e) = session.resume(sh, stream).await {
+                    return e.to_string();
+                }
+                paused = false;
+                sh.metrics.paused(false);
+                debug!("a slot is free: consuming again");
+            }
+            let hand_back_at = match waiting.front() {
+                Some((since, ..)) if !handback.is_zero() => Some(*since + handback),
+                _ => None,
             };
-            let next = tokio::select! {
-                n = stream.next() => n,
-                _ = shutdown.cancelled() => return "shutdown".into(),
-            };
-            let (queue, delivery) = match next {
-                None => return "consumers ended".into(),
-                Some((_, Err(e))) => return e.to_string(),
-                Some((q, Ok(d))) => (q, d),
-            };
-            let shared = self.shared.clone();
-            let session = session.clone();
-            let abort = in_flight.abort.clone();
-            let slot = Slot::new(in_flight.permits.clone(), permit);
-            in_flight.tracker.spawn(async move {
-                Attempt::run(&shared, &session, &queue, delivery, &abort, slot).await;
-            });
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    // Not started: they return to the queue when the
+                    // channel closes.
+                    return "shutdown".into();
+                }
+                p = in_flight.permits.clone().acquire_owned(), if !waiting.is_empty() || paused => {
+                    let permit = p.expect("the semaphore is never closed");
+                    if let Some((_, queue, delivery)) = waiting.pop_front() {
+                        self.start(session, in_flight, queue, delivery, permit);
+                    }
+                }
+                next = stream.next(), if !stream.is_empty() => match next {
+                    None if paused => {}
+                    None => return "consumers ended".into(),
+                    Some((_, Err(e))) => return e.to_string(),
+                    Some((queue, Ok(d))) => {
+                        if paused && !handback.is_zero() {
+                            // Sent before the consumers stopped.
+                            self.hand_back(session, in_flight, queue, d);
+                        } else {
+                            waiting.push_back((Instant::now(), queue, d));
+                        }
+                    }
+                },
+                _ = sleep_until_some(hand_back_at) => {
+                    if !paused {
+                        session.stop_consuming().await;
+                        paused = true;
+                        sh.metrics.paused(true);
+                        debug!(waiting = waiting.len(), "every slot busy: handing back what waits");
+                    }
+                    for (_, queue, d) in waiting.drain(..) {
+                        self.hand_back(session, in_flight, queue, d);
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_secs(1)), if paused && stream.is_empty() => {
+                    if !session.connected() {
+                        return "connection lost while paused".into();
+                    }
+                }
+            }
         }
+    }
+
+    /// Runs `delivery` in a slot.
+    fn start(
+        &self,
+        session: &Arc<Session>,
+        in_flight: &InFlight,
+        queue: Arc<str>,
+        delivery: Delivery,
+        permit: OwnedSemaphorePermit,
+    ) {
+        let shared = self.shared.clone();
+        let session = session.clone();
+        let abort = in_flight.abort.clone();
+        let slot = Slot::new(in_flight.permits.clone(), permit);
+        in_flight.tracker.spawn(async move {
+            Attempt::run(&shared, &session, &queue, delivery, &abort, slot).await;
+        });
+    }
+
+    /// Hands `delivery` back to its queue (see [`Attempt::hand_back`]).
+    fn hand_back(
+        &self,
+        session: &Arc<Session>,
+        in_flight: &InFlight,
+        queue: Arc<str>,
+        delivery: Delivery,
+    ) {
+        let shared = self.shared.clone();
+        let session = session.clone();
+        in_flight.tracker.spawn(async move {
+            Attempt::hand_back(&shared, &session, &queue, delivery).await;
+        });
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }

@@ -1,6 +1,6 @@
 //! One connection's worth of channels and consumers.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::stream::{select_all, StreamExt};
 use lapin::message::Delivery;
@@ -18,7 +18,10 @@ use super::Shared;
 pub(super) struct Session {
     conn: Connection,
     consume_channel: lapin::Channel,
-    consumer_tags: Vec<String>,
+    /// The tags of the consumers now open; none while paused.
+    consumer_tags: Mutex<Vec<String>>,
+    /// How many times consuming was resumed (a suffix of the new tags).
+    resumed: std::sync::atomic::AtomicU64,
     /// Where every event, reply and copy of this session's tasks is sent.
     pub(super) outbox: Outbox,
 }
@@ -50,15 +53,33 @@ impl Session {
             channel: ConfirmChannel::open(&conn).await?,
             names: sh.names.clone(),
         };
+        let session = Session {
+            conn,
+            consume_channel: consume_ch,
+            consumer_tags: Mutex::new(Vec::new()),
+            resumed: Default::default(),
+            outbox,
+        };
+        let consumers = session.consume(sh, "").await?;
+        Ok((session, merge(consumers)))
+    }
+
+    /// Opens one consumer on every configured queue, tagged with `suffix`.
+    async fn consume(
+        &self,
+        sh: &Shared,
+        suffix: &str,
+    ) -> Result<Vec<(String, lapin::Consumer)>, ClientError> {
         let mut consumers = Vec::new();
         for (short, full) in &sh.queues {
             let tag = format!(
-                "{}.worker.{}.{}",
+                "{}.worker.{}.{}{suffix}",
                 sh.names.prefix(),
                 short,
                 sh.identity.replace('/', "-")
             );
-            let consumer = consume_ch
+            let consumer = self
+                .consume_channel
                 .basic_consume(
                     full.as_str().into(),
                     tag.into(),
@@ -69,22 +90,41 @@ impl Session {
                 .map_err(ClientError::amqp(format!(
                     "consume {full} (run `warren topology apply` first?)"
                 )))?;
+            self.consumer_tags
+                .lock()
+                .expect("tags lock")
+                .push(consumer.tag().to_string());
             consumers.push((short.clone(), consumer));
         }
-        let consumer_tags = consumers.iter().map(|(_, c)| c.tag().to_string()).collect();
-        let session = Session {
-            conn,
-            consume_channel: consume_ch,
-            consumer_tags,
-            outbox,
-        };
-        Ok((session, merge(consumers)))
+        Ok(consumers)
+    }
+
+    /// Consumes again after [`Session::stop_consuming`], adding the new
+    /// consumers to `stream`.
+    pub(super) async fn resume(
+        &self,
+        sh: &Shared,
+        stream: &mut Deliveries,
+    ) -> Result<(), ClientError> {
+        let n = 1 + self
+            .resumed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for c in merge_each(self.consume(sh, &format!(".{n}")).await?) {
+            stream.push(c);
+        }
+        Ok(())
+    }
+
+    /// True while the connection is open.
+    pub(super) fn connected(&self) -> bool {
+        self.conn.status().connected()
     }
 
     /// Stops every consumer: no new deliveries. Prefetched ones not yet
     /// started stay unacknowledged and return to the queue on close.
     pub(super) async fn stop_consuming(&self) {
-        for tag in &self.consumer_tags {
+        let tags = std::mem::take(&mut *self.consumer_tags.lock().expect("tags lock"));
+        for tag in &tags {
             let _ = self
                 .consume_channel
                 .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
@@ -104,9 +144,16 @@ impl Session {
 
 /// Merges a session's consumers into one stream tagged by queue.
 fn merge(consumers: Vec<(String, lapin::Consumer)>) -> Deliveries {
-    select_all(consumers.into_iter().map(|(short, c)| {
+    select_all(merge_each(consumers))
+}
+
+/// Each consumer as a stream of deliveries tagged with its queue.
+fn merge_each(
+    consumers: Vec<(String, lapin::Consumer)>,
+) -> impl Iterator<Item = futures::stream::Map<lapin::Consumer, TagFn>> {
+    consumers.into_iter().map(|(short, c)| {
         let short: Arc<str> = short.into();
         let tag: TagFn = Box::new(move |d| (short.clone(), d));
         c.map(tag)
-    }))
+    })
 }
