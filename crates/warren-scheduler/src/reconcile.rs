@@ -178,18 +178,26 @@ pub async fn reconcile(
 /// started before `warren topology apply` fails with that fix rather than
 /// run against a missing object. Bindings cannot be checked without the
 /// management API and are left to the operator.
+///
+/// With `scheduler.declare_topology = false` it only checks, and the broker
+/// logs no refusal.
 pub async fn apply_or_verify(
     conn: &Connection,
     config: &warren_core::Config,
 ) -> Result<TopologyCheck, TopologyError> {
+    let plan = TopologyPlan::from_config(config);
+    if !config.scheduler.declare_topology {
+        return verify(conn, &plan).await;
+    }
     match reconcile(conn, config).await {
         Ok(report) => Ok(TopologyCheck::Applied(report)),
         Err(e) if e.is_access_refused() => {
-            tracing::info!(
+            tracing::warn!(
                 error = %e,
-                "this broker user may not declare the topology; checking that it exists"
+                "this broker user may not declare the topology; checking that it exists \
+                 instead (set scheduler.declare_topology = false for a least-privilege user)"
             );
-            verify(conn, &TopologyPlan::from_config(config)).await
+            verify(conn, &plan).await
         }
         Err(e) => Err(e),
     }
