@@ -17,7 +17,7 @@ use serde_json::json;
 use tracker_support::{tracker_env, TestDb};
 use warren_client::{Client, TaskRequest};
 use warren_core::config::BrokerUrl;
-use warren_core::permissions::{Permissions, Role};
+use warren_core::permissions::{regex_escape, Permissions, Role};
 use warren_core::{Config, TaskState};
 use warren_e2e::{final_event, until_final, BrokerUser, Env, T, T_LONG};
 
@@ -129,6 +129,39 @@ async fn each_role_runs_under_its_own_user() {
         let log = env.log_of(p);
         assert!(!log.contains("ACCESS_REFUSED"), "{log}");
     }
+}
+
+#[tokio::test]
+async fn the_permissions_command_prints_the_rabbitmqctl_line() {
+    let env = Env::new("perms-cli", &[]).await;
+    for role in Role::ALL {
+        let out = env.cli_ok(&["topology", "permissions", role.as_str()]);
+        let expected = Permissions::for_role(&env.config, role)
+            .set_permissions_command("/", &format!("{}-{role}", env.prefix));
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{expected}\n")
+        );
+    }
+    let out = env.cli_ok(&[
+        "topology",
+        "permissions",
+        "producer",
+        "--user",
+        "shop's app",
+        "--vhost",
+        "prod",
+    ]);
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        line.starts_with("rabbitmqctl set_permissions -p prod 'shop'\\''s app' '^"),
+        "{line}"
+    );
+    let err = env.cli_err(&["topology", "permissions", "admin"]);
+    assert_eq!(
+        err.trim_end(),
+        "error: unknown role \"admin\": choose one of producer, worker, scheduler, tracker, operator"
+    );
 }
 
 #[tokio::test]
@@ -400,6 +433,33 @@ async fn each_role_is_refused_what_it_does_not_need() {
             Op::Publish(n.events()),
             Op::DeleteExchange(n.events()),
             Op::DeclareExchange(n.events()),
+        ],
+    )
+    .await;
+
+    // The publish-only grant docs/deployment.md suggests for an untrusted
+    // publisher.
+    let p = regex_escape(&env.prefix);
+    let publisher = BrokerUser::create(
+        "publisher",
+        &Permissions {
+            configure: "^$".into(),
+            write: format!("^({p}\\.tasks|{p}\\.delay)$"),
+            read: "^$".into(),
+        },
+    )
+    .await;
+    assert_allowed(
+        &publisher,
+        &[Op::Publish(n.tasks()), Op::Publish(n.delay())],
+    )
+    .await;
+    assert_refused(
+        &publisher,
+        &[
+            Op::Publish(n.control()),
+            Op::DeclareQueue(n.watch_queue("perm-test")),
+            Op::Get(work.clone()),
         ],
     )
     .await;
