@@ -131,6 +131,11 @@ fn any_of(alternatives: &[String]) -> String {
     }
 }
 
+/// `^alternative$` for one already-escaped alternative.
+fn only(alternative: &str) -> String {
+    format!("^{alternative}$")
+}
+
 impl Permissions {
     /// The least privilege `role` needs under the prefix of `config`.
     ///
@@ -150,7 +155,7 @@ impl Permissions {
         let cron = under("cron\\..*");
         match role {
             Role::Producer => Permissions {
-                configure: any_of(&[watch.clone()]),
+                configure: only(&watch),
                 write: any_of(&[
                     name(n.tasks()),
                     name(n.delay()),
@@ -190,7 +195,7 @@ impl Permissions {
                 }
                 Permissions {
                     configure: if has_cron {
-                        any_of(&[cron])
+                        only(&cron)
                     } else {
                         NOTHING.to_owned()
                     },
@@ -207,7 +212,7 @@ impl Permissions {
             Role::Tracker => {
                 let queue = name(format!("{}.tracker.events", n.prefix()));
                 Permissions {
-                    configure: any_of(&[queue.clone()]),
+                    configure: only(&queue),
                     write: any_of(&[queue.clone(), name(n.tasks())]),
                     read: any_of(&[name(n.events()), queue, name(n.dead())]),
                 }
@@ -215,9 +220,9 @@ impl Permissions {
             Role::Operator => {
                 let all = under(".*");
                 Permissions {
-                    configure: any_of(&[all.clone()]),
+                    configure: only(&all),
                     write: any_of(&[all.clone(), default_exchange]),
-                    read: any_of(&[all]),
+                    read: only(&all),
                 }
             }
         }
