@@ -406,6 +406,57 @@ impl Env {
     }
 }
 
+/// A broker user of one test, with a random name and password, deleted
+/// when dropped (even when the test fails).
+pub struct BrokerUser {
+    /// The user name, `wt-<role>-<random>`.
+    pub name: String,
+    password: String,
+}
+
+impl BrokerUser {
+    /// Creates user `wt-<label>-<random>` on the `/` vhost with the
+    /// `configure`, `write` and `read` regexes of `perms`.
+    pub async fn create(label: &str, perms: &warren_core::permissions::Permissions) -> BrokerUser {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let user = BrokerUser {
+            name: format!("wt-{label}-{}", &suffix[..8]),
+            password: suffix[8..24].to_owned(),
+        };
+        Mgmt::new()
+            .add_user(
+                &user.name,
+                &user.password,
+                [&perms.configure, &perms.write, &perms.read],
+            )
+            .await;
+        user
+    }
+
+    /// The test broker's URL ([`broker_url`]) with this user's credentials.
+    pub fn url(&self) -> String {
+        let base = broker_url();
+        let (scheme, rest) = base.split_once("://").expect("an AMQP URI");
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        format!("{scheme}://{}:{}@{host}", self.name, self.password)
+    }
+}
+
+impl Drop for BrokerUser {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // As for [`Env`]: not on the test's runtime, which must not block.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(Mgmt::new().delete_user(&name));
+        })
+        .join();
+    }
+}
+
 /// The path of an env's configuration file ([`Env::config_file`]).
 fn config_path(prefix: &str) -> PathBuf {
     std::env::temp_dir().join(format!("{prefix}.toml"))

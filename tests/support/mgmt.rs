@@ -140,6 +140,41 @@ impl Mgmt {
             .await;
     }
 
+    /// Creates (or replaces) broker user `name` with `password`, no tags,
+    /// and the three permission regexes on the `/` vhost.
+    pub async fn add_user(&self, name: &str, password: &str, perms: [&str; 3]) {
+        let put = |path: String, body: Value| {
+            let http = self.http.clone();
+            let url = format!("{}/api/{path}", self.base);
+            async move {
+                http.put(&url)
+                    .basic_auth("guest", Some("guest"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("PUT {url}: {e}"))
+                    .error_for_status()
+                    .unwrap_or_else(|e| panic!("PUT {url}: {e}"));
+            }
+        };
+        put(
+            format!("users/{}", enc(name)),
+            json!({"password": password, "tags": ""}),
+        )
+        .await;
+        let [configure, write, read] = perms;
+        put(
+            format!("permissions/%2F/{}", enc(name)),
+            json!({"configure": configure, "write": write, "read": read}),
+        )
+        .await;
+    }
+
+    /// Deletes broker user `name` (and its permissions); a missing user is fine.
+    pub async fn delete_user(&self, name: &str) {
+        self.delete(&format!("users/{}", enc(name))).await;
+    }
+
     /// Deletes every queue and exchange whose name starts with `prefix.`.
     pub async fn delete_prefix(&self, prefix: &str) {
         let dot = format!("{prefix}.");

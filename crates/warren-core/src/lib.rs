@@ -14,6 +14,7 @@ pub mod delay;
 pub mod event;
 pub mod headers;
 pub mod names;
+pub mod permissions;
 pub mod routes;
 pub mod task;
 pub mod topology;

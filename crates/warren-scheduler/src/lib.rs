@@ -14,5 +14,8 @@ mod metrics;
 pub mod reconcile;
 mod scheduler;
 
-pub use reconcile::{apply, prune_stale_bindings, reconcile, ApplyReport, TopologyError};
+pub use reconcile::{
+    apply, apply_or_verify, prune_stale_bindings, reconcile, verify, ApplyReport, TopologyCheck,
+    TopologyError,
+};
 pub use scheduler::{Scheduler, SchedulerError};

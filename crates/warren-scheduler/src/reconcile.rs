@@ -25,6 +25,9 @@ pub enum TopologyError {
     /// An existing object disagrees with the plan; the text says how to fix it.
     #[error("{0}")]
     Conflict(String),
+    /// An object of the plan does not exist, and this user may not declare it.
+    #[error("{0}")]
+    Missing(String),
     /// Another broker error.
     #[error("{what}: {source}")]
     Broker {
@@ -33,6 +36,31 @@ pub enum TopologyError {
         /// The broker's error.
         #[source]
         source: lapin::Error,
+    },
+}
+
+impl TopologyError {
+    /// Whether the broker refused the operation for lack of permission
+    /// (ACCESS_REFUSED): the user is not allowed to configure the object.
+    pub fn is_access_refused(&self) -> bool {
+        matches!(self, TopologyError::Broker { source, .. }
+            if source.to_string().contains("ACCESS_REFUSED"))
+    }
+}
+
+/// What [`apply_or_verify`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopologyCheck {
+    /// The plan was applied ([`reconcile`]).
+    Applied(ApplyReport),
+    /// The user may not declare the topology; every exchange and queue of
+    /// the plan was found to exist (passive declares, which need no
+    /// permission).
+    Verified {
+        /// Exchanges found.
+        exchanges: usize,
+        /// Queues found.
+        queues: usize,
     },
 }
 
@@ -141,6 +169,99 @@ pub async fn reconcile(
     )
     .await?;
     Ok(report)
+}
+
+/// [`reconcile`] when the broker lets this user declare the topology;
+/// when it refuses (ACCESS_REFUSED: a least-privilege user, the topology
+/// being the operator's, see `warren topology permissions`), checks instead
+/// that every exchange and queue of the plan exists, so that a process
+/// started before `warren topology apply` fails with that fix rather than
+/// run against a missing object. Bindings cannot be checked without the
+/// management API and are left to the operator.
+///
+/// With `scheduler.declare_topology = false` it only checks, and the broker
+/// logs no refusal.
+pub async fn apply_or_verify(
+    conn: &Connection,
+    config: &warren_core::Config,
+) -> Result<TopologyCheck, TopologyError> {
+    let plan = TopologyPlan::from_config(config);
+    if !config.scheduler.declare_topology {
+        return verify(conn, &plan).await;
+    }
+    match reconcile(conn, config).await {
+        Ok(report) => Ok(TopologyCheck::Applied(report)),
+        Err(e) if e.is_access_refused() => {
+            tracing::warn!(
+                error = %e,
+                "this broker user may not declare the topology; checking that it exists \
+                 instead (set scheduler.declare_topology = false for a least-privilege user)"
+            );
+            verify(conn, &plan).await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Passive declares of every exchange and queue of `plan`.
+pub async fn verify(
+    conn: &Connection,
+    plan: &TopologyPlan,
+) -> Result<TopologyCheck, TopologyError> {
+    let open = || async {
+        conn.create_channel()
+            .await
+            .map_err(|source| TopologyError::Broker {
+                what: "open channel".into(),
+                source,
+            })
+    };
+    let ch = open().await?;
+    for x in &plan.exchanges {
+        ch.exchange_declare(
+            x.name.as_str().into(),
+            kind(&x.kind),
+            ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| missing("exchange", &x.name, e))?;
+    }
+    for q in &plan.queues {
+        ch.queue_declare(
+            q.name.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| missing("queue", &q.name, e))?;
+    }
+    let _ = ch.close(200, "topology checked".into()).await;
+    Ok(TopologyCheck::Verified {
+        exchanges: plan.exchanges.len(),
+        queues: plan.queues.len(),
+    })
+}
+
+/// The error of a failed passive declare of `object` `name`.
+fn missing(object: &str, name: &str, source: lapin::Error) -> TopologyError {
+    if source.to_string().contains("NOT_FOUND") {
+        TopologyError::Missing(format!(
+            "{object} {name} does not exist and this broker user may not declare it: \
+             apply the topology as the operator first (`warren topology apply`)"
+        ))
+    } else {
+        TopologyError::Broker {
+            what: format!("check {object} {name}"),
+            source,
+        }
+    }
 }
 
 /// Bindings the broker has from Warren's exchanges into Warren's queues that

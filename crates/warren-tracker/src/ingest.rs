@@ -48,8 +48,11 @@ pub(crate) async fn consume(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
 }
 
-/// Declares the queue (durable; bound to `P.events` with `#`), declares
-/// `P.events` too so the tracker may start before the scheduler.
+/// Declares the queue (durable; bound to `P.events` with `#`). `P.events`
+/// is the operator's: it is only checked (a passive declare, which needs no
+/// permission), so a least-privilege tracker user needs no configure
+/// permission on it. A tracker started before the topology was applied
+/// retries with backoff until it exists.
 async fn declare(ch: &Channel, shared: &Shared) -> Result<(String, u32), TrackerError> {
     let names = shared.config.names();
     let queue = tracker_queue(&names);
@@ -57,13 +60,16 @@ async fn declare(ch: &Channel, shared: &Shared) -> Result<(String, u32), Tracker
         names.events().as_str().into(),
         ExchangeKind::Topic,
         ExchangeDeclareOptions {
-            durable: true,
+            passive: true,
             ..Default::default()
         },
         FieldTable::default(),
     )
     .await
-    .map_err(amqp(format!("declare exchange {}", names.events())))?;
+    .map_err(amqp(format!(
+        "exchange {} (apply the topology: `warren topology apply`)",
+        names.events()
+    )))?;
     let q = ch
         .queue_declare(
             queue.as_str().into(),

@@ -244,6 +244,24 @@ pub enum TopologyAction {
     Show,
     /// Declare everything on the broker (idempotent).
     Apply,
+    /// Print the `rabbitmqctl set_permissions` line that gives ROLE's broker
+    /// user the least privilege it needs under the configured prefix.
+    ///
+    /// Roles: producer (publish, cancel, watch events), worker, scheduler,
+    /// tracker, operator (everything under the prefix: topology apply, dead,
+    /// up). Work queues and cron schedules are listed as configured now: set
+    /// the permissions again after adding one. See docs/deployment.md,
+    /// "Broker users per role".
+    Permissions {
+        /// producer, worker, scheduler, tracker or operator.
+        role: String,
+        /// The broker user to grant them to [default: <prefix>-<role>].
+        #[arg(long)]
+        user: Option<String>,
+        /// The virtual host [default: the one of broker.url].
+        #[arg(long)]
+        vhost: Option<String>,
+    },
 }
 
 /// Worker overrides of the configuration.

@@ -241,6 +241,47 @@ secret_url!(
     DatabaseUrl
 );
 
+impl BrokerUrl {
+    /// The virtual host the URL names, percent-decoded: `/` for an empty
+    /// path or `%2f` (the AMQP URI rules).
+    pub fn vhost(&self) -> String {
+        let rest = self.0.find("://").map_or(&self.0[..], |i| &self.0[i + 3..]);
+        // After the credentials, which may hold an unencoded `/`.
+        let rest = rest.rfind('@').map_or(rest, |i| &rest[i + 1..]);
+        let path = rest
+            .find('/')
+            .map_or("", |i| &rest[i + 1..])
+            .split(['?', '#'])
+            .next()
+            .unwrap_or_default();
+        if path.is_empty() {
+            return "/".to_owned();
+        }
+        percent_decode(path)
+    }
+}
+
+/// `%XX` sequences decoded; anything malformed kept as written.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, ..) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 impl DatabaseUrl {
     /// Whether this is a PostgreSQL URL (`postgres://` or `postgresql://`).
     pub fn is_postgres(&self) -> bool {
@@ -285,6 +326,22 @@ pub fn redact_url(url: &str) -> String {
 mod tests {
     use super::super::test_support::*;
     use super::super::*;
+
+    #[test]
+    fn broker_url_names_its_vhost() {
+        for (url, vhost) in [
+            ("amqp://guest:guest@127.0.0.1:5672/%2f", "/"),
+            ("amqp://guest:guest@127.0.0.1:5672/%2F", "/"),
+            ("amqp://h:5672", "/"),
+            ("amqp://h:5672/", "/"),
+            ("amqps://u:p@h/prod", "prod"),
+            ("amqp://u:p@h/eu%2Fprod?heartbeat=10", "eu/prod"),
+            ("amqp://u:p@h/a%zz", "a%zz"),
+            ("amqp://u:p/w@h/v", "v"),
+        ] {
+            assert_eq!(BrokerUrl::new(url).vhost(), vhost, "{url}");
+        }
+    }
 
     #[test]
     fn broker_url_is_redacted() {

@@ -31,6 +31,10 @@ pub struct SchedulerConfig {
     /// Address of the scheduler's `/metrics`, `/healthz` and `/readyz`
     /// (`host:port`); empty turns them off.
     pub listen: String,
+    /// Whether `warren scheduler` declares the topology when it starts
+    /// (true), or only checks that it exists (false: a least-privilege
+    /// scheduler user, the topology applied by the operator).
+    pub declare_topology: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -40,6 +44,7 @@ impl Default for SchedulerConfig {
             poison_redeliveries: 5,
             cancel_ttl_ms: 86_400_000,
             listen: "127.0.0.1:8091".into(),
+            declare_topology: true,
         }
     }
 }

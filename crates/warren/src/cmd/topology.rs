@@ -1,5 +1,6 @@
-//! `warren topology show|apply`.
+//! `warren topology show|apply|permissions`.
 
+use warren_core::permissions::{Permissions, Role};
 use warren_core::topology::TopologyPlan;
 use warren_core::Config;
 
@@ -9,6 +10,15 @@ pub async fn run(config: &Config, action: TopologyAction) -> anyhow::Result<i32>
     let plan = TopologyPlan::from_config(config);
     match action {
         TopologyAction::Show => print!("{}", plan.render()),
+        TopologyAction::Permissions { role, user, vhost } => {
+            let role: Role = role.parse()?;
+            let user = user.unwrap_or_else(|| format!("{}-{role}", config.prefix));
+            let vhost = vhost.unwrap_or_else(|| config.broker.url.vhost());
+            println!(
+                "{}",
+                Permissions::for_role(config, role).set_permissions_command(&vhost, &user)
+            );
+        }
         TopologyAction::Apply => {
             let conn = super::connect(config, "topology").await?;
             let report = warren_scheduler::reconcile(&conn, config).await?;
