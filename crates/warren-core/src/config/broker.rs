@@ -102,8 +102,16 @@ impl Config {
         let b = &self.broker;
         let files = [
             ("broker.tls_ca_file", &b.tls_ca_file, PemKind::Certificates),
-            ("broker.tls_client_cert", &b.tls_client_cert, PemKind::Certificates),
-            ("broker.tls_client_key", &b.tls_client_key, PemKind::PrivateKey),
+            (
+                "broker.tls_client_cert",
+                &b.tls_client_cert,
+                PemKind::Certificates,
+            ),
+            (
+                "broker.tls_client_key",
+                &b.tls_client_key,
+                PemKind::PrivateKey,
+            ),
         ];
         for (key, path, kind) in files {
             if path.is_empty() {

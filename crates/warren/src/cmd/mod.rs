@@ -96,14 +96,17 @@ pub async fn serve_ops(
 }
 
 /// Connects one named connection, retrying for up to `connect_timeout_ms`
-/// while the broker starts.
+/// while the broker starts; a TLS problem, which only a setting can fix, is
+/// reported at once.
 pub async fn connect(config: &Config, role: &str) -> anyhow::Result<lapin::Connection> {
     let deadline = std::time::Instant::now()
         + std::time::Duration::from_millis(config.broker.connect_timeout_ms);
     loop {
-        match warren_client::runtime::connect(&config.broker.url, role).await {
+        match warren_client::runtime::connect(&config.broker, role).await {
             Ok(c) => return Ok(c),
-            Err(e) if std::time::Instant::now() >= deadline => return Err(e.into()),
+            Err(e) if e.is_setting_problem() || std::time::Instant::now() >= deadline => {
+                return Err(e.into())
+            }
             Err(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
         }
     }
