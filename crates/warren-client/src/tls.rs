@@ -108,7 +108,7 @@ fn certificates(key: &str, path: &str) -> Result<Vec<CertificateDer<'static>>, C
 fn setting_error(key: &str, path: &str, problem: String) -> ClientError {
     ClientError::Tls {
         setting: key.into(),
-        value: Some(path.into()),
+        value: (!path.is_empty()).then(|| path.into()),
         problem,
     }
 }
@@ -199,5 +199,90 @@ fn rustls_cause(error: &lapin::Error) -> Option<&rustls::Error> {
             continue;
         }
         inner = inner.source()?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_core::config::BrokerUrl;
+
+    fn broker(ca: &str, cert: &str) -> BrokerConfig {
+        BrokerConfig {
+            url: BrokerUrl::new("amqps://u:secret@rabbit.internal:5671/%2f"),
+            tls_ca_file: ca.into(),
+            tls_client_cert: cert.into(),
+            tls_client_key: if cert.is_empty() { "" } else { "/k.pem" }.into(),
+            ..BrokerConfig::default()
+        }
+    }
+
+    /// What `connect` reports when the handshake failed with `cause`.
+    fn explained(b: &BrokerConfig, cause: rustls::Error) -> String {
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, cause);
+        explain(b, "rabbit.internal", lapin::Error::from(io)).to_string()
+    }
+
+    #[test]
+    fn handshake_failures_name_the_setting_to_fix() {
+        let b = broker("/etc/ca.pem", "");
+        let unknown = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
+        assert_eq!(
+            explained(&b, unknown.clone()),
+            "broker.tls_ca_file = \"/etc/ca.pem\": the certificate of the broker at \
+             amqps://u:***@rabbit.internal:5671/%2f is not accepted by these CAs (invalid peer \
+             certificate: UnknownIssuer): set it to the PEM file of the CA that issued that \
+             certificate"
+        );
+        assert!(explained(&broker("", ""), unknown).starts_with(
+            "broker.tls_ca_file: not set, and the system's trusted roots do not accept"
+        ));
+        let name = rustls::Error::InvalidCertificate(CertificateError::NotValidForName);
+        assert!(explained(&b, name).starts_with(
+            "broker.url: the certificate of the broker at amqps://u:***@rabbit.internal:5671/%2f \
+             is not valid for its host \"rabbit.internal\""
+        ));
+        let required = rustls::Error::AlertReceived(AlertDescription::CertificateRequired);
+        assert!(explained(&b, required).starts_with(
+            "broker.tls_client_cert: not set, and the broker at \
+             amqps://u:***@rabbit.internal:5671/%2f requires a client certificate"
+        ));
+        let refused = rustls::Error::AlertReceived(AlertDescription::UnknownCA);
+        assert!(explained(&broker("", "/c.pem"), refused).starts_with(
+            "broker.tls_client_cert = \"/c.pem\": the broker at \
+             amqps://u:***@rabbit.internal:5671/%2f refused this client certificate"
+        ));
+        // Anything else stays a plain connection error, password hidden.
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let other = explain(&b, "rabbit.internal", lapin::Error::from(reset));
+        assert!(!other.is_setting_problem());
+        assert!(other
+            .to_string()
+            .starts_with("broker at amqps://u:***@rabbit.internal:5671/%2f: "));
+    }
+
+    #[test]
+    fn unusable_files_name_their_setting() {
+        let err = connector(&broker("/nonexistent/ca.pem", "")).unwrap_err();
+        assert!(err.is_setting_problem());
+        assert!(
+            err.to_string()
+                .starts_with("broker.tls_ca_file = \"/nonexistent/ca.pem\": cannot be read: "),
+            "{err}"
+        );
+        let dir = std::env::temp_dir().join(format!("warren-tls-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = dir.join("notes.txt");
+        std::fs::write(&text, "no PEM here\n").unwrap();
+        let text = text.to_str().unwrap();
+        let err = connector(&broker(text, "")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "broker.tls_ca_file = \"{text}\": holds no certificate: give a PEM file with \
+                 -----BEGIN CERTIFICATE----- blocks"
+            )
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
