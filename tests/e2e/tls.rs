@@ -221,7 +221,7 @@ async fn amqps_runs_tasks_and_each_wrong_setting_fails_in_one_line_naming_it() {
         ("WARREN__BROKER__TLS_CLIENT_CERT", cert.as_str()),
         ("WARREN__BROKER__TLS_CLIENT_KEY", key.as_str()),
     ];
-    let fails = |change: &[(&str, Option<&str>)]| -> String {
+    let fails = |env: &Env, change: &[(&str, Option<&str>)]| -> String {
         let mut cmd = env.warren(&["topology", "apply"]);
         cmd.envs(base);
         for (k, v) in change {
@@ -236,7 +236,7 @@ async fn amqps_runs_tasks_and_each_wrong_setting_fails_in_one_line_naming_it() {
     // 2. A CA that did not issue the broker's certificate: the handshake
     // fails, and the error is all `warren` prints.
     let other_ca = pki.path("other-ca.pem");
-    let stderr = fails(&[("WARREN__BROKER__TLS_CA_FILE", Some(&other_ca))]);
+    let stderr = fails(&env, &[("WARREN__BROKER__TLS_CA_FILE", Some(&other_ca))]);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     let line = error_line(&stderr);
     assert!(
@@ -244,6 +244,16 @@ async fn amqps_runs_tasks_and_each_wrong_setting_fails_in_one_line_naming_it() {
         "{line}"
     );
     assert!(line.contains("UnknownIssuer"), "{line}");
+    // A worker, which would otherwise wait for the broker in its reconnect
+    // loop, stops too.
+    let worker = env.spawn(&["worker"], &[("WARREN__BROKER__TLS_CA_FILE", &other_ca)]);
+    let code = env.wait_exit(&worker, T).await;
+    let log = env.log_of(&worker);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        error_line(&log).starts_with(&format!("error: broker.tls_ca_file = \"{other_ca}\": ")),
+        "{log}"
+    );
     // The library says the same to an embedding program.
     let mut config = env.config.clone();
     config.broker.tls_ca_file = other_ca.clone();
@@ -258,7 +268,7 @@ async fn amqps_runs_tasks_and_each_wrong_setting_fails_in_one_line_naming_it() {
 
     // 3. A host the certificate does not name (it has DNS:localhost only).
     let by_ip = format!("amqps://guest:guest@127.0.0.1:{tls_port}/%2f");
-    let stderr = fails(&[("WARREN__BROKER__URL", Some(&by_ip))]);
+    let stderr = fails(&env, &[("WARREN__BROKER__URL", Some(&by_ip))]);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     let line = error_line(&stderr);
     assert!(line.starts_with("error: broker.url: "), "{line}");
@@ -269,10 +279,13 @@ async fn amqps_runs_tasks_and_each_wrong_setting_fails_in_one_line_naming_it() {
     assert!(!line.contains("guest:guest"), "password shown: {line}");
 
     // 4. No client certificate, which the broker requires.
-    let stderr = fails(&[
-        ("WARREN__BROKER__TLS_CLIENT_CERT", None),
-        ("WARREN__BROKER__TLS_CLIENT_KEY", None),
-    ]);
+    let stderr = fails(
+        &env,
+        &[
+            ("WARREN__BROKER__TLS_CLIENT_CERT", None),
+            ("WARREN__BROKER__TLS_CLIENT_KEY", None),
+        ],
+    );
     let line = error_line(&stderr);
     assert!(
         line.starts_with("error: broker.tls_client_cert: not set, and the broker at "),
@@ -281,7 +294,10 @@ async fn amqps_runs_tasks_and_each_wrong_setting_fails_in_one_line_naming_it() {
     assert!(line.contains("requires a client certificate"), "{line}");
 
     // A missing file is a configuration error before any connection.
-    let stderr = fails(&[("WARREN__BROKER__TLS_CA_FILE", Some("/nonexistent/ca.pem"))]);
+    let stderr = fails(
+        &env,
+        &[("WARREN__BROKER__TLS_CA_FILE", Some("/nonexistent/ca.pem"))],
+    );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     let line = error_line(&stderr);
     assert!(

@@ -34,7 +34,7 @@ pub fn connection_name(role: &str) -> String {
 /// but that did not fit, again at every redelivery.
 pub async fn connect(broker: &BrokerConfig, role: &str) -> Result<Connection, ClientError> {
     let props = ConnectionProperties::default().with_connection_name(connection_name(role).into());
-    if is_amqps(broker) {
+    if broker.uses_tls() {
         return crate::tls::connect(broker, props).await;
     }
     Connection::connect(broker.url.expose(), props)
@@ -43,15 +43,6 @@ pub async fn connect(broker: &BrokerConfig, role: &str) -> Result<Connection, Cl
             url: broker.url.redacted(),
             source,
         })
-}
-
-/// Whether `broker.url` asks for TLS.
-fn is_amqps(broker: &BrokerConfig) -> bool {
-    broker
-        .url
-        .expose()
-        .get(..8)
-        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("amqps://"))
 }
 
 /// A channel in confirm mode: every publication returns a confirm future.

@@ -49,6 +49,16 @@ impl Default for BrokerConfig {
     }
 }
 
+impl BrokerConfig {
+    /// Whether `url` asks for TLS (`amqps://`).
+    pub fn uses_tls(&self) -> bool {
+        self.url
+            .expose()
+            .get(..8)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("amqps://"))
+    }
+}
+
 impl Config {
     pub(super) fn check_broker(&self, issues: &mut Issues) {
         let b = &self.broker;
@@ -63,7 +73,7 @@ impl Config {
                 ),
             );
         }
-        self.check_broker_tls(url.starts_with("amqps://"), issues);
+        self.check_broker_tls(b.uses_tls(), issues);
         let mgmt = b.management_url.to_ascii_lowercase();
         if !(mgmt.starts_with("http://") || mgmt.starts_with("https://")) {
             issues.add(

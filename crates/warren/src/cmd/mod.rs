@@ -95,6 +95,25 @@ pub async fn serve_ops(
     Ok(())
 }
 
+/// With an `amqps://` URL, opens and closes one connection first, so that a
+/// TLS problem only a setting can fix (the CA, the host name, the client
+/// certificate) stops a long-running command with its one line, rather than
+/// being logged by its reconnect loop forever. Any other error is left to
+/// that loop, which waits for a broker that is not up yet.
+pub async fn check_tls(config: &Config, role: &str) -> anyhow::Result<()> {
+    if !config.broker.uses_tls() {
+        return Ok(());
+    }
+    match warren_client::runtime::connect(&config.broker, role).await {
+        Ok(conn) => {
+            let _ = conn.close(200, "TLS checked".into()).await;
+            Ok(())
+        }
+        Err(e) if e.is_setting_problem() => Err(e.into()),
+        Err(_) => Ok(()),
+    }
+}
+
 /// Connects one named connection, retrying for up to `connect_timeout_ms`
 /// while the broker starts; a TLS problem, which only a setting can fix, is
 /// reported at once.
