@@ -268,6 +268,15 @@ ensure_chromium() {
     export WARREN_CHROMIUM="$bin"
 }
 
+# The openssl command makes the CA and certificates of the TLS test
+# (tests/e2e/tls.rs) at run time.
+ensure_openssl() {
+    if ! command -v openssl >/dev/null 2>&1; then
+        apt_install openssl
+        command -v openssl >/dev/null 2>&1 || die "openssl is not on the PATH after installing it"
+    fi
+}
+
 # docker-compose (Debian's package) validates docker-compose.yml; no Docker
 # engine is needed for `docker-compose config`.
 ensure_compose() {

@@ -18,6 +18,7 @@ ensure_management
 ensure_python_venv
 ensure_chromium
 ensure_compose
+ensure_openssl
 
 step "docker-compose config"
 docker-compose -f docker-compose.yml config -q

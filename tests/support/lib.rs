@@ -17,6 +17,7 @@
 
 mod command;
 mod mgmt;
+mod node;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,6 +31,7 @@ use warren_core::{Config, Event};
 
 pub use command::CommandExt;
 pub use mgmt::Mgmt;
+pub use node::{NodeOptions, TestNode};
 
 /// The bound of a test's waits (events, queue depths, logs, exits).
 pub const T: Duration = Duration::from_secs(30);
@@ -349,7 +351,7 @@ impl Env {
     /// A broker connection of the test's own and a channel on it; the
     /// channel lives as long as the connection is kept.
     pub async fn open_channel(&self) -> (lapin::Connection, lapin::Channel) {
-        let conn = warren_client::runtime::connect(&self.config.broker.url, "test")
+        let conn = warren_client::runtime::connect(&self.config.broker, "test")
             .await
             .expect("connect");
         let ch = conn.create_channel().await.expect("channel");

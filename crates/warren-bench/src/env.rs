@@ -31,7 +31,7 @@ impl BenchEnv {
         let tag = uuid::Uuid::new_v4().simple().to_string();
         config.prefix = format!("{}-bench-{}", base.prefix, &tag[..8]);
         let plan = TopologyPlan::from_config(&config);
-        let conn = warren_client::runtime::connect(&config.broker.url, "bench").await?;
+        let conn = warren_client::runtime::connect(&config.broker, "bench").await?;
         warren_scheduler::apply(&conn, &plan).await?;
         let _ = conn.close(200, "applied".into()).await;
         let client = Client::connect(&config).await?;
@@ -117,7 +117,7 @@ impl BenchEnv {
         for pid in pids {
             self.stop(pid).await;
         }
-        let conn = warren_client::runtime::connect(&self.config.broker.url, "bench").await?;
+        let conn = warren_client::runtime::connect(&self.config.broker, "bench").await?;
         let ch = conn.create_channel().await?;
         for q in &self.plan.queues {
             ch.queue_delete(q.name.as_str().into(), QueueDeleteOptions::default())

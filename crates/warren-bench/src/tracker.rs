@@ -421,7 +421,7 @@ async fn ingest_into(
 }
 
 async fn delete_queue(config: &Config, queue: &str) -> anyhow::Result<()> {
-    let conn = warren_client::runtime::connect(&config.broker.url, "bench").await?;
+    let conn = warren_client::runtime::connect(&config.broker, "bench").await?;
     let ch = conn.create_channel().await?;
     ch.queue_delete(queue.into(), QueueDeleteOptions::default())
         .await?;

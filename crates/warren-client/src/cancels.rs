@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use warren_core::config::BrokerUrl;
+use warren_core::config::BrokerConfig;
 use warren_core::event::new_id;
 use warren_core::Names;
 
@@ -99,7 +99,7 @@ impl CancelSet {
     /// the call is known (or after a bounded wait, if the broker is slow).
     pub async fn follow(
         &self,
-        url: BrokerUrl,
+        broker: BrokerConfig,
         names: Names,
         max_backoff: Duration,
         shutdown: CancellationToken,
@@ -109,7 +109,7 @@ impl CancelSet {
         let mut retry = Reconnect::new("cancel stream", max_backoff);
         while retry.ready(&shutdown).await {
             match self
-                .follow_once(&url, &names, &shutdown, &mut ready, &mut retry)
+                .follow_once(&broker, &names, &shutdown, &mut ready, &mut retry)
                 .await
             {
                 Ok(()) => return,
@@ -120,7 +120,7 @@ impl CancelSet {
 
     async fn follow_once(
         &self,
-        url: &BrokerUrl,
+        broker: &BrokerConfig,
         names: &Names,
         shutdown: &CancellationToken,
         ready: &mut Option<oneshot::Sender<()>>,
@@ -132,7 +132,7 @@ impl CancelSet {
                 source,
             }
         };
-        let conn = connect(url, "cancels").await?;
+        let conn = connect(broker, "cancels").await?;
         let ch = conn.create_channel().await.map_err(amqp("open channel"))?;
         ch.basic_qos(1000, BasicQosOptions::default())
             .await

@@ -5,11 +5,43 @@ use futures::stream::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::{FieldTable, ShortString};
 use tokio::sync::Mutex;
-use warren_core::config::{BrokerUrl, Config};
+use warren_core::config::{BrokerConfig, BrokerUrl, Config};
 use warren_core::{Event, Names};
 
-use crate::connect::{confirmed, connection_name, ConfirmChannel};
+use crate::connect::{confirmed, ConfirmChannel};
 use crate::{ClientError, EventWatch, TaskRequest};
+
+/// The client's connections, made by [`Connector`].
+type Pool = deadpool::managed::Pool<Connector>;
+type PoolError = deadpool::managed::PoolError<ClientError>;
+
+/// Makes the pool's connections with [`connect`](crate::runtime::connect),
+/// so they honour the `[broker]` TLS settings, and drops closed ones.
+struct Connector(BrokerConfig);
+
+impl deadpool::managed::Manager for Connector {
+    type Type = lapin::Connection;
+    type Error = ClientError;
+
+    async fn create(&self) -> Result<lapin::Connection, ClientError> {
+        crate::connect::connect(&self.0, "client").await
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut lapin::Connection,
+        _: &deadpool::managed::Metrics,
+    ) -> deadpool::managed::RecycleResult<ClientError> {
+        if conn.status().connected() {
+            Ok(())
+        } else {
+            Err(deadpool::managed::RecycleError::message(format!(
+                "connection to {} closed",
+                self.0.url.redacted()
+            )))
+        }
+    }
+}
 
 /// The queue name RabbitMQ gives direct reply-to.
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -18,7 +50,7 @@ const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 ///
 /// Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct Client {
-    pool: deadpool_lapin::Pool,
+    pool: Pool,
     url: BrokerUrl,
     names: Names,
     channels: Vec<Mutex<Option<ConfirmChannel>>>,
@@ -38,26 +70,16 @@ impl Client {
     /// Connects to the broker of `config` and checks that it answers.
     pub async fn connect(config: &Config) -> Result<Self, ClientError> {
         let size = config.broker.pool_size.max(1);
-        let pool_config = deadpool_lapin::Config {
-            url: Some(config.broker.url.expose().to_owned()),
-            pool: Some(deadpool_lapin::PoolConfig {
-                max_size: size,
-                timeouts: deadpool_lapin::Timeouts {
-                    wait: Some(Duration::from_millis(config.broker.connect_timeout_ms)),
-                    create: Some(Duration::from_millis(config.broker.connect_timeout_ms)),
-                    recycle: Some(Duration::from_millis(config.broker.connect_timeout_ms)),
-                },
-                ..Default::default()
-            }),
-        };
-        let pool = pool_config
-            .create_pool(
-                || {
-                    lapin::ConnectionProperties::default()
-                        .with_connection_name(connection_name("client").into())
-                },
-                deadpool_lapin::Runtime::Tokio1,
-            )
+        let timeout = Some(Duration::from_millis(config.broker.connect_timeout_ms));
+        let pool = Pool::builder(Connector(config.broker.clone()))
+            .max_size(size)
+            .timeouts(deadpool::managed::Timeouts {
+                wait: timeout,
+                create: timeout,
+                recycle: timeout,
+            })
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
             .map_err(|e| ClientError::Pool(e.to_string()))?;
         let client = Client {
             pool,
@@ -82,16 +104,18 @@ impl Client {
         if let Some(ch) = guard.as_ref().filter(|c| c.is_usable()) {
             return Ok(ch.clone());
         }
-        let conn = self.pool.get().await.map_err(|e| match e {
-            deadpool_lapin::PoolError::Backend(source) => ClientError::Connect {
-                url: self.url.redacted(),
-                source,
-            },
-            other => ClientError::Pool(format!("{other} (broker {})", self.url.redacted())),
-        })?;
+        let conn = self.connection().await?;
         let ch = ConfirmChannel::open(&conn).await?;
         *guard = Some(ch.clone());
         Ok(ch)
+    }
+
+    /// A connection of the pool, opened if needed.
+    async fn connection(&self) -> Result<deadpool::managed::Object<Connector>, ClientError> {
+        self.pool.get().await.map_err(|e| match e {
+            PoolError::Backend(e) => e,
+            other => ClientError::Pool(format!("{other} (broker {})", self.url.redacted())),
+        })
     }
 
     /// Publishes one task to `P.tasks` and waits for the broker's confirm.
@@ -158,11 +182,7 @@ impl Client {
     /// final event (`succeeded`, `dead` or `cancelled`).
     pub async fn call(&self, req: &TaskRequest, timeout: Duration) -> Result<Event, ClientError> {
         let (id, body, props) = req.encode()?;
-        let conn = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| ClientError::Pool(e.to_string()))?;
+        let conn = self.connection().await?;
         let ch = ConfirmChannel::open(&conn).await?;
         drop(conn);
         let mut replies = ch
@@ -255,11 +275,7 @@ impl Client {
     /// Follows events on `P.events` matching any of `patterns`
     /// (e.g. `succeeded.#`, `*.diag.echo`). Start it before publishing.
     pub async fn watch(&self, patterns: &[&str]) -> Result<EventWatch, ClientError> {
-        let conn = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| ClientError::Pool(e.to_string()))?;
+        let conn = self.connection().await?;
         EventWatch::open(&conn, &self.names, patterns).await
     }
 }

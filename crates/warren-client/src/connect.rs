@@ -1,7 +1,7 @@
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, PublisherConfirm};
-use warren_core::config::BrokerUrl;
+use warren_core::config::BrokerConfig;
 
 use crate::ClientError;
 
@@ -24,19 +24,23 @@ pub fn connection_name(role: &str) -> String {
     format!("warren {role} {}", process_identity())
 }
 
-/// Opens one connection, named for the console.
+/// Opens one connection to the broker of `broker`, named for the console:
+/// over TLS, with the `[broker]` TLS settings, for an `amqps://` URL.
 ///
 /// The connection takes the broker's `frame_max` (128 KiB on RabbitMQ unless
 /// `broker.url` sets a `frame_max` query parameter): an AMQP header frame
 /// cannot be split, so a consumer that asked for smaller frames would have
 /// its connection closed by any message whose headers the broker accepted
 /// but that did not fit, again at every redelivery.
-pub async fn connect(url: &BrokerUrl, role: &str) -> Result<Connection, ClientError> {
+pub async fn connect(broker: &BrokerConfig, role: &str) -> Result<Connection, ClientError> {
     let props = ConnectionProperties::default().with_connection_name(connection_name(role).into());
-    Connection::connect(url.expose(), props)
+    if broker.uses_tls() {
+        return crate::tls::connect(broker, props).await;
+    }
+    Connection::connect(broker.url.expose(), props)
         .await
         .map_err(|source| ClientError::Connect {
-            url: url.redacted(),
+            url: broker.url.redacted(),
             source,
         })
 }

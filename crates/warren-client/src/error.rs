@@ -12,6 +12,18 @@ pub enum ClientError {
         #[source]
         source: lapin::Error,
     },
+    /// TLS to the broker failed for a reason one setting can fix: its
+    /// files, the CA that verifies the broker, the host name, the client
+    /// certificate. Retrying does not help.
+    #[error("{setting}{}: {problem}", .value.as_ref().map(|v| format!(" = \"{v}\"")).unwrap_or_default())]
+    Tls {
+        /// The setting to fix, such as `broker.tls_ca_file`.
+        setting: String,
+        /// Its value, when it is set and not a secret (a file's path).
+        value: Option<String>,
+        /// What is wrong, with the TLS library's reason, and the fix.
+        problem: String,
+    },
     /// A broker operation failed.
     #[error("{what}: {source}")]
     Amqp {
@@ -47,6 +59,12 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Whether trying again cannot help until a setting changes (a TLS
+    /// problem), so a caller should stop retrying and report it.
+    pub fn is_setting_problem(&self) -> bool {
+        matches!(self, ClientError::Tls { .. })
+    }
+
     /// Wraps a lapin error with what was being done: `.map_err(ClientError::amqp("set prefetch"))`.
     pub fn amqp(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> ClientError {
         let what = what.into();

@@ -1,7 +1,7 @@
 //! The producer side of Warren.
 //!
 //! A [`Client`] publishes tasks to `P.tasks` with publisher confirms over a
-//! pool of broker connections (deadpool-lapin), keeps many confirms in flight
+//! pool of broker connections (deadpool; over TLS for `amqps://`), keeps many confirms in flight
 //! for batches, calls a task and waits for its final event through
 //! `reply_to` (direct reply-to), and follows status events on `P.events`
 //! with an [`EventWatch`]. Everything it does is also possible from any AMQP
@@ -15,6 +15,7 @@ mod error;
 mod outbox;
 mod reconnect;
 mod request;
+mod tls;
 mod watch;
 
 pub use cancels::cancel_command;

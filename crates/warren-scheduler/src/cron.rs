@@ -304,12 +304,12 @@ impl CronService {
         shutdown: &CancellationToken,
         retry: &mut Reconnect,
     ) -> Result<(), SessionError> {
-        let url = &self.config.broker.url;
-        let timeout = Duration::from_millis(self.config.broker.connect_timeout_ms);
-        let conn = tokio::time::timeout(timeout, connect(url, "cron"))
+        let broker = &self.config.broker;
+        let timeout = Duration::from_millis(broker.connect_timeout_ms);
+        let conn = tokio::time::timeout(timeout, connect(broker, "cron"))
             .await
             .map_err(|_| SessionError::ConnectTimeout {
-                url: url.redacted(),
+                url: broker.url.redacted(),
                 timeout,
             })??;
         retry.up();

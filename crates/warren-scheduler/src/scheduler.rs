@@ -89,12 +89,12 @@ impl Scheduler {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let follower = {
             let cancels = cancels.clone();
-            let url = self.config.broker.url.clone();
+            let broker = self.config.broker.clone();
             let names = self.config.names();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 cancels
-                    .follow(url, names, max_backoff, shutdown, ready_tx)
+                    .follow(broker, names, max_backoff, shutdown, ready_tx)
                     .await
             })
         };
@@ -150,7 +150,7 @@ impl Scheduler {
         retry: &mut Reconnect,
     ) -> Result<(), ClientError> {
         let names = self.config.names();
-        let conn = connect(&self.config.broker.url, "scheduler").await?;
+        let conn = connect(&self.config.broker, "scheduler").await?;
         let amqp = |what: &str| {
             let what = what.to_owned();
             move |source| ClientError::Amqp { what, source }

@@ -48,7 +48,7 @@ async fn setup(name: &str, cron_toml: &str) -> Config {
 }
 
 async fn connect(config: &Config) -> Connection {
-    warren_client::runtime::connect(&config.broker.url, "test")
+    warren_client::runtime::connect(&config.broker, "test")
         .await
         .expect("broker reachable")
 }

@@ -237,7 +237,7 @@ async fn with_connection<R>(
 ) -> Result<R, String> {
     let mut slot = s.amqp.lock().await;
     if !slot.as_ref().is_some_and(|c| c.status().connected()) {
-        let conn = warren_client::runtime::connect(&s.config.broker.url, "tracker-api")
+        let conn = warren_client::runtime::connect(&s.config.broker, "tracker-api")
             .await
             .map_err(|e| e.to_string())?;
         *slot = Some(conn);

@@ -99,7 +99,7 @@ async fn session(
     retry: &mut Reconnect,
 ) -> Result<(), TrackerError> {
     let cfg = &shared.config.tracker;
-    let conn = warren_client::runtime::connect(&shared.config.broker.url, "tracker").await?;
+    let conn = warren_client::runtime::connect(&shared.config.broker, "tracker").await?;
     let ch = conn
         .create_channel()
         .await

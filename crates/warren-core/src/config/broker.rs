@@ -1,5 +1,7 @@
 //! `[broker]`: how to reach RabbitMQ.
 
+use std::path::Path;
+
 use serde::Deserialize;
 
 use super::http::redact_userinfo;
@@ -22,6 +24,14 @@ pub struct BrokerConfig {
     /// loading still reads, with a warning, when this key is not set: this
     /// field always holds the value in effect.
     pub reconnect_max_ms: u64,
+    /// PEM file of the CA certificates that verify the broker's certificate
+    /// over `amqps://`, and only they; empty: the system's trusted roots.
+    pub tls_ca_file: String,
+    /// PEM file of the client certificate (chain) Warren presents to a
+    /// broker that asks for one; set with `tls_client_key` or not at all.
+    pub tls_client_cert: String,
+    /// PEM file of the private key of `tls_client_cert`.
+    pub tls_client_key: String,
 }
 
 impl Default for BrokerConfig {
@@ -32,7 +42,20 @@ impl Default for BrokerConfig {
             pool_size: 4,
             connect_timeout_ms: 5000,
             reconnect_max_ms: 10_000,
+            tls_ca_file: String::new(),
+            tls_client_cert: String::new(),
+            tls_client_key: String::new(),
         }
+    }
+}
+
+impl BrokerConfig {
+    /// Whether `url` asks for TLS (`amqps://`).
+    pub fn uses_tls(&self) -> bool {
+        self.url
+            .expose()
+            .get(..8)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("amqps://"))
     }
 }
 
@@ -50,6 +73,7 @@ impl Config {
                 ),
             );
         }
+        self.check_broker_tls(b.uses_tls(), issues);
         let mgmt = b.management_url.to_ascii_lowercase();
         if !(mgmt.starts_with("http://") || mgmt.starts_with("https://")) {
             issues.add(
@@ -81,6 +105,56 @@ impl Config {
         }
     }
 
+    /// The TLS files: each set one must be a readable PEM file of its kind,
+    /// the client certificate and key come together, and none is set for a
+    /// plain `amqp://` URL, where it would be silently unused.
+    fn check_broker_tls(&self, amqps: bool, issues: &mut Issues) {
+        let b = &self.broker;
+        let files = [
+            ("broker.tls_ca_file", &b.tls_ca_file, PemKind::Certificates),
+            (
+                "broker.tls_client_cert",
+                &b.tls_client_cert,
+                PemKind::Certificates,
+            ),
+            (
+                "broker.tls_client_key",
+                &b.tls_client_key,
+                PemKind::PrivateKey,
+            ),
+        ];
+        for (key, path, kind) in files {
+            if path.is_empty() {
+                continue;
+            }
+            if !amqps {
+                issues.add(
+                    key,
+                    format!(
+                        "\"{path}\" is set but broker.url is not amqps://, so it would not \
+                         be used: use amqps:// in broker.url or remove this key"
+                    ),
+                );
+            } else if let Some(problem) = kind.problem(Path::new(path)) {
+                issues.add(key, format!("\"{path}\" {problem}"));
+            }
+        }
+        if b.tls_client_cert.is_empty() != b.tls_client_key.is_empty() {
+            let (set, unset) = if b.tls_client_cert.is_empty() {
+                ("broker.tls_client_key", "broker.tls_client_cert")
+            } else {
+                ("broker.tls_client_cert", "broker.tls_client_key")
+            };
+            issues.add(
+                unset,
+                format!(
+                    "is empty while {set} is set: a client certificate goes with its \
+                     private key; set both or neither"
+                ),
+            );
+        }
+    }
+
     /// Settles `broker.reconnect_max_ms` after loading: when a file or the
     /// environment set the deprecated `worker.reconnect_max_ms` but not the
     /// new key, its value is used, and either way setting it earns a warning.
@@ -106,6 +180,39 @@ impl Config {
             self.notes.warnings.push(warning);
         }
         self.worker.reconnect_max_ms = self.broker.reconnect_max_ms;
+    }
+}
+
+/// What a TLS file of `[broker]` must hold.
+#[derive(Clone, Copy)]
+enum PemKind {
+    /// One or more `CERTIFICATE` blocks.
+    Certificates,
+    /// One private key block (PKCS#8, PKCS#1 or SEC1).
+    PrivateKey,
+}
+
+impl PemKind {
+    /// Why the file at `path` cannot serve, or `None`. Only the PEM block
+    /// markers are checked here; the TLS library parses the blocks when it
+    /// connects.
+    fn problem(self, path: &Path) -> Option<String> {
+        let text = match std::fs::read(path) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) => return Some(format!("cannot be read: {e}: give the path of a PEM file")),
+        };
+        let (found, wanted) = match self {
+            PemKind::Certificates => (
+                text.contains("-----BEGIN CERTIFICATE-----"),
+                "a PEM file with a -----BEGIN CERTIFICATE----- block",
+            ),
+            PemKind::PrivateKey => (
+                text.lines()
+                    .any(|l| l.starts_with("-----BEGIN ") && l.ends_with("PRIVATE KEY-----")),
+                "a PEM file with a -----BEGIN PRIVATE KEY----- block (or RSA/EC PRIVATE KEY)",
+            ),
+        };
+        (!found).then(|| format!("holds no PEM block of its kind: give {wanted}"))
     }
 }
 
@@ -148,6 +255,89 @@ mod tests {
             "config key broker.reconnect_max_ms: 0 would reconnect in a tight loop: set it \
              above 0, for example 10000",
         );
+    }
+
+    /// A temp dir with a CA-like PEM file, a key-like one and a text file.
+    fn tls_files(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("warren-config-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("ca.pem"),
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("key.pem"),
+            "-----BEGIN EC PRIVATE KEY-----\nMHc\n-----END EC PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("notes.txt"), "not PEM\n").unwrap();
+        dir
+    }
+
+    #[test]
+    fn tls_files_are_checked_and_named() {
+        let dir = tls_files("tls");
+        let d = dir.display();
+        let tls = "[broker]\nurl = \"amqps://u:p@broker.example:5671/%2f\"\n";
+        let ok = format!(
+            "{tls}tls_ca_file = \"{d}/ca.pem\"\ntls_client_cert = \"{d}/ca.pem\"\n\
+             tls_client_key = \"{d}/key.pem\""
+        );
+        let c = Config::from_toml(&ok).unwrap();
+        assert_eq!(c.broker.tls_ca_file, format!("{d}/ca.pem"));
+
+        one_issue(
+            &format!("{tls}tls_ca_file = \"{d}/missing.pem\""),
+            &format!(
+                "config key broker.tls_ca_file: \"{d}/missing.pem\" cannot be read: No such \
+                 file or directory (os error 2): give the path of a PEM file"
+            ),
+        );
+        one_issue(
+            &format!("{tls}tls_ca_file = \"{d}/notes.txt\""),
+            &format!(
+                "config key broker.tls_ca_file: \"{d}/notes.txt\" holds no PEM block of its \
+                 kind: give a PEM file with a -----BEGIN CERTIFICATE----- block"
+            ),
+        );
+        one_issue(
+            &format!("{tls}tls_client_cert = \"{d}/ca.pem\"\ntls_client_key = \"{d}/ca.pem\""),
+            &format!(
+                "config key broker.tls_client_key: \"{d}/ca.pem\" holds no PEM block of its \
+                 kind: give a PEM file with a -----BEGIN PRIVATE KEY----- block (or RSA/EC \
+                 PRIVATE KEY)"
+            ),
+        );
+        one_issue(
+            &format!("{tls}tls_client_cert = \"{d}/ca.pem\""),
+            "config key broker.tls_client_key: is empty while broker.tls_client_cert is set: a \
+             client certificate goes with its private key; set both or neither",
+        );
+        one_issue(
+            &format!("{tls}tls_client_key = \"{d}/key.pem\""),
+            "config key broker.tls_client_cert: is empty while broker.tls_client_key is set: a \
+             client certificate goes with its private key; set both or neither",
+        );
+        one_issue(
+            &format!("[broker]\ntls_ca_file = \"{d}/ca.pem\""),
+            &format!(
+                "config key broker.tls_ca_file: \"{d}/ca.pem\" is set but broker.url is not \
+                 amqps://, so it would not be used: use amqps:// in broker.url or remove this key"
+            ),
+        );
+
+        // From the environment, as every key.
+        let c = Config::load_from(
+            None,
+            &env(&[
+                ("WARREN__BROKER__URL", "amqps://u:p@h:5671/%2f"),
+                ("WARREN__BROKER__TLS_CA_FILE", &format!("{d}/ca.pem")),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.broker.tls_ca_file, format!("{d}/ca.pem"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -129,14 +129,11 @@ impl Worker {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let follower = {
             let cancels = sh.cancels.clone();
-            let (url, names, stop) = (
-                sh.config.broker.url.clone(),
-                sh.names.clone(),
-                shutdown.clone(),
-            );
+            let (broker, names, stop) =
+                (sh.config.broker.clone(), sh.names.clone(), shutdown.clone());
             tokio::spawn(async move {
                 cancels
-                    .follow(url, names, max_backoff, stop, ready_tx)
+                    .follow(broker, names, max_backoff, stop, ready_tx)
                     .await
             })
         };

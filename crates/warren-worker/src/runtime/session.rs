@@ -40,7 +40,7 @@ impl Session {
     /// Connects, sets the prefetch, opens the confirm channel and consumes
     /// every configured queue.
     pub(super) async fn open(sh: &Shared) -> Result<(Session, Deliveries), ClientError> {
-        let conn = connect(&sh.config.broker.url, "worker").await?;
+        let conn = connect(&sh.config.broker, "worker").await?;
         let consume_ch = conn
             .create_channel()
             .await

@@ -95,15 +95,37 @@ pub async fn serve_ops(
     Ok(())
 }
 
+/// With an `amqps://` URL, opens and closes one connection first, so that a
+/// TLS problem only a setting can fix (the CA, the host name, the client
+/// certificate) stops a long-running command with its one line, rather than
+/// being logged by its reconnect loop forever. Any other error is left to
+/// that loop, which waits for a broker that is not up yet.
+pub async fn check_tls(config: &Config, role: &str) -> anyhow::Result<()> {
+    if !config.broker.uses_tls() {
+        return Ok(());
+    }
+    match warren_client::runtime::connect(&config.broker, role).await {
+        Ok(conn) => {
+            let _ = conn.close(200, "TLS checked".into()).await;
+            Ok(())
+        }
+        Err(e) if e.is_setting_problem() => Err(e.into()),
+        Err(_) => Ok(()),
+    }
+}
+
 /// Connects one named connection, retrying for up to `connect_timeout_ms`
-/// while the broker starts.
+/// while the broker starts; a TLS problem, which only a setting can fix, is
+/// reported at once.
 pub async fn connect(config: &Config, role: &str) -> anyhow::Result<lapin::Connection> {
     let deadline = std::time::Instant::now()
         + std::time::Duration::from_millis(config.broker.connect_timeout_ms);
     loop {
-        match warren_client::runtime::connect(&config.broker.url, role).await {
+        match warren_client::runtime::connect(&config.broker, role).await {
             Ok(c) => return Ok(c),
-            Err(e) if std::time::Instant::now() >= deadline => return Err(e.into()),
+            Err(e) if e.is_setting_problem() || std::time::Instant::now() >= deadline => {
+                return Err(e.into())
+            }
             Err(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
         }
     }

@@ -5,6 +5,7 @@ use warren_worker::{Registry, Worker};
 
 pub async fn run(config: Config) -> anyhow::Result<i32> {
     let shutdown = crate::shutdown::on_signal()?;
+    super::check_tls(&config, "worker").await?;
     let worker = Worker::new(config.clone(), Registry::with_builtins())?;
     super::serve_ops(
         "worker.listen",

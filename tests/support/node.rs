@@ -1,0 +1,254 @@
+//! Extra RabbitMQ nodes beside the shared default one, for tests that need
+//! a broker configured their own way (a TLS listener, a cluster).
+//!
+//! A [`TestNode`] has its own node name, ports, data directory and
+//! configuration file, so the default node (`rabbit@localhost`, port 5672)
+//! is never touched. It runs as the `rabbitmq` user like the default node
+//! (sharing its Erlang cookie, so `rabbitmqctl` reaches it and nodes can be
+//! clustered), and is stopped and its files removed when dropped, also
+//! when the test panics.
+//!
+//! ```ignore
+//! let tls_port = free_port();
+//! let node = TestNode::start("tls", NodeOptions {
+//!     config: format!("listeners.ssl.local = 127.0.0.1:{tls_port}\n..."),
+//!     ..NodeOptions::default()
+//! }).await;
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::{free_port, T_LONG};
+
+/// How to configure a [`TestNode`].
+#[derive(Debug, Clone, Default)]
+pub struct NodeOptions {
+    /// The text of the node's `rabbitmq.conf` (new-style `key = value`
+    /// lines). The plain AMQP listener on 127.0.0.1 and
+    /// [`TestNode::amqp_port`] is configured by the harness; add others here.
+    pub config: String,
+    /// Extra Erlang arguments for `RABBITMQ_SERVER_START_ARGS`, such as
+    /// `-rabbit consumer_timeout 10000`.
+    pub start_args: String,
+    /// Plugins to enable, such as `rabbitmq_management` (which then listens
+    /// on 127.0.0.1:[`TestNode::management_port`]).
+    pub plugins: Vec<String>,
+}
+
+/// A RabbitMQ node started by a test; stopped and removed on drop.
+#[derive(Debug)]
+pub struct TestNode {
+    node: String,
+    amqp_port: u16,
+    dist_port: u16,
+    management_port: Option<u16>,
+    dir: PathBuf,
+}
+
+impl TestNode {
+    /// Starts the node `wt-<name>-<random>@localhost` and waits (at most
+    /// [`T_LONG`]) until it has booted. Panics, with the end of the node's
+    /// log, when it does not.
+    pub async fn start(name: &str, options: NodeOptions) -> TestNode {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let short = format!("wt-{name}-{}", &suffix[..8]);
+        let dir = std::env::temp_dir().join(&short);
+        std::fs::create_dir_all(&dir).expect("create the node's directory");
+        let with_management = options.plugins.iter().any(|p| p == "rabbitmq_management");
+        let node = TestNode {
+            node: format!("{short}@localhost"),
+            amqp_port: free_port(),
+            dist_port: free_port(),
+            management_port: with_management.then(free_port),
+            dir,
+        };
+        // From here on, dropping `node` stops whatever started and cleans up.
+        node.write_files(&options);
+        node.boot(&options.start_args);
+        node.await_startup(T_LONG).await;
+        node
+    }
+
+    /// The full node name, `wt-…@localhost`, for `rabbitmqctl -n`.
+    pub fn name(&self) -> &str {
+        &self.node
+    }
+
+    /// The port of the plain AMQP listener (on 127.0.0.1).
+    pub fn amqp_port(&self) -> u16 {
+        self.amqp_port
+    }
+
+    /// The Erlang distribution port (for clustering).
+    pub fn dist_port(&self) -> u16 {
+        self.dist_port
+    }
+
+    /// The management API's port, when `rabbitmq_management` is enabled.
+    pub fn management_port(&self) -> Option<u16> {
+        self.management_port
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<amqp_port>/%2f`.
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
+    }
+
+    /// The node's own directory (data, logs, configuration).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Runs `rabbitmqctl -n <node> <args>` to the end (at most 60 s) and
+    /// returns its output, successful or not.
+    pub fn rabbitmqctl(&self, args: &[&str]) -> Output {
+        let mut all = vec!["-n", &self.node, "-t", "60"];
+        all.extend_from_slice(args);
+        privileged("rabbitmqctl", &all)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run rabbitmqctl")
+    }
+
+    /// The end of the node's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log = self.dir.join("log").join(format!("{}.log", self.node));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    fn write_files(&self, options: &NodeOptions) {
+        let config = format!(
+            "listeners.tcp.local = 127.0.0.1:{}\n{}\n",
+            self.amqp_port, options.config
+        );
+        std::fs::write(self.dir.join("rabbitmq.conf"), config).expect("write rabbitmq.conf");
+        let plugins = format!("[{}].\n", options.plugins.join(","));
+        std::fs::write(self.dir.join("enabled_plugins"), plugins).expect("write enabled_plugins");
+        // The node runs as the rabbitmq user, which must own its data.
+        let chown = privileged("chown", &["-R", "rabbitmq:rabbitmq", self.dir_str()])
+            .status()
+            .expect("run chown");
+        assert!(chown.success(), "chown of {} failed", self.dir.display());
+    }
+
+    fn boot(&self, start_args: &str) {
+        let d = self.dir_str();
+        let mut server_args = start_args.to_owned();
+        if let Some(port) = self.management_port {
+            server_args = format!(
+                "-rabbitmq_management listener [{{port,{port}}},{{ip,\"127.0.0.1\"}}] {server_args}"
+            );
+        }
+        let vars = [
+            ("RABBITMQ_NODENAME", self.node.clone()),
+            ("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1".to_owned()),
+            ("RABBITMQ_NODE_PORT", self.amqp_port.to_string()),
+            ("RABBITMQ_DIST_PORT", self.dist_port.to_string()),
+            ("RABBITMQ_MNESIA_BASE", format!("{d}/mnesia")),
+            ("RABBITMQ_LOG_BASE", format!("{d}/log")),
+            ("RABBITMQ_PID_FILE", format!("{d}/pid")),
+            (
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                format!("{d}/enabled_plugins"),
+            ),
+            ("RABBITMQ_CONFIG_FILE", format!("{d}/rabbitmq.conf")),
+            (
+                "RABBITMQ_ADVANCED_CONFIG_FILE",
+                format!("{d}/advanced.config"),
+            ),
+            ("RABBITMQ_SERVER_START_ARGS", server_args),
+        ];
+        // Through `env`, so that sudo (when not root) passes the variables
+        // on; and through bash, which closes every inherited descriptor
+        // above stderr first: a lock file held by a parent (scripts/test.sh)
+        // would otherwise stay held by the node for its whole life.
+        let mut args: Vec<String> = vec![
+            "-c".into(),
+            "for f in /proc/$$/fd/*; do n=${f##*/}; [ \"$n\" -gt 2 ] && eval \"exec $n>&-\"; \
+             done 2>/dev/null; exec \"$@\""
+                .into(),
+            "close-fds".into(),
+            "env".into(),
+        ];
+        args.extend(vars.iter().map(|(k, v)| format!("{k}={v}")));
+        args.extend(["rabbitmq-server".into(), "-detached".into()]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = privileged("bash", &refs)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run rabbitmq-server");
+        assert!(
+            out.status.success(),
+            "rabbitmq-server -detached for {} failed: {}",
+            self.node,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `await_startup` fails at once while the node is still booting: try
+    /// again until it answers or `timeout` has passed.
+    async fn await_startup(&self, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let out = self.rabbitmqctl(&["await_startup"]);
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {} did not start within {timeout:?}: {}\nnode log:\n{}",
+                self.node,
+                String::from_utf8_lossy(&out.stderr),
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    fn dir_str(&self) -> &str {
+        self.dir.to_str().expect("UTF-8 temp dir")
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        let stopped = self.rabbitmqctl(&["stop"]).status.success();
+        if !stopped {
+            // Not answering (or never booted): end its process, if any.
+            if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
+                let _ = privileged("kill", &["-9", pid.trim()]).status();
+            }
+        }
+        let _ = privileged("rm", &["-rf", self.dir_str()]).status();
+    }
+}
+
+/// `program args`, through `sudo -n` unless this process is root: the node
+/// runs as the rabbitmq user, and starting it or removing its files needs
+/// root (scripts/test.sh runs as root or with sudo).
+fn privileged(program: &str, args: &[&str]) -> Command {
+    let mut cmd = if is_root() {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.args(["-n", program]);
+        c
+    };
+    cmd.args(args);
+    cmd
+}
+
+fn is_root() -> bool {
+    static ROOT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ROOT.get_or_init(|| {
+        Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout.trim_ascii() == b"0")
+            .unwrap_or(false)
+    })
+}
