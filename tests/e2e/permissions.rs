@@ -310,7 +310,11 @@ async fn attempt(conn: &Connection, op: &Op) -> Result<(), lapin::Error> {
 
 /// Connects as `user`.
 async fn connect(user: &BrokerUser) -> Connection {
-    warren_client::runtime::connect(&BrokerUrl::new(user.url()), "test")
+    let broker = warren_core::config::BrokerConfig {
+        url: BrokerUrl::new(user.url()),
+        ..Default::default()
+    };
+    warren_client::runtime::connect(&broker, "test")
         .await
         .unwrap_or_else(|e| panic!("connect as {}: {e}", user.name))
 }
