@@ -11,6 +11,7 @@ pub mod baseline;
 mod env;
 pub mod procstat;
 pub mod report;
+mod scaling;
 mod scenarios;
 pub mod stats;
 mod tracker;
@@ -36,6 +37,9 @@ pub enum Scenario {
     Hold,
     /// Worker RSS idle and busy.
     Memory,
+    /// Aggregate drain of 1, 2 and 4 workers beside the broker's ceiling
+    /// (not part of `all`).
+    Scaling,
     /// Tracker ingestion rate and `warren status` latency, SQLite and
     /// PostgreSQL (not part of `all`: it needs PostgreSQL and fills a
     /// database with --tracker-tasks tasks).
@@ -91,6 +95,9 @@ pub async fn run(config: &Config, scenario: Scenario, opts: &Options) -> anyhow:
     }
     if all || scenario == Memory {
         rows.extend(scenarios::memory(config, opts).await?);
+    }
+    if scenario == Scaling {
+        rows.extend(scaling::scaling(config, opts).await?);
     }
     if scenario == Tracker {
         rows.extend(tracker::tracker(config, opts).await?);

@@ -45,7 +45,7 @@ fn at_ms(at: &str) -> f64 {
 }
 
 /// Waits for `n` events; returns (first, last) arrival instants.
-async fn count_events(
+pub(crate) async fn count_events(
     watch: &mut EventWatch,
     n: usize,
     idle_limit: Duration,
@@ -69,7 +69,7 @@ async fn count_events(
     Ok((first.unwrap_or(last), last))
 }
 
-fn worker_vars(opts: &Options) -> Vec<(&'static str, String)> {
+pub(crate) fn worker_vars(opts: &Options) -> Vec<(&'static str, String)> {
     let mut v = Vec::new();
     if let Some(c) = opts.concurrency {
         v.push(("WARREN__WORKER__CONCURRENCY", c.to_string()));

@@ -167,6 +167,9 @@ pub enum BenchScenario {
     Hold,
     /// Worker RSS idle and with 256 tasks in flight.
     Memory,
+    /// Aggregate drain of --n tasks with 1, 2 and 4 workers, beside the
+    /// broker's own ceiling (transient messages, no confirms, auto-ack).
+    Scaling,
     /// Tracker ingestion rate (a preloaded backlog of --tracker-events) and
     /// `warren status` latency over --tracker-tasks stored tasks, on SQLite
     /// and PostgreSQL.
@@ -174,7 +177,7 @@ pub enum BenchScenario {
     /// file.download and file.upload of --transfer-mb through a worker from
     /// and to a local HTTP server, beside curl; the worker's peak RSS.
     Transfer,
-    /// Every scenario but transfer and tracker.
+    /// Every scenario but scaling, transfer and tracker.
     All,
 }
 

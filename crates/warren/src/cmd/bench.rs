@@ -19,6 +19,7 @@ pub async fn run(
         BenchScenario::Delay => Scenario::Delay,
         BenchScenario::Hold => Scenario::Hold,
         BenchScenario::Memory => Scenario::Memory,
+        BenchScenario::Scaling => Scenario::Scaling,
         BenchScenario::Tracker => Scenario::Tracker,
         BenchScenario::Transfer => Scenario::Transfer,
         BenchScenario::All => Scenario::All,
