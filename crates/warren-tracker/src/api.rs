@@ -1,5 +1,6 @@
 //! The tracker's HTTP side: the dashboard (static files compiled in), the
-//! JSON API (`docs/openapi.yaml`), `/metrics`, `/healthz` and `/readyz`.
+//! JSON API (`docs/openapi.yaml`), `/metrics`, `/healthz` and `/readyz`;
+//! every route passes [`crate::gate::guard`] first.
 
 use std::collections::BTreeSet;
 use std::ops::ControlFlow;
@@ -52,6 +53,16 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/queues", get(queues))
         .route("/api/dead", get(dead_list))
         .route("/api/dead/replay", post(dead_replay))
+        .route("/api/session", get(crate::gate::session_info))
+        .route(
+            "/login",
+            get(crate::gate::login_page).post(crate::gate::login),
+        )
+        .route("/logout", post(crate::gate::logout))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            crate::gate::guard,
+        ))
         .with_state(shared)
 }
 
@@ -362,6 +373,9 @@ mod tests {
             "/api/queues",
             "/api/dead",
             "/api/dead/replay",
+            "/api/session",
+            "/login",
+            "/logout",
         ] {
             assert!(
                 spec.contains(&format!("\n  {path}:\n")),
