@@ -130,6 +130,9 @@ async fn dashboard_shows_queues_counts_failures_dead_letters_and_a_task() {
         "{dom}"
     );
 
+    // A few samples for the chart, then the screenshot.
+    b.wait_for("three samples of the chart", "samples.length >= 3")
+        .await;
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/dashboard");
     std::fs::create_dir_all(&dir).unwrap();
     let png = b.screenshot().await;
