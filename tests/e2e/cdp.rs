@@ -179,7 +179,11 @@ impl Browser {
     pub async fn wait_for(&mut self, what: &str, expression: &str) -> Value {
         let deadline = tokio::time::Instant::now() + T;
         loop {
-            let v = self.eval(&format!("(() => {{ try {{ return ({expression}); }} catch (e) {{ return null; }} }})()")).await;
+            let v = self
+                .eval(&format!(
+                    "(() => {{ try {{ return ({expression}); }} catch (e) {{ return null; }} }})()"
+                ))
+                .await;
             let truthy = match &v {
                 Value::Null => false,
                 Value::Bool(b) => *b,

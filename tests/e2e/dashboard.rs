@@ -156,8 +156,11 @@ async fn dashboard_login_replay_and_logout() {
     let mut watch = env.watch(&["#"]).await;
     let id = env
         .publish(
-            &TaskRequest::new("diag.fail", json!({"kind": "permanent", "message": "replay me"}))
-                .id("dash-replay"),
+            &TaskRequest::new(
+                "diag.fail",
+                json!({"kind": "permanent", "message": "replay me"}),
+            )
+            .id("dash-replay"),
         )
         .await;
     until_final(&mut watch, &[&id], T).await;
@@ -168,11 +171,16 @@ async fn dashboard_login_replay_and_logout() {
     // rita (read): the dead letter is listed, without a Replay button.
     let mut b = Browser::launch(&format!("{}-rita", env.prefix), 1200, 900).await;
     log_in(&mut b, &api, "rita", RITA_PW).await;
-    b.wait_for("the dead letter", &format!("document.querySelector('{row}')"))
-        .await;
+    b.wait_for(
+        "the dead letter",
+        &format!("document.querySelector('{row}')"),
+    )
+    .await;
     assert_eq!(
-        b.eval(&format!("document.querySelectorAll('{row} button.replay').length"))
-            .await,
+        b.eval(&format!(
+            "document.querySelectorAll('{row} button.replay').length"
+        ))
+        .await,
         0
     );
     // The session cookie is out of the page's reach (HttpOnly).

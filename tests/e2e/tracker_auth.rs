@@ -21,7 +21,10 @@ const ALICE_PW: &str = "alice-pw-0e7d51b2";
 
 /// `tracker.users` with alice (admin), and her password's variable.
 const USERS: &[(&str, &str)] = &[
-    ("WARREN__TRACKER__USERS", "alice:admin:env:WARREN_E2E_ALICE_PW"),
+    (
+        "WARREN__TRACKER__USERS",
+        "alice:admin:env:WARREN_E2E_ALICE_PW",
+    ),
     ("WARREN_E2E_ALICE_PW", ALICE_PW),
 ];
 
@@ -51,7 +54,10 @@ async fn login_form(api: &Api) -> (String, String) {
     assert_eq!(r.status(), 200);
     let cookies = set_cookies(r.headers());
     let (cookie, attrs) = cookies.get("warren_login_csrf").expect("login CSRF cookie");
-    assert!(attrs.contains("HttpOnly") && attrs.contains("SameSite=Strict"), "{attrs}");
+    assert!(
+        attrs.contains("HttpOnly") && attrs.contains("SameSite=Strict"),
+        "{attrs}"
+    );
     let page = r.text().await.unwrap();
     let field = page
         .split("name=\"csrf\" value=\"")
@@ -63,7 +69,12 @@ async fn login_form(api: &Api) -> (String, String) {
 }
 
 /// Posts the login form: status, headers, body.
-async fn post_login(api: &Api, csrf: &(String, String), user: &str, pw: &str) -> (u16, HeaderMap, String) {
+async fn post_login(
+    api: &Api,
+    csrf: &(String, String),
+    user: &str,
+    pw: &str,
+) -> (u16, HeaderMap, String) {
     let r = api
         .with_token(None)
         .request(Method::POST, "/login")
@@ -120,7 +131,10 @@ async fn tokens_authenticate_and_roles_authorise() {
     // Read: every GET; 403 for replaying.
     assert_eq!(reader.ok("/api/stats").await["tasks"], 0);
     let me = reader.ok("/api/session").await;
-    assert_eq!(me, json!({"user": "e2e-read", "role": "read", "auth": "token", "csrf": null}));
+    assert_eq!(
+        me,
+        json!({"user": "e2e-read", "role": "read", "auth": "token", "csrf": null})
+    );
     let (status, page) = reader.get_text("/").await;
     assert_eq!(status, 200);
     assert!(page.contains("<script src=\"app.js\">"));
@@ -131,13 +145,22 @@ async fn tokens_authenticate_and_roles_authorise() {
     assert!(body["error"].as_str().unwrap().contains("admin"), "{body}");
 
     // Admin: acts.
-    let (status, body) = api.post("/api/dead/replay", &json!({"ids": ["ghost"]})).await;
+    let (status, body) = api
+        .post("/api/dead/replay", &json!({"ids": ["ghost"]}))
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["not_found"], json!(["ghost"]));
     assert_eq!(api.ok("/api/session").await["role"], "admin");
 
     // Open to all: health, metrics, static files, the login page.
-    for path in ["/healthz", "/readyz", "/metrics", "/style.css", "/app.js", "/login"] {
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/style.css",
+        "/app.js",
+        "/login",
+    ] {
         let (status, _) = anonymous.get_text(path).await;
         assert_eq!(status, 200, "{path}");
     }
@@ -158,12 +181,16 @@ async fn sessions_need_their_csrf_token_to_act() {
     let (_, field) = login_form(&api).await;
     let r = browser
         .request(Method::POST, "/login")
-        .form(&[("user", "alice"), ("password", ALICE_PW), ("csrf", field.as_str())])
+        .form(&[
+            ("user", "alice"),
+            ("password", ALICE_PW),
+            ("csrf", field.as_str()),
+        ])
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
-    assert!(set_cookies(r.headers()).get("warren_session").is_none());
+    assert!(!set_cookies(r.headers()).contains_key("warren_session"));
 
     let form = login_form(&api).await;
     let (status, headers, _) = post_login(&api, &form, "alice", ALICE_PW).await;
@@ -232,7 +259,9 @@ async fn sessions_need_their_csrf_token_to_act() {
         .unwrap();
     assert_eq!(r.status(), 303);
     assert_eq!(r.headers()[LOCATION], "/login");
-    assert!(set_cookies(r.headers())["warren_session"].1.contains("Max-Age=0"));
+    assert!(set_cookies(r.headers())["warren_session"]
+        .1
+        .contains("Max-Age=0"));
     let r = browser
         .request(Method::GET, "/api/stats")
         .header(COOKIE, &cookie)
@@ -260,7 +289,10 @@ async fn failed_logins_are_limited_and_logged_without_the_secret() {
         assert!(page.contains("Wrong user name or password"), "{page}");
     }
     let (status, headers, page) = post_login(&api, &form, "alice", ALICE_PW).await;
-    assert_eq!(status, 429, "the sixth attempt, even with the right password");
+    assert_eq!(
+        status, 429,
+        "the sixth attempt, even with the right password"
+    );
     let wait: u64 = headers[RETRY_AFTER].to_str().unwrap().parse().unwrap();
     assert!((1..=60).contains(&wait), "{wait}");
     assert!(page.contains("Too many failed logins"), "{page}");
@@ -280,7 +312,12 @@ async fn failed_logins_are_limited_and_logged_without_the_secret() {
         .filter(|l| l.contains("tracker login failed"))
         .collect();
     assert_eq!(failed.len(), 5, "{log}");
-    assert!(failed.iter().all(|l| l.contains("alice") && l.contains("127.0.0.1")), "{log}");
+    assert!(
+        failed
+            .iter()
+            .all(|l| l.contains("alice") && l.contains("127.0.0.1")),
+        "{log}"
+    );
     assert!(log.contains("too many failed tracker logins"), "{log}");
     for secret in [GUESS, ALICE_PW] {
         assert!(!log.contains(secret), "{secret} in the log:\n{log}");
@@ -296,7 +333,10 @@ async fn open_mode_and_no_credentials() {
     let (mut env, api) = tracker_env(
         "auth-open",
         &db,
-        &[("WARREN__TRACKER__TOKENS", ""), ("WARREN__TRACKER__OPEN", "true")],
+        &[
+            ("WARREN__TRACKER__TOKENS", ""),
+            ("WARREN__TRACKER__OPEN", "true"),
+        ],
     )
     .await;
     let tracker = env.spawn(&["tracker"], &[]);
@@ -312,7 +352,11 @@ async fn open_mode_and_no_credentials() {
     assert_eq!(status, 200);
     assert!(page.contains("app.js"));
     env.wait_log(&tracker, "tracker.open = true", T).await;
-    assert!(env.log_of(&tracker).contains("WARN"), "{}", env.log_of(&tracker));
+    assert!(
+        env.log_of(&tracker).contains("WARN"),
+        "{}",
+        env.log_of(&tracker)
+    );
 
     let err = env
         .warren(&["tracker"])
@@ -327,9 +371,15 @@ async fn open_mode_and_no_credentials() {
     let err = env
         .warren(&["tracker"])
         .env("WARREN__TRACKER__OPEN", "false")
-        .env("WARREN__TRACKER__TOKENS", "ops:admin:env:WARREN_E2E_NOT_SET")
+        .env(
+            "WARREN__TRACKER__TOKENS",
+            "ops:admin:env:WARREN_E2E_NOT_SET",
+        )
         .fails();
-    assert!(err.contains("tracker.tokens[0]") && err.contains("WARREN_E2E_NOT_SET"), "{err}");
+    assert!(
+        err.contains("tracker.tokens[0]") && err.contains("WARREN_E2E_NOT_SET"),
+        "{err}"
+    );
 }
 
 /// schemathesis (tests/interop/requirements.txt) against docs/openapi.yaml
@@ -367,7 +417,10 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
         Command::new(st)
             .current_dir(&root)
             .args(["run", "docs/openapi.yaml", "--url", &base])
-            .args(["--header", &format!("Authorization: Bearer {TRACKER_ADMIN_TOKEN}")])
+            .args([
+                "--header",
+                &format!("Authorization: Bearer {TRACKER_ADMIN_TOKEN}"),
+            ])
             .args([
                 "--checks",
                 "not_a_server_error,status_code_conformance,content_type_conformance,\

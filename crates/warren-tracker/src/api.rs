@@ -380,7 +380,10 @@ struct ReplayRequest {
     reason: Option<String>,
 }
 
-async fn dead_replay(State(s): State<Arc<Shared>>, ApiJson(req): ApiJson<ReplayRequest>) -> Response {
+async fn dead_replay(
+    State(s): State<Arc<Shared>>,
+    ApiJson(req): ApiJson<ReplayRequest>,
+) -> Response {
     if req.ids.is_empty() && !req.all {
         return error(
             StatusCode::BAD_REQUEST,

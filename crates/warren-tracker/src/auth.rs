@@ -333,7 +333,10 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(a.token("admin-token-0123456789").unwrap().role, TrackerRole::Admin);
+        assert_eq!(
+            a.token("admin-token-0123456789").unwrap().role,
+            TrackerRole::Admin
+        );
         let ci = a.token("read-token-0123456789").unwrap();
         assert_eq!((ci.name.as_str(), ci.role), ("ci", TrackerRole::Read));
         assert!(a.token("admin-token-012345678").is_none());
@@ -346,9 +349,12 @@ mod tests {
 
     #[test]
     fn secrets_missing_or_short_are_one_line_naming_the_key() {
-        let e = auth("[tracker]\ntokens = [\"ops:admin:env:WT_AUTH_UNSET_VAR\"]", &[])
-            .err()
-            .unwrap();
+        let e = auth(
+            "[tracker]\ntokens = [\"ops:admin:env:WT_AUTH_UNSET_VAR\"]",
+            &[],
+        )
+        .err()
+        .unwrap();
         assert!(e.starts_with("config key tracker.tokens[0] (ops:admin): environment variable WT_AUTH_UNSET_VAR is not set"), "{e}");
         let e = auth(
             "[tracker]\nusers = [\"bob:read:env:WT_AUTH_SHORT\"]",
@@ -356,14 +362,23 @@ mod tests {
         )
         .err()
         .unwrap();
-        assert!(e.contains("tracker.users[0]") && e.contains("shorter than 8"), "{e}");
+        assert!(
+            e.contains("tracker.users[0]") && e.contains("shorter than 8"),
+            "{e}"
+        );
         assert!(!e.contains("pw-1"), "{e}");
-        let e = auth("[tracker]\ntokens = [\"x:read:file:/nonexistent/wt-token\"]", &[])
-            .err()
-            .unwrap();
+        let e = auth(
+            "[tracker]\ntokens = [\"x:read:file:/nonexistent/wt-token\"]",
+            &[],
+        )
+        .err()
+        .unwrap();
         assert!(e.contains("/nonexistent/wt-token"), "{e}");
         let e = auth("", &[]).err().unwrap();
-        assert!(e.contains("tracker.tokens") && e.contains("tracker.open"), "{e}");
+        assert!(
+            e.contains("tracker.tokens") && e.contains("tracker.open"),
+            "{e}"
+        );
         assert!(auth("[tracker]\nopen = true", &[]).unwrap().is_open());
     }
 
@@ -375,7 +390,9 @@ mod tests {
         assert_eq!(id.len(), 64);
         let who = a.session(&id).unwrap();
         assert_eq!(who.name, "alice");
-        let Via::Session { csrf } = &who.via else { panic!("{who:?}") };
+        let Via::Session { csrf } = &who.via else {
+            panic!("{who:?}")
+        };
         assert_eq!(csrf.len(), 64);
         assert_ne!(csrf, &id);
         assert!(a.session("nope").is_none());
@@ -389,7 +406,11 @@ mod tests {
 
     #[test]
     fn failures_are_limited_per_client() {
-        let a = auth("[tracker]\nopen = true\nmax_failed_logins_per_minute = 3", &[]).unwrap();
+        let a = auth(
+            "[tracker]\nopen = true\nmax_failed_logins_per_minute = 3",
+            &[],
+        )
+        .unwrap();
         let one: IpAddr = "10.0.0.1".parse().unwrap();
         let two: IpAddr = "10.0.0.2".parse().unwrap();
         assert!(a.blocked_for(one).is_none());
@@ -398,7 +419,10 @@ mod tests {
         assert!(a.blocked_for(one).is_none());
         assert!(a.record_failure(one));
         let wait = a.blocked_for(one).unwrap();
-        assert!(wait <= FAILURE_WINDOW && wait > Duration::from_secs(50), "{wait:?}");
+        assert!(
+            wait <= FAILURE_WINDOW && wait > Duration::from_secs(50),
+            "{wait:?}"
+        );
         assert!(a.blocked_for(two).is_none());
     }
 

@@ -74,7 +74,10 @@ pub(crate) async fn guard(
         let token = value
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
             .map(str::trim);
         match token.and_then(|t| auth.token(t)) {
             Some(identity) => identity,
@@ -361,8 +364,10 @@ fn unauthorized(invalid: bool) -> Response {
         )
     };
     let mut r = json_error(StatusCode::UNAUTHORIZED, message);
-    r.headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
     r
 }
 
@@ -371,8 +376,10 @@ fn retry_secs(wait: Duration) -> u64 {
 }
 
 fn set_retry_after(r: &mut Response, wait: Duration) {
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(retry_secs(wait).max(1)));
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(retry_secs(wait).max(1)),
+    );
 }
 
 fn too_many_json(wait: Duration) -> Response {
@@ -401,7 +408,10 @@ mod tests {
     #[test]
     fn cookies_are_found_among_others() {
         let mut h = HeaderMap::new();
-        h.append(header::COOKIE, HeaderValue::from_static("a=1; warren_session=abc"));
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; warren_session=abc"),
+        );
         h.append(header::COOKIE, HeaderValue::from_static("b=2"));
         assert_eq!(cookie(&h, SESSION_COOKIE).as_deref(), Some("abc"));
         assert_eq!(cookie(&h, "b").as_deref(), Some("2"));
@@ -413,7 +423,13 @@ mod tests {
         for p in ["/healthz", "/readyz", "/metrics", "/login", "/style.css"] {
             assert!(is_public(p), "{p}");
         }
-        for p in ["/", "/api/tasks", "/api/session", "/api/dead/replay", "/loginx"] {
+        for p in [
+            "/",
+            "/api/tasks",
+            "/api/session",
+            "/api/dead/replay",
+            "/loginx",
+        ] {
             assert!(!is_public(p), "{p}");
         }
     }
@@ -425,7 +441,10 @@ mod tests {
             .to_str()
             .unwrap()
             .contains("HttpOnly; SameSite=Strict"));
-        assert_eq!(html_escape("<a href=\"x\">&"), "&lt;a href=&quot;x&quot;&gt;&amp;");
+        assert_eq!(
+            html_escape("<a href=\"x\">&"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;"
+        );
         assert_eq!(retry_secs(Duration::from_millis(1500)), 2);
     }
 }

@@ -126,7 +126,9 @@ impl TrackerCredential {
 
 /// An environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
 fn is_env_name(var: &str) -> bool {
-    var.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    var.chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
@@ -222,7 +224,14 @@ mod tests {
         let c = TrackerCredential::parse("alice@example.org:read:file:/run/s:x").unwrap();
         assert_eq!(c.role, TrackerRole::Read);
         assert_eq!(c.source, SecretSource::File("/run/s:x".into()));
-        for bad in ["", "ops", "ops:root:env:X", "ops:read", "ops:read:env:", "a b:read:env:X"] {
+        for bad in [
+            "",
+            "ops",
+            "ops:root:env:X",
+            "ops:read",
+            "ops:read:env:",
+            "a b:read:env:X",
+        ] {
             assert!(TrackerCredential::parse(bad).is_err(), "{bad}");
         }
         let e = TrackerCredential::parse("ops:admin:hunter2-secret").unwrap_err();
