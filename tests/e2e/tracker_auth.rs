@@ -326,7 +326,7 @@ async fn failed_logins_are_limited_and_logged_without_the_secret() {
 
 /// `tracker.open = true`: no credential asked, a warning at start.
 /// Neither credentials nor open: `warren tracker` refuses to start in one
-/// line naming the keys.
+/// line naming the keys; `warren up` tracks without serving HTTP.
 #[tokio::test]
 async fn open_mode_and_no_credentials() {
     let db = TestDb::sqlite("auth-open");
@@ -367,6 +367,18 @@ async fn open_mode_and_no_credentials() {
     for key in ["tracker.tokens", "tracker.users", "tracker.open"] {
         assert!(lines[0].contains(key), "{key}: {err}");
     }
+    // Inside `warren up` the tracker keeps tracking, without HTTP, and says why.
+    let up = env.up(&[("WARREN__TRACKER__OPEN", "false")]);
+    env.wait_log(&up, "tracker runs without its HTTP API and dashboard", T)
+        .await;
+    assert!(
+        env.log_of(&up).contains("tracker.tokens"),
+        "{}",
+        env.log_of(&up)
+    );
+    env.wait_log(&up, "tracker database open", T).await;
+    env.signal(&up, "TERM");
+    assert_eq!(env.wait_exit(&up, T).await, Some(0));
     // A secret that cannot be read names its key, not a value.
     let err = env
         .warren(&["tracker"])
