@@ -153,11 +153,8 @@ impl Tracker {
             consuming: AtomicBool::new(false),
             http,
             amqp: tokio::sync::Mutex::new(None),
-            // Without credentials nothing is served: `open` stands in unused.
-            auth: match auth {
-                Some(auth) => auth,
-                None => crate::auth::Auth::closed(),
-            },
+            // Without credentials nothing is served; closed ones stand in.
+            auth: auth.unwrap_or_else(crate::auth::Auth::closed),
         });
         let serve = async {
             let Some(listener) = listener else {
