@@ -249,9 +249,10 @@ ensure_venv() {
     VENV_PYTHON="$venv/bin/python"
 }
 
-# The interop tests' venv (tests/interop). Exports WARREN_INTEROP_PYTHON.
+# The interop tests' venv (tests/interop): pika, and schemathesis for the
+# tracker API's conformance test. Exports WARREN_INTEROP_PYTHON.
 ensure_python_venv() {
-    ensure_venv "$WARREN_ROOT/tests/interop" pika
+    ensure_venv "$WARREN_ROOT/tests/interop" pika,schemathesis
     export WARREN_INTEROP_PYTHON="$VENV_PYTHON"
 }
 

@@ -71,6 +71,28 @@ if [ -z "$PREFIX" ] && [ -n "$CONFIG_FILE" ]; then
 fi
 PREFIX="${PREFIX:-warren}"
 
+# The tracker's dashboard and API need credentials (or tracker.open = true).
+# Unless the environment or the --config file sets tracker credentials, make
+# a demo login `admin` and an admin API token, kept in files of
+# target/warren-up/ (created once, mode 600) and named by environment variables.
+DEMO_LOGIN=""
+if [ -z "${WARREN__TRACKER__USERS:-}${WARREN__TRACKER__TOKENS:-}${WARREN__TRACKER__OPEN:-}" ] &&
+    { [ -z "$CONFIG_FILE" ] || ! grep -Eq '^[[:space:]]*(users|tokens|open)[[:space:]]*=' "$CONFIG_FILE"; }; then
+    SECRETS="$TARGET_DIR/warren-up"
+    mkdir -p "$SECRETS"
+    chmod 700 "$SECRETS"
+    SECRETS="$(cd "$SECRETS" && pwd)"
+    for f in tracker-admin.password tracker-admin.token; do
+        if [ ! -s "$SECRETS/$f" ]; then
+            (umask 077 && od -An -N16 -tx1 /dev/urandom | tr -d ' \n' >"$SECRETS/$f")
+        fi
+    done
+    export WARREN__TRACKER__USERS="admin:admin:file:$SECRETS/tracker-admin.password"
+    export WARREN__TRACKER__TOKENS="demo:admin:file:$SECRETS/tracker-admin.token"
+    DEMO_LOGIN="user admin, password $(cat "$SECRETS/tracker-admin.password")"
+    DEMO_TOKEN="API token in $SECRETS/tracker-admin.token"
+fi
+
 WARREN_PID=""
 STOPPING=0
 forward() {
@@ -145,7 +167,9 @@ if [ "$STOPPING" = 0 ]; then
 Warren is running (pid $WARREN_PID, log: $LOG).
 
   Dashboard    http://${WARREN__TRACKER__LISTEN:-127.0.0.1:8089}/  (tasks, queues, failures, dead letters)
-  Metrics      http://${WARREN__WORKER__LISTEN:-127.0.0.1:8090}/metrics (worker)  http://${WARREN__SCHEDULER__LISTEN:-127.0.0.1:8091}/metrics (scheduler)
+${DEMO_LOGIN:+               log in: $DEMO_LOGIN
+               $DEMO_TOKEN (curl -H "Authorization: Bearer \$(cat FILE)")
+}  Metrics      http://${WARREN__WORKER__LISTEN:-127.0.0.1:8090}/metrics (worker)  http://${WARREN__SCHEDULER__LISTEN:-127.0.0.1:8091}/metrics (scheduler)
   Console      $WARREN_MGMT_URL  ($creds)
     Queues     $P.q.io  $P.q.cpu  $P.q.diag   work queues
                $P.dead            tasks that failed for good

@@ -1,62 +1,65 @@
 //! The tracker's dashboard in headless Chromium (Debian's `chromium`;
-//! scripts/test.sh installs it): the page, after its scripts ran against a
-//! real run, shows the queues, the task counts, the failures with their
-//! errors, the dead letters with a replay button, and a task looked up by
-//! id. A screenshot is kept as target/dashboard/dashboard.png.
+//! scripts/test.sh installs it), driven over the DevTools protocol: a user
+//! logs in, the page, after its scripts ran against a real run, shows the
+//! queues, the task counts, the failures with their errors, the dead letters
+//! with a replay button, and a task looked up by id; Replay works through
+//! the session (with its CSRF token); logging out ends the session. A
+//! screenshot is kept as target/dashboard/dashboard.png.
 
+#[path = "cdp.rs"]
+mod cdp;
 #[path = "tracker_support.rs"]
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
+use cdp::Browser;
 use serde_json::json;
-use support::{tracker_env, TestDb};
+use support::{tracker_env, Api, TestDb};
 use warren_client::TaskRequest;
-use warren_e2e::{until_final, CommandExt, T};
+use warren_e2e::{until_final, T};
 
-/// The Chromium binary: `WARREN_CHROMIUM`, else `chromium` on the PATH.
-fn chromium() -> PathBuf {
-    if let Ok(p) = std::env::var("WARREN_CHROMIUM") {
-        return PathBuf::from(p);
-    }
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        for name in ["chromium", "chromium-browser"] {
-            let p = Path::new(dir).join(name);
-            if p.is_file() {
-                return p;
-            }
-        }
-    }
-    panic!("chromium not found: install Debian's chromium package (scripts/test.sh does), or set WARREN_CHROMIUM");
-}
+/// The dashboard users of these tests, as `tracker.users` and the
+/// environment variables their passwords are read from.
+const USERS: &[(&str, &str)] = &[
+    (
+        "WARREN__TRACKER__USERS",
+        "alice:admin:env:WARREN_E2E_ALICE_PW,rita:read:env:WARREN_E2E_RITA_PW",
+    ),
+    ("WARREN_E2E_ALICE_PW", ALICE_PW),
+    ("WARREN_E2E_RITA_PW", RITA_PW),
+];
+const ALICE_PW: &str = "alice-pw-4f2a9c";
+const RITA_PW: &str = "rita-pw-81d3e7";
 
-/// Runs headless Chromium on `url` with `args`, letting the page's scripts
-/// run for a few seconds of virtual time; returns stdout.
-fn headless(url: &str, profile: &Path, args: &[&str]) -> String {
-    let out = Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--no-first-run",
-            "--disable-dev-shm-usage",
-            "--hide-scrollbars",
-            "--virtual-time-budget=6000",
-            "--window-size=1400,1700",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(args)
-        .arg(url)
-        .succeeds();
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// Opens the dashboard, which sends a browser without a session to the
+/// login page, and logs in there.
+async fn log_in(b: &mut Browser, api: &Api, user: &str, password: &str) {
+    b.goto(&format!("{}/", api.base)).await;
+    b.wait_for(
+        "the login page",
+        "location.pathname === '/login' && document.getElementById('login-submit')",
+    )
+    .await;
+    b.eval(&format!(
+        "document.getElementById('login-user').value = {user:?}; \
+         document.getElementById('login-password').value = {password:?}; \
+         document.getElementById('login-submit').click(); true"
+    ))
+    .await;
+    b.wait_for(
+        "the dashboard after logging in",
+        &format!(
+            "location.pathname === '/' && document.getElementById('user').textContent.startsWith({user:?})"
+        ),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn dashboard_shows_queues_counts_failures_dead_letters_and_a_task() {
     let db = TestDb::sqlite("dashboard");
-    let (mut env, api) = tracker_env("dash", &db, &[]).await;
+    let (mut env, api) = tracker_env("dash", &db, USERS).await;
     env.up(&[]);
     api.wait_ready().await;
 
@@ -87,14 +90,18 @@ async fn dashboard_shows_queues_counts_failures_dead_letters_and_a_task() {
     })
     .await;
 
-    let profile = std::env::temp_dir().join(format!("warren-chromium-{}", env.prefix));
-    let url = format!("{}/?task=dash-ok-3", api.base);
-    let dom = tokio::task::spawn_blocking({
-        let (url, profile) = (url.clone(), profile.clone());
-        move || headless(&url, &profile, &["--dump-dom"])
-    })
-    .await
-    .unwrap();
+    let mut b = Browser::launch(&env.prefix, 1400, 1700).await;
+    log_in(&mut b, &api, "alice", ALICE_PW).await;
+    b.goto(&format!("{}/?task=dash-ok-3", api.base)).await;
+    b.wait_for(
+        "the task, the counts, the queues and a dead letter",
+        "document.getElementById('task-facts') && document.querySelector('tr[data-dead=\"dash-bad\"]') \
+         && document.querySelector('[data-state=\"succeeded\"] b')?.textContent === '8' \
+         && document.querySelectorAll('#queues tr[data-queue]').length > 1 \
+         && document.getElementById('status').classList.contains('ok')",
+    )
+    .await;
+    let dom = b.html().await;
 
     // Queues, with the work queue and its consumer.
     assert!(dom.contains(&format!("data-queue=\"{diag}\"")), "{dom}");
@@ -123,27 +130,102 @@ async fn dashboard_shows_queues_counts_failures_dead_letters_and_a_task() {
         "{dom}"
     );
 
+    // A few samples for the chart, then the screenshot.
+    b.wait_for("three samples of the chart", "samples.length >= 3")
+        .await;
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/dashboard");
     std::fs::create_dir_all(&dir).unwrap();
-    let shot = dir.join("dashboard.png");
-    let _ = std::fs::remove_file(&shot);
-    tokio::task::spawn_blocking({
-        let (url, profile, shot) = (url.clone(), profile.clone(), shot.clone());
-        move || {
-            headless(
-                &url,
-                &profile,
-                &[&format!("--screenshot={}", shot.display())],
-            )
-        }
-    })
-    .await
-    .unwrap();
-    let png = std::fs::read(&shot).expect("screenshot written");
+    let png = b.screenshot().await;
+    std::fs::write(dir.join("dashboard.png"), &png).unwrap();
     assert!(
         png.starts_with(b"\x89PNG") && png.len() > 10_000,
         "{} bytes",
         png.len()
     );
-    let _ = std::fs::remove_dir_all(&profile);
+}
+
+/// A read-only user sees no Replay button; an admin replays a dead task
+/// from the page (the request carries the session's CSRF token), then logs
+/// out, after which the page's API calls are refused.
+#[tokio::test]
+async fn dashboard_login_replay_and_logout() {
+    let db = TestDb::sqlite("dash-login");
+    let (mut env, api) = tracker_env("dash-login", &db, USERS).await;
+    env.up(&[]);
+    api.wait_ready().await;
+    let mut watch = env.watch(&["#"]).await;
+    let id = env
+        .publish(
+            &TaskRequest::new(
+                "diag.fail",
+                json!({"kind": "permanent", "message": "replay me"}),
+            )
+            .id("dash-replay"),
+        )
+        .await;
+    until_final(&mut watch, &[&id], T).await;
+    api.wait_for("/api/dead", "the task in P.dead", |v| v["depth"] == 1)
+        .await;
+    let row = "tr[data-dead=\"dash-replay\"]";
+
+    // rita (read): the dead letter is listed, without a Replay button.
+    let mut b = Browser::launch(&format!("{}-rita", env.prefix), 1200, 900).await;
+    log_in(&mut b, &api, "rita", RITA_PW).await;
+    b.wait_for(
+        "the dead letter",
+        &format!("document.querySelector('{row}')"),
+    )
+    .await;
+    assert_eq!(
+        b.eval(&format!(
+            "document.querySelectorAll('{row} button.replay').length"
+        ))
+        .await,
+        0
+    );
+    // The session cookie is out of the page's reach (HttpOnly).
+    assert_eq!(
+        b.eval("document.cookie.includes('warren_session')").await,
+        false
+    );
+    drop(b);
+
+    // alice (admin): Replay, then the task runs (and fails) again.
+    let mut b = Browser::launch(&format!("{}-alice", env.prefix), 1200, 900).await;
+    log_in(&mut b, &api, "alice", ALICE_PW).await;
+    b.wait_for(
+        "the Replay button",
+        &format!("document.querySelector('{row} button.replay')"),
+    )
+    .await;
+    b.eval(&format!(
+        "document.querySelector('{row} button.replay').click(); true"
+    ))
+    .await;
+    b.wait_for(
+        "the replay reported",
+        "document.getElementById('dead-message').textContent === 'replayed dash-replay'",
+    )
+    .await;
+    let again = api.wait_events("dash-replay", 6).await;
+    assert_eq!(again["task"]["state"], "dead");
+
+    // Log out: back on the login page; the old session no longer reads.
+    b.eval("document.getElementById('logout-submit').click(); true")
+        .await;
+    b.wait_for(
+        "the login page after logging out",
+        "location.pathname === '/login' && document.getElementById('login-submit')",
+    )
+    .await;
+    assert_eq!(
+        b.eval("fetch('/api/stats').then((r) => r.status)").await,
+        401
+    );
+    b.goto(&format!("{}/", api.base)).await;
+    b.wait_for(
+        "the dashboard sends a logged-out browser to the login page",
+        "location.pathname === '/login' && document.getElementById('login-submit')",
+    )
+    .await;
 }

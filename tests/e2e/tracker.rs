@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use support::{event, publish_event, tracker_env, TestDb};
 use warren_client::TaskRequest;
 use warren_core::TaskState;
-use warren_e2e::{metric, until_final, CommandExt, T};
+use warren_e2e::{metric, until_final, CommandExt, T, TRACKER_ADMIN_TOKEN};
 
 /// The fields that must not depend on the order events arrived in.
 fn comparable(task: &Value) -> Value {
@@ -584,7 +584,7 @@ async fn secrets_stay_out_of_logs_and_answers() {
         env.signal(&up, "TERM");
         env.wait_exit(&up, T).await;
         let logs = format!("{}{second_log}{stderr}{answers}", env.log_of(&up));
-        for secret in [AMQP_SECRET, PG_SECRET] {
+        for secret in [AMQP_SECRET, PG_SECRET, TRACKER_ADMIN_TOKEN] {
             assert!(!logs.contains(secret), "{secret} leaked:\n{logs}");
         }
         assert!(env.log_of(&up).contains("tracker database open"));

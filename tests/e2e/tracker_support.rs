@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 use warren_core::event::{format_time, EventErrorInfo};
 use warren_core::{Event, TaskState};
-use warren_e2e::{free_port, Env, T};
+use warren_e2e::{free_port, Env, T, TRACKER_ADMIN_TOKEN};
 
 /// PostgreSQL server URL (a database this role may create databases in).
 pub fn postgres_admin_url() -> String {
@@ -121,30 +121,52 @@ pub async fn tracker_env(name: &str, db: &TestDb, overrides: &[(&str, &str)]) ->
 }
 
 /// The tracker's HTTP API.
+#[derive(Clone)]
 pub struct Api {
     /// `http://127.0.0.1:<port>`.
     pub base: String,
-    /// The HTTP client (10 s timeout per request).
+    /// The HTTP client (10 s timeout per request, redirects not followed).
     pub http: reqwest::Client,
+    /// The bearer token sent with every request, if any.
+    pub token: Option<String>,
 }
 
 impl Api {
-    /// A client of the tracker API on `port` of 127.0.0.1.
+    /// A client of the tracker API on `port` of 127.0.0.1, with the tests'
+    /// admin token.
     pub fn new(port: u16) -> Api {
         Api {
             base: format!("http://127.0.0.1:{port}"),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .expect("http client"),
+            token: Some(TRACKER_ADMIN_TOKEN.to_owned()),
+        }
+    }
+
+    /// The same tracker with another bearer token, or none.
+    pub fn with_token(&self, token: Option<&str>) -> Api {
+        Api {
+            token: token.map(str::to_owned),
+            ..self.clone()
+        }
+    }
+
+    /// A request to `path` with the bearer token, if any.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
         }
     }
 
     /// GET a path: status and body text.
     pub async fn get_text(&self, path: &str) -> (u16, String) {
         let r = self
-            .http
-            .get(format!("{}{path}", self.base))
+            .request(reqwest::Method::GET, path)
             .send()
             .await
             .unwrap_or_else(|e| panic!("GET {path}: {e}"));
@@ -169,8 +191,7 @@ impl Api {
     /// POST JSON: status and JSON answer.
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let r = self
-            .http
-            .post(format!("{}{path}", self.base))
+            .request(reqwest::Method::POST, path)
             .json(body)
             .send()
             .await

@@ -97,6 +97,18 @@ pub struct Env {
     logs: PathBuf,
 }
 
+/// The `admin` bearer token of every test's tracker (`tracker.tokens`).
+pub const TRACKER_ADMIN_TOKEN: &str = "e2e-admin-token-6b1f0c9a2d7e";
+
+/// The `read` bearer token of every test's tracker.
+pub const TRACKER_READ_TOKEN: &str = "e2e-read-token-93c4e8f1a05b";
+
+/// The environment variable [`TRACKER_ADMIN_TOKEN`] is read from.
+const TRACKER_ADMIN_TOKEN_VAR: &str = "WARREN_E2E_TRACKER_ADMIN_TOKEN";
+
+/// The environment variable [`TRACKER_READ_TOKEN`] is read from.
+const TRACKER_READ_TOKEN_VAR: &str = "WARREN_E2E_TRACKER_READ_TOKEN";
+
 /// A `warren` process started by the test.
 pub struct Proc {
     /// Index into the env's children.
@@ -128,6 +140,23 @@ impl Env {
             (
                 "WARREN__TRACKER__LISTEN".to_owned(),
                 "127.0.0.1:0".to_owned(),
+            ),
+            // Every tracker accepts the tests' two bearer tokens
+            // ([`TRACKER_ADMIN_TOKEN`], [`TRACKER_READ_TOKEN`]).
+            (
+                "WARREN__TRACKER__TOKENS".to_owned(),
+                format!(
+                    "e2e-admin:admin:env:{TRACKER_ADMIN_TOKEN_VAR},\
+                     e2e-read:read:env:{TRACKER_READ_TOKEN_VAR}"
+                ),
+            ),
+            (
+                TRACKER_ADMIN_TOKEN_VAR.to_owned(),
+                TRACKER_ADMIN_TOKEN.to_owned(),
+            ),
+            (
+                TRACKER_READ_TOKEN_VAR.to_owned(),
+                TRACKER_READ_TOKEN.to_owned(),
             ),
             // Metrics and health of workers and schedulers on ephemeral
             // ports too ([`Env::ops_addr`] reads them from the log).

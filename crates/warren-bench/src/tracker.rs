@@ -227,6 +227,9 @@ fn task_events(i: usize) -> [Event; 2] {
     [started, done]
 }
 
+/// The environment variable the bench's tracker reads its token from.
+const BENCH_TOKEN_VAR: &str = "WARREN_BENCH_TRACKER_TOKEN";
+
 /// A free loopback port for the tracker's HTTP server.
 fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("find a free port")?;
@@ -362,9 +365,16 @@ async fn ingest_into(
     }
 
     let port = free_port()?;
+    // The tracker refuses to serve without credentials; the bench reads
+    // only /metrics, which needs none, so one random read token will do.
     let vars = vec![
         ("WARREN__TRACKER__DATABASE_URL", db.url.expose().to_owned()),
         ("WARREN__TRACKER__LISTEN", format!("127.0.0.1:{port}")),
+        (
+            "WARREN__TRACKER__TOKENS",
+            format!("bench:read:env:{BENCH_TOKEN_VAR}"),
+        ),
+        (BENCH_TOKEN_VAR, uuid::Uuid::new_v4().simple().to_string()),
     ];
     let b = bar(n as u64, "tracker: ingest");
     let start = Instant::now();

@@ -1,15 +1,17 @@
 //! The tracker's HTTP side: the dashboard (static files compiled in), the
-//! JSON API (`docs/openapi.yaml`), `/metrics`, `/healthz` and `/readyz`.
+//! JSON API (`docs/openapi.yaml`), `/metrics`, `/healthz` and `/readyz`;
+//! every route passes [`crate::gate::guard`] first.
 
 use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, State};
+use axum::http::{header, request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use warren_client::dead::{DeadFilter, DeadLetters};
@@ -52,6 +54,16 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/queues", get(queues))
         .route("/api/dead", get(dead_list))
         .route("/api/dead/replay", post(dead_replay))
+        .route("/api/session", get(crate::gate::session_info))
+        .route(
+            "/login",
+            get(crate::gate::login_page).post(crate::gate::login),
+        )
+        .route("/logout", post(crate::gate::logout))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            crate::gate::guard,
+        ))
         .with_state(shared)
 }
 
@@ -69,6 +81,64 @@ fn static_file(content_type: &'static str, body: &'static str) -> Response {
 /// A JSON error `{"error": "..."}` with a status.
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+/// `Query`, with a refused query string answered as a JSON error.
+struct ApiQuery<T>(T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(ApiQuery(v)),
+            Err(r) => Err(error(r.status(), r.body_text())),
+        }
+    }
+}
+
+/// `Path`, with a refused path answered as a JSON error.
+struct ApiPath<T>(T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(ApiPath(v)),
+            Err(r) => Err(error(r.status(), r.body_text())),
+        }
+    }
+}
+
+/// `Json`, with a refused body (not JSON, not of the expected shape: 400;
+/// wrong content type: 415) answered as a JSON error.
+struct ApiJson<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            // A JSON body of the wrong shape is as bad a request as no JSON.
+            Err(r) if r.status() == StatusCode::UNPROCESSABLE_ENTITY => {
+                Err(error(StatusCode::BAD_REQUEST, r.body_text()))
+            }
+            Err(r) => Err(error(r.status(), r.body_text())),
+        }
+    }
+}
+
+/// A 400 for text with a NUL character, which no task id, type or state
+/// holds and PostgreSQL cannot compare.
+fn refuse_nul(text: &str) -> Option<Response> {
+    text.contains('\0').then(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "a NUL character is in a parameter: no task id, type or state has one",
+        )
+    })
 }
 
 fn internal(e: impl std::fmt::Display) -> Response {
@@ -143,7 +213,7 @@ pub fn parse_since(text: &str, now_ms: i64) -> Result<i64, String> {
     }
 }
 
-async fn list_tasks(State(s): State<Arc<Shared>>, Query(q): Query<ListQuery>) -> Response {
+async fn list_tasks(State(s): State<Arc<Shared>>, ApiQuery(q): ApiQuery<ListQuery>) -> Response {
     let since_ms = match q.since.as_deref().filter(|t| !t.is_empty()) {
         Some(t) => match parse_since(t, chrono::Utc::now().timestamp_millis()) {
             Ok(ms) => Some(ms),
@@ -151,6 +221,13 @@ async fn list_tasks(State(s): State<Arc<Shared>>, Query(q): Query<ListQuery>) ->
         },
         None => None,
     };
+    if let Some(refused) = [&q.state, &q.task_type]
+        .into_iter()
+        .flatten()
+        .find_map(|v| refuse_nul(v))
+    {
+        return refused;
+    }
     let filter = TaskFilter {
         state: q.state.filter(|v| !v.is_empty()),
         task_type: q.task_type.filter(|v| !v.is_empty()),
@@ -166,7 +243,10 @@ async fn list_tasks(State(s): State<Arc<Shared>>, Query(q): Query<ListQuery>) ->
     }
 }
 
-async fn task(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
+async fn task(State(s): State<Arc<Shared>>, ApiPath(id): ApiPath<String>) -> Response {
+    if let Some(refused) = refuse_nul(&id) {
+        return refused;
+    }
     let row = match s.store.task(&id).await {
         Ok(Some(row)) => row,
         Ok(None) => {
@@ -209,7 +289,7 @@ struct LimitQuery {
     limit: Option<i64>,
 }
 
-async fn failures(State(s): State<Arc<Shared>>, Query(q): Query<LimitQuery>) -> Response {
+async fn failures(State(s): State<Arc<Shared>>, ApiQuery(q): ApiQuery<LimitQuery>) -> Response {
     match s
         .store
         .recent_failures(q.limit.unwrap_or(20).clamp(1, MAX_LIMIT))
@@ -255,7 +335,7 @@ struct DeadQuery {
     limit: Option<usize>,
 }
 
-async fn dead_list(State(s): State<Arc<Shared>>, Query(q): Query<DeadQuery>) -> Response {
+async fn dead_list(State(s): State<Arc<Shared>>, ApiQuery(q): ApiQuery<DeadQuery>) -> Response {
     let filter = DeadFilter {
         task_type: q.task_type.filter(|v| !v.is_empty()),
         reason: q.reason.filter(|v| !v.is_empty()),
@@ -300,7 +380,10 @@ struct ReplayRequest {
     reason: Option<String>,
 }
 
-async fn dead_replay(State(s): State<Arc<Shared>>, Json(req): Json<ReplayRequest>) -> Response {
+async fn dead_replay(
+    State(s): State<Arc<Shared>>,
+    ApiJson(req): ApiJson<ReplayRequest>,
+) -> Response {
     if req.ids.is_empty() && !req.all {
         return error(
             StatusCode::BAD_REQUEST,
@@ -362,6 +445,9 @@ mod tests {
             "/api/queues",
             "/api/dead",
             "/api/dead/replay",
+            "/api/session",
+            "/login",
+            "/logout",
         ] {
             assert!(
                 spec.contains(&format!("\n  {path}:\n")),

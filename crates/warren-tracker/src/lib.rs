@@ -7,10 +7,13 @@
 //! merged so that order and duplicates do not matter ([`record`]), written in
 //! batches and acknowledged only once committed, so a tracker killed at any
 //! moment loses nothing. It serves a JSON API, a dashboard, Prometheus
-//! metrics and health checks over HTTP ([`api`]); `warren status` and
+//! metrics and health checks over HTTP ([`api`]), to holders of a bearer token
+//! or a dashboard login with a `read` or `admin` role unless configured open; `warren status` and
 //! `warren tasks` read the same database through [`Store`].
 
 pub mod api;
+mod auth;
+mod gate;
 mod ingest;
 pub mod metrics;
 pub mod mgmt;

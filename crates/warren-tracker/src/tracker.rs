@@ -34,6 +34,9 @@ pub enum TrackerError {
         /// What the operating system said.
         source: std::io::Error,
     },
+    /// The HTTP side has no usable credentials (one line naming the key).
+    #[error("{0}")]
+    Auth(String),
     /// The HTTP server failed.
     #[error("tracker HTTP server: {0}")]
     Serve(std::io::Error),
@@ -70,6 +73,8 @@ pub(crate) struct Shared {
     pub http: reqwest::Client,
     /// For the dead-letter operations of the API, opened on first use.
     pub amqp: tokio::sync::Mutex<Option<lapin::Connection>>,
+    /// Credentials, sessions and failed-attempt counts of the HTTP side.
+    pub auth: crate::auth::Auth,
 }
 
 impl Shared {
@@ -94,23 +99,37 @@ impl Tracker {
         }
     }
 
-    /// When the HTTP address is taken, log it and track without serving
-    /// HTTP instead of failing (for `warren up`, where tracking matters more).
+    /// When the HTTP address is taken or no credentials are usable, log it
+    /// and track without serving HTTP instead of failing (for `warren up`,
+    /// where tracking matters more).
     pub fn http_optional(mut self, optional: bool) -> Self {
         self.http_optional = optional;
         self
     }
 
     /// Runs until `shutdown` is cancelled: the current batch is written and
-    /// acknowledged, then everything stops. Fails only at start (database,
-    /// HTTP address); broker outages are waited out with reconnects.
+    /// acknowledged, then everything stops. Fails only at start (credentials,
+    /// database, HTTP address); broker outages are waited out with reconnects.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), TrackerError> {
         let t = &self.config.tracker;
+        let auth = match crate::auth::Auth::from_config(&self.config) {
+            Ok(auth) => Some(auth),
+            Err(e) if self.http_optional => {
+                warn!(error = %e, "tracker runs without its HTTP API and dashboard");
+                None
+            }
+            Err(e) => return Err(TrackerError::Auth(e)),
+        };
         let store = Store::open(&t.database_url, OpenMode::Create).await?;
         info!(database = %store.url(), backend = ?store.backend(), "tracker database open");
-        let listener = match tokio::net::TcpListener::bind(&t.listen).await {
-            Ok(l) => Some(l),
-            Err(source) => {
+        let bound = match &auth {
+            Some(_) => Some(tokio::net::TcpListener::bind(&t.listen).await),
+            None => None,
+        };
+        let listener = match bound {
+            None => None,
+            Some(Ok(l)) => Some(l),
+            Some(Err(source)) => {
                 let e = TrackerError::Bind {
                     addr: t.listen.clone(),
                     source,
@@ -134,6 +153,8 @@ impl Tracker {
             consuming: AtomicBool::new(false),
             http,
             amqp: tokio::sync::Mutex::new(None),
+            // Without credentials nothing is served; closed ones stand in.
+            auth: auth.unwrap_or_else(crate::auth::Auth::closed),
         });
         let serve = async {
             let Some(listener) = listener else {
@@ -144,8 +165,16 @@ impl Tracker {
                     url = %format!("http://{addr}/"),
                     "tracker dashboard and API listening"
                 );
+                if shared.auth.is_open() {
+                    warn!(
+                        listen = %addr,
+                        "tracker.open = true: the API and dashboard answer anyone who reaches \
+                         this address, without authentication, and can replay dead tasks"
+                    );
+                }
             }
-            let app = crate::api::router(shared.clone());
+            let app = crate::api::router(shared.clone())
+                .into_make_service_with_connect_info::<std::net::SocketAddr>();
             let stop = shutdown.clone();
             axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })

@@ -11,6 +11,8 @@ const COLORS = {
 };
 const samples = [];
 let shownTask = null;
+// Who is logged in: {user, role, auth, csrf} from /api/session.
+let session = null;
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -26,13 +28,34 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
+// Fetches JSON with the session cookie; a state-changing request carries the
+// session's CSRF token. A 401 means the session ended: back to the login page.
 async function getJSON(path, options) {
-  const res = await fetch(path, options);
+  const opts = Object.assign({ credentials: "same-origin" }, options || {});
+  if (opts.method && opts.method !== "GET" && session && session.csrf) {
+    opts.headers = Object.assign({ "x-csrf-token": session.csrf }, opts.headers || {});
+  }
+  const res = await fetch(path, opts);
   let body = null;
   try { body = await res.json(); } catch (_) { /* not JSON */ }
+  if (res.status === 401) { location.assign("/login"); }
   if (!res.ok) throw new Error((body && body.error) || `${path}: HTTP ${res.status}`);
   return body;
 }
+
+async function loadSession() {
+  try {
+    session = await getJSON("/api/session");
+  } catch (e) {
+    return;
+  }
+  if (session.auth === "session") {
+    document.getElementById("user").textContent = `${session.user} (${session.role})`;
+    document.getElementById("logout-csrf").value = session.csrf;
+    document.getElementById("logout").hidden = false;
+  }
+}
+function isAdmin() { return !session || session.role === "admin"; }
 
 function rate(x) { return x ? x.toFixed(1) : "0"; }
 function when(t) { return t ? t.replace("T", " ").replace("Z", "") : ""; }
@@ -159,7 +182,7 @@ async function refreshDead() {
     fill(tbody, d.tasks.map((t) => el("tr", { "data-dead": t.id || "" },
       el("td", {}, t.id ? taskLink(t.id) : "-"), el("td", {}, t.type || "-"), el("td", {}, t.reason || "-"),
       el("td", { class: "num" }, t.attempt ?? "-"), el("td", { class: "error" }, t.detail || ""),
-      el("td", {}, t.id ? el("button", { type: "button", class: "replay", onclick: (ev) => replay(t.id, ev.target) }, "Replay") : ""))),
+      el("td", {}, t.id && isAdmin() ? el("button", { type: "button", class: "replay", onclick: (ev) => replay(t.id, ev.target) }, "Replay") : ""))),
       6, "no dead tasks");
   } catch (e) {
     fill(tbody, [], 6, `dead letters unavailable: ${e.message}`);
@@ -218,7 +241,9 @@ document.getElementById("task-close").addEventListener("click", () => {
   window.history.replaceState(null, "", location.pathname);
 });
 
-const wanted = new URLSearchParams(location.search).get("task");
-if (wanted) showTask(wanted);
-poll();
-setInterval(poll, POLL_MS);
+loadSession().then(() => {
+  const wanted = new URLSearchParams(location.search).get("task");
+  if (wanted) showTask(wanted);
+  poll();
+  setInterval(poll, POLL_MS);
+});

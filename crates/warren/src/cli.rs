@@ -82,6 +82,8 @@ pub enum Command {
     /// Run the task tracker: follow every status event into its database
     /// (tracker.database_url) and serve the dashboard, JSON API, /metrics and
     /// health checks on tracker.listen (http://127.0.0.1:8089/ by default).
+    /// The API and dashboard need the credentials of tracker.tokens and
+    /// tracker.users, or tracker.open = true; with neither it does not start.
     Tracker,
     /// What happened to one task: its state and every event, oldest first
     /// (read from the tracker's database).

@@ -11,7 +11,13 @@ pub(super) const DEFAULT_TOML: &str = include_str!("../../../../config/default.t
 const ENV_PREFIX: &str = "WARREN__";
 
 /// Configuration keys whose environment value is a comma-separated list.
-const ENV_LIST_KEYS: &[&str] = &["worker.queues", "http.allow", "http.deny"];
+const ENV_LIST_KEYS: &[&str] = &[
+    "worker.queues",
+    "http.allow",
+    "http.deny",
+    "tracker.tokens",
+    "tracker.users",
+];
 
 /// Origin the config crate reports for values set from the environment.
 const ENV_ORIGIN: &str = "the environment";

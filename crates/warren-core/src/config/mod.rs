@@ -9,7 +9,7 @@
 //!
 //! One file per section, each with its struct, defaults, checks and tests:
 //! `broker`, `queues` (and routes), `worker`, `limits`, `retry`, `scheduler`
-//! (and cron), `http` (with the URL and host-rule types) and `tracker`;
+//! (and cron), `http` (with the URL and host-rule types), `tracker` and `tracker_auth`;
 //! `layering` loads and merges the layers, `issues` collects and formats the
 //! problems. Everything public is re-exported here.
 
@@ -22,6 +22,7 @@ mod queues;
 mod retry;
 mod scheduler;
 mod tracker;
+mod tracker_auth;
 mod worker;
 
 use serde::Deserialize;
@@ -36,6 +37,7 @@ pub use queues::{QueueConfig, QueueKind, RouteConfig};
 pub use retry::{RetryConfig, RetryPolicy};
 pub use scheduler::{parse_cron, CronConfig, MissedFires, SchedulerConfig, CRON_SAMPLES};
 pub use tracker::TrackerConfig;
+pub use tracker_auth::{SecretSource, TrackerCredential, TrackerRole};
 pub use worker::WorkerConfig;
 
 use issues::Issues;
@@ -116,6 +118,7 @@ impl Config {
         self.check_http(&mut issues);
         self.check_type_concurrency(&mut issues);
         self.check_tracker(&mut issues);
+        self.check_tracker_auth(&mut issues);
         issues.finish()
     }
 

@@ -1,4 +1,5 @@
-//! `[tracker]`: the task tracker's database, retention and HTTP address.
+//! `[tracker]`: the task tracker's database, retention, HTTP address and
+//! who may use it (the credentials themselves: `tracker_auth`).
 
 use std::path::{Path, PathBuf};
 
@@ -28,6 +29,19 @@ pub struct TrackerConfig {
     pub batch_max_ms: u64,
     /// Largest result stored per task; a larger one is kept as a truncated preview.
     pub max_result_bytes: usize,
+    /// Serve the API and dashboard without authentication (a warning is
+    /// logged at start); refused together with credentials.
+    pub open: bool,
+    /// API bearer tokens, `NAME:ROLE:env:VAR` or `NAME:ROLE:file:PATH`
+    /// (ROLE `read` or `admin`); see [`super::TrackerCredential`].
+    pub tokens: Vec<String>,
+    /// Dashboard logins, same form; the secret is the user's password.
+    pub users: Vec<String>,
+    /// How long a dashboard session lasts after its login, in milliseconds.
+    pub session_ttl_ms: u64,
+    /// Failed logins and bad tokens one client address may send per minute;
+    /// past that it is answered 429 until the minute has passed.
+    pub max_failed_logins_per_minute: u32,
 }
 
 impl Default for TrackerConfig {
@@ -39,6 +53,11 @@ impl Default for TrackerConfig {
             batch_max_events: 2000,
             batch_max_ms: 50,
             max_result_bytes: 16 * 1024,
+            open: false,
+            tokens: Vec::new(),
+            users: Vec::new(),
+            session_ttl_ms: 8 * 3600 * 1000,
+            max_failed_logins_per_minute: 5,
         }
     }
 }
