@@ -361,3 +361,47 @@ async fn tasks_waiting_behind_a_long_one_go_to_a_worker_with_a_free_slot() {
     let handed = warren_e2e::metric(&text, "warren_worker_handed_back_total").unwrap_or(0.0);
     assert!(handed >= 1.0, "the first worker handed tasks back: {text}");
 }
+
+#[tokio::test]
+async fn a_worker_holding_max_held_bytes_of_bodies_stops_taking_more_and_loses_nothing() {
+    // 20 tasks of 300 KiB each (diag.sleep's arguments padded with JSON
+    // whitespace), 6 MiB in all, to a worker that may hold 1 MiB of them.
+    let mut env = Env::new(
+        "heldbytes",
+        &[
+            ("WARREN__WORKER__CONCURRENCY", "2"),
+            ("WARREN__WORKER__PREFETCH", "50"),
+            ("WARREN__WORKER__MAX_HELD_BYTES", "1048576"),
+        ],
+    )
+    .await;
+    let mut body = br#"{"ms": 20}"#.to_vec();
+    body.resize(body.len() + 300 * 1024, b' ');
+    let ids: Vec<String> = (0..20).map(|i| format!("big-{i}")).collect();
+    for id in &ids {
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(id.as_str().into());
+        env.publish_raw(&env.names().tasks(), "diag.sleep", &body, props)
+            .await;
+    }
+    let mut watch = env.watch(&["#"]).await;
+    let worker = env.spawn(&["worker", "--queues", "diag"], &[]);
+    let got = until_final(&mut watch, &ids, T).await;
+    for id in &ids {
+        assert_eq!(
+            final_event(&got[id]).state,
+            TaskState::Succeeded,
+            "{id}: {:?}",
+            states(&got[id])
+        );
+    }
+    let addr = env.ops_addr(&worker, "worker", T).await;
+    let (_, text) = warren_e2e::http_get(&addr, "/metrics").await;
+    let pauses = warren_e2e::metric(&text, r#"warren_worker_pauses_total{reason="bytes"}"#);
+    assert!(
+        pauses.unwrap_or(0.0) >= 1.0,
+        "it stopped at the bound: {text}"
+    );
+}

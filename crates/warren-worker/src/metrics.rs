@@ -43,6 +43,8 @@ pub(crate) struct WorkerMetrics {
     returned: AtomicU64,
     handed_back: AtomicU64,
     paused: AtomicI64,
+    pauses_slots: AtomicU64,
+    pauses_bytes: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -70,6 +72,8 @@ impl WorkerMetrics {
             returned: AtomicU64::new(0),
             handed_back: AtomicU64::new(0),
             paused: AtomicI64::new(0),
+            pauses_slots: AtomicU64::new(0),
+            pauses_bytes: AtomicU64::new(0),
         }
     }
 
@@ -121,10 +125,21 @@ impl WorkerMetrics {
         self.handed_back.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Whether the worker has stopped taking deliveries because every slot
-    /// is held by a long task.
+    /// Whether the worker has stopped taking deliveries (every slot held by
+    /// a long task, or `worker.max_held_bytes` reached).
     pub(crate) fn paused(&self, paused: bool) {
         self.paused.store(i64::from(paused), Ordering::Relaxed);
+    }
+
+    /// The worker stopped taking deliveries: every slot was busy (`slots`)
+    /// or the bodies it held reached `worker.max_held_bytes` (not `slots`).
+    pub(crate) fn pause(&self, slots: bool) {
+        let c = if slots {
+            &self.pauses_slots
+        } else {
+            &self.pauses_bytes
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A task was returned to its queue unacknowledged at shutdown.
@@ -232,8 +247,23 @@ impl Probe for WorkerMetrics {
         e.single(
             "warren_worker_paused",
             "gauge",
-            "1 while every slot is held by a long task and the worker takes no deliveries.",
+            "1 while the worker takes no deliveries (slots held by long tasks, or worker.max_held_bytes reached).",
             self.paused.load(Ordering::Relaxed) as f64,
+        );
+        e.family(
+            "warren_worker_pauses_total",
+            "counter",
+            "Times the worker stopped taking deliveries, by reason: slots (long tasks) or bytes (worker.max_held_bytes).",
+        );
+        e.sample(
+            "warren_worker_pauses_total",
+            &[("reason", "slots")],
+            load(&self.pauses_slots),
+        );
+        e.sample(
+            "warren_worker_pauses_total",
+            &[("reason", "bytes")],
+            load(&self.pauses_bytes),
         );
         self.link.write(
             &mut e,

@@ -25,6 +25,11 @@ pub struct WorkerConfig {
     /// slot, and this worker takes no more until a slot frees; 0 never hands
     /// back.
     pub handback_ms: u64,
+    /// When the bodies of the deliveries a worker holds (waiting, running or
+    /// being recorded) reach this many bytes, it stops consuming until they
+    /// are below half of it: with `prefetch`, the bound of its memory for
+    /// message bodies, however large the messages published.
+    pub max_held_bytes: usize,
     /// On shutdown, how long running tasks may finish before being aborted.
     pub grace_period_ms: u64,
     /// Default task timeout, overridden by `x-warren-timeout-ms`.
@@ -51,6 +56,7 @@ impl Default for WorkerConfig {
             concurrency: 8,
             prefetch: 16,
             handback_ms: 1000,
+            max_held_bytes: 256 * 1024 * 1024,
             grace_period_ms: 30_000,
             task_timeout_ms: 300_000,
             data_dir: PathBuf::from("data"),
@@ -104,6 +110,11 @@ impl Config {
                 ),
             );
         }
+        issues.above_zero(
+            "worker.max_held_bytes",
+            w.max_held_bytes,
+            "0 would hold no message: set it above 0, for example 268435456 (256 MiB)",
+        );
         issues.above_zero(
             "worker.task_timeout_ms",
             w.task_timeout_ms,

@@ -14,12 +14,13 @@ mod session;
 mod slots;
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::StreamExt;
 use lapin::message::Delivery;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -77,6 +78,46 @@ struct InFlight {
     tracker: TaskTracker,
     abort: CancellationToken,
     permits: Arc<Semaphore>,
+    /// Bytes of the bodies of the deliveries held, waiting or in flight.
+    held: Arc<AtomicUsize>,
+    /// Told each time a delivery is settled and its bytes released.
+    freed: Arc<Notify>,
+}
+
+impl InFlight {
+    /// Releases `delivery`'s bytes from `held` when dropped.
+    fn release(&self, delivery: &Delivery) -> Release {
+        Release {
+            bytes: delivery.data.len(),
+            held: self.held.clone(),
+            freed: self.freed.clone(),
+        }
+    }
+}
+
+/// A delivery's share of [`InFlight::held`], given back on drop.
+struct Release {
+    bytes: usize,
+    held: Arc<AtomicUsize>,
+    freed: Arc<Notify>,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.held.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.freed.notify_one();
+    }
+}
+
+/// Why the worker is not consuming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pause {
+    /// It is consuming.
+    No,
+    /// Every slot is held by a long task.
+    Slots,
+    /// Its deliveries' bodies reached `worker.max_held_bytes`.
+    Bytes,
 }
 
 impl Worker {
@@ -145,6 +186,8 @@ impl Worker {
             tracker: TaskTracker::new(),
             abort: CancellationToken::new(),
             permits: Arc::new(Semaphore::new(sh.config.worker.concurrency)),
+            held: Arc::new(AtomicUsize::new(0)),
+            freed: Arc::new(Notify::new()),
         };
         // Kept alive until the drain is over: dropping the consumers or the
         // channel would return running tasks to the queue before they ack.
@@ -210,11 +253,16 @@ impl Worker {
 
     /// Takes deliveries until the connection dies (returns why) or shutdown.
     ///
-    /// A delivery waits here for a slot. When the oldest waiting one has
-    /// waited `worker.handback_ms` with every slot busy (long tasks), the
-    /// worker stops consuming and hands every waiting delivery back to its
-    /// queue, so a worker with a free slot takes them; it consumes again once
-    /// a slot is free and nothing waits.
+    /// A delivery waits here for a slot. The worker stops consuming in two
+    /// cases, and consumes again once the case is over:
+    ///
+    /// - the oldest waiting delivery has waited `worker.handback_ms` with
+    ///   every slot busy (long tasks): every waiting delivery is handed back
+    ///   to its queue, so a worker with a free slot takes them; over once a
+    ///   slot is free and nothing waits;
+    /// - the bodies of the deliveries it holds (waiting, running or being
+    ///   recorded) reach `worker.max_held_bytes`: over once they are below
+    ///   half of it.
     async fn consume(
         &self,
         session: &Arc<Session>,
@@ -224,9 +272,11 @@ impl Worker {
     ) -> String {
         let sh = &self.shared;
         let handback = Duration::from_millis(sh.config.worker.handback_ms);
+        let budget = sh.config.worker.max_held_bytes;
+        let held = || in_flight.held.load(Ordering::Relaxed);
         let mut waiting: VecDeque<(Instant, Arc<str>, Delivery)> = VecDeque::new();
-        let mut paused = false;
-        loop {
+        let mut paused = Pause::No;
+        let why = loop {
             while !waiting.is_empty() {
                 let Ok(permit) = in_flight.permits.clone().try_acquire_owned() else {
                     break;
@@ -234,13 +284,21 @@ impl Worker {
                 let (_, queue, delivery) = waiting.pop_front().expect("not empty");
                 self.start(session, in_flight, queue, delivery, permit);
             }
-            if paused && waiting.is_empty() && in_flight.permits.available_permits() > 0 {
-                if let Err(e) = session.resume(sh, stream).await {
-                    return e.to_string();
+            let over = match paused {
+                Pause::No => false,
+                Pause::Slots => {
+                    !(waiting.is_empty() && in_flight.permits.available_permits() > 0)
+                        || held() >= budget
                 }
-                paused = false;
+                Pause::Bytes => held() >= budget / 2,
+            };
+            if paused != Pause::No && !over {
+                if let Err(e) = session.resume(sh, stream).await {
+                    break e.to_string();
+                }
+                paused = Pause::No;
                 sh.metrics.paused(false);
-                debug!("a slot is free: consuming again");
+                debug!("consuming again");
             }
             let hand_back_at = match waiting.front() {
                 Some((since, ..)) if !handback.is_zero() => Some(*since + handback),
@@ -250,45 +308,62 @@ impl Worker {
                 _ = shutdown.cancelled() => {
                     // Not started: they return to the queue when the
                     // channel closes.
-                    return "shutdown".into();
+                    break "shutdown".into();
                 }
-                p = in_flight.permits.clone().acquire_owned(), if !waiting.is_empty() || paused => {
+                p = in_flight.permits.clone().acquire_owned(), if !waiting.is_empty() || paused == Pause::Slots => {
                     let permit = p.expect("the semaphore is never closed");
                     if let Some((_, queue, delivery)) = waiting.pop_front() {
                         self.start(session, in_flight, queue, delivery, permit);
                     }
                 }
+                _ = in_flight.freed.notified(), if paused == Pause::Bytes => {}
                 next = stream.next(), if !stream.is_empty() => match next {
-                    None if paused => {}
-                    None => return "consumers ended".into(),
-                    Some((_, Err(e))) => return e.to_string(),
+                    None if paused != Pause::No => {}
+                    None => break "consumers ended".into(),
+                    Some((_, Err(e))) => break e.to_string(),
                     Some((queue, Ok(d))) => {
-                        if paused && !handback.is_zero() {
+                        in_flight.held.fetch_add(d.data.len(), Ordering::Relaxed);
+                        if paused == Pause::Slots {
                             // Sent before the consumers stopped.
                             self.hand_back(session, in_flight, queue, d);
                         } else {
                             waiting.push_back((Instant::now(), queue, d));
                         }
+                        if paused == Pause::No && held() >= budget {
+                            session.stop_consuming().await;
+                            paused = Pause::Bytes;
+                            sh.metrics.paused(true);
+                            sh.metrics.pause(false);
+                            debug!(held = held(), "worker.max_held_bytes reached: not consuming");
+                        }
                     }
                 },
                 _ = sleep_until_some(hand_back_at) => {
-                    if !paused {
+                    if paused == Pause::No {
                         session.stop_consuming().await;
-                        paused = true;
                         sh.metrics.paused(true);
-                        debug!(waiting = waiting.len(), "every slot busy: handing back what waits");
                     }
+                    if paused != Pause::Slots {
+                        sh.metrics.pause(true);
+                    }
+                    paused = Pause::Slots;
+                    debug!(waiting = waiting.len(), "every slot busy: handing back what waits");
                     for (_, queue, d) in waiting.drain(..) {
                         self.hand_back(session, in_flight, queue, d);
                     }
                 }
-                _ = tokio::time::sleep(Duration::from_secs(1)), if paused && stream.is_empty() => {
+                _ = tokio::time::sleep(Duration::from_secs(1)), if paused != Pause::No && stream.is_empty() => {
                     if !session.connected() {
-                        return "connection lost while paused".into();
+                        break "connection lost while paused".into();
                     }
                 }
             }
+        };
+        // Never started: they go back to the queue with the channel.
+        for (_, _, d) in waiting {
+            in_flight.held.fetch_sub(d.data.len(), Ordering::Relaxed);
         }
+        why
     }
 
     /// Runs `delivery` in a slot.
@@ -304,8 +379,10 @@ impl Worker {
         let session = session.clone();
         let abort = in_flight.abort.clone();
         let slot = Slot::new(in_flight.permits.clone(), permit);
+        let release = in_flight.release(&delivery);
         in_flight.tracker.spawn(async move {
             Attempt::run(&shared, &session, &queue, delivery, &abort, slot).await;
+            drop(release);
         });
     }
 
@@ -319,8 +396,10 @@ impl Worker {
     ) {
         let shared = self.shared.clone();
         let session = session.clone();
+        let release = in_flight.release(&delivery);
         in_flight.tracker.spawn(async move {
             Attempt::hand_back(&shared, &session, &queue, delivery).await;
+            drop(release);
         });
     }
 }
