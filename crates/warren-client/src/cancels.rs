@@ -15,11 +15,11 @@ use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
-use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use warren_core::config::BrokerConfig;
+use warren_core::control::ControlMessage;
 use warren_core::event::new_id;
 use warren_core::Names;
 
@@ -53,7 +53,7 @@ impl Drop for RunningGuard {
 
 /// The body of a cancel command.
 pub fn cancel_command(task_id: &str) -> Vec<u8> {
-    serde_json::to_vec(&json!({ "cancel": task_id })).expect("JSON")
+    ControlMessage::Cancel(task_id.to_owned()).to_json()
 }
 
 impl CancelSet {
@@ -155,7 +155,7 @@ impl CancelSet {
         let marker = new_id();
         if ready.is_some() {
             let pc = ConfirmChannel::open(&conn).await?;
-            let body = serde_json::to_vec(&json!({ "marker": marker })).expect("JSON");
+            let body = ControlMessage::Marker(marker.clone()).to_json();
             let props = BasicProperties::default()
                 .with_content_type("application/json".into())
                 .with_delivery_mode(2);
@@ -180,15 +180,17 @@ impl CancelSet {
                 None => return Err(ClientError::Closed("cancel stream".into())),
                 Some(r) => r.map_err(amqp("read the cancel stream"))?,
             };
-            if let Ok(v) = serde_json::from_slice::<Value>(&d.data) {
-                if let Some(id) = v.get("cancel").and_then(Value::as_str) {
-                    info!(task_id = id, "cancel received");
-                    self.insert(id);
-                } else if v.get("marker").and_then(Value::as_str) == Some(marker.as_str()) {
+            match ControlMessage::parse(&d.data) {
+                Some(ControlMessage::Cancel(id)) => {
+                    info!(task_id = %id, "cancel received");
+                    self.insert(&id);
+                }
+                Some(ControlMessage::Marker(m)) if m == marker => {
                     if let Some(r) = ready.take() {
                         let _ = r.send(());
                     }
                 }
+                _ => {}
             }
             d.acker
                 .ack(BasicAckOptions::default())

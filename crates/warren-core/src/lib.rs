@@ -3,6 +3,7 @@
 //! Everything a producer, worker or scheduler must agree on lives here: the
 //! names of exchanges and queues ([`names`]), the headers and how hostile
 //! values in them are read ([`headers`]), the status events ([`event`]), the
+//! cancel commands on `P.control` ([`control`]), the
 //! configuration schema with its validation ([`config`]), route overlap
 //! detection ([`routes`]) and the topology plan computed from configuration
 //! ([`topology`]). Nothing here touches the network, so all of it is tested
@@ -10,6 +11,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod control;
 pub mod delay;
 pub mod event;
 pub mod headers;
