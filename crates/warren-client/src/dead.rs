@@ -427,10 +427,11 @@ pub fn replay_properties(p: &BasicProperties) -> BasicProperties {
         }
         out = out.with_headers(FieldTable::from(kept));
     }
-    let restored = headers::get_str(p.headers().as_ref(), ORIGINAL_EXPIRATION)
-        .filter(|e| e.parse::<u64>().is_ok());
-    match (restored, p.expiration()) {
-        (Some(e), _) => out = out.with_expiration(e.as_str().into()),
+    match (
+        headers::original_expiration(p.headers().as_ref()),
+        p.expiration(),
+    ) {
+        (Some(e), _) => out = out.with_expiration(e),
         (None, Some(e)) => out = out.with_expiration(e.clone()),
         (None, None) => {}
     }
@@ -559,6 +560,13 @@ mod tests {
         let out = replay_properties(&BasicProperties::default().with_headers(h));
         assert_eq!(out.expiration(), &None, "an invalid TTL is not restored");
         assert!(out.headers().as_ref().unwrap().inner().is_empty());
+        // A whole number, but over the 255 bytes of the property: building
+        // it panicked.
+        let mut h = FieldTable::default();
+        let padded = format!("{}60000", "0".repeat(300));
+        headers::set_str(&mut h, ORIGINAL_EXPIRATION, &padded);
+        let out = replay_properties(&BasicProperties::default().with_headers(h));
+        assert_eq!(out.expiration(), &None, "an oversized TTL is not restored");
     }
 
     #[test]

@@ -18,9 +18,7 @@ pub struct Outbox {
     pub names: Names,
 }
 
-/// Header that keeps a dead task's original `expiration`, which is removed
-/// so the task does not expire again in `P.dead`.
-pub const ORIGINAL_EXPIRATION: &str = "x-warren-original-expiration";
+pub use warren_core::headers::ORIGINAL_EXPIRATION;
 
 impl Outbox {
     /// Publishes an event to `P.events` with routing key `<state>.<type>`.

@@ -1,6 +1,6 @@
 //! Header names and the reading of integer headers, whatever a producer sent.
 
-use amq_protocol_types::{AMQPValue, FieldTable};
+use amq_protocol_types::{AMQPValue, FieldTable, ShortString};
 
 /// The attempt number (1 on first execution), set by the system.
 pub const ATTEMPT: &str = "x-warren-attempt";
@@ -25,6 +25,11 @@ pub const TIMEOUT_MS: &str = "x-warren-timeout-ms";
 pub const DELAY: &str = "x-delay";
 /// Absolute due time, RFC 3339 or Unix milliseconds.
 pub const ETA: &str = "x-warren-eta";
+
+/// Keeps a task's own AMQP `expiration` while the system holds a copy without
+/// it (a retry waiting in the delay tiers, a task parked in `P.dead`); read
+/// it back with [`original_expiration`].
+pub const ORIGINAL_EXPIRATION: &str = "x-warren-original-expiration";
 
 /// Set on a copy in `P.dead` whose producer headers were too large or too
 /// deep to carry (see [`unfit`]): how many bytes they took on the wire.
@@ -199,6 +204,17 @@ pub fn get_str(headers: Option<&FieldTable>, key: &str) -> Option<String> {
     }
 }
 
+/// The [`ORIGINAL_EXPIRATION`] header as an `expiration` property to restore:
+/// a string of at most 255 bytes holding a `u64` (what the broker accepts).
+/// Anything else is `None`, as a producer may forge the header: restoring a
+/// longer value would panic in the AMQP library, another one would make the
+/// broker close the publishing channel.
+pub fn original_expiration(headers: Option<&FieldTable>) -> Option<ShortString> {
+    get_str(headers, ORIGINAL_EXPIRATION)
+        .filter(|e| e.parse::<u64>().is_ok())
+        .and_then(|e| ShortString::try_new(e).ok())
+}
+
 /// Whether a boolean header is present and true.
 pub fn get_flag(headers: Option<&FieldTable>, key: &str) -> bool {
     matches!(
@@ -351,6 +367,29 @@ mod tests {
         set_str(&mut t, DEAD_REASON, "invalid");
         assert!(get_flag(Some(&t), REPUBLISHED));
         assert_eq!(get_str(Some(&t), DEAD_REASON).as_deref(), Some("invalid"));
+    }
+
+    #[test]
+    fn only_a_whole_number_short_enough_is_restored_as_expiration() {
+        let t = |v: AMQPValue| table(ORIGINAL_EXPIRATION, v);
+        let got = |v: AMQPValue| original_expiration(Some(&t(v))).map(|s| s.to_string());
+        assert_eq!(
+            got(AMQPValue::LongString("60000".into())).as_deref(),
+            Some("60000")
+        );
+        assert_eq!(
+            got(AMQPValue::ShortString("0".into())).as_deref(),
+            Some("0")
+        );
+        // Forged by a producer: the broker would refuse these, or the AMQP
+        // library would panic building the property (over 255 bytes, though
+        // a u64: leading zeros).
+        let zeros = format!("{}5", "0".repeat(300));
+        for bad in ["soon", "-1", "1.5", "", "99999999999999999999999", &zeros] {
+            assert_eq!(got(AMQPValue::LongString(bad.into())), None, "{bad:?}");
+        }
+        assert_eq!(got(AMQPValue::LongLongInt(5)), None);
+        assert_eq!(original_expiration(None), None);
     }
 
     /// The size the wire encoder writes, to check `shape` against.

@@ -239,7 +239,7 @@ impl Delays {
         let remaining = w.due_ms - now_ms();
         // Dead-lettering drops `expiration`, so a task that must get its
         // own back is released by the scheduler, not by a release tier.
-        let release = if headers::get_str(Some(&w.headers), ORIGINAL_EXPIRATION).is_some() {
+        let release = if headers::original_expiration(Some(&w.headers)).is_some() {
             &[][..]
         } else {
             &self.release_tiers[..]
@@ -297,15 +297,7 @@ impl Delays {
         if self.cancelled(out, w, d).await? {
             return Ok(());
         }
-        // `x-warren-due-at` stays: workers measure their start against it.
-        let mut h = w.headers.clone();
-        let expiration = headers::get_str(Some(&h), ORIGINAL_EXPIRATION);
-        headers::remove(&mut h, &[ORIGINAL_EXPIRATION]);
-        let mut props: BasicProperties =
-            copy_properties(&d.properties, h, &w.task_type, Some(&w.id));
-        if let Some(exp) = expiration {
-            props = props.with_expiration(exp.as_str().into());
-        }
+        let props = release_properties(&d.properties, w);
         // The routing key is the type either way: dead-lettering keeps it.
         let exchange = match tier {
             Some(n) => self.names.release_tier(n),
@@ -332,6 +324,20 @@ impl Delays {
     }
 }
 
+/// The properties of a released task: its own, with the `expiration` it
+/// came with back (only a valid one: a producer may forge the header).
+fn release_properties(original: &BasicProperties, w: &Waiting) -> BasicProperties {
+    // `x-warren-due-at` stays: workers measure their start against it.
+    let mut h = w.headers.clone();
+    let expiration = headers::original_expiration(Some(&h));
+    headers::remove(&mut h, &[ORIGINAL_EXPIRATION]);
+    let props = copy_properties(original, h, &w.task_type, Some(&w.id));
+    match expiration {
+        Some(exp) => props.with_expiration(exp),
+        None => props,
+    }
+}
+
 async fn ack(d: &Delivery) -> Result<(), ClientError> {
     d.acker
         .ack(BasicAckOptions::default())
@@ -341,4 +347,42 @@ async fn ack(d: &Delivery) -> Result<(), ClientError> {
             what: "ack".into(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting(expiration: &str) -> Waiting {
+        let mut h = FieldTable::default();
+        headers::set_str(&mut h, ORIGINAL_EXPIRATION, expiration);
+        Waiting {
+            id: "t-1".into(),
+            task_type: "diag.echo".into(),
+            attempt: 1,
+            due_ms: 0,
+            headers: h,
+        }
+    }
+
+    #[test]
+    fn a_released_task_gets_its_saved_expiration_back() {
+        let p = release_properties(&BasicProperties::default(), &waiting("60000"));
+        assert_eq!(p.expiration().as_ref().map(|e| e.as_str()), Some("60000"));
+        let h = p.headers().as_ref().expect("headers kept");
+        assert!(!h.contains_key(ORIGINAL_EXPIRATION), "the header is spent");
+    }
+
+    /// A producer can publish to `P.delay` with the header already set: a
+    /// value over 255 bytes made building the property panic in the held
+    /// task, leaving the delivery unacknowledged for good; any other invalid
+    /// one made the broker close the channel on every redelivery.
+    #[test]
+    fn a_forged_expiration_header_is_dropped_not_restored() {
+        let zero_padded = format!("{}1000", "0".repeat(300));
+        for forged in [&zero_padded, &"9".repeat(300), "soon", "-5"] {
+            let p = release_properties(&BasicProperties::default(), &waiting(forged));
+            assert_eq!(p.expiration(), &None, "{forged:?}");
+        }
+    }
 }
