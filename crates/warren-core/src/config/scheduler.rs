@@ -299,9 +299,23 @@ fn is_time_zone_name(tz: &str) -> bool {
 /// The error continues a sentence that starts with the quoted expression,
 /// naming the field and, where it can, the item and what is wrong with it.
 pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
-    cron_parser()
+    let cron = cron_parser()
         .parse(expr)
-        .map_err(|e| explain_cron_error(expr, &e))
+        .map_err(|e| explain_cron_error(expr, &e))?;
+    // croner reads a field of commas alone as a list of no values: nothing
+    // matches, and the search for a fire time then runs for minutes.
+    let empty = CRON_FIELDS
+        .iter()
+        .zip(expr.split_whitespace())
+        .find(|(_, text)| text.split(',').all(str::is_empty));
+    if let Some((field, text)) = empty {
+        return Err(format!(
+            "is not a valid cron expression: {} field {text:?} lists no value: write at \
+             least one, or \"*\" for every {}",
+            field.name, field.name
+        ));
+    }
+    Ok(cron)
 }
 
 fn cron_parser() -> CronParser {
@@ -576,6 +590,8 @@ pub const CRON_SAMPLES: &[(&str, bool)] = &[
     ("@hourly", true),
     ("0 0 12 * * MON#0", false),
     ("x * * * * *", false),
+    ("0 , * * * *", false),
+    ("0 0 12 ,, * *", false),
 ];
 
 #[cfg(test)]
@@ -938,6 +954,13 @@ mod tests {
             "0 0 12 1,32W * *",
             "\"0 0 12 1,32W * *\" is not a valid cron expression: day-of-month field \
              \"1,32W\": 32 is out of range: a day-of-month is 1..=31",
+        );
+        // Empty lists parse, but match nothing: finding the next fire time
+        // ran for minutes, so the scheduler hung at start.
+        schedule_issue(
+            "0 , * * * FRI-SUN",
+            "\"0 , * * * FRI-SUN\" is not a valid cron expression: minute field \",\" lists no \
+             value: write at least one, or \"*\" for every minute",
         );
         schedule_issue(
             "*,5 * * * * *",
