@@ -286,3 +286,16 @@ ensure_compose() {
         command -v docker-compose >/dev/null 2>&1 || die "docker-compose is not on the PATH after installing it"
     fi
 }
+
+# cargo-fuzz (libFuzzer targets, scripts/fuzz.sh), installed from crates.io
+# when missing. It needs a C++ compiler to build libFuzzer itself.
+ensure_cargo_fuzz() {
+    if ! command -v c++ >/dev/null 2>&1; then
+        apt_install g++
+    fi
+    if ! cargo fuzz --version >/dev/null 2>&1; then
+        log "installing cargo-fuzz (cargo install cargo-fuzz --locked)"
+        cargo install cargo-fuzz --locked >&2 || die "cargo install cargo-fuzz failed"
+    fi
+    log "$(cargo fuzz --version)"
+}

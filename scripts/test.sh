@@ -19,6 +19,7 @@ ensure_python_venv
 ensure_chromium
 ensure_compose
 ensure_openssl
+ensure_cargo_fuzz
 
 step "docker-compose config"
 docker-compose -f docker-compose.yml config -q
@@ -38,5 +39,10 @@ cargo build --workspace --all-targets
 
 step "cargo test --workspace"
 cargo test --workspace --no-fail-fast
+
+# Each parser a stranger can reach, fuzzed briefly from its seeds; longer
+# runs: scripts/fuzz.sh [SECONDS_PER_TARGET].
+step "fuzz (brief)"
+scripts/fuzz.sh "${WARREN_FUZZ_SECS:-10}"
 
 echo "all tests passed"

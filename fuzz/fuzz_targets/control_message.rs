@@ -1,0 +1,29 @@
+//! A message on the cancel stream, read as every worker and scheduler reads
+//! it (`ControlMessage::parse`), and the body `warren cancel` writes for a
+//! task id (`ControlMessage::to_json`).
+//!
+//! Input: the message body, as is; it is also used (as text) as a task id.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use serde_json::Value;
+use warren_core::control::ControlMessage;
+
+fuzz_target!(|data: &[u8]| {
+    let parsed = ControlMessage::parse(data);
+    if let Some(m) = &parsed {
+        assert_eq!(ControlMessage::parse(&m.to_json()).as_ref(), Some(m));
+        let v: Value = serde_json::from_slice(data).expect("a command is JSON");
+        match m {
+            ControlMessage::Cancel(id) => assert_eq!(v["cancel"].as_str(), Some(id.as_str())),
+            ControlMessage::Marker(id) => {
+                assert!(!v["cancel"].is_string(), "a cancel wins over a marker");
+                assert_eq!(v["marker"].as_str(), Some(id.as_str()));
+            }
+        }
+    }
+    // Any id, however odd, comes back from the command written for it.
+    let id = String::from_utf8_lossy(data).into_owned();
+    let cancel = ControlMessage::Cancel(id);
+    assert_eq!(ControlMessage::parse(&cancel.to_json()), Some(cancel));
+});
