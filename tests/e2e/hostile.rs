@@ -135,6 +135,48 @@ async fn headers_too_large_or_deep_are_parked_once_and_the_queue_keeps_moving() 
     assert_eq!(env.depth(&env.names().work_queue("diag")).await, 0);
 }
 
+/// The header the scheduler keeps a task's own `expiration` in, forged by a
+/// producer: a value over 255 bytes panicked the release, leaving the task
+/// unacknowledged in the scheduler for good; one that is not a number made
+/// the broker close the channel on every try.
+#[tokio::test]
+async fn a_forged_saved_expiration_is_ignored_and_the_delayed_task_runs() {
+    let (env, mut watch) = Env::with_up_watching("hostile-exp", &[]).await;
+    let delay = env.names().delay();
+    publish(
+        &delay,
+        "diag.echo",
+        "{}",
+        "exp-long",
+        &[
+            "--header",
+            "x-delay=50",
+            "--header-bytes",
+            "x-warren-original-expiration=300",
+        ],
+    );
+    publish(
+        &delay,
+        "diag.echo",
+        "{}",
+        "exp-text",
+        &[
+            "--header",
+            "x-delay=50",
+            "--header",
+            "x-warren-original-expiration=soon",
+        ],
+    );
+    let mut ids = vec!["exp-long".to_string(), "exp-text".to_string()];
+    for i in 1..=5 {
+        let id = format!("behind-{i}");
+        publish(&delay, "diag.echo", "{}", &id, &["--header", "x-delay=50"]);
+        ids.push(id);
+    }
+    let got = until_final(&mut watch, &ids, T_LONG).await;
+    all_succeeded(&got, &ids);
+}
+
 #[tokio::test]
 async fn a_task_type_too_long_to_route_its_events_is_parked_with_one_dead_event() {
     let (env, mut watch) = Env::with_up_watching("hostile-type", &[]).await;
