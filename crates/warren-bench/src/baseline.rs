@@ -28,7 +28,7 @@ use crate::procstat::{Spent, Stopwatch};
 /// The prefetch the baseline worker runs with unless `--baseline-prefetch`
 /// says otherwise: deep enough that confirms in flight do not leave it
 /// waiting for deliveries (BENCHMARKS.md has the figures at other depths).
-pub const BASELINE_PREFETCH: u16 = 200;
+pub const BASELINE_PREFETCH: u16 = 1000;
 
 /// Runs the baseline worker on `queue` until the process is killed.
 pub async fn worker(

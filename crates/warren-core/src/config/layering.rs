@@ -260,7 +260,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.prefix, "acme");
         assert_eq!(c.worker.concurrency, 2);
-        assert_eq!(c.worker.prefetch, 16);
+        assert_eq!(c.worker.prefetch, 256);
         assert_eq!(c.queues.len(), 1);
         assert_eq!(c.queues[0].max_priority, 10);
         assert_eq!(c.queues[0].kind, QueueKind::Classic);

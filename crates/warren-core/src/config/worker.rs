@@ -54,7 +54,7 @@ impl Default for WorkerConfig {
         Self {
             queues: Vec::new(),
             concurrency: 8,
-            prefetch: 16,
+            prefetch: 256,
             handback_ms: 1000,
             max_held_bytes: 256 * 1024 * 1024,
             grace_period_ms: 30_000,

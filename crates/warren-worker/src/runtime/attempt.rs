@@ -364,6 +364,7 @@ impl<'a> Attempt<'a> {
         };
         progress_events.finish().await;
         let took = began.elapsed();
+        sh.note_task_time(took);
         drop(running);
         let ran = Ran {
             took,

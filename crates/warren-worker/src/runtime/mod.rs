@@ -14,7 +14,7 @@ mod session;
 mod slots;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,9 +59,34 @@ struct Shared {
     /// Semaphores of the types capped by `worker.type_concurrency`.
     type_caps: BTreeMap<String, Arc<Semaphore>>,
     metrics: Arc<WorkerMetrics>,
+    /// Moving average of handler run times, in microseconds (0: none yet).
+    task_time_us: AtomicU64,
 }
 
 impl Shared {
+    /// Adds one handler's run time to the moving average.
+    fn note_task_time(&self, took: Duration) {
+        let x = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
+        let old = self.task_time_us.load(Ordering::Relaxed);
+        let new = if old == 0 { x } else { old - old / 8 + x / 8 };
+        self.task_time_us.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// The prefetch to consume with again after handing tasks back: enough
+    /// to keep every slot busy for half of `worker.handback_ms` at the
+    /// average run time seen, at least `concurrency`, at most `prefetch`.
+    /// So a worker whose tasks take long keeps only what it can start soon,
+    /// and one whose tasks are short keeps its whole prefetch.
+    fn resume_prefetch(&self) -> u16 {
+        let w = &self.config.worker;
+        let t = u128::from(self.task_time_us.load(Ordering::Relaxed));
+        if t == 0 || w.handback_ms == 0 {
+            return w.prefetch;
+        }
+        let slots = w.concurrency as u128;
+        let soon = slots * u128::from(w.handback_ms) * 500 / t;
+        (slots + soon).clamp(slots, u128::from(w.prefetch)) as u16
+    }
     /// The type as a metrics label: types without a handler share one label,
     /// so hostile routing keys cannot grow the metrics without bound.
     fn label<'a>(&self, task_type: &'a str) -> &'a str {
@@ -151,6 +176,7 @@ impl Worker {
                 cancels: CancelSet::new(),
                 type_caps,
                 metrics: Arc::new(WorkerMetrics::new(config_concurrency)),
+                task_time_us: AtomicU64::new(0),
             }),
         })
     }
@@ -276,6 +302,9 @@ impl Worker {
         let held = || in_flight.held.load(Ordering::Relaxed);
         let mut waiting: VecDeque<(Instant, Arc<str>, Delivery)> = VecDeque::new();
         let mut paused = Pause::No;
+        // The prefetch of the open consumers (RabbitMQ applies one when a
+        // consumer opens).
+        let mut prefetch = sh.config.worker.prefetch;
         let why = loop {
             while !waiting.is_empty() {
                 let Ok(permit) = in_flight.permits.clone().try_acquire_owned() else {
@@ -293,12 +322,34 @@ impl Worker {
                 Pause::Bytes => held() >= budget / 2,
             };
             if paused != Pause::No && !over {
-                if let Err(e) = session.resume(sh, stream).await {
+                prefetch = if paused == Pause::Slots {
+                    sh.resume_prefetch()
+                } else {
+                    sh.config.worker.prefetch
+                };
+                if let Err(e) = session.resume(sh, stream, prefetch).await {
                     break e.to_string();
                 }
                 paused = Pause::No;
                 sh.metrics.paused(false);
-                debug!("consuming again");
+                debug!(prefetch, "consuming again");
+            }
+            if paused == Pause::No && prefetch < sh.config.worker.prefetch {
+                // Consuming with less after long tasks, and they got
+                // shorter: take the larger prefetch again.
+                let want = sh.resume_prefetch();
+                if want >= prefetch.saturating_mul(2) {
+                    session.stop_consuming().await;
+                    if let Err(e) = session.resume(sh, stream, want).await {
+                        break e.to_string();
+                    }
+                    debug!(
+                        from = prefetch,
+                        to = want,
+                        "tasks got shorter: prefetch raised"
+                    );
+                    prefetch = want;
+                }
             }
             let hand_back_at = match waiting.front() {
                 Some((since, ..)) if !handback.is_zero() => Some(*since + handback),

@@ -99,13 +99,19 @@ impl Session {
         Ok(consumers)
     }
 
-    /// Consumes again after [`Session::stop_consuming`], adding the new
-    /// consumers to `stream`.
+    /// Consumes again after [`Session::stop_consuming`] with `prefetch`
+    /// (RabbitMQ applies a prefetch to the consumers opened after it),
+    /// adding the new consumers to `stream`.
     pub(super) async fn resume(
         &self,
         sh: &Shared,
         stream: &mut Deliveries,
+        prefetch: u16,
     ) -> Result<(), ClientError> {
+        self.consume_channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(ClientError::amqp("set prefetch"))?;
         let n = 1 + self
             .resumed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
