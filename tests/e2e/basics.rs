@@ -360,6 +360,22 @@ async fn tasks_waiting_behind_a_long_one_go_to_a_worker_with_a_free_slot() {
     let (_, text) = warren_e2e::http_get(&addr, "/metrics").await;
     let handed = warren_e2e::metric(&text, "warren_worker_handed_back_total").unwrap_or(0.0);
     assert!(handed >= 1.0, "the first worker handed tasks back: {text}");
+    // Having seen an 8 s task, the first worker consumes again with only
+    // what it can start within half of handback_ms: its one slot.
+    let mgmt = warren_e2e::Mgmt::new();
+    let work = env.names().work_queue("diag");
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let prefetches = mgmt.consumer_prefetches(&work).await;
+        if prefetches.contains(&1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no consumer of {work} with prefetch 1: {prefetches:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test]

@@ -129,6 +129,17 @@ impl Mgmt {
         }
     }
 
+    /// The prefetch count of each consumer of `queue`.
+    pub async fn consumer_prefetches(&self, queue: &str) -> Vec<u64> {
+        let v = self.get("consumers").await;
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["queue"]["name"].as_str() == Some(queue))
+            .filter_map(|c| c["prefetch_count"].as_u64())
+            .collect()
+    }
+
     /// Force-closes a connection, as an operator would from the console.
     pub async fn close_connection(&self, name: &str) {
         let _ = self
