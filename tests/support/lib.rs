@@ -31,7 +31,7 @@ use warren_core::{Config, Event};
 
 pub use command::CommandExt;
 pub use mgmt::Mgmt;
-pub use node::{NodeOptions, TestNode};
+pub use node::{NodeOptions, TestCluster, TestNode};
 
 /// The bound of a test's waits (events, queue depths, logs, exits).
 pub const T: Duration = Duration::from_secs(30);

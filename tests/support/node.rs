@@ -52,6 +52,14 @@ impl TestNode {
     /// [`T_LONG`]) until it has booted. Panics, with the end of the node's
     /// log, when it does not.
     pub async fn start(name: &str, options: NodeOptions) -> TestNode {
+        let node = TestNode::launch(name, &options);
+        node.await_startup(T_LONG).await;
+        node
+    }
+
+    /// Writes the node's files and starts it, without waiting for it to
+    /// boot (so several can boot at once).
+    fn launch(name: &str, options: &NodeOptions) -> TestNode {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let short = format!("wt-{name}-{}", &suffix[..8]);
         let dir = std::env::temp_dir().join(&short);
@@ -65,9 +73,8 @@ impl TestNode {
             dir,
         };
         // From here on, dropping `node` stops whatever started and cleans up.
-        node.write_files(&options);
+        node.write_files(options);
         node.boot(&options.start_args);
-        node.await_startup(T_LONG).await;
         node
     }
 
@@ -224,6 +231,89 @@ impl Drop for TestNode {
             }
         }
         let _ = privileged("rm", &["-rf", self.dir_str()]).status();
+    }
+}
+
+/// Nodes started together, the second and later joined to the first in
+/// one RabbitMQ cluster; every node stopped and removed on drop.
+///
+/// ```ignore
+/// let cluster = TestCluster::start("ha", 3, NodeOptions::default()).await;
+/// let url = cluster.nodes()[1].amqp_url();
+/// ```
+#[derive(Debug)]
+pub struct TestCluster {
+    nodes: Vec<TestNode>,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes named `wt-<name><i>-<random>@localhost` (they boot
+    /// at once), then joins each after the first to it (`stop_app`,
+    /// `join_cluster`, `start_app`). Panics, with the failing command's
+    /// output, when a step fails.
+    pub async fn start(name: &str, n: usize, options: NodeOptions) -> TestCluster {
+        assert!(n >= 1, "a cluster has at least one node");
+        let mut cluster = TestCluster { nodes: Vec::new() };
+        for i in 0..n {
+            cluster
+                .nodes
+                .push(TestNode::launch(&format!("{name}{i}"), &options));
+        }
+        for node in &cluster.nodes {
+            node.await_startup(T_LONG).await;
+        }
+        let first = cluster.nodes[0].name().to_owned();
+        for node in &cluster.nodes[1..] {
+            for args in [
+                vec!["stop_app"],
+                vec!["join_cluster", &first],
+                vec!["start_app"],
+            ] {
+                let out = node.rabbitmqctl(&args);
+                assert!(
+                    out.status.success(),
+                    "rabbitmqctl -n {} {}: {}{}",
+                    node.name(),
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        cluster
+    }
+
+    /// The nodes, the first being the one the others joined.
+    pub fn nodes(&self) -> &[TestNode] {
+        &self.nodes
+    }
+
+    /// The names of the cluster's running nodes, as the first node sees them.
+    pub fn running_nodes(&self) -> Vec<String> {
+        let out = self.nodes[0].rabbitmqctl(&["cluster_status", "--formatter", "json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "cluster_status is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        let mut running: Vec<String> = status["running_nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n.as_str().map(str::to_owned))
+            .collect();
+        running.sort();
+        running
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        // The joined nodes first, the first node last.
+        while let Some(node) = self.nodes.pop() {
+            drop(node);
+        }
     }
 }
 
