@@ -110,14 +110,33 @@ struct InFlight {
 }
 
 impl InFlight {
-    /// Releases `delivery`'s bytes from `held` when dropped.
-    fn release(&self, delivery: &Delivery) -> Release {
-        Release {
-            bytes: delivery.data.len(),
-            held: self.held.clone(),
-            freed: self.freed.clone(),
+    /// Counts `delivery`'s body in `held` until the guard is dropped.
+    fn hold(&self, delivery: Delivery, queue: Arc<str>) -> Held {
+        let bytes = delivery.data.len();
+        self.held.fetch_add(bytes, Ordering::Relaxed);
+        Held {
+            queue,
+            delivery,
+            since: Instant::now(),
+            release: Release {
+                bytes,
+                held: self.held.clone(),
+                freed: self.freed.clone(),
+            },
         }
     }
+}
+
+/// A delivery taken from a work queue, its body counted in
+/// [`InFlight::held`] until it is settled (or dropped unstarted, when it
+/// returns to the queue with the channel).
+struct Held {
+    /// The short name of the queue it came from.
+    queue: Arc<str>,
+    delivery: Delivery,
+    /// When it arrived.
+    since: Instant,
+    release: Release,
 }
 
 /// A delivery's share of [`InFlight::held`], given back on drop.
@@ -300,25 +319,28 @@ impl Worker {
         let handback = Duration::from_millis(sh.config.worker.handback_ms);
         let budget = sh.config.worker.max_held_bytes;
         let held = || in_flight.held.load(Ordering::Relaxed);
-        let mut waiting: VecDeque<(Instant, Arc<str>, Delivery)> = VecDeque::new();
+        let mut waiting: VecDeque<Held> = VecDeque::new();
         let mut paused = Pause::No;
         // The prefetch of the open consumers (RabbitMQ applies one when a
         // consumer opens).
         let mut prefetch = sh.config.worker.prefetch;
-        let why = loop {
+        loop {
             while !waiting.is_empty() {
                 let Ok(permit) = in_flight.permits.clone().try_acquire_owned() else {
                     break;
                 };
-                let (_, queue, delivery) = waiting.pop_front().expect("not empty");
-                self.start(session, in_flight, queue, delivery, permit);
+                let next = waiting.pop_front().expect("not empty");
+                self.start(session, in_flight, next, permit);
+            }
+            let slots_free = waiting.is_empty() && in_flight.permits.available_permits() > 0;
+            if paused == Pause::Slots && slots_free && held() >= budget {
+                // A slot is free, but the bytes held are still too many:
+                // wait for them to be released instead.
+                paused = Pause::Bytes;
             }
             let over = match paused {
                 Pause::No => false,
-                Pause::Slots => {
-                    !(waiting.is_empty() && in_flight.permits.available_permits() > 0)
-                        || held() >= budget
-                }
+                Pause::Slots => !slots_free,
                 Pause::Bytes => held() >= budget / 2,
             };
             if paused != Pause::No && !over {
@@ -328,7 +350,7 @@ impl Worker {
                     sh.config.worker.prefetch
                 };
                 if let Err(e) = session.resume(sh, stream, prefetch).await {
-                    break e.to_string();
+                    return e.to_string();
                 }
                 paused = Pause::No;
                 sh.metrics.paused(false);
@@ -341,7 +363,7 @@ impl Worker {
                 if want >= prefetch.saturating_mul(2) {
                     session.stop_consuming().await;
                     if let Err(e) = session.resume(sh, stream, want).await {
-                        break e.to_string();
+                        return e.to_string();
                     }
                     debug!(
                         from = prefetch,
@@ -352,33 +374,31 @@ impl Worker {
                 }
             }
             let hand_back_at = match waiting.front() {
-                Some((since, ..)) if !handback.is_zero() => Some(*since + handback),
+                Some(w) if !handback.is_zero() => Some(w.since + handback),
                 _ => None,
             };
+            // Returning drops what still waits: never started, it goes back
+            // to the queue with the channel.
             tokio::select! {
-                _ = shutdown.cancelled() => {
-                    // Not started: they return to the queue when the
-                    // channel closes.
-                    break "shutdown".into();
-                }
+                _ = shutdown.cancelled() => return "shutdown".into(),
                 p = in_flight.permits.clone().acquire_owned(), if !waiting.is_empty() || paused == Pause::Slots => {
                     let permit = p.expect("the semaphore is never closed");
-                    if let Some((_, queue, delivery)) = waiting.pop_front() {
-                        self.start(session, in_flight, queue, delivery, permit);
+                    if let Some(next) = waiting.pop_front() {
+                        self.start(session, in_flight, next, permit);
                     }
                 }
                 _ = in_flight.freed.notified(), if paused == Pause::Bytes => {}
                 next = stream.next(), if !stream.is_empty() => match next {
                     None if paused != Pause::No => {}
-                    None => break "consumers ended".into(),
-                    Some((_, Err(e))) => break e.to_string(),
+                    None => return "consumers ended".into(),
+                    Some((_, Err(e))) => return e.to_string(),
                     Some((queue, Ok(d))) => {
-                        in_flight.held.fetch_add(d.data.len(), Ordering::Relaxed);
+                        let d = in_flight.hold(d, queue);
                         if paused == Pause::Slots {
                             // Sent before the consumers stopped.
-                            self.hand_back(session, in_flight, queue, d);
+                            self.hand_back(session, in_flight, d);
                         } else {
-                            waiting.push_back((Instant::now(), queue, d));
+                            waiting.push_back(d);
                         }
                         if paused == Pause::No && held() >= budget {
                             session.stop_consuming().await;
@@ -399,58 +419,44 @@ impl Worker {
                     }
                     paused = Pause::Slots;
                     debug!(waiting = waiting.len(), "every slot busy: handing back what waits");
-                    for (_, queue, d) in waiting.drain(..) {
-                        self.hand_back(session, in_flight, queue, d);
+                    for d in waiting.drain(..) {
+                        self.hand_back(session, in_flight, d);
                     }
                 }
                 _ = tokio::time::sleep(Duration::from_secs(1)), if paused != Pause::No && stream.is_empty() => {
                     if !session.connected() {
-                        break "connection lost while paused".into();
+                        return "connection lost while paused".into();
                     }
                 }
             }
-        };
-        // Never started: they go back to the queue with the channel.
-        for (_, _, d) in waiting {
-            in_flight.held.fetch_sub(d.data.len(), Ordering::Relaxed);
         }
-        why
     }
 
-    /// Runs `delivery` in a slot.
+    /// Runs a held delivery in a slot.
     fn start(
         &self,
         session: &Arc<Session>,
         in_flight: &InFlight,
-        queue: Arc<str>,
-        delivery: Delivery,
+        d: Held,
         permit: OwnedSemaphorePermit,
     ) {
         let shared = self.shared.clone();
         let session = session.clone();
         let abort = in_flight.abort.clone();
         let slot = Slot::new(in_flight.permits.clone(), permit);
-        let release = in_flight.release(&delivery);
         in_flight.tracker.spawn(async move {
-            Attempt::run(&shared, &session, &queue, delivery, &abort, slot).await;
-            drop(release);
+            Attempt::run(&shared, &session, &d.queue, d.delivery, &abort, slot).await;
+            drop(d.release);
         });
     }
 
-    /// Hands `delivery` back to its queue (see [`Attempt::hand_back`]).
-    fn hand_back(
-        &self,
-        session: &Arc<Session>,
-        in_flight: &InFlight,
-        queue: Arc<str>,
-        delivery: Delivery,
-    ) {
+    /// Hands a held delivery back to its queue (see [`Attempt::hand_back`]).
+    fn hand_back(&self, session: &Arc<Session>, in_flight: &InFlight, d: Held) {
         let shared = self.shared.clone();
         let session = session.clone();
-        let release = in_flight.release(&delivery);
         in_flight.tracker.spawn(async move {
-            Attempt::hand_back(&shared, &session, &queue, delivery).await;
-            drop(release);
+            Attempt::hand_back(&shared, &session, &d.queue, d.delivery).await;
+            drop(d.release);
         });
     }
 }
