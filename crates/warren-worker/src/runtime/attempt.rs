@@ -131,12 +131,7 @@ impl<'a> Attempt<'a> {
         match attempt.triage().await {
             Triage::Settled(id, outcome) => attempt.settle(&id, outcome).await,
             Triage::Run(id) => {
-                let h = attempt
-                    .delivery
-                    .properties
-                    .headers()
-                    .clone()
-                    .unwrap_or_default();
+                let h = attempt.headers();
                 let outcome = attempt.requeue(&id, h).await;
                 if outcome.is_ok() {
                     debug!(task_id = %id, "handed back: waited too long for a slot");
@@ -178,12 +173,7 @@ impl<'a> Attempt<'a> {
             // No id: re-publish a copy carrying one, so every event and
             // every redelivery of this task reports the same id.
             let id = new_id();
-            let h = self
-                .delivery
-                .properties
-                .headers()
-                .clone()
-                .unwrap_or_default();
+            let h = self.headers();
             let r = self.requeue(&id, h).await;
             return Triage::Settled(id, r);
         };
@@ -203,12 +193,7 @@ impl<'a> Attempt<'a> {
     /// counted in a header of a fresh copy, since classic queues keep no
     /// delivery count, and parked as poison past the limit.
     async fn redelivered(&self, id: &str) -> Result<Disposition, ClientError> {
-        let mut h = self
-            .delivery
-            .properties
-            .headers()
-            .clone()
-            .unwrap_or_default();
+        let mut h = self.headers();
         let seen = headers::get_int(Some(&h), headers::REDELIVERIES)
             .ok()
             .flatten()
@@ -569,6 +554,15 @@ impl<'a> Attempt<'a> {
                 .metrics
                 .delay_lateness(chrono::Utc::now().timestamp_millis() - due);
         }
+    }
+
+    /// A copy of the delivery's headers, for a copy of the message.
+    fn headers(&self) -> FieldTable {
+        self.delivery
+            .properties
+            .headers()
+            .clone()
+            .unwrap_or_default()
     }
 
     fn out(&self) -> &Outbox {

@@ -32,9 +32,11 @@ pub(super) type Tagged = (Arc<str>, lapin::Result<Delivery>);
 /// Tags one consumer's deliveries with its queue.
 type TagFn = Box<dyn FnMut(lapin::Result<Delivery>) -> Tagged + Send>;
 
+/// One consumer's deliveries, tagged with its queue.
+pub(super) type Consuming = futures::stream::Map<lapin::Consumer, TagFn>;
+
 /// Every consumer of a session merged into one stream.
-pub(super) type Deliveries =
-    futures::stream::SelectAll<futures::stream::Map<lapin::Consumer, TagFn>>;
+pub(super) type Deliveries = futures::stream::SelectAll<Consuming>;
 
 impl Session {
     /// Connects, sets the prefetch, opens the confirm channel and consumes
@@ -45,10 +47,6 @@ impl Session {
             .create_channel()
             .await
             .map_err(ClientError::amqp("open consume channel"))?;
-        consume_ch
-            .basic_qos(sh.config.worker.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(ClientError::amqp("set prefetch"))?;
         let outbox = Outbox {
             channel: ConfirmChannel::open(&conn).await?,
             names: sh.names.clone(),
@@ -60,16 +58,23 @@ impl Session {
             resumed: Default::default(),
             outbox,
         };
-        let consumers = session.consume(sh, "").await?;
-        Ok((session, merge(consumers)))
+        let consumers = session.consume(sh, sh.config.worker.prefetch, "").await?;
+        Ok((session, select_all(consumers)))
     }
 
-    /// Opens one consumer on every configured queue, tagged with `suffix`.
+    /// Sets `prefetch` (RabbitMQ applies it to the consumers opened after
+    /// it) and opens one consumer on every configured queue, tagged with
+    /// `suffix`, each a stream of deliveries tagged with its queue.
     async fn consume(
         &self,
         sh: &Shared,
+        prefetch: u16,
         suffix: &str,
-    ) -> Result<Vec<(String, lapin::Consumer)>, ClientError> {
+    ) -> Result<Vec<Consuming>, ClientError> {
+        self.consume_channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(ClientError::amqp("set prefetch"))?;
         let mut consumers = Vec::new();
         for (short, full) in &sh.queues {
             let tag = format!(
@@ -94,13 +99,14 @@ impl Session {
                 .lock()
                 .expect("tags lock")
                 .push(consumer.tag().to_string());
-            consumers.push((short.clone(), consumer));
+            let short: Arc<str> = short.as_str().into();
+            let tag: TagFn = Box::new(move |d| (short.clone(), d));
+            consumers.push(consumer.map(tag));
         }
         Ok(consumers)
     }
 
-    /// Consumes again after [`Session::stop_consuming`] with `prefetch`
-    /// (RabbitMQ applies a prefetch to the consumers opened after it),
+    /// Consumes again after [`Session::stop_consuming`] with `prefetch`,
     /// adding the new consumers to `stream`.
     pub(super) async fn resume(
         &self,
@@ -108,14 +114,10 @@ impl Session {
         stream: &mut Deliveries,
         prefetch: u16,
     ) -> Result<(), ClientError> {
-        self.consume_channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(ClientError::amqp("set prefetch"))?;
         let n = 1 + self
             .resumed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        for c in merge_each(self.consume(sh, &format!(".{n}")).await?) {
+        for c in self.consume(sh, prefetch, &format!(".{n}")).await? {
             stream.push(c);
         }
         Ok(())
@@ -146,20 +148,4 @@ impl Session {
             .await;
         let _ = self.conn.close(200, "worker shutting down".into()).await;
     }
-}
-
-/// Merges a session's consumers into one stream tagged by queue.
-fn merge(consumers: Vec<(String, lapin::Consumer)>) -> Deliveries {
-    select_all(merge_each(consumers))
-}
-
-/// Each consumer as a stream of deliveries tagged with its queue.
-fn merge_each(
-    consumers: Vec<(String, lapin::Consumer)>,
-) -> impl Iterator<Item = futures::stream::Map<lapin::Consumer, TagFn>> {
-    consumers.into_iter().map(|(short, c)| {
-        let short: Arc<str> = short.into();
-        let tag: TagFn = Box::new(move |d| (short.clone(), d));
-        c.map(tag)
-    })
 }
