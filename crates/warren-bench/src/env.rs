@@ -97,18 +97,7 @@ impl BenchEnv {
     /// Messages ready in a queue.
     pub async fn depth(&self, queue: &str) -> anyhow::Result<u32> {
         let ch = self.client.channel().await?;
-        let q = ch
-            .channel()
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(q.message_count())
+        queue_depth(ch.channel(), queue).await
     }
 
     /// Stops every child and deletes every queue and exchange of the prefix.
@@ -130,6 +119,21 @@ impl BenchEnv {
         let _ = conn.close(200, "cleaned".into()).await;
         Ok(())
     }
+}
+
+/// Messages ready in `queue` (a passive declare on `ch`).
+pub(crate) async fn queue_depth(ch: &lapin::Channel, queue: &str) -> anyhow::Result<u32> {
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(q.message_count())
 }
 
 impl Drop for BenchEnv {

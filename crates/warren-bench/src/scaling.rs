@@ -19,7 +19,7 @@ use serde_json::json;
 use warren_client::TaskRequest;
 use warren_core::Config;
 
-use crate::env::BenchEnv;
+use crate::env::{queue_depth, BenchEnv};
 use crate::scenarios::{bar, count_events, worker_vars};
 use crate::{Options, Row};
 
@@ -110,23 +110,13 @@ async fn broker_ceiling(base: &Config, n: usize) -> anyhow::Result<f64> {
     // until the queue holds them all.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let q = ch
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        if q.message_count() as usize >= n {
+        let depth = queue_depth(&ch, &queue).await?;
+        if depth as usize >= n {
             break;
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "only {} of {n} messages reached {queue}",
-            q.message_count()
+            "only {depth} of {n} messages reached {queue}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
