@@ -305,7 +305,9 @@ impl CronService {
         retry: &mut Reconnect,
     ) -> Result<(), SessionError> {
         let broker = &self.config.broker;
-        let timeout = Duration::from_millis(broker.connect_timeout_ms);
+        // One connect timeout per node: a round tries each node once.
+        let nodes = broker.url.nodes().len().max(1) as u32;
+        let timeout = Duration::from_millis(broker.connect_timeout_ms) * nodes;
         let conn = tokio::time::timeout(timeout, connect(broker, "cron"))
             .await
             .map_err(|_| SessionError::ConnectTimeout {

@@ -161,13 +161,10 @@ pub async fn reconcile(
 ) -> Result<ApplyReport, TopologyError> {
     let plan = TopologyPlan::from_config(config);
     let mut report = apply(conn, &plan).await?;
-    report.stale_bindings_removed = prune_stale_bindings(
-        conn,
-        &plan,
-        &config.broker.url,
-        &config.broker.management_url,
-    )
-    .await?;
+    report.stale_bindings_removed = match config.broker.url.first() {
+        Some(url) => prune_stale_bindings(conn, &plan, url, &config.broker.management_url).await?,
+        None => 0,
+    };
     Ok(report)
 }
 

@@ -106,7 +106,19 @@ fn layers(
     let origin = ENV_ORIGIN.to_string();
     for (var, value) in env {
         let Some(key) = env_key(var) else { continue };
-        let kind = if ENV_LIST_KEYS.contains(&key.as_str()) {
+        let kind = if key == "broker.url" {
+            // One URI, or several separated by commas (one per node).
+            let mut urls = super::broker::split_env_urls(value);
+            if urls.len() == 1 {
+                config::ValueKind::String(urls.remove(0))
+            } else {
+                let items = urls
+                    .into_iter()
+                    .map(|u| config::Value::new(Some(&origin), u))
+                    .collect();
+                config::ValueKind::Array(items)
+            }
+        } else if ENV_LIST_KEYS.contains(&key.as_str()) {
             let items = value
                 .split(',')
                 .map(str::trim)

@@ -29,7 +29,7 @@ use serde::Deserialize;
 
 use crate::names::Names;
 
-pub use broker::BrokerConfig;
+pub use broker::{BrokerConfig, BrokerUrls};
 pub use http::{redact_url, BrokerUrl, DatabaseUrl, HostRule, HttpConfig};
 pub use issues::{ConfigError, ConfigIssue};
 pub use limits::LimitsConfig;
