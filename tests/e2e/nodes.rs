@@ -308,9 +308,11 @@ queue = "work"
 "##;
 
 /// The index of the node whose AMQP listener holds the connection named
-/// `warren <role> <host>/<pid>` (bounded wait).
+/// `warren <role> <host>/<pid>` (its `connection_name` client property), as
+/// `rabbitmqctl list_connections` on the cluster's nodes reports it, leaving
+/// out node `skip` (bounded wait).
 async fn node_of(cluster: &TestCluster, role: &str, pid: u32, skip: Option<usize>) -> usize {
-    let suffix = format!("/{pid}");
+    let (prefix, suffix) = (format!("warren {role} "), format!("/{pid}"));
     let deadline = tokio::time::Instant::now() + T;
     loop {
         for (i, node) in cluster.nodes().iter().enumerate() {
@@ -318,21 +320,34 @@ async fn node_of(cluster: &TestCluster, role: &str, pid: u32, skip: Option<usize
                 continue;
             }
             let out = tokio::task::block_in_place(|| {
-                node.rabbitmqctl(&["list_connections", "name", "port", "--formatter", "json"])
+                node.rabbitmqctl(&[
+                    "list_connections",
+                    "port",
+                    "client_properties",
+                    "--formatter",
+                    "json",
+                ])
             });
             let rows: Vec<serde_json::Value> =
                 serde_json::from_slice(&out.stdout).unwrap_or_default();
             for row in rows {
-                let name = row["name"].as_str().unwrap_or_default();
-                if name.starts_with(&format!("warren {role} ")) && name.ends_with(&suffix) {
-                    let port = row["port"].as_u64().unwrap_or_default();
-                    if let Some(at) = cluster
-                        .nodes()
-                        .iter()
-                        .position(|n| u64::from(n.amqp_port()) == port)
-                    {
-                        return at;
-                    }
+                let named = row["client_properties"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|p| {
+                        p[0] == "connection_name"
+                            && p[2].as_str().is_some_and(|n| {
+                                n.starts_with(&prefix) && n.ends_with(&suffix)
+                            })
+                    });
+                let port = row["port"].as_u64().unwrap_or_default();
+                let at = cluster
+                    .nodes()
+                    .iter()
+                    .position(|n| u64::from(n.amqp_port()) == port);
+                if let (true, Some(at)) = (named, at) {
+                    return at;
                 }
             }
         }
@@ -342,6 +357,19 @@ async fn node_of(cluster: &TestCluster, role: &str, pid: u32, skip: Option<usize
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The index of the node a process's log says it first connected to
+/// (`connected to broker node … node=amqp://…:<port>/…`).
+fn logged_node(log: &str, nodes: &[TestNode]) -> usize {
+    let line = log
+        .lines()
+        .find(|l| l.contains("connected to broker node"))
+        .expect("a connection logged");
+    nodes
+        .iter()
+        .position(|n| line.contains(&format!("@127.0.0.1:{}/", n.amqp_port())))
+        .unwrap_or_else(|| panic!("no node's port in {line:?}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -361,11 +389,12 @@ async fn the_worker_and_the_publisher_move_to_another_node_when_theirs_stops() {
     .await;
     let config = env.config_file(QUORUM_WORK);
 
-    // The worker first, to learn its node; the topology is then declared
-    // through another node, which keeps Warren's classic internal queues
-    // when the worker's node stops.
+    // The worker first, to learn the node it picked (it logs it); the
+    // topology is then declared through another node, which keeps Warren's
+    // classic internal queues when the worker's node stops.
     let worker = env.spawn(&["--config", &config, "worker"], &[]);
-    let lost = node_of(&cluster, "worker", worker.pid, None).await;
+    env.wait_log(&worker, "connected to broker node", T).await;
+    let lost = logged_node(&env.log_of(&worker), nodes);
     let keep = (lost + 1) % nodes.len();
     env.warren(&["--config", &config, "topology", "apply"])
         .env("WARREN__BROKER__URL", &all[keep])
@@ -376,6 +405,8 @@ async fn the_worker_and_the_publisher_move_to_another_node_when_theirs_stops() {
     env.wait_log(&worker, "worker consuming", T_LONG).await;
     env.wait_log(&scheduler, "scheduler consuming its intake queues", T_LONG)
         .await;
+    // The broker agrees on where the worker is.
+    assert_eq!(node_of(&cluster, "worker", worker.pid, None).await, lost);
     let tap = Tap::declare(&env, &all[keep], true).await;
     println!(
         "worker on node {lost} ({}); topology declared through node {keep}",

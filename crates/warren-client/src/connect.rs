@@ -129,13 +129,20 @@ fn current_node() -> &'static AtomicUsize {
 }
 
 /// Moves this process's current node past node `index` (of `n`) when
-/// `conn` fails, so the reconnect that follows tries the next node first
-/// rather than waiting on the one that went away.
+/// `conn` fails (its socket, a missed heartbeat, or the broker closing the
+/// connection; not a channel the broker closed), so the reconnect that
+/// follows tries the next node first rather than the one that went away.
 fn follow_node(conn: &Connection, index: usize, n: usize) {
     let mut events = conn.events_listener();
     tokio::spawn(async move {
         while let Some(event) = events.next().await {
-            if let lapin::Event::Error(_) = event {
+            let lapin::Event::Error(e) = event else {
+                continue;
+            };
+            let lost = e.is_io_error()
+                || e.is_amqp_hard_error()
+                || matches!(e.kind(), lapin::ErrorKind::MissingHeartbeatError);
+            if lost {
                 let _ = current_node().compare_exchange(
                     index,
                     (index + 1) % n,
