@@ -337,9 +337,9 @@ async fn node_of(cluster: &TestCluster, role: &str, pid: u32, skip: Option<usize
                     .flatten()
                     .any(|p| {
                         p[0] == "connection_name"
-                            && p[2].as_str().is_some_and(|n| {
-                                n.starts_with(&prefix) && n.ends_with(&suffix)
-                            })
+                            && p[2]
+                                .as_str()
+                                .is_some_and(|n| n.starts_with(&prefix) && n.ends_with(&suffix))
                     });
                 let port = row["port"].as_u64().unwrap_or_default();
                 let at = cluster

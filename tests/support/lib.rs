@@ -187,15 +187,14 @@ impl Env {
             .join("e2e-logs");
         std::fs::create_dir_all(&logs).expect("create log dir");
         let client = Client::connect(&config).await.expect("broker reachable");
-        let env = Env {
+        Env {
             prefix,
             vars,
             config,
             client,
             children: Vec::new(),
             logs,
-        };
-        env
+        }
     }
 
     /// A new env ([`Env::new`]) with `warren up` running.
