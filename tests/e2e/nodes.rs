@@ -25,6 +25,11 @@ use warren_client::TaskRequest;
 use warren_core::{Event, TaskState};
 use warren_e2e::{Env, NodeOptions, Proc, TestCluster, TestNode, T, T_LONG};
 
+/// Held by each test that starts nodes of its own, so that they run one at
+/// a time: nodes booting and a few thousand tasks flowing at once on a small
+/// machine would only stretch every bounded wait.
+static OWN_NODES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Runs `rabbitmqctl` on `node` without stalling the test's other tasks
 /// (a multi-threaded runtime), and asserts it succeeded.
 fn ctl(node: &TestNode, args: &[&str]) {
@@ -184,6 +189,7 @@ async fn alive(env: &mut Env, p: &Proc, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warren_started_while_the_broker_is_down_connects_when_it_comes_up() {
+    let _one_at_a_time = OWN_NODES.lock().await;
     let node = TestNode::start("nodes-late", NodeOptions::default()).await;
     let url = node.amqp_url();
     let mut env = Env::without_topology(
@@ -194,7 +200,25 @@ async fn warren_started_while_the_broker_is_down_connects_when_it_comes_up() {
         ],
     )
     .await;
+    // A client that gives a publication 1.5 s, connected while the node is up.
+    let mut short = env.config.clone();
+    short.broker.publish_timeout_ms = 1500;
+    let short = warren_client::Client::connect(&short)
+        .await
+        .expect("connect");
     ctl(&node, &["stop_app"]);
+
+    // A publication the broker cannot confirm fails, after its deadline,
+    // with an error that says so; it is never reported done.
+    let err = short
+        .publish(&TaskRequest::new("diag.echo", json!({})).id("unconfirmed-1"))
+        .await
+        .expect_err("nothing confirms it while the broker is down");
+    assert!(
+        err.to_string()
+            .starts_with("unconfirmed-1: not confirmed by the broker within 1.5s ("),
+        "{err}"
+    );
 
     // Started against a stopped broker: neither gives up.
     let scheduler = env.spawn(&["scheduler"], &[]);
@@ -231,6 +255,7 @@ async fn warren_started_while_the_broker_is_down_connects_when_it_comes_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_under_load_loses_no_task_and_every_process_carries_on() {
+    let _one_at_a_time = OWN_NODES.lock().await;
     let node = TestNode::start("nodes-restart", NodeOptions::default()).await;
     let url = node.amqp_url();
     let mut env = Env::new(
@@ -374,6 +399,7 @@ fn logged_node(log: &str, nodes: &[TestNode]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_and_the_publisher_move_to_another_node_when_theirs_stops() {
+    let _one_at_a_time = OWN_NODES.lock().await;
     let cluster = TestCluster::start("nodes-fo", 3, NodeOptions::default()).await;
     let nodes = cluster.nodes();
     let all: Vec<String> = nodes.iter().map(TestNode::amqp_url).collect();
@@ -452,4 +478,41 @@ async fn the_worker_and_the_publisher_move_to_another_node_when_theirs_stops() {
         .expect("publish after the node loss");
     tap.collect(&all[keep], &again, &mut outcomes, T_LONG).await;
     outcomes.check("after the node loss", &again);
+}
+
+#[tokio::test]
+async fn a_node_list_skips_a_node_that_does_not_answer_and_names_each_failure() {
+    let dead = |port: u16| format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let (a, b) = (warren_e2e::free_port(), warren_e2e::free_port());
+    let mut config = warren_core::Config::load_from(
+        None,
+        &[(
+            "WARREN__BROKER__URL".to_owned(),
+            format!("{},{}", dead(a), warren_e2e::broker_url()),
+        )],
+    )
+    .expect("a list of two nodes");
+    // Whichever node this process starts at, the one that answers is used.
+    for _ in 0..2 {
+        let conn = warren_client::runtime::connect(&config.broker, "test")
+            .await
+            .expect("the node that answers");
+        assert!(conn.status().connected());
+        let _ = conn.close(200, "done".into()).await;
+    }
+
+    // No node answers: one error naming every node, passwords hidden.
+    config.broker.url = warren_core::config::BrokerUrls::list([dead(a), dead(b)]);
+    let err = warren_client::runtime::connect(&config.broker, "test")
+        .await
+        .expect_err("no node answers")
+        .to_string();
+    assert!(err.starts_with("no broker node reachable: "), "{err}");
+    for port in [a, b] {
+        assert!(
+            err.contains(&format!("amqp://guest:***@127.0.0.1:{port}/%2f: ")),
+            "{err}"
+        );
+    }
+    assert!(!err.contains("guest:guest"), "{err}");
 }
