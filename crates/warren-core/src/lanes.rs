@@ -53,7 +53,7 @@ impl Bands {
     pub fn band(self, k: u8) -> Option<(u8, u8)> {
         let mut members = (0..=self.max_priority).filter(|&p| self.lane_of(Some(p)) == k);
         let low = members.next()?;
-        Some((low, members.last().unwrap_or(low)))
+        Some((low, members.next_back().unwrap_or(low)))
     }
 }
 
