@@ -212,3 +212,87 @@ async fn a_classic_queue_keeps_broker_priorities_and_has_no_lanes() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn lane_tasks_behind_a_long_one_are_handed_back_to_their_lane() {
+    // One slot, a long task running: what the worker moved into the lanes
+    // and took from them waits, is handed back to its lane after
+    // worker.handback_ms, and runs on a second worker long before the long
+    // task ends. Nothing is lost or run twice.
+    let mut env = Env::new(
+        "laneback",
+        &[
+            ("WARREN__WORKER__CONCURRENCY", "1"),
+            ("WARREN__WORKER__PREFETCH", "20"),
+            ("WARREN__WORKER__HANDBACK_MS", "300"),
+        ],
+    )
+    .await;
+    let (conn, ch) = env.open_channel().await;
+    ch.queue_delete(
+        env.names().work_queue("diag").as_str().into(),
+        QueueDeleteOptions::default(),
+    )
+    .await
+    .expect("delete the classic diag queue");
+    let _ = conn.close(200, "bye".into()).await;
+    let cfg = env.config_file(
+        "[[queues]]\nname = \"qq\"\ntype = \"quorum\"\n\n\
+         [[routes]]\npattern = \"diag.*\"\nqueue = \"qq\"\n",
+    );
+    env.cli_ok(&["--config", &cfg, "topology", "apply"]);
+    let names = env.names();
+    let mut reqs = vec![TaskRequest::new("diag.sleep", json!({"ms": 8000})).id("long")];
+    for i in 0..30 {
+        reqs.push(
+            TaskRequest::new("diag.sleep", json!({"ms": 20}))
+                .id(format!("short-{i}"))
+                .priority(if i % 2 == 0 { 0 } else { 9 }),
+        );
+    }
+    env.client.publish_batch(&reqs, 32, |_| {}).await.unwrap();
+    env.wait_depth(&names.work_queue("qq"), 31, T).await;
+    let mut watch = env.watch(&["#"]).await;
+    let first = env.spawn(&["--config", &cfg, "worker"], &[]);
+    loop {
+        let e = watch.next(T).await.unwrap().expect("the long task starts");
+        if e.event.task_id == "long" && e.event.state == TaskState::Started {
+            break;
+        }
+    }
+    // Everything else leaves the entry for the lanes while the long task runs.
+    env.wait_depth(&names.work_queue("qq"), 0, T).await;
+    env.spawn(&["--config", &cfg, "worker"], &[]);
+    let mut finals: Vec<(String, TaskState)> = Vec::new();
+    while finals.len() < reqs.len() {
+        let e = watch.next(T).await.unwrap().expect("every task ends");
+        if e.event.state.is_final() {
+            finals.push((e.event.task_id, e.event.state));
+        }
+    }
+    assert!(
+        finals.iter().all(|(_, s)| *s == TaskState::Succeeded),
+        "{finals:?}"
+    );
+    let mut ids: Vec<&str> = finals.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        ids.last(),
+        Some(&"long"),
+        "no short task waited for it: {ids:?}"
+    );
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), reqs.len(), "each task ended once");
+    let addr = env.ops_addr(&first, "worker", T).await;
+    let (_, text) = warren_e2e::http_get(&addr, "/metrics").await;
+    let moved = warren_e2e::metric(&text, "warren_worker_moved_to_lane_total").unwrap_or(0.0);
+    assert!(
+        moved >= 1.0,
+        "the first worker moved tasks to lanes: {text}"
+    );
+    let handed = warren_e2e::metric(&text, "warren_worker_handed_back_total").unwrap_or(0.0);
+    assert!(
+        handed >= 1.0,
+        "the first worker handed lane tasks back: {text}"
+    );
+}
