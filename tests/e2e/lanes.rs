@@ -8,7 +8,7 @@ use lapin::types::FieldTable;
 use serde_json::json;
 use warren_client::{EventWatch, TaskRequest};
 use warren_core::TaskState;
-use warren_e2e::{Env, T, T_LONG};
+use warren_e2e::{final_event, until_final, Env, T, T_LONG};
 
 /// Tasks queued at priority 0 before the high ones.
 const LOW: usize = 200;
@@ -295,4 +295,60 @@ async fn lane_tasks_behind_a_long_one_are_handed_back_to_their_lane() {
         handed >= 1.0,
         "the first worker handed lane tasks back: {text}"
     );
+}
+
+#[tokio::test]
+async fn a_task_that_expires_in_a_lane_ends_dead_expired_naming_its_queue() {
+    // One slot, held by a long task: the next task is moved to its lane
+    // with its expiration, waits in the worker, is handed back to the lane
+    // while the worker takes nothing more, and expires there. The lane
+    // dead-letters like its work queue: `dead`, `expired`, queue "qq".
+    let mut env = Env::new("laneexp", &[("WARREN__WORKER__CONCURRENCY", "1")]).await;
+    let (conn, ch) = env.open_channel().await;
+    ch.queue_delete(
+        env.names().work_queue("diag").as_str().into(),
+        QueueDeleteOptions::default(),
+    )
+    .await
+    .expect("delete the classic diag queue");
+    let _ = conn.close(200, "bye".into()).await;
+    let cfg = env.config_file(
+        "[[queues]]\nname = \"qq\"\ntype = \"quorum\"\n\n\
+         [[routes]]\npattern = \"diag.*\"\nqueue = \"qq\"\n",
+    );
+    env.cli_ok(&["--config", &cfg, "topology", "apply"]);
+    env.spawn(&["--config", &cfg, "scheduler"], &[]);
+    let worker = env.spawn(&["--config", &cfg, "worker"], &[]);
+    let mut watch = env.watch(&["#"]).await;
+    env.publish(&TaskRequest::new("diag.sleep", json!({"ms": 60_000})).id("long"))
+        .await;
+    loop {
+        let e = watch.next(T).await.unwrap().expect("the long task starts");
+        if e.event.task_id == "long" && e.event.state == TaskState::Started {
+            break;
+        }
+    }
+    env.publish(
+        &TaskRequest::new("diag.echo", json!({}))
+            .id("exp-1")
+            .priority(9)
+            .expiration_ms(1000),
+    )
+    .await;
+    let got = until_final(&mut watch, &["exp-1"], T).await;
+    let ev = final_event(&got["exp-1"]);
+    assert_eq!(ev.state, TaskState::Dead, "{ev:?}");
+    assert_eq!(ev.reason.as_deref(), Some("expired"));
+    assert_eq!(ev.attempt, 0);
+    assert_eq!(ev.queue.as_deref(), Some("qq"));
+    let addr = env.ops_addr(&worker, "worker", T).await;
+    let (_, text) = warren_e2e::http_get(&addr, "/metrics").await;
+    assert_eq!(
+        warren_e2e::metric(&text, "warren_worker_moved_to_lane_total"),
+        Some(1.0),
+        "{text}"
+    );
+    env.client.cancel("long").await.unwrap();
+    let got = until_final(&mut watch, &["long"], T).await;
+    assert_eq!(final_event(&got["long"]).state, TaskState::Cancelled);
 }
