@@ -49,11 +49,7 @@ async fn follow(watch: &mut EventWatch, n: usize) -> (Vec<String>, BTreeMap<Stri
             .unwrap_or_else(|| panic!("every task ends; ended so far: {}", succeeded.len()));
         let id = e.event.task_id.clone();
         match e.event.state {
-            TaskState::Started => {
-                if !started.contains(&id) {
-                    started.push(id);
-                }
-            }
+            TaskState::Started if !started.contains(&id) => started.push(id),
             TaskState::Succeeded => *succeeded.entry(id).or_default() += 1,
             s if s.is_final() => panic!("task {id} ended {s:?}: {e:?}"),
             _ => {}
