@@ -170,7 +170,7 @@ impl Permissions {
                 let mut read: Vec<String> = Vec::new();
                 for q in &config.queues {
                     read.push(name(n.work_queue(&q.name)));
-                    if let Some(b) = q.bands() {
+                    if let Some(b) = config.queue_bands(q) {
                         read.extend((0..b.lanes()).map(|k| name(n.lane_queue(&q.name, k))));
                     }
                 }

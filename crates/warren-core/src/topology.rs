@@ -341,7 +341,7 @@ impl TopologyPlan {
                         ("x-dead-letter-exchange", ArgValue::Str(dlx.clone())),
                         ("x-queue-type", ArgValue::Str("quorum".into())),
                     ]),
-                    match q.bands() {
+                    match c.queue_bands(q) {
                         Some(b) => format!(
                             "quorum, replicated, priorities 0..={} sorted by workers into {} lanes",
                             q.max_priority,
@@ -358,7 +358,7 @@ impl TopologyPlan {
             ));
             // Lanes: same arguments as the entry, so they dead-letter and
             // replicate alike; filled by workers only, so never bound.
-            if let Some(b) = q.bands() {
+            if let Some(b) = c.queue_bands(q) {
                 for k in 0..b.lanes() {
                     let (low, high) = b.band(k).unwrap_or((0, 0));
                     queues.push(queue(

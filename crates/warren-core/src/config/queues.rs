@@ -70,7 +70,12 @@ impl QueueConfig {
     /// queue with more than one lane (and a priority range to split).
     /// `None` for a classic queue (the broker sorts) or a single lane.
     pub fn bands(&self) -> Option<Bands> {
-        if self.kind != QueueKind::Quorum {
+        self.bands_as(self.kind)
+    }
+
+    /// [`QueueConfig::bands`] for the queue declared as `kind`.
+    pub fn bands_as(&self, kind: QueueKind) -> Option<Bands> {
+        if kind != QueueKind::Quorum {
             return None;
         }
         let lanes = self
@@ -130,14 +135,21 @@ pub struct RouteConfig {
 
 /// The longest queue name a `[[queues]]` entry declares: its last lane, or
 /// the work queue itself.
-fn longest_name(names: &crate::Names, q: &QueueConfig) -> String {
-    match q.bands() {
+fn longest_name(c: &Config, names: &crate::Names, q: &QueueConfig) -> String {
+    match c.queue_bands(q) {
         Some(b) => names.lane_queue(&q.name, b.lanes() - 1),
         None => names.work_queue(&q.name),
     }
 }
 
 impl Config {
+    /// The priority lanes of a work queue, as declared and consumed: `None`
+    /// when the queue has none (see [`QueueConfig::bands`]). Everything
+    /// that declares, consumes or permits lanes asks here.
+    pub fn queue_bands(&self, q: &QueueConfig) -> Option<Bands> {
+        q.bands()
+    }
+
     pub(super) fn queue_names_hint(&self) -> String {
         if self.queues.is_empty() {
             return "no queues are configured".into();
@@ -175,13 +187,13 @@ impl Config {
                         q.name
                     ),
                 );
-            } else if longest_name(&names, q).len() > MAX_NAME_BYTES {
+            } else if longest_name(self, &names, q).len() > MAX_NAME_BYTES {
                 issues.add(
                     &key,
                     format!(
                         "{:?} makes the queue name {} bytes long: AMQP allows {MAX_NAME_BYTES}; shorten it",
                         q.name,
-                        longest_name(&names, q).len()
+                        longest_name(self, &names, q).len()
                     ),
                 );
             } else if let Some(&first) = first_with_name.get(q.name.as_str()) {

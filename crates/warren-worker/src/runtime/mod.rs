@@ -98,7 +98,11 @@ enum SourceKind {
 
 impl Source {
     /// The sources of one work queue: itself, then its lanes if it has any.
-    fn of(names: &Names, q: &warren_core::config::QueueConfig) -> Vec<Arc<Source>> {
+    fn of(
+        config: &Config,
+        names: &Names,
+        q: &warren_core::config::QueueConfig,
+    ) -> Vec<Arc<Source>> {
         let source = |full: String, kind| {
             Arc::new(Source {
                 short: q.name.clone(),
@@ -107,7 +111,7 @@ impl Source {
                 kind,
             })
         };
-        let Some(bands) = q.bands() else {
+        let Some(bands) = config.queue_bands(q) else {
             return vec![source(names.work_queue(&q.name), SourceKind::Plain)];
         };
         let lanes: Vec<String> = (0..bands.lanes())
@@ -287,7 +291,7 @@ impl Worker {
         let sources: Vec<Arc<Source>> = config
             .worker_queues()
             .into_iter()
-            .flat_map(|q| Source::of(&names, q))
+            .flat_map(|q| Source::of(&config, &names, q))
             .collect();
         if sources.is_empty() {
             return Err(WorkerError::NoQueues);
