@@ -529,7 +529,9 @@ impl Worker {
                         } else {
                             waiting.push(d);
                         }
-                        if paused == Pause::No && held() >= budget {
+                        // Also while paused for slots: lane entries are
+                        // still consumed then.
+                        if paused != Pause::Bytes && held() >= budget {
                             session.stop_consuming().await;
                             paused = Pause::Bytes;
                             sh.metrics.paused(true);
