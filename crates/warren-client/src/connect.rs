@@ -211,6 +211,34 @@ impl ConfirmChannel {
             .map_err(ClientError::amqp(format!("publish to {exchange}")))
     }
 
+    /// Sends one message with the `mandatory` flag: a message no queue takes
+    /// comes back in the confirm (see [`Confirmation::take_message`]) instead
+    /// of being dropped.
+    ///
+    /// [`Confirmation::take_message`]: lapin::publisher_confirm::Confirmation::take_message
+    pub async fn send_mandatory(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PublisherConfirm, ClientError> {
+        let routing_key = ShortString::try_new(routing_key).map_err(|_| {
+            ClientError::InvalidRequest(format!(
+                "routing key of {} bytes is longer than 255",
+                routing_key.len()
+            ))
+        })?;
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
+        self.channel
+            .basic_publish(exchange.into(), routing_key, options, body, properties)
+            .await
+            .map_err(ClientError::amqp(format!("publish to {exchange}")))
+    }
+
     /// Sends one message and waits for the broker's confirm.
     pub async fn publish(
         &self,

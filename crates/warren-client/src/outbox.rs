@@ -116,6 +116,42 @@ impl Outbox {
         self.channel.send("", queue, body, props).await
     }
 
+    /// Moves a task to a priority lane of its work queue (`queue`, a lane
+    /// queue's full name): a copy like [`Outbox::requeue`]'s, published
+    /// `mandatory`, so a missing lane returns it instead of dropping it.
+    /// Resolves once the broker confirmed the copy in the lane.
+    pub async fn to_lane(
+        &self,
+        queue: &str,
+        body: &[u8],
+        original: &BasicProperties,
+        h: FieldTable,
+        task_type: &str,
+        task_id: &str,
+    ) -> Result<(), ClientError> {
+        let mut props = copy_properties(original, h, task_type, Some(task_id));
+        if let Some(exp) = original.expiration() {
+            props = props.with_expiration(exp.clone());
+        }
+        let confirm = self.channel.send_mandatory("", queue, body, props).await?;
+        let c = confirm.await.map_err(|source| ClientError::Amqp {
+            what: format!("confirm of task {task_id} in {queue}"),
+            source,
+        })?;
+        if c.is_nack() {
+            return Err(ClientError::Nacked {
+                task_id: task_id.to_owned(),
+            });
+        }
+        if c.take_message().is_some() {
+            return Err(ClientError::InvalidRequest(format!(
+                "the broker has no queue {queue} to move task {task_id} to: run `warren \
+                 topology apply`"
+            )));
+        }
+        Ok(())
+    }
+
     /// Sends a retry through `P.delay` with `x-delay`, the next attempt
     /// number and the last error; the scheduler releases it when due.
     #[allow(clippy::too_many_arguments)]

@@ -15,6 +15,7 @@ pub mod control;
 pub mod delay;
 pub mod event;
 pub mod headers;
+pub mod lanes;
 pub mod names;
 pub mod permissions;
 pub mod routes;

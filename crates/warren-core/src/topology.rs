@@ -341,14 +341,38 @@ impl TopologyPlan {
                         ("x-dead-letter-exchange", ArgValue::Str(dlx.clone())),
                         ("x-queue-type", ArgValue::Str("quorum".into())),
                     ]),
-                    "quorum, replicated, no priorities".to_string(),
+                    match c.queue_bands(q) {
+                        Some(b) => format!(
+                            "quorum, replicated, priorities 0..={} sorted by workers into {} lanes",
+                            q.max_priority,
+                            b.lanes()
+                        ),
+                        None => "quorum, replicated, no priorities".to_string(),
+                    },
                 ),
             };
             queues.push(queue(
                 n.work_queue(&q.name),
-                arguments,
+                arguments.clone(),
                 format!("work queue \"{}\" ({kind}): {routed}", q.name),
             ));
+            // Lanes: same arguments as the entry, so they dead-letter and
+            // replicate alike; filled by workers only, so never bound.
+            if let Some(b) = c.queue_bands(q) {
+                for k in 0..b.lanes() {
+                    let (low, high) = b.band(k).unwrap_or((0, 0));
+                    queues.push(queue(
+                        n.lane_queue(&q.name, k),
+                        arguments.clone(),
+                        format!(
+                            "lane {k} of work queue \"{}\": priorities {low}..={high}, moved \
+                             here by workers from {}",
+                            q.name,
+                            n.work_queue(&q.name)
+                        ),
+                    ));
+                }
+            }
         }
 
         let mut bindings: Vec<BindingPlan> = c
@@ -547,13 +571,15 @@ fn parse_reported_value(text: &str) -> Option<Option<&str>> {
     Some(Some(&inner[..end]))
 }
 
-/// The `[[queues]]` name of a work queue in the plan (`warren.q.io` -> `io`).
+/// The `[[queues]]` name of a work queue or lane in the plan (`warren.q.io`
+/// and `warren.q.io.lane.1` -> `io`).
 fn work_queue_short_name<'a>(plan: &TopologyPlan, name: &'a str) -> Option<&'a str> {
     let is_work_queue = plan
         .queues
         .iter()
         .any(|q| q.name == name && q.arguments.contains_key("x-dead-letter-exchange"));
     let (_, short) = name.rsplit_once(".q.")?;
+    let short = short.split_once(".lane.").map_or(short, |(queue, _)| queue);
     is_work_queue.then_some(short)
 }
 
@@ -759,6 +785,60 @@ mod tests {
         assert_eq!(
             queue(&p, "warren.q.cpu").arguments["x-max-priority"],
             ArgValue::Int(10)
+        );
+    }
+
+    #[test]
+    fn quorum_queue_with_priorities_gets_lanes() {
+        let p = plan(
+            "[[queues]]\nname = \"io\"\ntype = \"quorum\"\n\
+             [[queues]]\nname = \"cpu\"\ntype = \"quorum\"\nlanes = 1\n\
+             [[queues]]\nname = \"diag\"\nlanes = 4\n\
+             [[queues]]\nname = \"two\"\ntype = \"quorum\"\nmax_priority = 1\n",
+        );
+        let lanes: Vec<&str> = p
+            .queues
+            .iter()
+            .map(|q| q.name.as_str())
+            .filter(|q| q.contains(".lane."))
+            .collect();
+        assert_eq!(
+            lanes,
+            [
+                "warren.q.io.lane.0",
+                "warren.q.io.lane.1",
+                "warren.q.io.lane.2",
+                "warren.q.two.lane.0",
+                "warren.q.two.lane.1",
+            ],
+            "default 3 lanes; lanes = 1 means none; classic queues have none; at most one \
+             lane per priority"
+        );
+        let entry = queue(&p, "warren.q.io");
+        for k in 0..3 {
+            let lane = queue(&p, &format!("warren.q.io.lane.{k}"));
+            assert_eq!(lane.arguments, entry.arguments);
+        }
+        assert!(queue(&p, "warren.q.io.lane.2")
+            .purpose
+            .contains("priorities 8..=10"));
+        assert!(entry.purpose.contains("sorted by workers into 3 lanes"));
+        assert!(
+            p.bindings.iter().all(|b| !b.queue.contains(".lane.")),
+            "lanes are never bound"
+        );
+        assert_eq!(
+            queue(&p, "warren.q.diag").arguments["x-max-priority"],
+            ArgValue::Int(10)
+        );
+        assert_eq!(
+            p.explain_conflict(
+                "inequivalent arg 'x-queue-type' for queue 'warren.q.io.lane.1' in vhost '/': \
+                 received the value 'quorum' of type 'longstr' but current is none"
+            ),
+            "queue warren.q.io.lane.1 exists without x-queue-type, config says quorum: delete \
+             the queue (its messages are lost) or set type = \"classic\" in [[queues]] name = \
+             \"io\""
         );
     }
 

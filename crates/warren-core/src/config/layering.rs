@@ -415,5 +415,9 @@ mod tests {
         assert_eq!(with_default.default_queue().unwrap().name, "default");
         let quorum = Config::load_from(Some(&root.join("examples/quorum.toml")), &[]).unwrap();
         assert_eq!(quorum.queue("io").unwrap().kind, QueueKind::Quorum);
+        assert_eq!(
+            quorum.queue("io").unwrap().bands().map(|b| b.lanes()),
+            Some(3)
+        );
     }
 }

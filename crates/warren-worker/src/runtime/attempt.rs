@@ -12,6 +12,7 @@
 //! | invalid message, poison | copy in `P.dead`, `dead` event, reply |
 //! | no id, or redelivered below the poison limit | the copy put back on its queue |
 //! | handed back: waited `worker.handback_ms` for a slot | the copy put back on its queue |
+//! | moved from a lane entry to its priority's lane | the copy in the lane |
 //! | cancelled before it started | `cancelled` event, reply |
 //! | cancelled while running | `started`, `cancelled` event, reply |
 //! | succeeded | `started`, `succeeded` event, reply |
@@ -40,7 +41,7 @@ use warren_core::{headers, DeadReason, Event, TaskEnvelope, TaskState};
 use super::progress::ProgressEvents;
 use super::session::Session;
 use super::slots::{Running, Slot};
-use super::Shared;
+use super::{Shared, Source};
 use crate::handler::Handler;
 use crate::metrics::Outcome;
 use crate::{Progress, TaskContext, TaskError};
@@ -82,8 +83,11 @@ struct Ran {
 pub(super) struct Attempt<'a> {
     sh: &'a Shared,
     session: &'a Session,
-    /// The short name of the queue it came from.
+    /// The short name of the work queue it came from.
     queue: &'a str,
+    /// The full name of the queue it came from (a lane's, for a lane), where
+    /// copies put back go.
+    requeue_to: &'a str,
     delivery: Delivery,
     meta: MessageMeta,
     task_type: String,
@@ -96,12 +100,13 @@ impl<'a> Attempt<'a> {
     pub(super) async fn run(
         sh: &'a Shared,
         session: &'a Session,
-        queue: &'a str,
+        source: &'a Source,
         delivery: Delivery,
         abort: &CancellationToken,
         slot: Slot,
     ) {
-        let attempt = Attempt::new(sh, session, queue, delivery);
+        let attempt = Attempt::new(sh, session, source, delivery);
+        let queue = attempt.queue;
         match attempt.triage().await {
             Triage::Settled(id, outcome) => attempt.settle(&id, outcome).await,
             Triage::Run(id) => {
@@ -124,10 +129,10 @@ impl<'a> Attempt<'a> {
     pub(super) async fn hand_back(
         sh: &'a Shared,
         session: &'a Session,
-        queue: &'a str,
+        source: &'a Source,
         delivery: Delivery,
     ) {
-        let attempt = Attempt::new(sh, session, queue, delivery);
+        let attempt = Attempt::new(sh, session, source, delivery);
         match attempt.triage().await {
             Triage::Settled(id, outcome) => attempt.settle(&id, outcome).await,
             Triage::Run(id) => {
@@ -142,7 +147,49 @@ impl<'a> Attempt<'a> {
         }
     }
 
-    fn new(sh: &'a Shared, session: &'a Session, queue: &'a str, delivery: Delivery) -> Self {
+    /// Moves a delivery from the entry of a work queue with lanes to the
+    /// lane of its priority, when it cannot start at once: a copy like a
+    /// hand-back's (same id, headers, priority and expiration, counted
+    /// again), published `mandatory` to the lane and confirmed, then the
+    /// ack. Lane deliveries are never moved again. What triage settles
+    /// without a slot is settled here as it would be there.
+    pub(super) async fn move_to_lane(
+        sh: &'a Shared,
+        session: &'a Session,
+        source: &'a Source,
+        delivery: Delivery,
+    ) {
+        let attempt = Attempt::new(sh, session, source, delivery);
+        let Some(lane) = source.lane_for(&attempt.delivery) else {
+            // Not an entry: nothing to sort, keep it on its queue.
+            return Self::hand_back(sh, session, source, attempt.delivery).await;
+        };
+        match attempt.triage().await {
+            Triage::Settled(id, outcome) => attempt.settle(&id, outcome).await,
+            Triage::Run(id) => {
+                let d = &attempt.delivery;
+                let outcome = attempt
+                    .out()
+                    .to_lane(
+                        lane,
+                        &d.data,
+                        &d.properties,
+                        attempt.headers(),
+                        &attempt.task_type,
+                        &id,
+                    )
+                    .await
+                    .map(|()| Disposition::Ack);
+                if outcome.is_ok() {
+                    debug!(task_id = %id, lane, "moved to its lane");
+                    sh.metrics.moved_to_lane();
+                }
+                attempt.settle(&id, outcome).await;
+            }
+        }
+    }
+
+    fn new(sh: &'a Shared, session: &'a Session, source: &'a Source, delivery: Delivery) -> Self {
         let meta = meta_of(&delivery);
         let routing = [
             sh.routing_exchanges[0].as_str(),
@@ -152,7 +199,8 @@ impl<'a> Attempt<'a> {
         Attempt {
             sh,
             session,
-            queue,
+            queue: &source.short,
+            requeue_to: &source.full,
             delivery,
             meta,
             task_type,
@@ -500,13 +548,14 @@ impl<'a> Attempt<'a> {
         Ok(Disposition::Ack)
     }
 
-    /// Confirms a copy put at the back of its queue with `h` and the id `id`.
+    /// Confirms a copy put at the back of the queue it came from (its lane,
+    /// for a lane) with `h` and the id `id`.
     async fn requeue(&self, id: &str, h: FieldTable) -> Result<Disposition, ClientError> {
         let d = &self.delivery;
         let c = self
             .out()
             .requeue(
-                &self.sh.names.work_queue(self.queue),
+                self.requeue_to,
                 &d.data,
                 &d.properties,
                 h,
