@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use warren_client::runtime::{process_identity, CancelSet, Reconnect};
+use warren_core::escrow::EscrowTimes;
 use warren_core::{Config, Names};
 
 use crate::metrics::WorkerMetrics;
@@ -56,6 +57,8 @@ struct Shared {
     queues: Vec<(String, String)>,
     routing_exchanges: [String; 2],
     cancels: CancelSet,
+    /// When tasks go into escrow; `None`: the broker has no consumer timeout.
+    escrow: Option<EscrowTimes>,
     /// Semaphores of the types capped by `worker.type_concurrency`.
     type_caps: BTreeMap<String, Arc<Semaphore>>,
     metrics: Arc<WorkerMetrics>,
@@ -178,6 +181,13 @@ impl Worker {
         }
         let routing_exchanges = [names.tasks(), names.unroutable()];
         let config_concurrency = config.worker.concurrency;
+        let escrow = EscrowTimes::from_config(&config);
+        // Escrow copies of other workers may come back here whether or not
+        // this worker puts tasks in escrow itself: keep their leases.
+        let cancels = CancelSet::new().keep_leases(EscrowTimes {
+            after_ms: escrow.map_or(0, |t| t.after_ms),
+            lease_ms: config.worker.escrow_lease_ms,
+        });
         let type_caps = config
             .worker
             .type_concurrency
@@ -192,7 +202,8 @@ impl Worker {
                 identity: process_identity(),
                 queues,
                 routing_exchanges,
-                cancels: CancelSet::new(),
+                cancels,
+                escrow,
                 type_caps,
                 metrics: Arc::new(WorkerMetrics::new(config_concurrency)),
                 task_time_us: AtomicU64::new(0),
