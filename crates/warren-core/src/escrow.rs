@@ -151,7 +151,10 @@ impl LeaseBook {
     pub fn prune(&mut self, times: &EscrowTimes, now_ms: i64) {
         let keep = times.keep_ms();
         self.leases.retain(|_, l| {
-            l.until_ms.max(l.done_at.unwrap_or(i64::MIN)).saturating_add(keep) > now_ms
+            l.until_ms
+                .max(l.done_at.unwrap_or(i64::MIN))
+                .saturating_add(keep)
+                > now_ms
         });
     }
 

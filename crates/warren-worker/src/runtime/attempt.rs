@@ -42,8 +42,8 @@ use warren_client::runtime::{confirm_all, now_ms, Outbox};
 use warren_client::ClientError;
 use warren_core::backoff::full_jitter_ms;
 use warren_core::control::ControlMessage;
-use warren_core::escrow::{EscrowTimes, Returned, ESCROW};
 use warren_core::delay::DUE_AT;
+use warren_core::escrow::{EscrowTimes, Returned, ESCROW};
 use warren_core::event::{cap_result, format_time, new_id, ErrorKind, EventErrorInfo};
 use warren_core::task::{check_headers, task_type_of, InvalidTask, MessageMeta};
 use warren_core::{headers, DeadReason, Event, TaskEnvelope, TaskState};
@@ -358,9 +358,7 @@ impl<'a> Attempt<'a> {
         let mut join = tokio::spawn(async move { handler.handle(ctx).await });
         let deadline = began + timeout;
         // The handler runs on while the escrow is put in place or renewed.
-        let mut escrow_at = sh
-            .escrow
-            .map(|t| began + Duration::from_millis(t.after_ms));
+        let mut escrow_at = sh.escrow.map(|t| began + Duration::from_millis(t.after_ms));
         let result = loop {
             tokio::select! {
                 r = &mut join => break match r {
