@@ -93,14 +93,14 @@ impl CancelSet {
         self
     }
 
-    /// What to do with an escrow copy of `task_id` that came back to its
-    /// work queue now, by the records read so far.
-    pub fn escrow_returned(&self, task_id: &str) -> Returned {
+    /// What to do with an escrow copy of the escrow `escrow_id` that came
+    /// back to its work queue now, by the records read so far.
+    pub fn escrow_returned(&self, escrow_id: &str) -> Returned {
         self.leases
             .lock()
             .expect("not poisoned")
             .book
-            .returned(task_id, now_ms())
+            .returned(escrow_id, now_ms())
     }
 
     /// Takes in an escrow lease or done record, when leases are kept.
@@ -246,7 +246,7 @@ impl CancelSet {
                         let _ = r.send(());
                     }
                 }
-                Some(m @ (ControlMessage::Lease { .. } | ControlMessage::EscrowDone(_))) => {
+                Some(m @ (ControlMessage::Lease { .. } | ControlMessage::EscrowDone { .. })) => {
                     self.record_escrow(&m);
                 }
                 _ => {}

@@ -7,18 +7,22 @@
 //! at [`EscrowTimes::after_ms`] puts it in escrow:
 //!
 //! 1. it publishes an escrow copy of the delivery (same id, body, headers
-//!    and priority, marked with [`ESCROW`]) to `P.escrow`, expiring after
+//!    and priority, marked with [`ESCROW`] = a new escrow id naming this run
+//!    of the task) to `P.escrow`, expiring after
 //!    the lease length `L`; an expired copy is dead-lettered back to the
 //!    work queue it came from;
 //! 2. once the copy is confirmed, it publishes a lease record
-//!    `{"lease": id, "until": ms}` to `P.control`;
+//!    `{"lease": id, "escrow": escrow id, "until": ms}` to `P.control`;
 //! 3. once that is confirmed, it acknowledges the delivery.
 //!
 //! While the task runs it renews both every `L/2`. When the outcome is
-//! recorded it publishes `{"escrow_done": id}`. A worker that receives a
-//! copy carrying the mark asks its [`LeaseBook`] (fed from the cancels
-//! stream) what to do: drop it when the task is done or its lease still
-//! runs, run it again as a redelivery when the lease ended (its worker died).
+//! recorded it publishes `{"escrow_done": id, "escrow": escrow id}`. A
+//! worker that receives a copy carrying the mark asks its [`LeaseBook`] (fed
+//! from the cancels stream) what to do: drop it when that run is done or
+//! its lease still runs, run the task again as a redelivery when the lease
+//! ended (its worker died). Records are matched by escrow id, not task id:
+//! a retry of the same task, or its run after its worker died, is another
+//! escrow, which the done record of an earlier run does not end.
 //!
 //! The lease ends `3L/4` after the copy was sent and the copy returns `L`
 //! after: a copy returning while its owner lives finds a newer lease that
@@ -32,8 +36,8 @@ use std::collections::HashMap;
 use crate::config::Config;
 use crate::control::ControlMessage;
 
-/// Header marking an escrow copy; its value is the identity of the worker
-/// that holds the task.
+/// Header marking an escrow copy; its value is the escrow id, which the
+/// lease and done records of that run name.
 pub const ESCROW: &str = "x-warren-escrow";
 
 /// When a worker puts a task in escrow and renews it.
@@ -95,8 +99,8 @@ pub enum Returned {
     Expired,
 }
 
-/// What a process knows of the tasks in escrow, from the lease and done
-/// records on the cancels stream.
+/// What a process knows of the runs in escrow, by escrow id, from the lease
+/// and done records on the cancels stream.
 #[derive(Debug, Clone, Default)]
 pub struct LeaseBook {
     leases: HashMap<String, Lease>,
@@ -119,15 +123,19 @@ impl LeaseBook {
     /// Takes in a record read at `now_ms`; other messages are ignored.
     pub fn record(&mut self, m: &ControlMessage, now_ms: i64) {
         match m {
-            ControlMessage::Lease { id, until_ms } => {
-                let l = self.leases.entry(id.clone()).or_insert(Lease {
+            ControlMessage::Lease {
+                escrow_id,
+                until_ms,
+                ..
+            } => {
+                let l = self.leases.entry(escrow_id.clone()).or_insert(Lease {
                     until_ms: *until_ms,
                     done_at: None,
                 });
                 l.until_ms = l.until_ms.max(*until_ms);
             }
-            ControlMessage::EscrowDone(id) => {
-                let l = self.leases.entry(id.clone()).or_insert(Lease {
+            ControlMessage::EscrowDone { escrow_id, .. } => {
+                let l = self.leases.entry(escrow_id.clone()).or_insert(Lease {
                     until_ms: now_ms,
                     done_at: None,
                 });
@@ -137,16 +145,17 @@ impl LeaseBook {
         }
     }
 
-    /// What to do with an escrow copy of task `id` received at `now_ms`.
-    pub fn returned(&self, id: &str, now_ms: i64) -> Returned {
-        match self.leases.get(id) {
+    /// What to do with an escrow copy of the escrow `escrow_id` received at
+    /// `now_ms`.
+    pub fn returned(&self, escrow_id: &str, now_ms: i64) -> Returned {
+        match self.leases.get(escrow_id) {
             Some(l) if l.done_at.is_some() => Returned::Done,
             Some(l) if l.until_ms > now_ms => Returned::Held,
             _ => Returned::Expired,
         }
     }
 
-    /// Forgets the tasks whose lease (or done record) is older than every
+    /// Forgets the runs whose lease (or done record) is older than every
     /// copy they can still have out, for `times` at `now_ms`.
     pub fn prune(&mut self, times: &EscrowTimes, now_ms: i64) {
         let keep = times.keep_ms();
@@ -158,7 +167,7 @@ impl LeaseBook {
         });
     }
 
-    /// How many tasks the book holds.
+    /// How many runs the book holds.
     pub fn len(&self) -> usize {
         self.leases.len()
     }
@@ -179,10 +188,18 @@ mod tests {
         lease_ms: L,
     };
 
-    fn lease(id: &str, until_ms: i64) -> ControlMessage {
+    fn lease(escrow_id: &str, until_ms: i64) -> ControlMessage {
         ControlMessage::Lease {
-            id: id.into(),
+            task_id: "task".into(),
+            escrow_id: escrow_id.into(),
             until_ms,
+        }
+    }
+
+    fn done(escrow_id: &str) -> ControlMessage {
+        ControlMessage::EscrowDone {
+            task_id: "task".into(),
+            escrow_id: escrow_id.into(),
         }
     }
 
@@ -238,7 +255,7 @@ mod tests {
         let mut book = LeaseBook::new();
         assert_eq!(book.returned("nobody", 0), Returned::Expired);
         book.record(&lease("t", 10_000), 0);
-        book.record(&ControlMessage::EscrowDone("t".into()), 1_000);
+        book.record(&done("t"), 1_000);
         assert_eq!(book.returned("t", 2_000), Returned::Done);
         assert_eq!(book.returned("t", 1_000_000), Returned::Done);
         // A late lease record read after the done record changes nothing.
@@ -248,10 +265,16 @@ mod tests {
         book.record(&lease("u", 50_000), 0);
         book.record(&lease("u", 30_000), 0);
         assert_eq!(book.returned("u", 40_000), Returned::Held);
+        // Another run of the same task (a retry, or the run after its worker
+        // died) is another escrow: the done record of the first does not
+        // end it.
+        book.record(&lease("t-again", 10_000), 5_000);
+        assert_eq!(book.returned("t-again", 6_000), Returned::Held);
+        assert_eq!(book.returned("t-again", 10_000), Returned::Expired);
         // Cancels and markers are not escrow records.
         book.record(&ControlMessage::Cancel("v".into()), 0);
         book.record(&ControlMessage::Marker("v".into()), 0);
-        assert_eq!(book.len(), 2);
+        assert_eq!(book.len(), 3);
     }
 
     #[test]
@@ -260,7 +283,7 @@ mod tests {
         let mut book = LeaseBook::new();
         book.record(&lease("old", 0), 0);
         book.record(&lease("new", 10 * l), 0);
-        book.record(&ControlMessage::EscrowDone("done".into()), 0);
+        book.record(&done("done"), 0);
         book.prune(&T, 2 * l - 1);
         assert_eq!(book.len(), 3, "kept 2L after the lease ended");
         book.prune(&T, 2 * l + 1);

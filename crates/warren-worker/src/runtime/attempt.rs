@@ -28,7 +28,7 @@
 //! back on its queue as a redelivery first).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
@@ -98,9 +98,12 @@ pub(super) struct Attempt<'a> {
     delivery: Delivery,
     meta: MessageMeta,
     task_type: String,
-    /// The delivery is an escrow copy back from `P.escrow` (its mark is
-    /// removed from the delivery, so no copy made of it carries it).
-    returned_copy: bool,
+    /// The escrow id, when the delivery is an escrow copy back from
+    /// `P.escrow` (its mark is removed from the delivery, so no copy made of
+    /// it carries it).
+    returned_copy: Option<String>,
+    /// The escrow id of this run, once it is first put in escrow.
+    escrow_id: OnceLock<String>,
     /// The delivery was acknowledged when the task went into escrow: its
     /// outcome is settled by an `escrow_done` record, never by an ack.
     escrowed: AtomicBool,
@@ -175,6 +178,7 @@ impl<'a> Attempt<'a> {
             meta,
             task_type,
             returned_copy,
+            escrow_id: OnceLock::new(),
             escrowed: AtomicBool::new(false),
         }
     }
@@ -197,8 +201,8 @@ impl<'a> Attempt<'a> {
             let r = self.requeue(&id, h).await;
             return Triage::Settled(id, r);
         };
-        if self.returned_copy {
-            match self.sh.cancels.escrow_returned(&id) {
+        if let Some(escrow_id) = &self.returned_copy {
+            match self.sh.cancels.escrow_returned(escrow_id) {
                 Returned::Expired => {
                     warn!(task_id = %id, "escrow lease ended without an outcome: its worker is gone; the task runs again");
                     let r = self.redelivered(&id).await;
@@ -424,8 +428,9 @@ impl<'a> Attempt<'a> {
     async fn escrow_once(&self, id: &str, times: &EscrowTimes) -> Result<(), ClientError> {
         let (out, d) = (self.out(), &self.delivery);
         let sent = now_ms();
+        let escrow_id = self.escrow_id.get_or_init(new_id);
         let mut h = self.headers();
-        headers::set_str(&mut h, ESCROW, &self.sh.identity);
+        headers::set_str(&mut h, ESCROW, escrow_id);
         let copy = out
             .escrow_copy(
                 &self.sh.names.work_queue(self.queue),
@@ -439,7 +444,8 @@ impl<'a> Attempt<'a> {
             .await?;
         confirm_all(vec![copy]).await?;
         let lease = ControlMessage::Lease {
-            id: id.to_owned(),
+            task_id: id.to_owned(),
+            escrow_id: escrow_id.clone(),
             until_ms: times.lease_until(sent),
         };
         confirm_all(vec![out.control(&lease).await?]).await?;
@@ -476,7 +482,10 @@ impl<'a> Attempt<'a> {
         };
         let done = match outcome {
             Ok(_) => {
-                let done = ControlMessage::EscrowDone(id.to_owned());
+                let done = ControlMessage::EscrowDone {
+                    task_id: id.to_owned(),
+                    escrow_id: self.escrow_id.get().cloned().unwrap_or_default(),
+                };
                 match self.out().control(&done).await {
                     Ok(c) => confirm_all(vec![c]).await,
                     Err(e) => Err(e),
@@ -715,18 +724,23 @@ impl<'a> Attempt<'a> {
     }
 }
 
-/// Removes the escrow mark from a delivery's headers; whether it had one.
-fn take_escrow_mark(d: &mut Delivery) -> bool {
-    let Some(h) = d.properties.headers() else {
-        return false;
+/// Removes the escrow mark from a delivery's headers; the escrow id it
+/// named, if it had one (a mark that is not a string names none that any
+/// record can match, so its copy runs again as a redelivery).
+fn take_escrow_mark(d: &mut Delivery) -> Option<String> {
+    let h = d.properties.headers().as_ref()?;
+    let mark = h.inner().get(ESCROW)?;
+    let escrow_id = match mark {
+        lapin::types::AMQPValue::LongString(s) => {
+            String::from_utf8_lossy(s.as_bytes()).into_owned()
+        }
+        lapin::types::AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        _ => String::new(),
     };
-    if !h.inner().contains_key(ESCROW) {
-        return false;
-    }
     let mut h = h.clone();
     headers::remove(&mut h, &[ESCROW]);
     d.properties = d.properties.clone().with_headers(h);
-    true
+    Some(escrow_id)
 }
 
 fn meta_of(d: &Delivery) -> MessageMeta {
