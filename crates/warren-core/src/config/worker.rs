@@ -47,8 +47,8 @@ pub struct WorkerConfig {
     /// Address of this worker's `/metrics`, `/healthz` and `/readyz`
     /// (`host:port`); empty turns them off.
     pub listen: String,
-    /// A task still running this many milliseconds after it started is put
-    /// in escrow (its delivery acknowledged, a copy held in `P.escrow` under
+    /// A task still running this many milliseconds after its delivery
+    /// reached the worker (as the broker counts) is put in escrow (its delivery acknowledged, a copy held in `P.escrow` under
     /// a lease), so that it outlives `broker.consumer_timeout_ms`; 0: half
     /// of `broker.consumer_timeout_ms`. At most half of it.
     pub escrow_after_ms: u64,

@@ -98,6 +98,9 @@ pub(super) struct Attempt<'a> {
     delivery: Delivery,
     meta: MessageMeta,
     task_type: String,
+    /// When the delivery arrived: the broker's consumer timeout counts from
+    /// there, and so does the escrow start.
+    received: Instant,
     /// The escrow id, when the delivery is an escrow copy back from
     /// `P.escrow` (its mark is removed from the delivery, so no copy made of
     /// it carries it).
@@ -117,11 +120,11 @@ impl<'a> Attempt<'a> {
         sh: &'a Shared,
         session: &'a Session,
         queue: &'a str,
-        delivery: Delivery,
+        (delivery, received): (Delivery, Instant),
         abort: &CancellationToken,
         slot: Slot,
     ) {
-        let attempt = Attempt::new(sh, session, queue, delivery);
+        let attempt = Attempt::new(sh, session, queue, delivery, received);
         match attempt.triage().await {
             Triage::Settled(id, outcome) => attempt.settle(&id, outcome).await,
             Triage::Run(id) => {
@@ -147,7 +150,7 @@ impl<'a> Attempt<'a> {
         queue: &'a str,
         delivery: Delivery,
     ) {
-        let attempt = Attempt::new(sh, session, queue, delivery);
+        let attempt = Attempt::new(sh, session, queue, delivery, Instant::now());
         match attempt.triage().await {
             Triage::Settled(id, outcome) => attempt.settle(&id, outcome).await,
             Triage::Run(id) => {
@@ -162,7 +165,13 @@ impl<'a> Attempt<'a> {
         }
     }
 
-    fn new(sh: &'a Shared, session: &'a Session, queue: &'a str, mut delivery: Delivery) -> Self {
+    fn new(
+        sh: &'a Shared,
+        session: &'a Session,
+        queue: &'a str,
+        mut delivery: Delivery,
+        received: Instant,
+    ) -> Self {
         let returned_copy = take_escrow_mark(&mut delivery);
         let meta = meta_of(&delivery);
         let routing = [
@@ -177,6 +186,7 @@ impl<'a> Attempt<'a> {
             delivery,
             meta,
             task_type,
+            received,
             returned_copy,
             escrow_id: OnceLock::new(),
             escrowed: AtomicBool::new(false),
@@ -361,8 +371,11 @@ impl<'a> Attempt<'a> {
         let running = Running::start(&sh.metrics);
         let mut join = tokio::spawn(async move { handler.handle(ctx).await });
         let deadline = began + timeout;
-        // The handler runs on while the escrow is put in place or renewed.
-        let mut escrow_at = sh.escrow.map(|t| began + Duration::from_millis(t.after_ms));
+        // Counted from the delivery's arrival, as the broker counts. The
+        // handler runs on while the escrow is put in place or renewed.
+        let mut escrow_at = sh
+            .escrow
+            .map(|t| self.received + Duration::from_millis(t.after_ms));
         let result = loop {
             tokio::select! {
                 r = &mut join => break match r {

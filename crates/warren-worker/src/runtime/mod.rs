@@ -456,7 +456,8 @@ impl Worker {
         let abort = in_flight.abort.clone();
         let slot = Slot::new(in_flight.permits.clone(), permit);
         in_flight.tracker.spawn(async move {
-            Attempt::run(&shared, &session, &d.queue, d.delivery, &abort, slot).await;
+            let delivery = (d.delivery, d.since);
+            Attempt::run(&shared, &session, &d.queue, delivery, &abort, slot).await;
             drop(d.release);
         });
     }
