@@ -1,8 +1,9 @@
 //! Tasks that run longer than the broker's consumer timeout (contract
 //! section 3, "Long tasks"): on a node of their own whose
 //! `consumer_timeout` is 10 s, checked every second, a 30 s task runs once;
-//! and when its worker is killed after the task went into escrow, a second
-//! worker runs it again to its end.
+//! when its worker is killed after the task went into escrow, a second
+//! worker runs it again to its end; and when its worker is stopped past the
+//! grace period, the task is put back at once for another worker.
 
 use std::time::Duration;
 
@@ -170,4 +171,59 @@ async fn a_task_in_escrow_whose_worker_dies_runs_again_and_ends() {
     assert!(late.is_none(), "an event after the outcome: {late:?}");
     drop(env);
     drop(node);
+}
+
+#[tokio::test]
+async fn a_task_in_escrow_aborted_at_shutdown_runs_again_at_once_elsewhere() {
+    let node = strict_node("long-stop").await;
+    let mut env = env_on(&node, "long-stop").await;
+    let mut watch = env.watch(&["#"]).await;
+    let first = env.spawn(
+        &["worker"],
+        &[
+            ("WARREN_LOG", LOG),
+            ("WARREN__WORKER__GRACE_PERIOD_MS", "500"),
+        ],
+    );
+    env.wait_log(&first, "worker consuming", T).await;
+    let id = env
+        .publish(&TaskRequest::new("diag.sleep", json!({ "ms": 12_000 })))
+        .await;
+    env.wait_log(&first, "in escrow: acknowledged", T).await;
+    // Only now a second worker, so the task cannot have started there.
+    let second = env.spawn(&["worker"], &[("WARREN_LOG", LOG)]);
+    env.wait_log(&second, "worker consuming", T).await;
+    env.signal(&first, "TERM");
+    assert_eq!(
+        env.wait_exit(&first, T).await,
+        Some(0),
+        "{}",
+        env.log_of(&first)
+    );
+
+    // Put back on its queue as a redelivery, with its escrow done: it runs
+    // on the second worker, and the first run's copies are dropped.
+    let got = until_final(&mut watch, &[&id], T_LONG).await;
+    let events = &got[&id];
+    assert_eq!(
+        states(events),
+        ["started", "started", "succeeded"],
+        "{}",
+        env.log_of(&second)
+    );
+    let ran_on = |e: &warren_client::ReceivedEvent, p: &warren_e2e::Proc| {
+        e.event
+            .worker
+            .as_deref()
+            .is_some_and(|w| w.ends_with(&format!("/{}", p.pid)))
+    };
+    assert!(ran_on(&events[0], &first));
+    assert!(ran_on(&events[1], &second) && ran_on(&events[2], &second));
+    let log = env.log_of(&second);
+    assert!(!log.contains("the task runs again"), "{log}");
+    env.wait_depth(&env.names().escrow(), 0, T).await;
+    env.wait_depth(&env.names().work_queue("diag"), 0, T).await;
+    let late = watch.next(Duration::from_millis(500)).await.expect("watch");
+    assert!(late.is_none(), "an event after the outcome: {late:?}");
+    env.kill(&second, T).await;
 }
