@@ -152,6 +152,43 @@ impl Outbox {
         Ok(())
     }
 
+    /// Puts an escrow copy of a running task in `P.escrow`: the task's body,
+    /// properties and the headers `h` (which carry the escrow mark), its id
+    /// and type, expiring after `lease_ms`, with the routing key `queue`
+    /// (its full work queue name), where it is dead-lettered back to when it
+    /// expires.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn escrow_copy(
+        &self,
+        queue: &str,
+        body: &[u8],
+        original: &BasicProperties,
+        h: FieldTable,
+        task_type: &str,
+        task_id: &str,
+        lease_ms: u64,
+    ) -> Result<PublisherConfirm, ClientError> {
+        let props = copy_properties(original, h, task_type, Some(task_id))
+            .with_expiration(lease_ms.to_string().into());
+        self.channel
+            .send(&self.names.escrow(), queue, body, props)
+            .await
+    }
+
+    /// Publishes a control message (such as an escrow lease or done record)
+    /// to `P.control`, persistent, as JSON.
+    pub async fn control(
+        &self,
+        m: &warren_core::control::ControlMessage,
+    ) -> Result<PublisherConfirm, ClientError> {
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        self.channel
+            .send(&self.names.control(), "", &m.to_json(), props)
+            .await
+    }
+
     /// Sends a retry through `P.delay` with `x-delay`, the next attempt
     /// number and the last error; the scheduler releases it when due.
     #[allow(clippy::too_many_arguments)]

@@ -114,6 +114,13 @@ impl Names {
         self.join("cancels")
     }
 
+    /// `P.escrow`: fanout exchange and queue holding the escrow copies of
+    /// tasks running longer than the broker's consumer timeout; an expired
+    /// copy dead-letters back to its work queue.
+    pub fn escrow(&self) -> String {
+        self.join("escrow")
+    }
+
     /// `P.control.<host>-<pid>`-style name for per-process objects.
     pub fn per_process(&self, what: &str, identity: &str) -> String {
         self.join(&format!("{what}.{}", identity.replace('/', "-")))

@@ -181,6 +181,7 @@ impl Permissions {
                         name(n.events()),
                         name(n.delay()),
                         name(n.control()),
+                        name(n.escrow()),
                         default_exchange,
                     ]),
                     read: any_of(&read),
@@ -328,7 +329,7 @@ mod tests {
         assert_eq!(w.configure, NOTHING);
         assert_eq!(
             w.write,
-            "^(warren\\.events|warren\\.delay|warren\\.control|amq\\.default)$"
+            "^(warren\\.events|warren\\.delay|warren\\.control|warren\\.escrow|amq\\.default)$"
         );
         let o = Permissions::for_role(&c, Role::Operator);
         assert_eq!(o.configure, "^warren\\..*$");
@@ -395,7 +396,13 @@ mod tests {
         ] {
             assert!(allows(&w.read, &q), "{q}");
         }
-        for x in [n.events(), n.delay(), n.control(), DEFAULT_EXCHANGE.into()] {
+        for x in [
+            n.events(),
+            n.delay(),
+            n.control(),
+            n.escrow(),
+            DEFAULT_EXCHANGE.into(),
+        ] {
             assert!(allows(&w.write, &x), "{x}");
         }
         let plan = TopologyPlan::from_config(&c);

@@ -229,6 +229,12 @@ impl TopologyPlan {
                 BTreeMap::new(),
                 "delayed tasks leaving a wait tier, back to the scheduler",
             ),
+            exchange(
+                n.escrow(),
+                Fanout,
+                BTreeMap::new(),
+                "escrow copies of long tasks; routing key = their work queue",
+            ),
         ];
 
         let unroutable_purpose = match default_queue {
@@ -270,6 +276,14 @@ impl TopologyPlan {
                 n.dead_letter_intake(),
                 BTreeMap::new(),
                 "dead-lettered tasks, for the scheduler to classify",
+            ),
+            queue(
+                n.escrow(),
+                // The default exchange: an expired copy goes back to the
+                // work queue its routing key names.
+                args([("x-dead-letter-exchange", ArgValue::Str(String::new()))]),
+                "escrow copies of tasks running past the consumer timeout, each expiring \
+                 after its lease, then back to its work queue unless its worker is done",
             ),
         ];
         for t in crate::delay::tiers(c.scheduler.max_delay_ms) {
@@ -387,6 +401,7 @@ impl TopologyPlan {
             bindings.push(binding(n.release_tier(t), n.release_tier(t), ""));
         }
         bindings.push(binding(n.control(), n.cancels(), ""));
+        bindings.push(binding(n.escrow(), n.escrow(), ""));
         let unrouted_queue = match default_queue {
             Some(q) => n.work_queue(&q.name),
             None => n.unroutable(),
@@ -631,6 +646,7 @@ mod tests {
                 ("warren.unroutable", ExchangeKind::Fanout),
                 ("warren.dlx", ExchangeKind::Fanout),
                 ("warren.wait.due", ExchangeKind::Fanout),
+                ("warren.escrow", ExchangeKind::Fanout),
             ]
         );
         assert_eq!(
@@ -658,6 +674,7 @@ mod tests {
                 "warren.wait.due",
                 "warren.cancels",
                 "warren.dlx.intake",
+                "warren.escrow",
                 "warren.q.io",
                 "warren.q.cpu",
                 "warren.q.diag",
@@ -745,8 +762,14 @@ mod tests {
                 ("warren.dlx", "warren.dlx.intake", ""),
                 ("warren.wait.due", "warren.wait.due", ""),
                 ("warren.control", "warren.cancels", ""),
+                ("warren.escrow", "warren.escrow", ""),
                 ("warren.unroutable", "warren.unroutable", ""),
             ]
+        );
+        assert_eq!(
+            queue(&p, "warren.escrow").arguments,
+            args([("x-dead-letter-exchange", ArgValue::Str(String::new()))]),
+            "expired escrow copies go back through the default exchange"
         );
     }
 
@@ -765,6 +788,7 @@ mod tests {
                 ("acme.dlx", "acme.dlx.intake", ""),
                 ("acme.wait.due", "acme.wait.due", ""),
                 ("acme.control", "acme.cancels", ""),
+                ("acme.escrow", "acme.escrow", ""),
                 ("acme.unroutable", "acme.q.main", ""),
             ]
         );
@@ -891,15 +915,15 @@ mod tests {
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("exchange ")).count(),
-            7 + 15
+            8 + 15
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("queue ")).count(),
-            9 + 40 + 15
+            10 + 40 + 15
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("bind ")).count(),
-            8 + 15
+            9 + 15
         );
         assert!(text.lines().all(|l| l == l.trim_end()));
     }

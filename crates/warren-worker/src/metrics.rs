@@ -43,6 +43,7 @@ pub(crate) struct WorkerMetrics {
     returned: AtomicU64,
     handed_back: AtomicU64,
     moved_to_lane: AtomicU64,
+    escrowed: AtomicU64,
     paused: AtomicI64,
     pauses_slots: AtomicU64,
     pauses_bytes: AtomicU64,
@@ -73,6 +74,7 @@ impl WorkerMetrics {
             returned: AtomicU64::new(0),
             handed_back: AtomicU64::new(0),
             moved_to_lane: AtomicU64::new(0),
+            escrowed: AtomicU64::new(0),
             paused: AtomicI64::new(0),
             pauses_slots: AtomicU64::new(0),
             pauses_bytes: AtomicU64::new(0),
@@ -131,6 +133,11 @@ impl WorkerMetrics {
     /// at once was moved to the priority lane of its priority.
     pub(crate) fn moved_to_lane(&self) {
         self.moved_to_lane.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A running task went into escrow (it ran past `worker.escrow_after_ms`).
+    pub(crate) fn escrowed(&self) {
+        self.escrowed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether the worker has stopped taking deliveries (every slot held by
@@ -257,6 +264,12 @@ impl Probe for WorkerMetrics {
             "counter",
             "Deliveries from the entry of a quorum work queue moved to the priority lane of their priority (no slot free at once).",
             load(&self.moved_to_lane),
+        );
+        e.single(
+            "warren_worker_escrowed_total",
+            "counter",
+            "Running tasks put in escrow (acknowledged, a copy held under a lease) as they ran past worker.escrow_after_ms.",
+            load(&self.escrowed),
         );
         e.single(
             "warren_worker_paused",

@@ -190,6 +190,12 @@ pub struct BrokerConfig {
     pub tls_client_cert: String,
     /// PEM file of the private key of `tls_client_cert`.
     pub tls_client_key: String,
+    /// The broker's `consumer_timeout` in milliseconds (RabbitMQ's default:
+    /// 1800000, 30 minutes): a task still running at
+    /// `worker.escrow_after_ms` is put in escrow so that the broker never
+    /// times its delivery out. 0: the broker has no consumer timeout, and
+    /// no task is put in escrow.
+    pub consumer_timeout_ms: u64,
 }
 
 impl Default for BrokerConfig {
@@ -204,6 +210,7 @@ impl Default for BrokerConfig {
             tls_ca_file: String::new(),
             tls_client_cert: String::new(),
             tls_client_key: String::new(),
+            consumer_timeout_ms: 1_800_000,
         }
     }
 }

@@ -14,6 +14,7 @@
 //! problems. Everything public is re-exported here.
 
 mod broker;
+mod escrow;
 mod http;
 mod issues;
 mod layering;
@@ -111,6 +112,7 @@ impl Config {
         self.check_queues(&mut issues);
         self.check_routes(&mut issues);
         self.check_worker(&mut issues);
+        self.check_escrow(&mut issues);
         self.check_limits(&mut issues);
         self.check_retry(&mut issues);
         self.check_scheduler(&mut issues);

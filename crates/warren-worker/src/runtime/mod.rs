@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use warren_client::runtime::{process_identity, CancelSet, Reconnect};
+use warren_core::escrow::EscrowTimes;
 use warren_core::lanes::Bands;
 use warren_core::{Config, Names};
 
@@ -61,6 +62,8 @@ struct Shared {
     sources: Vec<Arc<Source>>,
     routing_exchanges: [String; 2],
     cancels: CancelSet,
+    /// When tasks go into escrow; `None`: the broker has no consumer timeout.
+    escrow: Option<EscrowTimes>,
     /// Semaphores of the types capped by `worker.type_concurrency`.
     type_caps: BTreeMap<String, Arc<Semaphore>>,
     metrics: Arc<WorkerMetrics>,
@@ -298,6 +301,13 @@ impl Worker {
         }
         let routing_exchanges = [names.tasks(), names.unroutable()];
         let config_concurrency = config.worker.concurrency;
+        let escrow = EscrowTimes::from_config(&config);
+        // Escrow copies of other workers may come back here whether or not
+        // this worker puts tasks in escrow itself: keep their leases.
+        let cancels = CancelSet::new().keep_leases(EscrowTimes {
+            after_ms: escrow.map_or(0, |t| t.after_ms),
+            lease_ms: config.worker.escrow_lease_ms,
+        });
         let type_caps = config
             .worker
             .type_concurrency
@@ -312,7 +322,8 @@ impl Worker {
                 identity: process_identity(),
                 sources,
                 routing_exchanges,
-                cancels: CancelSet::new(),
+                cancels,
+                escrow,
                 type_caps,
                 metrics: Arc::new(WorkerMetrics::new(config_concurrency)),
                 task_time_us: AtomicU64::new(0),
@@ -576,7 +587,8 @@ impl Worker {
         let abort = in_flight.abort.clone();
         let slot = Slot::new(in_flight.permits.clone(), permit);
         in_flight.tracker.spawn(async move {
-            Attempt::run(&shared, &session, &d.source, d.delivery, &abort, slot).await;
+            let delivery = (d.delivery, d.since);
+            Attempt::run(&shared, &session, &d.source, delivery, &abort, slot).await;
             drop(d.release);
         });
     }
