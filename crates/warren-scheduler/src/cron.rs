@@ -43,6 +43,7 @@ use tracing::{debug, info, warn};
 use warren_client::runtime::{connect, process_identity, ConfirmChannel, Reconnect};
 use warren_client::ClientError;
 use warren_core::config::{parse_cron, ConfigIssue, CronConfig, MissedFires};
+use warren_core::topology::{self, ArgValue};
 use warren_core::{Config, ConfigError, Names};
 
 use crate::metrics::SchedulerMetrics;
@@ -77,6 +78,16 @@ pub fn leader_queue(prefix: &str) -> String {
 /// `P.cron.state.<name>`: durable queue holding one schedule's last fire time.
 pub fn state_queue(prefix: &str, name: &str) -> String {
     format!("{prefix}.cron.state.{name}")
+}
+
+/// The declaration arguments of every `P.cron.state.<name>` queue: one
+/// message at most (a new record drops the old), quorum with
+/// `topology.replicated`.
+pub fn state_queue_arguments(config: &Config) -> FieldTable {
+    topology::field_table(&topology::durable_queue_arguments(
+        config,
+        [("x-max-length".to_string(), ArgValue::Int(1))].into(),
+    ))
 }
 
 /// The id of the task fired by schedule `name` at `at`:
@@ -580,15 +591,13 @@ impl CronService {
             move |source| ClientError::Amqp { what, source }
         };
         let ch = out.channel();
-        let mut args = FieldTable::default();
-        args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
         ch.queue_declare(
             queue.as_str().into(),
             QueueDeclareOptions {
                 durable: true,
                 ..Default::default()
             },
-            args,
+            state_queue_arguments(&self.config),
         )
         .await
         .map_err(amqp("declare"))?;

@@ -77,7 +77,10 @@ async fn declare(ch: &Channel, shared: &Shared) -> Result<(String, u32), Tracker
                 durable: true,
                 ..Default::default()
             },
-            FieldTable::default(),
+            warren_core::topology::field_table(&warren_core::topology::durable_queue_arguments(
+                &shared.config,
+                Default::default(),
+            )),
         )
         .await
         .map_err(amqp(format!("declare queue {queue}")))?;

@@ -25,9 +25,11 @@ pub struct QueueConfig {
         deserialize_with = "deserialize_priority"
     )]
     pub max_priority: u8,
-    /// Classic (the default) or quorum (replicated) queue.
+    /// Classic (the default) or quorum (replicated) queue, as written;
+    /// [`Config::queue_kind`] is the type declared (`topology.replicated`
+    /// makes every queue quorum).
     #[serde(rename = "type", default)]
-    pub kind: QueueKind,
+    pub kind: Option<QueueKind>,
     /// Whether task types that no route matches go to this queue.
     #[serde(default)]
     pub default: bool,
@@ -301,7 +303,7 @@ mod tests {
             "[[queues]]\nname = \"a\"\ntype = \"quorum\"\nmax_priority = 3\n{ONE_QUEUE_ROUTE}"
         ))
         .unwrap();
-        assert_eq!(c.queues[0].kind, QueueKind::Quorum);
+        assert_eq!(c.queues[0].kind, Some(QueueKind::Quorum));
         assert_eq!(c.queues[0].max_priority, 3);
     }
 
