@@ -1,0 +1,198 @@
+//! The replicated topology (`topology.replicated`: every durable queue a
+//! quorum queue) on the default single node, and `P.unroutable` parking
+//! expired tasks instead of dropping them.
+
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+use serde_json::json;
+use warren_client::TaskRequest;
+use warren_core::TaskState;
+use warren_e2e::{final_event, states, until_final, CommandExt, Env, Mgmt, T_LONG};
+
+const REPLICATED: (&str, &str) = ("WARREN__TOPOLOGY__REPLICATED", "true");
+
+/// A task of a type no route matches (the default configuration has no
+/// default queue), expiring 1 ms after it is queued.
+fn unroutable(id: &str, delay_ms: Option<i32>) -> BasicProperties {
+    let mut p = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_message_id(id.into())
+        .with_expiration("1".into());
+    if let Some(ms) = delay_ms {
+        let mut h = FieldTable::default();
+        h.insert("x-delay".into(), AMQPValue::LongInt(ms));
+        p = p.with_headers(h);
+    }
+    p
+}
+
+/// Publishes an immediate and a delayed unroutable task with
+/// `expiration: "1"` and checks both end dead as `expired`, parked in
+/// `P.dead`, and `P.unroutable` is left empty.
+async fn expired_unroutable_tasks_are_parked(env: &Env, watch: &mut warren_client::EventWatch) {
+    let n = env.names();
+    env.publish_raw(
+        &n.tasks(),
+        "nowhere.now",
+        b"{}",
+        unroutable("unrouted-now", None),
+    )
+    .await;
+    env.publish_raw(
+        &n.delay(),
+        "nowhere.later",
+        b"{}",
+        unroutable("unrouted-later", Some(800)),
+    )
+    .await;
+    let ids = ["unrouted-now", "unrouted-later"];
+    let got = until_final(watch, &ids, T_LONG).await;
+    for id in ids {
+        let ev = final_event(&got[id]);
+        assert_eq!(ev.state, TaskState::Dead, "{id}: {:?}", states(&got[id]));
+        assert_eq!(ev.reason.as_deref(), Some("expired"), "{id}");
+    }
+    let dead = env.drain(&n.dead()).await;
+    let mut parked: Vec<String> = dead
+        .iter()
+        .map(|(p, _)| {
+            let h = p.headers().clone();
+            assert_eq!(
+                warren_core::headers::get_str(h.as_ref(), "x-warren-dead-reason").as_deref(),
+                Some("expired")
+            );
+            p.message_id().as_ref().expect("id").to_string()
+        })
+        .collect();
+    parked.sort();
+    assert_eq!(parked, ["unrouted-later", "unrouted-now"]);
+    assert_eq!(env.depth(&n.unroutable()).await, 0);
+}
+
+#[tokio::test]
+async fn an_expired_unroutable_task_is_parked_dead_expired() {
+    let (env, mut watch) = Env::with_up_watching("repl-unrouted", &[]).await;
+    expired_unroutable_tasks_are_parked(&env, &mut watch).await;
+}
+
+#[tokio::test]
+async fn a_replicated_topology_runs_every_kind_of_task() {
+    let (env, mut watch) = Env::with_up_watching(
+        "repl-run",
+        &[
+            REPLICATED,
+            ("WARREN__RETRY__DEFAULT__BASE_MS", "200"),
+            ("WARREN__RETRY__DEFAULT__CAP_MS", "400"),
+        ],
+    )
+    .await;
+
+    // Every durable queue of the prefix is quorum but the cancels stream;
+    // none is lazy, and every one that dead-letters does so at least once.
+    let queues = Mgmt::new().queues_of(&env.prefix).await;
+    let n = env.names();
+    let durable: Vec<_> = queues
+        .iter()
+        .filter(|(name, _, _)| !name.starts_with(&format!("{}.watch.", env.prefix)))
+        .collect();
+    assert!(durable.len() > 40, "{durable:?}");
+    for (name, kind, args) in &durable {
+        if *name == n.cancels() {
+            assert_eq!(kind, "stream");
+            continue;
+        }
+        assert_eq!(kind, "quorum", "{name}");
+        assert!(args.get("x-queue-mode").is_none(), "{name}: {args}");
+        if args.get("x-dead-letter-exchange").is_some() {
+            assert_eq!(args["x-dead-letter-strategy"], "at-least-once", "{name}");
+            assert_eq!(args["x-overflow"], "reject-publish", "{name}");
+        }
+    }
+    for q in [
+        n.work_queue("io"),
+        n.dead(),
+        n.unroutable(),
+        n.wait_tier(64),
+    ] {
+        assert!(durable.iter().any(|(name, _, _)| *name == q), "{q}");
+    }
+
+    let now = env
+        .publish(&TaskRequest::new("diag.echo", json!({"n": 1})))
+        .await;
+    let later = env
+        .publish(&TaskRequest::new("diag.echo", json!({"n": 2})).delay_ms(1500))
+        .await;
+    let retried = env
+        .publish(
+            &TaskRequest::new(
+                "diag.fail",
+                json!({"kind": "retryable", "message": "again"}),
+            )
+            .header_int("x-warren-max-retries", 1),
+        )
+        .await;
+    let permanent = env
+        .publish(&TaskRequest::new(
+            "diag.fail",
+            json!({"kind": "permanent", "message": "no"}),
+        ))
+        .await;
+    let got = until_final(&mut watch, &[&now, &later, &retried, &permanent], T_LONG).await;
+    assert_eq!(states(&got[&now]), ["started", "succeeded"]);
+    assert_eq!(
+        states(&got[&later]),
+        ["scheduled", "started", "succeeded"],
+        "delayed through the quorum delay intake and tiers"
+    );
+    assert_eq!(
+        states(&got[&retried]),
+        [
+            "started",
+            "failed",
+            "scheduled",
+            "started",
+            "failed",
+            "dead"
+        ],
+        "retried through the quorum delay intake, then parked"
+    );
+    assert_eq!(final_event(&got[&retried]).attempt, 2);
+    assert_eq!(states(&got[&permanent]), ["started", "failed", "dead"]);
+    env.wait_depth(&n.dead(), 2, T_LONG).await;
+
+    // Unroutable and expired on the replicated topology too.
+    let _ = env.drain(&n.dead()).await;
+    expired_unroutable_tasks_are_parked(&env, &mut watch).await;
+}
+
+#[tokio::test]
+async fn replicated_over_a_classic_topology_is_a_one_line_conflict() {
+    let env = Env::new("repl-conflict", &[]).await;
+    let err = env
+        .warren(&["topology", "apply"])
+        .env(REPLICATED.0, REPLICATED.1)
+        .fails();
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    let line = errors[0];
+    eprintln!("{line}");
+    assert!(
+        line.contains(&format!("{}.", env.prefix)),
+        "names the queue: {line}"
+    );
+    assert!(
+        line.contains("declared without topology.replicated = true"),
+        "{line}"
+    );
+    assert!(
+        line.contains("move its messages elsewhere and delete it"),
+        "{line}"
+    );
+    assert!(
+        line.ends_with("or set topology.replicated = false"),
+        "{line}"
+    );
+    // The classic topology is untouched and still applies.
+    env.cli_ok(&["topology", "apply"]);
+}
