@@ -176,7 +176,6 @@ async fn replicated_over_a_classic_topology_is_a_one_line_conflict() {
     let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error")).collect();
     assert_eq!(errors.len(), 1, "{err}");
     let line = errors[0];
-    eprintln!("{line}");
     assert!(
         line.contains(&format!("{}.", env.prefix)),
         "names the queue: {line}"
@@ -195,4 +194,16 @@ async fn replicated_over_a_classic_topology_is_a_one_line_conflict() {
     );
     // The classic topology is untouched and still applies.
     env.cli_ok(&["topology", "apply"]);
+    // `topology show` prints the replicated plan without a broker.
+    let out = env
+        .warren(&["topology", "show"])
+        .env(REPLICATED.0, REPLICATED.1)
+        .succeeds();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let dead = format!("queue {} ", env.names().dead());
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&dead))
+        .expect("P.dead listed");
+    assert!(line.contains("x-queue-type=quorum"), "{line}");
 }
