@@ -600,7 +600,18 @@ impl CronService {
             state_queue_arguments(&self.config),
         )
         .await
-        .map_err(amqp("declare"))?;
+        .map_err(|source| {
+            let what = if source.to_string().contains("inequivalent arg") {
+                format!(
+                    "declare {queue} (it exists with other arguments, declared with another \
+                     topology.replicated; it holds only the schedule's last fire time: delete \
+                     it and the schedule starts from now)"
+                )
+            } else {
+                format!("declare {queue}")
+            };
+            ClientError::Amqp { what, source }
+        })?;
         let Some(msg) = ch
             .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
             .await

@@ -83,7 +83,18 @@ async fn declare(ch: &Channel, shared: &Shared) -> Result<(String, u32), Tracker
             )),
         )
         .await
-        .map_err(amqp(format!("declare queue {queue}")))?;
+        .map_err(|e| {
+            let what = if e.to_string().contains("inequivalent arg") {
+                format!(
+                    "declare queue {queue} (it exists with other arguments, declared with \
+                     another topology.replicated: let the tracker empty it with the old \
+                     setting, then delete it)"
+                )
+            } else {
+                format!("declare queue {queue}")
+            };
+            amqp(what)(e)
+        })?;
     ch.queue_bind(
         queue.as_str().into(),
         names.events().as_str().into(),
