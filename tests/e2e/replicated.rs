@@ -192,6 +192,16 @@ async fn replicated_over_a_classic_topology_is_a_one_line_conflict() {
         line.ends_with("or set topology.replicated = false"),
         "{line}"
     );
+    // A scheduler started with the replicated setting stops with that line.
+    let mut env = env;
+    let scheduler = env.spawn(&["scheduler"], &[REPLICATED]);
+    let code = env.wait_exit(&scheduler, T_LONG).await;
+    assert!(matches!(code, Some(c) if c != 0), "exit {code:?}");
+    assert!(
+        env.log_of(&scheduler).contains(line),
+        "{}",
+        env.log_of(&scheduler)
+    );
     // The classic topology is untouched and still applies.
     env.cli_ok(&["topology", "apply"]);
     // `topology show` prints the replicated plan without a broker.
