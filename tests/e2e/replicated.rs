@@ -184,10 +184,7 @@ async fn replicated_over_a_classic_topology_is_a_one_line_conflict() {
         line.contains("declared without topology.replicated = true"),
         "{line}"
     );
-    assert!(
-        line.contains("move its messages elsewhere and delete it"),
-        "{line}"
-    );
+    assert!(line.contains("run `warren topology migrate`"), "{line}");
     assert!(
         line.ends_with("or set topology.replicated = false"),
         "{line}"
@@ -216,4 +213,114 @@ async fn replicated_over_a_classic_topology_is_a_one_line_conflict() {
         .find(|l| l.starts_with(&dead))
         .expect("P.dead listed");
     assert!(line.contains("x-queue-type=quorum"), "{line}");
+}
+
+#[tokio::test]
+async fn migrate_moves_a_classic_topology_to_replicated_losing_nothing() {
+    let mut env = Env::new("repl-migrate", &[]).await;
+    let n = env.names();
+    // Two delayed tasks waiting in a wait tier, held by the broker alone.
+    let scheduler = env.spawn(&["scheduler"], &[]);
+    let published_at = chrono::Utc::now().timestamp_millis();
+    let mut delayed = Vec::new();
+    for i in 0..2 {
+        let req = TaskRequest::new("diag.echo", json!({ "d": i }))
+            .id(format!("later-{i}"))
+            .delay_ms(25_000);
+        delayed.push(env.publish(&req).await);
+    }
+    env.wait_depth(&n.wait_tier(16), 2, T_LONG).await;
+    env.kill(&scheduler, T_LONG).await;
+    // Three tasks in a work queue (no worker), one parked unroutable, one dead.
+    let mut now = Vec::new();
+    for i in 0..3 {
+        now.push(
+            env.publish(&TaskRequest::new("diag.echo", json!({ "n": i })))
+                .await,
+        );
+    }
+    env.publish_raw(
+        &n.tasks(),
+        "nowhere.parked",
+        b"{}",
+        BasicProperties::default().with_message_id("parked".into()),
+    )
+    .await;
+    env.publish_raw(
+        "",
+        &n.dead(),
+        b"{}",
+        BasicProperties::default().with_message_id("was-dead".into()),
+    )
+    .await;
+    env.wait_depth(&n.work_queue("diag"), 3, T_LONG).await;
+    env.wait_depth(&n.unroutable(), 1, T_LONG).await;
+    env.wait_depth(&n.dead(), 1, T_LONG).await;
+
+    let out = env
+        .warren(&["topology", "migrate"])
+        .env(REPLICATED.0, REPLICATED.1)
+        .succeeds();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "queue {} redeclared, 3 messages moved out and back",
+            n.work_queue("diag")
+        )),
+        "{text}"
+    );
+
+    // Every durable queue is quorum now, with its messages; the tier's went
+    // back through wait.due (its TTL would start again), and no holding
+    // queue is left.
+    let queues = Mgmt::new().queues_of(&env.prefix).await;
+    for (name, kind, _) in &queues {
+        assert!(!name.ends_with(".migrating"), "{name} left behind");
+        if *name != n.cancels() {
+            assert_eq!(kind, "quorum", "{name}");
+        }
+    }
+    assert_eq!(env.depth(&n.work_queue("diag")).await, 3);
+    assert_eq!(env.depth(&n.unroutable()).await, 1);
+    assert_eq!(env.depth(&n.dead()).await, 1);
+    assert_eq!(env.depth(&n.wait_tier(16)).await, 0);
+    assert_eq!(env.depth(&n.wait_due()).await, 2);
+    // Migrating again finds nothing to do; applying agrees with the broker.
+    let out = env
+        .warren(&["topology", "migrate"])
+        .env(REPLICATED.0, REPLICATED.1)
+        .succeeds();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("0 queues redeclared"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    env.warren(&["topology", "apply"])
+        .env(REPLICATED.0, REPLICATED.1)
+        .succeeds();
+
+    // Every task runs on the replicated topology, the delayed ones not early.
+    let mut watch = env.watch(&["#"]).await;
+    env.spawn(&["up"], &[REPLICATED]);
+    let all: Vec<&String> = now.iter().chain(&delayed).collect();
+    let got = until_final(&mut watch, &all, T_LONG).await;
+    for id in &all {
+        assert_eq!(final_event(&got[*id]).state, TaskState::Succeeded, "{id}");
+    }
+    for id in &delayed {
+        let started = got[id]
+            .iter()
+            .find(|e| e.event.state == TaskState::Started)
+            .expect("started");
+        assert!(
+            warren_e2e::unix_ms(&started.event.at) >= published_at + 25_000,
+            "{id} started early: {}",
+            started.event.at
+        );
+    }
+    let parked = env.drain(&n.unroutable()).await;
+    assert_eq!(
+        parked[0].0.message_id().as_ref().map(|m| m.as_str()),
+        Some("parked")
+    );
 }

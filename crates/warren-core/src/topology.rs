@@ -565,9 +565,9 @@ impl<'a> Conflict<'a> {
                 self.arg,
                 "x-queue-type" | "x-queue-mode" | "x-overflow" | "x-dead-letter-strategy"
             );
-        let move_out = "a queue cannot change type or arguments in place: move its messages \
-                        elsewhere and delete it (docs/topology.md#replicated-topology) so Warren \
-                        declares it again";
+        let move_out = "a queue cannot change type or arguments in place: stop Warren and run \
+                        `warren topology migrate`, which moves its messages out, declares it \
+                        again and moves them back";
         let fix = match (self.arg, short, self.current) {
             ("x-max-priority", Some(short), Some(current))
                 if current.parse::<u8>().is_ok_and(|v| v >= 1) =>
@@ -997,8 +997,8 @@ mod tests {
             ),
             "queue warren.dead exists with x-queue-type classic, config says quorum: it was \
              declared without topology.replicated = true; a queue cannot change type or \
-             arguments in place: move its messages elsewhere and delete it \
-             (docs/topology.md#replicated-topology) so Warren declares it again, or set \
+             arguments in place: stop Warren and run `warren topology migrate`, which moves \
+             its messages out, declares it again and moves them back, or set \
              topology.replicated = false"
         );
         let work = p.explain_conflict(
@@ -1026,8 +1026,8 @@ mod tests {
             back,
             "queue warren.dead exists with x-queue-type quorum, config sets none: it was \
              declared with topology.replicated = true; set it again, or a queue cannot change \
-             type or arguments in place: move its messages elsewhere and delete it \
-             (docs/topology.md#replicated-topology) so Warren declares it again"
+             type or arguments in place: stop Warren and run `warren topology migrate`, \
+             which moves its messages out, declares it again and moves them back"
         );
     }
 
@@ -1045,7 +1045,7 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("so Warren declares it again"), "{text}");
+        assert!(text.contains("warren topology migrate"), "{text}");
     }
 
     #[test]

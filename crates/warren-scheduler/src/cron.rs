@@ -604,8 +604,8 @@ impl CronService {
             let what = if source.to_string().contains("inequivalent arg") {
                 format!(
                     "declare {queue} (it exists with other arguments, declared with another \
-                     topology.replicated; it holds only the schedule's last fire time: delete \
-                     it and the schedule starts from now)"
+                     topology.replicated: stop Warren and run `warren topology migrate`, or \
+                     delete it, as it holds only the schedule's last fire time)"
                 )
             } else {
                 format!("declare {queue}")

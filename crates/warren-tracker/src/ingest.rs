@@ -87,8 +87,8 @@ async fn declare(ch: &Channel, shared: &Shared) -> Result<(String, u32), Tracker
             let what = if e.to_string().contains("inequivalent arg") {
                 format!(
                     "declare queue {queue} (it exists with other arguments, declared with \
-                     another topology.replicated: let the tracker empty it with the old \
-                     setting, then delete it)"
+                     another topology.replicated: stop Warren and run `warren topology \
+                     migrate`)"
                 )
             } else {
                 format!("declare queue {queue}")

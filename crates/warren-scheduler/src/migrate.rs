@@ -1,0 +1,395 @@
+//! `warren topology migrate`: redeclares every durable queue whose type or
+//! arguments differ from the plan (such as after setting
+//! `topology.replicated`), moving its messages out and back so none is lost.
+//!
+//! For each such queue `Q`: a holding queue `Q.migrating` is declared and
+//! bound like `Q`, so what is routed meanwhile is kept; every message of `Q`
+//! is copied to it (each acknowledged in `Q` only once the broker confirmed
+//! the copy); `Q` is deleted only if empty, declared again as planned and
+//! bound; the holding queue is unbound, and its messages are moved back the
+//! same way, then it is deleted. Messages of a wait or release tier go back
+//! through `P.wait.due` instead, where the scheduler plans their remaining
+//! wait from their due time: a tier's TTL would start again and make them
+//! late. A run cut short leaves its holding queues, which the next run
+//! empties first.
+//!
+//! Moved messages keep their body and properties; a per-message
+//! `expiration` starts again. A message routed to `Q` in the instant between
+//! two of the steps may be kept twice (never lost): run it with Warren's
+//! processes and producers stopped, and it moves each message once.
+
+use std::collections::BTreeMap;
+
+use lapin::options::{
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use warren_core::topology::{self, ArgValue, BindingPlan, TopologyPlan};
+use warren_core::Config;
+
+use crate::reconcile::{self, ApplyReport, TopologyError};
+
+/// How many messages are copied before their confirms are awaited.
+const MOVE_WINDOW: usize = 256;
+
+/// How often deleting a queue that refills is tried before giving up.
+const DELETE_TRIES: usize = 20;
+
+/// What a migration did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MigrateReport {
+    /// Each queue redeclared, with the messages moved out of it.
+    pub migrated: Vec<(String, u64)>,
+    /// Messages moved out of holding queues a run before left behind.
+    pub resumed: u64,
+    /// The topology applied afterwards.
+    pub applied: ApplyReport,
+}
+
+/// A durable queue the migration may redeclare.
+struct Target {
+    name: String,
+    arguments: BTreeMap<String, ArgValue>,
+    bindings: Vec<BindingPlan>,
+    /// Where its messages go back to: itself, or `P.wait.due` for a tier.
+    back_to: String,
+    /// Whether it is declared when missing (the plan's queues) or only
+    /// migrated when it exists (cron state, tracker events).
+    in_plan: bool,
+}
+
+fn holding(queue: &str) -> String {
+    format!("{queue}.migrating")
+}
+
+fn broker(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> TopologyError {
+    let what = what.into();
+    move |source| TopologyError::Broker { what, source }
+}
+
+/// Every durable queue Warren owns, in the order they are migrated:
+/// `P.wait.due` before the tiers that move their messages back through it.
+fn targets(config: &Config, plan: &TopologyPlan) -> Vec<Target> {
+    let n = config.names();
+    let due = n.wait_due();
+    let mut out: Vec<Target> = plan
+        .queues
+        .iter()
+        .filter(|q| q.arguments.get("x-queue-type") != Some(&ArgValue::Str("stream".into())))
+        .map(|q| Target {
+            name: q.name.clone(),
+            arguments: q.arguments.clone(),
+            bindings: plan
+                .bindings
+                .iter()
+                .filter(|b| b.queue == q.name)
+                .cloned()
+                .collect(),
+            back_to: if q.arguments.contains_key("x-message-ttl") {
+                due.clone()
+            } else {
+                q.name.clone()
+            },
+            in_plan: true,
+        })
+        .collect();
+    out.sort_by_key(|t| t.name != due);
+    for c in &config.cron {
+        let name = crate::cron::state_queue(n.prefix(), &c.name);
+        out.push(Target {
+            arguments: topology::durable_queue_arguments(
+                config,
+                [("x-max-length".to_string(), ArgValue::Int(1))].into(),
+            ),
+            bindings: Vec::new(),
+            back_to: name.clone(),
+            name,
+            in_plan: false,
+        });
+    }
+    let tracker = format!("{}.tracker.events", n.prefix());
+    out.push(Target {
+        arguments: topology::durable_queue_arguments(config, BTreeMap::new()),
+        bindings: vec![BindingPlan {
+            exchange: n.events(),
+            queue: tracker.clone(),
+            routing_key: "#".into(),
+        }],
+        back_to: tracker.clone(),
+        name: tracker,
+        in_plan: false,
+    });
+    out
+}
+
+/// Migrates every durable queue that differs from the configuration's plan,
+/// then applies the whole topology ([`reconcile::reconcile`]).
+pub async fn migrate(conn: &Connection, config: &Config) -> Result<MigrateReport, TopologyError> {
+    let plan = TopologyPlan::from_config(config);
+    let mut report = MigrateReport::default();
+    // Exchanges first: the holding queues are bound to them.
+    let exchanges_only = TopologyPlan {
+        queues: Vec::new(),
+        bindings: Vec::new(),
+        ..plan.clone()
+    };
+    reconcile::apply(conn, &exchanges_only).await?;
+    for t in targets(config, &plan) {
+        let ch = channel(conn).await?;
+        let current = declare(&ch, &t.name, &t.arguments, !t.in_plan).await;
+        match current {
+            Ok(()) => {}
+            Err(e) if is_missing(&e) => continue,
+            Err(e) if is_conflict(&e) => {
+                let moved = migrate_queue(conn, &t).await?;
+                tracing::info!(queue = %t.name, moved, "queue redeclared as planned");
+                report.migrated.push((t.name.clone(), moved));
+            }
+            Err(source) => {
+                return Err(TopologyError::Broker {
+                    what: format!("declare queue {}", t.name),
+                    source,
+                })
+            }
+        }
+        let _ = ch.close(200, "checked".into()).await;
+        // A holding queue left by an interrupted run is emptied now.
+        let left = holding(&t.name);
+        let ch = channel(conn).await?;
+        if declare(&ch, &left, &BTreeMap::new(), true).await.is_ok() {
+            let _ = ch.close(200, "checked".into()).await;
+            report.resumed += move_all(conn, &left, &t.back_to).await?;
+            delete(conn, &left).await?;
+        }
+    }
+    report.applied = reconcile::reconcile(conn, config).await?;
+    Ok(report)
+}
+
+async fn channel(conn: &Connection) -> Result<Channel, TopologyError> {
+    conn.create_channel().await.map_err(broker("open channel"))
+}
+
+/// Declares `name` durable with `arguments` (passively: only checks it
+/// exists). A refusal closes the channel.
+async fn declare(
+    ch: &Channel,
+    name: &str,
+    arguments: &BTreeMap<String, ArgValue>,
+    passive_first: bool,
+) -> Result<(), lapin::Error> {
+    if passive_first {
+        ch.queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+        if arguments.is_empty() {
+            return Ok(());
+        }
+    }
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        topology::field_table(arguments),
+    )
+    .await
+    .map(|_| ())
+}
+
+fn is_missing(e: &lapin::Error) -> bool {
+    e.to_string().contains("NOT_FOUND")
+}
+
+fn is_conflict(e: &lapin::Error) -> bool {
+    e.to_string().contains("inequivalent arg")
+}
+
+/// Moves `t`'s messages out, redeclares it, and moves them back; returns
+/// how many were moved out.
+async fn migrate_queue(conn: &Connection, t: &Target) -> Result<u64, TopologyError> {
+    let hold = holding(&t.name);
+    let ch = channel(conn).await?;
+    declare(&ch, &hold, &BTreeMap::new(), false)
+        .await
+        .map_err(broker(format!("declare queue {hold}")))?;
+    for b in &t.bindings {
+        bind(&ch, &hold, b).await?;
+    }
+    let _ = ch.close(200, "held".into()).await;
+    let mut moved = 0;
+    let mut deleted = false;
+    for _ in 0..DELETE_TRIES {
+        moved += move_all(conn, &t.name, &hold).await?;
+        let ch = channel(conn).await?;
+        match ch
+            .queue_delete(
+                t.name.as_str().into(),
+                QueueDeleteOptions {
+                    if_empty: true,
+                    ..Default::default()
+                },
+            )
+            .await
+        {
+            Ok(_) => {
+                deleted = true;
+                break;
+            }
+            // Something arrived since the last copy: copy again.
+            Err(e) if e.to_string().contains("PRECONDITION_FAILED") => continue,
+            Err(source) => {
+                return Err(TopologyError::Broker {
+                    what: format!("delete queue {}", t.name),
+                    source,
+                })
+            }
+        }
+    }
+    if !deleted {
+        return Err(TopologyError::Conflict(format!(
+            "queue {} kept receiving messages while it was being emptied: stop Warren's \
+             processes and producers, then run `warren topology migrate` again (its messages \
+             so far are kept in {hold})",
+            t.name
+        )));
+    }
+    let ch = channel(conn).await?;
+    declare(&ch, &t.name, &t.arguments, false)
+        .await
+        .map_err(|source| {
+            let text = source.to_string();
+            let plan_like = TopologyPlan {
+                exchanges: Vec::new(),
+                queues: vec![topology::QueuePlan {
+                    name: t.name.clone(),
+                    arguments: t.arguments.clone(),
+                    purpose: String::new(),
+                }],
+                bindings: Vec::new(),
+                replicated: true,
+            };
+            match plan_like.explain_quorum_refusal(&t.name, &text) {
+                Some(why) => TopologyError::QuorumRefused(why),
+                None => TopologyError::Broker {
+                    what: format!("declare queue {}", t.name),
+                    source,
+                },
+            }
+        })?;
+    for b in &t.bindings {
+        bind(&ch, &t.name, b).await?;
+    }
+    for b in &t.bindings {
+        ch.queue_unbind(
+            hold.as_str().into(),
+            b.exchange.as_str().into(),
+            b.routing_key.as_str().into(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(broker(format!("unbind {hold} from {}", b.exchange)))?;
+    }
+    let _ = ch.close(200, "redeclared".into()).await;
+    move_all(conn, &hold, &t.back_to).await?;
+    delete(conn, &hold).await?;
+    Ok(moved)
+}
+
+async fn bind(ch: &Channel, queue: &str, b: &BindingPlan) -> Result<(), TopologyError> {
+    ch.queue_bind(
+        queue.into(),
+        b.exchange.as_str().into(),
+        b.routing_key.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(broker(format!(
+        "bind {queue} to {} with {:?}",
+        b.exchange, b.routing_key
+    )))
+}
+
+/// Deletes an emptied holding queue (only if empty).
+async fn delete(conn: &Connection, queue: &str) -> Result<(), TopologyError> {
+    let ch = channel(conn).await?;
+    ch.queue_delete(
+        queue.into(),
+        QueueDeleteOptions {
+            if_empty: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(broker(format!("delete queue {queue}")))?;
+    let _ = ch.close(200, "deleted".into()).await;
+    Ok(())
+}
+
+/// Copies every message of `from` into `to` (through the default
+/// exchange), acknowledging each in `from` only after the broker confirmed
+/// its copy; returns how many were moved.
+async fn move_all(conn: &Connection, from: &str, to: &str) -> Result<u64, TopologyError> {
+    let ch = channel(conn).await?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(broker("select confirms"))?;
+    let what = format!("move messages from {from} to {to}");
+    let mut moved = 0;
+    loop {
+        let mut confirms = Vec::new();
+        let mut last_tag = None;
+        while confirms.len() < MOVE_WINDOW {
+            let Some(msg) = ch
+                .basic_get(from.into(), BasicGetOptions { no_ack: false })
+                .await
+                .map_err(broker(what.clone()))?
+            else {
+                break;
+            };
+            let d = msg.delivery;
+            let confirm = ch
+                .basic_publish(
+                    "".into(),
+                    to.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &d.data,
+                    d.properties.clone(),
+                )
+                .await
+                .map_err(broker(what.clone()))?;
+            confirms.push(confirm);
+            last_tag = Some(d.delivery_tag);
+        }
+        let Some(tag) = last_tag else {
+            break;
+        };
+        for c in confirms {
+            let confirmation = c.await.map_err(broker(what.clone()))?;
+            if !confirmation.is_ack() || confirmation.take_message().is_some() {
+                return Err(TopologyError::Conflict(format!(
+                    "{what}: the broker did not take a copy; nothing was removed from {from}"
+                )));
+            }
+            moved += 1;
+        }
+        ch.basic_ack(tag, BasicAckOptions { multiple: true })
+            .await
+            .map_err(broker(what.clone()))?;
+    }
+    let _ = ch.close(200, "moved".into()).await;
+    Ok(moved)
+}
