@@ -239,6 +239,18 @@ async fn migrate_moves_a_classic_topology_to_replicated_losing_nothing() {
                 .await,
         );
     }
+    // One as another client would publish it: no `type` property, the
+    // routing key alone says the type.
+    env.publish_raw(
+        &n.tasks(),
+        "diag.echo",
+        b"{}",
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id("untyped".into()),
+    )
+    .await;
+    now.push("untyped".to_owned());
     env.publish_raw(
         &n.tasks(),
         "nowhere.parked",
@@ -253,7 +265,7 @@ async fn migrate_moves_a_classic_topology_to_replicated_losing_nothing() {
         BasicProperties::default().with_message_id("was-dead".into()),
     )
     .await;
-    env.wait_depth(&n.work_queue("diag"), 3, T_LONG).await;
+    env.wait_depth(&n.work_queue("diag"), 4, T_LONG).await;
     env.wait_depth(&n.unroutable(), 1, T_LONG).await;
     env.wait_depth(&n.dead(), 1, T_LONG).await;
 
@@ -264,7 +276,7 @@ async fn migrate_moves_a_classic_topology_to_replicated_losing_nothing() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains(&format!(
-            "queue {} redeclared, 3 messages moved out and back",
+            "queue {} redeclared, 4 messages moved out and back",
             n.work_queue("diag")
         )),
         "{text}"
@@ -280,21 +292,47 @@ async fn migrate_moves_a_classic_topology_to_replicated_losing_nothing() {
             assert_eq!(kind, "quorum", "{name}");
         }
     }
-    assert_eq!(env.depth(&n.work_queue("diag")).await, 3);
+    assert_eq!(env.depth(&n.work_queue("diag")).await, 4);
     assert_eq!(env.depth(&n.unroutable()).await, 1);
     assert_eq!(env.depth(&n.dead()).await, 1);
     assert_eq!(env.depth(&n.wait_tier(16)).await, 0);
     assert_eq!(env.depth(&n.wait_due()).await, 2);
-    // Migrating again finds nothing to do; applying agrees with the broker.
+    // A holding queue an interrupted run left behind is emptied into its
+    // queue by the next run, which finds nothing else to redeclare.
+    let hold = format!("{}.migrating", n.work_queue("diag"));
+    let (conn, ch) = env.open_channel().await;
+    ch.queue_declare(
+        hold.as_str().into(),
+        lapin::options::QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare a holding queue");
+    let _ = conn.close(200, "bye".into()).await;
+    env.publish_raw(
+        "",
+        &hold,
+        b"{}",
+        BasicProperties::default()
+            .with_message_id("held".into())
+            .with_type("diag.echo".into()),
+    )
+    .await;
+    now.push("held".to_owned());
     let out = env
         .warren(&["topology", "migrate"])
         .env(REPLICATED.0, REPLICATED.1)
         .succeeds();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("0 queues redeclared"), "{text}");
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("0 queues redeclared"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
+        text.contains("1 messages moved back from holding queues"),
+        "{text}"
     );
+    assert_eq!(env.depth(&n.work_queue("diag")).await, 5);
     env.warren(&["topology", "apply"])
         .env(REPLICATED.0, REPLICATED.1)
         .succeeds();

@@ -128,6 +128,8 @@ fn targets(config: &Config, plan: &TopologyPlan) -> Vec<Target> {
 /// then applies the whole topology ([`reconcile::reconcile`]).
 pub async fn migrate(conn: &Connection, config: &Config) -> Result<MigrateReport, TopologyError> {
     let plan = TopologyPlan::from_config(config);
+    let names = config.names();
+    let routing = [names.tasks(), names.unroutable()];
     let mut report = MigrateReport::default();
     // Exchanges first: the holding queues are bound to them.
     let exchanges_only = TopologyPlan {
@@ -137,13 +139,17 @@ pub async fn migrate(conn: &Connection, config: &Config) -> Result<MigrateReport
     };
     reconcile::apply(conn, &exchanges_only).await?;
     for t in targets(config, &plan) {
+        let hold = holding(&t.name);
+        if !t.in_plan && !exists(conn, &t.name).await? && !exists(conn, &hold).await? {
+            continue;
+        }
         let ch = channel(conn).await?;
-        let current = declare(&ch, &t.name, &t.arguments, !t.in_plan).await;
-        match current {
-            Ok(()) => {}
-            Err(e) if is_missing(&e) => continue,
+        match declare(&ch, &t.name, &t.arguments).await {
+            Ok(()) => {
+                let _ = ch.close(200, "checked".into()).await;
+            }
             Err(e) if is_conflict(&e) => {
-                let moved = migrate_queue(conn, &t).await?;
+                let moved = migrate_queue(conn, &t, &routing).await?;
                 tracing::info!(queue = %t.name, moved, "queue redeclared as planned");
                 report.migrated.push((t.name.clone(), moved));
             }
@@ -154,14 +160,17 @@ pub async fn migrate(conn: &Connection, config: &Config) -> Result<MigrateReport
                 })
             }
         }
-        let _ = ch.close(200, "checked".into()).await;
-        // A holding queue left by an interrupted run is emptied now.
-        let left = holding(&t.name);
-        let ch = channel(conn).await?;
-        if declare(&ch, &left, &BTreeMap::new(), true).await.is_ok() {
-            let _ = ch.close(200, "checked".into()).await;
-            report.resumed += move_all(conn, &left, &t.back_to).await?;
-            delete(conn, &left).await?;
+        // A holding queue left by an interrupted run: the queue is bound
+        // again, then the holding queue unbound and emptied into it.
+        if exists(conn, &hold).await? {
+            let ch = channel(conn).await?;
+            for b in &t.bindings {
+                bind(&ch, &t.name, b).await?;
+            }
+            unbind_all(&ch, &hold, &t.bindings).await?;
+            let _ = ch.close(200, "resumed".into()).await;
+            report.resumed += move_all(conn, &hold, &t.back_to, &routing).await?;
+            delete(conn, &hold).await?;
         }
     }
     report.applied = reconcile::reconcile(conn, config).await?;
@@ -172,16 +181,11 @@ async fn channel(conn: &Connection) -> Result<Channel, TopologyError> {
     conn.create_channel().await.map_err(broker("open channel"))
 }
 
-/// Declares `name` durable with `arguments` (passively: only checks it
-/// exists). A refusal closes the channel.
-async fn declare(
-    ch: &Channel,
-    name: &str,
-    arguments: &BTreeMap<String, ArgValue>,
-    passive_first: bool,
-) -> Result<(), lapin::Error> {
-    if passive_first {
-        ch.queue_declare(
+/// Whether queue `name` exists (a passive declare, on a channel of its own).
+async fn exists(conn: &Connection, name: &str) -> Result<bool, TopologyError> {
+    let ch = channel(conn).await?;
+    match ch
+        .queue_declare(
             name.into(),
             QueueDeclareOptions {
                 passive: true,
@@ -189,11 +193,26 @@ async fn declare(
             },
             FieldTable::default(),
         )
-        .await?;
-        if arguments.is_empty() {
-            return Ok(());
+        .await
+    {
+        Ok(_) => {
+            let _ = ch.close(200, "checked".into()).await;
+            Ok(true)
         }
+        Err(e) if is_missing(&e) => Ok(false),
+        Err(source) => Err(TopologyError::Broker {
+            what: format!("check queue {name}"),
+            source,
+        }),
     }
+}
+
+/// Declares `name` durable with `arguments`. A refusal closes the channel.
+async fn declare(
+    ch: &Channel,
+    name: &str,
+    arguments: &BTreeMap<String, ArgValue>,
+) -> Result<(), lapin::Error> {
     ch.queue_declare(
         name.into(),
         QueueDeclareOptions {
@@ -206,6 +225,24 @@ async fn declare(
     .map(|_| ())
 }
 
+async fn unbind_all(
+    ch: &Channel,
+    queue: &str,
+    bindings: &[BindingPlan],
+) -> Result<(), TopologyError> {
+    for b in bindings {
+        ch.queue_unbind(
+            queue.into(),
+            b.exchange.as_str().into(),
+            b.routing_key.as_str().into(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(broker(format!("unbind {queue} from {}", b.exchange)))?;
+    }
+    Ok(())
+}
+
 fn is_missing(e: &lapin::Error) -> bool {
     e.to_string().contains("NOT_FOUND")
 }
@@ -216,10 +253,14 @@ fn is_conflict(e: &lapin::Error) -> bool {
 
 /// Moves `t`'s messages out, redeclares it, and moves them back; returns
 /// how many were moved out.
-async fn migrate_queue(conn: &Connection, t: &Target) -> Result<u64, TopologyError> {
+async fn migrate_queue(
+    conn: &Connection,
+    t: &Target,
+    routing: &[String],
+) -> Result<u64, TopologyError> {
     let hold = holding(&t.name);
     let ch = channel(conn).await?;
-    declare(&ch, &hold, &BTreeMap::new(), false)
+    declare(&ch, &hold, &BTreeMap::new())
         .await
         .map_err(broker(format!("declare queue {hold}")))?;
     for b in &t.bindings {
@@ -229,7 +270,7 @@ async fn migrate_queue(conn: &Connection, t: &Target) -> Result<u64, TopologyErr
     let mut moved = 0;
     let mut deleted = false;
     for _ in 0..DELETE_TRIES {
-        moved += move_all(conn, &t.name, &hold).await?;
+        moved += move_all(conn, &t.name, &hold, routing).await?;
         let ch = channel(conn).await?;
         match ch
             .queue_delete(
@@ -264,7 +305,7 @@ async fn migrate_queue(conn: &Connection, t: &Target) -> Result<u64, TopologyErr
         )));
     }
     let ch = channel(conn).await?;
-    declare(&ch, &t.name, &t.arguments, false)
+    declare(&ch, &t.name, &t.arguments)
         .await
         .map_err(|source| {
             let text = source.to_string();
@@ -289,18 +330,9 @@ async fn migrate_queue(conn: &Connection, t: &Target) -> Result<u64, TopologyErr
     for b in &t.bindings {
         bind(&ch, &t.name, b).await?;
     }
-    for b in &t.bindings {
-        ch.queue_unbind(
-            hold.as_str().into(),
-            b.exchange.as_str().into(),
-            b.routing_key.as_str().into(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(broker(format!("unbind {hold} from {}", b.exchange)))?;
-    }
+    unbind_all(&ch, &hold, &t.bindings).await?;
     let _ = ch.close(200, "redeclared".into()).await;
-    move_all(conn, &hold, &t.back_to).await?;
+    move_all(conn, &hold, &t.back_to, routing).await?;
     delete(conn, &hold).await?;
     Ok(moved)
 }
@@ -339,7 +371,18 @@ async fn delete(conn: &Connection, queue: &str) -> Result<(), TopologyError> {
 /// Copies every message of `from` into `to` (through the default
 /// exchange), acknowledging each in `from` only after the broker confirmed
 /// its copy; returns how many were moved.
-async fn move_all(conn: &Connection, from: &str, to: &str) -> Result<u64, TopologyError> {
+///
+/// The routing key a message arrived with (its task type, as a producer
+/// published it to `P.tasks` or `P.delay`) would be lost on the way: it is
+/// kept as the `type` property, as readers take it when the routing key is
+/// not the type (the routing key itself wins on the `routing` exchanges,
+/// which route by type).
+async fn move_all(
+    conn: &Connection,
+    from: &str,
+    to: &str,
+    routing: &[String],
+) -> Result<u64, TopologyError> {
     let ch = channel(conn).await?;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
@@ -358,6 +401,15 @@ async fn move_all(conn: &Connection, from: &str, to: &str) -> Result<u64, Topolo
                 break;
             };
             let d = msg.delivery;
+            let mut properties = d.properties.clone();
+            let exchange = d.exchange.as_str();
+            let untyped = properties
+                .kind()
+                .as_ref()
+                .is_none_or(|k| k.as_str().is_empty());
+            if !exchange.is_empty() && (untyped || routing.iter().any(|r| r == exchange)) {
+                properties = properties.with_type(d.routing_key.as_str().into());
+            }
             let confirm = ch
                 .basic_publish(
                     "".into(),
@@ -367,7 +419,7 @@ async fn move_all(conn: &Connection, from: &str, to: &str) -> Result<u64, Topolo
                         ..Default::default()
                     },
                     &d.data,
-                    d.properties.clone(),
+                    properties,
                 )
                 .await
                 .map_err(broker(what.clone()))?;
