@@ -578,9 +578,12 @@ impl<'a> Conflict<'a> {
                 "it was declared without topology.replicated = true; {move_out}, or set \
                  topology.replicated = false"
             ),
-            ("x-queue-type", None, Some("quorum")) if switched => format!(
-                "it was declared with topology.replicated = true; set it again, or {move_out}",
-            ),
+            _ if switched && !plan.replicated && short.is_none() && self.current.is_some() => {
+                format!(
+                    "it was declared with topology.replicated = true; set it again, or \
+                     {move_out}",
+                )
+            }
             ("x-dead-letter-exchange" | "x-dead-letter-strategy" | "x-overflow", _, None)
                 if ours =>
             {
@@ -1021,6 +1024,14 @@ mod tests {
         let back = plan("").explain_conflict(
             "inequivalent arg 'x-queue-type' for queue 'warren.dead' in vhost '/': received \
              none but current is the value 'quorum' of type 'longstr'",
+        );
+        let strategy = plan("").explain_conflict(
+            "inequivalent arg 'x-dead-letter-strategy' for queue 'warren.unroutable' in vhost \
+             '/': received none but current is the value 'at-least-once' of type 'longstr'",
+        );
+        assert!(
+            strategy.contains("it was declared with topology.replicated = true; set it again"),
+            "{strategy}"
         );
         assert_eq!(
             back,
