@@ -339,7 +339,7 @@ async fn migrate_moves_a_classic_topology_to_replicated_losing_nothing() {
 
     // Every task runs on the replicated topology, the delayed ones not early.
     let mut watch = env.watch(&["#"]).await;
-    env.spawn(&["up"], &[REPLICATED]);
+    let up = env.spawn(&["up"], &[REPLICATED]);
     let all: Vec<&String> = now.iter().chain(&delayed).collect();
     let got = until_final(&mut watch, &all, T_LONG).await;
     for id in &all {
@@ -360,5 +360,22 @@ async fn migrate_moves_a_classic_topology_to_replicated_losing_nothing() {
     assert_eq!(
         parked[0].0.message_id().as_ref().map(|m| m.as_str()),
         Some("parked")
+    );
+
+    // And back to classic, the dead task still there.
+    env.kill(&up, T_LONG).await;
+    env.wait_depth(&n.dead(), 1, T_LONG).await;
+    env.cli_ok(&["topology", "migrate"]);
+    for (name, kind, _) in Mgmt::new().queues_of(&env.prefix).await {
+        if name != n.cancels() && !name.starts_with(&format!("{}.watch.", env.prefix)) {
+            assert_eq!(kind, "classic", "{name}");
+        }
+    }
+    let dead = env.drain(&n.dead()).await;
+    assert_eq!(
+        dead.iter()
+            .map(|(p, _)| p.message_id().as_ref().map(|m| m.to_string()))
+            .collect::<Vec<_>>(),
+        [Some("was-dead".to_owned())]
     );
 }
