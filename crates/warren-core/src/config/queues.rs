@@ -26,9 +26,11 @@ pub struct QueueConfig {
         deserialize_with = "deserialize_priority"
     )]
     pub max_priority: u8,
-    /// Classic (the default) or quorum (replicated) queue.
+    /// Classic (the default) or quorum (replicated) queue, as written;
+    /// [`Config::queue_kind`] is the type declared (`topology.replicated`
+    /// makes every queue quorum).
     #[serde(rename = "type", default)]
-    pub kind: QueueKind,
+    pub kind: Option<QueueKind>,
     /// Priority lanes of a quorum queue (see [`crate::lanes`]): unset means
     /// [`crate::lanes::DEFAULT_LANES`], 1 means none (no priorities).
     /// Classic queues sort by broker priority and ignore it.
@@ -66,14 +68,10 @@ fn deserialize_lanes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u8>, D::E
 }
 
 impl QueueConfig {
-    /// The priority bands of the queue when it sorts by lanes: a quorum
-    /// queue with more than one lane (and a priority range to split).
-    /// `None` for a classic queue (the broker sorts) or a single lane.
-    pub fn bands(&self) -> Option<Bands> {
-        self.bands_as(self.kind)
-    }
-
-    /// [`QueueConfig::bands`] for the queue declared as `kind`.
+    /// The priority bands of the queue declared as `kind`, when it sorts by
+    /// lanes: a quorum queue with more than one lane (and a priority range
+    /// to split). `None` for a classic queue (the broker sorts) or a single
+    /// lane. [`Config::queue_bands`] passes the type declared.
     pub fn bands_as(&self, kind: QueueKind) -> Option<Bands> {
         if kind != QueueKind::Quorum {
             return None;
@@ -144,10 +142,10 @@ fn longest_name(c: &Config, names: &crate::Names, q: &QueueConfig) -> String {
 
 impl Config {
     /// The priority lanes of a work queue, as declared and consumed: `None`
-    /// when the queue has none (see [`QueueConfig::bands`]). Everything
+    /// when the queue has none (see [`QueueConfig::bands_as`]). Everything
     /// that declares, consumes or permits lanes asks here.
     pub fn queue_bands(&self, q: &QueueConfig) -> Option<Bands> {
-        q.bands()
+        q.bands_as(self.queue_kind(q))
     }
 
     pub(super) fn queue_names_hint(&self) -> String {
@@ -369,7 +367,7 @@ mod tests {
             "[[queues]]\nname = \"a\"\ntype = \"quorum\"\nmax_priority = 3\n{ONE_QUEUE_ROUTE}"
         ))
         .unwrap();
-        assert_eq!(c.queues[0].kind, QueueKind::Quorum);
+        assert_eq!(c.queues[0].kind, Some(QueueKind::Quorum));
         assert_eq!(c.queues[0].max_priority, 3);
     }
 
@@ -400,10 +398,10 @@ mod tests {
              [[queues]]\nname = \"c\"\nlanes = 5\n{ONE_QUEUE_ROUTE}"
         ))
         .unwrap();
-        assert_eq!(c.queues[0].bands().map(|b| b.lanes()), Some(3));
-        assert_eq!(c.queues[1].bands(), None, "one lane: no lanes");
+        assert_eq!(c.queue_bands(&c.queues[0]).map(|b| b.lanes()), Some(3));
+        assert_eq!(c.queue_bands(&c.queues[1]), None, "one lane: no lanes");
         assert_eq!(
-            c.queues[2].bands(),
+            c.queue_bands(&c.queues[2]),
             None,
             "classic queues sort by broker priority"
         );
