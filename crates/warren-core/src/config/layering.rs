@@ -422,7 +422,9 @@ mod tests {
             QueueKind::Quorum
         );
         assert_eq!(
-            quorum.queue_bands(quorum.queue("io").unwrap()).map(|b| b.lanes()),
+            quorum
+                .queue_bands(quorum.queue("io").unwrap())
+                .map(|b| b.lanes()),
             Some(3)
         );
     }
