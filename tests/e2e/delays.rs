@@ -341,7 +341,7 @@ async fn retries_back_off_with_attempts_and_events_then_end_retries_exhausted() 
 async fn expiration_counts_from_release_not_while_waiting() {
     let (env, mut watch) = Env::with_up_watching("delay-expiry", &[]).await;
     let p =
-        delayed("exp-later", "x-delay", AMQPValue::LongInt(2500)).with_expiration("1000".into());
+        delayed("exp-later", "x-delay", AMQPValue::LongInt(5000)).with_expiration("2500".into());
     env.publish_raw(&env.names().delay(), "diag.echo", b"{}", p)
         .await;
     let got = until_final(&mut watch, &["exp-later"], T_LONG).await;
