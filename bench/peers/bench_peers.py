@@ -89,7 +89,7 @@ NOTE = (
     "note: broker work per task differs: Warren (and the raw-lapin baseline) publish two persistent status "
     "events per task and wait for their confirms before the ack; Celery without -E and Dramatiq publish "
     "nothing per task (Dramatiq has no task events at all); Celery -E publishes three transient, unconfirmed "
-    "task events (task-received, task-started, task-succeeded)."
+    "task events (task-received, task-started, task-succeeded), batched up to 24 to a message."
 )
 
 
@@ -372,6 +372,13 @@ class OtherLoad:
         for pid, (started, cpu, kthread) in snap1.items():
             before = self.snap0.get(pid)
             used[pid] = cpu - before[1] if before and before[0] == started else cpu
+        # Processes of the tree that exited before now (a bench's workers, or
+        # the bench itself) count with their last sample.
+        for pid, last in self.tree.last.items():
+            if pid not in snap1:
+                before = self.snap0.get(pid)
+                used[pid] = max(last["cpu_s"] - (before[1] if before else 0.0), 0.0)
+                snap1[pid] = (None, last["cpu_s"], False)
         ours_s = sum(used[p] for p in used if p in ours or snap1[p][2])
         others = sorted(((u, p) for p, u in used.items() if p not in ours and not snap1[p][2]), reverse=True)
         by_process = sum(u for u, _ in others)
@@ -1167,7 +1174,7 @@ def parse(argv):
     p.add_argument(
         "--warren-bin",
         default=os.path.join(os.path.dirname(os.path.dirname(HERE)), "target", "release", "warren"),
-        help="the warren binary measured (default target/release/warren)",
+        help="the warren binary measured (default target/release/warren; relative to the repository root)",
     )
     p.add_argument(
         "--celery-pool",
@@ -1219,6 +1226,7 @@ def parse(argv):
     a.n = a.n if a.n is not None else (5000 if a.quick else 20000)
     a.duration = a.duration if a.duration is not None else (5.0 if a.quick else 10.0)
     a.rounds = a.rounds if a.rounds is not None else (2 if a.quick else 3)
+    a.warren_bin = os.path.abspath(a.warren_bin)  # scripts/bench-peers.sh runs from the repository root
     a.peers = [x.strip() for x in a.peers.split(",") if x.strip()]
     a.scenarios = [x.strip() for x in a.scenarios.split(",") if x.strip()]
     for x in a.peers:
@@ -1334,6 +1342,8 @@ def main(argv):
         print("\nrange over the rounds:", file=out)
         print(rng, file=out)
     for (peer, key), x in sorted(s.items()):
+        if peer == "lapin":
+            continue  # measured in the same phases as Warren: its notes are Warren's
         if key.startswith("other_") and x["max"] > OTHER_LOAD_WARN:
             notes.append(
                 f"{TITLES[peer]}: other processes used up to {x['max']:.0f}% of a core during a "
