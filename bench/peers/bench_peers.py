@@ -1137,7 +1137,7 @@ def tables(rows):
                 continue
             cell = fmt(x["median"], unit)
             if ratio and "ratio" in x:
-                cell += f" ({x['ratio']:.2f}x)"
+                cell += f" ({x['ratio']:.0f}x)" if x["ratio"] >= 100 else f" ({x['ratio']:.2f}x)"
             m.append(cell)
             r.append(fmt(x["min"], unit) if x["min"] == x["max"] else f"{fmt(x['min'], unit)}-{fmt(x['max'], unit)}")
         med.append(m)
