@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2317  # the cleanup functions run from traps
-# Celery and Dramatiq on the same broker and the same throughput and latency
-# workloads as `warren bench`, so the peers' figures in BENCHMARKS.md can be
-# reproduced. Makes bench/peers/.venv (pip, versions pinned in
+# Warren, Celery and Dramatiq side by side in one run: the same broker, the
+# same throughput and latency workloads, alternating rounds, one table of
+# medians and ratios to Warren (see BENCHMARKS.md, "Peers"). Warren's figures
+# (and its raw-lapin baseline's) come from `warren bench` on the release
+# binary, built here unless --warren-bin is given or warren is not among
+# --peers. Makes bench/peers/.venv (pip, versions pinned in
 # bench/peers/requirements.txt) the first time, or when the pins change.
 #
-#   scripts/bench-peers.sh [--quick] [--n N] [--rate R] [--duration S]
-#                          [--peers celery,dramatiq] [--scenarios throughput,latency]
+#   scripts/bench-peers.sh [--quick] [--n N] [--rate R] [--duration S] [--rounds K]
+#                          [--peers warren,celery,celery-events,dramatiq]
+#                          [--scenarios throughput,latency] [--warren-bin PATH]
+#                          [--celery-pool P] [--celery-concurrency C]
+#                          [--celery-prefetch-multiplier M]
 #                          [--dramatiq-processes P] [--dramatiq-threads T]
+#                          [--dramatiq-prefetch Q]
 #                          [--publishers K] [--wait-idle SECS] [--json]
 #
-# --quick is n=5000 and 5 s of latency (about a minute on 2 cores, plus the
-# venv the first time). --wait-idle SECS waits up to SECS before each measured
-# phase for the machine to be idle (other load moves every figure; each
-# scenario reports how much CPU other processes used meanwhile).
+# --quick is n=5000, 5 s of latency and 2 rounds (about 4 minutes on 2
+# cores, plus the venv and the build the first time); the default is
+# n=20000, 10 s and 3 rounds. --wait-idle SECS waits up to SECS before each
+# measured phase for the machine to be idle (other load moves every figure;
+# each scenario reports how much CPU other processes used meanwhile).
 # Each peer runs on queues of its own (peerbench-<peer>-<random>.*), deleted
-# afterwards. Prints a table (peer, scenario, metric, unit, value), or with
-# --json one object per row on stdout (the rest goes to stderr).
+# afterwards. Prints the tables, or with --json one object per row and per
+# summary on stdout (the rest goes to stderr). Exits non-zero, with one
+# "error:" line, if a peer cannot be installed or fails.
 #
 # Environment: WARREN__BROKER__URL (default amqp://guest:guest@127.0.0.1:5672/%2f),
 # WARREN_MGMT_URL / WARREN_MGMT_USER / WARREN_MGMT_PASS as in scripts/lib.sh.
@@ -44,10 +53,33 @@ ensure_peers_venv() {
     PEERS_PYTHON="$VENV_PYTHON"
 }
 
+# Does this run measure Warren with the binary built here? Not when
+# --warren-bin names another one, nor when --peers leaves warren out.
+wants_warren_build() {
+    local prev="" a peers="warren"
+    for a in "$@"; do
+        case "$prev" in
+            --peers) peers="$a" ;;
+            --warren-bin) return 1 ;;
+        esac
+        case "$a" in
+            --peers=*) peers="${a#--peers=}" ;;
+            --warren-bin=*) return 1 ;;
+        esac
+        prev="$a"
+    done
+    [[ ",$peers," == *,warren,* ]]
+}
+
 ensure_broker
 ensure_management
 export WARREN_MGMT_URL WARREN_MGMT_USER WARREN_MGMT_PASS
 ensure_peers_venv
+if wants_warren_build "$@"; then
+    ensure_rust
+    log "cargo build --release -p warren"
+    cargo build --release -p warren >&2 || die "cargo build --release -p warren failed"
+fi
 
 # The driver lists here the process group of every worker it runs ("pgid N")
 # and each prefix and record directory it has not cleaned up yet ("prefix P",

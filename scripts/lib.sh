@@ -242,8 +242,14 @@ ensure_venv() {
             python3 -m venv "$venv" >&2 || die "python3 -m venv $venv failed"
         fi
         log "pip install -r $req"
-        "$venv/bin/python" -m pip install -q --disable-pip-version-check --timeout 60 -r "$req" >&2 ||
-            die "pip install -r $req failed"
+        # pip's output goes to a log, so a failure ends with one line naming it.
+        local piplog
+        piplog="$(mktemp -t pip-install.XXXXXX)"
+        if ! "$venv/bin/python" -m pip install -q --disable-pip-version-check --timeout 60 -r "$req" >"$piplog" 2>&1; then
+            rm -rf "$venv"
+            die "pip install -r $req failed: $(grep -E '^ERROR' "$piplog" | tail -n 1 | cut -c1-200) (full output: $piplog)"
+        fi
+        rm -f "$piplog"
         printf '%s\n' "$want" >"$stamp"
     fi
     VENV_PYTHON="$venv/bin/python"

@@ -1,19 +1,36 @@
-"""Celery and Dramatiq on the same broker and workloads as `warren bench`.
+"""Warren, Celery and Dramatiq on the same broker and workloads, in one run.
 
-Run through scripts/bench-peers.sh, which makes the venv. Scenarios, matching
-crates/warren-bench/src/scenarios.rs:
+Run through scripts/bench-peers.sh, which makes the venv and builds warren.
+The run is --rounds rounds; each round runs every peer (in an order rotated
+by one each round, so no peer always follows the same one), first the
+throughput scenario of each, then the latency scenario of each. The table
+gives, per metric and peer, the median over the rounds and the median of the
+per-round ratios to Warren's figure of the same round; a second table gives
+the ranges. Peers:
+
+warren         `warren bench throughput --n N --rounds 1` and `warren bench
+               latency --rate R --duration D --rounds 1` (the release binary,
+               shipped settings); each also measures the raw-lapin baseline
+               worker of `warren bench`, reported as its own column.
+celery         Celery's worker, task events off (its default).
+celery-events  the same with -E (worker_send_task_events): task-received,
+               task-started and task-succeeded per task, counted on the
+               broker through a queue bound to the event exchange.
+dramatiq       Dramatiq's worker (it has no task events).
+
+Scenarios for Celery and Dramatiq, matching crates/warren-bench/src/scenarios.rs:
 
 throughput  N echo tasks published with confirms into the peer's own queue
-            from one thread (publish rate = N / publish time); then the
+            from one thread (publish rate = N / publish time; publisher CPU
+            per task = this driver's CPU time over the publish / N); then the
             peer's worker is started and drains the preloaded queue: drain
             rate = (N - 1) / (last task finished - first task finished), as
             Warren's (N - 1) / (last succeeded event - first). The worker's
             process tree is sampled from /proc every 100 ms: peak RSS = sum of
             VmHWM over the tree; CPU per task = utime+stime of the tree / N
-            (start-up included, as Warren's), and again counting only from
-            the first finished task on ("after start-up"). After the drain the
-            worker is stopped and the queue must be empty: a message not acked
-            would be back in it.
+            (start-up included, as Warren's). After the drain the worker is
+            stopped and the queue must be empty: a message not acked would be
+            back in it.
 latency     a worker is started and one warm-up task run; then N = rate x
             duration tasks are sent on a fixed schedule (task i at i/rate)
             from --publishers threads, each task carrying its send time
@@ -45,6 +62,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,13 +84,12 @@ START_WIDTH = 36  # peerrec.START_WIDTH
 # estimate itself is rough: in a VM, /proc/stat and the per-process times
 # can disagree by a few tens of % of a core (steal time).
 OTHER_LOAD_WARN = 25.0
-PEERS = ("celery", "dramatiq")
 SCENARIOS = ("throughput", "latency")
 NOTE = (
-    "note: neither peer emits a per-task status event (Celery's task events stay "
-    "off, its default, and it has no result backend here; Dramatiq has none), "
-    "while Warren publishes and confirms a succeeded event before each ack: "
-    "the peers do less broker work per task."
+    "note: broker work per task differs: Warren (and the raw-lapin baseline) publish two persistent status "
+    "events per task and wait for their confirms before the ack; Celery without -E and Dramatiq publish "
+    "nothing per task (Dramatiq has no task events at all); Celery -E publishes three transient, unconfirmed "
+    "task events (task-received, task-started, task-succeeded), batched up to 24 to a message."
 )
 
 
@@ -355,6 +372,13 @@ class OtherLoad:
         for pid, (started, cpu, kthread) in snap1.items():
             before = self.snap0.get(pid)
             used[pid] = cpu - before[1] if before and before[0] == started else cpu
+        # Processes of the tree that exited before now (a bench's workers, or
+        # the bench itself) count with their last sample.
+        for pid, last in self.tree.last.items():
+            if pid not in snap1:
+                before = self.snap0.get(pid)
+                used[pid] = max(last["cpu_s"] - (before[1] if before else 0.0), 0.0)
+                snap1[pid] = (None, last["cpu_s"], False)
         ours_s = sum(used[p] for p in used if p in ours or snap1[p][2])
         others = sorted(((u, p) for p, u in used.items() if p not in ours and not snap1[p][2]), reverse=True)
         by_process = sum(u for u, _ in others)
@@ -444,18 +468,23 @@ class Workers:
         self.prefixes.discard((prefix, tmp))
         self._write()
 
-    def start(self, cmd, env, log_path):
+    def start(self, cmd, env, log_path, stdout_path=None):
         logf = open(log_path, "wb")
-        proc = subprocess.Popen(
-            cmd,
-            cwd=HERE,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        logf.close()
+        outf = open(stdout_path, "wb") if stdout_path else None
+        try:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=HERE,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=outf or logf,
+                stderr=logf,
+                start_new_session=True,
+            )
+        finally:
+            logf.close()
+            if outf:
+                outf.close()
         self.live[proc.pid] = proc
         self._write()
         return proc
@@ -524,36 +553,48 @@ def summarize(samples):
 
 
 class Run:
-    """One peer's run: its module, prefix, worker starts and results."""
+    """One peer library's runs (Celery or Dramatiq), every round and variant:
+    its module, its prefix (one queue, reused: each drain leaves it empty),
+    worker starts and results."""
 
-    def __init__(self, peer, args, workers, mgmt, url):
-        self.peer = peer
+    def __init__(self, lib, args, workers, mgmt, url):
+        self.lib = lib
         self.args = args
         self.workers = workers
         self.mgmt = mgmt
         self.url = url
-        self.prefix = f"peerbench-{peer}-{uuid.uuid4().hex[:8]}"
+        self.prefix = f"peerbench-{lib}-{uuid.uuid4().hex[:8]}"
         self.tmp = tempfile.mkdtemp(prefix=f"{self.prefix}-")
         workers.add_prefix(self.prefix, self.tmp)
-        os.environ["PEER_BENCH_PREFIX"] = self.prefix
-        os.environ["PEER_BENCH_BROKER"] = url
-        os.environ["PEER_BENCH_DRAMATIQ_PROCESSES"] = str(args.dramatiq_processes)
-        os.environ["PEER_BENCH_DRAMATIQ_THREADS"] = str(args.dramatiq_threads)
+        # The module reads these when imported here; its workers get the same.
+        self.env = {
+            "PEER_BENCH_PREFIX": self.prefix,
+            "PEER_BENCH_BROKER": url,
+            "PEER_BENCH_CELERY_POOL": args.celery_pool,
+            "PEER_BENCH_CELERY_CONCURRENCY": str(args.celery_concurrency),
+            "PEER_BENCH_CELERY_MULTIPLIER": str(args.celery_prefetch_multiplier),
+            "PEER_BENCH_DRAMATIQ_PROCESSES": str(args.dramatiq_processes),
+            "PEER_BENCH_DRAMATIQ_THREADS": str(args.dramatiq_threads),
+            "PEER_BENCH_DRAMATIQ_PREFETCH": str(args.dramatiq_prefetch),
+        }
+        os.environ.update(self.env)
         if HERE not in sys.path:
             sys.path.insert(0, HERE)
-        self.mod = importlib.import_module(f"{peer}_app")
+        self.mod = importlib.import_module(f"{lib}_app")
         self.notes = []
         self.clients = None  # BrokerClients of the phase being measured
+        self.starts = 0
 
-    def row(self, scenario, metric, unit, value):
-        return {"peer": self.peer, "scenario": scenario, "metric": metric, "unit": unit, "value": value}
-
-    def start_worker(self, name):
+    def start_worker(self, name, events):
+        self.starts += 1
+        name = f"{name}-{self.starts}"
         out = os.path.join(self.tmp, name)
         os.makedirs(out)
-        env = dict(os.environ, PEER_BENCH_OUT=out, PYTHONDONTWRITEBYTECODE="1")
-        proc = self.workers.start(self.mod.worker_command(VENV_BIN), env, os.path.join(self.tmp, f"{name}.log"))
-        return proc, Tree(proc.pid), out
+        env = dict(os.environ, **self.env, **getattr(self.mod, "WORKER_ENV", {}))
+        env.update(PEER_BENCH_OUT=out, PYTHONDONTWRITEBYTECODE="1")
+        cmd = self.mod.worker_command(VENV_BIN, events)
+        proc = self.workers.start(cmd, env, os.path.join(self.tmp, f"{name}.log"))
+        return proc, Tree(proc.pid), out, name
 
     def worker_log_tail(self, name, lines=15):
         try:
@@ -589,26 +630,78 @@ class Run:
                 raise BenchError(f"{label}: only {c} of {want} done, nothing for {limit:.0f} s")
             time.sleep(0.1)
 
-    def throughput(self):
+    def _event_queue(self):
+        """Celery only: declares (and empties) a queue bound to the app's
+        event exchange for the task events (routing keys task.*), as a
+        monitor such as Flower binds one, so the broker routes and stores
+        them and they can be counted. The exchange is declared with the
+        arguments kombu declares it with (topic, durable)."""
+        import pika
+
+        ex, q = self.mod.EVENT_EXCHANGE, f"{self.prefix}.evcount"
+        conn = pika.BlockingConnection(pika.URLParameters(self.url))
+        try:
+            ch = conn.channel()
+            ch.exchange_declare(exchange=ex, exchange_type="topic", durable=True)
+            ch.queue_declare(queue=q, durable=False)
+            ch.queue_bind(queue=q, exchange=ex, routing_key="task.#")
+            ch.queue_purge(queue=q)
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _count_events(self, limit_s=60.0):
+        """Reads the counting queue empty; returns (messages, task events).
+        Celery's worker batches task events (up to 24 in one task.multi
+        message, a JSON list), so messages and events differ."""
+        import pika
+
+        q = f"{self.prefix}.evcount"
+        conn = pika.BlockingConnection(pika.URLParameters(self.url))
+        messages = events = 0
+        try:
+            ch = conn.channel()
+            want = ch.queue_declare(queue=q, passive=True).method.message_count
+            end = time.monotonic() + limit_s
+            for _method, _props, body in ch.consume(q, auto_ack=True, inactivity_timeout=5.0):
+                if body is None or time.monotonic() > end:
+                    break
+                messages += 1
+                payload = json.loads(body)
+                batch = payload if isinstance(payload, list) else [payload]
+                events += sum(1 for e in batch if str(e.get("type", "")).startswith("task-"))
+                if messages >= want:
+                    break
+            if messages < want:
+                raise BenchError(f"{self.lib}: read {messages} of {want} event messages within {limit_s:.0f} s")
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+        return messages, events
+
+    def throughput(self, peer, rnd, events):
         n = self.args.n
         q = self.mod.QUEUE
-        wait_idle(self.args.wait_idle, f"{self.peer} publish")
-        log(f"{self.peer}: throughput: publishing {n} tasks with confirms to {q}")
-        with deadline(max(120.0, n / 50.0), f"{self.peer}: publish {n}"):
-            t0 = time.perf_counter()
+        wait_idle(self.args.wait_idle, f"{peer} publish")
+        log(f"{peer}: round {rnd + 1}: throughput: publishing {n} tasks with confirms to {q}")
+        with deadline(max(120.0, n / 50.0), f"{peer}: publish {n}"):
+            cpu0, t0 = time.process_time(), time.perf_counter()
             for i in range(n):
                 self.mod.publish_echo({"i": i})
                 if i % 500 == 0:
                     progress("publish", i, n)
             publish_s = time.perf_counter() - t0
+            publish_cpu = time.process_time() - cpu0
         progress_end()
         depth = queue_depth(self.url, q)
         if depth != n:
-            raise BenchError(f"{self.peer}: after publishing {n} tasks the queue holds {depth}")
-        log(f"{self.peer}: published {n} in {publish_s:.2f} s")
-        wait_idle(self.args.wait_idle, f"{self.peer} drain")
-        log(f"{self.peer}: starting the worker to drain the queue")
-        proc, tree, out = self.start_worker("throughput")
+            raise BenchError(f"{peer}: after publishing {n} tasks the queue holds {depth}")
+        log(f"{peer}: published {n} in {publish_s:.2f} s")
+        if self.lib == "celery":
+            self._event_queue()
+        wait_idle(self.args.wait_idle, f"{peer} drain")
+        log(f"{peer}: starting the worker to drain the queue")
+        proc, tree, out, name = self.start_worker("throughput", events)
         load = OtherLoad(tree)
         load.start()
         self.clients = BrokerClients(self.mgmt, tree)
@@ -619,45 +712,52 @@ class Run:
             def on_first(c):
                 first["cpu_s"], first["done"] = tree.cpu_s(), c
 
-            self.wait_records(proc, tree, out, "finish", FINISH_WIDTH, n, f"{self.peer} drain", on_first=on_first)
+            self.wait_records(proc, tree, out, "finish", FINISH_WIDTH, n, f"{peer} drain", on_first=on_first)
             other = load.stop()
             self.clients.sample(0)
-            cpu_s, hwm, pss = tree.cpu_s(), tree.hwm(), tree.pss()
+            cpu_s, hwm = tree.cpu_s(), tree.hwm()
             nprocs = len(tree.pids())
         except BenchError:
-            tail = self.worker_log_tail("throughput")
+            tail = self.worker_log_tail(name)
             if tail:
-                log(f"{self.peer} worker log (last lines):\n{tail}")
+                log(f"{peer} worker log (last lines):\n{tail}")
             raise
         finally:
             self.workers.stop(proc)
         left = queue_depth(self.url, q)
         if left:
-            self.notes.append(f"{self.peer}: {left} messages were still in the queue after the worker stopped")
+            self.notes.append(f"{peer}: {left} messages were still in the queue after the worker stopped")
         stamps = [r[0] for r in read_records(out, "finish")]
         if len(stamps) != n:
-            self.notes.append(f"{self.peer}: {len(stamps)} task completions recorded for {n} tasks published")
+            self.notes.append(f"{peer}: {len(stamps)} task completions recorded for {n} tasks published")
         span = max(stamps) - min(stamps)
         drain = (max(n, 2) - 1) / max(span, 1e-9)
         after = (cpu_s - first["cpu_s"]) / max(n - first["done"], 1) * 1000.0
         log(
-            f"{self.peer}: drained {n} in {span:.2f} s; worker tree of {nprocs} processes; "
-            f"queue depth after stop {left}"
+            f"{peer}: drained {n} in {span:.2f} s ({drain:.0f}/s); worker tree of {nprocs} processes; "
+            f"CPU per task {cpu_s * 1000.0 / n:.3f} ms ({after:.3f} ms after start-up); queue depth after stop {left}"
         )
-        log(f"{self.peer}: CPU from worker start to drained, {load.detail}")
-        s = "throughput"
-        return [
-            self.row(s, "publish with confirms", "tasks/s", n / publish_s),
-            self.row(s, "worker drain (no status events)", "tasks/s", drain),
-            self.row(s, "worker CPU per task", "ms", cpu_s * 1000.0 / n),
-            self.row(s, "worker CPU per task after start-up", "ms", after),
-            self.row(s, "worker peak RSS (sum of VmHWM)", "MB", hwm / MB),
-            self.row(s, "worker PSS at end of drain", "MB", pss / MB),
-            self.row(s, "other processes' CPU during the drain", "% of a core", other),
-            self.row(s, "other clients' broker connections (most seen)", "count", self.clients.most),
+        log(f"{peer}: CPU from worker start to drained, {load.detail}")
+        rows = [
+            row(peer, rnd, "publish", n / publish_s),
+            row(peer, rnd, "publish_cpu", publish_cpu * 1e6 / n),
+            row(peer, rnd, "drain", drain),
+            row(peer, rnd, "cpu", cpu_s * 1000.0 / n),
+            row(peer, rnd, "rss", hwm / MB),
+            row(peer, rnd, "other_tp", other),
+            row(peer, rnd, "clients", self.clients.most),
         ]
+        if self.lib == "celery":
+            msgs, got = self._count_events()
+            log(f"{peer}: {got} task events in {msgs} messages (task.*) reached the counting queue for {n} tasks")
+            if events and got < n:
+                raise BenchError(f"{peer}: events on, but only {got} task events for {n} tasks")
+            if not events and got:
+                raise BenchError(f"{peer}: events off, but {got} task events were sent")
+            rows += [row(peer, rnd, "events", got / n), row(peer, rnd, "event_msgs", msgs / n)]
+        return rows
 
-    def paced_publish(self, total, rate, limit_s):
+    def paced_publish(self, peer, total, rate, limit_s):
         """Sends `total` latency tasks at `rate`/s from --publishers threads,
         task i from thread i mod K at t0 + i/rate, each carrying time.time()
         taken just before its send. The peers' publish calls wait for each
@@ -693,7 +793,7 @@ class Run:
             try:
                 barrier.wait(timeout=60)
             except threading.BrokenBarrierError:
-                raise BenchError(f"{self.peer}: publisher threads did not connect: {errors[:1]}") from None
+                raise BenchError(f"{peer}: publisher threads did not connect: {errors[:1]}") from None
             t0[0] = time.perf_counter() + 0.05
             end = time.monotonic() + limit_s
             for t in threads:
@@ -702,7 +802,7 @@ class Run:
                     if self.clients:
                         self.clients.sample()
                     sent = min(total, int((time.perf_counter() - t0[0]) * rate))
-                    progress(f"{self.peer} paced publish", max(sent, 0), total)
+                    progress(f"{peer} paced publish", max(sent, 0), total)
         finally:
             # On an error or an interrupt, no thread may publish (and so
             # declare the queue again) after the cleanup.
@@ -713,55 +813,52 @@ class Run:
                 t.join(timeout=5)
             progress_end()
         if errors:
-            raise BenchError(f"{self.peer}: paced publish failed: {type(errors[0]).__name__}: {errors[0]}")
+            raise BenchError(f"{peer}: paced publish failed: {type(errors[0]).__name__}: {errors[0]}")
         if any(t.is_alive() for t in threads):
-            raise BenchError(f"{self.peer}: paced publish not done within {limit_s:.0f} s")
+            raise BenchError(f"{peer}: paced publish not done within {limit_s:.0f} s")
         return max(ends) - t0[0]
 
-    def latency(self):
+    def latency(self, peer, rnd, events):
         rate, duration = self.args.rate, self.args.duration
         total = int(rate * duration)
-        log(f"{self.peer}: latency: starting the worker, {total} tasks at {rate:g}/s")
-        proc, tree, out = self.start_worker("latency")
+        log(f"{peer}: round {rnd + 1}: latency: starting the worker, {total} tasks at {rate:g}/s")
+        proc, tree, out, name = self.start_worker("latency", events)
         load = OtherLoad(tree)
         try:
             # Warm-up: one task through, so the worker consumes before timing starts.
-            with deadline(60.0, f"{self.peer}: warm-up publish"):
+            with deadline(60.0, f"{peer}: warm-up publish"):
                 self.mod.publish_lat(0.0)
-            self.wait_records(proc, tree, out, "start", START_WIDTH, 1, f"{self.peer} warm-up")
-            wait_idle(self.args.wait_idle, f"{self.peer} latency")
+            self.wait_records(proc, tree, out, "start", START_WIDTH, 1, f"{peer} warm-up")
+            wait_idle(self.args.wait_idle, f"{peer} latency")
             load.start()
             self.clients = BrokerClients(self.mgmt, tree)
             self.clients.sample(0)
             cpu0 = time.process_time()
-            publish_s = self.paced_publish(total, rate, duration * 3 + 60.0)
+            publish_s = self.paced_publish(peer, total, rate, duration * 3 + 60.0)
             publisher_cpu = (time.process_time() - cpu0) / publish_s * 100.0
-            log(f"{self.peer}: published {total} in {publish_s:.2f} s (publisher CPU {publisher_cpu:.0f}% of a core)")
-            self.wait_records(proc, tree, out, "start", START_WIDTH, total + 1, f"{self.peer} latency")
+            log(f"{peer}: published {total} in {publish_s:.2f} s (publisher CPU {publisher_cpu:.0f}% of a core)")
+            self.wait_records(proc, tree, out, "start", START_WIDTH, total + 1, f"{peer} latency")
             other = load.stop()
             self.clients.sample(0)
-            log(f"{self.peer}: CPU from the first paced send to the last start, {load.detail}")
+            log(f"{peer}: CPU from the first paced send to the last start, {load.detail}")
         except BenchError:
-            tail = self.worker_log_tail("latency")
+            tail = self.worker_log_tail(name)
             if tail:
-                log(f"{self.peer} worker log (last lines):\n{tail}")
+                log(f"{peer} worker log (last lines):\n{tail}")
             raise
         finally:
             self.workers.stop(proc)
         lat = [max(start - sent, 0.0) * 1000.0 for sent, start in read_records(out, "start") if sent > 0]
         if len(lat) != total:
-            self.notes.append(f"{self.peer}: {len(lat)} latency samples for {total} tasks sent")
+            self.notes.append(f"{peer}: {len(lat)} latency samples for {total} tasks sent")
         sm = summarize(lat)
-        s = f"latency @{rate:g}/s"
+        log(f"{peer}: enqueue->start p50 {sm['p50']:.2f} ms, p99 {sm['p99']:.2f} ms, max {sm['max']:.2f} ms")
         return [
-            self.row(s, "paced publish rate achieved", "tasks/s", total / publish_s),
-            self.row(s, "publisher CPU (same machine)", "% of a core", publisher_cpu),
-            self.row(s, "enqueue->start p50", "ms", sm["p50"]),
-            self.row(s, "enqueue->start p99", "ms", sm["p99"]),
-            self.row(s, "enqueue->start p99.9", "ms", sm["p999"]),
-            self.row(s, "enqueue->start max", "ms", sm["max"]),
-            self.row(s, "other processes' CPU during the run", "% of a core", other),
-            self.row(s, "other clients' broker connections (most seen)", "count", self.clients.most),
+            row(peer, rnd, "paced", total / publish_s),
+            row(peer, rnd, "p50", sm["p50"]),
+            row(peer, rnd, "p99", sm["p99"]),
+            row(peer, rnd, "p999", sm["p999"]),
+            row(peer, rnd, "other_lat", other),
         ]
 
     def cleanup(self):
@@ -778,12 +875,12 @@ class Run:
                         self.mgmt.delete(kind, name)
                         deleted.append(name)
         except (urllib.error.URLError, OSError) as e:
-            log(f"{self.peer}: management API cleanup failed ({e}); deleting the known names over AMQP")
+            log(f"{self.lib}: management API cleanup failed ({e}); deleting the known names over AMQP")
             deleted += self._amqp_cleanup()
-        log(f"{self.peer}: deleted {len(deleted)} queues/exchanges: {', '.join(sorted(deleted))}")
+        log(f"{self.lib}: deleted {len(deleted)} queues/exchanges: {', '.join(sorted(deleted))}")
         self.workers.drop_prefix(self.prefix, self.tmp)
         if os.environ.get("PEER_BENCH_KEEP"):
-            log(f"{self.peer}: kept the records and worker logs in {self.tmp}")
+            log(f"{self.lib}: kept the records and worker logs in {self.tmp}")
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -794,39 +891,258 @@ class Run:
         conn = pika.BlockingConnection(pika.URLParameters(self.url))
         done = []
         try:
-            for name in (q, f"{q}.DQ", f"{q}.XQ"):
+            for name in (q, f"{q}.DQ", f"{q}.XQ", f"{self.prefix}.evcount"):
                 ch = conn.channel()
                 with contextlib.suppress(Exception):
                     ch.queue_delete(queue=name)
                     done.append(name)
-            ch = conn.channel()
-            with contextlib.suppress(Exception):
-                ch.exchange_delete(exchange=q)
-                done.append(q)
+            for name in (q, getattr(self.mod, "EVENT_EXCHANGE", None)):
+                if name:
+                    ch = conn.channel()
+                    with contextlib.suppress(Exception):
+                        ch.exchange_delete(exchange=name)
+                        done.append(name)
         finally:
             with contextlib.suppress(Exception):
                 conn.close()
         return done
 
 
+class WarrenRun:
+    """Warren and its raw-lapin baseline, measured by `warren bench` (the
+    release binary) at the shipped settings: `warren bench throughput --n N
+    --rounds 1` and `warren bench latency --rate R --duration D --rounds 1`,
+    each on a prefix of its own under this run's (WARREN__PREFIX), with the
+    bench's process tree sampled like a peer's worker for the other load.
+    Any WARREN__WORKER__* variable is dropped from its environment, so the
+    worker runs with the configuration Warren ships."""
+
+    def __init__(self, args, workers, mgmt, url):
+        self.args = args
+        self.workers = workers
+        self.mgmt = mgmt
+        self.url = url
+        self.bin = args.warren_bin
+        if not (os.path.isfile(self.bin) and os.access(self.bin, os.X_OK)):
+            raise BenchError(f"warren: no executable at {self.bin} (cargo build --release -p warren, or --warren-bin)")
+        self.prefix = f"peerbench-warren-{uuid.uuid4().hex[:8]}"
+        self.tmp = tempfile.mkdtemp(prefix=f"{self.prefix}-")
+        workers.add_prefix(self.prefix, self.tmp)
+        self.notes = []
+        self.clients = None
+        self.starts = 0
+        dropped = sorted(k for k in os.environ if k.startswith("WARREN__WORKER__"))
+        if dropped:
+            log(f"warren: ignoring {', '.join(dropped)} (the bench measures the shipped settings)")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("WARREN__WORKER__")}
+        self.env.update(WARREN__PREFIX=self.prefix, WARREN__BROKER__URL=url)
+
+    def version(self):
+        try:
+            out = subprocess.run([self.bin, "--version"], capture_output=True, text=True, timeout=10).stdout
+            return out.strip() or "warren (version unknown)"
+        except (OSError, subprocess.SubprocessError):
+            return "warren (version unknown)"
+
+    def bench(self, scenario, flags, limit_s):
+        """Runs `warren bench SCENARIO FLAGS --rounds 1 --json`; returns its
+        rows by metric, and the other load meanwhile."""
+        self.starts += 1
+        name = f"{scenario}-{self.starts}"
+        out, err = os.path.join(self.tmp, f"{name}.json"), os.path.join(self.tmp, f"{name}.log")
+        cmd = [self.bin, "bench", scenario, *flags, "--rounds", "1", "--json"]
+        proc = self.workers.start(cmd, self.env, err, stdout_path=out)
+        tree = Tree(proc.pid)
+        load = OtherLoad(tree)
+        load.start()
+        self.clients = BrokerClients(self.mgmt, tree)
+        end = time.monotonic() + limit_s
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > end:
+                    raise BenchError(f"warren bench {scenario}: not done within {limit_s:.0f} s")
+                tree.sample()
+                self.clients.sample()
+                time.sleep(0.1)
+            other = load.stop()
+        finally:
+            self.workers.stop(proc)
+        rows = {}
+        with contextlib.suppress(OSError):
+            with open(out) as f:
+                for line in f:
+                    if line.startswith("{"):
+                        r = json.loads(line)
+                        rows[r["metric"]] = r
+        if proc.returncode != 0 or not rows:
+            tail = ""
+            with contextlib.suppress(OSError):
+                with open(err, errors="replace") as f:
+                    tail = " | ".join(x.strip() for x in f.readlines()[-3:])
+            raise BenchError(f"warren bench {scenario} failed (exit {proc.returncode}): {tail or 'no output'}")
+        log(f"warren: bench {scenario}: {load.detail}")
+        return rows, other
+
+    @staticmethod
+    def _pick(rows, metric):
+        r = rows.get(metric)
+        if r is None:
+            raise BenchError(f"warren bench printed no {metric!r} row")
+        return r["warren"], r["baseline"]
+
+    def throughput(self, peer, rnd, events):
+        wait_idle(self.args.wait_idle, "warren throughput")
+        log(f"warren: round {rnd + 1}: warren bench throughput --n {self.args.n} (baseline, then Warren)")
+        rows, other = self.bench("throughput", ["--n", str(self.args.n)], max(300.0, self.args.n / 50.0))
+        out = []
+        for key, metric in (
+            ("publish", "publish with confirms"),
+            ("publish_cpu", "publisher CPU per task"),
+            ("drain", "worker drain, events confirmed before ack"),
+            ("cpu", "worker CPU per task"),
+            ("rss", "worker peak RSS"),
+        ):
+            w, b = self._pick(rows, metric)
+            out += [row("warren", rnd, key, w), row("lapin", rnd, key, b)]
+        w, b = self._pick(rows, "worker drain, events confirmed before ack")
+        log(f"warren: drain {w:.0f}/s, baseline {b:.0f}/s")
+        out += [row("warren", rnd, "other_tp", other), row("lapin", rnd, "other_tp", other)]
+        out += [row("warren", rnd, "clients", self.clients.most), row("lapin", rnd, "clients", self.clients.most)]
+        return out
+
+    def latency(self, peer, rnd, events):
+        a = self.args
+        wait_idle(a.wait_idle, "warren latency")
+        log(f"warren: round {rnd + 1}: warren bench latency --rate {a.rate:g} --duration {a.duration:g}")
+        rows, other = self.bench(
+            "latency", ["--rate", f"{a.rate:g}", "--duration", f"{a.duration:g}"], a.duration * 6 + 120.0
+        )
+        out = []
+        for key, metric in (("p50", "enqueue->start p50"), ("p99", "enqueue->start p99"), ("p999", "enqueue->start p99.9")):
+            w, b = self._pick(rows, metric)
+            out += [row("warren", rnd, key, w), row("lapin", rnd, key, b)]
+        out += [row("warren", rnd, "other_lat", other), row("lapin", rnd, "other_lat", other)]
+        return out
+
+    def cleanup(self):
+        """Deletes whatever `warren bench` left under this run's prefix."""
+        deleted = []
+        with contextlib.suppress(urllib.error.URLError, OSError):
+            for kind in ("queues", "exchanges"):
+                for name in self.mgmt.names(kind):
+                    if name.startswith(self.prefix):
+                        self.mgmt.delete(kind, name)
+                        deleted.append(name)
+        if deleted:
+            log(f"warren: deleted {len(deleted)} leftover queues/exchanges")
+        self.workers.drop_prefix(self.prefix, self.tmp)
+        if os.environ.get("PEER_BENCH_KEEP"):
+            log(f"warren: kept the bench output in {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def row(peer, rnd, key, value):
+    return {"peer": peer, "round": rnd + 1, "key": key, "value": float(value)}
+
+
 # ---------------------------------------------------------------- output
+
+# Which runner measures each peer, and whether its task events are on.
+PEER_LIB = {"warren": "warren", "celery": "celery", "celery-events": "celery", "dramatiq": "dramatiq"}
+PEER_EVENTS = {"celery-events": True}
+# Table columns: the raw-lapin baseline comes with every Warren measurement.
+COLUMNS = ("warren", "lapin", "celery", "celery-events", "dramatiq")
+TITLES = {
+    "warren": "Warren",
+    "lapin": "raw lapin",
+    "celery": "Celery",
+    "celery-events": "Celery -E",
+    "dramatiq": "Dramatiq",
+}
+# (key, metric, unit, ratio to Warren?)
+METRICS = (
+    ("publish", "publish with confirms", "tasks/s", True),
+    ("publish_cpu", "publisher CPU per task", "us", True),
+    ("drain", "worker drain of N preloaded tasks", "tasks/s", True),
+    ("cpu", "worker CPU per task", "ms", True),
+    ("rss", "worker peak RSS", "MB", True),
+    ("events", "task events per task (read back from the broker)", "count", False),
+    ("event_msgs", "event messages per task", "count", False),
+    ("paced", "latency: paced publish rate achieved", "tasks/s", False),
+    ("p50", "latency: enqueue->start p50", "ms", True),
+    ("p99", "latency: enqueue->start p99", "ms", True),
+    ("p999", "latency: enqueue->start p99.9", "ms", True),
+    ("other_tp", "other processes' CPU, throughput", "% of a core", False),
+    ("other_lat", "other processes' CPU, latency", "% of a core", False),
+)
 
 
 def fmt(v, unit=""):
-    return f"{v:.0f}" if abs(v) >= 100 or unit == "count" else f"{v:.2f}"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 100 or unit == "count":
+        return f"{v:.0f}" if unit != "count" or v == int(v) else f"{v:.2f}"
+    return f"{v:.2f}"
 
 
-def table(rows):
-    head = ["peer", "scenario", "metric", "unit", "value"]
-    cells = [[r["peer"], r["scenario"], r["metric"], r["unit"], fmt(r["value"], r["unit"])] for r in rows]
-    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(head)]
+def by_peer_key(rows):
+    out = {}
+    for r in rows:
+        out.setdefault((r["peer"], r["key"]), {})[r["round"]] = r["value"]
+    return out
+
+
+def summary(rows):
+    """Per (peer, key): the median over the rounds, the range, and the
+    median of the per-round ratios to Warren's figure of the same round."""
+    got = by_peer_key(rows)
+    out = {}
+    for (peer, key), per_round in got.items():
+        vals = list(per_round.values())
+        s = {"median": statistics.median(vals), "min": min(vals), "max": max(vals), "rounds": len(vals)}
+        w = got.get(("warren", key), {})
+        ratios = [v / w[r] for r, v in per_round.items() if w.get(r)]
+        if peer != "warren" and ratios:
+            s["ratio"] = statistics.median(ratios)
+            s["ratio_min"], s["ratio_max"] = min(ratios), max(ratios)
+        out[(peer, key)] = s
+    return out
+
+
+def render(head, cells):
+    widths = [max(len(c[i]) for c in [head] + cells) for i in range(len(head))]
 
     def line(c):
-        return "  ".join(
-            (v.rjust(widths[i]) if i == 4 else v.ljust(widths[i])) for i, v in enumerate(c)
-        ).rstrip()
+        return "  ".join(v.rjust(widths[i]) if i >= 2 else v.ljust(widths[i]) for i, v in enumerate(c)).rstrip()
 
     return "\n".join([line(head)] + [line(c) for c in cells])
+
+
+def tables(rows):
+    """Two tables: medians with their ratio to Warren, and the ranges."""
+    s = summary(rows)
+    cols = [c for c in COLUMNS if any(p == c for p, _ in s)]
+    head = ["metric", "unit"] + [TITLES[c] for c in cols]
+    med, rng = [], []
+    for key, metric, unit, ratio in METRICS:
+        if not any((c, key) in s for c in cols):
+            continue
+        m, r = [metric, unit], [metric, unit]
+        for c in cols:
+            x = s.get((c, key))
+            if x is None:
+                m.append("-")
+                r.append("-")
+                continue
+            cell = fmt(x["median"], unit)
+            if ratio and "ratio" in x:
+                cell += f" ({x['ratio']:.0f}x)" if x["ratio"] >= 100 else f" ({x['ratio']:.2f}x)"
+            m.append(cell)
+            r.append(fmt(x["min"], unit) if x["min"] == x["max"] else f"{fmt(x['min'], unit)}-{fmt(x['max'], unit)}")
+        med.append(m)
+        rng.append(r)
+    return render(head, med), render(head, rng), s
 
 
 def versions():
@@ -843,17 +1159,54 @@ def versions():
 def parse(argv):
     p = argparse.ArgumentParser(
         prog="scripts/bench-peers.sh",
-        description="Celery and Dramatiq on the same broker and workloads as `warren bench` "
-        "(throughput and latency).",
+        description="Warren (with its raw-lapin baseline), Celery and Dramatiq on the same broker and "
+        "workloads, in alternating rounds of one run; one table of medians and ratios to Warren.",
     )
-    p.add_argument("--quick", action="store_true", help="n=5000, duration 5 s (unless given)")
+    p.add_argument("--quick", action="store_true", help="n=5000, duration 5 s, 2 rounds (unless given)")
     p.add_argument("--n", type=int, help="tasks for throughput (default 20000; quick 5000)")
     p.add_argument("--rate", type=float, default=500.0, help="tasks/s for latency (default 500)")
     p.add_argument("--duration", type=float, help="seconds of paced publishing (default 10; quick 5)")
-    p.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset of celery,dramatiq")
+    p.add_argument("--rounds", type=int, help="rounds; each runs every peer, in a rotated order (default 3; quick 2)")
+    p.add_argument(
+        "--peers", default=",".join(PEER_LIB), help=f"comma-separated subset of {','.join(PEER_LIB)} (default all)"
+    )
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of throughput,latency")
-    p.add_argument("--dramatiq-processes", type=int, default=1, help="Dramatiq worker processes (default 1)")
-    p.add_argument("--dramatiq-threads", type=int, default=8, help="Dramatiq threads per process (default 8)")
+    p.add_argument(
+        "--warren-bin",
+        default=os.path.join(os.path.dirname(os.path.dirname(HERE)), "target", "release", "warren"),
+        help="the warren binary measured (default target/release/warren; relative to the repository root)",
+    )
+    p.add_argument(
+        "--celery-pool",
+        default="prefork",
+        choices=("prefork", "threads", "solo"),
+        help="Celery's pool (default prefork, the pool Celery's documentation recommends)",
+    )
+    p.add_argument(
+        "--celery-concurrency",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="Celery's pool size (default: the number of CPUs, Celery's default)",
+    )
+    p.add_argument(
+        "--celery-prefetch-multiplier",
+        type=int,
+        default=64,
+        help="worker_prefetch_multiplier (default 64, as Celery's optimizing guide advises for many short tasks)",
+    )
+    p.add_argument(
+        "--dramatiq-processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="Dramatiq worker processes (default: the number of CPUs, Dramatiq's default)",
+    )
+    p.add_argument("--dramatiq-threads", type=int, default=8, help="Dramatiq threads per process (default 8, its default)")
+    p.add_argument(
+        "--dramatiq-prefetch",
+        type=int,
+        default=0,
+        help="dramatiq_queue_prefetch per process (default 0: Dramatiq's default, 2 x threads)",
+    )
     p.add_argument(
         "--publishers",
         type=int,
@@ -872,16 +1225,22 @@ def parse(argv):
     a = p.parse_args(argv)
     a.n = a.n if a.n is not None else (5000 if a.quick else 20000)
     a.duration = a.duration if a.duration is not None else (5.0 if a.quick else 10.0)
+    a.rounds = a.rounds if a.rounds is not None else (2 if a.quick else 3)
+    a.warren_bin = os.path.abspath(a.warren_bin)  # scripts/bench-peers.sh runs from the repository root
     a.peers = [x.strip() for x in a.peers.split(",") if x.strip()]
     a.scenarios = [x.strip() for x in a.scenarios.split(",") if x.strip()]
     for x in a.peers:
-        if x not in PEERS:
-            p.error(f"unknown peer {x!r} (choose from {', '.join(PEERS)})")
+        if x not in PEER_LIB:
+            p.error(f"unknown peer {x!r} (choose from {', '.join(PEER_LIB)})")
     for x in a.scenarios:
         if x not in SCENARIOS:
             p.error(f"unknown scenario {x!r} (choose from {', '.join(SCENARIOS)})")
-    if a.n < 2 or a.rate <= 0 or a.duration <= 0 or a.publishers < 1 or a.dramatiq_processes < 1 or a.dramatiq_threads < 1:
-        p.error("--n must be at least 2; --rate, --duration and the Dramatiq shape positive")
+    if a.n < 2 or a.rate <= 0 or a.duration <= 0 or a.rounds < 1 or a.publishers < 1:
+        p.error("--n must be at least 2; --rate, --duration, --rounds and --publishers positive")
+    if min(a.celery_concurrency, a.celery_prefetch_multiplier, a.dramatiq_processes, a.dramatiq_threads) < 1:
+        p.error("the Celery and Dramatiq shapes (concurrency, multiplier, processes, threads) must be positive")
+    if a.dramatiq_prefetch < 0:
+        p.error("--dramatiq-prefetch must be 0 (Dramatiq's default) or positive")
     return a
 
 
@@ -907,66 +1266,99 @@ def main(argv):
         print(f"error: the management API does not answer at {mgmt.base} ({e})", file=sys.stderr)
         return 1
     workers = Workers(args.pidfile)
-    rows, notes, failed = [], [], []
-    header = [
-        f"peers on RabbitMQ {rabbit} at {urllib.parse.urlsplit(url).hostname}, Python {platform.python_version()}, "
-        + ", ".join(f"{k} {v}" for k, v in versions().items()),
-        f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at the start",
-        f"n={args.n} (one publisher thread); latency at {args.rate:g}/s for {args.duration:g} s "
-        f"from {args.publishers} publisher threads; persistent messages, publisher confirms, "
-        "acks after the task returns",
-    ]
-    for peer in args.peers:
-        run = None
-        try:
-            run = Run(peer, args, workers, mgmt, url)
-            header.append(run.mod.DESCRIPTION)
-            if "throughput" in args.scenarios:
-                rows.extend(run.throughput())
-            if "latency" in args.scenarios:
-                rows.extend(run.latency())
-        except BenchError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed.append(peer)
-        except Exception as e:  # a library or broker error: report it, clean up, go on
-            print(f"error: {peer}: {type(e).__name__}: {e}", file=sys.stderr)
-            failed.append(peer)
-        except KeyboardInterrupt:
-            print("interrupted: stopping workers and cleaning up", file=sys.stderr)
-            workers.stop_all()
-            if run:
-                run.cleanup()
-            return 130
-        finally:
-            workers.stop_all()
-        if run:
-            notes.extend(run.notes)
-            run.cleanup()
+    runners, rows, notes, failed = {}, [], [], {}
+    loads = [os.getloadavg()[0]]
+    started = time.monotonic()
+
+    def runner(peer):
+        lib = PEER_LIB[peer]
+        if lib not in runners:
+            runners[lib] = (
+                WarrenRun(args, workers, mgmt, url) if lib == "warren" else Run(lib, args, workers, mgmt, url)
+            )
+        return runners[lib]
+
+    try:
+        for rnd in range(args.rounds):
+            k = rnd % len(args.peers)
+            order = args.peers[k:] + args.peers[:k]
+            for scenario in args.scenarios:
+                for peer in order:
+                    if peer in failed:
+                        continue
+                    try:
+                        r = runner(peer)
+                        rows.extend(getattr(r, scenario)(peer, rnd, PEER_EVENTS.get(peer, False)))
+                    except BenchError as e:
+                        failed[peer] = str(e)
+                        print(f"error: {e}", file=sys.stderr)
+                    except Exception as e:  # a library or broker error: report it, go on with the others
+                        failed[peer] = f"{peer}: {type(e).__name__}: {e}"
+                        print(f"error: {failed[peer]}", file=sys.stderr)
+                    finally:
+                        workers.stop_all()
+                        loads.append(os.getloadavg()[0])
+    except KeyboardInterrupt:
+        print("interrupted: stopping workers and cleaning up", file=sys.stderr)
+        workers.stop_all()
+        for r in runners.values():
+            r.cleanup()
+        return 130
+    for r in runners.values():
+        notes.extend(r.notes)
+        r.cleanup()
+    minutes = (time.monotonic() - started) / 60.0
     out = sys.stderr if args.json else sys.stdout
+    header = [
+        f"RabbitMQ {rabbit} at {host}; Python {platform.python_version()}, "
+        + ", ".join(f"{k} {v}" for k, v in versions().items())
+        + (f"; {runners['warren'].version()} ({args.warren_bin})" if "warren" in runners else ""),
+        f"machine: {os.cpu_count()} cores; 1-minute load average {min(loads):.2f}-{max(loads):.2f} "
+        f"(sampled between phases); {args.rounds} rounds in {minutes:.1f} min, peers in a rotated order each round",
+        f"throughput: n={args.n} preloaded echo tasks, published one at a time with confirms (Warren: its "
+        f"publish_batch, confirms pipelined); latency: {args.rate:g}/s for {args.duration:g} s "
+        f"(peers from {args.publishers} publisher threads); persistent messages, acks after the task returns",
+    ]
+    if "warren" in runners:
+        header.append(
+            "warren: `warren bench` at the shipped settings (concurrency 8, prefetch 256); per task a persistent "
+            "started and succeeded event, both confirmed before the ack; raw lapin: warren bench's baseline worker "
+            "(same broker work, pipelined confirms, prefetch 1000); enqueue->start at 1 ms resolution"
+        )
+    for lib in ("celery", "dramatiq"):
+        if lib in runners:
+            header.append(runners[lib].mod.DESCRIPTION)
+    med, rng, s = tables(rows)
     for h in header:
         print(h, file=out)
     if args.json:
         for r in rows:
             print(json.dumps(r), flush=True)
+        for (peer, key), x in sorted(s.items()):
+            print(json.dumps({"peer": peer, "key": key, "summary": x}), flush=True)
     else:
-        print(table(rows))
-    for r in rows:
-        if r["metric"].startswith("other processes") and r["value"] > OTHER_LOAD_WARN:
+        print("\nmedian over the rounds (median of the per-round ratios to Warren):", file=out)
+        print(med, file=out)
+        print("\nrange over the rounds:", file=out)
+        print(rng, file=out)
+    for (peer, key), x in sorted(s.items()):
+        if peer == "lapin":
+            continue  # measured in the same phases as Warren: its notes are Warren's
+        if key.startswith("other_") and x["max"] > OTHER_LOAD_WARN:
             notes.append(
-                f"{r['peer']} {r['scenario']}: other processes used about {r['value']:.0f}% of a core "
-                "meanwhile; its figures are disturbed (rerun on a quiet machine, or with --wait-idle)"
+                f"{TITLES[peer]}: other processes used up to {x['max']:.0f}% of a core during a "
+                f"{key[6:].replace('tp', 'throughput').replace('lat', 'latency')} phase; those figures are disturbed"
             )
-    for r in rows:
-        if r["metric"].startswith("other clients") and r["value"] > 0:
+        if key == "clients" and x["max"] > 0:
             notes.append(
-                f"{r['peer']} {r['scenario']}: the broker had up to {r['value']:.0f} other clients' "
-                "connections meanwhile; if they were busy, its figures are disturbed"
+                f"{TITLES[peer]}: the broker had up to {x['max']:.0f} other clients' connections during a phase; "
+                "if they were busy, its figures are disturbed"
             )
     for n in notes:
         print(f"warning: {n}", file=out)
     print(NOTE, file=out)
     if failed:
-        print(f"error: failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"error: failed: {'; '.join(failed.values())}", file=sys.stderr)
         return 1
     return 0
 

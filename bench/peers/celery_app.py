@@ -6,12 +6,23 @@ the worker it starts):
   PEER_BENCH_PREFIX  unique prefix; every queue and exchange Celery declares
                      here is named with it, so cleanup can delete them all
   PEER_BENCH_OUT     directory for the tasks' records (worker only)
+  PEER_BENCH_CELERY_POOL / _CONCURRENCY / _MULTIPLIER
+                     pool (default prefork), pool size (default: CPUs) and
+                     worker_prefetch_multiplier (default 64)
 
-Guarantees, as close to Warren's as Celery offers: persistent messages
-(Celery's default delivery mode), publisher confirms on every publish
-(kombu's confirm_publish transport option: each apply_async waits for the
-broker's ack), acks_late (the ack follows the task's return), no result
-backend and no task events (Celery emits no per-task status by default).
+Settings for throughput with late acks, from Celery's documentation: the
+prefork pool (the default, recommended unless there is a specific need for
+another; eventlet and gevent are for I/O-bound tasks), one process per CPU
+(Celery's default concurrency), and a large prefetch multiplier, as the
+optimizing guide advises for many short tasks ("Say 64, or 128"). Persistent
+messages (Celery's default delivery mode), publisher confirms on every
+publish from the driver (kombu's confirm_publish: each apply_async waits for
+the broker's ack), acks_late (the ack follows the task's return), no result
+backend (task_ignore_result), worker gossip, mingle, heartbeat and remote
+control off. Task events off by default; the worker command takes -E for the
+"events on" variant. The worker's own connection does not use
+confirm_publish: the events it sends with -E are transient and unconfirmed,
+as Celery sends them by default.
 """
 
 import os
@@ -22,12 +33,16 @@ import peerrec
 
 PREFIX = os.environ["PEER_BENCH_PREFIX"]
 QUEUE = f"{PREFIX}.tasks"
-PREFETCH_MULTIPLIER = 4
-PROCESSES = 2
+EVENT_EXCHANGE = f"{PREFIX}.events"
+POOL = os.environ.get("PEER_BENCH_CELERY_POOL", "prefork")
+PROCESSES = int(os.environ.get("PEER_BENCH_CELERY_CONCURRENCY") or os.cpu_count() or 1)
+PREFETCH_MULTIPLIER = int(os.environ.get("PEER_BENCH_CELERY_MULTIPLIER", "64"))
+IN_WORKER = "PEER_BENCH_OUT" in os.environ
 
 app = Celery("peerbench", broker=os.environ["PEER_BENCH_BROKER"], set_as_current=True)
 app.conf.update(
-    broker_transport_options={"confirm_publish": True},
+    # Confirms for the driver's publishes; the worker publishes only events.
+    broker_transport_options={"confirm_publish": not IN_WORKER},
     broker_connection_retry_on_startup=True,
     task_default_queue=QUEUE,
     task_default_exchange=QUEUE,
@@ -41,12 +56,12 @@ app.conf.update(
     worker_send_task_events=False,
     worker_prefetch_multiplier=PREFETCH_MULTIPLIER,
     worker_concurrency=PROCESSES,
-    worker_pool="prefork",
+    worker_pool=POOL,
     worker_enable_remote_control=False,
     worker_hijack_root_logger=False,
     # Named under the prefix in case anything declares them.
     control_exchange=f"{PREFIX}.control",
-    event_exchange=f"{PREFIX}.events",
+    event_exchange=EVENT_EXCHANGE,
     event_queue_prefix=f"{PREFIX}.ev",
 )
 
@@ -86,14 +101,14 @@ def warm_publisher(barrier):
         barrier.wait(timeout=30)
 
 
-def worker_command(venv_bin):
+def worker_command(venv_bin, events=False):
     return [
         os.path.join(venv_bin, "celery"),
         "-A",
         "celery_app",
         "worker",
         "-P",
-        "prefork",
+        POOL,
         "-c",
         str(PROCESSES),
         "--prefetch-multiplier",
@@ -107,11 +122,13 @@ def worker_command(venv_bin):
         "--without-heartbeat",
         "-l",
         "WARNING",
+        *(["-E"] if events else []),
     ]
 
 
 DESCRIPTION = (
-    f"celery: prefork pool, {PROCESSES} processes, acks_late, prefetch multiplier "
-    f"{PREFETCH_MULTIPLIER} (prefetch {PREFETCH_MULTIPLIER * PROCESSES}), "
+    f"celery: {POOL} pool, concurrency {PROCESSES}, acks_late, worker_prefetch_multiplier "
+    f"{PREFETCH_MULTIPLIER} (prefetch {PREFETCH_MULTIPLIER * PROCESSES}), task_ignore_result, no result backend, "
+    "gossip/mingle/heartbeat/remote control off; events off, or on with -E (Celery -E); "
     "publish via apply_async with confirm_publish (one confirm awaited per task)"
 )

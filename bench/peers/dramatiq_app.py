@@ -6,16 +6,19 @@ the worker it starts):
   PEER_BENCH_PREFIX   unique prefix; the queue is <prefix>.tasks (Dramatiq
                       adds <queue>.DQ and <queue>.XQ beside it)
   PEER_BENCH_OUT      directory for the tasks' records (worker only)
-  PEER_BENCH_DRAMATIQ_PROCESSES / PEER_BENCH_DRAMATIQ_THREADS
-                      worker shape (default 1 process x 8 threads, which with
-                      Dramatiq's default prefetch of 2 x threads is prefetch 16:
-                      the shape of one Warren worker at its defaults,
-                      concurrency 8 and prefetch 16)
+  PEER_BENCH_DRAMATIQ_PROCESSES / _THREADS / _PREFETCH
+                      worker shape: processes (default: CPUs, Dramatiq's
+                      default), threads per process (default 8, Dramatiq's
+                      default) and dramatiq_queue_prefetch per process (0,
+                      the default: Dramatiq then prefetches 2 x threads)
 
 Guarantees: persistent messages (Dramatiq's RabbitMQ broker always sends
 delivery_mode 2), publisher confirms (confirm_delivery=True: each send waits
-for the broker's ack), acks after the actor returns (Dramatiq's only mode),
-default middleware, no results backend. Dramatiq emits no per-task status.
+for the broker's ack), acks after the actor returns (Dramatiq's only mode).
+Middleware: Dramatiq's default list (AgeLimit, TimeLimit,
+ShutdownNotifications, Callbacks, Pipelines, Retries); no Prometheus (not a
+default middleware in Dramatiq 2) and no Results middleware or backend.
+Dramatiq emits no per-task status events.
 """
 
 import os
@@ -27,8 +30,12 @@ import peerrec
 
 PREFIX = os.environ["PEER_BENCH_PREFIX"]
 QUEUE = f"{PREFIX}.tasks"
-PROCESSES = int(os.environ.get("PEER_BENCH_DRAMATIQ_PROCESSES", "1"))
+PROCESSES = int(os.environ.get("PEER_BENCH_DRAMATIQ_PROCESSES") or os.cpu_count() or 1)
 THREADS = int(os.environ.get("PEER_BENCH_DRAMATIQ_THREADS", "8"))
+PREFETCH = int(os.environ.get("PEER_BENCH_DRAMATIQ_PREFETCH", "0"))
+# Dramatiq reads its prefetch from the environment when it is imported, so
+# the driver passes it in the worker's environment.
+WORKER_ENV = {"dramatiq_queue_prefetch": str(PREFETCH)} if PREFETCH else {}
 
 broker = RabbitmqBroker(url=os.environ["PEER_BENCH_BROKER"], confirm_delivery=True)
 dramatiq.set_broker(broker)
@@ -67,7 +74,8 @@ def close():
     broker.close()
 
 
-def worker_command(venv_bin):
+def worker_command(venv_bin, events=False):
+    # Dramatiq has no task events: `events` has nothing to switch.
     return [
         os.path.join(venv_bin, "dramatiq"),
         "dramatiq_app",
@@ -83,7 +91,8 @@ def worker_command(venv_bin):
 
 
 DESCRIPTION = (
-    f"dramatiq: {PROCESSES} process(es) x {THREADS} threads "
-    f"(prefetch {2 * THREADS} per process, Dramatiq's default), "
+    f"dramatiq: {PROCESSES} process(es) x {THREADS} threads, prefetch "
+    + (f"{PREFETCH} per process (dramatiq_queue_prefetch)" if PREFETCH else f"{2 * THREADS} per process (its default)")
+    + ", default middleware (no Prometheus, no Results), no task events; "
     "publish via actor.send with confirm_delivery=True (one confirm awaited per task)"
 )
