@@ -172,8 +172,42 @@ pub async fn migrate(conn: &Connection, config: &Config) -> Result<MigrateReport
             delete(conn, &hold).await?;
         }
     }
+    retire_lanes(conn, config, &plan, &routing, &mut report).await?;
     report.applied = reconcile::reconcile(conn, config).await?;
     Ok(report)
+}
+
+/// Empties and deletes the priority lanes the plan no longer has (a queue
+/// that is classic again, or has fewer lanes): their tasks go back to the
+/// entry of their work queue, where a worker sorts them again if it has
+/// lanes. Lanes are never bound, so nothing reaches them while they are
+/// emptied but a copy from a Warren process still running.
+async fn retire_lanes(
+    conn: &Connection,
+    config: &Config,
+    plan: &TopologyPlan,
+    routing: &[String],
+    report: &mut MigrateReport,
+) -> Result<(), TopologyError> {
+    let names = config.names();
+    for q in &config.queues {
+        for k in 0..warren_core::lanes::MAX_LANES {
+            let lane = names.lane_queue(&q.name, k);
+            if plan.queues.iter().any(|p| p.name == lane) || !exists(conn, &lane).await? {
+                continue;
+            }
+            let entry = names.work_queue(&q.name);
+            let moved = move_all(conn, &lane, &entry, routing).await?;
+            let ch = channel(conn).await?;
+            ch.queue_delete(lane.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(broker(format!("delete queue {lane}")))?;
+            let _ = ch.close(200, "deleted".into()).await;
+            tracing::info!(queue = %lane, moved, to = %entry, "priority lane no longer planned: emptied into its work queue and deleted");
+            report.migrated.push((lane, moved));
+        }
+    }
+    Ok(())
 }
 
 async fn channel(conn: &Connection) -> Result<Channel, TopologyError> {
