@@ -1,6 +1,6 @@
 //! The `warren` command as a user meets it: help, errors, publish, topology.
 
-use warren_e2e::{warren_bin, Env};
+use warren_e2e::{warren_bin, CommandExt, Env};
 
 fn run(args: &[&str], vars: &[(&str, &str)]) -> (i32, String, String) {
     let mut c = std::process::Command::new(warren_bin());
@@ -140,4 +140,101 @@ async fn publish_wait_prints_the_final_event_and_count_shows_progress() {
         &["publish", "diag.fail", r#"{"kind":"permanent"}"#, "--wait"],
         1,
     );
+}
+
+/// `warren status --json` until `done` holds for it (the management API
+/// refreshes its figures every few seconds), bounded by `timeout`.
+async fn status_until(
+    env: &Env,
+    timeout: std::time::Duration,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let out = env.cli_ok(&["status", "--json"]);
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("status --json prints one JSON object");
+        if done(&v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "warren status never showed {what}: {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test]
+async fn status_without_an_id_shows_queue_depths_and_workers() {
+    let mut env = Env::new("cli-status", &[]).await;
+    // No worker consumes `io`: its tasks wait there.
+    for _ in 0..3 {
+        env.publish(&warren_client::TaskRequest::new(
+            "http.request",
+            serde_json::json!({}),
+        ))
+        .await;
+    }
+    env.wait_depth(
+        &env.names().work_queue("io"),
+        3,
+        std::time::Duration::from_secs(10),
+    )
+    .await;
+    let io_ready = |v: &serde_json::Value| {
+        v["queues"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|q| q["name"] == "io")
+            .and_then(|q| q["ready"].as_u64())
+    };
+    status_until(
+        &env,
+        std::time::Duration::from_secs(30),
+        "io with 3 ready",
+        |v| io_ready(v) == Some(3),
+    )
+    .await;
+    let out = env.cli_ok(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let io_line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("io"))
+        .unwrap_or_else(|| panic!("a line for queue io: {text}"));
+    let cols: Vec<&str> = io_line.split_whitespace().collect();
+    assert_eq!(cols[1], "3", "io has 3 ready: {text}");
+    assert!(text.contains("failures  tracker not reachable"), "{text}");
+
+    // A worker on `diag` shows as alive, by its connection name; `io` keeps its tasks.
+    env.spawn(&["worker", "--queues", "diag"], &[]);
+    let v = status_until(&env, std::time::Duration::from_secs(30), "a worker", |v| {
+        v["workers"].as_array().is_some_and(|w| !w.is_empty())
+    })
+    .await;
+    let worker = &v["workers"][0];
+    assert!(
+        worker["connection"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("warren worker")),
+        "{v}"
+    );
+    assert_eq!(worker["queues"], serde_json::json!(["diag"]), "{v}");
+    assert_eq!(io_ready(&v), Some(3), "{v}");
+}
+
+#[tokio::test]
+async fn status_without_an_id_names_an_unreachable_management_api() {
+    let env = Env::new("cli-status-mgmt", &[]).await;
+    let err = env
+        .warren(&["status"])
+        .env("WARREN__BROKER__MANAGEMENT_URL", "http://127.0.0.1:1")
+        .fails();
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one error line: {err}");
+    assert!(lines[0].contains("management API not reachable"), "{err}");
+    assert!(lines[0].contains("rabbitmq_management"), "{err}");
+    assert!(lines[0].contains("broker.management_url"), "{err}");
 }

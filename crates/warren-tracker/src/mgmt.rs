@@ -15,7 +15,7 @@ use warren_core::Config;
 pub struct QueueInfo {
     /// Full name (`warren.q.io`).
     pub name: String,
-    /// `work`, `dead`, `unroutable`, `delay` (intake and wait tiers),
+    /// `work`, `dead`, `unroutable`, `delay` (intake, wait and release tiers),
     /// `tracker`, or `internal`.
     pub kind: &'static str,
     /// The short name of a work queue (`io`).
@@ -114,9 +114,138 @@ fn kind_of(prefix: &str, name: &str) -> &'static str {
         "delay.intake" | "wait.due" => "delay",
         "tracker.events" => "tracker",
         r if r.starts_with("q.") => "work",
-        r if r.starts_with("wait.") => "delay",
+        r if r.starts_with("wait.") || r.starts_with("release.") => "delay",
         _ => "internal",
     }
+}
+
+/// The one-line error for a management API that did not answer.
+fn unreachable(target: &MgmtTarget, e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut why = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        why = s.to_string();
+        source = s.source();
+    }
+    format!(
+        "management API not reachable at {}: {} (enable it with `rabbitmq-plugins enable \
+         rabbitmq_management` and point broker.management_url at it)",
+        target.api_base(),
+        why
+    )
+}
+
+impl MgmtTarget {
+    /// The API's root, `http://host:15672/api`, without credentials.
+    pub fn api_base(&self) -> Url {
+        let mut url = self.queues_url.clone();
+        let path = url.path().to_owned();
+        let root = path
+            .rfind("/api/queues/")
+            .map_or(path.as_str(), |i| &path[..i + 4]);
+        let root = root.to_owned();
+        url.set_path(&root);
+        url
+    }
+
+    /// `api_base()` followed by `path`, where `{vhost}` stands for the
+    /// vhost as `queues_url` spells it.
+    fn api_url(&self, path: &str) -> Url {
+        let vhost = self.queues_url.path().rsplit('/').next().unwrap_or("%2F");
+        let mut url = self.api_base();
+        let full = format!("{}{}", url.path(), path.replace("{vhost}", vhost));
+        url.set_path(&full);
+        url
+    }
+
+    /// GETs one JSON document of the API.
+    async fn get(&self, http: &reqwest::Client, url: Url) -> Result<Value, String> {
+        let response = http
+            .get(url.clone())
+            .basic_auth(&self.user, Some(&self.password))
+            .send()
+            .await
+            .map_err(|e| unreachable(self, e))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(format!(
+                "management API {url} answered {status}: check broker.management_url and its \
+                 credentials"
+            ));
+        }
+        response
+            .json()
+            .await
+            .map_err(|e| format!("management API {url}: {}", e.without_url()))
+    }
+}
+
+/// One consumer on a work queue (or one of its lanes) of this prefix.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConsumerInfo {
+    /// The queue it consumes (`warren.q.io` or `warren.q.io.lane.2`).
+    pub queue: String,
+    /// The short name of the work queue (`io`).
+    pub short: String,
+    /// The name its connection gave itself (`warren worker host/pid`), else
+    /// the broker's name for the connection, else `unknown`.
+    pub connection: String,
+}
+
+/// The consumers of this prefix's work queues and lanes, by connection name.
+pub async fn work_consumers(
+    http: &reqwest::Client,
+    config: &Config,
+) -> Result<Vec<ConsumerInfo>, String> {
+    let target = MgmtTarget::from_config(config)?;
+    let consumers = target
+        .get(http, target.api_url("/consumers/{vhost}"))
+        .await?;
+    let names = config.names();
+    let mut found: Vec<(String, String, String)> = Vec::new();
+    for c in consumers.as_array().map(Vec::as_slice).unwrap_or_default() {
+        let Some(queue) = c["queue"]["name"].as_str() else {
+            continue;
+        };
+        let Some(short) = names.short_queue_name(queue) else {
+            continue;
+        };
+        let conn = c["channel_details"]["connection_name"]
+            .as_str()
+            .unwrap_or_default();
+        found.push((queue.to_owned(), short.to_owned(), conn.to_owned()));
+    }
+    // The names connections gave themselves, when the API lists them.
+    let mut given = std::collections::HashMap::new();
+    if !found.is_empty() {
+        let url = target.api_url("/vhosts/{vhost}/connections");
+        if let Ok(list) = target.get(http, url).await {
+            for conn in list.as_array().map(Vec::as_slice).unwrap_or_default() {
+                let name = conn["name"].as_str().unwrap_or_default();
+                let own = conn["user_provided_name"]
+                    .as_str()
+                    .or_else(|| conn["client_properties"]["connection_name"].as_str());
+                if let Some(own) = own {
+                    given.insert(name.to_owned(), own.to_owned());
+                }
+            }
+        }
+    }
+    let mut out: Vec<ConsumerInfo> = found
+        .into_iter()
+        .map(|(queue, short, conn)| ConsumerInfo {
+            connection: match given.get(&conn) {
+                Some(own) => own.clone(),
+                None if conn.is_empty() => "unknown".to_owned(),
+                None => conn,
+            },
+            queue,
+            short,
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.connection, &a.queue).cmp(&(&b.connection, &b.queue)));
+    Ok(out)
 }
 
 fn rate(q: &Value, what: &str) -> f64 {
@@ -139,7 +268,7 @@ pub async fn queues(http: &reqwest::Client, config: &Config) -> Result<Vec<Queue
         .basic_auth(&target.user, Some(&target.password))
         .send()
         .await
-        .map_err(|e| format!("management API {}: {}", target.queues_url, e.without_url()))?;
+        .map_err(|e| unreachable(&target, e))?;
     let status = response.status();
     if !status.is_success() {
         return Err(format!(
@@ -204,6 +333,11 @@ mod tests {
         );
         assert_eq!((t.user.as_str(), t.password.as_str()), ("admin", "s3cret"));
         assert!(!t.queues_url.as_str().contains("s3cret"));
+        assert_eq!(t.api_base().as_str(), "https://rabbit:15671/mgmt/api");
+        assert_eq!(
+            t.api_url("/vhosts/{vhost}/connections").as_str(),
+            "https://rabbit:15671/mgmt/api/vhosts/prod/connections"
+        );
     }
 
     #[test]
@@ -211,6 +345,7 @@ mod tests {
         assert_eq!(kind_of("warren", "warren.q.io"), "work");
         assert_eq!(kind_of("warren", "warren.dead"), "dead");
         assert_eq!(kind_of("warren", "warren.wait.16s"), "delay");
+        assert_eq!(kind_of("warren", "warren.release.4s"), "delay");
         assert_eq!(kind_of("warren", "warren.tracker.events"), "tracker");
         assert_eq!(kind_of("warren", "warren.cancels"), "internal");
         assert_eq!(decode("a%2Fb%zz"), "a/b%zz");

@@ -569,6 +569,16 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
+    /// How many tasks had their latest error at or after `since_ms` (Unix ms).
+    pub async fn errors_since(&self, since_ms: i64) -> Result<i64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM tasks WHERE error_at >= $1")
+            .bind(since_ms)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        row.try_get(0).map_err(|e| self.err(e))
+    }
+
     /// How many tasks are in each state.
     pub async fn state_counts(&self) -> Result<BTreeMap<String, i64>, StoreError> {
         let rows = sqlx::query("SELECT state, n FROM state_counts WHERE n <> 0")

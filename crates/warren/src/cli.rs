@@ -86,7 +86,9 @@ pub enum Command {
     /// tracker.users, or tracker.open = true; with neither it does not start.
     Tracker,
     /// What happened to one task: its state and every event, oldest first
-    /// (read from the tracker's database).
+    /// (read from the tracker's database). Without an id: the fleet at a
+    /// glance (queues, running and delayed tasks, workers alive, from the
+    /// management API; failures in the last hour from the tracker's database).
     Status(StatusArgs),
     /// Tracked tasks, latest event first (read from the tracker's database).
     Tasks(TasksArgs),
@@ -125,9 +127,11 @@ pub enum Component {
 /// `status` flags.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The task id (the message_id it was published with).
-    pub task_id: String,
-    /// One JSON object: {"task": {...}, "events": [...]}.
+    /// The task id (the message_id it was published with); without it, the
+    /// fleet overview.
+    pub task_id: Option<String>,
+    /// One JSON object: {"task": {...}, "events": [...]}, or the overview's
+    /// {"queues": [...], "running", "delayed", "failures_last_hour", "workers": [...]}.
     #[arg(long)]
     pub json: bool,
 }

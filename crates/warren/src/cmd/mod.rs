@@ -3,6 +3,7 @@
 mod bench;
 mod dead;
 mod health;
+mod overview;
 mod publish;
 mod scheduler;
 mod status;

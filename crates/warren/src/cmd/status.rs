@@ -1,4 +1,5 @@
-//! `warren status ID`: one task's state and history, from the tracker's database.
+//! `warren status ID`: one task's state and history, from the tracker's
+//! database; without an id, the fleet overview (see [`super::overview`]).
 
 use anyhow::Context;
 use serde_json::{json, Value};
@@ -8,15 +9,18 @@ use warren_tracker::{OpenMode, Store, TaskView};
 use crate::cli::StatusArgs;
 
 pub async fn run(config: &Config, args: StatusArgs) -> anyhow::Result<i32> {
+    let Some(task_id) = args.task_id else {
+        return super::overview::run(config, args.json).await;
+    };
     let store = Store::open(&config.tracker.database_url, OpenMode::Existing).await?;
-    let task = store.task(&args.task_id).await?;
-    let history = store.history(&args.task_id).await?;
+    let task = store.task(&task_id).await?;
+    let history = store.history(&task_id).await?;
     store.close().await;
     let Some(task) = task else {
         anyhow::bail!(
             "no task {:?} in the tracker database {}: unknown id, not seen yet (is `warren \
              tracker` or `warren up` running?), or pruned after tracker.retention_ms",
-            args.task_id,
+            task_id,
             config.tracker.database_url
         );
     };
