@@ -231,7 +231,8 @@ impl Load {
 struct Tally {
     finals: HashMap<String, Vec<Event>>,
     started_ms: HashMap<String, Vec<i64>>,
-    last_final: Option<Instant>,
+    /// The latest `at` (Unix ms, the worker's clock) of a final event.
+    last_final_ms: i64,
 }
 
 /// The patterns a [`Tally`] needs.
@@ -272,38 +273,35 @@ impl Tally {
                     .or_default()
                     .push(unix_ms(&ev.at));
             } else if ev.state.is_final() {
-                self.last_final = Some(Instant::now());
+                self.last_final_ms = self.last_final_ms.max(unix_ms(&ev.at));
                 self.finals.entry(ev.task_id.clone()).or_default().push(ev);
             }
         }
     }
 
-    /// Waits for a final event that arrives after `since`: the load flows
-    /// again. Returns how long after `since` it came.
+    /// Waits for a task that ended after `since_ms` (Unix ms) by its
+    /// final event's time: the load flows again. Returns how long after
+    /// `since_ms` the first such task ended. (Events that were on their way
+    /// at the fault arrive later, but carry an earlier time.)
     async fn flowing_after(
         &mut self,
         watch: &mut EventWatch,
         load: &Load,
-        since: Instant,
+        since_ms: i64,
         what: &str,
     ) -> Duration {
-        let deadline = since + T_LONG;
-        loop {
-            if let Some(at) = self.last_final.filter(|at| *at > since) {
-                return at - since;
-            }
+        let deadline = Instant::now() + T_LONG;
+        while self.last_final_ms <= since_ms {
             assert!(
                 self.finished() < load.len(),
                 "{what}: every task ended before the flow could be seen again"
             );
-            assert!(
-                Instant::now() < deadline,
-                "{what}: no task ended within {T_LONG:?}"
-            );
             let n = self.finished() + 1;
             let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "{what}: no task ended within {T_LONG:?}");
             self.until(watch, load, n, left).await;
         }
+        Duration::from_millis((self.last_final_ms - since_ms) as u64)
     }
 
     /// Every task ended exactly as expected; no delayed task started early.
@@ -437,14 +435,14 @@ async fn load_under_fault(name: &str, fault: Fault) {
     let mut recovery = Vec::new();
     match fault {
         Fault::KillLeader | Fault::KillConnected => {
+            let at = now_ms();
             node.kill().await;
-            let at = Instant::now();
             recovery.push(tally.flowing_after(&mut watch, &load, at, &what).await);
         }
         Fault::StopStartTwice => {
             for round in 1..=2 {
+                let at = now_ms();
                 node.stop_app();
-                let at = Instant::now();
                 let what = format!("{what}, stop {round}");
                 recovery.push(tally.flowing_after(&mut watch, &load, at, &what).await);
                 node.start_app().await;

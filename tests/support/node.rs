@@ -300,7 +300,9 @@ impl Drop for TestNode {
         if !stopped {
             // Not answering (or never booted): end its process, if any.
             if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
-                let _ = privileged("kill", &["-9", pid.trim()]).status();
+                let _ = privileged("kill", &["-9", pid.trim()])
+                    .stderr(Stdio::null())
+                    .status();
             }
         }
         let _ = privileged("rm", &["-rf", self.dir_str()]).status();
