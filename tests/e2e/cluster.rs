@@ -231,8 +231,9 @@ impl Load {
 struct Tally {
     finals: HashMap<String, Vec<Event>>,
     started_ms: HashMap<String, Vec<i64>>,
-    /// The latest `at` (Unix ms, the worker's clock) of a final event.
-    last_final_ms: i64,
+    /// The latest `at` (Unix ms) of a final event, of any worker (key
+    /// `None`) and of each worker process by its id (`Some(pid)`).
+    last_final_ms: HashMap<Option<u32>, i64>,
 }
 
 /// The patterns a [`Tally`] needs.
@@ -273,25 +274,36 @@ impl Tally {
                     .or_default()
                     .push(unix_ms(&ev.at));
             } else if ev.state.is_final() {
-                self.last_final_ms = self.last_final_ms.max(unix_ms(&ev.at));
+                let at = unix_ms(&ev.at);
+                let pid = ev
+                    .worker
+                    .as_deref()
+                    .and_then(|w| w.rsplit('/').next())
+                    .and_then(|p| p.parse().ok());
+                for key in [None, pid] {
+                    let last = self.last_final_ms.entry(key).or_insert(at);
+                    *last = (*last).max(at);
+                }
                 self.finals.entry(ev.task_id.clone()).or_default().push(ev);
             }
         }
     }
 
     /// Waits for a task that ended after `since_ms` (Unix ms) by its
-    /// final event's time: the load flows again. Returns how long after
-    /// `since_ms` the first such task ended. (Events that were on their way
-    /// at the fault arrive later, but carry an earlier time.)
+    /// final event's time, run by worker process `pid` (any worker for
+    /// `None`): the load flows again. Returns how long after `since_ms` the
+    /// first such task ended. (Events that were on their way at the fault
+    /// arrive later, but carry an earlier time.)
     async fn flowing_after(
         &mut self,
         watch: &mut EventWatch,
         load: &Load,
-        since_ms: i64,
+        (since_ms, pid): (i64, Option<u32>),
         what: &str,
     ) -> Duration {
         let deadline = Instant::now() + T_LONG;
-        while self.last_final_ms <= since_ms {
+        let last = |t: &Tally| t.last_final_ms.get(&pid).copied().unwrap_or(0);
+        while last(self) <= since_ms {
             assert!(
                 self.finished() < load.len(),
                 "{what}: every task ended before the flow could be seen again"
@@ -301,7 +313,7 @@ impl Tally {
             assert!(!left.is_zero(), "{what}: no task ended within {T_LONG:?}");
             self.until(watch, load, n, left).await;
         }
-        Duration::from_millis((self.last_final_ms - since_ms) as u64)
+        Duration::from_millis((last(self) - since_ms) as u64)
     }
 
     /// Every task ended exactly as expected; no delayed task started early.
@@ -432,19 +444,34 @@ async fn load_under_fault(name: &str, fault: Fault) {
 
     let node = &rig.cluster.nodes()[victim];
     let what = format!("{name} (node {} of 3 broken)", victim + 1);
+    // Recovery: when `warren up` (which lost its node) runs tasks again; for
+    // the leader's loss, when any worker does (the queue elects a new
+    // leader, and every consumer waits for it).
+    let whose = match fault {
+        Fault::KillLeader => None,
+        Fault::KillConnected | Fault::StopStartTwice => Some(up.pid),
+    };
     let mut recovery = Vec::new();
     match fault {
         Fault::KillLeader | Fault::KillConnected => {
             let at = now_ms();
             node.kill().await;
-            recovery.push(tally.flowing_after(&mut watch, &load, at, &what).await);
+            recovery.push(
+                tally
+                    .flowing_after(&mut watch, &load, (at, whose), &what)
+                    .await,
+            );
         }
         Fault::StopStartTwice => {
             for round in 1..=2 {
                 let at = now_ms();
                 node.stop_app();
                 let what = format!("{what}, stop {round}");
-                recovery.push(tally.flowing_after(&mut watch, &load, at, &what).await);
+                recovery.push(
+                    tally
+                        .flowing_after(&mut watch, &load, (at, whose), &what)
+                        .await,
+                );
                 node.start_app().await;
                 // Some tasks end with the node back before the next stop.
                 let n = (tally.finished() + load.len() / 20).min(load.len());
