@@ -69,6 +69,8 @@ fn now_ms() -> i64 {
 struct Rig {
     env: Env,
     cluster: TestCluster,
+    /// The Warren processes started, for [`Rig::diagnose`].
+    procs: Vec<Proc>,
 }
 
 impl Rig {
@@ -87,7 +89,11 @@ impl Rig {
         ];
         overrides.extend_from_slice(extra);
         let env = Env::new(&format!("cl-{name}"), &overrides).await;
-        Rig { env, cluster }
+        Rig {
+            env,
+            cluster,
+            procs: Vec::new(),
+        }
     }
 
     /// The env's configuration with `broker.url` naming node `index` alone.
@@ -129,6 +135,43 @@ impl Rig {
         }
     }
 
+    /// What a failure message shows: this env's queues as node `via` sees
+    /// them, and the warnings and errors each process logged last.
+    fn diagnose(&self, via: usize) -> String {
+        let items = [
+            "name",
+            "type",
+            "leader",
+            "online",
+            "messages_ready",
+            "messages_unacknowledged",
+            "consumers",
+        ];
+        let mut args = vec!["list_queues"];
+        args.extend_from_slice(&items);
+        let out = self.cluster.nodes()[via].rabbitmqctl(&args);
+        let queues: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with(&self.env.prefix))
+            .map(str::to_owned)
+            .collect();
+        let mut text = format!("queues ({}):\n{}\n", items.join(" "), queues.join("\n"));
+        for (i, p) in self.procs.iter().enumerate() {
+            let log = self.env.log_of(p);
+            let notable: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .collect();
+            let tail = &notable[notable.len().saturating_sub(15)..];
+            text.push_str(&format!(
+                "process {i} (pid {}), last warnings:\n{}\n",
+                p.pid,
+                tail.join("\n")
+            ));
+        }
+        text
+    }
+
     /// The node leading the quorum work queue `diag` (bounded wait).
     async fn work_queue_leader(&self, via: usize) -> usize {
         let queue = self.env.names().work_queue("diag");
@@ -143,6 +186,14 @@ impl Rig {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+/// Another handle on process `p`.
+fn copy(p: &Proc) -> Proc {
+    Proc {
+        index: p.index,
+        pid: p.pid,
     }
 }
 
@@ -247,7 +298,13 @@ impl Tally {
 
     /// Takes events until `n` tasks of `load` have a final event; panics
     /// with what is missing when `timeout` passes first.
-    async fn until(&mut self, watch: &mut EventWatch, load: &Load, n: usize, timeout: Duration) {
+    async fn until(
+        &mut self,
+        (watch, rig, via): (&mut EventWatch, &Rig, usize),
+        load: &Load,
+        n: usize,
+        timeout: Duration,
+    ) {
         let deadline = Instant::now() + timeout;
         while self.finished() < n {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -259,9 +316,10 @@ impl Tally {
                     .take(8)
                     .collect();
                 panic!(
-                    "{} of {} tasks ended within {timeout:?} (waiting for {n}); missing e.g. {missing:?}",
+                    "{} of {} tasks ended within {timeout:?} (waiting for {n}); missing e.g. {missing:?}\n{}",
                     self.finished(),
-                    load.len()
+                    load.len(),
+                    rig.diagnose(via)
                 );
             };
             let ev = got.event;
@@ -296,7 +354,7 @@ impl Tally {
     /// arrive later, but carry an earlier time.)
     async fn flowing_after(
         &mut self,
-        watch: &mut EventWatch,
+        (watch, rig, via): (&mut EventWatch, &Rig, usize),
         load: &Load,
         (since_ms, pid): (i64, Option<u32>),
         what: &str,
@@ -311,7 +369,7 @@ impl Tally {
             let n = self.finished() + 1;
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(!left.is_zero(), "{what}: no task ended within {T_LONG:?}");
-            self.until(watch, load, n, left).await;
+            self.until((&mut *watch, rig, via), load, n, left).await;
         }
         Duration::from_millis((last(self) - since_ms) as u64)
     }
@@ -426,6 +484,7 @@ async fn load_under_fault(name: &str, fault: Fault) {
     let mut rig = Rig::start(name, &[]).await;
     let up = rig.env.up(&[]);
     let worker = rig.env.spawn(&["worker"], &[]);
+    rig.procs = vec![copy(&up), copy(&worker)];
     rig.env.wait_log(&up, "worker consuming", T_LONG).await;
     let connected = rig.nodes_of(0, &up).await;
     rig.nodes_of(0, &worker).await;
@@ -439,7 +498,7 @@ async fn load_under_fault(name: &str, fault: Fault) {
     let load = Load::publish(&observer, name).await;
     let mut tally = Tally::default();
     tally
-        .until(&mut watch, &load, load.len() / 4, DRAIN_BOUND)
+        .until((&mut watch, &rig, keep), &load, load.len() / 4, DRAIN_BOUND)
         .await;
 
     let node = &rig.cluster.nodes()[victim];
@@ -458,7 +517,7 @@ async fn load_under_fault(name: &str, fault: Fault) {
             node.kill().await;
             recovery.push(
                 tally
-                    .flowing_after(&mut watch, &load, (at, whose), &what)
+                    .flowing_after((&mut watch, &rig, keep), &load, (at, whose), &what)
                     .await,
             );
         }
@@ -469,18 +528,20 @@ async fn load_under_fault(name: &str, fault: Fault) {
                 let what = format!("{what}, stop {round}");
                 recovery.push(
                     tally
-                        .flowing_after(&mut watch, &load, (at, whose), &what)
+                        .flowing_after((&mut watch, &rig, keep), &load, (at, whose), &what)
                         .await,
                 );
                 node.start_app().await;
                 // Some tasks end with the node back before the next stop.
                 let n = (tally.finished() + load.len() / 20).min(load.len());
-                tally.until(&mut watch, &load, n, DRAIN_BOUND).await;
+                tally
+                    .until((&mut watch, &rig, keep), &load, n, DRAIN_BOUND)
+                    .await;
             }
         }
     }
     tally
-        .until(&mut watch, &load, load.len(), DRAIN_BOUND)
+        .until((&mut watch, &rig, keep), &load, load.len(), DRAIN_BOUND)
         .await;
     let duplicates = tally.check(&load, &what);
     let dead = check_dead_letters(&rig, keep, &load, &what).await;
