@@ -515,22 +515,22 @@ async fn load_under_fault(name: &str, fault: Fault) {
         Fault::KillLeader | Fault::KillConnected => {
             let at = now_ms();
             node.kill().await;
-            recovery.push(
-                tally
-                    .flowing_after((&mut watch, &rig, keep), &load, (at, whose), &what)
-                    .await,
-            );
+            let took = tally
+                .flowing_after((&mut watch, &rig, keep), &load, (at, whose), &what)
+                .await;
+            println!("{what}: tasks flowing again {took:?} after the kill");
+            recovery.push(took);
         }
         Fault::StopStartTwice => {
             for round in 1..=2 {
                 let at = now_ms();
                 node.stop_app();
                 let what = format!("{what}, stop {round}");
-                recovery.push(
-                    tally
-                        .flowing_after((&mut watch, &rig, keep), &load, (at, whose), &what)
-                        .await,
-                );
+                let took = tally
+                    .flowing_after((&mut watch, &rig, keep), &load, (at, whose), &what)
+                    .await;
+                println!("{what}: tasks flowing again {took:?} after the stop");
+                recovery.push(took);
                 node.start_app().await;
                 // Some tasks end with the node back before the next stop.
                 let n = (tally.finished() + load.len() / 20).min(load.len());
