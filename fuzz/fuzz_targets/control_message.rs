@@ -20,6 +20,22 @@ fuzz_target!(|data: &[u8]| {
                 assert!(!v["cancel"].is_string(), "a cancel wins over a marker");
                 assert_eq!(v["marker"].as_str(), Some(id.as_str()));
             }
+            ControlMessage::Lease {
+                task_id,
+                escrow_id,
+                until_ms,
+            } => {
+                assert!(!v["cancel"].is_string() && !v["marker"].is_string());
+                assert_eq!(v["lease"].as_str(), Some(task_id.as_str()));
+                assert_eq!(v["escrow"].as_str(), Some(escrow_id.as_str()));
+                assert_eq!(v["until"].as_i64(), Some(*until_ms));
+            }
+            ControlMessage::EscrowDone { task_id, escrow_id } => {
+                assert!(!v["cancel"].is_string() && !v["marker"].is_string());
+                assert!(!v["lease"].is_string() || v["until"].as_i64().is_none());
+                assert_eq!(v["escrow_done"].as_str(), Some(task_id.as_str()));
+                assert_eq!(v["escrow"].as_str(), Some(escrow_id.as_str()));
+            }
         }
     }
     // Any id, however odd, comes back from the command written for it.

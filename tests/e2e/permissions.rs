@@ -16,7 +16,7 @@ use lapin::{BasicProperties, Connection, ExchangeKind};
 use serde_json::json;
 use tracker_support::{tracker_env, TestDb};
 use warren_client::{Client, TaskRequest};
-use warren_core::config::BrokerUrl;
+use warren_core::config::BrokerUrls;
 use warren_core::permissions::{regex_escape, Permissions, Role};
 use warren_core::{Config, TaskState};
 use warren_e2e::{final_event, until_final, BrokerUser, Env, T, T_LONG};
@@ -311,7 +311,7 @@ async fn attempt(conn: &Connection, op: &Op) -> Result<(), lapin::Error> {
 /// Connects as `user`.
 async fn connect(user: &BrokerUser) -> Connection {
     let broker = warren_core::config::BrokerConfig {
-        url: BrokerUrl::new(user.url()),
+        url: BrokerUrls::new(user.url()),
         ..Default::default()
     };
     warren_client::runtime::connect(&broker, "test")

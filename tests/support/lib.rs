@@ -121,6 +121,14 @@ impl Env {
     /// A fresh prefix `wt.<name>.<random>` with extra `WARREN__…` overrides;
     /// the topology is applied with `warren topology apply`.
     pub async fn new(name: &str, overrides: &[(&str, &str)]) -> Env {
+        let env = Env::without_topology(name, overrides).await;
+        env.cli_ok(&["topology", "apply"]);
+        env
+    }
+
+    /// Like [`Env::new`], but the topology is left for the test (or a
+    /// scheduler it starts) to apply.
+    pub async fn without_topology(name: &str, overrides: &[(&str, &str)]) -> Env {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let prefix = format!("wt.{name}.{}", &suffix[..8]);
         let tracker_db = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -179,16 +187,14 @@ impl Env {
             .join("e2e-logs");
         std::fs::create_dir_all(&logs).expect("create log dir");
         let client = Client::connect(&config).await.expect("broker reachable");
-        let env = Env {
+        Env {
             prefix,
             vars,
             config,
             client,
             children: Vec::new(),
             logs,
-        };
-        env.cli_ok(&["topology", "apply"]);
-        env
+        }
     }
 
     /// A new env ([`Env::new`]) with `warren up` running.

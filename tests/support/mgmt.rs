@@ -186,6 +186,27 @@ impl Mgmt {
         self.delete(&format!("users/{}", enc(name))).await;
     }
 
+    /// Every queue whose name starts with `prefix.`: name, type (`classic`,
+    /// `quorum`, `stream`) and declaration arguments.
+    pub async fn queues_of(&self, prefix: &str) -> Vec<(String, String, Value)> {
+        let dot = format!("{prefix}.");
+        let v = self.get("queues/%2F").await;
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|q| {
+                let name = q["name"].as_str()?;
+                name.starts_with(&dot).then(|| {
+                    (
+                        name.to_owned(),
+                        q["type"].as_str().unwrap_or("").to_owned(),
+                        q["arguments"].clone(),
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// Deletes every queue and exchange whose name starts with `prefix.`.
     pub async fn delete_prefix(&self, prefix: &str) {
         let dot = format!("{prefix}.");

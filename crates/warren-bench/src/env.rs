@@ -58,7 +58,7 @@ impl BenchEnv {
         }
         cmd.args(args)
             .env("WARREN__PREFIX", &self.config.prefix)
-            .env("WARREN__BROKER__URL", self.config.broker.url.expose())
+            .env("WARREN__BROKER__URL", self.config.broker.url.expose_all())
             .env("WARREN_LOG", "warn")
             // Metrics endpoints stay on (as in production) on free ports,
             // so a Warren already running on this host does not clash.

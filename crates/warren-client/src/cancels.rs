@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use warren_core::config::BrokerConfig;
 use warren_core::control::ControlMessage;
+use warren_core::escrow::{EscrowTimes, LeaseBook, Returned};
 use warren_core::event::new_id;
 use warren_core::Names;
 
@@ -27,11 +28,33 @@ use crate::connect::{connect, ConfirmChannel};
 use crate::reconnect::Reconnect;
 use crate::ClientError;
 
-/// The cancelled task ids this process knows, and the tokens of tasks it runs.
+/// The cancelled task ids this process knows, and the tokens of tasks it
+/// runs; for a worker, also the escrow leases ([`CancelSet::keep_leases`]).
 #[derive(Clone, Default, Debug)]
 pub struct CancelSet {
     ids: Arc<Mutex<HashSet<String>>>,
     running: Arc<Mutex<HashMap<String, CancellationToken>>>,
+    leases: Arc<Mutex<Leases>>,
+}
+
+/// The escrow lease and done records read, when kept.
+#[derive(Default, Debug)]
+struct Leases {
+    /// `None`: lease records are skipped (a process that takes no task).
+    times: Option<EscrowTimes>,
+    book: LeaseBook,
+    /// Records taken in since the book was last pruned.
+    since_prune: usize,
+}
+
+/// Records between two prunings of the lease book.
+const PRUNE_EVERY: usize = 1024;
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Keeps a running task abortable by a cancel command until dropped.
@@ -60,6 +83,39 @@ impl CancelSet {
     /// An empty set.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Keeps the escrow lease and done records read from the stream (a
+    /// worker that puts tasks in escrow with `times`); a set not told so
+    /// skips them.
+    pub fn keep_leases(self, times: EscrowTimes) -> Self {
+        self.leases.lock().expect("not poisoned").times = Some(times);
+        self
+    }
+
+    /// What to do with an escrow copy of the escrow `escrow_id` that came
+    /// back to its work queue now, by the records read so far.
+    pub fn escrow_returned(&self, escrow_id: &str) -> Returned {
+        self.leases
+            .lock()
+            .expect("not poisoned")
+            .book
+            .returned(escrow_id, now_ms())
+    }
+
+    /// Takes in an escrow lease or done record, when leases are kept.
+    pub fn record_escrow(&self, m: &ControlMessage) {
+        let mut l = self.leases.lock().expect("not poisoned");
+        let Some(times) = l.times else {
+            return;
+        };
+        let now = now_ms();
+        l.book.record(m, now);
+        l.since_prune += 1;
+        if l.since_prune >= PRUNE_EVERY {
+            l.since_prune = 0;
+            l.book.prune(&times, now);
+        }
     }
 
     /// Whether a cancel command for this task was seen.
@@ -189,6 +245,9 @@ impl CancelSet {
                     if let Some(r) = ready.take() {
                         let _ = r.send(());
                     }
+                }
+                Some(m @ (ControlMessage::Lease { .. } | ControlMessage::EscrowDone { .. })) => {
+                    self.record_escrow(&m);
                 }
                 _ => {}
             }

@@ -2,13 +2,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::stream::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+use lapin::options::BasicConsumeOptions;
 use lapin::types::{FieldTable, ShortString};
+use lapin::BasicProperties;
 use tokio::sync::Mutex;
-use warren_core::config::{BrokerConfig, BrokerUrl, Config};
+use tokio::time::Instant;
+use tracing::warn;
+use warren_core::config::{BrokerConfig, BrokerUrls, Config};
 use warren_core::{Event, Names};
 
-use crate::connect::{confirmed, ConfirmChannel};
+use crate::connect::ConfirmChannel;
 use crate::{ClientError, EventWatch, TaskRequest};
 
 /// The client's connections, made by [`Connector`].
@@ -48,13 +51,25 @@ const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// Publishes tasks with publisher confirms over a pool of connections.
 ///
+/// A publication is reported done only once the broker confirmed it. One
+/// whose confirm did not come because the channel, its connection or its
+/// node was lost is sent again, with the same task id and properties, on a
+/// channel of a new connection (to the next node that answers, with several
+/// in `broker.url`), until it is confirmed or `broker.publish_timeout_ms`
+/// has passed: then it fails with [`ClientError::Unconfirmed`]. This is at
+/// least once: the broker may have taken the first copy before the loss, so
+/// a task may be queued twice (workers see the same id), never lost. A
+/// negative confirm (the broker refused the message) is not retried.
+///
 /// Cheap to share behind an `Arc`; every method takes `&self`.
 pub struct Client {
     pool: Pool,
-    url: BrokerUrl,
+    url: BrokerUrls,
     names: Names,
     channels: Vec<Mutex<Option<ConfirmChannel>>>,
     next: AtomicUsize,
+    /// How long one publication may take, retries included.
+    publish_timeout: Duration,
 }
 
 impl std::fmt::Debug for Client {
@@ -70,7 +85,9 @@ impl Client {
     /// Connects to the broker of `config` and checks that it answers.
     pub async fn connect(config: &Config) -> Result<Self, ClientError> {
         let size = config.broker.pool_size.max(1);
-        let timeout = Some(Duration::from_millis(config.broker.connect_timeout_ms));
+        // A connection tries each node for the connect timeout.
+        let nodes = config.broker.url.nodes().len().max(1) as u32;
+        let timeout = Some(Duration::from_millis(config.broker.connect_timeout_ms) * nodes);
         let pool = Pool::builder(Connector(config.broker.clone()))
             .max_size(size)
             .timeouts(deadpool::managed::Timeouts {
@@ -87,6 +104,7 @@ impl Client {
             names: config.names(),
             channels: (0..size).map(|_| Mutex::new(None)).collect(),
             next: AtomicUsize::new(0),
+            publish_timeout: Duration::from_millis(config.broker.publish_timeout_ms.max(1)),
         };
         client.channel().await?;
         Ok(client)
@@ -118,32 +136,30 @@ impl Client {
         })
     }
 
-    /// Publishes one task to `P.tasks` and waits for the broker's confirm.
-    /// Returns the task id.
+    /// Publishes one task to `P.tasks` (or `P.delay`) and waits for the
+    /// broker's confirm, sending it again after a lost connection (see
+    /// [`Client`]). Returns the task id.
     pub async fn publish(&self, req: &TaskRequest) -> Result<String, ClientError> {
         let (id, body, props) = req.encode()?;
-        let ch = self.channel().await?;
-        ch.publish(
-            &req.exchange(&self.names),
-            &req.task_type,
-            &body,
-            props,
-            &id,
-        )
-        .await?;
+        let exchange = req.exchange(&self.names);
+        self.confirmed_publish(None, &exchange, &req.task_type, &body, &props, &id)
+            .await?;
         Ok(id)
     }
 
-    /// Publishes many tasks in request order, keeping up to `window` of them
-    /// in flight, and waits for every confirm. `progress` is called with the
-    /// count confirmed so far. Returns the task ids in request order.
+    /// Publishes many tasks, keeping up to `window` of them in flight, and
+    /// waits for every confirm. `progress` is called with the count
+    /// confirmed so far. Returns the task ids in request order.
     ///
     /// Every request is checked before the first is sent, so a bad one
     /// publishes nothing. Sends are pipelined as well as confirms: lapin hands
     /// each publication to its connection thread and reports when it was
     /// written, and awaiting that one message at a time costs a thread
     /// round trip per message. With up to `window` sends outstanding the
-    /// connection thread writes many per wake-up.
+    /// connection thread writes many per wake-up. They go out in request
+    /// order; a publication whose connection was lost is sent again on its
+    /// own (see [`Client`]), so after a loss the broker may queue them in
+    /// another order.
     pub async fn publish_batch(
         &self,
         reqs: &[TaskRequest],
@@ -162,7 +178,7 @@ impl Client {
                 async move {
                     // Checked above, before the first send.
                     let (id, body, props) = req.build()?;
-                    ch.publish(exchange, &req.task_type, &body, props, &id)
+                    self.confirmed_publish(Some(ch), exchange, &req.task_type, &body, &props, &id)
                         .await?;
                     Ok::<_, ClientError>(id)
                 }
@@ -178,6 +194,56 @@ impl Client {
         Ok(ids)
     }
 
+    /// Sends one message and waits for its confirm: first on `first` (or a
+    /// channel of the set), then, while the failure is one a new connection
+    /// can cure, again on a fresh channel after a short pause, until it is
+    /// confirmed or the publish timeout has passed since the first send.
+    /// `what` names the message (the task id) in errors.
+    async fn confirmed_publish(
+        &self,
+        first: Option<&ConfirmChannel>,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: &BasicProperties,
+        what: &str,
+    ) -> Result<(), ClientError> {
+        let deadline = Instant::now() + self.publish_timeout;
+        let mut pause = Duration::from_millis(50);
+        let mut first = first.cloned();
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let attempt = async {
+                let ch = match first.take() {
+                    Some(ch) => ch,
+                    None => self.channel().await?,
+                };
+                ch.publish(exchange, routing_key, body, props.clone(), what)
+                    .await
+            };
+            let error = match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) if !retryable(&e) => return Err(e),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no confirm before the deadline".to_owned(),
+            };
+            let now = Instant::now();
+            if now + pause >= deadline {
+                return Err(ClientError::Unconfirmed {
+                    what: what.to_owned(),
+                    attempts,
+                    timeout: self.publish_timeout,
+                    last: error,
+                });
+            }
+            if attempts == 1 {
+                warn!(task_id = what, error = %error, "publication not confirmed; sending it again");
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
     /// Publishes a task with `reply_to` = direct reply-to and waits for its
     /// final event (`succeeded`, `dead` or `cancelled`).
     pub async fn call(&self, req: &TaskRequest, timeout: Duration) -> Result<Event, ClientError> {
@@ -231,7 +297,9 @@ impl Client {
         })?
     }
 
-    /// Publishes raw bytes to any exchange with confirms (tests, replay, tools).
+    /// Publishes raw bytes to any exchange with confirms (tests, replay,
+    /// tools), sending them again after a lost connection like
+    /// [`Client::publish`].
     pub async fn publish_raw(
         &self,
         exchange: &str,
@@ -239,21 +307,8 @@ impl Client {
         body: &[u8],
         properties: lapin::BasicProperties,
     ) -> Result<(), ClientError> {
-        let ch = self.channel().await?;
-        let confirm = ch
-            .channel()
-            .basic_publish(
-                exchange.into(),
-                ShortString::try_new(routing_key).map_err(|_| {
-                    ClientError::InvalidRequest("routing key longer than 255 bytes".into())
-                })?,
-                BasicPublishOptions::default(),
-                body,
-                properties,
-            )
+        self.confirmed_publish(None, exchange, routing_key, body, &properties, routing_key)
             .await
-            .map_err(ClientError::amqp(format!("publish to {exchange}")))?;
-        confirmed(confirm, routing_key).await
     }
 
     /// Cancels a task: publishes `{"cancel": id}` to `P.control` and waits
@@ -277,5 +332,24 @@ impl Client {
     pub async fn watch(&self, patterns: &[&str]) -> Result<EventWatch, ClientError> {
         let conn = self.connection().await?;
         EventWatch::open(&conn, &self.names, patterns).await
+    }
+}
+
+/// Whether a failed publication may succeed on a new channel or connection:
+/// a lost channel, connection or node, or a broker that did not answer. Not
+/// a channel the broker closed for this message (no such exchange, access
+/// refused), a negative confirm, a bad request or a setting only a person
+/// can fix.
+fn retryable(e: &ClientError) -> bool {
+    match e {
+        ClientError::Connect { source, .. } | ClientError::Amqp { source, .. } => {
+            !source.is_amqp_soft_error()
+        }
+        ClientError::NoNode(_) | ClientError::Closed(_) | ClientError::Pool(_) => true,
+        ClientError::Tls { .. }
+        | ClientError::Nacked { .. }
+        | ClientError::Unconfirmed { .. }
+        | ClientError::Timeout { .. }
+        | ClientError::InvalidRequest(_) => false,
     }
 }

@@ -1,7 +1,14 @@
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use futures::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, PublisherConfirm};
 use warren_core::config::BrokerConfig;
+
+use tracing::{info, warn};
 
 use crate::ClientError;
 
@@ -24,8 +31,17 @@ pub fn connection_name(role: &str) -> String {
     format!("warren {role} {}", process_identity())
 }
 
-/// Opens one connection to the broker of `broker`, named for the console:
+/// Opens one connection to a node of `broker`, named for the console:
 /// over TLS, with the `[broker]` TLS settings, for an `amqps://` URL.
+///
+/// With several nodes in `broker.url`, the nodes are tried in order, each
+/// for at most `broker.connect_timeout_ms`, starting at this process's
+/// current node: the one it last connected to, or, after that connection
+/// failed, the node after it; before any connection, the node at
+/// (process id mod node count), so that a fleet spreads over the cluster.
+/// The first node that answers is used and logged; when none does, the
+/// error names each node's failure, and the caller's reconnect loop waits
+/// (its backoff) before the next round.
 ///
 /// The connection takes the broker's `frame_max` (128 KiB on RabbitMQ unless
 /// `broker.url` sets a `frame_max` query parameter): an AMQP header frame
@@ -34,15 +50,109 @@ pub fn connection_name(role: &str) -> String {
 /// but that did not fit, again at every redelivery.
 pub async fn connect(broker: &BrokerConfig, role: &str) -> Result<Connection, ClientError> {
     let props = ConnectionProperties::default().with_connection_name(connection_name(role).into());
-    if broker.uses_tls() {
-        return crate::tls::connect(broker, props).await;
+    let nodes = broker.url.nodes();
+    let n = nodes.len();
+    if n == 0 {
+        return Err(ClientError::InvalidRequest(
+            "broker.url lists no node: give at least one AMQP URI".into(),
+        ));
     }
-    Connection::connect(broker.url.expose(), props)
+    if n == 1 {
+        return connect_node(broker, 0, props).await;
+    }
+    let timeout = Duration::from_millis(broker.connect_timeout_ms.max(1));
+    let start = current_node().load(Ordering::Relaxed) % n;
+    let mut failures = Vec::with_capacity(n);
+    for k in 0..n {
+        let i = (start + k) % n;
+        let url = nodes[i].redacted();
+        let attempt = tokio::time::timeout(timeout, connect_node(broker, i, props.clone())).await;
+        match attempt {
+            Ok(Ok(conn)) => {
+                current_node().store(i, Ordering::Relaxed);
+                info!(role, node = %url, "connected to broker node {} of {n}", i + 1);
+                follow_node(&conn, i, n);
+                return Ok(conn);
+            }
+            Ok(Err(e)) => {
+                warn!(role, node = %url, error = %e, "broker node unreachable; trying the next");
+                failures.push((url, e));
+            }
+            Err(_) => {
+                warn!(role, node = %url, ?timeout, "broker node did not answer; trying the next");
+                failures.push((
+                    url,
+                    ClientError::Closed(format!("no answer within {timeout:?}")),
+                ));
+            }
+        }
+        // The next connection starts after the node that failed.
+        current_node().store((i + 1) % n, Ordering::Relaxed);
+    }
+    // A setting problem on every node (TLS) stops the caller; one node
+    // merely down leaves the others worth retrying.
+    if failures.iter().all(|(_, e)| e.is_setting_problem()) {
+        return Err(failures.swap_remove(0).1);
+    }
+    Err(ClientError::NoNode(
+        failures
+            .iter()
+            .map(|(url, e)| format!("{url}: {e}"))
+            .collect::<Vec<_>>()
+            .join("; "),
+    ))
+}
+
+/// Opens one connection to node `index` of `broker.url`.
+async fn connect_node(
+    broker: &BrokerConfig,
+    index: usize,
+    props: ConnectionProperties,
+) -> Result<Connection, ClientError> {
+    let url = &broker.url.nodes()[index];
+    if url.is_tls() {
+        return crate::tls::connect(broker, index, props).await;
+    }
+    Connection::connect(url.expose(), props)
         .await
         .map_err(|source| ClientError::Connect {
-            url: broker.url.redacted(),
+            url: url.redacted(),
             source,
         })
+}
+
+/// The index (modulo the node count) of the node this process connects to
+/// first; it starts at the process id, so a fleet spreads over the nodes.
+fn current_node() -> &'static AtomicUsize {
+    static NODE: OnceLock<AtomicUsize> = OnceLock::new();
+    NODE.get_or_init(|| AtomicUsize::new(std::process::id() as usize))
+}
+
+/// Moves this process's current node past node `index` (of `n`) when
+/// `conn` fails (its socket, a missed heartbeat, or the broker closing the
+/// connection; not a channel the broker closed), so the reconnect that
+/// follows tries the next node first rather than the one that went away.
+fn follow_node(conn: &Connection, index: usize, n: usize) {
+    let mut events = conn.events_listener();
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            let lapin::Event::Error(e) = event else {
+                continue;
+            };
+            let lost = e.is_io_error()
+                || e.is_amqp_hard_error()
+                || matches!(e.kind(), lapin::ErrorKind::MissingHeartbeatError);
+            if lost {
+                let _ = current_node().compare_exchange(
+                    index,
+                    (index + 1) % n,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                break;
+            }
+        }
+    });
 }
 
 /// A channel in confirm mode: every publication returns a confirm future.
@@ -101,6 +211,34 @@ impl ConfirmChannel {
             .map_err(ClientError::amqp(format!("publish to {exchange}")))
     }
 
+    /// Sends one message with the `mandatory` flag: a message no queue takes
+    /// comes back in the confirm (see [`Confirmation::take_message`]) instead
+    /// of being dropped.
+    ///
+    /// [`Confirmation::take_message`]: lapin::publisher_confirm::Confirmation::take_message
+    pub async fn send_mandatory(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PublisherConfirm, ClientError> {
+        let routing_key = ShortString::try_new(routing_key).map_err(|_| {
+            ClientError::InvalidRequest(format!(
+                "routing key of {} bytes is longer than 255",
+                routing_key.len()
+            ))
+        })?;
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
+        self.channel
+            .basic_publish(exchange.into(), routing_key, options, body, properties)
+            .await
+            .map_err(ClientError::amqp(format!("publish to {exchange}")))
+    }
+
     /// Sends one message and waits for the broker's confirm.
     pub async fn publish(
         &self,
@@ -126,6 +264,12 @@ pub(crate) async fn confirmed(confirm: PublisherConfirm, what: &str) -> Result<(
         return Err(ClientError::Nacked {
             task_id: what.to_owned(),
         });
+    }
+    if !c.is_ack() {
+        // Only a channel without confirms answers so; never taken for one.
+        return Err(ClientError::Closed(format!(
+            "{what}: no publisher confirm (confirms not enabled)"
+        )));
     }
     Ok(())
 }

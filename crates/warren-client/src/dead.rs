@@ -28,7 +28,7 @@ use crate::{ClientError, ORIGINAL_EXPIRATION};
 pub const X_DEATH: &str = "x-death";
 
 /// Headers a replay removes, so the task starts again from attempt 1.
-pub const REPLAY_REMOVED_HEADERS: [&str; 9] = [
+pub const REPLAY_REMOVED_HEADERS: [&str; 10] = [
     headers::ATTEMPT,
     headers::REPUBLISHED,
     headers::DEAD_REASON,
@@ -36,6 +36,7 @@ pub const REPLAY_REMOVED_HEADERS: [&str; 9] = [
     headers::DEAD_QUEUE,
     headers::LAST_ERROR,
     X_DEATH,
+    headers::DELIVERY_COUNT,
     ORIGINAL_EXPIRATION,
     warren_core::delay::DUE_AT,
 ];

@@ -24,6 +24,10 @@ pub enum ClientError {
         /// What is wrong, with the TLS library's reason, and the fix.
         problem: String,
     },
+    /// No node of a `broker.url` list could be reached: each node's URL
+    /// (password redacted) with its failure.
+    #[error("no broker node reachable: {0}")]
+    NoNode(String),
     /// A broker operation failed.
     #[error("{what}: {source}")]
     Amqp {
@@ -44,6 +48,23 @@ pub enum ClientError {
     Nacked {
         /// The refused task's id.
         task_id: String,
+    },
+    /// A publication was not confirmed by the broker within
+    /// `broker.publish_timeout_ms`, over every attempt: it may or may not
+    /// have been queued.
+    #[error(
+        "{what}: not confirmed by the broker within {timeout:?} ({attempts} attempts; last: \
+         {last}); it may or may not have been queued: publish it again with the same id"
+    )]
+    Unconfirmed {
+        /// The message (task id) that was being published.
+        what: String,
+        /// How many times it was sent.
+        attempts: u32,
+        /// `broker.publish_timeout_ms`.
+        timeout: Duration,
+        /// Why the last attempt failed.
+        last: String,
     },
     /// No answer in time.
     #[error("no final event for task {task_id} within {timeout:?}")]

@@ -30,7 +30,7 @@ pub use watch::{EventWatch, ReceivedEvent};
 /// task copies, the cancel set and the reconnect loop. A producer needs none
 /// of it.
 pub mod runtime {
-    pub use crate::cancels::{CancelSet, RunningGuard};
+    pub use crate::cancels::{now_ms, CancelSet, RunningGuard};
     pub use crate::connect::{connect, connection_name, process_identity, ConfirmChannel};
     pub use crate::outbox::{confirm_all, copy_properties, short, Outbox};
     pub use crate::reconnect::Reconnect;

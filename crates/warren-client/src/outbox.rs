@@ -116,6 +116,79 @@ impl Outbox {
         self.channel.send("", queue, body, props).await
     }
 
+    /// Moves a task to a priority lane of its work queue (`queue`, a lane
+    /// queue's full name): a copy like [`Outbox::requeue`]'s, published
+    /// `mandatory`, so a missing lane returns it instead of dropping it.
+    /// Resolves once the broker confirmed the copy in the lane.
+    pub async fn to_lane(
+        &self,
+        queue: &str,
+        body: &[u8],
+        original: &BasicProperties,
+        h: FieldTable,
+        task_type: &str,
+        task_id: &str,
+    ) -> Result<(), ClientError> {
+        let mut props = copy_properties(original, h, task_type, Some(task_id));
+        if let Some(exp) = original.expiration() {
+            props = props.with_expiration(exp.clone());
+        }
+        let confirm = self.channel.send_mandatory("", queue, body, props).await?;
+        let c = confirm.await.map_err(|source| ClientError::Amqp {
+            what: format!("confirm of task {task_id} in {queue}"),
+            source,
+        })?;
+        if c.is_nack() {
+            return Err(ClientError::Nacked {
+                task_id: task_id.to_owned(),
+            });
+        }
+        if c.take_message().is_some() {
+            return Err(ClientError::InvalidRequest(format!(
+                "the broker has no queue {queue} to move task {task_id} to: run `warren \
+                 topology apply`"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Puts an escrow copy of a running task in `P.escrow`: the task's body,
+    /// properties and the headers `h` (which carry the escrow mark), its id
+    /// and type, expiring after `lease_ms`, with the routing key `queue`
+    /// (its full work queue name), where it is dead-lettered back to when it
+    /// expires.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn escrow_copy(
+        &self,
+        queue: &str,
+        body: &[u8],
+        original: &BasicProperties,
+        h: FieldTable,
+        task_type: &str,
+        task_id: &str,
+        lease_ms: u64,
+    ) -> Result<PublisherConfirm, ClientError> {
+        let props = copy_properties(original, h, task_type, Some(task_id))
+            .with_expiration(lease_ms.to_string().into());
+        self.channel
+            .send(&self.names.escrow(), queue, body, props)
+            .await
+    }
+
+    /// Publishes a control message (such as an escrow lease or done record)
+    /// to `P.control`, persistent, as JSON.
+    pub async fn control(
+        &self,
+        m: &warren_core::control::ControlMessage,
+    ) -> Result<PublisherConfirm, ClientError> {
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        self.channel
+            .send(&self.names.control(), "", &m.to_json(), props)
+            .await
+    }
+
     /// Sends a retry through `P.delay` with `x-delay`, the next attempt
     /// number and the last error; the scheduler releases it when due.
     #[allow(clippy::too_many_arguments)]

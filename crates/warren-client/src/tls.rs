@@ -15,28 +15,31 @@ use lapin::{Connection, ConnectionProperties};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{AlertDescription, CertificateError};
-use warren_core::config::BrokerConfig;
+use warren_core::config::{BrokerConfig, BrokerUrl};
 
 use crate::ClientError;
 
-/// Opens a connection over TLS to the `amqps://` broker of `broker`.
+/// Opens a connection over TLS to node `index` of `broker.url`, an
+/// `amqps://` URI.
 pub(crate) async fn connect(
     broker: &BrokerConfig,
+    index: usize,
     props: ConnectionProperties,
 ) -> Result<Connection, ClientError> {
-    let uri: AMQPUri = broker
+    let node = Node::of(broker, index);
+    let uri: AMQPUri = node
         .url
         .expose()
         .parse()
         .map_err(|e: String| ClientError::Tls {
-            setting: "broker.url".into(),
+            setting: node.key.clone(),
             value: None,
-            problem: format!("\"{}\" is not an AMQP URI: {e}", broker.url.redacted()),
+            problem: format!("\"{}\" is not an AMQP URI: {e}", node.url.redacted()),
         })?;
     let host = uri.authority.host.clone();
     let connector = Arc::new(connector(broker)?);
     let runtime = lapin::runtime::default_runtime().map_err(|source| ClientError::Connect {
-        url: broker.url.redacted(),
+        url: node.url.redacted(),
         source,
     })?;
     let transport = async move |uri: AMQPUri, runtime| {
@@ -49,7 +52,22 @@ pub(crate) async fn connect(
     };
     Connection::connector(uri, runtime, transport, props)
         .await
-        .map_err(|source| explain(broker, &host, source))
+        .map_err(|source| explain(broker, &node, &host, source))
+}
+
+/// One node of `broker.url`: its URL and the key that names it.
+struct Node<'a> {
+    url: &'a BrokerUrl,
+    key: String,
+}
+
+impl<'a> Node<'a> {
+    fn of(broker: &'a BrokerConfig, index: usize) -> Node<'a> {
+        Node {
+            url: &broker.url.nodes()[index],
+            key: broker.url.key(index),
+        }
+    }
 }
 
 /// The rustls connector for `broker`'s CA and client certificate.
@@ -115,8 +133,8 @@ fn setting_error(key: &str, path: &str, problem: String) -> ClientError {
 
 /// A failed TLS connection as the setting that can fix it, when the TLS
 /// library says why; otherwise the plain connection error.
-fn explain(broker: &BrokerConfig, host: &str, source: lapin::Error) -> ClientError {
-    let url = broker.url.redacted();
+fn explain(broker: &BrokerConfig, node: &Node, host: &str, source: lapin::Error) -> ClientError {
+    let url = node.url.redacted();
     let Some(cause) = rustls_cause(&source) else {
         return ClientError::Connect { url, source };
     };
@@ -125,7 +143,7 @@ fn explain(broker: &BrokerConfig, host: &str, source: lapin::Error) -> ClientErr
         rustls::Error::InvalidCertificate(
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
         ) => (
-            "broker.url",
+            node.key.as_str(),
             None,
             format!(
                 "the certificate of the broker at {url} is not valid for its host \"{host}\" \
@@ -205,11 +223,11 @@ fn rustls_cause(error: &lapin::Error) -> Option<&rustls::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use warren_core::config::BrokerUrl;
+    use warren_core::config::BrokerUrls;
 
     fn broker(ca: &str, cert: &str) -> BrokerConfig {
         BrokerConfig {
-            url: BrokerUrl::new("amqps://u:secret@rabbit.internal:5671/%2f"),
+            url: BrokerUrls::new("amqps://u:secret@rabbit.internal:5671/%2f"),
             tls_ca_file: ca.into(),
             tls_client_cert: cert.into(),
             tls_client_key: if cert.is_empty() { "" } else { "/k.pem" }.into(),
@@ -220,7 +238,13 @@ mod tests {
     /// What `connect` reports when the handshake failed with `cause`.
     fn explained(b: &BrokerConfig, cause: rustls::Error) -> String {
         let io = std::io::Error::new(std::io::ErrorKind::InvalidData, cause);
-        explain(b, "rabbit.internal", lapin::Error::from(io)).to_string()
+        explain(
+            b,
+            &Node::of(b, 0),
+            "rabbit.internal",
+            lapin::Error::from(io),
+        )
+        .to_string()
     }
 
     #[test]
@@ -254,7 +278,12 @@ mod tests {
         ));
         // Anything else stays a plain connection error, password hidden.
         let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
-        let other = explain(&b, "rabbit.internal", lapin::Error::from(reset));
+        let other = explain(
+            &b,
+            &Node::of(&b, 0),
+            "rabbit.internal",
+            lapin::Error::from(reset),
+        );
         assert!(!other.is_setting_problem());
         assert!(other
             .to_string()

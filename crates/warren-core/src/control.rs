@@ -1,6 +1,7 @@
-//! Messages on `P.control` (contract section 5): cancel commands, and the
+//! Messages on `P.control` (contract section 5): cancel commands, the
 //! boot marker a process publishes to learn that it has read the cancel
-//! stream up to its own start.
+//! stream up to its own start, and the lease and done records of tasks
+//! held in escrow (tasks running longer than the broker's consumer timeout).
 
 use serde_json::{json, Value};
 
@@ -11,21 +12,55 @@ pub enum ControlMessage {
     Cancel(String),
     /// `{"marker": "<id>"}`: a process's boot marker.
     Marker(String),
+    /// `{"lease": "<task id>", "escrow": "<escrow id>", "until": <unix ms>}`:
+    /// the worker running that task holds it in the escrow `escrow` until
+    /// `until`, and renews the lease before then while the task runs.
+    Lease {
+        /// The task id (informative: records are matched by escrow id).
+        task_id: String,
+        /// The escrow: one run of the task put in escrow, named in the
+        /// `x-warren-escrow` header of its copies.
+        escrow_id: String,
+        /// When the lease ends, in milliseconds since the Unix epoch.
+        until_ms: i64,
+    },
+    /// `{"escrow_done": "<task id>", "escrow": "<escrow id>"}`: the run held
+    /// in that escrow has its outcome recorded; its copies are dropped when
+    /// they return.
+    EscrowDone {
+        /// The task id (informative).
+        task_id: String,
+        /// The escrow.
+        escrow_id: String,
+    },
 }
 
 impl ControlMessage {
-    /// Reads a message body: a JSON object with a string `cancel` or, failing
-    /// that, a string `marker`; other keys are ignored. Anything else
-    /// (not JSON, not an object, neither key a string) is `None`, and the
-    /// processes reading the stream skip it.
+    /// Reads a message body: a JSON object with, in this order of
+    /// precedence, a string `cancel`, a string `marker`, a string `lease`
+    /// with a string `escrow` and an integer `until`, or a string
+    /// `escrow_done` with a string `escrow`; other keys are ignored.
+    /// Anything else (not JSON, not an object, no such keys with values of
+    /// their types) is `None`, and the processes reading the stream skip it.
     pub fn parse(body: &[u8]) -> Option<ControlMessage> {
         let v: Value = serde_json::from_slice(body).ok()?;
-        if let Some(id) = v.get("cancel").and_then(Value::as_str) {
-            return Some(ControlMessage::Cancel(id.to_owned()));
+        let text = |key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
+        if let Some(id) = text("cancel") {
+            return Some(ControlMessage::Cancel(id));
         }
-        v.get("marker")
-            .and_then(Value::as_str)
-            .map(|m| ControlMessage::Marker(m.to_owned()))
+        if let Some(m) = text("marker") {
+            return Some(ControlMessage::Marker(m));
+        }
+        let escrow_id = text("escrow")?;
+        let until = v.get("until").and_then(Value::as_i64);
+        if let (Some(task_id), Some(until_ms)) = (text("lease"), until) {
+            return Some(ControlMessage::Lease {
+                task_id,
+                escrow_id,
+                until_ms,
+            });
+        }
+        text("escrow_done").map(|task_id| ControlMessage::EscrowDone { task_id, escrow_id })
     }
 
     /// The JSON body, which [`ControlMessage::parse`] reads back as `self`.
@@ -33,8 +68,16 @@ impl ControlMessage {
         let v = match self {
             ControlMessage::Cancel(id) => json!({ "cancel": id }),
             ControlMessage::Marker(m) => json!({ "marker": m }),
+            ControlMessage::Lease {
+                task_id,
+                escrow_id,
+                until_ms,
+            } => json!({ "lease": task_id, "escrow": escrow_id, "until": until_ms }),
+            ControlMessage::EscrowDone { task_id, escrow_id } => {
+                json!({ "escrow_done": task_id, "escrow": escrow_id })
+            }
         };
-        serde_json::to_vec(&v).expect("a JSON object of one string always serializes")
+        serde_json::to_vec(&v).expect("a JSON object of strings and integers always serializes")
     }
 }
 
@@ -42,18 +85,44 @@ impl ControlMessage {
 mod tests {
     use super::*;
 
+    fn lease(task_id: &str, escrow_id: &str, until_ms: i64) -> ControlMessage {
+        ControlMessage::Lease {
+            task_id: task_id.into(),
+            escrow_id: escrow_id.into(),
+            until_ms,
+        }
+    }
+
+    fn done(task_id: &str, escrow_id: &str) -> ControlMessage {
+        ControlMessage::EscrowDone {
+            task_id: task_id.into(),
+            escrow_id: escrow_id.into(),
+        }
+    }
+
     #[test]
     fn commands_read_back_as_written() {
         for m in [
             ControlMessage::Cancel("0193-task".into()),
             ControlMessage::Cancel(String::new()),
             ControlMessage::Marker("boot \u{1F600} \"quoted\"".into()),
+            lease("0193-long", "0193-escrow", 1_767_000_000_000),
+            lease("", "", -1),
+            done("0193-long", "0193-escrow"),
         ] {
             assert_eq!(ControlMessage::parse(&m.to_json()), Some(m.clone()));
         }
         assert_eq!(
             ControlMessage::Cancel("t1".into()).to_json(),
             br#"{"cancel":"t1"}"#
+        );
+        assert_eq!(
+            lease("t1", "e1", 5).to_json(),
+            br#"{"escrow":"e1","lease":"t1","until":5}"#
+        );
+        assert_eq!(
+            done("t1", "e1").to_json(),
+            br#"{"escrow":"e1","escrow_done":"t1"}"#
         );
     }
 
@@ -76,6 +145,34 @@ mod tests {
             br#"{"cancel":["t"]}"#,
             br#"{"Cancel":"t"}"#,
             b"\xff\xfe",
+        ] {
+            assert_eq!(ControlMessage::parse(skipped), None, "{skipped:?}");
+        }
+    }
+
+    #[test]
+    fn escrow_records_need_their_keys_and_types() {
+        assert_eq!(
+            ControlMessage::parse(br#"{"escrow_done":"t","lease":"t","until":9,"escrow":"e"}"#),
+            Some(lease("t", "e", 9))
+        );
+        assert_eq!(
+            ControlMessage::parse(br#"{"lease":"t","until":"9","escrow_done":"d","escrow":"e"}"#),
+            Some(done("d", "e"))
+        );
+        assert_eq!(
+            ControlMessage::parse(br#"{"cancel":"c","lease":"t","until":9,"escrow":"e"}"#),
+            Some(ControlMessage::Cancel("c".into()))
+        );
+        for skipped in [
+            &br#"{"lease":"t","escrow":"e"}"#[..],
+            br#"{"lease":"t","until":1}"#,
+            br#"{"lease":"t","until":1.5,"escrow":"e"}"#,
+            br#"{"lease":7,"until":1,"escrow":"e"}"#,
+            br#"{"lease":"t","until":1,"escrow":7}"#,
+            br#"{"escrow_done":"t"}"#,
+            br#"{"escrow_done":null,"escrow":"e"}"#,
+            br#"{"escrow":"e"}"#,
         ] {
             assert_eq!(ControlMessage::parse(skipped), None, "{skipped:?}");
         }

@@ -254,10 +254,19 @@ pub fn remove(headers: &mut FieldTable, keys: &[&str]) {
     remove_where(headers, |k| keys.contains(&k));
 }
 
-/// Whether a header is the broker's dead-lettering record (`x-death`,
-/// `x-first-death-*`, `x-last-death-*`), which grows on every delay hop.
+/// The count a quorum queue adds to a message it delivers again; it belongs
+/// to that queue's delivery, not to the task.
+pub const DELIVERY_COUNT: &str = "x-delivery-count";
+
+/// Whether a header is the broker's record of a message's past: its
+/// dead-lettering (`x-death`, `x-first-death-*`, `x-last-death-*`), which
+/// grows on every delay hop, or a quorum queue's [`DELIVERY_COUNT`].
+/// Neither is copied into a task Warren publishes again.
 pub fn is_death_record(key: &str) -> bool {
-    key == "x-death" || key.starts_with("x-first-death-") || key.starts_with("x-last-death-")
+    key == "x-death"
+        || key == DELIVERY_COUNT
+        || key.starts_with("x-first-death-")
+        || key.starts_with("x-last-death-")
 }
 
 #[cfg(test)]
@@ -344,6 +353,7 @@ mod tests {
         set_int(&mut t, DELAY, 5);
         set_str(&mut t, "x-death", "d");
         set_str(&mut t, "x-first-death-queue", "q");
+        set_int(&mut t, DELIVERY_COUNT, 2);
         set_str(&mut t, "keep", "k");
         remove(&mut t, &[DELAY]);
         remove_where(&mut t, is_death_record);

@@ -3,7 +3,8 @@
 //! Everything a producer, worker or scheduler must agree on lives here: the
 //! names of exchanges and queues ([`names`]), the headers and how hostile
 //! values in them are read ([`headers`]), the status events ([`event`]), the
-//! cancel commands on `P.control` ([`control`]), the
+//! cancel commands on `P.control` ([`control`]), the escrow of long tasks
+//! ([`escrow`]), the
 //! configuration schema with its validation ([`config`]), route overlap
 //! detection ([`routes`]) and the topology plan computed from configuration
 //! ([`topology`]). Nothing here touches the network, so all of it is tested
@@ -13,8 +14,10 @@ pub mod backoff;
 pub mod config;
 pub mod control;
 pub mod delay;
+pub mod escrow;
 pub mod event;
 pub mod headers;
+pub mod lanes;
 pub mod names;
 pub mod permissions;
 pub mod routes;

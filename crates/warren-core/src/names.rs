@@ -73,9 +73,20 @@ impl Names {
         self.join(&format!("q.{short}"))
     }
 
-    /// The short queue name (`io`) of a work queue name (`P.q.io`), if it is one.
+    /// `P.q.<name>.lane.<k>`: lane `k` (0 = lowest priorities) of a quorum
+    /// work queue sorted by lanes (see [`crate::lanes`]).
+    pub fn lane_queue(&self, short: &str, k: u8) -> String {
+        format!("{}.lane.{k}", self.work_queue(short))
+    }
+
+    /// The short queue name (`io`) of a work queue name (`P.q.io`) or of one
+    /// of its lanes (`P.q.io.lane.2`), if it is one.
     pub fn short_queue_name<'a>(&self, full: &'a str) -> Option<&'a str> {
-        full.strip_prefix(self.prefix.as_str())?.strip_prefix(".q.")
+        let short = full
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".q.")?;
+        // Short names hold no '.', so only a lane's name has one.
+        Some(short.split_once('.').map_or(short, |(queue, _)| queue))
     }
 
     /// `P.wait.<n>s`: a delay tier holding tasks for `n` seconds before they
@@ -103,6 +114,13 @@ impl Names {
         self.join("cancels")
     }
 
+    /// `P.escrow`: fanout exchange and queue holding the escrow copies of
+    /// tasks running longer than the broker's consumer timeout; an expired
+    /// copy dead-letters back to its work queue.
+    pub fn escrow(&self) -> String {
+        self.join("escrow")
+    }
+
     /// `P.control.<host>-<pid>`-style name for per-process objects.
     pub fn per_process(&self, what: &str, identity: &str) -> String {
         self.join(&format!("{what}.{}", identity.replace('/', "-")))
@@ -125,6 +143,8 @@ mod tests {
         assert_eq!(n.work_queue("io"), "acme.q.io");
         assert_eq!(n.short_queue_name("acme.q.io"), Some("io"));
         assert_eq!(n.short_queue_name("other.q.io"), None);
+        assert_eq!(n.lane_queue("io", 2), "acme.q.io.lane.2");
+        assert_eq!(n.short_queue_name("acme.q.io.lane.2"), Some("io"));
         assert_eq!(n.dead(), "acme.dead");
     }
 }

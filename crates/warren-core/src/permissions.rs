@@ -165,11 +165,15 @@ impl Permissions {
                 read: any_of(&[name(n.events()), watch]),
             },
             Role::Worker => {
-                let mut read: Vec<String> = config
-                    .queues
-                    .iter()
-                    .map(|q| name(n.work_queue(&q.name)))
-                    .collect();
+                // Each work queue and its lanes (which it also publishes
+                // to, through the default exchange).
+                let mut read: Vec<String> = Vec::new();
+                for q in &config.queues {
+                    read.push(name(n.work_queue(&q.name)));
+                    if let Some(b) = config.queue_bands(q) {
+                        read.extend((0..b.lanes()).map(|k| name(n.lane_queue(&q.name, k))));
+                    }
+                }
                 read.push(name(n.cancels()));
                 Permissions {
                     configure: NOTHING.to_owned(),
@@ -177,6 +181,7 @@ impl Permissions {
                         name(n.events()),
                         name(n.delay()),
                         name(n.control()),
+                        name(n.escrow()),
                         default_exchange,
                     ]),
                     read: any_of(&read),
@@ -324,7 +329,7 @@ mod tests {
         assert_eq!(w.configure, NOTHING);
         assert_eq!(
             w.write,
-            "^(warren\\.events|warren\\.delay|warren\\.control|amq\\.default)$"
+            "^(warren\\.events|warren\\.delay|warren\\.control|warren\\.escrow|amq\\.default)$"
         );
         let o = Permissions::for_role(&c, Role::Operator);
         assert_eq!(o.configure, "^warren\\..*$");
@@ -391,7 +396,13 @@ mod tests {
         ] {
             assert!(allows(&w.read, &q), "{q}");
         }
-        for x in [n.events(), n.delay(), n.control(), DEFAULT_EXCHANGE.into()] {
+        for x in [
+            n.events(),
+            n.delay(),
+            n.control(),
+            n.escrow(),
+            DEFAULT_EXCHANGE.into(),
+        ] {
             assert!(allows(&w.write, &x), "{x}");
         }
         let plan = TopologyPlan::from_config(&c);
@@ -402,6 +413,30 @@ mod tests {
             assert!(!allows(&w.read, &q), "{q}");
         }
         assert!(!allows(&w.write, &n.tasks()));
+    }
+
+    #[test]
+    fn the_worker_reads_the_lanes_of_its_quorum_queues() {
+        let c = config(
+            "wt.l",
+            "[[queues]]\nname = \"io\"\ntype = \"quorum\"\n\
+             [[queues]]\nname = \"cpu\"\n\
+             [[routes]]\npattern = \"#\"\nqueue = \"io\"\n",
+        );
+        let n = c.names();
+        let w = Permissions::for_role(&c, Role::Worker);
+        for q in [
+            n.work_queue("io"),
+            n.lane_queue("io", 0),
+            n.lane_queue("io", 2),
+            n.work_queue("cpu"),
+        ] {
+            assert!(allows(&w.read, &q), "{q}");
+        }
+        for q in [n.lane_queue("io", 3), n.lane_queue("cpu", 0)] {
+            assert!(!allows(&w.read, &q), "{q}");
+        }
+        assert!(allows(&w.write, DEFAULT_EXCHANGE), "moves go to the lanes");
     }
 
     #[test]

@@ -129,10 +129,40 @@ pub struct TopologyPlan {
     pub queues: Vec<QueuePlan>,
     /// Bindings to create once exchanges and queues exist.
     pub bindings: Vec<BindingPlan>,
+    /// Whether the configuration asks for the replicated topology
+    /// (`topology.replicated`), so conflicts name that key.
+    pub replicated: bool,
 }
 
 /// Delay tiers at least this long are lazy queues (contents on disk).
 const LAZY_TIER_SECONDS: u64 = 64;
+
+/// The arguments of a durable queue Warren owns, from the ones it needs for
+/// its purpose (`base`): with `topology.replicated` it becomes a quorum queue
+/// (unless `base` names another type, as the cancels stream does); a quorum
+/// queue drops `x-queue-mode` (classic only) and, when it dead-letters,
+/// does so at least once (`x-dead-letter-strategy = at-least-once`, which
+/// needs `x-overflow = reject-publish`). Every declaration of such a queue,
+/// in any process, goes through here so that they agree.
+pub fn durable_queue_arguments(
+    c: &Config,
+    mut base: BTreeMap<String, ArgValue>,
+) -> BTreeMap<String, ArgValue> {
+    if c.topology.replicated && !base.contains_key("x-queue-type") {
+        base.insert("x-queue-type".into(), ArgValue::Str("quorum".into()));
+    }
+    if base.get("x-queue-type") == Some(&ArgValue::Str("quorum".into())) {
+        base.remove("x-queue-mode");
+        if base.contains_key("x-dead-letter-exchange") {
+            base.insert(
+                "x-dead-letter-strategy".into(),
+                ArgValue::Str("at-least-once".into()),
+            );
+            base.insert("x-overflow".into(), ArgValue::Str("reject-publish".into()));
+        }
+    }
+    base
+}
 
 fn args<const N: usize>(pairs: [(&str, ArgValue); N]) -> BTreeMap<String, ArgValue> {
     pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
@@ -229,6 +259,12 @@ impl TopologyPlan {
                 BTreeMap::new(),
                 "delayed tasks leaving a wait tier, back to the scheduler",
             ),
+            exchange(
+                n.escrow(),
+                Fanout,
+                BTreeMap::new(),
+                "escrow copies of long tasks; routing key = their work queue",
+            ),
         ];
 
         let unroutable_purpose = match default_queue {
@@ -238,22 +274,33 @@ impl TopologyPlan {
             ),
             None => "tasks whose type matched no route: parked, never dropped".to_string(),
         };
+        // Every durable queue but the cancels stream goes through
+        // `durable_queue_arguments`, which makes it quorum when replicated.
+        let owned = |name: String, base: BTreeMap<String, ArgValue>, purpose: String| {
+            queue(name, durable_queue_arguments(c, base), purpose)
+        };
         let mut queues = vec![
-            queue(n.unroutable(), BTreeMap::new(), unroutable_purpose),
-            queue(
+            // An expired task here dead-letters to the scheduler, which parks
+            // it in P.dead as `expired`: parked, never dropped.
+            owned(
+                n.unroutable(),
+                args([("x-dead-letter-exchange", ArgValue::Str(dlx.clone()))]),
+                unroutable_purpose,
+            ),
+            owned(
                 n.dead(),
                 BTreeMap::new(),
-                "parking lot: tasks that reached a terminal failure",
+                "parking lot: tasks that reached a terminal failure".into(),
             ),
-            queue(
+            owned(
                 n.delay_intake(),
                 args([("x-dead-letter-exchange", ArgValue::Str(dlx.clone()))]),
-                "delayed tasks and retries, held until a scheduler takes them",
+                "delayed tasks and retries, held until a scheduler takes them".into(),
             ),
-            queue(
+            owned(
                 n.wait_due(),
                 BTreeMap::new(),
-                "delayed tasks between wait tiers, for the scheduler's next hop or release",
+                "delayed tasks between wait tiers, for the scheduler's next hop or release".into(),
             ),
             queue(
                 n.cancels(),
@@ -266,10 +313,19 @@ impl TopologyPlan {
                 ]),
                 "stream of cancel commands, replayed by every process on boot",
             ),
-            queue(
+            owned(
                 n.dead_letter_intake(),
                 BTreeMap::new(),
-                "dead-lettered tasks, for the scheduler to classify",
+                "dead-lettered tasks, for the scheduler to classify".into(),
+            ),
+            owned(
+                n.escrow(),
+                // The default exchange: an expired copy goes back to the
+                // work queue its routing key names.
+                args([("x-dead-letter-exchange", ArgValue::Str(String::new()))]),
+                "escrow copies of tasks running past the consumer timeout, each expiring \
+                 after its lease, then back to its work queue unless its worker is done"
+                    .into(),
             ),
         ];
         for t in crate::delay::tiers(c.scheduler.max_delay_ms) {
@@ -282,7 +338,7 @@ impl TopologyPlan {
             if t >= LAZY_TIER_SECONDS {
                 arguments.insert("x-queue-mode".into(), ArgValue::Str("lazy".into()));
             }
-            queues.push(queue(
+            queues.push(owned(
                 n.wait_tier(t),
                 arguments,
                 format!("delay tier: holds tasks {t} s, then back to the scheduler"),
@@ -297,7 +353,7 @@ impl TopologyPlan {
                 BTreeMap::new(),
                 format!("into release tier {name}"),
             ));
-            queues.push(queue(
+            queues.push(owned(
                 name,
                 args([
                     ("x-dead-letter-exchange", ArgValue::Str(n.tasks())),
@@ -328,7 +384,7 @@ impl TopologyPlan {
             } else {
                 receives.join("; ")
             };
-            let (arguments, kind) = match q.kind {
+            let (arguments, kind) = match c.queue_kind(q) {
                 QueueKind::Classic => (
                     args([
                         ("x-dead-letter-exchange", ArgValue::Str(dlx.clone())),
@@ -341,14 +397,38 @@ impl TopologyPlan {
                         ("x-dead-letter-exchange", ArgValue::Str(dlx.clone())),
                         ("x-queue-type", ArgValue::Str("quorum".into())),
                     ]),
-                    "quorum, replicated, no priorities".to_string(),
+                    match c.queue_bands(q) {
+                        Some(b) => format!(
+                            "quorum, replicated, priorities 0..={} sorted by workers into {} lanes",
+                            q.max_priority,
+                            b.lanes()
+                        ),
+                        None => "quorum, replicated, no priorities".to_string(),
+                    },
                 ),
             };
-            queues.push(queue(
+            queues.push(owned(
                 n.work_queue(&q.name),
-                arguments,
+                arguments.clone(),
                 format!("work queue \"{}\" ({kind}): {routed}", q.name),
             ));
+            // Lanes: same arguments as the entry, so they dead-letter and
+            // replicate alike; filled by workers only, so never bound.
+            if let Some(b) = c.queue_bands(q) {
+                for k in 0..b.lanes() {
+                    let (low, high) = b.band(k).unwrap_or((0, 0));
+                    queues.push(owned(
+                        n.lane_queue(&q.name, k),
+                        arguments.clone(),
+                        format!(
+                            "lane {k} of work queue \"{}\": priorities {low}..={high}, moved \
+                             here by workers from {}",
+                            q.name,
+                            n.work_queue(&q.name)
+                        ),
+                    ));
+                }
+            }
         }
 
         let mut bindings: Vec<BindingPlan> = c
@@ -363,6 +443,7 @@ impl TopologyPlan {
             bindings.push(binding(n.release_tier(t), n.release_tier(t), ""));
         }
         bindings.push(binding(n.control(), n.cancels(), ""));
+        bindings.push(binding(n.escrow(), n.escrow(), ""));
         let unrouted_queue = match default_queue {
             Some(q) => n.work_queue(&q.name),
             None => n.unroutable(),
@@ -373,6 +454,7 @@ impl TopologyPlan {
             exchanges,
             queues,
             bindings,
+            replicated: c.topology.replicated,
         }
     }
 
@@ -395,7 +477,11 @@ impl TopologyPlan {
             .collect();
         push_rows(&mut out, &rows);
 
-        out.push_str("\n# queues (all durable)\n");
+        out.push_str(if self.replicated {
+            "\n# queues (all durable; replicated: every queue but the cancels stream is quorum)\n"
+        } else {
+            "\n# queues (all durable)\n"
+        });
         let rows: Vec<[String; 3]> = self
             .queues
             .iter()
@@ -511,11 +597,42 @@ impl<'a> Conflict<'a> {
         let short = (self.object == "queue")
             .then(|| work_queue_short_name(plan, self.name))
             .flatten();
+        let ours = self.object == "queue" && plan.queues.iter().any(|q| q.name == self.name);
+        // Arguments that differ between the classic and the replicated
+        // declaration of the same queue.
+        let switched = ours
+            && matches!(
+                self.arg,
+                "x-queue-type" | "x-queue-mode" | "x-overflow" | "x-dead-letter-strategy"
+            );
+        let move_out = "a queue cannot change type or arguments in place: stop Warren and run \
+                        `warren topology migrate`, which moves its messages out, declares it \
+                        again and moves them back";
         let fix = match (self.arg, short, self.current) {
             ("x-max-priority", Some(short), Some(current))
                 if current.parse::<u8>().is_ok_and(|v| v >= 1) =>
             {
                 format!("{delete} or set max_priority = {current} in [[queues]] name = \"{short}\"")
+            }
+            _ if switched && plan.replicated && self.current != Some("quorum") => format!(
+                "it was declared without topology.replicated = true; {move_out}, or set \
+                 topology.replicated = false"
+            ),
+            _ if switched && !plan.replicated && short.is_none() && self.current.is_some() => {
+                format!(
+                    "it was declared with topology.replicated = true; set it again, or \
+                     {move_out}",
+                )
+            }
+            ("x-dead-letter-exchange" | "x-dead-letter-strategy" | "x-overflow", _, None)
+                if ours =>
+            {
+                format!(
+                    "it was declared by an earlier Warren without it (an expired task could \
+                     vanish from {} before; at-least-once dead-lettering needs both \
+                     x-dead-letter-strategy and x-overflow); {move_out}",
+                    self.name
+                )
             }
             ("x-queue-type", Some(short), current) => match current.unwrap_or("classic") {
                 kind @ ("classic" | "quorum") => {
@@ -535,6 +652,38 @@ impl<'a> Conflict<'a> {
     }
 }
 
+impl TopologyPlan {
+    /// Explains the broker's refusal of a quorum queue in the plan (a
+    /// broker before 3.10, or with quorum queues not enabled) as one line
+    /// naming the setting that asked for it; `None` when `queue` is not a
+    /// quorum queue of the plan or the reply is a conflict with an existing
+    /// queue ([`TopologyPlan::explain_conflict`]).
+    pub fn explain_quorum_refusal(&self, queue: &str, broker_text: &str) -> Option<String> {
+        let q = self.queues.iter().find(|q| q.name == queue)?;
+        if q.arguments.get("x-queue-type") != Some(&ArgValue::Str("quorum".into()))
+            || broker_text.contains("inequivalent arg")
+        {
+            return None;
+        }
+        let (setting, undo) = match work_queue_short_name(self, queue) {
+            Some(short) if !self.replicated => (
+                format!("type = \"quorum\" in [[queues]] name = \"{short}\""),
+                "set type = \"classic\" there",
+            ),
+            _ => (
+                "topology.replicated = true".to_string(),
+                "set topology.replicated = false",
+            ),
+        };
+        Some(format!(
+            "queue {queue}: the broker refused to declare it as a quorum queue ({}): {setting} \
+             needs RabbitMQ 3.10 or later with quorum queues enabled (`rabbitmqctl \
+             enable_feature_flag all`); upgrade the broker or {undo}",
+            broker_text.trim()
+        ))
+    }
+}
+
 /// Reads `'10'`, `the value '10' of type 'signedint'` or `none`.
 fn parse_reported_value(text: &str) -> Option<Option<&str>> {
     let text = text.trim_start();
@@ -547,13 +696,15 @@ fn parse_reported_value(text: &str) -> Option<Option<&str>> {
     Some(Some(&inner[..end]))
 }
 
-/// The `[[queues]]` name of a work queue in the plan (`warren.q.io` -> `io`).
+/// The `[[queues]]` name of a work queue or lane in the plan (`warren.q.io`
+/// and `warren.q.io.lane.1` -> `io`).
 fn work_queue_short_name<'a>(plan: &TopologyPlan, name: &'a str) -> Option<&'a str> {
     let is_work_queue = plan
         .queues
         .iter()
         .any(|q| q.name == name && q.arguments.contains_key("x-dead-letter-exchange"));
     let (_, short) = name.rsplit_once(".q.")?;
+    let short = short.split_once(".lane.").map_or(short, |(queue, _)| queue);
     is_work_queue.then_some(short)
 }
 
@@ -605,6 +756,7 @@ mod tests {
                 ("warren.unroutable", ExchangeKind::Fanout),
                 ("warren.dlx", ExchangeKind::Fanout),
                 ("warren.wait.due", ExchangeKind::Fanout),
+                ("warren.escrow", ExchangeKind::Fanout),
             ]
         );
         assert_eq!(
@@ -632,6 +784,7 @@ mod tests {
                 "warren.wait.due",
                 "warren.cancels",
                 "warren.dlx.intake",
+                "warren.escrow",
                 "warren.q.io",
                 "warren.q.cpu",
                 "warren.q.diag",
@@ -719,8 +872,14 @@ mod tests {
                 ("warren.dlx", "warren.dlx.intake", ""),
                 ("warren.wait.due", "warren.wait.due", ""),
                 ("warren.control", "warren.cancels", ""),
+                ("warren.escrow", "warren.escrow", ""),
                 ("warren.unroutable", "warren.unroutable", ""),
             ]
+        );
+        assert_eq!(
+            queue(&p, "warren.escrow").arguments,
+            args([("x-dead-letter-exchange", ArgValue::Str(String::new()))]),
+            "expired escrow copies go back through the default exchange"
         );
     }
 
@@ -739,6 +898,7 @@ mod tests {
                 ("acme.dlx", "acme.dlx.intake", ""),
                 ("acme.wait.due", "acme.wait.due", ""),
                 ("acme.control", "acme.cancels", ""),
+                ("acme.escrow", "acme.escrow", ""),
                 ("acme.unroutable", "acme.q.main", ""),
             ]
         );
@@ -753,12 +913,299 @@ mod tests {
             queue(&p, "warren.q.io").arguments,
             args([
                 ("x-dead-letter-exchange", ArgValue::Str("warren.dlx".into())),
+                (
+                    "x-dead-letter-strategy",
+                    ArgValue::Str("at-least-once".into())
+                ),
+                ("x-overflow", ArgValue::Str("reject-publish".into())),
                 ("x-queue-type", ArgValue::Str("quorum".into())),
             ])
         );
         assert_eq!(
             queue(&p, "warren.q.cpu").arguments["x-max-priority"],
             ArgValue::Int(10)
+        );
+        // One quorum work queue leaves the rest of the topology classic.
+        assert!(!queue(&p, "warren.dead")
+            .arguments
+            .contains_key("x-queue-type"));
+        assert!(!p.replicated);
+    }
+
+    #[test]
+    fn replicated_makes_every_durable_queue_quorum() {
+        let p = plan("[topology]\nreplicated = true\n");
+        assert!(p.replicated);
+        let quorum = ArgValue::Str("quorum".into());
+        for q in &p.queues {
+            let a = &q.arguments;
+            if q.name == "warren.cancels" {
+                assert_eq!(a["x-queue-type"], ArgValue::Str("stream".into()));
+                continue;
+            }
+            assert_eq!(a.get("x-queue-type"), Some(&quorum), "{}", q.name);
+            assert!(
+                !a.contains_key("x-queue-mode"),
+                "{}: no lazy on quorum",
+                q.name
+            );
+            assert!(!a.contains_key("x-max-priority"), "{}", q.name);
+            if a.contains_key("x-dead-letter-exchange") {
+                assert_eq!(
+                    a["x-dead-letter-strategy"],
+                    ArgValue::Str("at-least-once".into()),
+                    "{}",
+                    q.name
+                );
+                assert_eq!(
+                    a["x-overflow"],
+                    ArgValue::Str("reject-publish".into()),
+                    "{}",
+                    q.name
+                );
+            } else {
+                assert!(!a.contains_key("x-dead-letter-strategy"), "{}", q.name);
+            }
+        }
+        assert_eq!(
+            queue(&p, "warren.wait.64s").arguments,
+            args([
+                (
+                    "x-dead-letter-exchange",
+                    ArgValue::Str("warren.wait.due".into())
+                ),
+                (
+                    "x-dead-letter-strategy",
+                    ArgValue::Str("at-least-once".into())
+                ),
+                ("x-message-ttl", ArgValue::Int(64_000)),
+                ("x-overflow", ArgValue::Str("reject-publish".into())),
+                ("x-queue-type", quorum.clone()),
+            ])
+        );
+        // Every queue that dead-letters in the classic plan does so here too.
+        let classic = plan("");
+        for q in &classic.queues {
+            let r = queue(&p, &q.name);
+            assert_eq!(
+                q.arguments.get("x-dead-letter-exchange"),
+                r.arguments.get("x-dead-letter-exchange"),
+                "{}",
+                q.name
+            );
+            assert_eq!(
+                q.arguments.get("x-message-ttl"),
+                r.arguments.get("x-message-ttl"),
+                "{}",
+                q.name
+            );
+        }
+        // The same queues, plus the priority lanes of the (now quorum) work
+        // queues, which are never bound.
+        let not_lanes = p.queues.iter().filter(|q| !q.name.contains(".lane."));
+        assert_eq!(classic.queues.len(), not_lanes.count());
+        assert_eq!(classic.bindings, p.bindings);
+        assert_eq!(classic.exchanges, p.exchanges);
+        let text = p.render();
+        assert!(text.contains("replicated: every queue but the cancels stream is quorum"));
+        let dead = text
+            .lines()
+            .find(|l| l.starts_with("queue warren.dead "))
+            .unwrap();
+        assert!(dead.contains("x-queue-type=quorum"), "{dead}");
+    }
+
+    #[test]
+    fn owned_queue_arguments_outside_the_plan() {
+        let classic = Config::from_toml("").unwrap();
+        let replicated = Config::from_toml("[topology]\nreplicated = true\n").unwrap();
+        let base = args([("x-max-length", ArgValue::Int(1))]);
+        assert_eq!(durable_queue_arguments(&classic, base.clone()), base);
+        assert_eq!(
+            durable_queue_arguments(&replicated, base),
+            args([
+                ("x-max-length", ArgValue::Int(1)),
+                ("x-queue-type", ArgValue::Str("quorum".into())),
+            ])
+        );
+        assert!(durable_queue_arguments(&classic, BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn unroutable_dead_letters_in_both_topologies() {
+        for toml in ["", "[topology]\nreplicated = true\n"] {
+            let p = plan(toml);
+            assert_eq!(
+                queue(&p, "warren.unroutable").arguments["x-dead-letter-exchange"],
+                ArgValue::Str("warren.dlx".into()),
+                "{toml}"
+            );
+        }
+    }
+
+    #[test]
+    fn explains_replication_conflicts() {
+        let p = plan("[topology]\nreplicated = true\n");
+        assert_eq!(
+            p.explain_conflict(
+                "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'warren.dead' \
+                 in vhost '/': received the value 'quorum' of type 'longstr' but current is \
+                 the value 'classic' of type 'longstr'"
+            ),
+            "queue warren.dead exists with x-queue-type classic, config says quorum: it was \
+             declared without topology.replicated = true; a queue cannot change type or \
+             arguments in place: stop Warren and run `warren topology migrate`, which moves \
+             its messages out, declares it again and moves them back, or set \
+             topology.replicated = false"
+        );
+        let work = p.explain_conflict(
+            "inequivalent arg 'x-queue-mode' for queue 'warren.wait.64s' in vhost '/': \
+             received none but current is the value 'lazy' of type 'longstr'",
+        );
+        assert!(
+            work.ends_with("or set topology.replicated = false"),
+            "{work}"
+        );
+        let work = p.explain_conflict(
+            "inequivalent arg 'x-queue-type' for queue 'warren.q.io' in vhost '/': received \
+             the value 'quorum' of type 'longstr' but current is none",
+        );
+        assert!(
+            work.ends_with("or set topology.replicated = false"),
+            "{work}"
+        );
+
+        let back = plan("").explain_conflict(
+            "inequivalent arg 'x-queue-type' for queue 'warren.dead' in vhost '/': received \
+             none but current is the value 'quorum' of type 'longstr'",
+        );
+        let strategy = plan("").explain_conflict(
+            "inequivalent arg 'x-dead-letter-strategy' for queue 'warren.unroutable' in vhost \
+             '/': received none but current is the value 'at-least-once' of type 'longstr'",
+        );
+        assert!(
+            strategy.contains("it was declared with topology.replicated = true; set it again"),
+            "{strategy}"
+        );
+        assert_eq!(
+            back,
+            "queue warren.dead exists with x-queue-type quorum, config sets none: it was \
+             declared with topology.replicated = true; set it again, or a queue cannot change \
+             type or arguments in place: stop Warren and run `warren topology migrate`, \
+             which moves its messages out, declares it again and moves them back"
+        );
+    }
+
+    #[test]
+    fn explains_the_old_unroutable_queue() {
+        let text = plan("").explain_conflict(
+            "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-exchange' for queue \
+             'warren.unroutable' in vhost '/': received the value 'warren.dlx' of type \
+             'longstr' but current is none",
+        );
+        assert!(
+            text.starts_with(
+                "queue warren.unroutable exists without x-dead-letter-exchange, config says \
+                 warren.dlx: it was declared by an earlier Warren without it"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("warren topology migrate"), "{text}");
+    }
+
+    #[test]
+    fn explains_a_refused_quorum_queue() {
+        let p = plan("[topology]\nreplicated = true\n");
+        assert_eq!(
+            p.explain_quorum_refusal(
+                "warren.dead",
+                "PRECONDITION_FAILED - invalid arg 'x-queue-type' for queue 'warren.dead' "
+            )
+            .unwrap(),
+            "queue warren.dead: the broker refused to declare it as a quorum queue \
+             (PRECONDITION_FAILED - invalid arg 'x-queue-type' for queue 'warren.dead'): \
+             topology.replicated = true needs RabbitMQ 3.10 or later with quorum queues enabled \
+             (`rabbitmqctl enable_feature_flag all`); upgrade the broker or set \
+             topology.replicated = false"
+        );
+        assert!(p
+            .explain_quorum_refusal(
+                "warren.dead",
+                "inequivalent arg 'x-queue-type' for queue 'warren.dead' in vhost '/': x"
+            )
+            .is_none());
+        assert!(p
+            .explain_quorum_refusal("warren.cancels", "NOT_ALLOWED")
+            .is_none());
+        let one = plan(
+            "[[queues]]\nname = \"io\"\ntype = \"quorum\"\n\
+             [[routes]]\npattern = \"#\"\nqueue = \"io\"\n",
+        );
+        let text = one.explain_quorum_refusal("warren.q.io", "boom").unwrap();
+        assert!(
+            text.ends_with(
+                "type = \"quorum\" in [[queues]] name = \"io\" needs RabbitMQ 3.10 or later \
+                 with quorum queues enabled (`rabbitmqctl enable_feature_flag all`); upgrade the \
+                 broker or set type = \"classic\" there"
+            ),
+            "{text}"
+        );
+        assert!(plan("")
+            .explain_quorum_refusal("warren.dead", "boom")
+            .is_none());
+    }
+
+    #[test]
+    fn quorum_queue_with_priorities_gets_lanes() {
+        let p = plan(
+            "[[queues]]\nname = \"io\"\ntype = \"quorum\"\n\
+             [[queues]]\nname = \"cpu\"\ntype = \"quorum\"\nlanes = 1\n\
+             [[queues]]\nname = \"diag\"\nlanes = 4\n\
+             [[queues]]\nname = \"two\"\ntype = \"quorum\"\nmax_priority = 1\n",
+        );
+        let lanes: Vec<&str> = p
+            .queues
+            .iter()
+            .map(|q| q.name.as_str())
+            .filter(|q| q.contains(".lane."))
+            .collect();
+        assert_eq!(
+            lanes,
+            [
+                "warren.q.io.lane.0",
+                "warren.q.io.lane.1",
+                "warren.q.io.lane.2",
+                "warren.q.two.lane.0",
+                "warren.q.two.lane.1",
+            ],
+            "default 3 lanes; lanes = 1 means none; classic queues have none; at most one \
+             lane per priority"
+        );
+        let entry = queue(&p, "warren.q.io");
+        for k in 0..3 {
+            let lane = queue(&p, &format!("warren.q.io.lane.{k}"));
+            assert_eq!(lane.arguments, entry.arguments);
+        }
+        assert!(queue(&p, "warren.q.io.lane.2")
+            .purpose
+            .contains("priorities 8..=10"));
+        assert!(entry.purpose.contains("sorted by workers into 3 lanes"));
+        assert!(
+            p.bindings.iter().all(|b| !b.queue.contains(".lane.")),
+            "lanes are never bound"
+        );
+        assert_eq!(
+            queue(&p, "warren.q.diag").arguments["x-max-priority"],
+            ArgValue::Int(10)
+        );
+        assert_eq!(
+            p.explain_conflict(
+                "inequivalent arg 'x-queue-type' for queue 'warren.q.io.lane.1' in vhost '/': \
+                 received the value 'quorum' of type 'longstr' but current is none"
+            ),
+            "queue warren.q.io.lane.1 exists without x-queue-type, config says quorum: delete \
+             the queue (its messages are lost) or set type = \"classic\" in [[queues]] name = \
+             \"io\""
         );
     }
 
@@ -811,15 +1258,15 @@ mod tests {
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("exchange ")).count(),
-            7 + 15
+            8 + 15
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("queue ")).count(),
-            9 + 40 + 15
+            10 + 40 + 15
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("bind ")).count(),
-            8 + 15
+            9 + 15
         );
         assert!(text.lines().all(|l| l == l.trim_end()));
     }

@@ -43,6 +43,7 @@ use tracing::{debug, info, warn};
 use warren_client::runtime::{connect, process_identity, ConfirmChannel, Reconnect};
 use warren_client::ClientError;
 use warren_core::config::{parse_cron, ConfigIssue, CronConfig, MissedFires};
+use warren_core::topology::{self, ArgValue};
 use warren_core::{Config, ConfigError, Names};
 
 use crate::metrics::SchedulerMetrics;
@@ -77,6 +78,16 @@ pub fn leader_queue(prefix: &str) -> String {
 /// `P.cron.state.<name>`: durable queue holding one schedule's last fire time.
 pub fn state_queue(prefix: &str, name: &str) -> String {
     format!("{prefix}.cron.state.{name}")
+}
+
+/// The declaration arguments of every `P.cron.state.<name>` queue: one
+/// message at most (a new record drops the old), quorum with
+/// `topology.replicated`.
+pub fn state_queue_arguments(config: &Config) -> FieldTable {
+    topology::field_table(&topology::durable_queue_arguments(
+        config,
+        [("x-max-length".to_string(), ArgValue::Int(1))].into(),
+    ))
 }
 
 /// The id of the task fired by schedule `name` at `at`:
@@ -305,7 +316,9 @@ impl CronService {
         retry: &mut Reconnect,
     ) -> Result<(), SessionError> {
         let broker = &self.config.broker;
-        let timeout = Duration::from_millis(broker.connect_timeout_ms);
+        // One connect timeout per node: a round tries each node once.
+        let nodes = broker.url.nodes().len().max(1) as u32;
+        let timeout = Duration::from_millis(broker.connect_timeout_ms) * nodes;
         let conn = tokio::time::timeout(timeout, connect(broker, "cron"))
             .await
             .map_err(|_| SessionError::ConnectTimeout {
@@ -580,18 +593,27 @@ impl CronService {
             move |source| ClientError::Amqp { what, source }
         };
         let ch = out.channel();
-        let mut args = FieldTable::default();
-        args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
         ch.queue_declare(
             queue.as_str().into(),
             QueueDeclareOptions {
                 durable: true,
                 ..Default::default()
             },
-            args,
+            state_queue_arguments(&self.config),
         )
         .await
-        .map_err(amqp("declare"))?;
+        .map_err(|source| {
+            let what = if source.to_string().contains("inequivalent arg") {
+                format!(
+                    "declare {queue} (it exists with other arguments, declared with another \
+                     topology.replicated: stop Warren and run `warren topology migrate`, or \
+                     delete it, as it holds only the schedule's last fire time)"
+                )
+            } else {
+                format!("declare {queue}")
+            };
+            ClientError::Amqp { what, source }
+        })?;
         let Some(msg) = ch
             .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
             .await

@@ -11,9 +11,11 @@ pub mod cron;
 mod delays;
 pub mod intake;
 mod metrics;
+pub mod migrate;
 pub mod reconcile;
 mod scheduler;
 
+pub use migrate::{migrate, MigrateReport};
 pub use reconcile::{
     apply, apply_or_verify, prune_stale_bindings, reconcile, verify, ApplyReport, TopologyCheck,
     TopologyError,

@@ -25,6 +25,10 @@ pub enum TopologyError {
     /// An existing object disagrees with the plan; the text says how to fix it.
     #[error("{0}")]
     Conflict(String),
+    /// The broker cannot declare a quorum queue the plan asks for; the text
+    /// names the setting and the fix.
+    #[error("{0}")]
+    QuorumRefused(String),
     /// An object of the plan does not exist, and this user may not declare it.
     #[error("{0}")]
     Missing(String),
@@ -131,7 +135,12 @@ pub async fn apply(conn: &Connection, plan: &TopologyPlan) -> Result<ApplyReport
             table(&q.arguments),
         )
         .await
-        .map_err(fail(format!("declare queue {}", q.name)))?;
+        .map_err(|source| {
+            match plan.explain_quorum_refusal(&q.name, &source.to_string()) {
+                Some(why) => TopologyError::QuorumRefused(why),
+                None => fail(format!("declare queue {}", q.name))(source),
+            }
+        })?;
         report.queues += 1;
     }
     for b in &plan.bindings {
@@ -161,13 +170,10 @@ pub async fn reconcile(
 ) -> Result<ApplyReport, TopologyError> {
     let plan = TopologyPlan::from_config(config);
     let mut report = apply(conn, &plan).await?;
-    report.stale_bindings_removed = prune_stale_bindings(
-        conn,
-        &plan,
-        &config.broker.url,
-        &config.broker.management_url,
-    )
-    .await?;
+    report.stale_bindings_removed = match config.broker.url.first() {
+        Some(url) => prune_stale_bindings(conn, &plan, url, &config.broker.management_url).await?,
+        None => 0,
+    };
     Ok(report)
 }
 

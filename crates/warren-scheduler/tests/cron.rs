@@ -254,15 +254,13 @@ async fn seed_record(config: &Config, name: &str, last_fire: &str) {
     let conn = connect(config).await;
     let ch = conn.create_channel().await.unwrap();
     let queue = cron::state_queue(&config.prefix, name);
-    let mut args = FieldTable::default();
-    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
     ch.queue_declare(
         queue.as_str().into(),
         QueueDeclareOptions {
             durable: true,
             ..Default::default()
         },
-        args,
+        cron::state_queue_arguments(config),
     )
     .await
     .unwrap();

@@ -77,10 +77,24 @@ async fn declare(ch: &Channel, shared: &Shared) -> Result<(String, u32), Tracker
                 durable: true,
                 ..Default::default()
             },
-            FieldTable::default(),
+            warren_core::topology::field_table(&warren_core::topology::durable_queue_arguments(
+                &shared.config,
+                Default::default(),
+            )),
         )
         .await
-        .map_err(amqp(format!("declare queue {queue}")))?;
+        .map_err(|e| {
+            let what = if e.to_string().contains("inequivalent arg") {
+                format!(
+                    "declare queue {queue} (it exists with other arguments, declared with \
+                     another topology.replicated: stop Warren and run `warren topology \
+                     migrate`)"
+                )
+            } else {
+                format!("declare queue {queue}")
+            };
+            amqp(what)(e)
+        })?;
     ch.queue_bind(
         queue.as_str().into(),
         names.events().as_str().into(),

@@ -190,7 +190,7 @@ mod tests {
         );
         assert_eq!((t.user.as_str(), t.password.as_str()), ("guest", "guest"));
 
-        c.broker.url = warren_core::config::BrokerUrl::new("amqp://ops:p%40ss@rabbit:5672/prod");
+        c.broker.url = warren_core::config::BrokerUrls::new("amqp://ops:p%40ss@rabbit:5672/prod");
         c.broker.management_url = "http://rabbit:15672/".into();
         let t = MgmtTarget::from_config(&c).unwrap();
         assert_eq!(t.queues_url.as_str(), "http://rabbit:15672/api/queues/prod");

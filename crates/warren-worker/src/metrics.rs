@@ -42,6 +42,8 @@ pub(crate) struct WorkerMetrics {
     redeliveries: AtomicU64,
     returned: AtomicU64,
     handed_back: AtomicU64,
+    moved_to_lane: AtomicU64,
+    escrowed: AtomicU64,
     paused: AtomicI64,
     pauses_slots: AtomicU64,
     pauses_bytes: AtomicU64,
@@ -71,6 +73,8 @@ impl WorkerMetrics {
             redeliveries: AtomicU64::new(0),
             returned: AtomicU64::new(0),
             handed_back: AtomicU64::new(0),
+            moved_to_lane: AtomicU64::new(0),
+            escrowed: AtomicU64::new(0),
             paused: AtomicI64::new(0),
             pauses_slots: AtomicU64::new(0),
             pauses_bytes: AtomicU64::new(0),
@@ -123,6 +127,17 @@ impl WorkerMetrics {
     /// A delivery that waited too long for a slot went back to its queue.
     pub(crate) fn handed_back(&self) {
         self.handed_back.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A delivery from the entry of a quorum work queue that could not start
+    /// at once was moved to the priority lane of its priority.
+    pub(crate) fn moved_to_lane(&self) {
+        self.moved_to_lane.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A running task went into escrow (it ran past `worker.escrow_after_ms`).
+    pub(crate) fn escrowed(&self) {
+        self.escrowed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether the worker has stopped taking deliveries (every slot held by
@@ -243,6 +258,18 @@ impl Probe for WorkerMetrics {
             "counter",
             "Deliveries handed back to their queue after waiting worker.handback_ms for a slot.",
             load(&self.handed_back),
+        );
+        e.single(
+            "warren_worker_moved_to_lane_total",
+            "counter",
+            "Deliveries from the entry of a quorum work queue moved to the priority lane of their priority (no slot free at once).",
+            load(&self.moved_to_lane),
+        );
+        e.single(
+            "warren_worker_escrowed_total",
+            "counter",
+            "Running tasks put in escrow (acknowledged, a copy held under a lease) as they ran past worker.escrow_after_ms.",
+            load(&self.escrowed),
         );
         e.single(
             "warren_worker_paused",

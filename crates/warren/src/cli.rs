@@ -249,6 +249,12 @@ pub enum TopologyAction {
     Show,
     /// Declare everything on the broker (idempotent).
     Apply,
+    /// Redeclare every durable queue whose type or arguments differ from
+    /// the configuration (such as after setting topology.replicated),
+    /// moving its messages out and back so none is lost, then apply the
+    /// topology. Run it with Warren's processes and producers stopped; see
+    /// docs/topology.md, "Switching an existing topology".
+    Migrate,
     /// Print the `rabbitmqctl set_permissions` line that gives ROLE's broker
     /// user the least privilege it needs under the configured prefix.
     ///

@@ -106,7 +106,19 @@ fn layers(
     let origin = ENV_ORIGIN.to_string();
     for (var, value) in env {
         let Some(key) = env_key(var) else { continue };
-        let kind = if ENV_LIST_KEYS.contains(&key.as_str()) {
+        let kind = if key == "broker.url" {
+            // One URI, or several separated by commas (one per node).
+            let mut urls = super::broker::split_env_urls(value);
+            if urls.len() == 1 {
+                config::ValueKind::String(urls.remove(0))
+            } else {
+                let items = urls
+                    .into_iter()
+                    .map(|u| config::Value::new(Some(&origin), u))
+                    .collect();
+                config::ValueKind::Array(items)
+            }
+        } else if ENV_LIST_KEYS.contains(&key.as_str()) {
             let items = value
                 .split(',')
                 .map(str::trim)
@@ -243,7 +255,10 @@ mod tests {
         assert_eq!(c.retry.default, RetryPolicy::default());
         let names: Vec<&str> = c.queues.iter().map(|q| q.name.as_str()).collect();
         assert_eq!(names, ["io", "cpu", "diag"]);
-        assert!(c.queues.iter().all(|q| q.kind == QueueKind::Classic));
+        assert!(c
+            .queues
+            .iter()
+            .all(|q| c.queue_kind(q) == QueueKind::Classic));
         assert!(c.queues.iter().all(|q| q.max_priority == 10));
         assert!(c.default_queue().is_none());
         assert_eq!(c.worker_queues().len(), 3);
@@ -263,7 +278,7 @@ mod tests {
         assert_eq!(c.worker.prefetch, 256);
         assert_eq!(c.queues.len(), 1);
         assert_eq!(c.queues[0].max_priority, 10);
-        assert_eq!(c.queues[0].kind, QueueKind::Classic);
+        assert_eq!(c.queue_kind(&c.queues[0]), QueueKind::Classic);
         assert_eq!(c.routes.len(), 1);
     }
 
@@ -402,6 +417,15 @@ mod tests {
             Config::load_from(Some(&root.join("examples/with-default-queue.toml")), &[]).unwrap();
         assert_eq!(with_default.default_queue().unwrap().name, "default");
         let quorum = Config::load_from(Some(&root.join("examples/quorum.toml")), &[]).unwrap();
-        assert_eq!(quorum.queue("io").unwrap().kind, QueueKind::Quorum);
+        assert_eq!(
+            quorum.queue_kind(quorum.queue("io").unwrap()),
+            QueueKind::Quorum
+        );
+        assert_eq!(
+            quorum
+                .queue_bands(quorum.queue("io").unwrap())
+                .map(|b| b.lanes()),
+            Some(3)
+        );
     }
 }

@@ -9,11 +9,12 @@
 //!
 //! One file per section, each with its struct, defaults, checks and tests:
 //! `broker`, `queues` (and routes), `worker`, `limits`, `retry`, `scheduler`
-//! (and cron), `http` (with the URL and host-rule types), `tracker` and `tracker_auth`;
+//! (and cron), `http` (with the URL and host-rule types), `topology`, `tracker` and `tracker_auth`;
 //! `layering` loads and merges the layers, `issues` collects and formats the
 //! problems. Everything public is re-exported here.
 
 mod broker;
+mod escrow;
 mod http;
 mod issues;
 mod layering;
@@ -21,6 +22,7 @@ mod limits;
 mod queues;
 mod retry;
 mod scheduler;
+mod topology;
 mod tracker;
 mod tracker_auth;
 mod worker;
@@ -29,13 +31,14 @@ use serde::Deserialize;
 
 use crate::names::Names;
 
-pub use broker::BrokerConfig;
+pub use broker::{BrokerConfig, BrokerUrls};
 pub use http::{redact_url, BrokerUrl, DatabaseUrl, HostRule, HttpConfig};
 pub use issues::{ConfigError, ConfigIssue};
 pub use limits::LimitsConfig;
 pub use queues::{QueueConfig, QueueKind, RouteConfig};
 pub use retry::{RetryConfig, RetryPolicy};
 pub use scheduler::{parse_cron, CronConfig, MissedFires, SchedulerConfig, CRON_SAMPLES};
+pub use topology::TopologyConfig;
 pub use tracker::TrackerConfig;
 pub use tracker_auth::{SecretSource, TrackerCredential, TrackerRole};
 pub use worker::WorkerConfig;
@@ -74,6 +77,9 @@ pub struct Config {
     /// Settings of the scheduler (delays, poison detection, cancellation).
     #[serde(default)]
     pub scheduler: SchedulerConfig,
+    /// How the durable queues are declared (classic or replicated).
+    #[serde(default)]
+    pub topology: TopologyConfig,
     /// Cron schedules, one per `[[cron]]` entry; empty by default.
     #[serde(default)]
     pub cron: Vec<CronConfig>,
@@ -110,7 +116,9 @@ impl Config {
         self.check_broker(&mut issues);
         self.check_queues(&mut issues);
         self.check_routes(&mut issues);
+        self.check_topology(&mut issues);
         self.check_worker(&mut issues);
+        self.check_escrow(&mut issues);
         self.check_limits(&mut issues);
         self.check_retry(&mut issues);
         self.check_scheduler(&mut issues);

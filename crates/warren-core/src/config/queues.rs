@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer};
 
 use super::{is_short_name, Config, Issues};
+use crate::lanes::{Bands, DEFAULT_LANES, MAX_LANES};
 use crate::routes;
 
 /// AMQP limits queue and exchange names to 255 bytes.
@@ -25,9 +26,16 @@ pub struct QueueConfig {
         deserialize_with = "deserialize_priority"
     )]
     pub max_priority: u8,
-    /// Classic (the default) or quorum (replicated) queue.
+    /// Classic (the default) or quorum (replicated) queue, as written;
+    /// [`Config::queue_kind`] is the type declared (`topology.replicated`
+    /// makes every queue quorum).
     #[serde(rename = "type", default)]
-    pub kind: QueueKind,
+    pub kind: Option<QueueKind>,
+    /// Priority lanes of a quorum queue (see [`crate::lanes`]): unset means
+    /// [`crate::lanes::DEFAULT_LANES`], 1 means none (no priorities).
+    /// Classic queues sort by broker priority and ignore it.
+    #[serde(default, deserialize_with = "deserialize_lanes")]
+    pub lanes: Option<u8>,
     /// Whether task types that no route matches go to this queue.
     #[serde(default)]
     pub default: bool,
@@ -46,6 +54,34 @@ fn deserialize_priority<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error>
             "{value} is out of range: must be 1..=255 (RabbitMQ limit)"
         ))
     })
+}
+
+/// Reads a lane count as any integer, so a wrong one gets the range.
+fn deserialize_lanes<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u8>, D::Error> {
+    let value = i64::deserialize(d)?;
+    match u8::try_from(value) {
+        Ok(n) if (1..=MAX_LANES).contains(&n) => Ok(Some(n)),
+        _ => Err(serde::de::Error::custom(format!(
+            "{value} is out of range: must be 1..={MAX_LANES} (1 = no lanes)"
+        ))),
+    }
+}
+
+impl QueueConfig {
+    /// The priority bands of the queue declared as `kind`, when it sorts by
+    /// lanes: a quorum queue with more than one lane (and a priority range
+    /// to split). `None` for a classic queue (the broker sorts) or a single
+    /// lane. [`Config::queue_bands`] passes the type declared.
+    pub fn bands_as(&self, kind: QueueKind) -> Option<Bands> {
+        if kind != QueueKind::Quorum {
+            return None;
+        }
+        let lanes = self
+            .lanes
+            .unwrap_or(DEFAULT_LANES)
+            .min(self.max_priority.saturating_add(1));
+        (lanes > 1).then(|| Bands::new(lanes, self.max_priority))
+    }
 }
 
 /// The RabbitMQ queue type of a work queue, written `"classic"` or `"quorum"`.
@@ -95,7 +131,23 @@ pub struct RouteConfig {
     pub queue: String,
 }
 
+/// The longest queue name a `[[queues]]` entry declares: its last lane, or
+/// the work queue itself.
+fn longest_name(c: &Config, names: &crate::Names, q: &QueueConfig) -> String {
+    match c.queue_bands(q) {
+        Some(b) => names.lane_queue(&q.name, b.lanes() - 1),
+        None => names.work_queue(&q.name),
+    }
+}
+
 impl Config {
+    /// The priority lanes of a work queue, as declared and consumed: `None`
+    /// when the queue has none (see [`QueueConfig::bands_as`]). Everything
+    /// that declares, consumes or permits lanes asks here.
+    pub fn queue_bands(&self, q: &QueueConfig) -> Option<Bands> {
+        q.bands_as(self.queue_kind(q))
+    }
+
     pub(super) fn queue_names_hint(&self) -> String {
         if self.queues.is_empty() {
             return "no queues are configured".into();
@@ -133,13 +185,13 @@ impl Config {
                         q.name
                     ),
                 );
-            } else if names.work_queue(&q.name).len() > MAX_NAME_BYTES {
+            } else if longest_name(self, &names, q).len() > MAX_NAME_BYTES {
                 issues.add(
                     &key,
                     format!(
                         "{:?} makes the queue name {} bytes long: AMQP allows {MAX_NAME_BYTES}; shorten it",
                         q.name,
-                        names.work_queue(&q.name).len()
+                        longest_name(self, &names, q).len()
                     ),
                 );
             } else if let Some(&first) = first_with_name.get(q.name.as_str()) {
@@ -154,11 +206,25 @@ impl Config {
             } else {
                 first_with_name.insert(&q.name, i);
             }
-            issues.above_zero(
+            let priority_ok = issues.above_zero(
                 format!("queues[{i}].max_priority"),
                 q.max_priority,
                 "0 is out of range: must be 1..=255 (RabbitMQ limit)",
             );
+            match q.lanes {
+                Some(lanes) if priority_ok && u16::from(lanes) > u16::from(q.max_priority) + 1 => {
+                    issues.add(
+                        format!("queues[{i}].lanes"),
+                        format!(
+                            "{lanes} lanes for priorities 0..={} leaves a lane without a \
+                             priority: use at most {} lanes or raise max_priority",
+                            q.max_priority,
+                            u16::from(q.max_priority) + 1
+                        ),
+                    )
+                }
+                _ => {}
+            }
             if q.default {
                 match first_default {
                     Some(first) => issues.add(
@@ -301,8 +367,55 @@ mod tests {
             "[[queues]]\nname = \"a\"\ntype = \"quorum\"\nmax_priority = 3\n{ONE_QUEUE_ROUTE}"
         ))
         .unwrap();
-        assert_eq!(c.queues[0].kind, QueueKind::Quorum);
+        assert_eq!(c.queues[0].kind, Some(QueueKind::Quorum));
         assert_eq!(c.queues[0].max_priority, 3);
+    }
+
+    #[test]
+    fn lane_rules() {
+        let err = Config::from_toml(&format!(
+            "[[queues]]\nname = \"a\"\ntype = \"quorum\"\nlanes = 0\n{ONE_QUEUE_ROUTE}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with(
+                "config key queues[0].lanes: 0 is out of range: must be 1..=10 (1 = no lanes)"
+            ),
+            "{err}"
+        );
+        one_issue(
+            &format!(
+                "[[queues]]\nname = \"a\"\ntype = \"quorum\"\nmax_priority = 2\nlanes = 4\n\
+                 {ONE_QUEUE_ROUTE}"
+            ),
+            "config key queues[0].lanes: 4 lanes for priorities 0..=2 leaves a lane without a \
+             priority: use at most 3 lanes or raise max_priority",
+        );
+        let c = Config::from_toml(&format!(
+            "[[queues]]\nname = \"a\"\ntype = \"quorum\"\n\
+             [[queues]]\nname = \"b\"\ntype = \"quorum\"\nlanes = 1\n\
+             [[queues]]\nname = \"c\"\nlanes = 5\n{ONE_QUEUE_ROUTE}"
+        ))
+        .unwrap();
+        assert_eq!(c.queue_bands(&c.queues[0]).map(|b| b.lanes()), Some(3));
+        assert_eq!(c.queue_bands(&c.queues[1]), None, "one lane: no lanes");
+        assert_eq!(
+            c.queue_bands(&c.queues[2]),
+            None,
+            "classic queues sort by broker priority"
+        );
+        let long = "a".repeat(245);
+        one_issue(
+            &format!(
+                "[[queues]]\nname = \"a\"\n[[queues]]\nname = \"{long}\"\ntype = \"quorum\"\n\
+                 {ONE_QUEUE_ROUTE}"
+            ),
+            &format!(
+                "config key queues[1].name: \"{long}\" makes the queue name 261 bytes long: \
+                 AMQP allows 255; shorten it"
+            ),
+        );
     }
 
     #[test]

@@ -47,6 +47,16 @@ pub struct WorkerConfig {
     /// Address of this worker's `/metrics`, `/healthz` and `/readyz`
     /// (`host:port`); empty turns them off.
     pub listen: String,
+    /// A task still running this many milliseconds after its delivery
+    /// reached the worker (as the broker counts) is put in escrow (its delivery acknowledged, a copy held in `P.escrow` under
+    /// a lease), so that it outlives `broker.consumer_timeout_ms`; 0: half
+    /// of `broker.consumer_timeout_ms`. At most half of it.
+    pub escrow_after_ms: u64,
+    /// The lease of a task in escrow, in milliseconds, renewed every half
+    /// lease while it runs: if its worker dies, the task runs again at most
+    /// this long after the last renewal. At least 1000, at most half of
+    /// `scheduler.cancel_ttl_ms`.
+    pub escrow_lease_ms: u64,
 }
 
 impl Default for WorkerConfig {
@@ -63,6 +73,8 @@ impl Default for WorkerConfig {
             reconnect_max_ms: 10_000,
             type_concurrency: BTreeMap::new(),
             listen: "127.0.0.1:8090".into(),
+            escrow_after_ms: 0,
+            escrow_lease_ms: 60_000,
         }
     }
 }

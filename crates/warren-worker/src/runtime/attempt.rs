@@ -12,14 +12,24 @@
 //! | invalid message, poison | copy in `P.dead`, `dead` event, reply |
 //! | no id, or redelivered below the poison limit | the copy put back on its queue |
 //! | handed back: waited `worker.handback_ms` for a slot | the copy put back on its queue |
+//! | moved from a lane entry to its priority's lane | the copy in the lane |
 //! | cancelled before it started | `cancelled` event, reply |
 //! | cancelled while running | `started`, `cancelled` event, reply |
 //! | succeeded | `started`, `succeeded` event, reply |
 //! | failed, will retry | `started`, `failed` event, retry copy in `P.delay` |
 //! | failed, no retry left | `started`, `failed` event; then copy in `P.dead`, `dead` event, reply |
 //! | aborted at shutdown | `started`; then returned to the queue unacknowledged |
+//! | escrow copy back, task done or lease running | nothing |
+//! | escrow copy back, lease ended | as a redelivery |
+//!
+//! A task still running at `worker.escrow_after_ms` is put in escrow
+//! (`warren_core::escrow`): the ack comes once its escrow copy and lease
+//! record are confirmed, and its outcome is then settled by a confirmed
+//! `escrow_done` record instead (a task aborted at shutdown by a copy put
+//! back on its queue as a redelivery first).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
@@ -29,10 +39,12 @@ use lapin::PublisherConfirm;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
-use warren_client::runtime::{confirm_all, Outbox};
+use warren_client::runtime::{confirm_all, now_ms, Outbox};
 use warren_client::ClientError;
 use warren_core::backoff::full_jitter_ms;
+use warren_core::control::ControlMessage;
 use warren_core::delay::DUE_AT;
+use warren_core::escrow::{EscrowTimes, Returned, ESCROW};
 use warren_core::event::{cap_result, format_time, new_id, ErrorKind, EventErrorInfo};
 use warren_core::task::{check_headers, task_type_of, InvalidTask, MessageMeta};
 use warren_core::{headers, DeadReason, Event, TaskEnvelope, TaskState};
@@ -40,7 +52,7 @@ use warren_core::{headers, DeadReason, Event, TaskEnvelope, TaskState};
 use super::progress::ProgressEvents;
 use super::session::Session;
 use super::slots::{Running, Slot};
-use super::Shared;
+use super::{sleep_until_some, Shared, Source};
 use crate::handler::Handler;
 use crate::metrics::Outcome;
 use crate::{Progress, TaskContext, TaskError};
@@ -82,11 +94,26 @@ struct Ran {
 pub(super) struct Attempt<'a> {
     sh: &'a Shared,
     session: &'a Session,
-    /// The short name of the queue it came from.
+    /// The short name of the work queue it came from.
     queue: &'a str,
+    /// The full name of the queue it came from (a lane's, for a lane), where
+    /// copies put back go.
+    requeue_to: &'a str,
     delivery: Delivery,
     meta: MessageMeta,
     task_type: String,
+    /// When the delivery arrived: the broker's consumer timeout counts from
+    /// there, and so does the escrow start.
+    received: Instant,
+    /// The escrow id, when the delivery is an escrow copy back from
+    /// `P.escrow` (its mark is removed from the delivery, so no copy made of
+    /// it carries it).
+    returned_copy: Option<String>,
+    /// The escrow id of this run, once it is first put in escrow.
+    escrow_id: OnceLock<String>,
+    /// The delivery was acknowledged when the task went into escrow: its
+    /// outcome is settled by an `escrow_done` record, never by an ack.
+    escrowed: AtomicBool,
 }
 
 impl<'a> Attempt<'a> {
@@ -96,12 +123,13 @@ impl<'a> Attempt<'a> {
     pub(super) async fn run(
         sh: &'a Shared,
         session: &'a Session,
-        queue: &'a str,
-        delivery: Delivery,
+        source: &'a Source,
+        (delivery, received): (Delivery, Instant),
         abort: &CancellationToken,
         slot: Slot,
     ) {
-        let attempt = Attempt::new(sh, session, queue, delivery);
+        let attempt = Attempt::new(sh, session, source, delivery, received);
+        let queue = attempt.queue;
         match attempt.triage().await {
             Triage::Settled(id, outcome) => attempt.settle(&id, outcome).await,
             Triage::Run(id) => {
@@ -124,10 +152,10 @@ impl<'a> Attempt<'a> {
     pub(super) async fn hand_back(
         sh: &'a Shared,
         session: &'a Session,
-        queue: &'a str,
+        source: &'a Source,
         delivery: Delivery,
     ) {
-        let attempt = Attempt::new(sh, session, queue, delivery);
+        let attempt = Attempt::new(sh, session, source, delivery, Instant::now());
         match attempt.triage().await {
             Triage::Settled(id, outcome) => attempt.settle(&id, outcome).await,
             Triage::Run(id) => {
@@ -142,7 +170,56 @@ impl<'a> Attempt<'a> {
         }
     }
 
-    fn new(sh: &'a Shared, session: &'a Session, queue: &'a str, delivery: Delivery) -> Self {
+    /// Moves a delivery from the entry of a work queue with lanes to the
+    /// lane of its priority, when it cannot start at once: a copy like a
+    /// hand-back's (same id, headers, priority and expiration, counted
+    /// again), published `mandatory` to the lane and confirmed, then the
+    /// ack. Lane deliveries are never moved again. What triage settles
+    /// without a slot is settled here as it would be there.
+    pub(super) async fn move_to_lane(
+        sh: &'a Shared,
+        session: &'a Session,
+        source: &'a Source,
+        delivery: Delivery,
+    ) {
+        let attempt = Attempt::new(sh, session, source, delivery, Instant::now());
+        let Some(lane) = source.lane_for(&attempt.delivery) else {
+            // Not an entry: nothing to sort, keep it on its queue.
+            return Self::hand_back(sh, session, source, attempt.delivery).await;
+        };
+        match attempt.triage().await {
+            Triage::Settled(id, outcome) => attempt.settle(&id, outcome).await,
+            Triage::Run(id) => {
+                let d = &attempt.delivery;
+                let outcome = attempt
+                    .out()
+                    .to_lane(
+                        lane,
+                        &d.data,
+                        &d.properties,
+                        attempt.headers(),
+                        &attempt.task_type,
+                        &id,
+                    )
+                    .await
+                    .map(|()| Disposition::Ack);
+                if outcome.is_ok() {
+                    debug!(task_id = %id, lane, "moved to its lane");
+                    sh.metrics.moved_to_lane();
+                }
+                attempt.settle(&id, outcome).await;
+            }
+        }
+    }
+
+    fn new(
+        sh: &'a Shared,
+        session: &'a Session,
+        source: &'a Source,
+        mut delivery: Delivery,
+        received: Instant,
+    ) -> Self {
+        let returned_copy = take_escrow_mark(&mut delivery);
         let meta = meta_of(&delivery);
         let routing = [
             sh.routing_exchanges[0].as_str(),
@@ -152,10 +229,15 @@ impl<'a> Attempt<'a> {
         Attempt {
             sh,
             session,
-            queue,
+            queue: &source.short,
+            requeue_to: &source.full,
             delivery,
             meta,
             task_type,
+            received,
+            returned_copy,
+            escrow_id: OnceLock::new(),
+            escrowed: AtomicBool::new(false),
         }
     }
 
@@ -177,6 +259,19 @@ impl<'a> Attempt<'a> {
             let r = self.requeue(&id, h).await;
             return Triage::Settled(id, r);
         };
+        if let Some(escrow_id) = &self.returned_copy {
+            match self.sh.cancels.escrow_returned(escrow_id) {
+                Returned::Expired => {
+                    warn!(task_id = %id, "escrow lease ended without an outcome: its worker is gone; the task runs again");
+                    let r = self.redelivered(&id).await;
+                    return Triage::Settled(id, r);
+                }
+                held_or_done => {
+                    debug!(task_id = %id, state = ?held_or_done, "escrow copy back while its task is held or done: dropped");
+                    return Triage::Settled(id, Ok(Disposition::Ack));
+                }
+            }
+        }
         if self.delivery.redelivered {
             let r = self.redelivered(&id).await;
             return Triage::Settled(id, r);
@@ -323,28 +418,39 @@ impl<'a> Attempt<'a> {
         let began = Instant::now();
         let running = Running::start(&sh.metrics);
         let mut join = tokio::spawn(async move { handler.handle(ctx).await });
-        let result = tokio::select! {
-            r = &mut join => match r {
-                Ok(r) => r,
-                Err(e) if e.is_panic() => Err(TaskError::permanent("panic", panic_text(e.into_panic()))),
-                Err(e) => Err(TaskError::retryable("aborted", e.to_string())),
-            },
-            _ = tokio::time::sleep(timeout) => {
-                cancel.cancel();
-                join.abort();
-                Err(TaskError::retryable("timeout", format!("no result within {} ms", timeout.as_millis())))
-            }
-            _ = command.cancelled() => {
-                cancel.cancel();
-                join.abort();
-                progress_events.finish().await;
-                return Execution::Cancelled;
-            }
-            _ = abort.cancelled() => {
-                cancel.cancel();
-                join.abort();
-                progress_events.finish().await;
-                return Execution::Aborted;
+        let deadline = began + timeout;
+        // Counted from the delivery's arrival, as the broker counts. The
+        // handler runs on while the escrow is put in place or renewed.
+        let mut escrow_at = sh
+            .escrow
+            .map(|t| self.received + Duration::from_millis(t.after_ms));
+        let result = loop {
+            tokio::select! {
+                r = &mut join => break match r {
+                    Ok(r) => r,
+                    Err(e) if e.is_panic() => Err(TaskError::permanent("panic", panic_text(e.into_panic()))),
+                    Err(e) => Err(TaskError::retryable("aborted", e.to_string())),
+                },
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    cancel.cancel();
+                    join.abort();
+                    break Err(TaskError::retryable("timeout", format!("no result within {} ms", timeout.as_millis())));
+                }
+                _ = command.cancelled() => {
+                    cancel.cancel();
+                    join.abort();
+                    progress_events.finish().await;
+                    return Execution::Cancelled;
+                }
+                _ = abort.cancelled() => {
+                    cancel.cancel();
+                    join.abort();
+                    progress_events.finish().await;
+                    return Execution::Aborted;
+                }
+                _ = sleep_until_some(escrow_at) => {
+                    escrow_at = self.hold_in_escrow(id).await;
+                }
             }
         };
         progress_events.finish().await;
@@ -357,6 +463,105 @@ impl<'a> Attempt<'a> {
         };
         drop(slot);
         Execution::Finished(result, ran)
+    }
+
+    /// Puts the task in escrow, or renews it: returns when to renew next, or
+    /// `None` when putting it in escrow failed (the delivery stays
+    /// unacknowledged, for the broker to redeliver if it times out).
+    async fn hold_in_escrow(&self, id: &str) -> Option<Instant> {
+        let times = self.sh.escrow?;
+        let renew_at = || Some(Instant::now() + Duration::from_millis(times.renew_every_ms()));
+        match self.escrow_once(id, &times).await {
+            Ok(()) => renew_at(),
+            Err(e) if self.is_escrowed() => {
+                warn!(error = %e, "could not renew the escrow lease; the task may run again elsewhere once the lease ends");
+                renew_at()
+            }
+            Err(e) => {
+                warn!(error = %e, "could not put the task in escrow; it stays unacknowledged");
+                None
+            }
+        }
+    }
+
+    /// Confirms an escrow copy in `P.escrow`, then a lease record that ends
+    /// before the copy expires, then (the first time) acks the delivery.
+    async fn escrow_once(&self, id: &str, times: &EscrowTimes) -> Result<(), ClientError> {
+        let (out, d) = (self.out(), &self.delivery);
+        let sent = now_ms();
+        let escrow_id = self.escrow_id.get_or_init(new_id);
+        let mut h = self.headers();
+        headers::set_str(&mut h, ESCROW, escrow_id);
+        let copy = out
+            .escrow_copy(
+                self.requeue_to,
+                &d.data,
+                &d.properties,
+                h,
+                &self.task_type,
+                id,
+                times.lease_ms,
+            )
+            .await?;
+        confirm_all(vec![copy]).await?;
+        let lease = ControlMessage::Lease {
+            task_id: id.to_owned(),
+            escrow_id: escrow_id.clone(),
+            until_ms: times.lease_until(sent),
+        };
+        confirm_all(vec![out.control(&lease).await?]).await?;
+        if self.is_escrowed() {
+            debug!("escrow lease renewed");
+            return Ok(());
+        }
+        d.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(ClientError::amqp("ack the task put in escrow"))?;
+        self.escrowed.store(true, Ordering::Relaxed);
+        self.sh.metrics.escrowed();
+        info!(
+            lease_ms = times.lease_ms,
+            "in escrow: acknowledged, a copy held in the escrow queue under a lease renewed while it runs"
+        );
+        Ok(())
+    }
+
+    fn is_escrowed(&self) -> bool {
+        self.escrowed.load(Ordering::Relaxed)
+    }
+
+    /// Settles a task in escrow: its outcome recorded, a confirmed
+    /// `escrow_done` record, so its copies are dropped when they return.
+    /// Aborted at shutdown, it is first put back on its queue as a
+    /// redelivery. When anything fails, its last copy runs it again once
+    /// the lease ends.
+    async fn settle_escrowed(&self, id: &str, outcome: Result<Disposition, ClientError>) {
+        let outcome = match outcome {
+            Ok(Disposition::Requeue) => self.redelivered(id).await,
+            other => other,
+        };
+        let done = match outcome {
+            Ok(_) => {
+                let done = ControlMessage::EscrowDone {
+                    task_id: id.to_owned(),
+                    escrow_id: self.escrow_id.get().cloned().unwrap_or_default(),
+                };
+                match self.out().control(&done).await {
+                    Ok(c) => confirm_all(vec![c]).await,
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match done {
+            Ok(()) => debug!(task_id = id, "escrow done"),
+            Err(e) => warn!(
+                task_id = id,
+                error = %e,
+                "could not record the outcome of the task in escrow; it runs again once its lease ends"
+            ),
+        }
     }
 
     /// Confirms `started`, `succeeded` and the reply.
@@ -500,13 +705,14 @@ impl<'a> Attempt<'a> {
         Ok(Disposition::Ack)
     }
 
-    /// Confirms a copy put at the back of its queue with `h` and the id `id`.
+    /// Confirms a copy put at the back of the queue it came from (its lane,
+    /// for a lane) with `h` and the id `id`.
     async fn requeue(&self, id: &str, h: FieldTable) -> Result<Disposition, ClientError> {
         let d = &self.delivery;
         let c = self
             .out()
             .requeue(
-                &self.sh.names.work_queue(self.queue),
+                self.requeue_to,
                 &d.data,
                 &d.properties,
                 h,
@@ -520,6 +726,9 @@ impl<'a> Attempt<'a> {
 
     /// Acks, returns or leaves the delivery as its outcome says.
     async fn settle(&self, id: &str, outcome: Result<Disposition, ClientError>) {
+        if self.is_escrowed() {
+            return self.settle_escrowed(id, outcome).await;
+        }
         match outcome {
             Ok(Disposition::Ack) => {
                 if let Err(e) = self.delivery.acker.ack(BasicAckOptions::default()).await {
@@ -575,6 +784,25 @@ impl<'a> Attempt<'a> {
         e.worker = Some(self.sh.identity.clone());
         e
     }
+}
+
+/// Removes the escrow mark from a delivery's headers; the escrow id it
+/// named, if it had one (a mark that is not a string names none that any
+/// record can match, so its copy runs again as a redelivery).
+fn take_escrow_mark(d: &mut Delivery) -> Option<String> {
+    let h = d.properties.headers().as_ref()?;
+    let mark = h.inner().get(ESCROW)?;
+    let escrow_id = match mark {
+        lapin::types::AMQPValue::LongString(s) => {
+            String::from_utf8_lossy(s.as_bytes()).into_owned()
+        }
+        lapin::types::AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        _ => String::new(),
+    };
+    let mut h = h.clone();
+    headers::remove(&mut h, &[ESCROW]);
+    d.properties = d.properties.clone().with_headers(h);
+    Some(escrow_id)
 }
 
 fn meta_of(d: &Delivery) -> MessageMeta {

@@ -6,14 +6,16 @@
 //! - [`attempt`]: one delivery from triage to its ack, and what each
 //!   outcome confirms first;
 //! - [`slots`]: the concurrency a running task holds;
+//! - [`waiting`]: the deliveries waiting for a slot, highest priority first;
 //! - [`progress`]: a running task's `progress` events.
 
 mod attempt;
 mod progress;
 mod session;
 mod slots;
+mod waiting;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use warren_client::runtime::{process_identity, CancelSet, Reconnect};
+use warren_core::escrow::EscrowTimes;
+use warren_core::lanes::Bands;
 use warren_core::{Config, Names};
 
 use crate::metrics::WorkerMetrics;
@@ -32,6 +36,7 @@ use crate::Registry;
 use attempt::Attempt;
 use session::{Deliveries, Session};
 use slots::Slot;
+use waiting::Waiting;
 
 /// Why a worker stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -52,10 +57,13 @@ struct Shared {
     names: Names,
     registry: Registry,
     identity: String,
-    /// `(short name, full name)` of each queue consumed.
-    queues: Vec<(String, String)>,
+    /// Every queue consumed: work queues, and the lanes of those sorted
+    /// by lanes.
+    sources: Vec<Arc<Source>>,
     routing_exchanges: [String; 2],
     cancels: CancelSet,
+    /// When tasks go into escrow; `None`: the broker has no consumer timeout.
+    escrow: Option<EscrowTimes>,
     /// Semaphores of the types capped by `worker.type_concurrency`.
     type_caps: BTreeMap<String, Arc<Semaphore>>,
     metrics: Arc<WorkerMetrics>,
@@ -63,7 +71,119 @@ struct Shared {
     task_time_us: AtomicU64,
 }
 
+/// A queue the worker consumes.
+pub(super) struct Source {
+    /// The short name of its work queue (`io`), as events and metrics name it.
+    short: String,
+    /// The full name of the queue consumed; hand-backs go back to it.
+    full: String,
+    /// The highest priority its work queue honours.
+    max_priority: u8,
+    /// Its part in its work queue's lanes.
+    kind: SourceKind,
+}
+
+/// What a consumed queue is to its work queue.
+enum SourceKind {
+    /// A work queue without lanes (classic, or quorum with one lane).
+    Plain,
+    /// The entry of a quorum work queue with lanes: what cannot start at
+    /// once moves to `lanes[bands.lane_of(priority)]`.
+    Entry {
+        /// Which lane each priority goes to.
+        bands: Bands,
+        /// The full names of the lanes, lowest first.
+        lanes: Vec<String>,
+    },
+    /// Lane `k` of a quorum work queue.
+    Lane(u8),
+}
+
+impl Source {
+    /// The sources of one work queue: itself, then its lanes if it has any.
+    fn of(
+        config: &Config,
+        names: &Names,
+        q: &warren_core::config::QueueConfig,
+    ) -> Vec<Arc<Source>> {
+        let source = |full: String, kind| {
+            Arc::new(Source {
+                short: q.name.clone(),
+                full,
+                max_priority: q.max_priority,
+                kind,
+            })
+        };
+        let Some(bands) = config.queue_bands(q) else {
+            return vec![source(names.work_queue(&q.name), SourceKind::Plain)];
+        };
+        let lanes: Vec<String> = (0..bands.lanes())
+            .map(|k| names.lane_queue(&q.name, k))
+            .collect();
+        let mut out = vec![source(
+            names.work_queue(&q.name),
+            SourceKind::Entry {
+                bands,
+                lanes: lanes.clone(),
+            },
+        )];
+        for (k, full) in (0u8..).zip(lanes) {
+            out.push(source(full, SourceKind::Lane(k)));
+        }
+        out
+    }
+
+    /// True for a lane.
+    fn is_lane(&self) -> bool {
+        matches!(self.kind, SourceKind::Lane(_))
+    }
+
+    /// True for the entry of a work queue with lanes, whose deliveries
+    /// that cannot start at once move to their lane.
+    fn sorts(&self) -> bool {
+        matches!(self.kind, SourceKind::Entry { .. })
+    }
+
+    /// The queue as logs and consumer tags name it: `io`, `io.lane.2`.
+    fn label(&self) -> String {
+        match self.kind {
+            SourceKind::Lane(k) => format!("{}.lane.{k}", self.short),
+            _ => self.short.clone(),
+        }
+    }
+
+    /// Where a delivery waits among others: its priority (unset: 0), at
+    /// most its queue's highest. Lanes split priorities in ascending bands,
+    /// so a higher rank is never in a lower lane.
+    fn rank(&self, d: &Delivery) -> u8 {
+        d.properties.priority().unwrap_or(0).min(self.max_priority)
+    }
+
+    /// The lane a delivery from this entry moves to; `None` unless it is an
+    /// entry.
+    fn lane_for(&self, d: &Delivery) -> Option<&str> {
+        match &self.kind {
+            SourceKind::Entry { bands, lanes } => {
+                let k = usize::from(bands.lane_of(*d.properties.priority()));
+                lanes.get(k).map(String::as_str)
+            }
+            _ => None,
+        }
+    }
+}
+
 impl Shared {
+    /// The prefetch of lane consumers: about what the slots can start
+    /// (twice `concurrency`, so a slot finds the next task already there),
+    /// at most `prefetch`. The rest of a backlog stays in the broker,
+    /// sorted by lane, for any worker to take.
+    fn lane_prefetch(&self, prefetch: u16) -> u16 {
+        let two_rounds = self.config.worker.concurrency.saturating_mul(2);
+        prefetch
+            .min(u16::try_from(two_rounds).unwrap_or(u16::MAX))
+            .max(1)
+    }
+
     /// Adds one handler's run time to the moving average.
     fn note_task_time(&self, took: Duration) {
         let x = u64::try_from(took.as_micros()).unwrap_or(u64::MAX).max(1);
@@ -111,11 +231,12 @@ struct InFlight {
 
 impl InFlight {
     /// Counts `delivery`'s body in `held` until the guard is dropped.
-    fn hold(&self, delivery: Delivery, queue: Arc<str>) -> Held {
+    fn hold(&self, delivery: Delivery, source: Arc<Source>) -> Held {
         let bytes = delivery.data.len();
         self.held.fetch_add(bytes, Ordering::Relaxed);
         Held {
-            queue,
+            rank: source.rank(&delivery),
+            source,
             delivery,
             since: Instant::now(),
             release: Release {
@@ -131,8 +252,10 @@ impl InFlight {
 /// [`InFlight::held`] until it is settled (or dropped unstarted, when it
 /// returns to the queue with the channel).
 struct Held {
-    /// The short name of the queue it came from.
-    queue: Arc<str>,
+    /// The queue it came from.
+    source: Arc<Source>,
+    /// Its place among the waiting: see [`Source::rank`].
+    rank: u8,
     delivery: Delivery,
     /// When it arrived.
     since: Instant,
@@ -168,16 +291,23 @@ impl Worker {
     /// A worker for `config`, running the handlers of `registry`.
     pub fn new(config: Config, registry: Registry) -> Result<Self, WorkerError> {
         let names = config.names();
-        let queues: Vec<(String, String)> = config
+        let sources: Vec<Arc<Source>> = config
             .worker_queues()
             .into_iter()
-            .map(|q| (q.name.clone(), names.work_queue(&q.name)))
+            .flat_map(|q| Source::of(&config, &names, q))
             .collect();
-        if queues.is_empty() {
+        if sources.is_empty() {
             return Err(WorkerError::NoQueues);
         }
         let routing_exchanges = [names.tasks(), names.unroutable()];
         let config_concurrency = config.worker.concurrency;
+        let escrow = EscrowTimes::from_config(&config);
+        // Escrow copies of other workers may come back here whether or not
+        // this worker puts tasks in escrow itself: keep their leases.
+        let cancels = CancelSet::new().keep_leases(EscrowTimes {
+            after_ms: escrow.map_or(0, |t| t.after_ms),
+            lease_ms: config.worker.escrow_lease_ms,
+        });
         let type_caps = config
             .worker
             .type_concurrency
@@ -190,9 +320,10 @@ impl Worker {
                 names,
                 registry,
                 identity: process_identity(),
-                queues,
+                sources,
                 routing_exchanges,
-                cancels: CancelSet::new(),
+                cancels,
+                escrow,
                 type_caps,
                 metrics: Arc::new(WorkerMetrics::new(config_concurrency)),
                 task_time_us: AtomicU64::new(0),
@@ -250,7 +381,7 @@ impl Worker {
             sh.metrics.link.consuming(true);
             let session = Arc::new(session);
             info!(
-                queues = ?sh.queues.iter().map(|q| &q.0).collect::<Vec<_>>(),
+                queues = ?sh.sources.iter().map(|q| q.label()).collect::<Vec<_>>(),
                 concurrency = sh.config.worker.concurrency,
                 prefetch = sh.config.worker.prefetch,
                 "worker consuming"
@@ -298,13 +429,20 @@ impl Worker {
 
     /// Takes deliveries until the connection dies (returns why) or shutdown.
     ///
-    /// A delivery waits here for a slot. The worker stops consuming in two
-    /// cases, and consumes again once the case is over:
+    /// A delivery waits here for a slot; a free slot takes the highest
+    /// priority waiting first (see [`Waiting`]). A delivery from the entry of
+    /// a work queue with lanes never waits: it starts at once if a slot is
+    /// free and nothing of its priority or higher waits, else it moves to
+    /// the lane of its priority (see [`Attempt::move_to_lane`]).
+    ///
+    /// The worker stops consuming in two cases, and consumes again once the
+    /// case is over:
     ///
     /// - the oldest waiting delivery has waited `worker.handback_ms` with
     ///   every slot busy (long tasks): every waiting delivery is handed back
     ///   to its queue, so a worker with a free slot takes them; over once a
-    ///   slot is free and nothing waits;
+    ///   slot is free and nothing waits. Lane entries are still consumed
+    ///   meanwhile, their deliveries sorted into lanes;
     /// - the bodies of the deliveries it holds (waiting, running or being
     ///   recorded) reach `worker.max_held_bytes`: over once they are below
     ///   half of it.
@@ -319,7 +457,7 @@ impl Worker {
         let handback = Duration::from_millis(sh.config.worker.handback_ms);
         let budget = sh.config.worker.max_held_bytes;
         let held = || in_flight.held.load(Ordering::Relaxed);
-        let mut waiting: VecDeque<Held> = VecDeque::new();
+        let mut waiting = Waiting::default();
         let mut paused = Pause::No;
         // The prefetch of the open consumers (RabbitMQ applies one when a
         // consumer opens).
@@ -329,7 +467,7 @@ impl Worker {
                 let Ok(permit) = in_flight.permits.clone().try_acquire_owned() else {
                     break;
                 };
-                let next = waiting.pop_front().expect("not empty");
+                let next = waiting.pop().expect("not empty");
                 self.start(session, in_flight, next, permit);
             }
             let slots_free = waiting.is_empty() && in_flight.permits.available_permits() > 0;
@@ -373,8 +511,8 @@ impl Worker {
                     prefetch = want;
                 }
             }
-            let hand_back_at = match waiting.front() {
-                Some(w) if !handback.is_zero() => Some(w.since + handback),
+            let hand_back_at = match waiting.oldest() {
+                Some(since) if !handback.is_zero() => Some(since + handback),
                 _ => None,
             };
             // Returning drops what still waits: never started, it goes back
@@ -383,7 +521,7 @@ impl Worker {
                 _ = shutdown.cancelled() => return "shutdown".into(),
                 p = in_flight.permits.clone().acquire_owned(), if !waiting.is_empty() || paused == Pause::Slots => {
                     let permit = p.expect("the semaphore is never closed");
-                    if let Some(next) = waiting.pop_front() {
+                    if let Some(next) = waiting.pop() {
                         self.start(session, in_flight, next, permit);
                     }
                 }
@@ -392,15 +530,19 @@ impl Worker {
                     None if paused != Pause::No => {}
                     None => return "consumers ended".into(),
                     Some((_, Err(e))) => return e.to_string(),
-                    Some((queue, Ok(d))) => {
-                        let d = in_flight.hold(d, queue);
-                        if paused == Pause::Slots {
+                    Some((source, Ok(d))) => {
+                        let d = in_flight.hold(d, source);
+                        if d.source.sorts() {
+                            self.sort(session, in_flight, &waiting, d);
+                        } else if paused == Pause::Slots {
                             // Sent before the consumers stopped.
                             self.hand_back(session, in_flight, d);
                         } else {
-                            waiting.push_back(d);
+                            waiting.push(d);
                         }
-                        if paused == Pause::No && held() >= budget {
+                        // Also while paused for slots: lane entries are
+                        // still consumed then.
+                        if paused != Pause::Bytes && held() >= budget {
                             session.stop_consuming().await;
                             paused = Pause::Bytes;
                             sh.metrics.paused(true);
@@ -411,7 +553,7 @@ impl Worker {
                 },
                 _ = sleep_until_some(hand_back_at) => {
                     if paused == Pause::No {
-                        session.stop_consuming().await;
+                        session.stop_running(sh).await;
                         sh.metrics.paused(true);
                     }
                     if paused != Pause::Slots {
@@ -419,7 +561,7 @@ impl Worker {
                     }
                     paused = Pause::Slots;
                     debug!(waiting = waiting.len(), "every slot busy: handing back what waits");
-                    for d in waiting.drain(..) {
+                    for d in waiting.drain() {
                         self.hand_back(session, in_flight, d);
                     }
                 }
@@ -445,7 +587,8 @@ impl Worker {
         let abort = in_flight.abort.clone();
         let slot = Slot::new(in_flight.permits.clone(), permit);
         in_flight.tracker.spawn(async move {
-            Attempt::run(&shared, &session, &d.queue, d.delivery, &abort, slot).await;
+            let delivery = (d.delivery, d.since);
+            Attempt::run(&shared, &session, &d.source, delivery, &abort, slot).await;
             drop(d.release);
         });
     }
@@ -455,7 +598,25 @@ impl Worker {
         let shared = self.shared.clone();
         let session = session.clone();
         in_flight.tracker.spawn(async move {
-            Attempt::hand_back(&shared, &session, &d.queue, d.delivery).await;
+            Attempt::hand_back(&shared, &session, &d.source, d.delivery).await;
+            drop(d.release);
+        });
+    }
+
+    /// A delivery from the entry of a work queue with lanes: starts at once
+    /// if a slot is free and nothing of its priority or higher waits (no
+    /// extra hop), else moves to its lane.
+    fn sort(&self, session: &Arc<Session>, in_flight: &InFlight, waiting: &Waiting, d: Held) {
+        if waiting.highest().is_none_or(|r| r < d.rank) {
+            if let Ok(permit) = in_flight.permits.clone().try_acquire_owned() {
+                self.start(session, in_flight, d, permit);
+                return;
+            }
+        }
+        let shared = self.shared.clone();
+        let session = session.clone();
+        in_flight.tracker.spawn(async move {
+            Attempt::move_to_lane(&shared, &session, &d.source, d.delivery).await;
             drop(d.release);
         });
     }

@@ -10,7 +10,7 @@ use lapin::Connection;
 use warren_client::runtime::{connect, ConfirmChannel, Outbox};
 use warren_client::ClientError;
 
-use super::Shared;
+use super::{Shared, Source};
 
 /// One connection's worth of channels. When it dies, in-flight tasks can no
 /// longer ack on it: the broker redelivers them, so nothing is lost and no
@@ -18,16 +18,17 @@ use super::Shared;
 pub(super) struct Session {
     conn: Connection,
     consume_channel: lapin::Channel,
-    /// The tags of the consumers now open; none while paused.
-    consumer_tags: Mutex<Vec<String>>,
+    /// The consumers now open: tag, and the index of their queue in
+    /// [`Shared::sources`]; none while paused.
+    consumer_tags: Mutex<Vec<(String, usize)>>,
     /// How many times consuming was resumed (a suffix of the new tags).
     resumed: std::sync::atomic::AtomicU64,
     /// Where every event, reply and copy of this session's tasks is sent.
     pub(super) outbox: Outbox,
 }
 
-/// A delivery tagged with the short name of the queue it came from.
-pub(super) type Tagged = (Arc<str>, lapin::Result<Delivery>);
+/// A delivery tagged with the queue it came from.
+pub(super) type Tagged = (Arc<Source>, lapin::Result<Delivery>);
 
 /// Tags one consumer's deliveries with its queue.
 type TagFn = Box<dyn FnMut(lapin::Result<Delivery>) -> Tagged + Send>;
@@ -62,46 +63,70 @@ impl Session {
         Ok((session, select_all(consumers)))
     }
 
-    /// Sets `prefetch` (RabbitMQ applies it to the consumers opened after
-    /// it) and opens one consumer on every configured queue, tagged with
-    /// `suffix`, each a stream of deliveries tagged with its queue.
+    /// Opens one consumer on every configured queue not consumed now,
+    /// tagged with `suffix`, each a stream of deliveries tagged with its
+    /// queue. The consumers of work queues and lane entries take `prefetch`
+    /// (RabbitMQ applies a `basic.qos` to the consumers opened after it);
+    /// those of lanes take [`Shared::lane_prefetch`], about what the slots
+    /// can start, so the backlog stays in the broker, sorted by lane.
     async fn consume(
         &self,
         sh: &Shared,
         prefetch: u16,
         suffix: &str,
     ) -> Result<Vec<Consuming>, ClientError> {
-        self.consume_channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(ClientError::amqp("set prefetch"))?;
+        let open: Vec<usize> = self
+            .consumer_tags
+            .lock()
+            .expect("tags lock")
+            .iter()
+            .map(|(_, i)| *i)
+            .collect();
         let mut consumers = Vec::new();
-        for (short, full) in &sh.queues {
-            let tag = format!(
-                "{}.worker.{}.{}{suffix}",
-                sh.names.prefix(),
-                short,
-                sh.identity.replace('/', "-")
-            );
-            let consumer = self
-                .consume_channel
-                .basic_consume(
-                    full.as_str().into(),
-                    tag.into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
+        for lanes in [false, true] {
+            let todo: Vec<usize> = (0..sh.sources.len())
+                .filter(|i| sh.sources[*i].is_lane() == lanes && !open.contains(i))
+                .collect();
+            if todo.is_empty() {
+                continue;
+            }
+            let qos = if lanes {
+                sh.lane_prefetch(prefetch)
+            } else {
+                prefetch
+            };
+            self.consume_channel
+                .basic_qos(qos, BasicQosOptions::default())
                 .await
-                .map_err(ClientError::amqp(format!(
-                    "consume {full} (run `warren topology apply` first?)"
-                )))?;
-            self.consumer_tags
-                .lock()
-                .expect("tags lock")
-                .push(consumer.tag().to_string());
-            let short: Arc<str> = short.as_str().into();
-            let tag: TagFn = Box::new(move |d| (short.clone(), d));
-            consumers.push(consumer.map(tag));
+                .map_err(ClientError::amqp("set prefetch"))?;
+            for i in todo {
+                let source = sh.sources[i].clone();
+                let tag = format!(
+                    "{}.worker.{}.{}{suffix}",
+                    sh.names.prefix(),
+                    source.label(),
+                    sh.identity.replace('/', "-")
+                );
+                let full = &source.full;
+                let consumer = self
+                    .consume_channel
+                    .basic_consume(
+                        full.as_str().into(),
+                        tag.into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(ClientError::amqp(format!(
+                        "consume {full} (run `warren topology apply` first?)"
+                    )))?;
+                self.consumer_tags
+                    .lock()
+                    .expect("tags lock")
+                    .push((consumer.tag().to_string(), i));
+                let tag: TagFn = Box::new(move |d| (source.clone(), d));
+                consumers.push(consumer.map(tag));
+            }
         }
         Ok(consumers)
     }
@@ -131,7 +156,25 @@ impl Session {
     /// Stops every consumer: no new deliveries. Prefetched ones not yet
     /// started stay unacknowledged and return to the queue on close.
     pub(super) async fn stop_consuming(&self) {
-        let tags = std::mem::take(&mut *self.consumer_tags.lock().expect("tags lock"));
+        self.stop_where(|_| true).await;
+    }
+
+    /// Stops the consumers of what runs (work queues and lanes) and keeps
+    /// those of lane entries: while every slot is busy, the worker goes on
+    /// sorting what arrives into lanes.
+    pub(super) async fn stop_running(&self, sh: &Shared) {
+        self.stop_where(|i| !sh.sources[i].sorts()).await;
+    }
+
+    async fn stop_where(&self, stop: impl Fn(usize) -> bool) {
+        let tags: Vec<String> = {
+            let mut open = self.consumer_tags.lock().expect("tags lock");
+            let (gone, kept) = std::mem::take(&mut *open)
+                .into_iter()
+                .partition(|(_, i)| stop(*i));
+            *open = kept;
+            gone.into_iter().map(|(tag, _)| tag).collect()
+        };
         for tag in &tags {
             let _ = self
                 .consume_channel

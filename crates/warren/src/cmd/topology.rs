@@ -1,4 +1,4 @@
-//! `warren topology show|apply|permissions`.
+//! `warren topology show|apply|migrate|permissions`.
 
 use warren_core::permissions::{Permissions, Role};
 use warren_core::topology::TopologyPlan;
@@ -17,6 +17,28 @@ pub async fn run(config: &Config, action: TopologyAction) -> anyhow::Result<i32>
             println!(
                 "{}",
                 Permissions::for_role(config, role).set_permissions_command(&vhost, &user)
+            );
+        }
+        TopologyAction::Migrate => {
+            let conn = super::connect(config, "topology").await?;
+            let report = warren_scheduler::migrate(&conn, config).await?;
+            let _ = conn.close(200, "done".into()).await;
+            for (queue, moved) in &report.migrated {
+                println!("queue {queue} redeclared, {moved} messages moved out and back");
+            }
+            if report.resumed > 0 {
+                println!(
+                    "{} messages moved back from holding queues of an earlier run",
+                    report.resumed
+                );
+            }
+            println!(
+                "topology migrated on {}: {} queues redeclared; {} exchanges, {} queues, {} bindings applied",
+                config.broker.url,
+                report.migrated.len(),
+                report.applied.exchanges,
+                report.applied.queues,
+                report.applied.bindings
             );
         }
         TopologyAction::Apply => {
