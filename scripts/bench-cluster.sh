@@ -39,8 +39,9 @@ fi
 if port_open 127.0.0.1 5681; then
     log "using the running cluster (scripts/cluster.sh status)"
 else
-    scripts/cluster.sh start
+    # Stopped at the end, and also when its start fails half-way.
     trap 'scripts/cluster.sh stop' EXIT
+    scripts/cluster.sh start
 fi
 
 # run LABEL URL MGMT REPLICATED: both scenarios with that broker setting.

@@ -88,9 +88,6 @@ write_node_files() {
 
 boot_node() {
     local i="$1" d="$DIR/c$1"
-    if port_open 127.0.0.1 "$(amqp_port "$i")"; then
-        die "port $(amqp_port "$i") is taken (a node already runs? try: $0 status, or $0 stop)"
-    fi
     log "starting $(node_name "$i") (AMQP 127.0.0.1:$(amqp_port "$i"), management $(mgmt_port "$i"))"
     # Through bash, which closes every inherited descriptor above stderr: a
     # lock held by the caller would otherwise stay held by the node.
@@ -121,6 +118,15 @@ await_node() {
 }
 
 cmd_start() {
+    local i port
+    # Every port free before any node starts, so a refusal leaves nothing behind.
+    for i in "${NODES[@]}"; do
+        for port in "$(amqp_port "$i")" "$(mgmt_port "$i")" "$(dist_port "$i")"; do
+            if port_open 127.0.0.1 "$port"; then
+                die "port $port is taken (a node already runs? try: $0 status, or $0 stop)"
+            fi
+        done
+    done
     prepare
     for i in "${NODES[@]}"; do
         write_node_files "$i"
