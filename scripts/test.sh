@@ -23,6 +23,7 @@ ensure_cargo_fuzz
 
 step "docker-compose config"
 docker-compose -f docker-compose.yml config -q
+docker-compose -f docker-compose.cluster.yml config -q
 
 step "doc links"
 scripts/check-links.sh

@@ -45,6 +45,7 @@ pub struct TestNode {
     dist_port: u16,
     management_port: Option<u16>,
     dir: PathBuf,
+    start_args: String,
 }
 
 impl TestNode {
@@ -71,10 +72,11 @@ impl TestNode {
             dist_port: free_port(),
             management_port: with_management.then(free_port),
             dir,
+            start_args: options.start_args.clone(),
         };
         // From here on, dropping `node` stops whatever started and cleans up.
         node.write_files(options);
-        node.boot(&options.start_args);
+        node.boot();
         node
     }
 
@@ -127,6 +129,77 @@ impl TestNode {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// The operating system process id of the node's runtime, from its
+    /// pid file (`None` before it was written).
+    pub fn pid(&self) -> Option<u32> {
+        let out = privileged("cat", &[&format!("{}/pid", self.dir_str())])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    }
+
+    /// Ends the node's runtime with SIGKILL, as a crash or power loss
+    /// would, and waits (at most [`T_LONG`]) until its process is gone.
+    /// Its files stay: [`TestNode::restart`] boots it again.
+    pub async fn kill(&self) {
+        let pid = self
+            .pid()
+            .unwrap_or_else(|| panic!("node {} has no pid file", self.node));
+        let pid = pid.to_string();
+        let _ = privileged("kill", &["-9", &pid]).status();
+        let deadline = tokio::time::Instant::now() + T_LONG;
+        while privileged("kill", &["-0", &pid])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {} (pid {pid}) still runs {T_LONG:?} after SIGKILL",
+                self.node
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Boots a node that was killed ([`TestNode::kill`]) or stopped again,
+    /// with its data, and waits (at most [`T_LONG`]) until it has booted;
+    /// a cluster member rejoins its cluster.
+    pub async fn restart(&self) {
+        self.boot();
+        self.await_startup(T_LONG).await;
+    }
+
+    /// `rabbitmqctl stop_app`: the node's RabbitMQ application stops (its
+    /// clients are disconnected, its queue replicas go offline) while its
+    /// runtime stays up. Panics when the command fails.
+    pub fn stop_app(&self) {
+        self.ctl_ok(&["stop_app"]);
+    }
+
+    /// `rabbitmqctl start_app` after [`TestNode::stop_app`], then waits
+    /// (at most [`T_LONG`]) until the node serves again.
+    pub async fn start_app(&self) {
+        self.ctl_ok(&["start_app"]);
+        self.await_startup(T_LONG).await;
+    }
+
+    /// Runs `rabbitmqctl -n <node> <args>` and panics with its output when
+    /// it fails; returns its stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.rabbitmqctl(args);
+        assert!(
+            out.status.success(),
+            "rabbitmqctl -n {} {}: {}{}",
+            self.node,
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     fn write_files(&self, options: &NodeOptions) {
         let config = format!(
             "listeners.tcp.local = 127.0.0.1:{}\n{}\n",
@@ -142,9 +215,9 @@ impl TestNode {
         assert!(chown.success(), "chown of {} failed", self.dir.display());
     }
 
-    fn boot(&self, start_args: &str) {
+    fn boot(&self) {
         let d = self.dir_str();
-        let mut server_args = start_args.to_owned();
+        let mut server_args = self.start_args.clone();
         if let Some(port) = self.management_port {
             server_args = format!(
                 "-rabbitmq_management listener [{{port,{port}}},{{ip,\"127.0.0.1\"}}] {server_args}"
@@ -227,7 +300,9 @@ impl Drop for TestNode {
         if !stopped {
             // Not answering (or never booted): end its process, if any.
             if let Ok(pid) = std::fs::read_to_string(self.dir.join("pid")) {
-                let _ = privileged("kill", &["-9", pid.trim()]).status();
+                let _ = privileged("kill", &["-9", pid.trim()])
+                    .stderr(Stdio::null())
+                    .status();
             }
         }
         let _ = privileged("rm", &["-rf", self.dir_str()]).status();
@@ -264,21 +339,9 @@ impl TestCluster {
         }
         let first = cluster.nodes[0].name().to_owned();
         for node in &cluster.nodes[1..] {
-            for args in [
-                vec!["stop_app"],
-                vec!["join_cluster", &first],
-                vec!["start_app"],
-            ] {
-                let out = node.rabbitmqctl(&args);
-                assert!(
-                    out.status.success(),
-                    "rabbitmqctl -n {} {}: {}{}",
-                    node.name(),
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
+            node.ctl_ok(&["stop_app"]);
+            node.ctl_ok(&["join_cluster", &first]);
+            node.ctl_ok(&["start_app"]);
         }
         cluster
     }
@@ -305,6 +368,63 @@ impl TestCluster {
             .collect();
         running.sort();
         running
+    }
+}
+
+impl TestCluster {
+    /// Every node's [`TestNode::amqp_url`], joined by commas: the form of a
+    /// node list in `WARREN__BROKER__URL`.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(TestNode::amqp_url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The index of the node named `name` (`…@localhost`).
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name() == name)
+    }
+
+    /// The rows of `rabbitmqctl <args> --formatter json`, asked of node
+    /// `via` (which must be running). Panics when the answer is not JSON.
+    pub fn json_rows(&self, via: usize, args: &[&str]) -> Vec<serde_json::Value> {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&["--formatter", "json"]);
+        let text = self.nodes[via].ctl_ok(&all);
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("rabbitmqctl {} is not JSON ({e}): {text}", args.join(" ")));
+        value.as_array().cloned().unwrap_or_default()
+    }
+
+    /// The index of the node that leads the quorum queue `queue`, asked of
+    /// node `via`; `None` while it has no leader (or is not quorum).
+    pub fn queue_leader(&self, via: usize, queue: &str) -> Option<usize> {
+        self.json_rows(via, &["list_queues", "name", "leader"])
+            .iter()
+            .find(|row| row["name"] == queue)
+            .and_then(|row| row["leader"].as_str().and_then(|l| self.index_of(l)))
+    }
+
+    /// The indexes of the nodes holding a client connection whose
+    /// properties mention `needle` (such as a Warren connection name,
+    /// `warren worker <host>/<pid>`), asked of node `via`; sorted, each once.
+    pub fn nodes_with_connection(&self, via: usize, needle: &str) -> Vec<usize> {
+        let mut found: Vec<usize> = self
+            .json_rows(via, &["list_connections", "port", "client_properties"])
+            .iter()
+            .filter(|row| row["client_properties"].to_string().contains(needle))
+            .filter_map(|row| {
+                let port = row["port"].as_u64()?;
+                self.nodes
+                    .iter()
+                    .position(|n| u64::from(n.amqp_port()) == port)
+            })
+            .collect();
+        found.sort_unstable();
+        found.dedup();
+        found
     }
 }
 
