@@ -95,6 +95,17 @@ fn failure_of(events: &[ReceivedEvent]) -> (ErrorKind, String, String) {
     (e.kind, e.code.clone(), e.message.clone())
 }
 
+/// Peak resident memory of a process (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM in /proc status");
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
 /// Live (not zombie) processes whose process group is `pgid`.
 fn group_members(pgid: u32) -> Vec<u32> {
     let mut out = Vec::new();
@@ -222,7 +233,7 @@ async fn exit_codes_output_caps_and_environment() {
             lit(&envp),
         ),
     );
-    env.spawn(
+    let up = env.spawn(
         &["--config", &cfg, "up"],
         &[
             ("WARREN__RETRY__DEFAULT__BASE_MS", "50"),
@@ -237,7 +248,6 @@ async fn exit_codes_output_caps_and_environment() {
             ("retry", "ex.retry", json!({})),
             ("fail", "ex.fail", json!({})),
             ("binary", "ex.binary", json!({})),
-            ("flood", "ex.flood", json!({})),
             ("env", "ex.env", json!({})),
         ],
     )
@@ -264,7 +274,21 @@ async fn exit_codes_output_caps_and_environment() {
 
     assert_eq!(result_of(&got["binary"]), &json!("caf\u{fffd} \u{fffd}ok"));
 
-    let r = result_of(&got["flood"]);
+    // 100 MB through the worker, which keeps 4096 bytes of it.
+    let before = peak_rss(up.pid);
+    let ev = env
+        .call(
+            &TaskRequest::new("ex.flood", json!({})).header_int("x-warren-max-retries", 0),
+            T_LONG,
+        )
+        .await;
+    assert_eq!(ev.state, TaskState::Succeeded, "{ev:?}");
+    let rss = peak_rss(up.pid);
+    assert!(
+        rss < before + 32 * 1024 * 1024,
+        "worker peak RSS {rss} bytes, {before} before the 100 MB output"
+    );
+    let r = ev.result.as_ref().unwrap();
     assert_eq!(r["truncated"], true);
     assert_eq!(r["bytes"], 104_857_600u64);
     assert_eq!(r["output"].as_str().unwrap(), "y\n".repeat(2048));
@@ -291,9 +315,9 @@ async fn the_time_limit_and_a_cancel_kill_the_whole_group() {
     let stubborn = program(
         &dir,
         "stubborn.sh",
-        "trap '' TERM\necho $$ > \"$1\"\nsleep 60\necho late",
+        "trap '' TERM\necho $$ > \"$1\"\nsleep 600\necho late",
     );
-    let sleeper = program(&dir, "sleeper.sh", "echo $$ > \"$1\"\nsleep 60\necho late");
+    let sleeper = program(&dir, "sleeper.sh", "echo $$ > \"$1\"\nsleep 600\necho late");
     let cfg = configure(
         &env,
         &format!(
@@ -342,7 +366,7 @@ async fn a_worker_killed_mid_task_leaves_no_program_and_the_task_runs_again() {
     let prog = program(
         &dir,
         "once.sh",
-        "if [ -e \"$2\" ]; then echo again; exit 0; fi\n: > \"$2\"\necho $$ > \"$1\"\nexec sleep 60",
+        "if [ -e \"$2\" ]; then echo again; exit 0; fi\n: > \"$2\"\necho $$ > \"$1\"\nexec sleep 600",
     );
     let cfg = configure(
         &env,
@@ -402,6 +426,52 @@ async fn a_missing_program_stops_the_worker_at_start_up() {
             plain.display()
         )),
         "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn progress_lines_on_stderr_become_progress_events() {
+    let mut env = Env::new("exec-progress", &[]).await;
+    let dir = scratch("progress");
+    let go = dir.join("go");
+    // Reports 5 of 10, then waits (bounded) for the test to have seen it.
+    let prog = program(
+        &dir,
+        "progress.sh",
+        "echo 'warren:progress 5 10' >&2\necho 'warren:progress nonsense' >&2\n\
+         i=0\nwhile [ ! -e \"$1\" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n\
+         echo 'last words' >&2\nexit 3",
+    );
+    let cfg = configure(
+        &env,
+        &format!(
+            "[[exec]]\ntype = \"ex.progress\"\ncommand = [{}, {}]\n",
+            lit(&prog),
+            lit(go.to_str().unwrap())
+        ),
+    );
+    env.spawn(&["--config", &cfg, "up"], &[]);
+    let mut watch = env.watch(&["#"]).await;
+    let id = env
+        .publish(&TaskRequest::new("ex.progress", json!({})).header_int("x-warren-max-retries", 0))
+        .await;
+    let progress = loop {
+        let e = watch.next(T_LONG).await.unwrap().expect("an event");
+        assert!(!e.event.state.is_final(), "{:?}", e.event);
+        if e.event.state == TaskState::Progress {
+            break e.event.progress.unwrap();
+        }
+    };
+    assert_eq!((progress.bytes, progress.total), (5, Some(10)));
+    std::fs::write(&go, "").unwrap();
+    let got = until_final(&mut watch, &[&id], T_LONG).await;
+    let (kind, code, message) = failure_of(&got[&id]);
+    assert_eq!((kind, code.as_str()), (ErrorKind::Permanent, "exit_3"));
+    // A line that is not a valid report is kept as text; reports are not.
+    assert_eq!(
+        message,
+        "exited with 3: warren:progress nonsense\nlast words"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
