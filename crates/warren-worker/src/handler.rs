@@ -159,6 +159,16 @@ impl TaskError {
     }
 }
 
+/// Why an `[[exec]]` entry cannot run: found at worker start-up.
+#[derive(Debug, thiserror::Error)]
+#[error("exec type {task_type:?}: {problem}")]
+pub struct ExecSetupError {
+    /// The task type of the entry.
+    pub task_type: String,
+    /// What is wrong, naming the path.
+    pub problem: String,
+}
+
 /// Runs one task type. Implement it in your own crate and register it.
 ///
 /// Return `Ok(result)` with any JSON value, or a [`TaskError`] saying whether
@@ -195,6 +205,22 @@ impl Registry {
         crate::diag::register(&mut r);
         crate::builtin::register(&mut r);
         r
+    }
+
+    /// This registry with a handler for each `[[exec]]` entry of `config`;
+    /// fails, naming the type and path, when a program is missing or not
+    /// executable or a working directory does not exist.
+    pub fn with_exec(mut self, config: &Config) -> Result<Self, ExecSetupError> {
+        #[cfg(target_os = "linux")]
+        crate::exec::register(&mut self, config)?;
+        #[cfg(not(target_os = "linux"))]
+        if let Some(e) = config.exec.first() {
+            return Err(ExecSetupError {
+                task_type: e.task_type.clone(),
+                problem: "exec handlers need Linux".into(),
+            });
+        }
+        Ok(self)
     }
 
     /// Registers `handler` for `task_type`, replacing any earlier one.

@@ -7,15 +7,18 @@
 //! limits, publishes every status event with publisher confirms before it
 //! acknowledges the task, answers `reply_to`, parks invalid and terminally
 //! failed tasks in `P.dead`, reconnects with backoff when the broker goes
-//! away, and drains on shutdown within the grace period.
+//! away, and drains on shutdown within the grace period. Task types of the
+//! configuration's `[[exec]]` entries run a program of the user's ([`exec`]).
 
 pub mod builtin;
 pub mod diag;
+#[cfg(target_os = "linux")]
+pub mod exec;
 mod handler;
 mod metrics;
 mod runtime;
 
-pub use handler::{Handler, Progress, Registry, TaskContext, TaskError};
+pub use handler::{ExecSetupError, Handler, Progress, Registry, TaskContext, TaskError};
 pub use runtime::{Worker, WorkerError};
 
 pub use async_trait::async_trait;

@@ -416,6 +416,11 @@ mod tests {
         let with_default =
             Config::load_from(Some(&root.join("examples/with-default-queue.toml")), &[]).unwrap();
         assert_eq!(with_default.default_queue().unwrap().name, "default");
+        let exec = Config::load_from(Some(&root.join("examples/exec.toml")), &[]).unwrap();
+        assert_eq!(
+            exec.exec_of("report.build").unwrap().command,
+            ["python3", "examples/exec/report.py"]
+        );
         let quorum = Config::load_from(Some(&root.join("examples/quorum.toml")), &[]).unwrap();
         assert_eq!(
             quorum.queue_kind(quorum.queue("io").unwrap()),

@@ -9,12 +9,14 @@
 //!
 //! One file per section, each with its struct, defaults, checks and tests:
 //! `broker`, `queues` (and routes), `worker`, `limits`, `retry`, `scheduler`
-//! (and cron), `http` (with the URL and host-rule types), `topology`, `tracker` and `tracker_auth`;
+//! (and cron), `http` (with the URL and host-rule types), `topology`, `tracker`, `tracker_auth`
+//! and `exec`;
 //! `layering` loads and merges the layers, `issues` collects and formats the
 //! problems. Everything public is re-exported here.
 
 mod broker;
 mod escrow;
+mod exec;
 mod http;
 mod issues;
 mod layering;
@@ -32,6 +34,7 @@ use serde::Deserialize;
 use crate::names::Names;
 
 pub use broker::{BrokerConfig, BrokerUrls};
+pub use exec::{ExecConfig, DEFAULT_MAX_OUTPUT_BYTES};
 pub use http::{redact_url, BrokerUrl, DatabaseUrl, HostRule, HttpConfig};
 pub use issues::{ConfigError, ConfigIssue};
 pub use limits::LimitsConfig;
@@ -89,6 +92,10 @@ pub struct Config {
     /// The task tracker: its database, retention and HTTP address.
     #[serde(default)]
     pub tracker: TrackerConfig,
+    /// Task types handled by programs, one per `[[exec]]` entry; empty by
+    /// default.
+    #[serde(default)]
+    pub exec: Vec<ExecConfig>,
     /// What loading noted beside the values; not a configuration key.
     #[serde(skip)]
     notes: LoadNotes,
@@ -127,6 +134,7 @@ impl Config {
         self.check_type_concurrency(&mut issues);
         self.check_tracker(&mut issues);
         self.check_tracker_auth(&mut issues);
+        self.check_exec(&mut issues);
         issues.finish()
     }
 

@@ -6,7 +6,10 @@ use warren_worker::{Registry, Worker};
 pub async fn run(config: Config) -> anyhow::Result<i32> {
     let shutdown = crate::shutdown::on_signal()?;
     super::scheduler::apply_topology(&config, &shutdown).await?;
-    let worker = Worker::new(config.clone(), Registry::with_builtins())?;
+    let worker = Worker::new(
+        config.clone(),
+        Registry::with_builtins().with_exec(&config)?,
+    )?;
     let scheduler = warren_scheduler::Scheduler::new(config.clone());
     // Like the tracker, the endpoints only report: a taken address is logged
     // and the tasks run on.
