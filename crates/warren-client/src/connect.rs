@@ -193,22 +193,9 @@ impl ConfirmChannel {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<PublisherConfirm, ClientError> {
-        let routing_key = ShortString::try_new(routing_key).map_err(|_| {
-            ClientError::InvalidRequest(format!(
-                "routing key of {} bytes is longer than 255",
-                routing_key.len()
-            ))
-        })?;
-        self.channel
-            .basic_publish(
-                exchange.into(),
-                routing_key,
-                BasicPublishOptions::default(),
-                body,
-                properties,
-            )
+        let options = BasicPublishOptions::default();
+        self.send_with(options, exchange, routing_key, body, properties)
             .await
-            .map_err(ClientError::amqp(format!("publish to {exchange}")))
     }
 
     /// Sends one message with the `mandatory` flag: a message no queue takes
@@ -223,16 +210,28 @@ impl ConfirmChannel {
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<PublisherConfirm, ClientError> {
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
+        self.send_with(options, exchange, routing_key, body, properties)
+            .await
+    }
+
+    async fn send_with(
+        &self,
+        options: BasicPublishOptions,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<PublisherConfirm, ClientError> {
         let routing_key = ShortString::try_new(routing_key).map_err(|_| {
             ClientError::InvalidRequest(format!(
                 "routing key of {} bytes is longer than 255",
                 routing_key.len()
             ))
         })?;
-        let options = BasicPublishOptions {
-            mandatory: true,
-            ..Default::default()
-        };
         self.channel
             .basic_publish(exchange.into(), routing_key, options, body, properties)
             .await

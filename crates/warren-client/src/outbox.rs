@@ -109,10 +109,7 @@ impl Outbox {
         task_type: &str,
         task_id: &str,
     ) -> Result<PublisherConfirm, ClientError> {
-        let mut props = copy_properties(original, h, task_type, Some(task_id));
-        if let Some(exp) = original.expiration() {
-            props = props.with_expiration(exp.clone());
-        }
+        let props = requeue_properties(original, h, task_type, task_id);
         self.channel.send("", queue, body, props).await
     }
 
@@ -129,10 +126,7 @@ impl Outbox {
         task_type: &str,
         task_id: &str,
     ) -> Result<(), ClientError> {
-        let mut props = copy_properties(original, h, task_type, Some(task_id));
-        if let Some(exp) = original.expiration() {
-            props = props.with_expiration(exp.clone());
-        }
+        let props = requeue_properties(original, h, task_type, task_id);
         let confirm = self.channel.send_mandatory("", queue, body, props).await?;
         let c = confirm.await.map_err(|source| ClientError::Amqp {
             what: format!("confirm of task {task_id} in {queue}"),
@@ -249,6 +243,21 @@ pub fn short(s: &str) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// The properties of a copy put back on a queue (a requeue or a move to a
+/// lane): [`copy_properties`] plus the task's own `expiration`, if any.
+fn requeue_properties(
+    original: &BasicProperties,
+    h: FieldTable,
+    task_type: &str,
+    task_id: &str,
+) -> BasicProperties {
+    let props = copy_properties(original, h, task_type, Some(task_id));
+    match original.expiration() {
+        Some(exp) => props.with_expiration(exp.clone()),
+        None => props,
+    }
 }
 
 /// Copies every property except `expiration` and `user_id` (the broker
