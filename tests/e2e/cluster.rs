@@ -64,6 +64,24 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
+/// `text` without its ANSI colour sequences (`ESC [ … m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A cluster with a replicated Warren topology on it. The env drops first
 /// (its processes end before the nodes stop).
 struct Rig {
@@ -137,7 +155,7 @@ impl Rig {
 
     /// What a failure message shows: this env's queues as node `via` sees
     /// them, and the warnings and errors each process logged last.
-    fn diagnose(&self, via: usize) -> String {
+    fn diagnose(&self, via: usize, missing: &[&String]) -> String {
         let items = [
             "name",
             "type",
@@ -176,8 +194,39 @@ impl Rig {
                 held.join("; ")
             }
         ));
+        // What the brokers said (warnings and errors), and what each Warren
+        // process logged of the missing tasks.
+        for node in self.cluster.nodes() {
+            let log = node.log_text();
+            let notable: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("[warning]") || l.contains("[error]"))
+                .filter(|l| !l.contains("closing AMQP connection"))
+                .collect();
+            let tail = &notable[notable.len().saturating_sub(20)..];
+            text.push_str(&format!(
+                "broker log of {}:\n{}\n",
+                node.name(),
+                tail.join("\n")
+            ));
+        }
         for (i, p) in self.procs.iter().enumerate() {
             let log = self.env.log_of(p);
+            // Without colours; `=<id>` as a field or in a span, not a longer id.
+            let plain = strip_ansi(&log);
+            for id in missing.iter().take(4) {
+                let needle = format!("={id}");
+                let names = |l: &&str| {
+                    l.match_indices(&needle).any(|(at, _)| {
+                        !l[at + needle.len()..].starts_with(|c: char| c.is_ascii_digit())
+                    })
+                };
+                let seen: Vec<&str> = plain.lines().filter(names).take(12).collect();
+                text.push_str(&format!(
+                    "process {i}, lines naming {id}:\n{}\n",
+                    seen.join("\n")
+                ));
+            }
             let notable: Vec<&str> = log
                 .lines()
                 .filter(|l| l.contains("WARN") || l.contains("ERROR"))
@@ -339,7 +388,7 @@ impl Tally {
                     "{} of {} tasks ended within {timeout:?} (waiting for {n}); missing e.g. {missing:?}\n{}",
                     self.finished(),
                     load.len(),
-                    rig.diagnose(via)
+                    rig.diagnose(via, &missing)
                 );
             };
             let ev = got.event;
@@ -502,8 +551,13 @@ enum Fault {
 async fn load_under_fault(name: &str, fault: Fault) {
     let _one = SERIAL.lock().await;
     let mut rig = Rig::start(name, &[]).await;
-    let up = rig.env.up(&[]);
-    let worker = rig.env.spawn(&["worker"], &[]);
+    // Delays and moves logged per task, for what a failure reports.
+    let log = [(
+        "WARREN_LOG",
+        "info,lapin=warn,warren_scheduler::delays=debug,warren_worker::runtime=debug",
+    )];
+    let up = rig.env.up(&log);
+    let worker = rig.env.spawn(&["worker"], &log);
     rig.procs = vec![copy(&up), copy(&worker)];
     rig.env.wait_log(&up, "worker consuming", T_LONG).await;
     let connected = rig.nodes_of(0, &up).await;

@@ -121,10 +121,15 @@ impl TestNode {
             .expect("run rabbitmqctl")
     }
 
+    /// The whole of the node's log (empty when it cannot be read).
+    pub fn log_text(&self) -> String {
+        let log = self.dir.join("log").join(format!("{}.log", self.node));
+        std::fs::read_to_string(&log).unwrap_or_default()
+    }
+
     /// The end of the node's log, for failure messages.
     pub fn log_tail(&self) -> String {
-        let log = self.dir.join("log").join(format!("{}.log", self.node));
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let text = self.log_text();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
