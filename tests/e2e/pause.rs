@@ -186,6 +186,16 @@ async fn pause_a_queue(name: &str, overrides: &[(&str, &str)], lanes: u8) {
     scheduler = env.spawn(&["--config", &cfg, "scheduler"], &[]);
     worker = env.spawn(&["--config", &cfg, "worker"], &[]);
     wait_paused_on(&env, &worker, "queue", "held").await;
+    // The new scheduler re-published the pause, so the stream keeps it
+    // past its retention.
+    let addr = env.ops_addr(&scheduler, "scheduler", T).await;
+    wait_metric(
+        &addr,
+        "warren_scheduler_pause_records_renewed_total",
+        1.0,
+        T,
+    )
+    .await;
     let more: Vec<TaskRequest> = (20..25)
         .map(|i| TaskRequest::new("diag.echo", json!({"i": i})).id(format!("free-{i}")))
         .collect();
