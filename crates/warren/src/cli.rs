@@ -158,7 +158,8 @@ pub struct StatusArgs {
     /// fleet overview.
     pub task_id: Option<String>,
     /// One JSON object: {"task": {...}, "events": [...]}, or the overview's
-    /// {"queues": [...], "running", "delayed", "failures_last_hour", "workers": [...]}.
+    /// {"queues": [...], "running", "delayed", "failures_last_hour", "workers": [...],
+    /// "paused": [{"kind": "queue"|"type", "name"}]}.
     #[arg(long)]
     pub json: bool,
 }
