@@ -3,6 +3,9 @@
 //! queues and types keep running, the pause outlives restarts, and on
 //! resume every task runs exactly once.
 
+#[path = "tracker_support.rs"]
+mod tracker_support;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -328,4 +331,53 @@ async fn pausing_an_unknown_queue_or_a_bad_type_is_a_one_line_error() {
     let err = env.cli_err(&["resume", "type", "diag.*"]);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("invalid task type"), "{err}");
+}
+
+#[tokio::test]
+async fn the_tracker_api_pauses_resumes_and_shows_what_is_paused() {
+    let db = tracker_support::TestDb::sqlite("pauseapi");
+    let (mut env, api) = tracker_support::tracker_env("pauseapi", &db, &[]).await;
+    let _tracker = env.spawn(&["tracker"], &[]);
+    api.wait_ready().await;
+    let pause = json!({"kind": "queue", "name": "diag", "paused": true});
+    let read = api.with_token(Some(warren_e2e::TRACKER_READ_TOKEN));
+    let (status, _) = read.post("/api/pause", &pause).await;
+    assert_eq!(status, 403, "the read role cannot pause");
+    let (status, v) = api
+        .post(
+            "/api/pause",
+            &json!({"kind": "queue", "name": "nosuch", "paused": true}),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = api.post("/api/pause", &pause).await;
+    assert_eq!(status, 200, "{v}");
+    api.wait_for("/api/paused", "the pause shows", |v| {
+        v["paused"][0]["kind"] == "queue" && v["paused"][0]["name"] == "diag"
+    })
+    .await;
+    let (_, text) = api.get_text("/metrics").await;
+    assert_eq!(
+        warren_e2e::metric(
+            &text,
+            "warren_tracker_fleet_paused{kind=\"queue\",name=\"diag\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        status_paused(&env, &env.config_file("")),
+        json!([{"kind": "queue", "name": "diag"}])
+    );
+    let (status, _) = api
+        .post(
+            "/api/pause",
+            &json!({"kind": "queue", "name": "diag", "paused": false}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    api.wait_for("/api/paused", "the resume shows", |v| {
+        v["paused"] == json!([])
+    })
+    .await;
 }
