@@ -6,6 +6,11 @@
 //! across restarts of any process. On boot a process publishes a marker to
 //! `P.control` and reads until it sees it, so every cancel published before
 //! the process started is known before it takes its first task.
+//!
+//! The same stream carries the pause and resume records of work queues and
+//! task types ([`warren_core::pauses`]): the set keeps the latest of each
+//! target and tells whoever subscribed ([`CancelSet::pause_changes`]) when
+//! one changes.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -15,13 +20,14 @@ use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use warren_core::config::BrokerConfig;
 use warren_core::control::ControlMessage;
 use warren_core::escrow::{EscrowTimes, LeaseBook, Returned};
 use warren_core::event::new_id;
+use warren_core::pauses::{Change, PauseBook};
 use warren_core::Names;
 
 use crate::connect::{connect, ConfirmChannel};
@@ -35,6 +41,23 @@ pub struct CancelSet {
     ids: Arc<Mutex<HashSet<String>>>,
     running: Arc<Mutex<HashMap<String, CancellationToken>>>,
     leases: Arc<Mutex<Leases>>,
+    pauses: Arc<Pauses>,
+}
+
+/// The pause records read, and a counter bumped on every change.
+#[derive(Debug)]
+struct Pauses {
+    book: Mutex<PauseBook>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Pauses {
+    fn default() -> Self {
+        Pauses {
+            book: Mutex::default(),
+            changed: watch::channel(0).0,
+        }
+    }
 }
 
 /// The escrow lease and done records read, when kept.
@@ -118,6 +141,54 @@ impl CancelSet {
         }
     }
 
+    /// Takes in a pause or resume record; tells the subscribers when it
+    /// changed a target's state.
+    pub fn record_pause(&self, m: &ControlMessage) -> Change {
+        let change = self.pauses.book.lock().expect("not poisoned").record(m);
+        if change != Change::None {
+            self.pauses.changed.send_modify(|n| *n += 1);
+        }
+        change
+    }
+
+    /// What is paused now (a copy).
+    pub fn pauses(&self) -> PauseBook {
+        self.pauses.book.lock().expect("not poisoned").clone()
+    }
+
+    /// Whether the work queue `short` is paused.
+    pub fn queue_paused(&self, short: &str) -> bool {
+        self.pauses
+            .book
+            .lock()
+            .expect("not poisoned")
+            .queue_paused(short)
+    }
+
+    /// Whether the task type `t` is paused.
+    pub fn type_paused(&self, t: &str) -> bool {
+        self.pauses
+            .book
+            .lock()
+            .expect("not poisoned")
+            .type_paused(t)
+    }
+
+    /// Whether any task type is paused.
+    pub fn any_type_paused(&self) -> bool {
+        self.pauses
+            .book
+            .lock()
+            .expect("not poisoned")
+            .any_type_paused()
+    }
+
+    /// A receiver that sees a change each time a pause or resume record
+    /// changes what is paused.
+    pub fn pause_changes(&self) -> watch::Receiver<u64> {
+        self.pauses.changed.subscribe()
+    }
+
     /// Whether a cancel command for this task was seen.
     pub fn contains(&self, task_id: &str) -> bool {
         self.ids.lock().expect("not poisoned").contains(task_id)
@@ -147,6 +218,32 @@ impl CancelSet {
         RunningGuard {
             set: self.clone(),
             id: task_id.to_owned(),
+        }
+    }
+
+    /// Reads `P.cancels` from its start up to now, once (within `timeout`),
+    /// for a command that reports what is paused.
+    pub async fn read_once(
+        broker: BrokerConfig,
+        names: Names,
+        timeout: Duration,
+    ) -> Result<CancelSet, ClientError> {
+        let set = CancelSet::new();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let stop = CancellationToken::new();
+        let follower = {
+            let (set, stop) = (set.clone(), stop.clone());
+            tokio::spawn(async move { set.follow(broker, names, timeout, stop, ready_tx).await })
+        };
+        let read = tokio::time::timeout(timeout, ready_rx).await;
+        stop.cancel();
+        let _ = follower.await;
+        match read {
+            Ok(Ok(())) => Ok(set),
+            _ => Err(ClientError::Closed(format!(
+                "the cancels stream was not read within {} s",
+                timeout.as_secs()
+            ))),
         }
     }
 
@@ -248,6 +345,13 @@ impl CancelSet {
                 }
                 Some(m @ (ControlMessage::Lease { .. } | ControlMessage::EscrowDone { .. })) => {
                     self.record_escrow(&m);
+                }
+                Some(m @ (ControlMessage::Pause { .. } | ControlMessage::Resume { .. })) => {
+                    match self.record_pause(&m) {
+                        Change::Paused => info!(record = ?m, "paused"),
+                        Change::Resumed => info!(record = ?m, "resumed"),
+                        Change::None => {}
+                    }
                 }
                 _ => {}
             }

@@ -327,6 +327,28 @@ impl Client {
         .await
     }
 
+    /// Pauses (`paused = true`) or resumes a work queue or task type
+    /// fleet-wide: publishes a pause or resume record stamped now to
+    /// `P.control` and waits for the broker's confirm. Workers stop taking
+    /// (or take again) its tasks as soon as they read it.
+    pub async fn set_paused(
+        &self,
+        target: &warren_core::pauses::PauseTarget,
+        paused: bool,
+    ) -> Result<(), ClientError> {
+        let props = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        let (target, at_ms) = (target.clone(), crate::cancels::now_ms());
+        let m = if paused {
+            warren_core::control::ControlMessage::Pause { target, at_ms }
+        } else {
+            warren_core::control::ControlMessage::Resume { target, at_ms }
+        };
+        self.publish_raw(&self.names.control(), "", &m.to_json(), props)
+            .await
+    }
+
     /// Follows events on `P.events` matching any of `patterns`
     /// (e.g. `succeeded.#`, `*.diag.echo`). Start it before publishing.
     pub async fn watch(&self, patterns: &[&str]) -> Result<EventWatch, ClientError> {

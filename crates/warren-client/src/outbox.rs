@@ -126,8 +126,30 @@ impl Outbox {
         task_type: &str,
         task_id: &str,
     ) -> Result<(), ClientError> {
+        self.copy_to("", queue, body, original, h, task_type, task_id)
+            .await
+    }
+
+    /// A copy like [`Outbox::to_lane`]'s, published `mandatory` to
+    /// `exchange` with `routing_key` (`""` and a queue name: that queue).
+    /// Resolves once the broker confirmed it routed to a queue.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn copy_to(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        original: &BasicProperties,
+        h: FieldTable,
+        task_type: &str,
+        task_id: &str,
+    ) -> Result<(), ClientError> {
+        let queue = routing_key;
         let props = requeue_properties(original, h, task_type, task_id);
-        let confirm = self.channel.send_mandatory("", queue, body, props).await?;
+        let confirm = self
+            .channel
+            .send_mandatory(exchange, routing_key, body, props)
+            .await?;
         let c = confirm.await.map_err(|source| ClientError::Amqp {
             what: format!("confirm of task {task_id} in {queue}"),
             source,

@@ -1,9 +1,13 @@
 //! Messages on `P.control` (contract section 5): cancel commands, the
 //! boot marker a process publishes to learn that it has read the cancel
-//! stream up to its own start, and the lease and done records of tasks
-//! held in escrow (tasks running longer than the broker's consumer timeout).
+//! stream up to its own start, the lease and done records of tasks
+//! held in escrow (tasks running longer than the broker's consumer timeout),
+//! and the pause and resume records of work queues and task types
+//! ([`crate::pauses`]).
 
 use serde_json::{json, Value};
+
+use crate::pauses::{PauseKind, PauseTarget};
 
 /// One message read from `P.cancels` (the stream bound to `P.control`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,13 +37,33 @@ pub enum ControlMessage {
         /// The escrow.
         escrow_id: String,
     },
+    /// `{"pause": "queue" | "type", "name": "<name>", "at": <unix ms>}`:
+    /// workers stop taking the tasks of that work queue (short name) or
+    /// task type, from the record with the latest `at` on.
+    Pause {
+        /// The work queue or task type paused.
+        target: PauseTarget,
+        /// When it was paused, in milliseconds since the Unix epoch: of the
+        /// records of one target, the one with the latest `at` holds.
+        at_ms: i64,
+    },
+    /// `{"resume": "queue" | "type", "name": "<name>", "at": <unix ms>}`:
+    /// undoes a pause of that target with an earlier `at`.
+    Resume {
+        /// The work queue or task type resumed.
+        target: PauseTarget,
+        /// When it was resumed, in milliseconds since the Unix epoch.
+        at_ms: i64,
+    },
 }
 
 impl ControlMessage {
     /// Reads a message body: a JSON object with, in this order of
     /// precedence, a string `cancel`, a string `marker`, a string `lease`
-    /// with a string `escrow` and an integer `until`, or a string
-    /// `escrow_done` with a string `escrow`; other keys are ignored.
+    /// with a string `escrow` and an integer `until`, a string
+    /// `escrow_done` with a string `escrow`, or a `pause` or `resume` of
+    /// `"queue"` or `"type"` with a string `name` and an integer `at`; other
+    /// keys are ignored.
     /// Anything else (not JSON, not an object, no such keys with values of
     /// their types) is `None`, and the processes reading the stream skip it.
     pub fn parse(body: &[u8]) -> Option<ControlMessage> {
@@ -51,6 +75,28 @@ impl ControlMessage {
         if let Some(m) = text("marker") {
             return Some(ControlMessage::Marker(m));
         }
+        if let Some(m) = Self::parse_escrow(&v) {
+            return Some(m);
+        }
+        let pause_record = |key: &str| -> Option<(PauseTarget, i64)> {
+            let kind = match v.get(key)?.as_str()? {
+                "queue" => PauseKind::Queue,
+                "type" => PauseKind::Type,
+                _ => return None,
+            };
+            let name = v.get("name")?.as_str()?.to_owned();
+            let at_ms = v.get("at")?.as_i64()?;
+            Some((PauseTarget { kind, name }, at_ms))
+        };
+        if let Some((target, at_ms)) = pause_record("pause") {
+            return Some(ControlMessage::Pause { target, at_ms });
+        }
+        pause_record("resume").map(|(target, at_ms)| ControlMessage::Resume { target, at_ms })
+    }
+
+    /// A lease or escrow-done record.
+    fn parse_escrow(v: &Value) -> Option<ControlMessage> {
+        let text = |key: &str| v.get(key).and_then(Value::as_str).map(str::to_owned);
         let escrow_id = text("escrow")?;
         let until = v.get("until").and_then(Value::as_i64);
         if let (Some(task_id), Some(until_ms)) = (text("lease"), until) {
@@ -75,6 +121,12 @@ impl ControlMessage {
             } => json!({ "lease": task_id, "escrow": escrow_id, "until": until_ms }),
             ControlMessage::EscrowDone { task_id, escrow_id } => {
                 json!({ "escrow_done": task_id, "escrow": escrow_id })
+            }
+            ControlMessage::Pause { target, at_ms } => {
+                json!({ "pause": target.kind.as_str(), "name": target.name, "at": at_ms })
+            }
+            ControlMessage::Resume { target, at_ms } => {
+                json!({ "resume": target.kind.as_str(), "name": target.name, "at": at_ms })
             }
         };
         serde_json::to_vec(&v).expect("a JSON object of strings and integers always serializes")
@@ -109,6 +161,14 @@ mod tests {
             lease("0193-long", "0193-escrow", 1_767_000_000_000),
             lease("", "", -1),
             done("0193-long", "0193-escrow"),
+            ControlMessage::Pause {
+                target: PauseTarget::queue("io"),
+                at_ms: 1_767_000_000_000,
+            },
+            ControlMessage::Resume {
+                target: PauseTarget::task_type("email.send"),
+                at_ms: 0,
+            },
         ] {
             assert_eq!(ControlMessage::parse(&m.to_json()), Some(m.clone()));
         }
@@ -145,6 +205,43 @@ mod tests {
             br#"{"cancel":["t"]}"#,
             br#"{"Cancel":"t"}"#,
             b"\xff\xfe",
+        ] {
+            assert_eq!(ControlMessage::parse(skipped), None, "{skipped:?}");
+        }
+    }
+
+    #[test]
+    fn pause_records_need_a_kind_a_name_and_a_time() {
+        assert_eq!(
+            ControlMessage::Pause {
+                target: PauseTarget::queue("io"),
+                at_ms: 7
+            }
+            .to_json(),
+            br#"{"at":7,"name":"io","pause":"queue"}"#
+        );
+        assert_eq!(
+            ControlMessage::parse(br#"{"resume":"type","name":"a.b","at":9,"pause":"queue"}"#),
+            Some(ControlMessage::Pause {
+                target: PauseTarget::queue("a.b"),
+                at_ms: 9
+            })
+        );
+        assert_eq!(
+            ControlMessage::parse(br#"{"pause":"shelf","resume":"type","name":"a","at":9}"#),
+            Some(ControlMessage::Resume {
+                target: PauseTarget::task_type("a"),
+                at_ms: 9
+            })
+        );
+        for skipped in [
+            &br#"{"pause":"queue","name":"io"}"#[..],
+            br#"{"pause":"queue","at":1}"#,
+            br#"{"pause":"queue","name":"io","at":"1"}"#,
+            br#"{"pause":"queue","name":"io","at":1.5}"#,
+            br#"{"pause":"Queue","name":"io","at":1}"#,
+            br#"{"pause":true,"name":"io","at":1}"#,
+            br#"{"resume":"type","name":5,"at":1}"#,
         ] {
             assert_eq!(ControlMessage::parse(skipped), None, "{skipped:?}");
         }

@@ -141,7 +141,10 @@ impl LeaseBook {
                 });
                 l.done_at.get_or_insert(now_ms);
             }
-            ControlMessage::Cancel(_) | ControlMessage::Marker(_) => {}
+            ControlMessage::Cancel(_)
+            | ControlMessage::Marker(_)
+            | ControlMessage::Pause { .. }
+            | ControlMessage::Resume { .. } => {}
         }
     }
 

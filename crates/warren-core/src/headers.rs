@@ -35,6 +35,10 @@ pub const ORIGINAL_EXPIRATION: &str = "x-warren-original-expiration";
 /// deep to carry (see [`unfit`]): how many bytes they took on the wire.
 pub const HEADERS_DROPPED: &str = "x-warren-headers-dropped";
 
+/// On a task parked in `P.paused.<type>` while its type is paused: the full
+/// name of the queue it was taken from, where it goes back on resume.
+pub const PAUSED_FROM: &str = "x-warren-paused-from";
+
 /// Largest header table, in encoded bytes, that a task may carry. Every copy
 /// the system re-publishes (retry, dead, requeue, release) adds a few KiB of
 /// its own headers, and an AMQP header frame cannot be split: 64 KiB leaves

@@ -3,7 +3,8 @@
 //! Everything a producer, worker or scheduler must agree on lives here: the
 //! names of exchanges and queues ([`names`]), the headers and how hostile
 //! values in them are read ([`headers`]), the status events ([`event`]), the
-//! cancel commands on `P.control` ([`control`]), the escrow of long tasks
+//! cancel, pause and resume commands on `P.control` ([`control`],
+//! [`pauses`]), the escrow of long tasks
 //! ([`escrow`]), the
 //! configuration schema with its validation ([`config`]), route overlap
 //! detection ([`routes`]) and the topology plan computed from configuration
@@ -19,6 +20,7 @@ pub mod event;
 pub mod headers;
 pub mod lanes;
 pub mod names;
+pub mod pauses;
 pub mod permissions;
 pub mod routes;
 pub mod task;

@@ -121,6 +121,13 @@ impl Names {
         self.join("escrow")
     }
 
+    /// `P.paused.<type>`: where workers park the tasks of a paused task
+    /// type found on a work queue that carries other types; moved back to
+    /// their queues when the type is resumed.
+    pub fn paused_type(&self, task_type: &str) -> String {
+        self.join(&format!("paused.{task_type}"))
+    }
+
     /// `P.control.<host>-<pid>`-style name for per-process objects.
     pub fn per_process(&self, what: &str, identity: &str) -> String {
         self.join(&format!("{what}.{}", identity.replace('/', "-")))

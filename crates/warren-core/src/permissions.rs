@@ -175,13 +175,18 @@ impl Permissions {
                     }
                 }
                 read.push(name(n.cancels()));
+                // The queues of paused types, which it declares, parks in
+                // and moves back from.
+                let paused = under("paused\\..+");
+                read.push(paused.clone());
                 Permissions {
-                    configure: NOTHING.to_owned(),
+                    configure: only(&paused),
                     write: any_of(&[
                         name(n.events()),
                         name(n.delay()),
                         name(n.control()),
                         name(n.escrow()),
+                        paused,
                         default_exchange,
                     ]),
                     read: any_of(&read),
@@ -216,10 +221,12 @@ impl Permissions {
             }
             Role::Tracker => {
                 let queue = name(format!("{}.tracker.events", n.prefix()));
+                // It follows the pause records (and publishes its boot
+                // marker and the dashboard's pause records to P.control).
                 Permissions {
                     configure: only(&queue),
-                    write: any_of(&[queue.clone(), name(n.tasks())]),
-                    read: any_of(&[name(n.events()), queue, name(n.dead())]),
+                    write: any_of(&[queue.clone(), name(n.tasks()), name(n.control())]),
+                    read: any_of(&[name(n.events()), queue, name(n.dead()), name(n.cancels())]),
                 }
             }
             Role::Operator => {
@@ -326,10 +333,10 @@ mod tests {
         );
         assert_eq!(p.read, "^(warren\\.events|warren\\.watch\\..*)$");
         let w = Permissions::for_role(&c, Role::Worker);
-        assert_eq!(w.configure, NOTHING);
+        assert_eq!(w.configure, "^warren\\.paused\\..+$");
         assert_eq!(
             w.write,
-            "^(warren\\.events|warren\\.delay|warren\\.control|warren\\.escrow|amq\\.default)$"
+            "^(warren\\.events|warren\\.delay|warren\\.control|warren\\.escrow|warren\\.paused\\..+|amq\\.default)$"
         );
         let o = Permissions::for_role(&c, Role::Operator);
         assert_eq!(o.configure, "^warren\\..*$");
@@ -488,6 +495,8 @@ mod tests {
         assert!(allows(&t.read, &n.events()));
         assert!(allows(&t.read, &n.dead()));
         assert!(allows(&t.write, &n.tasks()), "dashboard replay");
+        assert!(allows(&t.read, &n.cancels()), "pause records");
+        assert!(allows(&t.write, &n.control()), "dashboard pause");
         assert!(!allows(&t.configure, &n.events()));
         assert!(!allows(&t.write, &n.events()));
         assert!(!allows(&t.read, &n.work_queue("default")));
@@ -500,8 +509,8 @@ mod tests {
         assert_eq!(
             p.set_permissions_command("/", "acme-worker"),
             format!(
-                "rabbitmqctl set_permissions -p / acme-worker '^$' '{}' '{}'",
-                p.write, p.read
+                "rabbitmqctl set_permissions -p / acme-worker '{}' '{}' '{}'",
+                p.configure, p.write, p.read
             )
         );
         assert_eq!(shell_quote("it's"), "'it'\\''s'");

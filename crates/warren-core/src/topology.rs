@@ -164,6 +164,20 @@ pub fn durable_queue_arguments(
     base
 }
 
+/// The arguments of a paused type's queue `P.paused.<type>`, declared by
+/// workers when they first park a task there: a task whose `expiration`
+/// passes while parked dead-letters like one in its work queue (to the
+/// scheduler, which parks it in `P.dead` as `expired`).
+pub fn paused_type_queue_arguments(c: &Config) -> BTreeMap<String, ArgValue> {
+    durable_queue_arguments(
+        c,
+        args([(
+            "x-dead-letter-exchange",
+            ArgValue::Str(c.names().dead_letter_exchange()),
+        )]),
+    )
+}
+
 fn args<const N: usize>(pairs: [(&str, ArgValue); N]) -> BTreeMap<String, ArgValue> {
     pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }

@@ -12,6 +12,7 @@ mod delays;
 pub mod intake;
 mod metrics;
 pub mod migrate;
+mod pauses;
 pub mod reconcile;
 mod scheduler;
 

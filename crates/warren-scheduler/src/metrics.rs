@@ -19,6 +19,7 @@ pub(crate) struct SchedulerMetrics {
     /// Consuming, caught up with cancels, reconnects.
     pub(crate) link: BrokerLink,
     cron_leader: AtomicBool,
+    pause_records_renewed: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -44,6 +45,7 @@ impl Default for SchedulerMetrics {
             held: AtomicI64::new(0),
             link: BrokerLink::default(),
             cron_leader: AtomicBool::new(false),
+            pause_records_renewed: AtomicU64::new(0),
         }
     }
 }
@@ -97,6 +99,11 @@ impl SchedulerMetrics {
     }
 
     /// This process leads cron (or stopped leading).
+    /// Pause and resume records re-published to keep them in the stream.
+    pub(crate) fn pause_records_renewed(&self, n: u64) {
+        self.pause_records_renewed.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub(crate) fn cron_leader(&self, on: bool) {
         self.cron_leader.store(on, Ordering::Relaxed);
     }
@@ -189,6 +196,12 @@ impl Probe for SchedulerMetrics {
             "gauge",
             "1 while this scheduler holds the cron leader lock.",
             flag(&self.cron_leader),
+        );
+        e.single(
+            "warren_scheduler_pause_records_renewed_total",
+            "counter",
+            "Pause and resume records this scheduler re-published to P.control so the cancels stream keeps them.",
+            self.pause_records_renewed.load(Ordering::Relaxed) as f64,
         );
         self.link.write(
             &mut e,

@@ -102,6 +102,13 @@ impl Scheduler {
             r = ready_rx => if r.is_ok() { self.metrics.link.cancels_known() },
             _ = shutdown.cancelled() => {}
         }
+        // Pauses outlive the cancels stream's retention (see `pauses`).
+        let renewer = tokio::spawn(crate::pauses::renew(
+            self.config.clone(),
+            cancels.clone(),
+            self.metrics.clone(),
+            shutdown.clone(),
+        ));
         let delays = Delays::new(
             &self.config,
             self.identity.clone(),
@@ -138,6 +145,7 @@ impl Scheduler {
         };
         let joined = tokio::try_join!(main, cron);
         let _ = follower.await;
+        let _ = renewer.await;
         info!("scheduler stopped");
         joined.map(|_| ())
     }

@@ -52,6 +52,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/stats", get(stats))
         .route("/api/failures", get(failures))
         .route("/api/queues", get(queues))
+        .route("/api/paused", get(paused))
+        .route("/api/pause", post(pause))
         .route("/api/dead", get(dead_list))
         .route("/api/dead/replay", post(dead_replay))
         .route("/api/session", get(crate::gate::session_info))
@@ -166,7 +168,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        s.metrics.render(counts.as_ref(), ready),
+        s.metrics.render(counts.as_ref(), ready) + &paused_metrics(&s),
     )
         .into_response()
 }
@@ -310,6 +312,104 @@ async fn queues(State(s): State<Arc<Shared>>) -> Response {
     }
 }
 
+/// The gauge of every paused queue and type, for `/metrics`.
+fn paused_metrics(s: &Shared) -> String {
+    let mut e = warren_ops::Exposition::new();
+    e.family(
+        "warren_tracker_fleet_paused",
+        "gauge",
+        "1 for each work queue (kind=queue, short name) or task type (kind=type) paused fleet-wide.",
+    );
+    for (t, _) in s.pauses.pauses().paused() {
+        e.sample(
+            "warren_tracker_fleet_paused",
+            &[("kind", t.kind.as_str()), ("name", &t.name)],
+            1.0,
+        );
+    }
+    e.finish()
+}
+
+/// `GET /api/paused`: the paused work queues and task types, with when
+/// each was paused.
+async fn paused(State(s): State<Arc<Shared>>) -> Response {
+    let paused: Vec<Value> = s
+        .pauses
+        .pauses()
+        .paused()
+        .into_iter()
+        .map(|(t, at)| json!({"kind": t.kind, "name": t.name, "since": crate::record::format_ms(at)}))
+        .collect();
+    Json(json!({"paused": paused})).into_response()
+}
+
+/// Body of `POST /api/pause`.
+#[derive(Debug, Deserialize)]
+struct PauseRequest {
+    /// `queue` or `type`.
+    kind: String,
+    name: String,
+    /// True to pause, false to resume.
+    paused: bool,
+}
+
+/// `POST /api/pause` (admin): pauses or resumes a work queue or task type
+/// fleet-wide, as `warren pause` and `warren resume` do.
+async fn pause(State(s): State<Arc<Shared>>, ApiJson(req): ApiJson<PauseRequest>) -> Response {
+    use warren_core::control::ControlMessage;
+    use warren_core::pauses::PauseTarget;
+    let target = match req.kind.as_str() {
+        "queue" if s.config.queues.iter().any(|q| q.name == req.name) => {
+            PauseTarget::queue(&req.name)
+        }
+        "queue" => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("unknown queue {:?}", req.name),
+            )
+        }
+        "type" if warren_core::routes::is_valid_task_type(&req.name) => {
+            PauseTarget::task_type(&req.name)
+        }
+        "type" => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid task type {:?}", req.name),
+            )
+        }
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "kind must be \"queue\" or \"type\"",
+            )
+        }
+    };
+    let at_ms = warren_client::runtime::now_ms();
+    let m = if req.paused {
+        ControlMessage::Pause { target, at_ms }
+    } else {
+        ControlMessage::Resume { target, at_ms }
+    };
+    let control = s.config.names().control();
+    let sent = with_connection(&s, async |conn| {
+        let ch = warren_client::runtime::ConfirmChannel::open(conn).await?;
+        let props = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        let c = ch.send(&control, "", &m.to_json(), props).await?;
+        warren_client::runtime::confirm_all(vec![c]).await
+    })
+    .await;
+    match sent {
+        Ok(Ok(())) => {
+            tracing::info!(record = ?m, "pause record sent through the tracker API");
+            Json(json!({"sent": true})).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+        Err(e) => error(StatusCode::BAD_GATEWAY, e),
+    }
+}
+
 /// The API's broker connection, opened (again) when needed.
 async fn with_connection<R>(
     s: &Shared,
@@ -443,6 +543,8 @@ mod tests {
             "/api/stats",
             "/api/failures",
             "/api/queues",
+            "/api/paused",
+            "/api/pause",
             "/api/dead",
             "/api/dead/replay",
             "/api/session",

@@ -114,6 +114,7 @@ fn kind_of(prefix: &str, name: &str) -> &'static str {
         "delay.intake" | "wait.due" => "delay",
         "tracker.events" => "tracker",
         r if r.starts_with("q.") => "work",
+        r if r.starts_with("paused.") => "paused",
         r if r.starts_with("wait.") || r.starts_with("release.") => "delay",
         _ => "internal",
     }

@@ -75,6 +75,8 @@ pub(crate) struct Shared {
     pub amqp: tokio::sync::Mutex<Option<lapin::Connection>>,
     /// Credentials, sessions and failed-attempt counts of the HTTP side.
     pub auth: crate::auth::Auth,
+    /// What the fleet has paused, read from the cancels stream.
+    pub pauses: warren_client::runtime::CancelSet,
 }
 
 impl Shared {
@@ -155,7 +157,18 @@ impl Tracker {
             amqp: tokio::sync::Mutex::new(None),
             // Without credentials nothing is served; closed ones stand in.
             auth: auth.unwrap_or_else(crate::auth::Auth::closed),
+            pauses: warren_client::runtime::CancelSet::new(),
         });
+        let follow_pauses = {
+            let (ready, _) = tokio::sync::oneshot::channel();
+            shared.pauses.follow(
+                self.config.broker.clone(),
+                self.config.names(),
+                Duration::from_millis(self.config.broker.reconnect_max_ms),
+                shutdown.clone(),
+                ready,
+            )
+        };
         let serve = async {
             let Some(listener) = listener else {
                 return Ok(());
@@ -181,8 +194,9 @@ impl Tracker {
                 .await
                 .map_err(TrackerError::Serve)
         };
-        let (served, (), ()) = tokio::join!(
+        let (served, (), (), ()) = tokio::join!(
             serve,
+            follow_pauses,
             crate::ingest::consume(shared.clone(), shutdown.clone()),
             crate::ingest::prune(shared.clone(), shutdown.clone()),
         );

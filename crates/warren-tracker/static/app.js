@@ -76,10 +76,16 @@ async function refreshQueues() {
   const err = document.getElementById("queues-error");
   try {
     const { queues } = await getJSON("/api/queues");
+    const { paused } = await getJSON("/api/paused");
+    const pausedQueues = new Set(paused.filter((p) => p.kind === "queue").map((p) => p.name));
     const shown = queues.filter((q) => q.kind !== "delay" || !/\.wait\.\d+s$/.test(q.name));
     const tiers = queues.filter((q) => q.kind === "delay" && /\.wait\.\d+s$/.test(q.name));
+    const workShort = (q) => (q.kind === "work" && q.short && q.name.endsWith(`.q.${q.short}`) ? q.short : null);
     const rows = shown.map((q) => el("tr", { "data-queue": q.name },
-      el("td", { class: "mono" }, q.name), el("td", {}, q.kind),
+      el("td", { class: "mono" }, q.name,
+        q.kind === "work" && pausedQueues.has(q.short) ? el("span", { class: "pill bad paused" }, "paused") : null,
+        workShort(q) && isAdmin() ? pauseButton("queue", q.short, pausedQueues.has(q.short)) : null),
+      el("td", {}, q.kind),
       el("td", { class: "num" }, q.ready), el("td", { class: "num" }, q.unacked),
       el("td", { class: "num" }, q.consumers), el("td", { class: "num" }, rate(q.publish_rate)),
       el("td", { class: "num" }, rate(q.deliver_rate)), el("td", { class: "num" }, rate(q.ack_rate))));
@@ -92,6 +98,11 @@ async function refreshQueues() {
         el("td", { class: "num" }, rate(sum("deliver_rate"))), el("td", { class: "num" }, rate(sum("ack_rate")))));
     }
     fill(tbody, rows, 8, "no queues");
+    const types = paused.filter((p) => p.kind === "type");
+    document.getElementById("paused-types").replaceChildren(...(types.length
+      ? [document.createTextNode("paused task types: "), ...types.map((p) => el("span", { class: "paused-type", "data-type": p.name },
+        el("code", {}, p.name), ` since ${when(p.since)} `, isAdmin() ? pauseButton("type", p.name, true) : null))]
+      : []));
     err.hidden = true;
   } catch (e) {
     err.textContent = `queues unavailable: ${e.message}`;
@@ -156,6 +167,27 @@ async function refreshFailures() {
   } catch (e) {
     fill(tbody, [], 6, `failures unavailable: ${e.message}`);
   }
+}
+
+// A button that pauses (or resumes) a work queue or task type fleet-wide,
+// after a confirmation.
+function pauseButton(kind, name, paused) {
+  const verb = paused ? "Resume" : "Pause";
+  return el("button", { type: "button", class: "pause", "data-kind": kind, "data-name": name, onclick: async (ev) => {
+    if (!confirm(`${verb} ${kind} ${name} on every worker?`)) return;
+    ev.target.disabled = true;
+    const err = document.getElementById("queues-error");
+    try {
+      await getJSON("/api/pause", {
+        method: "POST", headers: { "content-type": "application/json" },
+        body: JSON.stringify({ kind, name, paused: !paused }),
+      });
+    } catch (e) {
+      err.textContent = `${verb.toLowerCase()} failed: ${e.message}`;
+      err.hidden = false;
+    }
+    refreshQueues();
+  } }, verb);
 }
 
 async function replay(id, button) {

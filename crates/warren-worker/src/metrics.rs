@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use warren_client::runtime::CancelSet;
 use warren_ops::{BrokerLink, Exposition, Histogram, Probe, DURATION_BUCKETS, LATENESS_BUCKETS};
 
 /// How a task left this worker.
@@ -47,6 +48,11 @@ pub(crate) struct WorkerMetrics {
     paused: AtomicI64,
     pauses_slots: AtomicU64,
     pauses_bytes: AtomicU64,
+    put_back_paused: AtomicU64,
+    parked_paused: AtomicU64,
+    moved_back: AtomicU64,
+    /// What the fleet has paused, as this worker knows it.
+    fleet: CancelSet,
 }
 
 #[derive(Debug)]
@@ -59,7 +65,7 @@ struct Inner {
 }
 
 impl WorkerMetrics {
-    pub(crate) fn new(concurrency: usize) -> Self {
+    pub(crate) fn new(concurrency: usize, fleet: CancelSet) -> Self {
         WorkerMetrics {
             inner: Mutex::new(Inner {
                 outcomes: BTreeMap::new(),
@@ -78,6 +84,10 @@ impl WorkerMetrics {
             paused: AtomicI64::new(0),
             pauses_slots: AtomicU64::new(0),
             pauses_bytes: AtomicU64::new(0),
+            put_back_paused: AtomicU64::new(0),
+            parked_paused: AtomicU64::new(0),
+            moved_back: AtomicU64::new(0),
+            fleet,
         }
     }
 
@@ -155,6 +165,21 @@ impl WorkerMetrics {
             &self.pauses_bytes
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A delivery of a paused queue went back to it unstarted.
+    pub(crate) fn put_back_paused(&self) {
+        self.put_back_paused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A delivery of a paused type was parked in `P.paused.<type>`.
+    pub(crate) fn parked_paused(&self) {
+        self.parked_paused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A parked task of a resumed type went back to its queue.
+    pub(crate) fn moved_back(&self) {
+        self.moved_back.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A task was returned to its queue unacknowledged at shutdown.
@@ -292,6 +317,36 @@ impl Probe for WorkerMetrics {
             &[("reason", "bytes")],
             load(&self.pauses_bytes),
         );
+        e.family(
+            "warren_worker_fleet_paused",
+            "gauge",
+            "1 for each work queue (kind=queue, short name) or task type (kind=type) paused fleet-wide, as this worker knows it.",
+        );
+        for (t, _) in self.fleet.pauses().paused() {
+            e.sample(
+                "warren_worker_fleet_paused",
+                &[("kind", t.kind.as_str()), ("name", &t.name)],
+                1.0,
+            );
+        }
+        e.single(
+            "warren_worker_put_back_paused_total",
+            "counter",
+            "Deliveries of a paused work queue put back on it unstarted.",
+            load(&self.put_back_paused),
+        );
+        e.single(
+            "warren_worker_parked_paused_total",
+            "counter",
+            "Deliveries of a paused task type parked in P.paused.<type>.",
+            load(&self.parked_paused),
+        );
+        e.single(
+            "warren_worker_moved_back_total",
+            "counter",
+            "Parked tasks of a resumed task type moved back to their queue.",
+            load(&self.moved_back),
+        );
         self.link.write(
             &mut e,
             "warren_worker",
@@ -311,7 +366,7 @@ mod tests {
 
     #[test]
     fn outcomes_durations_and_dead_reasons_are_exposed() {
-        let m = WorkerMetrics::new(4);
+        let m = WorkerMetrics::new(4, CancelSet::new());
         m.outcome(
             "diag.echo",
             Outcome::Succeeded,

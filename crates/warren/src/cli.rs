@@ -74,6 +74,13 @@ pub enum Command {
         /// The task id (the message_id it was published with).
         task_id: String,
     },
+    /// Pause a work queue or a task type across the whole fleet: workers
+    /// stop taking its tasks, which wait in the broker (a paused type's in
+    /// P.paused.<type>) until `warren resume`. Kept across restarts.
+    Pause(PauseArgs),
+    /// Resume a paused work queue or task type: workers take its tasks
+    /// again (a type's parked tasks go back to their queues).
+    Resume(PauseArgs),
     /// List, replay or purge the tasks parked in P.dead.
     Dead {
         #[command(subcommand)]
@@ -96,6 +103,26 @@ pub enum Command {
     /// its /healthz (or /readyz with --ready) at the configured listen
     /// address; exit 0 when it answers 200 (the image's HEALTHCHECK).
     Health(HealthArgs),
+}
+
+/// `pause` and `resume` flags.
+#[derive(Debug, Args)]
+pub struct PauseArgs {
+    /// What to pause or resume: a work queue ([[queues]] short name) or a
+    /// task type (exact, e.g. email.send).
+    #[arg(value_enum)]
+    pub kind: PauseKindArg,
+    /// The queue's short name or the task type.
+    pub name: String,
+}
+
+/// What `pause` and `resume` apply to.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PauseKindArg {
+    /// A work queue, with its priority lanes.
+    Queue,
+    /// A task type, whichever queue carries it.
+    Type,
 }
 
 /// `health` flags.
@@ -131,7 +158,8 @@ pub struct StatusArgs {
     /// fleet overview.
     pub task_id: Option<String>,
     /// One JSON object: {"task": {...}, "events": [...]}, or the overview's
-    /// {"queues": [...], "running", "delayed", "failures_last_hour", "workers": [...]}.
+    /// {"queues": [...], "running", "delayed", "failures_last_hour", "workers": [...],
+    /// "paused": [{"kind": "queue"|"type", "name"}]}.
     #[arg(long)]
     pub json: bool,
 }

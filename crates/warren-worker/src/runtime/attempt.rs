@@ -13,6 +13,8 @@
 //! | no id, or redelivered below the poison limit | the copy put back on its queue |
 //! | handed back: waited `worker.handback_ms` for a slot | the copy put back on its queue |
 //! | moved from a lane entry to its priority's lane | the copy in the lane |
+//! | its queue is paused | the copy put back on its queue |
+//! | its type is paused | the copy parked in `P.paused.<type>` |
 //! | cancelled before it started | `cancelled` event, reply |
 //! | cancelled while running | `started`, `cancelled` event, reply |
 //! | succeeded | `started`, `succeeded` event, reply |
@@ -133,6 +135,9 @@ impl<'a> Attempt<'a> {
         match attempt.triage().await {
             Triage::Settled(id, outcome) => attempt.settle(&id, outcome).await,
             Triage::Run(id) => {
+                if let Some(outcome) = attempt.held_by_pause(&id).await {
+                    return attempt.settle(&id, outcome).await;
+                }
                 let span = info_span!("task", task_id = %id, r#type = %attempt.task_type, queue = %queue, attempt = tracing::field::Empty);
                 async {
                     let outcome = attempt.attempt(&id, abort, slot).await;
@@ -165,6 +170,30 @@ impl<'a> Attempt<'a> {
                     debug!(task_id = %id, "handed back: waited too long for a slot");
                     sh.metrics.handed_back();
                 }
+                attempt.settle(&id, outcome).await;
+            }
+        }
+    }
+
+    /// Holds back a delivery a pause applies to, unstarted: put back on its
+    /// queue when the queue is paused, parked in `P.paused.<type>` when its
+    /// type is (see [`Attempt::held_by_pause`]); handed back to its queue if
+    /// the pause ended meanwhile. What triage settles without a slot is
+    /// settled here as it would be there.
+    pub(super) async fn hold_back(
+        sh: &'a Shared,
+        session: &'a Session,
+        source: &'a Source,
+        delivery: Delivery,
+    ) {
+        let attempt = Attempt::new(sh, session, source, delivery, Instant::now());
+        match attempt.triage().await {
+            Triage::Settled(id, outcome) => attempt.settle(&id, outcome).await,
+            Triage::Run(id) => {
+                let outcome = match attempt.held_by_pause(&id).await {
+                    Some(outcome) => outcome,
+                    None => attempt.requeue(&id, attempt.headers()).await,
+                };
                 attempt.settle(&id, outcome).await;
             }
         }
@@ -282,6 +311,48 @@ impl<'a> Attempt<'a> {
             return Triage::Settled(id, r);
         }
         Triage::Run(id)
+    }
+
+    /// If a pause applies to the task, holds it back unstarted and returns
+    /// the outcome: a copy put back at the end of its queue when that queue
+    /// is paused (it waits there, as no worker consumes it), or parked in
+    /// `P.paused.<type>` when its type is paused, with the queue it came
+    /// from in `x-warren-paused-from` (moved back there on resume). `None`
+    /// when no pause applies.
+    async fn held_by_pause(&self, id: &str) -> Option<Result<Disposition, ClientError>> {
+        if self.sh.cancels.queue_paused(self.queue) {
+            let r = self.requeue(id, self.headers()).await;
+            if r.is_ok() {
+                debug!(task_id = %id, queue = self.queue, "put back: its queue is paused");
+                self.sh.metrics.put_back_paused();
+            }
+            return Some(r);
+        }
+        if !self.sh.cancels.type_paused(&self.task_type) {
+            return None;
+        }
+        let hold = self.sh.names.paused_type(&self.task_type);
+        let parked = async {
+            self.session.declare_hold(self.sh, &hold).await?;
+            let mut h = self.headers();
+            headers::set_str(&mut h, headers::PAUSED_FROM, self.requeue_to);
+            let d = &self.delivery;
+            self.out()
+                .to_lane(&hold, &d.data, &d.properties, h, &self.task_type, id)
+                .await?;
+            Ok(Disposition::Ack)
+        }
+        .await;
+        if parked.is_ok() {
+            debug!(task_id = %id, r#type = %self.task_type, "parked: its type is paused");
+            self.sh.metrics.parked_paused();
+            if !self.sh.cancels.type_paused(&self.task_type) {
+                // Resumed while this copy was on its way: the workers that
+                // moved the parked tasks back may have missed it.
+                super::pausing::move_back(self.sh, self.session, &self.task_type, None).await;
+            }
+        }
+        Some(parked)
     }
 
     /// Redelivered without an outcome (its worker died or lost the broker):
@@ -805,7 +876,7 @@ fn take_escrow_mark(d: &mut Delivery) -> Option<String> {
     Some(escrow_id)
 }
 
-fn meta_of(d: &Delivery) -> MessageMeta {
+pub(super) fn meta_of(d: &Delivery) -> MessageMeta {
     let p = &d.properties;
     let s = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|x| x.as_str().to_owned());
     MessageMeta {

@@ -7,9 +7,11 @@
 //!   outcome confirms first;
 //! - [`slots`]: the concurrency a running task holds;
 //! - [`waiting`]: the deliveries waiting for a slot, highest priority first;
-//! - [`progress`]: a running task's `progress` events.
+//! - [`progress`]: a running task's `progress` events;
+//! - [`pausing`]: paused work queues and task types.
 
 mod attempt;
+mod pausing;
 mod progress;
 mod session;
 mod slots;
@@ -29,6 +31,7 @@ use tracing::{debug, info, warn};
 use warren_client::runtime::{process_identity, CancelSet, Reconnect};
 use warren_core::escrow::EscrowTimes;
 use warren_core::lanes::Bands;
+use warren_core::pauses::PauseKind;
 use warren_core::{Config, Names};
 
 use crate::metrics::WorkerMetrics;
@@ -322,10 +325,10 @@ impl Worker {
                 identity: process_identity(),
                 sources,
                 routing_exchanges,
-                cancels,
+                cancels: cancels.clone(),
                 escrow,
                 type_caps,
-                metrics: Arc::new(WorkerMetrics::new(config_concurrency)),
+                metrics: Arc::new(WorkerMetrics::new(config_concurrency, cancels.clone())),
                 task_time_us: AtomicU64::new(0),
             }),
         })
@@ -435,6 +438,10 @@ impl Worker {
     /// free and nothing of its priority or higher waits, else it moves to
     /// the lane of its priority (see [`Attempt::move_to_lane`]).
     ///
+    /// A work queue paused fleet-wide is not consumed (nor its lanes), and
+    /// a delivery of a paused queue or task type never starts: see
+    /// [`Worker::apply_pauses`].
+    ///
     /// The worker stops consuming in two cases, and consumes again once the
     /// case is over:
     ///
@@ -462,6 +469,21 @@ impl Worker {
         // The prefetch of the open consumers (RabbitMQ applies one when a
         // consumer opens).
         let mut prefetch = sh.config.worker.prefetch;
+        let mut pause_changes = sh.cancels.pause_changes();
+        // Pauses read before this session's consumers opened are applied;
+        // those read since then too.
+        let mut known = sh.cancels.pauses();
+        if let Err(e) = self
+            .apply_pauses(session, stream, in_flight, &mut waiting, paused, prefetch)
+            .await
+        {
+            return e.to_string();
+        }
+        // Tasks parked while their type was paused, resumed while this
+        // worker was away, go back to their queues.
+        for t in known.resumed_types() {
+            self.move_back(session, in_flight, t, shutdown);
+        }
         loop {
             while !waiting.is_empty() {
                 let Ok(permit) = in_flight.permits.clone().try_acquire_owned() else {
@@ -526,13 +548,35 @@ impl Worker {
                     }
                 }
                 _ = in_flight.freed.notified(), if paused == Pause::Bytes => {}
+                r = pause_changes.changed() => {
+                    if r.is_err() {
+                        return "pause records no longer followed".into();
+                    }
+                    if let Err(e) = self
+                        .apply_pauses(session, stream, in_flight, &mut waiting, paused, prefetch)
+                        .await
+                    {
+                        return e.to_string();
+                    }
+                    let now = sh.cancels.pauses();
+                    for (t, _) in known.paused() {
+                        if t.kind == PauseKind::Type && !now.is_paused(&t) {
+                            self.move_back(session, in_flight, t.name, shutdown);
+                        }
+                    }
+                    known = now;
+                }
                 next = stream.next(), if !stream.is_empty() => match next {
-                    None if paused != Pause::No => {}
+                    None if paused != Pause::No || self.some_queue_paused() => {}
                     None => return "consumers ended".into(),
                     Some((_, Err(e))) => return e.to_string(),
                     Some((source, Ok(d))) => {
                         let d = in_flight.hold(d, source);
-                        if d.source.sorts() {
+                        if self.held_by_pause(&d) {
+                            // Sent before its consumer stopped, or its type
+                            // is paused.
+                            self.hold_back(session, in_flight, d);
+                        } else if d.source.sorts() {
                             self.sort(session, in_flight, &waiting, d);
                         } else if paused == Pause::Slots {
                             // Sent before the consumers stopped.
@@ -565,13 +609,79 @@ impl Worker {
                         self.hand_back(session, in_flight, d);
                     }
                 }
-                _ = tokio::time::sleep(Duration::from_secs(1)), if paused != Pause::No && stream.is_empty() => {
+                _ = tokio::time::sleep(Duration::from_secs(1)), if stream.is_empty() => {
                     if !session.connected() {
                         return "connection lost while paused".into();
                     }
                 }
             }
         }
+    }
+
+    /// Applies what is paused now: stops the consumers of paused work
+    /// queues, holds back what waits of a paused queue or type (see
+    /// [`Attempt::hold_back`]), and consumes again the queues resumed,
+    /// unless the worker is not consuming for another reason (it consumes
+    /// them too once that is over).
+    async fn apply_pauses(
+        &self,
+        session: &Arc<Session>,
+        stream: &mut Deliveries,
+        in_flight: &InFlight,
+        waiting: &mut Waiting,
+        paused: Pause,
+        prefetch: u16,
+    ) -> Result<(), warren_client::ClientError> {
+        let sh = &self.shared;
+        session.stop_paused(sh).await;
+        for d in waiting.take_where(|d| self.held_by_pause(d)) {
+            self.hold_back(session, in_flight, d);
+        }
+        if paused == Pause::No {
+            session.resume(sh, stream, prefetch).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether a pause applies to a held delivery: its work queue or its
+    /// task type is paused.
+    fn held_by_pause(&self, d: &Held) -> bool {
+        let c = &self.shared.cancels;
+        c.queue_paused(&d.source.short)
+            || (c.any_type_paused() && c.type_paused(&pausing::type_of(&self.shared, &d.delivery)))
+    }
+
+    /// Whether one of the work queues this worker consumes is paused.
+    fn some_queue_paused(&self) -> bool {
+        let sh = &self.shared;
+        sh.sources.iter().any(|s| sh.cancels.queue_paused(&s.short))
+    }
+
+    /// Holds back a delivery a pause applies to (see [`Attempt::hold_back`]).
+    fn hold_back(&self, session: &Arc<Session>, in_flight: &InFlight, d: Held) {
+        let shared = self.shared.clone();
+        let session = session.clone();
+        in_flight.tracker.spawn(async move {
+            Attempt::hold_back(&shared, &session, &d.source, d.delivery).await;
+            drop(d.release);
+        });
+    }
+
+    /// Moves the parked tasks of the resumed type `t` back to their queues
+    /// (see [`pausing::move_back`]).
+    fn move_back(
+        &self,
+        session: &Arc<Session>,
+        in_flight: &InFlight,
+        t: String,
+        shutdown: &CancellationToken,
+    ) {
+        let shared = self.shared.clone();
+        let session = session.clone();
+        let stop = shutdown.clone();
+        in_flight.tracker.spawn(async move {
+            pausing::move_back(&shared, &session, &t, Some(&stop)).await;
+        });
     }
 
     /// Runs a held delivery in a slot.

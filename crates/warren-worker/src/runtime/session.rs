@@ -1,14 +1,18 @@
 //! One connection's worth of channels and consumers.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use futures::stream::{select_all, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use lapin::Connection;
 use warren_client::runtime::{connect, ConfirmChannel, Outbox};
 use warren_client::ClientError;
+use warren_core::topology::{field_table, paused_type_queue_arguments};
 
 use super::{Shared, Source};
 
@@ -16,7 +20,7 @@ use super::{Shared, Source};
 /// longer ack on it: the broker redelivers them, so nothing is lost and no
 /// ack is sent twice or on the wrong channel.
 pub(super) struct Session {
-    conn: Connection,
+    pub(super) conn: Connection,
     consume_channel: lapin::Channel,
     /// The consumers now open: tag, and the index of their queue in
     /// [`Shared::sources`]; none while paused.
@@ -25,6 +29,8 @@ pub(super) struct Session {
     resumed: std::sync::atomic::AtomicU64,
     /// Where every event, reply and copy of this session's tasks is sent.
     pub(super) outbox: Outbox,
+    /// The `P.paused.<type>` queues declared on this connection.
+    holds: Mutex<HashSet<String>>,
 }
 
 /// A delivery tagged with the queue it came from.
@@ -58,13 +64,14 @@ impl Session {
             consumer_tags: Mutex::new(Vec::new()),
             resumed: Default::default(),
             outbox,
+            holds: Mutex::default(),
         };
         let consumers = session.consume(sh, sh.config.worker.prefetch, "").await?;
         Ok((session, select_all(consumers)))
     }
 
-    /// Opens one consumer on every configured queue not consumed now,
-    /// tagged with `suffix`, each a stream of deliveries tagged with its
+    /// Opens one consumer on every configured queue not consumed now and
+    /// not paused (with its work queue, fleet-wide), tagged with `suffix`, each a stream of deliveries tagged with its
     /// queue. The consumers of work queues and lane entries take `prefetch`
     /// (RabbitMQ applies a `basic.qos` to the consumers opened after it);
     /// those of lanes take [`Shared::lane_prefetch`], about what the slots
@@ -85,7 +92,10 @@ impl Session {
         let mut consumers = Vec::new();
         for lanes in [false, true] {
             let todo: Vec<usize> = (0..sh.sources.len())
-                .filter(|i| sh.sources[*i].is_lane() == lanes && !open.contains(i))
+                .filter(|i| {
+                    let s = &sh.sources[*i];
+                    s.is_lane() == lanes && !open.contains(i) && !sh.cancels.queue_paused(&s.short)
+                })
                 .collect();
             if todo.is_empty() {
                 continue;
@@ -164,6 +174,44 @@ impl Session {
     /// sorting what arrives into lanes.
     pub(super) async fn stop_running(&self, sh: &Shared) {
         self.stop_where(|i| !sh.sources[i].sorts()).await;
+    }
+
+    /// Stops the consumers of the work queues paused now, and of their
+    /// lanes.
+    pub(super) async fn stop_paused(&self, sh: &Shared) {
+        self.stop_where(|i| sh.cancels.queue_paused(&sh.sources[i].short))
+            .await;
+    }
+
+    /// Declares `P.paused.<type>` (`queue`) once per connection, on a
+    /// channel of its own (a refused declaration closes its channel).
+    pub(super) async fn declare_hold(&self, sh: &Shared, queue: &str) -> Result<(), ClientError> {
+        if self.holds.lock().expect("holds lock").contains(queue) {
+            return Ok(());
+        }
+        let ch = self
+            .conn
+            .create_channel()
+            .await
+            .map_err(ClientError::amqp("open a channel"))?;
+        let declared = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                field_table(&paused_type_queue_arguments(&sh.config)),
+            )
+            .await
+            .map_err(ClientError::amqp(format!("declare {queue}")));
+        let _ = ch.close(200, "declared".into()).await;
+        declared?;
+        self.holds
+            .lock()
+            .expect("holds lock")
+            .insert(queue.to_owned());
+        Ok(())
     }
 
     async fn stop_where(&self, stop: impl Fn(usize) -> bool) {

@@ -82,6 +82,21 @@ impl<T: Ranked> Waiting<T> {
         self.len
     }
 
+    /// Takes the waiting deliveries for which `take` is true, highest rank
+    /// first; the others keep their places.
+    pub(super) fn take_where(&mut self, take: impl Fn(&T) -> bool) -> Vec<T> {
+        let mut taken = Vec::new();
+        for q in self.by_rank.values_mut().rev() {
+            let (out, kept): (VecDeque<T>, VecDeque<T>) =
+                std::mem::take(q).into_iter().partition(|d| take(d));
+            *q = kept;
+            taken.extend(out);
+        }
+        self.by_rank.retain(|_, q| !q.is_empty());
+        self.len -= taken.len();
+        taken
+    }
+
     /// Takes every waiting delivery, highest rank first.
     pub(super) fn drain(&mut self) -> impl Iterator<Item = T> {
         self.len = 0;
@@ -127,8 +142,17 @@ mod tests {
         assert_eq!(first, ["high-a", "high-b", "mid"]);
         assert_eq!(w.highest(), Some(0));
         w.push(Item(2, at(9), "two"));
+        w.push(Item(9, at(10), "nine"));
+        let taken: Vec<&str> = w
+            .take_where(|i| i.2 != "low-a")
+            .into_iter()
+            .map(|i| i.2)
+            .collect();
+        assert_eq!(taken, ["nine", "two", "low-b"]);
+        assert_eq!((w.len(), w.highest()), (1, Some(0)));
+        w.push(Item(2, at(9), "two"));
         let rest: Vec<&str> = w.drain().map(|i| i.2).collect();
-        assert_eq!(rest, ["two", "low-a", "low-b"]);
+        assert_eq!(rest, ["two", "low-a"]);
         assert!(w.is_empty() && w.pop().is_none());
     }
 }

@@ -4,6 +4,7 @@ mod bench;
 mod dead;
 mod health;
 mod overview;
+mod pause;
 mod publish;
 mod scheduler;
 mod status;
@@ -47,6 +48,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("cancel sent for task {task_id}");
             Ok(0)
         }
+        Command::Pause(args) => pause::run(&config, args, true).await,
+        Command::Resume(args) => pause::run(&config, args, false).await,
         Command::Dead { action } => dead::run(&config, action).await,
         Command::Scheduler => scheduler::run(&config).await,
         Command::Tracker => tracker::run(config).await,

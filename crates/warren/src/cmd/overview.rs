@@ -2,13 +2,16 @@
 //!
 //! Queues, running and delayed tasks and the workers alive come from the
 //! RabbitMQ management API (`broker.management_url`); failures in the last
-//! hour from the tracker's database, when it can be opened.
+//! hour from the tracker's database, when it can be opened; the paused
+//! queues and types from the cancels stream.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
+use warren_client::runtime::CancelSet;
+use warren_core::pauses::{PauseKind, PauseTarget};
 use warren_core::Config;
 use warren_tracker::mgmt::{self, ConsumerInfo, QueueInfo};
 use warren_tracker::{OpenMode, Store};
@@ -28,6 +31,8 @@ struct WorkQueue {
     consumers: u64,
     publish_rate: f64,
     deliver_rate: f64,
+    /// Paused fleet-wide (`warren pause queue`).
+    paused: bool,
 }
 
 /// The internal queues, grouped.
@@ -38,6 +43,8 @@ struct Internal {
     dead: u64,
     unroutable: u64,
     tracker: u64,
+    /// Tasks of paused types, parked in `P.paused.<type>`.
+    paused: u64,
     /// Every other queue of the prefix (cancels, escrow, control, ...).
     other: u64,
 }
@@ -67,6 +74,8 @@ struct Overview {
     #[serde(skip_serializing_if = "Option::is_none")]
     tracker_error: Option<String>,
     workers: Vec<Worker>,
+    /// The work queues and task types paused fleet-wide, queues first.
+    paused: Vec<PauseTarget>,
 }
 
 pub async fn run(config: &Config, json: bool) -> anyhow::Result<i32> {
@@ -81,7 +90,15 @@ pub async fn run(config: &Config, json: bool) -> anyhow::Result<i32> {
         .await
         .map_err(anyhow::Error::msg)?;
     let failures = failures_last_hour(config).await;
-    let overview = build(config, &queues, &consumers, failures);
+    let pauses = CancelSet::read_once(config.broker.clone(), config.names(), ASK_TIMEOUT)
+        .await
+        .context("read what is paused")?
+        .pauses()
+        .paused()
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    let overview = build(config, &queues, &consumers, failures, pauses);
     if json {
         println!("{}", serde_json::to_string(&overview)?);
     } else {
@@ -121,6 +138,7 @@ fn build(
     queues: &[QueueInfo],
     consumers: &[ConsumerInfo],
     failures: Result<i64, String>,
+    paused: Vec<PauseTarget>,
 ) -> Overview {
     let mut work: BTreeMap<String, WorkQueue> = BTreeMap::new();
     for q in &config.queues {
@@ -151,6 +169,7 @@ fn build(
             ("dead", _) => internal.dead += q.messages,
             ("unroutable", _) => internal.unroutable += q.messages,
             ("tracker", _) => internal.tracker += q.messages,
+            ("paused", _) => internal.paused += q.messages,
             _ => internal.other += q.messages,
         }
     }
@@ -159,6 +178,11 @@ fn build(
         let list = by_connection.entry(c.connection.clone()).or_default();
         if !list.contains(&c.short) {
             list.push(c.short.clone());
+        }
+    }
+    for t in &paused {
+        if let Some(w) = work.get_mut(&t.name).filter(|_| t.kind == PauseKind::Queue) {
+            w.paused = true;
         }
     }
     let queues: Vec<WorkQueue> = work.into_values().collect();
@@ -180,6 +204,7 @@ fn build(
                 Worker { connection, queues }
             })
             .collect(),
+        paused,
     }
 }
 
@@ -190,10 +215,10 @@ fn render(o: &Overview) -> String {
         "QUEUE", "READY", "UNACKED", "PUBLISH/S", "DELIVER/S", "CONSUMERS"
     );
     for q in &o.queues {
-        let name = if q.declared {
-            q.name.clone()
-        } else {
-            format!("{} (not declared)", q.name)
+        let name = match (q.declared, q.paused) {
+            (true, false) => q.name.clone(),
+            (true, true) => format!("{} (paused)", q.name),
+            (false, _) => format!("{} (not declared)", q.name),
         };
         out.push_str(&format!(
             "{:<24}  {:>8}  {:>8}  {:>10.1}  {:>10.1}  {:>9}\n",
@@ -206,8 +231,26 @@ fn render(o: &Overview) -> String {
     out.push('\n');
     let i = &o.internal;
     out.push_str(&format!(
-        "internal  delay {}  dead {}  unroutable {}  tracker events {}  other {}\n",
-        i.delay, i.dead, i.unroutable, i.tracker, i.other
+        "internal  delay {}  dead {}  unroutable {}  tracker events {}  paused types {}  other {}\n",
+        i.delay, i.dead, i.unroutable, i.tracker, i.paused, i.other
+    ));
+    let names = |kind| {
+        let v: Vec<&str> = o
+            .paused
+            .iter()
+            .filter(|t| t.kind == kind)
+            .map(|t| t.name.as_str())
+            .collect();
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    out.push_str(&format!(
+        "paused    queues: {}  types: {}\n",
+        names(PauseKind::Queue),
+        names(PauseKind::Type)
     ));
     out.push_str(&format!("running   {}\n", o.running));
     out.push_str(&format!("delayed   {}\n", o.delayed));
@@ -269,7 +312,16 @@ mod tests {
                 connection: "warren worker a/1".into(),
             },
         ];
-        let o = build(&config, &queues, &consumers, Err("no database".into()));
+        let o = build(
+            &config,
+            &queues,
+            &consumers,
+            Err("no database".into()),
+            vec![
+                PauseTarget::queue("io"),
+                PauseTarget::task_type("email.send"),
+            ],
+        );
         let io = o.queues.iter().find(|q| q.name == "io").unwrap();
         assert_eq!((io.ready, io.unacked, io.consumers), (7, 2, 2));
         let cpu = o.queues.iter().find(|q| q.name == "cpu").unwrap();
@@ -286,5 +338,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("warren worker a/1  io"), "{text}");
+        assert!(text.contains("io (paused)"), "{text}");
+        assert!(
+            text.contains("paused    queues: io  types: email.send"),
+            "{text}"
+        );
     }
 }
