@@ -223,6 +223,14 @@ impl Registry {
         Ok(self)
     }
 
+    /// This registry with a handler for each `[[webhook]]` entry of
+    /// `config`; fails, naming the key, when a secret cannot be read or an
+    /// endpoint is refused by the `[http]` rules.
+    pub fn with_webhooks(mut self, config: &Config) -> Result<Self, crate::WebhookSetupError> {
+        crate::webhook::register(&mut self, config)?;
+        Ok(self)
+    }
+
     /// Registers `handler` for `task_type`, replacing any earlier one.
     pub fn register(&mut self, task_type: &str, handler: impl Handler) -> &mut Self {
         self.handlers

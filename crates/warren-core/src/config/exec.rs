@@ -52,6 +52,44 @@ fn is_env_name(name: &str) -> bool {
     !name.is_empty() && !name.contains(['=', '\0'])
 }
 
+/// Whether `task_type` is one of the built-in task types, which no
+/// `[[exec]]` or `[[webhook]]` entry may take over.
+pub(super) fn is_builtin_type(task_type: &str) -> bool {
+    matches!(task_type, "http.request" | "file.download" | "file.upload")
+        || task_type.starts_with("diag.")
+}
+
+/// The checks of the `type` key of an `[[exec]]` or `[[webhook]]` entry
+/// (`section`): a valid, exact task type, not built in, one entry each.
+pub(super) fn check_handler_type<'a>(
+    section: &str,
+    i: usize,
+    task_type: &'a str,
+    seen: &mut BTreeSet<&'a str>,
+    issues: &mut Issues,
+) {
+    let key = format!("{section}[{i}].type");
+    if !routes::is_valid_task_type(task_type) {
+        issues.add(
+            key,
+            format!(
+                "{task_type:?} is not a task type: use words of letters, digits, '_' or '-' \
+                 joined by '.', such as \"report.build\""
+            ),
+        );
+    } else if !seen.insert(task_type) {
+        issues.add(
+            key,
+            format!("{task_type:?} has another [[{section}]] entry: give each type one"),
+        );
+    } else if is_builtin_type(task_type) {
+        issues.add(
+            key,
+            format!("{task_type:?} is a built-in task type: choose a type of your own"),
+        );
+    }
+}
+
 impl Config {
     /// The `[[exec]]` entry of a task type.
     pub fn exec_of(&self, task_type: &str) -> Option<&ExecConfig> {
@@ -62,36 +100,7 @@ impl Config {
         let mut seen = BTreeSet::new();
         for (i, e) in self.exec.iter().enumerate() {
             let key = |k: &str| format!("exec[{i}].{k}");
-            if !routes::is_valid_task_type(&e.task_type) {
-                issues.add(
-                    key("type"),
-                    format!(
-                        "{:?} is not a task type: use words of letters, digits, '_' or '-' \
-                         joined by '.', such as \"report.build\"",
-                        e.task_type
-                    ),
-                );
-            } else if !seen.insert(e.task_type.as_str()) {
-                issues.add(
-                    key("type"),
-                    format!(
-                        "{:?} has another [[exec]] entry: give each type one",
-                        e.task_type
-                    ),
-                );
-            } else if matches!(
-                e.task_type.as_str(),
-                "http.request" | "file.download" | "file.upload"
-            ) || e.task_type.starts_with("diag.")
-            {
-                issues.add(
-                    key("type"),
-                    format!(
-                        "{:?} is a built-in task type: choose a type of your own",
-                        e.task_type
-                    ),
-                );
-            }
+            check_handler_type("exec", i, &e.task_type, &mut seen, issues);
             match e.command.first() {
                 None => issues.add(
                     key("command"),

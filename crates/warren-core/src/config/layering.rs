@@ -421,6 +421,15 @@ mod tests {
             exec.exec_of("report.build").unwrap().command,
             ["python3", "examples/exec/report.py"]
         );
+        let webhook = Config::load_from(Some(&root.join("examples/webhook.toml")), &[]).unwrap();
+        assert_eq!(
+            webhook
+                .webhook_of("report.sum")
+                .unwrap()
+                .secret_env
+                .as_deref(),
+            Some("WARREN_WEBHOOK_SECRET")
+        );
         let quorum = Config::load_from(Some(&root.join("examples/quorum.toml")), &[]).unwrap();
         assert_eq!(
             quorum.queue_kind(quorum.queue("io").unwrap()),

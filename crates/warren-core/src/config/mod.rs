@@ -10,7 +10,7 @@
 //! One file per section, each with its struct, defaults, checks and tests:
 //! `broker`, `queues` (and routes), `worker`, `limits`, `retry`, `scheduler`
 //! (and cron), `http` (with the URL and host-rule types), `topology`, `tracker`, `tracker_auth`
-//! and `exec`;
+//! `exec` and `webhook`;
 //! `layering` loads and merges the layers, `issues` collects and formats the
 //! problems. Everything public is re-exported here.
 
@@ -27,6 +27,7 @@ mod scheduler;
 mod topology;
 mod tracker;
 mod tracker_auth;
+mod webhook;
 mod worker;
 
 use serde::Deserialize;
@@ -44,6 +45,7 @@ pub use scheduler::{parse_cron, CronConfig, MissedFires, SchedulerConfig, CRON_S
 pub use topology::TopologyConfig;
 pub use tracker::TrackerConfig;
 pub use tracker_auth::{SecretSource, TrackerCredential, TrackerRole};
+pub use webhook::{InlineSecret, WebhookConfig, WebhookSecret, DEFAULT_MAX_RESPONSE_BYTES};
 pub use worker::WorkerConfig;
 
 use issues::Issues;
@@ -96,6 +98,10 @@ pub struct Config {
     /// default.
     #[serde(default)]
     pub exec: Vec<ExecConfig>,
+    /// Task types handled by HTTP endpoints, one per `[[webhook]]` entry;
+    /// empty by default.
+    #[serde(default)]
+    pub webhook: Vec<WebhookConfig>,
     /// What loading noted beside the values; not a configuration key.
     #[serde(skip)]
     notes: LoadNotes,
@@ -135,6 +141,7 @@ impl Config {
         self.check_tracker(&mut issues);
         self.check_tracker_auth(&mut issues);
         self.check_exec(&mut issues);
+        self.check_webhook(&mut issues);
         issues.finish()
     }
 

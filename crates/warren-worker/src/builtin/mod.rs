@@ -15,7 +15,7 @@ pub mod download;
 pub mod http_request;
 pub mod paths;
 pub mod policy;
-mod redirects;
+pub(crate) mod redirects;
 pub mod upload;
 
 use std::collections::BTreeMap;
@@ -72,7 +72,13 @@ pub struct Outbound {
 impl Outbound {
     /// Builds the client for `config`.
     pub fn new(config: &Config) -> Result<Self, TaskError> {
-        let policy = Arc::new(Policy::new(&config.http));
+        Self::with_policy(config, Policy::new(&config.http))
+    }
+
+    /// Builds a client for `config` that enforces `policy` (the `[http]`
+    /// rules with a webhook's endpoint allowed).
+    pub fn with_policy(config: &Config, policy: Policy) -> Result<Self, TaskError> {
+        let policy = Arc::new(policy);
         let client = reqwest::Client::builder()
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none())

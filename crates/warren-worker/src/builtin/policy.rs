@@ -54,6 +54,16 @@ pub struct Policy {
     allow: Vec<(usize, HostRule)>,
     deny: Vec<(usize, HostRule)>,
     allow_loopback: bool,
+    /// A webhook's configured host, allowed beside `http.allow` (and
+    /// loopback, when it is a loopback host).
+    endpoint: Option<Endpoint>,
+}
+
+/// The host of a configured endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Endpoint {
+    Name(String),
+    Addr(IpAddr),
 }
 
 impl Policy {
@@ -70,6 +80,34 @@ impl Policy {
             allow: parse(&http.allow),
             deny: parse(&http.deny),
             allow_loopback: http.allow_loopback,
+            endpoint: None,
+        }
+    }
+
+    /// These rules, with the host of `url` (a configured webhook endpoint)
+    /// allowed: it needs no `http.allow` entry, and it may be a loopback
+    /// host without `http.allow_loopback`. `http.deny` and the addresses
+    /// always refused still apply to it; other hosts (redirect targets)
+    /// follow the rules as they are.
+    pub fn with_endpoint(&self, url: &Url) -> Policy {
+        let endpoint = match url.host() {
+            Some(url::Host::Ipv4(ip)) => Some(Endpoint::Addr(IpAddr::V4(ip))),
+            Some(url::Host::Ipv6(ip)) => Some(Endpoint::Addr(canonical(IpAddr::V6(ip)))),
+            Some(url::Host::Domain(name)) => Some(Endpoint::Name(normalize(name))),
+            None => None,
+        };
+        Policy {
+            endpoint,
+            ..self.clone()
+        }
+    }
+
+    /// Whether a name, or an address used without a name, is the endpoint's.
+    fn is_endpoint(&self, name: Option<&str>, ip: IpAddr) -> bool {
+        match (&self.endpoint, name) {
+            (Some(Endpoint::Name(e)), Some(n)) => *e == normalize(n),
+            (Some(Endpoint::Addr(e)), None) => *e == ip,
+            _ => false,
         }
     }
 
@@ -102,8 +140,10 @@ impl Policy {
             .allow
             .iter()
             .any(|(_, r)| matches!(r, HostRule::Network(..)));
+        let is_endpoint = self.endpoint == Some(Endpoint::Name(name.clone()));
         if !self.allow.is_empty()
             && !allow_has_networks
+            && !is_endpoint
             && !self.allow.iter().any(|(_, r)| name_matches(r, &name))
         {
             return Err(Denied(format!(
@@ -117,6 +157,7 @@ impl Policy {
     /// was resolved from, if any.
     pub fn check_addr(&self, name: Option<&str>, ip: IpAddr) -> Result<(), Denied> {
         let ip = canonical(ip);
+        let endpoint = self.is_endpoint(name, ip);
         let what = match name {
             Some(n) => format!("address {ip} of host {}", normalize(n)),
             None => format!("address {ip}"),
@@ -130,7 +171,7 @@ impl Policy {
                     "{what} is {why}: such addresses are always refused"
                 )));
             }
-            if is_loopback(candidate) && !self.allow_loopback {
+            if is_loopback(candidate) && !self.allow_loopback && !endpoint {
                 return Err(Denied(format!(
                     "{what} is loopback: set http.allow_loopback = true to allow it"
                 )));
@@ -144,7 +185,7 @@ impl Policy {
         if let Some((i, _)) = self.deny.iter().find(|(_, r)| matches(r)) {
             return Err(Denied(format!("{what} is denied by http.deny[{i}]")));
         }
-        if !self.allow.is_empty() && !self.allow.iter().any(|(_, r)| matches(r)) {
+        if !self.allow.is_empty() && !endpoint && !self.allow.iter().any(|(_, r)| matches(r)) {
             return Err(Denied(format!(
                 "{what} is not in http.allow: add the host or its network there to allow it"
             )));
@@ -375,6 +416,34 @@ mod tests {
             "address 169.254.169.254 of host meta.test is link-local (cloud metadata): such \
              addresses are always refused"
         );
+    }
+
+    #[test]
+    fn a_webhook_endpoint_is_allowed_and_nothing_else() {
+        let p = policy("[http]\nallow = [\"api.example.com\"]\ndeny = [\"10.0.0.0/8\"]");
+        let hook = p.with_endpoint(&url("http://Hooks.Example.org:8080/x"));
+        assert!(hook.check_url(&url("http://hooks.example.org/y")).is_ok());
+        assert!(hook
+            .check_addr(Some("hooks.example.org"), addr("127.0.0.1"))
+            .is_ok());
+        assert!(hook.check_url(&url("http://other.example.org/")).is_err());
+        // Deny and metadata still apply to the endpoint.
+        let e = hook
+            .check_addr(Some("hooks.example.org"), addr("10.1.2.3"))
+            .unwrap_err();
+        assert!(e.0.contains("http.deny[0]"), "{e}");
+        assert!(hook
+            .check_addr(Some("hooks.example.org"), addr("169.254.169.254"))
+            .is_err());
+        let local = policy("").with_endpoint(&url("http://127.0.0.1:9000/hook"));
+        assert!(local.check_url(&url("http://127.0.0.1:9001/")).is_ok());
+        // Another loopback address, or a name resolving to loopback: refused.
+        assert!(local.check_url(&url("http://127.0.0.2/")).is_err());
+        assert!(local
+            .check_addr(Some("localhost"), addr("127.0.0.1"))
+            .is_err());
+        let meta = policy("").with_endpoint(&url("http://169.254.169.254/"));
+        assert!(meta.check_url(&url("http://169.254.169.254/")).is_err());
     }
 
     #[tokio::test]

@@ -8,7 +8,9 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     super::scheduler::apply_topology(&config, &shutdown).await?;
     let worker = Worker::new(
         config.clone(),
-        Registry::with_builtins().with_exec(&config)?,
+        Registry::with_builtins()
+            .with_exec(&config)?
+            .with_webhooks(&config)?,
     )?;
     let scheduler = warren_scheduler::Scheduler::new(config.clone());
     // Like the tracker, the endpoints only report: a taken address is logged

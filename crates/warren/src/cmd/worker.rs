@@ -8,7 +8,9 @@ pub async fn run(config: Config) -> anyhow::Result<i32> {
     super::check_tls(&config, "worker").await?;
     let worker = Worker::new(
         config.clone(),
-        Registry::with_builtins().with_exec(&config)?,
+        Registry::with_builtins()
+            .with_exec(&config)?
+            .with_webhooks(&config)?,
     )?;
     super::serve_ops(
         "worker.listen",
