@@ -210,8 +210,11 @@ async fn status_without_an_id_shows_queue_depths_and_workers() {
 
     // A worker on `diag` shows as alive, by its connection name; `io` keeps its tasks.
     env.spawn(&["worker", "--queues", "diag"], &[]);
+    // The API lists a consumer a moment before its channel's details.
     let v = status_until(&env, std::time::Duration::from_secs(30), "a worker", |v| {
-        v["workers"].as_array().is_some_and(|w| !w.is_empty())
+        v["workers"][0]["connection"]
+            .as_str()
+            .is_some_and(|c| c != "unknown")
     })
     .await;
     let worker = &v["workers"][0];
