@@ -5,15 +5,16 @@
 #[path = "builtin_server.rs"]
 mod server;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use warren_client::{ReceivedEvent, TaskRequest};
+use warren_client::TaskRequest;
 use warren_core::event::ErrorKind;
 use warren_core::{Event, TaskState};
-use warren_e2e::{final_event, free_port, unix_ms, until_final, Env, T_LONG};
+use warren_e2e::{
+    failure_of, final_event, free_port, result_of, unix_ms, until_final, Env, T_LONG,
+};
 
 use server::{content, content_sha256, TestServer};
 const MB: u64 = 1024 * 1024;
@@ -41,43 +42,6 @@ async fn env(name: &str, data: &Path, loopback: bool, extra: &[(&str, &str)]) ->
     ];
     vars.extend_from_slice(extra);
     Env::new(name, &vars).await
-}
-
-/// Publishes tasks (no retries unless a test asks) and waits for all their
-/// final events; returns each task's events by the given names.
-async fn run_all(
-    env: &Env,
-    tasks: Vec<(&'static str, &'static str, Value)>,
-) -> HashMap<&'static str, Vec<ReceivedEvent>> {
-    let mut watch = env.watch(&["#"]).await;
-    let mut ids = Vec::new();
-    let mut by_name = Vec::new();
-    for (name, task_type, args) in tasks {
-        let id = env
-            .publish(&TaskRequest::new(task_type, args).header_int("x-warren-max-retries", 0))
-            .await;
-        ids.push(id.clone());
-        by_name.push((name, id));
-    }
-    let mut got = until_final(&mut watch, &ids, T_LONG).await;
-    by_name
-        .into_iter()
-        .map(|(name, id)| (name, got.remove(&id).unwrap()))
-        .collect()
-}
-
-fn result_of(events: &[ReceivedEvent]) -> &Value {
-    let ev = final_event(events);
-    assert_eq!(ev.state, TaskState::Succeeded, "{ev:?}");
-    ev.result.as_ref().unwrap()
-}
-
-/// The `(kind, code, message)` of a task that ended dead.
-fn failure_of(events: &[ReceivedEvent]) -> (ErrorKind, String, String) {
-    let ev = final_event(events);
-    assert_eq!(ev.state, TaskState::Dead, "{ev:?}");
-    let e = ev.error.as_ref().unwrap();
-    (e.kind, e.code.clone(), e.message.clone())
 }
 
 /// Peak resident memory of a process (VmHWM), in bytes.
@@ -123,8 +87,8 @@ async fn http_request_returns_status_headers_and_body_as_json_text_or_base64() {
     let data = data_dir("http-ok");
     let mut env = env("http-ok", &data, true, &[]).await;
     env.up(&[]);
-    let got = run_all(
-        &env,
+    let got = env.run_named(
+         0,
         vec![
             ("json", "http.request", json!({"method": "GET", "url": srv.url("/json")})),
             ("text", "http.request", json!({"method": "get", "url": srv.url("/text")})),
@@ -189,48 +153,49 @@ async fn http_request_failure_classes() {
     let mut env = env("http-fail", &data, true, &[]).await;
     env.up(&[]);
     let get = |path: &str| json!({"method": "GET", "url": srv.url(path)});
-    let got = run_all(
-        &env,
-        vec![
-            ("404", "http.request", get("/status/404")),
-            ("503", "http.request", get("/status/503")),
-            ("429", "http.request", get("/status/429")),
-            (
-                "refused",
-                "http.request",
-                json!({"method": "GET", "url": format!("http://127.0.0.1:{closed}/")}),
-            ),
-            (
-                "timeout",
-                "http.request",
-                json!({"method": "GET", "url": srv.url("/slow"), "timeout_ms": 300}),
-            ),
-            (
-                "unexpected",
-                "http.request",
-                json!({"method": "GET", "url": srv.url("/json"), "expect_status": 201}),
-            ),
-            ("loop", "http.request", get("/loop")),
-            (
-                "bad-method",
-                "http.request",
-                json!({"method": "GE T", "url": srv.url("/json")}),
-            ),
-            ("no-url", "http.request", json!({"method": "GET"})),
-            ("not-object", "http.request", json!(["GET"])),
-            (
-                "bad-url",
-                "http.request",
-                json!({"method": "GET", "url": "not a url"}),
-            ),
-            (
-                "ftp",
-                "http.request",
-                json!({"method": "GET", "url": "ftp://127.0.0.1/x"}),
-            ),
-        ],
-    )
-    .await;
+    let got = env
+        .run_named(
+            0,
+            vec![
+                ("404", "http.request", get("/status/404")),
+                ("503", "http.request", get("/status/503")),
+                ("429", "http.request", get("/status/429")),
+                (
+                    "refused",
+                    "http.request",
+                    json!({"method": "GET", "url": format!("http://127.0.0.1:{closed}/")}),
+                ),
+                (
+                    "timeout",
+                    "http.request",
+                    json!({"method": "GET", "url": srv.url("/slow"), "timeout_ms": 300}),
+                ),
+                (
+                    "unexpected",
+                    "http.request",
+                    json!({"method": "GET", "url": srv.url("/json"), "expect_status": 201}),
+                ),
+                ("loop", "http.request", get("/loop")),
+                (
+                    "bad-method",
+                    "http.request",
+                    json!({"method": "GE T", "url": srv.url("/json")}),
+                ),
+                ("no-url", "http.request", json!({"method": "GET"})),
+                ("not-object", "http.request", json!(["GET"])),
+                (
+                    "bad-url",
+                    "http.request",
+                    json!({"method": "GET", "url": "not a url"}),
+                ),
+                (
+                    "ftp",
+                    "http.request",
+                    json!({"method": "GET", "url": "ftp://127.0.0.1/x"}),
+                ),
+            ],
+        )
+        .await;
     let expect = [
         ("404", ErrorKind::Permanent, "http_404", "permanent_failure"),
         ("503", ErrorKind::Retryable, "http_503", "retries_exhausted"),
@@ -361,39 +326,40 @@ async fn loopback_is_denied_unless_configured_and_credentials_stay_out_of_events
     let mut env = env("loopback", &data, false, &[]).await;
     let up = env.up(&[]);
     let port = srv.addr.port();
-    let got = run_all(
-        &env,
-        vec![
-            (
-                "ip",
-                "http.request",
-                json!({"method": "GET", "url": srv.url("/json")}),
-            ),
-            (
-                "name",
-                "http.request",
-                json!({"method": "GET", "url": format!("http://localhost:{port}/json")}),
-            ),
-            (
-                "zero",
-                "http.request",
-                json!({"method": "GET", "url": format!("http://0.0.0.0:{port}/json")}),
-            ),
-            (
-                "creds",
-                "http.request",
-                json!({"method": "GET",
+    let got = env
+        .run_named(
+            0,
+            vec![
+                (
+                    "ip",
+                    "http.request",
+                    json!({"method": "GET", "url": srv.url("/json")}),
+                ),
+                (
+                    "name",
+                    "http.request",
+                    json!({"method": "GET", "url": format!("http://localhost:{port}/json")}),
+                ),
+                (
+                    "zero",
+                    "http.request",
+                    json!({"method": "GET", "url": format!("http://0.0.0.0:{port}/json")}),
+                ),
+                (
+                    "creds",
+                    "http.request",
+                    json!({"method": "GET",
                        "url": format!("http://alice:pa55word@localhost:{port}/json?api_key=k3y"),
                        "headers": {"Authorization": "Bearer s3cret-token"}}),
-            ),
-            (
-                "download",
-                "file.download",
-                json!({"url": srv.url("/gen/100"), "path": "x.bin"}),
-            ),
-        ],
-    )
-    .await;
+                ),
+                (
+                    "download",
+                    "file.download",
+                    json!({"url": srv.url("/gen/100"), "path": "x.bin"}),
+                ),
+            ],
+        )
+        .await;
     for name in ["ip", "name", "zero", "creds", "download"] {
         let (kind, code, message) = failure_of(&got[name]);
         assert_eq!(
@@ -435,8 +401,8 @@ async fn metadata_addresses_are_denied_directly_and_after_a_redirect() {
     env.up(&[]);
     let redirect =
         |to: &str| json!({"method": "GET", "url": format!("{}?to={to}", srv.url("/redirect"))});
-    let got = run_all(
-        &env,
+    let got = env.run_named(
+         0,
         vec![
             (
                 "direct",
@@ -503,24 +469,25 @@ async fn a_300_mb_download_streams_with_bounded_memory_and_a_verified_sha256() {
     // A small download with the sha256 given is verified; a wrong one
     // leaves no file. These also bring the worker to its working size.
     let small = 3 * MB + 17;
-    let got = run_all(
-        &env,
-        vec![
-            (
-                "verified",
-                "file.download",
-                json!({"url": srv.url(&format!("/gen/{small}")), "path": "ok.bin",
+    let got = env
+        .run_named(
+            0,
+            vec![
+                (
+                    "verified",
+                    "file.download",
+                    json!({"url": srv.url(&format!("/gen/{small}")), "path": "ok.bin",
                        "sha256": content_sha256(small).to_uppercase()}),
-            ),
-            (
-                "mismatch",
-                "file.download",
-                json!({"url": srv.url(&format!("/gen/{small}")), "path": "bad.bin",
+                ),
+                (
+                    "mismatch",
+                    "file.download",
+                    json!({"url": srv.url(&format!("/gen/{small}")), "path": "bad.bin",
                        "sha256": content_sha256(small - 1)}),
-            ),
-        ],
-    )
-    .await;
+                ),
+            ],
+        )
+        .await;
     assert_eq!(result_of(&got["verified"])["sha256"], content_sha256(small));
     let (kind, code, message) = failure_of(&got["mismatch"]);
     assert_eq!(
@@ -657,41 +624,42 @@ async fn download_limits_and_paths_that_leave_the_data_directory_are_refused() {
     env.up(&[]);
     let dl = |path: &str| json!({"url": srv.url("/gen/1000"), "path": path});
     let up = |path: &str| json!({"path": path, "url": srv.url("/upload")});
-    let got = run_all(
-        &env,
-        vec![
-            ("dotdot", "file.download", dl("../x.bin")),
-            ("nested-dotdot", "file.download", dl("a/../../x.bin")),
-            (
-                "absolute",
-                "file.download",
-                dl(outside.join("abs.bin").to_str().unwrap()),
-            ),
-            ("symlink-dir", "file.download", dl("escape/x.bin")),
-            ("symlink-new-dir", "file.download", dl("escape/new/x.bin")),
-            ("symlink-file", "file.download", dl("secret-link")),
-            ("upload-dotdot", "file.upload", up("../outside/secret.txt")),
-            (
-                "upload-absolute",
-                "file.upload",
-                up(outside.join("secret.txt").to_str().unwrap()),
-            ),
-            ("upload-symlink", "file.upload", up("secret-link")),
-            ("upload-symlink-dir", "file.upload", up("escape/secret.txt")),
-            (
-                "too-large",
-                "file.download",
-                json!({"url": srv.url("/gen/5000"), "path": "big.bin", "max_bytes": 4999}),
-            ),
-            ("missing", "file.upload", up("nothing-here.bin")),
-            (
-                "http-404",
-                "file.download",
-                json!({"url": srv.url("/status/404"), "path": "n.bin"}),
-            ),
-        ],
-    )
-    .await;
+    let got = env
+        .run_named(
+            0,
+            vec![
+                ("dotdot", "file.download", dl("../x.bin")),
+                ("nested-dotdot", "file.download", dl("a/../../x.bin")),
+                (
+                    "absolute",
+                    "file.download",
+                    dl(outside.join("abs.bin").to_str().unwrap()),
+                ),
+                ("symlink-dir", "file.download", dl("escape/x.bin")),
+                ("symlink-new-dir", "file.download", dl("escape/new/x.bin")),
+                ("symlink-file", "file.download", dl("secret-link")),
+                ("upload-dotdot", "file.upload", up("../outside/secret.txt")),
+                (
+                    "upload-absolute",
+                    "file.upload",
+                    up(outside.join("secret.txt").to_str().unwrap()),
+                ),
+                ("upload-symlink", "file.upload", up("secret-link")),
+                ("upload-symlink-dir", "file.upload", up("escape/secret.txt")),
+                (
+                    "too-large",
+                    "file.download",
+                    json!({"url": srv.url("/gen/5000"), "path": "big.bin", "max_bytes": 4999}),
+                ),
+                ("missing", "file.upload", up("nothing-here.bin")),
+                (
+                    "http-404",
+                    "file.download",
+                    json!({"url": srv.url("/status/404"), "path": "n.bin"}),
+                ),
+            ],
+        )
+        .await;
     for name in [
         "dotdot",
         "nested-dotdot",
@@ -739,38 +707,39 @@ async fn uploads_put_raw_and_post_multipart_with_matching_checksums() {
     let expected = content_sha256(LEN);
     let mut env = env("upload", &data, true, &[]).await;
     env.up(&[]);
-    let got = run_all(
-        &env,
-        vec![
-            (
-                "put",
-                "file.upload",
-                json!({"path": "out/report.bin", "url": srv.url("/upload")}),
-            ),
-            (
-                "multipart",
-                "file.upload",
-                json!({"path": "out/report.bin", "url": srv.url("/upload"), "method": "POST",
+    let got = env
+        .run_named(
+            0,
+            vec![
+                (
+                    "put",
+                    "file.upload",
+                    json!({"path": "out/report.bin", "url": srv.url("/upload")}),
+                ),
+                (
+                    "multipart",
+                    "file.upload",
+                    json!({"path": "out/report.bin", "url": srv.url("/upload"), "method": "POST",
                        "field": "file"}),
-            ),
-            (
-                "unhashed",
-                "file.upload",
-                json!({"path": "out/report.bin", "url": srv.url("/upload"), "checksum": false}),
-            ),
-            (
-                "bad-method",
-                "file.upload",
-                json!({"path": "out/report.bin", "url": srv.url("/upload"), "method": "PATCH"}),
-            ),
-            (
-                "rejected",
-                "file.upload",
-                json!({"path": "out/report.bin", "url": srv.url("/status/403")}),
-            ),
-        ],
-    )
-    .await;
+                ),
+                (
+                    "unhashed",
+                    "file.upload",
+                    json!({"path": "out/report.bin", "url": srv.url("/upload"), "checksum": false}),
+                ),
+                (
+                    "bad-method",
+                    "file.upload",
+                    json!({"path": "out/report.bin", "url": srv.url("/upload"), "method": "PATCH"}),
+                ),
+                (
+                    "rejected",
+                    "file.upload",
+                    json!({"path": "out/report.bin", "url": srv.url("/status/403")}),
+                ),
+            ],
+        )
+        .await;
     let put = result_of(&got["put"]);
     assert_eq!(put["status"], 201);
     assert_eq!(put["bytes"], LEN);
@@ -826,15 +795,16 @@ async fn a_type_concurrency_cap_holds_back_that_type_only() {
     let cfg = env.config_file("[worker.type_concurrency]\n\"file.download\" = 1\n");
     env.spawn(&["--config", &cfg, "up"], &[]);
     let slow = |p: &str| json!({"url": srv.url("/gen/1500000?rate=1500000"), "path": p});
-    let got = run_all(
-        &env,
-        vec![
-            ("d1", "file.download", slow("d1.bin")),
-            ("d2", "file.download", slow("d2.bin")),
-            ("echo", "diag.echo", json!({"hi": 1})),
-        ],
-    )
-    .await;
+    let got = env
+        .run_named(
+            0,
+            vec![
+                ("d1", "file.download", slow("d1.bin")),
+                ("d2", "file.download", slow("d2.bin")),
+                ("echo", "diag.echo", json!({"hi": 1})),
+            ],
+        )
+        .await;
     let at = |name: &str, state: TaskState| {
         let e = got[name]
             .iter()

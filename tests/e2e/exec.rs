@@ -3,15 +3,14 @@
 //! test), their results, failure classes, limits, cancel and kills, checked
 //! in the process table.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::{json, Value};
-use warren_client::{ReceivedEvent, TaskRequest};
+use serde_json::json;
+use warren_client::TaskRequest;
 use warren_core::event::ErrorKind;
 use warren_core::TaskState;
-use warren_e2e::{final_event, until_final, Env, T_LONG};
+use warren_e2e::{failure_of, final_event, result_of, until_final, Env, T_LONG};
 
 /// A fresh directory for one test's programs and pid files.
 fn scratch(name: &str) -> PathBuf {
@@ -54,45 +53,6 @@ fn configure(env: &Env, entries: &str) -> String {
 /// A TOML string literal.
 fn lit(s: &str) -> String {
     serde_json::to_string(s).unwrap()
-}
-
-/// Publishes tasks with `max_retries` retries and waits for their final
-/// events; returns each task's events by name.
-async fn run_all(
-    env: &Env,
-    max_retries: i64,
-    tasks: Vec<(&'static str, &'static str, Value)>,
-) -> HashMap<&'static str, Vec<ReceivedEvent>> {
-    let mut watch = env.watch(&["#"]).await;
-    let mut by_name = Vec::new();
-    for (name, task_type, args) in tasks {
-        let id = env
-            .publish(
-                &TaskRequest::new(task_type, args).header_int("x-warren-max-retries", max_retries),
-            )
-            .await;
-        by_name.push((name, id));
-    }
-    let ids: Vec<String> = by_name.iter().map(|(_, id)| id.clone()).collect();
-    let mut got = until_final(&mut watch, &ids, T_LONG).await;
-    by_name
-        .into_iter()
-        .map(|(name, id)| (name, got.remove(&id).unwrap()))
-        .collect()
-}
-
-fn result_of(events: &[ReceivedEvent]) -> &Value {
-    let ev = final_event(events);
-    assert_eq!(ev.state, TaskState::Succeeded, "{ev:?}");
-    ev.result.as_ref().unwrap()
-}
-
-/// The `(kind, code, message)` of a task that ended dead.
-fn failure_of(events: &[ReceivedEvent]) -> (ErrorKind, String, String) {
-    let ev = final_event(events);
-    assert_eq!(ev.state, TaskState::Dead, "{ev:?}");
-    let e = ev.error.as_ref().unwrap();
-    (e.kind, e.code.clone(), e.message.clone())
 }
 
 /// Peak resident memory of a process (VmHWM), in bytes.
@@ -176,16 +136,16 @@ async fn the_examples_run_with_json_and_text_results() {
         ),
     );
     env.spawn(&["--config", &cfg, "up"], &[]);
-    let got = run_all(
-        &env,
-        0,
-        vec![
-            ("report", "ex.report", json!({"items": [1, 2, 3.5]})),
-            ("greet", "ex.greet", json!({"name": "Ada"})),
-            ("bad", "ex.report", json!({"items": [1, "two"]})),
-        ],
-    )
-    .await;
+    let got = env
+        .run_named(
+            0,
+            vec![
+                ("report", "ex.report", json!({"items": [1, 2, 3.5]})),
+                ("greet", "ex.greet", json!({"name": "Ada"})),
+                ("bad", "ex.report", json!({"items": [1, "two"]})),
+            ],
+        )
+        .await;
     let r = result_of(&got["report"]);
     assert_eq!(r["count"], 3);
     assert_eq!(r["sum"], 6.5);
@@ -241,17 +201,17 @@ async fn exit_codes_output_caps_and_environment() {
             ("WARREN_E2E_SECRET", "s3cret"),
         ],
     );
-    let got = run_all(
-        &env,
-        1,
-        vec![
-            ("retry", "ex.retry", json!({})),
-            ("fail", "ex.fail", json!({})),
-            ("binary", "ex.binary", json!({})),
-            ("env", "ex.env", json!({})),
-        ],
-    )
-    .await;
+    let got = env
+        .run_named(
+            1,
+            vec![
+                ("retry", "ex.retry", json!({})),
+                ("fail", "ex.fail", json!({})),
+                ("binary", "ex.binary", json!({})),
+                ("env", "ex.env", json!({})),
+            ],
+        )
+        .await;
 
     // Exit 75: retried, then dead once the retries ran out.
     let retry = &got["retry"];

@@ -5,7 +5,7 @@
 //! Failure classes, Retry-After, response caps, the `[http]` rules, abort
 //! on a time limit and a cancel, start-up errors.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use warren_client::{ReceivedEvent, TaskRequest};
 use warren_core::event::ErrorKind;
 use warren_core::{Event, TaskState};
-use warren_e2e::{final_event, unix_ms, until_final, Env, T, T_LONG};
+use warren_e2e::{failure_of, final_event, result_of, unix_ms, until_final, Env, T, T_LONG};
 
 const SECRET: &str = "e2e-webhook-secret-5d1c";
 
@@ -297,44 +297,6 @@ fn configure(env: &Env, entries: &str) -> String {
     cfg
 }
 
-/// Publishes tasks with `max_retries` retries; returns each one's events.
-async fn run_all(
-    env: &Env,
-    max_retries: i64,
-    tasks: Vec<(&'static str, &'static str, Value)>,
-) -> HashMap<&'static str, Vec<ReceivedEvent>> {
-    let mut watch = env.watch(&["#"]).await;
-    let mut by_name = Vec::new();
-    for (name, task_type, args) in tasks {
-        let id = env
-            .publish(
-                &TaskRequest::new(task_type, args).header_int("x-warren-max-retries", max_retries),
-            )
-            .await;
-        by_name.push((name, id));
-    }
-    let ids: Vec<String> = by_name.iter().map(|(_, id)| id.clone()).collect();
-    let mut got = until_final(&mut watch, &ids, T_LONG).await;
-    by_name
-        .into_iter()
-        .map(|(name, id)| (name, got.remove(&id).unwrap()))
-        .collect()
-}
-
-fn result_of(events: &[ReceivedEvent]) -> &Value {
-    let ev = final_event(events);
-    assert_eq!(ev.state, TaskState::Succeeded, "{ev:?}");
-    ev.result.as_ref().unwrap()
-}
-
-/// `(kind, code, message)` of a task that ended dead.
-fn failure_of(events: &[ReceivedEvent]) -> (ErrorKind, String, String) {
-    let ev = final_event(events);
-    assert_eq!(ev.state, TaskState::Dead, "{ev:?}");
-    let e = ev.error.as_ref().unwrap();
-    (e.kind, e.code.clone(), e.message.clone())
-}
-
 /// Milliseconds from the first `failed` event to the second `started`.
 fn retry_gap(events: &[ReceivedEvent]) -> (i64, &Event) {
     let evs: Vec<&Event> = events.iter().map(|e| &e.event).collect();
@@ -378,21 +340,21 @@ async fn signed_posts_succeed_and_each_failure_is_classed() {
             ("WARREN__RETRY__DEFAULT__CAP_MS", "20"),
         ],
     );
-    let got = run_all(
-        &env,
-        1,
-        vec![
-            ("ok", "wh.ok", json!({"n": [1, 2], "s": "héllo"})),
-            ("text", "wh.text", json!({})),
-            ("flaky", "wh.flaky", json!({})),
-            ("date", "wh.date", json!({})),
-            ("quota", "wh.quota", json!({})),
-            ("gone", "wh.gone", json!({})),
-            ("big", "wh.big", json!({})),
-            ("tampered", "wh.tampered", json!({"x": 1})),
-        ],
-    )
-    .await;
+    let got = env
+        .run_named(
+            1,
+            vec![
+                ("ok", "wh.ok", json!({"n": [1, 2], "s": "héllo"})),
+                ("text", "wh.text", json!({})),
+                ("flaky", "wh.flaky", json!({})),
+                ("date", "wh.date", json!({})),
+                ("quota", "wh.quota", json!({})),
+                ("gone", "wh.gone", json!({})),
+                ("big", "wh.big", json!({})),
+                ("tampered", "wh.tampered", json!({"x": 1})),
+            ],
+        )
+        .await;
 
     // The server checked the signature; the body is {id, type, attempt, args}.
     let r = result_of(&got["ok"]);
@@ -491,16 +453,16 @@ async fn only_the_configured_endpoint_is_allowed() {
     .concat();
     let cfg = configure(&env, &entries);
     env.spawn(&["--config", &cfg, "up"], &[(var, SECRET)]);
-    let got = run_all(
-        &env,
-        0,
-        vec![
-            ("ok", "wh.ok", json!({})),
-            ("meta", "wh.meta", json!({})),
-            ("local", "wh.local", json!({})),
-        ],
-    )
-    .await;
+    let got = env
+        .run_named(
+            0,
+            vec![
+                ("ok", "wh.ok", json!({})),
+                ("meta", "wh.meta", json!({})),
+                ("local", "wh.local", json!({})),
+            ],
+        )
+        .await;
     assert_eq!(result_of(&got["ok"])["verified"], true);
     let (kind, code, message) = failure_of(&got["meta"]);
     assert_eq!((kind, code.as_str()), (ErrorKind::Permanent, "denied"));
@@ -627,16 +589,16 @@ async fn the_python_receiver_verifies_signatures() {
         &["--config", &cfg, "up"],
         &[(var, SECRET), (wrong, "guessed")],
     );
-    let got = run_all(
-        &env,
-        0,
-        vec![
-            ("report", "wh.report", json!({"items": [1, 2, 3.5]})),
-            ("bad", "wh.report", json!({"items": [1, "two"]})),
-            ("forged", "wh.forged", json!({"items": [1]})),
-        ],
-    )
-    .await;
+    let got = env
+        .run_named(
+            0,
+            vec![
+                ("report", "wh.report", json!({"items": [1, 2, 3.5]})),
+                ("bad", "wh.report", json!({"items": [1, "two"]})),
+                ("forged", "wh.forged", json!({"items": [1]})),
+            ],
+        )
+        .await;
     let r = result_of(&got["report"]);
     assert_eq!(r["count"], 3);
     assert_eq!(r["sum"], 6.5);

@@ -593,6 +593,46 @@ pub fn final_event(events: &[ReceivedEvent]) -> &Event {
         .event
 }
 
+/// The result of a task that succeeded (panics otherwise).
+pub fn result_of(events: &[ReceivedEvent]) -> &serde_json::Value {
+    let ev = final_event(events);
+    assert_eq!(ev.state, warren_core::TaskState::Succeeded, "{ev:?}");
+    ev.result.as_ref().expect("a result")
+}
+
+/// The `(kind, code, message)` of a task that ended dead (panics otherwise).
+pub fn failure_of(events: &[ReceivedEvent]) -> (warren_core::event::ErrorKind, String, String) {
+    let ev = final_event(events);
+    assert_eq!(ev.state, warren_core::TaskState::Dead, "{ev:?}");
+    let e = ev.error.as_ref().expect("an error");
+    (e.kind, e.code.clone(), e.message.clone())
+}
+
+impl Env {
+    /// Publishes `(name, type, args)` tasks with `max_retries` retries each
+    /// and waits (bounded) for their final events; returns each task's
+    /// events by name.
+    pub async fn run_named(
+        &self,
+        max_retries: i64,
+        tasks: Vec<(&'static str, &'static str, serde_json::Value)>,
+    ) -> HashMap<&'static str, Vec<ReceivedEvent>> {
+        let mut watch = self.watch(&["#"]).await;
+        let mut by_name = Vec::new();
+        for (name, task_type, args) in tasks {
+            let request =
+                TaskRequest::new(task_type, args).header_int("x-warren-max-retries", max_retries);
+            by_name.push((name, self.publish(&request).await));
+        }
+        let ids: Vec<String> = by_name.iter().map(|(_, id)| id.clone()).collect();
+        let mut got = until_final(&mut watch, &ids, T_LONG).await;
+        by_name
+            .into_iter()
+            .map(|(name, id)| (name, got.remove(&id).expect("events of each task")))
+            .collect()
+    }
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
         for c in &mut self.children {
