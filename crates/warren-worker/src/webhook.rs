@@ -38,6 +38,7 @@ use sha2::Sha256;
 use warren_core::config::{SecretSource, WebhookConfig, WebhookSecret};
 use warren_core::Config;
 
+use crate::builtin::http_request::read_capped;
 use crate::builtin::policy::Policy;
 use crate::builtin::{error_snippet, redact, send, status_error, transport_error, Outbound};
 use crate::{Handler, Registry, TaskContext, TaskError};
@@ -218,23 +219,6 @@ impl Handler for Webhook {
             _ = ctx.cancel.cancelled() => Err(TaskError::retryable("aborted", "stopped by the worker")),
         }
     }
-}
-
-/// Reads at most `cap` bytes of the body; whether more was there.
-async fn read_capped(
-    mut resp: reqwest::Response,
-    cap: usize,
-) -> Result<(Vec<u8>, bool), reqwest::Error> {
-    let mut buf = Vec::new();
-    while let Some(chunk) = resp.chunk().await? {
-        let room = cap - buf.len();
-        if chunk.len() > room {
-            buf.extend_from_slice(&chunk[..room]);
-            return Ok((buf, true));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok((buf, false))
 }
 
 /// The result of a 2xx response body: JSON when it parses, else text

@@ -138,7 +138,7 @@ impl Handler for HttpRequest {
 }
 
 /// Reads at most `cap` bytes of the body; whether more was there.
-async fn read_capped(
+pub(crate) async fn read_capped(
     mut resp: reqwest::Response,
     cap: usize,
 ) -> Result<(Vec<u8>, bool), reqwest::Error> {
