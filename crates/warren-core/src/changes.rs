@@ -61,13 +61,15 @@ impl ChangeBook {
         let c = self.tasks.entry(task_id.clone()).or_default();
         let before = *c;
         c.at_ms = c.at_ms.max(*at_ms);
+        // Of two records with the same `at`, the greater value wins, so
+        // that every process decides alike whatever the arrival order.
         if let Some(p) = priority {
-            if c.priority.is_none_or(|(_, at)| *at_ms > at) {
+            if c.priority.is_none_or(|(v, at)| (*at_ms, *p) > (at, v)) {
                 c.priority = Some((*p, *at_ms));
             }
         }
         if let Some(d) = due_ms {
-            if c.due_ms.is_none_or(|(_, at)| *at_ms > at) {
+            if c.due_ms.is_none_or(|(v, at)| (*at_ms, *d) > (at, v)) {
                 c.due_ms = Some((*d, *at_ms));
             }
         }
@@ -161,6 +163,20 @@ mod tests {
             assert_eq!(c.due_ms(), Some(2_000), "{order:?}");
             assert_eq!(c.at_ms, 30);
         }
+    }
+
+    #[test]
+    fn a_tie_is_decided_by_value_not_arrival() {
+        let (a, b) = (change(5, Some(2), Some(10)), change(5, Some(7), Some(3)));
+        let mut one = ChangeBook::default();
+        one.record(&a);
+        one.record(&b);
+        let mut two = ChangeBook::default();
+        two.record(&b);
+        two.record(&a);
+        assert_eq!(one, two);
+        assert_eq!(one.get("t").unwrap().priority(), Some(7));
+        assert_eq!(one.get("t").unwrap().due_ms(), Some(10));
     }
 
     #[test]
