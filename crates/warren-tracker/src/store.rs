@@ -488,10 +488,10 @@ impl Store {
         }
         let rank = |e: &HistoryEntry| {
             let state = e.event["state"].as_str().unwrap_or_default();
-            ["scheduled", "started", "progress", "failed"]
+            ["queued", "scheduled", "started", "progress", "failed"]
                 .iter()
                 .position(|s| *s == state)
-                .unwrap_or(4)
+                .unwrap_or(5)
         };
         // Same millisecond: keep each attempt's life in order.
         out.sort_by_key(|e| {
