@@ -234,12 +234,18 @@ impl Api {
         }
     }
 
-    /// Waits until the tracker has stored `n` events of a task.
-    pub async fn wait_events(&self, task_id: &str, n: i64) -> Value {
+    /// Waits until the tracker has stored `n` status events of a task (the
+    /// `queued` entries it records from published copies not counted: a
+    /// task published through `P.tasks` has one, read at any moment).
+    pub async fn wait_events(&self, task_id: &str, n: usize) -> Value {
         self.wait_for(
             &format!("/api/tasks/{task_id}"),
             &format!("{n} events of {task_id}"),
-            |v| v["task"]["events"].as_i64() == Some(n),
+            |v| {
+                v["events"]
+                    .as_array()
+                    .is_some_and(|es| es.iter().filter(|e| e["state"] != "queued").count() == n)
+            },
         )
         .await
     }

@@ -47,7 +47,10 @@ pub enum Scenario {
     /// file.download and file.upload beside curl, with the worker's RSS
     /// (not part of `all`: it writes files of --transfer-mb).
     Transfer,
-    /// All of the above but transfer and tracker.
+    /// Drain with a tracker, `tracker.track_published` on beside off
+    /// (not part of `all`).
+    Published,
+    /// All of the above but transfer, tracker and published.
     All,
 }
 
@@ -104,6 +107,9 @@ pub async fn run(config: &Config, scenario: Scenario, opts: &Options) -> anyhow:
     }
     if scenario == Transfer {
         rows.extend(transfer::transfer(config, opts).await?);
+    }
+    if scenario == Published {
+        rows.extend(scenarios::published(config, opts).await?);
     }
     Ok(rows)
 }

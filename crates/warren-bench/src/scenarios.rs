@@ -177,6 +177,89 @@ fn best(a: Option<Drain>, b: Drain) -> Drain {
     }
 }
 
+/// One drain with a tracker running, `P.tracker.published` on or off.
+async fn drain_tracked(base: &Config, opts: &Options, published: bool) -> anyhow::Result<Drain> {
+    let n = opts.n;
+    let mut config = base.clone();
+    config.tracker.track_published = published;
+    let mut env = BenchEnv::new(&config, opts.config_path.clone()).await?;
+    let dir = std::env::temp_dir().join(format!("warren-bench-published-{}", env.config.prefix));
+    let tracker = env.spawn(
+        &["tracker"],
+        &[
+            (
+                "WARREN__TRACKER__DATABASE_URL",
+                format!("sqlite://{}/tracker.db", dir.display()),
+            ),
+            ("WARREN__TRACKER__LISTEN", "127.0.0.1:0".to_owned()),
+            ("WARREN__TRACKER__OPEN", "true".to_owned()),
+            ("WARREN__TRACKER__TRACK_PUBLISHED", published.to_string()),
+        ],
+    )?;
+    let watch = env.client.watch(&["succeeded.diag.echo"]).await?;
+    let reqs: Vec<TaskRequest> = (0..n)
+        .map(|i| TaskRequest::new("diag.echo", json!({ "i": i })))
+        .collect();
+    let label = if published {
+        "on: publish"
+    } else {
+        "off: publish"
+    };
+    let b = bar(n as u64, label);
+    let clock = Stopwatch::start();
+    env.client
+        .publish_batch(&reqs, 512, |k| b.set_position(k as u64))
+        .await?;
+    let publish = clock.stop();
+    b.finish_and_clear();
+    let pid = env.spawn(&["worker", "--queues", "diag"], &worker_vars(opts))?;
+    let events_queue = format!("{}.tracker.events", env.config.prefix);
+    let cfg = env.config.clone();
+    let label = if published { "on: drain" } else { "off: drain" };
+    let d = finish_drain(env, watch, pid, n, publish, label).await;
+    // finish_drain's cleanup stopped the tracker with the other children.
+    let _ = tracker;
+    let _ = crate::tracker::delete_queue(&cfg, &events_queue).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    d
+}
+
+/// Scenario `published`: the cost of `tracker.track_published`. A tracker
+/// runs in both; drain and publish of --n tasks with the copies in
+/// `P.tracker.published` on and off, alternating over the rounds (best of
+/// each), the "baseline" column being off.
+pub async fn published(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row>> {
+    let mut on: Option<Drain> = None;
+    let mut off: Option<Drain> = None;
+    for round in 0..opts.rounds.max(1) {
+        if round % 2 == 0 {
+            off = Some(best(off, drain_tracked(base, opts, false).await?));
+            on = Some(best(on, drain_tracked(base, opts, true).await?));
+        } else {
+            on = Some(best(on, drain_tracked(base, opts, true).await?));
+            off = Some(best(off, drain_tracked(base, opts, false).await?));
+        }
+    }
+    let (on, off) = (on.expect("one round"), off.expect("one round"));
+    let s = "published";
+    Ok(vec![
+        Row::vs(
+            s,
+            "publish with confirms, copies on vs off",
+            "tasks/s",
+            on.publish_per_s,
+            off.publish_per_s,
+        ),
+        Row::vs(
+            s,
+            "worker drain with a tracker, copies on vs off",
+            "tasks/s",
+            on.drain_per_s,
+            off.drain_per_s,
+        ),
+    ])
+}
+
 /// Scenario `throughput` (with its baseline): publish rate with confirms,
 /// preloaded-queue drain rate, CPU per task.
 pub async fn throughput(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row>> {

@@ -430,7 +430,7 @@ async fn ingest_into(
     })
 }
 
-async fn delete_queue(config: &Config, queue: &str) -> anyhow::Result<()> {
+pub(crate) async fn delete_queue(config: &Config, queue: &str) -> anyhow::Result<()> {
     let conn = warren_client::runtime::connect(&config.broker, "bench").await?;
     let ch = conn.create_channel().await?;
     ch.queue_delete(queue.into(), QueueDeleteOptions::default())

@@ -23,6 +23,7 @@ use lapin::BasicProperties;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+use warren_core::changes::{ChangeBook, TaskChange};
 use warren_core::config::BrokerConfig;
 use warren_core::control::ControlMessage;
 use warren_core::escrow::{EscrowTimes, LeaseBook, Returned};
@@ -42,6 +43,7 @@ pub struct CancelSet {
     running: Arc<Mutex<HashMap<String, CancellationToken>>>,
     leases: Arc<Mutex<Leases>>,
     pauses: Arc<Pauses>,
+    changes: Arc<Mutex<ChangeBook>>,
 }
 
 /// The pause records read, and a counter bumped on every change.
@@ -187,6 +189,25 @@ impl CancelSet {
     /// changes what is paused.
     pub fn pause_changes(&self) -> watch::Receiver<u64> {
         self.pauses.changed.subscribe()
+    }
+
+    /// Takes in a change record of a waiting task.
+    pub fn record_change(&self, m: &ControlMessage) -> bool {
+        self.changes.lock().expect("not poisoned").record(m)
+    }
+
+    /// The change a copy of `task_id` carrying `applied_ms` (its
+    /// `x-warren-changed`, 0 if absent) has not had yet, if any.
+    pub fn change_pending(&self, task_id: &str, applied_ms: i64) -> Option<TaskChange> {
+        self.changes
+            .lock()
+            .expect("not poisoned")
+            .pending(task_id, applied_ms)
+    }
+
+    /// What is known of changes now (a copy).
+    pub fn changes(&self) -> ChangeBook {
+        self.changes.lock().expect("not poisoned").clone()
     }
 
     /// Whether a cancel command for this task was seen.
@@ -345,6 +366,9 @@ impl CancelSet {
                 }
                 Some(m @ (ControlMessage::Lease { .. } | ControlMessage::EscrowDone { .. })) => {
                     self.record_escrow(&m);
+                }
+                Some(m @ ControlMessage::Change { .. }) if self.record_change(&m) => {
+                    info!(record = ?m, "task change received");
                 }
                 Some(m @ (ControlMessage::Pause { .. } | ControlMessage::Resume { .. })) => {
                     match self.record_pause(&m) {

@@ -349,6 +349,31 @@ impl Client {
             .await
     }
 
+    /// Changes a waiting task (contract section 5): publishes a change
+    /// record stamped now, with its new priority, due time (Unix ms), or
+    /// both, to `P.control` and waits for the broker's confirm. Returns the
+    /// record's time.
+    pub async fn change_task(
+        &self,
+        task_id: &str,
+        priority: Option<u8>,
+        due_ms: Option<i64>,
+    ) -> Result<i64, ClientError> {
+        let props = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2);
+        let at_ms = crate::cancels::now_ms();
+        let m = warren_core::control::ControlMessage::Change {
+            task_id: task_id.to_owned(),
+            at_ms,
+            priority,
+            due_ms,
+        };
+        self.publish_raw(&self.names.control(), "", &m.to_json(), props)
+            .await?;
+        Ok(at_ms)
+    }
+
     /// Follows events on `P.events` matching any of `patterns`
     /// (e.g. `succeeded.#`, `*.diag.echo`). Start it before publishing.
     pub async fn watch(&self, patterns: &[&str]) -> Result<EventWatch, ClientError> {

@@ -236,6 +236,39 @@ impl Outbox {
     }
 }
 
+impl Outbox {
+    /// Sends a changed task back through `P.delay`, due at `due_ms` (Unix
+    /// ms, `x-warren-eta`), as attempt `attempt`, marked with the change it
+    /// carries (`x-warren-changed` = `changed_at`); `original` carries the
+    /// priority to keep. The scheduler holds it until then.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn reschedule(
+        &self,
+        body: &[u8],
+        original: &BasicProperties,
+        task_id: &str,
+        task_type: &str,
+        attempt: i64,
+        due_ms: i64,
+        changed_at: i64,
+    ) -> Result<PublisherConfirm, ClientError> {
+        let mut h = original.headers().clone().unwrap_or_default();
+        headers::set_int(&mut h, headers::ATTEMPT, attempt);
+        headers::set_flag(&mut h, headers::REPUBLISHED);
+        headers::set_int(&mut h, headers::CHANGED, changed_at);
+        headers::remove(&mut h, &[headers::DELAY]);
+        headers::remove_where(&mut h, headers::is_death_record);
+        headers::set_int(&mut h, headers::ETA, due_ms);
+        if let Some(exp) = original.expiration() {
+            headers::set_str(&mut h, ORIGINAL_EXPIRATION, exp.as_str());
+        }
+        let props = copy_properties(original, h, task_type, Some(task_id));
+        self.channel
+            .send(&self.names.delay(), task_type, body, props)
+            .await
+    }
+}
+
 fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_owned();

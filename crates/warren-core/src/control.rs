@@ -47,6 +47,19 @@ pub enum ControlMessage {
         /// records of one target, the one with the latest `at` holds.
         at_ms: i64,
     },
+    /// `{"change": "<task id>", "at": <unix ms>, "priority": N, "due":
+    /// <unix ms>}` (`priority` 0..=255, `due`, or both): a waiting task gets
+    /// that priority or due time ([`crate::changes`]).
+    Change {
+        /// The task changed.
+        task_id: String,
+        /// When the change was asked, in milliseconds since the Unix epoch.
+        at_ms: i64,
+        /// Its new priority.
+        priority: Option<u8>,
+        /// Its new due time, in milliseconds since the Unix epoch.
+        due_ms: Option<i64>,
+    },
     /// `{"resume": "queue" | "type", "name": "<name>", "at": <unix ms>}`:
     /// undoes a pause of that target with an earlier `at`.
     Resume {
@@ -77,6 +90,26 @@ impl ControlMessage {
         }
         if let Some(m) = Self::parse_escrow(&v) {
             return Some(m);
+        }
+        if let Some(task_id) = text("change") {
+            let at_ms = v.get("at")?.as_i64()?;
+            let priority = match v.get("priority") {
+                None | Some(Value::Null) => None,
+                Some(p) => Some(u8::try_from(p.as_u64()?).ok()?),
+            };
+            let due_ms = match v.get("due") {
+                None | Some(Value::Null) => None,
+                Some(d) => Some(d.as_i64()?),
+            };
+            if priority.is_none() && due_ms.is_none() {
+                return None;
+            }
+            return Some(ControlMessage::Change {
+                task_id,
+                at_ms,
+                priority,
+                due_ms,
+            });
         }
         let pause_record = |key: &str| -> Option<(PauseTarget, i64)> {
             let kind = match v.get(key)?.as_str()? {
@@ -125,6 +158,21 @@ impl ControlMessage {
             ControlMessage::Pause { target, at_ms } => {
                 json!({ "pause": target.kind.as_str(), "name": target.name, "at": at_ms })
             }
+            ControlMessage::Change {
+                task_id,
+                at_ms,
+                priority,
+                due_ms,
+            } => {
+                let mut v = json!({ "change": task_id, "at": at_ms });
+                if let Some(p) = priority {
+                    v["priority"] = json!(p);
+                }
+                if let Some(d) = due_ms {
+                    v["due"] = json!(d);
+                }
+                v
+            }
             ControlMessage::Resume { target, at_ms } => {
                 json!({ "resume": target.kind.as_str(), "name": target.name, "at": at_ms })
             }
@@ -169,6 +217,18 @@ mod tests {
                 target: PauseTarget::task_type("email.send"),
                 at_ms: 0,
             },
+            ControlMessage::Change {
+                task_id: "t1".into(),
+                at_ms: 5,
+                priority: Some(9),
+                due_ms: None,
+            },
+            ControlMessage::Change {
+                task_id: "t1".into(),
+                at_ms: 6,
+                priority: Some(0),
+                due_ms: Some(-3),
+            },
         ] {
             assert_eq!(ControlMessage::parse(&m.to_json()), Some(m.clone()));
         }
@@ -205,6 +265,20 @@ mod tests {
             br#"{"cancel":["t"]}"#,
             br#"{"Cancel":"t"}"#,
             b"\xff\xfe",
+        ] {
+            assert_eq!(ControlMessage::parse(skipped), None, "{skipped:?}");
+        }
+    }
+
+    #[test]
+    fn change_records_need_a_time_and_a_field() {
+        for skipped in [
+            &br#"{"change":"t","priority":3}"#[..],
+            br#"{"change":"t","at":1}"#,
+            br#"{"change":"t","at":1,"priority":256}"#,
+            br#"{"change":"t","at":1,"priority":-1}"#,
+            br#"{"change":"t","at":1,"due":"soon"}"#,
+            br#"{"change":5,"at":1,"due":1}"#,
         ] {
             assert_eq!(ControlMessage::parse(skipped), None, "{skipped:?}");
         }

@@ -144,6 +144,7 @@ impl LeaseBook {
             ControlMessage::Cancel(_)
             | ControlMessage::Marker(_)
             | ControlMessage::Pause { .. }
+            | ControlMessage::Change { .. }
             | ControlMessage::Resume { .. } => {}
         }
     }

@@ -8,6 +8,10 @@ use serde_json::Value;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskState {
+    /// The task was published and waits in a work queue. No process
+    /// publishes it on `P.events`: the tracker records it from the copy it
+    /// reads in `P.tracker.published`.
+    Queued,
     /// A delayed task or a retry was accepted by the scheduler.
     Scheduled,
     /// A handler began an attempt.
@@ -28,6 +32,7 @@ impl TaskState {
     /// The lowercase word used in routing keys and bodies.
     pub fn as_str(self) -> &'static str {
         match self {
+            TaskState::Queued => "queued",
             TaskState::Scheduled => "scheduled",
             TaskState::Started => "started",
             TaskState::Succeeded => "succeeded",

@@ -39,6 +39,11 @@ pub const HEADERS_DROPPED: &str = "x-warren-headers-dropped";
 /// name of the queue it was taken from, where it goes back on resume.
 pub const PAUSED_FROM: &str = "x-warren-paused-from";
 
+/// On a copy of a changed task: the `at` (Unix ms) of the latest change
+/// record applied to it (contract section 5); a copy without it, or with an
+/// older one, is superseded by a later change.
+pub const CHANGED: &str = "x-warren-changed";
+
 /// Largest header table, in encoded bytes, that a task may carry. Every copy
 /// the system re-publishes (retry, dead, requeue, release) adds a few KiB of
 /// its own headers, and an AMQP header frame cannot be split: 64 KiB leaves

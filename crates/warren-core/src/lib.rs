@@ -12,6 +12,7 @@
 //! without a broker.
 
 pub mod backoff;
+pub mod changes;
 pub mod config;
 pub mod control;
 pub mod delay;

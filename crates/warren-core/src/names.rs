@@ -128,6 +128,13 @@ impl Names {
         self.join(&format!("paused.{task_type}"))
     }
 
+    /// `P.tracker.published`: a bounded queue holding a copy of every task
+    /// published to `P.tasks` (on a route) or `P.delay`, which the tracker
+    /// reads so that a task is visible from its publication on.
+    pub fn tracker_published(&self) -> String {
+        self.join("tracker.published")
+    }
+
     /// `P.control.<host>-<pid>`-style name for per-process objects.
     pub fn per_process(&self, what: &str, identity: &str) -> String {
         self.join(&format!("{what}.{}", identity.replace('/', "-")))

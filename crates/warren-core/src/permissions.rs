@@ -221,12 +221,21 @@ impl Permissions {
             }
             Role::Tracker => {
                 let queue = name(format!("{}.tracker.events", n.prefix()));
+                // The copies of published tasks, which it declares as the
+                // topology does and reads (the topology binds them).
+                let published = name(n.tracker_published());
                 // It follows the pause records (and publishes its boot
                 // marker and the dashboard's pause records to P.control).
                 Permissions {
-                    configure: only(&queue),
+                    configure: any_of(&[queue.clone(), published.clone()]),
                     write: any_of(&[queue.clone(), name(n.tasks()), name(n.control())]),
-                    read: any_of(&[name(n.events()), queue, name(n.dead()), name(n.cancels())]),
+                    read: any_of(&[
+                        name(n.events()),
+                        queue,
+                        published,
+                        name(n.dead()),
+                        name(n.cancels()),
+                    ]),
                 }
             }
             Role::Operator => {
@@ -497,6 +506,9 @@ mod tests {
         assert!(allows(&t.write, &n.tasks()), "dashboard replay");
         assert!(allows(&t.read, &n.cancels()), "pause records");
         assert!(allows(&t.write, &n.control()), "dashboard pause");
+        assert!(allows(&t.configure, &n.tracker_published()));
+        assert!(allows(&t.read, &n.tracker_published()));
+        assert!(!allows(&t.write, &n.tracker_published()));
         assert!(!allows(&t.configure, &n.events()));
         assert!(!allows(&t.write, &n.events()));
         assert!(!allows(&t.read, &n.work_queue("default")));

@@ -164,6 +164,24 @@ pub fn durable_queue_arguments(
     base
 }
 
+/// The arguments of `P.tracker.published`, declared by the scheduler with
+/// the topology and by the tracker that reads it: bounded to
+/// `tracker.published_max_length` copies, the oldest dropped past that
+/// (`drop-head`, never `reject-publish`, which would refuse producers'
+/// tasks), and no dead-lettering; quorum when replicated.
+pub fn published_queue_arguments(c: &Config) -> BTreeMap<String, ArgValue> {
+    durable_queue_arguments(
+        c,
+        args([
+            (
+                "x-max-length",
+                ArgValue::Int(i64::try_from(c.tracker.published_max_length).unwrap_or(i64::MAX)),
+            ),
+            ("x-overflow", ArgValue::Str("drop-head".into())),
+        ]),
+    )
+}
+
 /// The arguments of a paused type's queue `P.paused.<type>`, declared by
 /// workers when they first park a task there: a task whose `expiration`
 /// passes while parked dead-letters like one in its work queue (to the
@@ -463,6 +481,25 @@ impl TopologyPlan {
             None => n.unroutable(),
         };
         bindings.push(binding(n.unroutable(), unrouted_queue, ""));
+        if c.tracker.track_published {
+            // A copy of every task that reaches a work queue or waits for
+            // its time. Bound with the routes' own patterns, never `#`: a
+            // task no route matches must still go to the alternate exchange.
+            let published = n.tracker_published();
+            queues.push(queue(
+                published.clone(),
+                published_queue_arguments(c),
+                "copies of the tasks published, read by the tracker to show them from \
+                 publication on; bounded, the oldest dropped",
+            ));
+            for r in &c.routes {
+                bindings.push(binding(n.tasks(), published.clone(), r.pattern.clone()));
+            }
+            if default_queue.is_some() {
+                bindings.push(binding(n.unroutable(), published.clone(), ""));
+            }
+            bindings.push(binding(n.delay(), published, "#"));
+        }
 
         Self {
             exchanges,
@@ -802,8 +839,35 @@ mod tests {
                 "warren.q.io",
                 "warren.q.cpu",
                 "warren.q.diag",
+                "warren.tracker.published",
             ]
         );
+        assert_eq!(
+            queue(&p, "warren.tracker.published").arguments,
+            args([
+                ("x-max-length", ArgValue::Int(100_000)),
+                ("x-overflow", ArgValue::Str("drop-head".into())),
+            ]),
+            "bounded, never refusing a producer's task, no dead letters"
+        );
+        let replicated = plan("[topology]\nreplicated = true\n");
+        assert_eq!(
+            queue(&replicated, "warren.tracker.published").arguments,
+            args([
+                ("x-max-length", ArgValue::Int(100_000)),
+                ("x-overflow", ArgValue::Str("drop-head".into())),
+                ("x-queue-type", ArgValue::Str("quorum".into())),
+            ])
+        );
+        let off = plan("[tracker]\ntrack_published = false\n");
+        assert!(off
+            .queues
+            .iter()
+            .all(|q| q.name != "warren.tracker.published"));
+        assert!(off
+            .bindings
+            .iter()
+            .all(|b| b.queue != "warren.tracker.published"));
         let tiers: Vec<&str> = p
             .queues
             .iter()
@@ -888,6 +952,10 @@ mod tests {
                 ("warren.control", "warren.cancels", ""),
                 ("warren.escrow", "warren.escrow", ""),
                 ("warren.unroutable", "warren.unroutable", ""),
+                ("warren.tasks", "warren.tracker.published", "diag.*"),
+                ("warren.tasks", "warren.tracker.published", "http.*"),
+                ("warren.tasks", "warren.tracker.published", "file.*"),
+                ("warren.delay", "warren.tracker.published", "#"),
             ]
         );
         assert_eq!(
@@ -914,6 +982,9 @@ mod tests {
                 ("acme.control", "acme.cancels", ""),
                 ("acme.escrow", "acme.escrow", ""),
                 ("acme.unroutable", "acme.q.main", ""),
+                ("acme.tasks", "acme.tracker.published", "diag.*"),
+                ("acme.unroutable", "acme.tracker.published", ""),
+                ("acme.delay", "acme.tracker.published", "#"),
             ]
         );
         // The unroutable queue still exists, so earlier parked tasks stay visible.
@@ -1276,11 +1347,11 @@ mod tests {
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("queue ")).count(),
-            10 + 40 + 15
+            11 + 40 + 15
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("bind ")).count(),
-            9 + 15
+            9 + 4 + 15
         );
         assert!(text.lines().all(|l| l == l.trim_end()));
     }

@@ -19,7 +19,7 @@ use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use warren_client::runtime::{confirm_all, copy_properties, CancelSet, Outbox};
 use warren_client::{ClientError, ORIGINAL_EXPIRATION};
 use warren_core::delay::{due_at_ms, next_hop, release_tiers, tiers, Hop, DUE_AT};
@@ -48,6 +48,8 @@ struct Waiting {
     attempt: i64,
     due_ms: i64,
     headers: FieldTable,
+    /// A new priority from a change record, for every copy from here on.
+    priority: Option<u8>,
 }
 
 fn now_ms() -> i64 {
@@ -123,6 +125,7 @@ impl Delays {
             attempt,
             due_ms: 0,
             headers: FieldTable::default(),
+            priority: None,
         };
         let checked =
             check_headers(hdrs).and_then(|()| due_at_ms(hdrs, now_ms(), self.max_delay_ms));
@@ -161,8 +164,9 @@ impl Delays {
             headers::set_str(&mut h, ORIGINAL_EXPIRATION, exp.as_str());
         }
         w.headers = h;
+        self.apply_change(&mut w);
         let mut ev = self.event(&w, TaskState::Scheduled);
-        ev.due_at = Some(ms_to_time(due));
+        ev.due_at = Some(ms_to_time(w.due_ms));
         let scheduled = out.event(&ev).await?;
         self.metrics.scheduled();
         self.route(out, d, w, vec![scheduled], holds, stop).await
@@ -198,12 +202,43 @@ impl Delays {
             // A copy without a due time (should not happen) is released now.
             due_ms: headers::get_int(hdrs, DUE_AT).ok().flatten().unwrap_or(0),
             headers: h,
+            priority: None,
         };
+        let mut w = w;
         self.metrics.hop();
         if self.cancelled(out, &w, &d).await? {
             return Ok(());
         }
-        self.route(out, d, w, Vec::new(), holds, stop).await
+        let mut confirms = Vec::new();
+        if self.apply_change(&mut w) {
+            let mut ev = self.event(&w, TaskState::Scheduled);
+            ev.due_at = Some(ms_to_time(w.due_ms));
+            confirms.push(out.event(&ev).await?);
+        }
+        self.route(out, d, w, confirms, holds, stop).await
+    }
+
+    /// Applies a change of the task its copy has not had yet (contract
+    /// section 5): its new due time (a past one is now) and priority, and
+    /// the change's time in `x-warren-changed`; true if there was one.
+    fn apply_change(&self, w: &mut Waiting) -> bool {
+        let applied = headers::get_int(Some(&w.headers), headers::CHANGED)
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        let Some(c) = self.cancels.change_pending(&w.id, applied) else {
+            return false;
+        };
+        if let Some(due) = c.due_ms() {
+            w.due_ms = due.max(now_ms());
+            headers::set_int(&mut w.headers, DUE_AT, w.due_ms);
+        }
+        if let Some(p) = c.priority() {
+            w.priority = Some(p);
+        }
+        headers::set_int(&mut w.headers, headers::CHANGED, c.at_ms);
+        info!(task_id = %w.id, due_ms = w.due_ms, priority = ?w.priority, "changed while waiting");
+        true
     }
 
     /// Drops a cancelled task with a `cancelled` event; true if it was.
@@ -246,8 +281,11 @@ impl Delays {
         };
         let (enter_ms, tier) = match next_hop(remaining, &self.tiers, release) {
             Hop::Wait(tier) => {
-                let props =
+                let mut props =
                     copy_properties(&d.properties, w.headers.clone(), &w.task_type, Some(&w.id));
+                if let Some(p) = w.priority {
+                    props = props.with_priority(p);
+                }
                 let queue = self.names.wait_tier(tier);
                 confirms.push(out.channel.send("", &queue, &d.data, props).await?);
                 confirm_all(confirms).await?;
@@ -331,7 +369,10 @@ fn release_properties(original: &BasicProperties, w: &Waiting) -> BasicPropertie
     let mut h = w.headers.clone();
     let expiration = headers::original_expiration(Some(&h));
     headers::remove(&mut h, &[ORIGINAL_EXPIRATION]);
-    let props = copy_properties(original, h, &w.task_type, Some(&w.id));
+    let mut props = copy_properties(original, h, &w.task_type, Some(&w.id));
+    if let Some(p) = w.priority {
+        props = props.with_priority(p);
+    }
     match expiration {
         Some(exp) => props.with_expiration(exp),
         None => props,
@@ -362,7 +403,18 @@ mod tests {
             attempt: 1,
             due_ms: 0,
             headers: h,
+            priority: None,
         }
+    }
+
+    #[test]
+    fn a_changed_priority_goes_on_every_copy() {
+        let mut w = waiting("5000");
+        w.priority = Some(8);
+        let original = BasicProperties::default().with_priority(2);
+        assert_eq!(*release_properties(&original, &w).priority(), Some(8));
+        w.priority = None;
+        assert_eq!(*release_properties(&original, &w).priority(), Some(2));
     }
 
     #[test]

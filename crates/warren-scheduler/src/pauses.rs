@@ -59,7 +59,10 @@ pub(crate) async fn renew(
 }
 
 async fn renew_once(config: &Config, cancels: &CancelSet) -> Result<u64, ClientError> {
-    let records = cancels.pauses().records();
+    // Changes of waiting tasks too: a task may wait longer than the stream
+    // keeps its change record.
+    let mut records = cancels.pauses().records();
+    records.extend(cancels.changes().records());
     if records.is_empty() {
         return Ok(0);
     }

@@ -174,7 +174,34 @@ pub async fn reconcile(
         Some(url) => prune_stale_bindings(conn, &plan, url, &config.broker.management_url).await?,
         None => 0,
     };
+    if !config.tracker.track_published {
+        drop_published_copies(conn, config).await?;
+    }
     Ok(report)
+}
+
+/// With `tracker.track_published = false`, deletes `P.tracker.published`
+/// (with its bindings), so that turning the copies off ends their cost.
+async fn drop_published_copies(
+    conn: &Connection,
+    config: &warren_core::Config,
+) -> Result<(), TopologyError> {
+    let queue = config.names().tracker_published();
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|source| TopologyError::Broker {
+            what: "open channel".into(),
+            source,
+        })?;
+    ch.queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .map_err(|source| TopologyError::Broker {
+            what: format!("delete {queue} (tracker.track_published = false)"),
+            source,
+        })?;
+    let _ = ch.close(200, "published copies off".into()).await;
+    Ok(())
 }
 
 /// [`reconcile`] when the broker lets this user declare the topology;

@@ -1,4 +1,5 @@
-//! Ingestion: `P.tracker.events` into the database, in batches, each
+//! Ingestion: `P.tracker.events` (and, with `tracker.track_published`, the
+//! copies in `P.tracker.published`) into the database, in batches, each
 //! acknowledged only after its transaction committed; and retention pruning.
 
 use std::sync::atomic::Ordering;
@@ -29,13 +30,28 @@ const PRUNE_CHUNK: i64 = 500;
 /// Longest wait between two tries of a failed batch write.
 const WRITE_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// What a consumer reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// Status events, from `P.tracker.events`.
+    Events,
+    /// Copies of published tasks, from `P.tracker.published`.
+    Published,
+}
+
 /// Consumes until `shutdown`, reconnecting with backoff when the broker goes away.
-pub(crate) async fn consume(shared: Arc<Shared>, shutdown: CancellationToken) {
+pub(crate) async fn consume(shared: Arc<Shared>, source: Source, shutdown: CancellationToken) {
     let max_backoff = Duration::from_millis(shared.config.broker.reconnect_max_ms);
-    let mut retry = Reconnect::new("tracker", max_backoff);
+    let what = match source {
+        Source::Events => "tracker",
+        Source::Published => "tracker (published tasks)",
+    };
+    let mut retry = Reconnect::new(what, max_backoff);
     while retry.ready(&shutdown).await {
-        let outcome = session(&shared, &shutdown, &mut retry).await;
-        shared.consuming.store(false, Ordering::Relaxed);
+        let outcome = session(&shared, source, &shutdown, &mut retry).await;
+        if source == Source::Events {
+            shared.consuming.store(false, Ordering::Relaxed);
+        }
         match outcome {
             Ok(()) => break,
             Err(e) => {
@@ -107,8 +123,32 @@ async fn declare(ch: &Channel, shared: &Shared) -> Result<(String, u32), Tracker
     Ok((queue, q.message_count()))
 }
 
+/// Declares `P.tracker.published` as the topology does (the scheduler binds
+/// it), so a tracker started first can consume it.
+async fn declare_published(ch: &Channel, shared: &Shared) -> Result<(String, u32), TrackerError> {
+    let queue = shared.config.names().tracker_published();
+    let q = ch
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            warren_core::topology::field_table(&warren_core::topology::published_queue_arguments(
+                &shared.config,
+            )),
+        )
+        .await
+        .map_err(amqp(format!(
+            "declare queue {queue} (if it exists with other arguments, apply the topology: \
+             `warren topology apply`)"
+        )))?;
+    Ok((queue, q.message_count()))
+}
+
 async fn session(
     shared: &Shared,
+    source: Source,
     shutdown: &CancellationToken,
     retry: &mut Reconnect,
 ) -> Result<(), TrackerError> {
@@ -122,7 +162,10 @@ async fn session(
     ch.basic_qos(prefetch, BasicQosOptions::default())
         .await
         .map_err(amqp("set tracker prefetch"))?;
-    let (queue, backlog) = declare(&ch, shared).await?;
+    let (queue, backlog) = match source {
+        Source::Events => declare(&ch, shared).await?,
+        Source::Published => declare_published(&ch, shared).await?,
+    };
     let tag = format!(
         "{queue}.{}",
         warren_client::runtime::process_identity().replace('/', "-")
@@ -136,10 +179,12 @@ async fn session(
         )
         .await
         .map_err(amqp(format!("consume {queue}")))?;
-    shared.metrics.backlog(u64::from(backlog));
-    shared.consuming.store(true, Ordering::Relaxed);
+    if source == Source::Events {
+        shared.metrics.backlog(u64::from(backlog));
+        shared.consuming.store(true, Ordering::Relaxed);
+    }
     retry.up();
-    info!(queue = %queue, backlog, "tracker consuming events");
+    info!(queue = %queue, backlog, "tracker consuming");
 
     let batch_wait = Duration::from_millis(cfg.batch_max_ms);
     let mut backlog_read = Instant::now();
@@ -156,10 +201,10 @@ async fn session(
                 Ok(d) => batch.push(next_delivery(d, &queue)?),
             }
         }
-        if !write_and_ack(shared, &batch, shutdown).await? {
+        if !write_and_ack(shared, source, &batch, shutdown).await? {
             break;
         }
-        if backlog_read.elapsed() >= BACKLOG_EVERY {
+        if source == Source::Events && backlog_read.elapsed() >= BACKLOG_EVERY {
             backlog_read = Instant::now();
             read_backlog(shared, &ch, &queue).await;
         }
@@ -198,6 +243,7 @@ async fn read_backlog(shared: &Shared, ch: &Channel, queue: &str) {
 /// kept failing: nothing was acknowledged, so the broker delivers it again.
 async fn write_and_ack(
     shared: &Shared,
+    source: Source,
     batch: &[Delivery],
     shutdown: &CancellationToken,
 ) -> Result<bool, TrackerError> {
@@ -205,7 +251,14 @@ async fn write_and_ack(
     let max_result = shared.config.tracker.max_result_bytes;
     let mut events = Vec::with_capacity(batch.len());
     let mut invalid = 0;
-    for d in batch {
+    if source == Source::Published {
+        events.extend(
+            batch
+                .iter()
+                .filter_map(|d| crate::published::decode(d, &shared.config, received)),
+        );
+    }
+    for d in batch.iter().filter(|_| source == Source::Events) {
         match IncomingEvent::decode(&d.data, max_result, received) {
             Ok(e) => events.push(e),
             Err(e) => {

@@ -17,6 +17,7 @@ mod gate;
 mod ingest;
 pub mod metrics;
 pub mod mgmt;
+pub mod published;
 pub mod record;
 pub mod store;
 mod tracker;

@@ -26,6 +26,12 @@ pub struct IncomingEvent {
     pub at_ms: i64,
     /// The event as JSON, as stored in the history.
     pub body: String,
+    /// The time [`state_key`] orders it by: `at_ms`, but for what the
+    /// tracker read from a published copy ([`IncomingEvent::published`]),
+    /// which any event of its attempt outranks whenever it is read.
+    pub key_at_ms: i64,
+    /// The task's priority, when known (from a published copy).
+    pub priority: Option<i64>,
 }
 
 impl IncomingEvent {
@@ -47,7 +53,38 @@ impl IncomingEvent {
     pub fn from_event(event: Event, received_ms: i64) -> Self {
         let at_ms = parse_time_ms(&event.at).unwrap_or(received_ms);
         let body = String::from_utf8(event.to_json()).expect("serde_json writes UTF-8");
-        Self { event, at_ms, body }
+        Self {
+            event,
+            at_ms,
+            body,
+            key_at_ms: at_ms,
+            priority: None,
+        }
+    }
+
+    /// What a copy read from `P.tracker.published` says: the task is
+    /// `queued` (or `scheduled`, with its due time) as of `received_ms`,
+    /// with this priority. Its state ranks below every event of its
+    /// attempt whatever their times (`key_at_ms` = `released_ms`, the due
+    /// time of a copy the scheduler released, else 0), so a copy read late
+    /// never overwrites a task's `started` or `succeeded`.
+    pub fn published(
+        mut event: Event,
+        received_ms: i64,
+        released_ms: Option<i64>,
+        priority: Option<i64>,
+    ) -> Self {
+        event.at = format_ms(received_ms);
+        let mut e = Self::from_event(event, received_ms);
+        e.key_at_ms = released_ms.unwrap_or(0);
+        e.priority = priority;
+        if let Some(p) = priority {
+            if let Ok(Value::Object(mut body)) = serde_json::from_str::<Value>(&e.body) {
+                body.insert("priority".into(), Value::from(p));
+                e.body = Value::Object(body).to_string();
+            }
+        }
+        e
     }
 
     /// Sort key of this event for the fields other than the state: time,
@@ -84,6 +121,7 @@ fn shown_state(state: TaskState) -> TaskState {
 /// Order of states within one attempt, for events stamped the same millisecond.
 fn state_rank(state: TaskState) -> u8 {
     match state {
+        TaskState::Queued => 0,
         TaskState::Scheduled => 1,
         TaskState::Started | TaskState::Progress => 2,
         TaskState::Failed => 3,
@@ -101,7 +139,7 @@ pub fn state_key(ev: &IncomingEvent) -> String {
     };
     format!(
         "{final_flag}|{attempt:020}|{:020}|{}|{}",
-        ev.at_ms.max(0),
+        ev.key_at_ms.max(0),
         state_rank(state),
         ev.event.event_id
     )
@@ -146,6 +184,8 @@ pub struct TaskRow {
     pub due_at: Option<String>,
     /// Distinct events seen.
     pub events: i64,
+    /// The priority it was published (or last changed) with, when known.
+    pub priority: Option<i64>,
     /// Sort keys of the events each field came from.
     pub merge_keys: BTreeMap<String, String>,
 }
@@ -208,6 +248,7 @@ impl TaskRow {
             _ => None,
         };
         take_latest(keys, "due", &key, &mut self.due_at, due);
+        take_latest(keys, "priority", &key, &mut self.priority, ev.priority);
         if e.state == TaskState::Started {
             let started_key = format!("{:020}|{key}", e.attempt.max(0));
             take_latest(
@@ -252,6 +293,7 @@ impl TaskRow {
             result: json(&self.result),
             reason: self.reason.clone(),
             due_at: self.due_at.clone(),
+            priority: self.priority,
             events: self.events,
         }
     }
@@ -311,6 +353,8 @@ pub struct TaskView {
     pub reason: Option<String>,
     /// When the latest scheduled attempt is due.
     pub due_at: Option<String>,
+    /// The priority it was published (or last changed) with, when known.
+    pub priority: Option<i64>,
     /// Distinct events seen.
     pub events: i64,
 }
@@ -345,6 +389,59 @@ mod tests {
             _ => {}
         }
         IncomingEvent::from_event(e, 0)
+    }
+
+    fn published(
+        state: TaskState,
+        attempt: i64,
+        received_ms: i64,
+        released: Option<i64>,
+    ) -> IncomingEvent {
+        let mut e = Event::new("task-1", "diag.fail", state, attempt);
+        e.event_id = format!("published:{attempt}:{state:?}");
+        e.queue = Some("diag".into());
+        IncomingEvent::published(e, received_ms, released, Some(7))
+    }
+
+    #[test]
+    fn a_published_copy_read_late_never_overwrites_what_came_after() {
+        let queued = published(TaskState::Queued, 1, 9_000, None);
+        let started = ev("e1", TaskState::Started, 1, 1_000);
+        let done = ev("e2", TaskState::Succeeded, 1, 1_010);
+        for order in [
+            vec![&queued, &started, &done],
+            vec![&started, &done, &queued],
+            vec![&started, &queued, &done],
+        ] {
+            let row = merged(&order);
+            assert_eq!(row.state, "succeeded");
+            assert_eq!(row.priority, Some(7));
+            assert_eq!(row.first_seen, 1_000);
+        }
+        let row = merged(&[&started, &queued]);
+        assert_eq!(row.state, "started", "a copy read after the start");
+        let row = merged(&[&queued]);
+        assert_eq!(
+            (row.state.as_str(), row.queue.as_deref()),
+            ("queued", Some("diag"))
+        );
+        assert!(queued.body.contains("\"priority\":7"), "{}", queued.body);
+    }
+
+    #[test]
+    fn a_released_copy_is_queued_until_its_attempt_starts() {
+        let scheduled = ev("s2", TaskState::Scheduled, 2, 5_000);
+        let failed = ev("f1", TaskState::Failed, 1, 4_000);
+        let released = published(TaskState::Queued, 2, 8_000, Some(6_000));
+        let started = ev("st2", TaskState::Started, 2, 6_500);
+        assert_eq!(merged(&[&failed, &scheduled, &released]).state, "queued");
+        assert_eq!(merged(&[&failed, &released, &scheduled]).state, "queued");
+        assert_eq!(merged(&[&started, &released, &scheduled]).state, "started");
+        // The first publication of a delayed task: the scheduler's own event
+        // (same attempt) outranks the copy.
+        let copy = published(TaskState::Scheduled, 1, 100, None);
+        let accepted = ev("s1", TaskState::Scheduled, 1, 90);
+        assert_eq!(merged(&[&copy, &accepted]).state_key, state_key(&accepted));
     }
 
     fn merged(events: &[&IncomingEvent]) -> TaskRow {

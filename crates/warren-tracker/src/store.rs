@@ -34,7 +34,7 @@ const POSTGRES_ROWS_PER_STATEMENT: usize = 100;
 const PG_WRITE_LOCK: i64 = 0x7761_7272_656e;
 
 /// Columns of `tasks`, in the order [`bind_task`] binds them.
-const TASK_COLUMNS: [&str; 19] = [
+const TASK_COLUMNS: [&str; 20] = [
     "task_id",
     "type",
     "state",
@@ -54,6 +54,7 @@ const TASK_COLUMNS: [&str; 19] = [
     "due_at",
     "events",
     "merge_keys",
+    "priority",
 ];
 
 fn task_columns() -> &'static [&'static str] {
@@ -487,10 +488,10 @@ impl Store {
         }
         let rank = |e: &HistoryEntry| {
             let state = e.event["state"].as_str().unwrap_or_default();
-            ["scheduled", "started", "progress", "failed"]
+            ["queued", "scheduled", "started", "progress", "failed"]
                 .iter()
                 .position(|s| *s == state)
-                .unwrap_or(4)
+                .unwrap_or(5)
         };
         // Same millisecond: keep each attempt's life in order.
         out.sort_by_key(|e| {
@@ -729,6 +730,7 @@ fn bind_task<'q>(q: AnyQuery<'q>, t: &TaskRow) -> AnyQuery<'q> {
         .bind(t.due_at.clone())
         .bind(t.events)
         .bind(t.merge_keys_json())
+        .bind(t.priority)
 }
 
 fn read_task(r: &AnyRow) -> Result<TaskRow, sqlx::Error> {
@@ -753,6 +755,7 @@ fn read_task(r: &AnyRow) -> Result<TaskRow, sqlx::Error> {
         due_at: r.try_get("due_at")?,
         events: r.try_get("events")?,
         merge_keys: TaskRow::parse_merge_keys(&keys),
+        priority: r.try_get("priority")?,
     })
 }
 

@@ -194,10 +194,25 @@ impl Tracker {
                 .await
                 .map_err(TrackerError::Serve)
         };
-        let (served, (), (), ()) = tokio::join!(
+        let published = async {
+            if shared.config.tracker.track_published {
+                crate::ingest::consume(
+                    shared.clone(),
+                    crate::ingest::Source::Published,
+                    shutdown.clone(),
+                )
+                .await;
+            }
+        };
+        let (served, (), (), (), ()) = tokio::join!(
             serve,
             follow_pauses,
-            crate::ingest::consume(shared.clone(), shutdown.clone()),
+            published,
+            crate::ingest::consume(
+                shared.clone(),
+                crate::ingest::Source::Events,
+                shutdown.clone(),
+            ),
             crate::ingest::prune(shared.clone(), shutdown.clone()),
         );
         if let Some(conn) = shared.amqp.lock().await.take() {

@@ -74,6 +74,13 @@ pub enum Command {
         /// The task id (the message_id it was published with).
         task_id: String,
     },
+    /// Change a task that waits (queued, delayed or waiting for a retry):
+    /// its priority or due time. Refused for a task the tracker knows as
+    /// started or finished.
+    Task {
+        #[command(subcommand)]
+        action: TaskAction,
+    },
     /// Pause a work queue or a task type across the whole fleet: workers
     /// stop taking its tasks, which wait in the broker (a paused type's in
     /// P.paused.<type>) until `warren resume`. Kept across restarts.
@@ -103,6 +110,49 @@ pub enum Command {
     /// its /healthz (or /readyz with --ready) at the configured listen
     /// address; exit 0 when it answers 200 (the image's HEALTHCHECK).
     Health(HealthArgs),
+}
+
+/// `task` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TaskAction {
+    /// Give a waiting task another priority (0..=255; its queue's
+    /// x-max-priority caps it): it takes its new place when next seen.
+    Reprioritize {
+        /// The task id.
+        task_id: String,
+        /// The new priority.
+        priority: u8,
+        /// Send the change without asking the tracker's database for the
+        /// task's state.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Move a waiting task's due time, later or earlier.
+    Reschedule {
+        /// The task id.
+        task_id: String,
+        /// The new due time, RFC 3339 (2026-12-24T08:00:00Z).
+        #[arg(long, group = "when")]
+        at: Option<String>,
+        /// The new due time, from now: milliseconds, or a number with s, m,
+        /// h or d (90s, 10m, 2h, 1d).
+        #[arg(long = "in", group = "when")]
+        after: Option<String>,
+        /// Due now.
+        #[arg(long, group = "when")]
+        now: bool,
+        /// Send the change without asking the tracker's database.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run a waiting task now (due now): `reschedule ID --now`.
+    RunNow {
+        /// The task id.
+        task_id: String,
+        /// Send the change without asking the tracker's database.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// `pause` and `resume` flags.
@@ -211,7 +261,10 @@ pub enum BenchScenario {
     /// file.download and file.upload of --transfer-mb through a worker from
     /// and to a local HTTP server, beside curl; the worker's peak RSS.
     Transfer,
-    /// Every scenario but scaling, transfer and tracker.
+    /// Drain of --n tasks with a tracker running, the copies of published
+    /// tasks (`tracker.track_published`) on beside off, alternating rounds.
+    Published,
+    /// Every scenario but scaling, transfer, tracker and published.
     All,
 }
 

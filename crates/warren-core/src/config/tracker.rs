@@ -11,6 +11,9 @@ use super::{Config, DatabaseUrl, Issues};
 /// Most events `tracker.batch_max_events` may put in one transaction.
 const MAX_TRACKER_BATCH: usize = 10_000;
 
+/// Most copies `tracker.published_max_length` may keep (a 32-bit queue argument).
+const MAX_PUBLISHED_LENGTH: u64 = i32::MAX as u64;
+
 /// The task tracker (`warren tracker`, also inside `warren up`): where it
 /// keeps task states, how long, and where it serves its HTTP API.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -42,6 +45,15 @@ pub struct TrackerConfig {
     /// Failed logins and bad tokens one client address may send per minute;
     /// past that it is answered 429 until the minute has passed.
     pub max_failed_logins_per_minute: u32,
+    /// Keep a copy of every task published to `P.tasks` (on a route) or
+    /// `P.delay` in the bounded queue `P.tracker.published`, which the
+    /// tracker reads to show tasks as `queued` or `scheduled` from their
+    /// publication on. The scheduler declares the queue and its bindings
+    /// when on, and deletes the queue when off.
+    pub track_published: bool,
+    /// Most copies `P.tracker.published` holds while no tracker reads it;
+    /// past that the oldest are dropped (`x-max-length`, `drop-head`).
+    pub published_max_length: u64,
 }
 
 impl Default for TrackerConfig {
@@ -58,6 +70,8 @@ impl Default for TrackerConfig {
             users: Vec::new(),
             session_ttl_ms: 8 * 3600 * 1000,
             max_failed_logins_per_minute: 5,
+            track_published: true,
+            published_max_length: 100_000,
         }
     }
 }
@@ -106,6 +120,16 @@ impl Config {
              (7 days)",
         );
         check_listen(issues, "tracker.listen", &t.listen, "8089", false);
+        if !(1..=MAX_PUBLISHED_LENGTH).contains(&t.published_max_length) {
+            issues.add(
+                "tracker.published_max_length",
+                format!(
+                    "{} is out of range: give 1..={MAX_PUBLISHED_LENGTH} copies (the bound of \
+                     P.tracker.published while no tracker reads it)",
+                    t.published_max_length
+                ),
+            );
+        }
         if !(1..=MAX_TRACKER_BATCH).contains(&t.batch_max_events) {
             issues.add(
                 "tracker.batch_max_events",

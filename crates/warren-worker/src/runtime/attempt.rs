@@ -310,7 +310,74 @@ impl<'a> Attempt<'a> {
             let r = self.cancelled(&id, attempt).await;
             return Triage::Settled(id, r);
         }
+        if let Some(r) = self.apply_change(&id).await {
+            return Triage::Settled(id, r);
+        }
         Triage::Run(id)
+    }
+
+    /// A change of this task not applied to this copy yet (contract section
+    /// 5): a due time ahead sends a copy back through `P.delay`, due then; a
+    /// new priority puts a copy with it at the back of its queue, where it
+    /// takes its new place; either copy carries the change's time in
+    /// `x-warren-changed` and is confirmed before this delivery is
+    /// acknowledged (dropped). `None`: nothing to do but run it.
+    async fn apply_change(&self, id: &str) -> Option<Result<Disposition, ClientError>> {
+        let applied = headers::get_int(self.meta.headers.as_ref(), headers::CHANGED)
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        let change = self.sh.cancels.change_pending(id, applied)?;
+        let d = &self.delivery;
+        let current = d.properties.priority().unwrap_or(0);
+        let priority = change.priority().unwrap_or(current);
+        let props = d.properties.clone().with_priority(priority);
+        if let Some(due) = change.due_ms().filter(|due| *due > now_ms()) {
+            let attempt = envelope_attempt(&self.meta);
+            let r = async {
+                let c = self
+                    .out()
+                    .reschedule(
+                        &d.data,
+                        &props,
+                        id,
+                        &self.task_type,
+                        attempt,
+                        due,
+                        change.at_ms,
+                    )
+                    .await?;
+                confirm_all(vec![c]).await?;
+                info!(
+                    task_id = id,
+                    due_ms = due,
+                    "changed: waits until its new due time"
+                );
+                Ok(Disposition::Ack)
+            }
+            .await;
+            return Some(r);
+        }
+        if priority == current {
+            debug!(task_id = id, "changed: due now at its priority, runs");
+            return None;
+        }
+        let mut h = self.headers();
+        headers::set_int(&mut h, headers::CHANGED, change.at_ms);
+        let r = async {
+            let c = self
+                .out()
+                .requeue(self.requeue_to, &d.data, &props, h, &self.task_type, id)
+                .await?;
+            confirm_all(vec![c]).await?;
+            info!(
+                task_id = id,
+                priority, "changed: put back with its new priority"
+            );
+            Ok(Disposition::Ack)
+        }
+        .await;
+        Some(r)
     }
 
     /// If a pause applies to the task, holds it back unstarted and returns

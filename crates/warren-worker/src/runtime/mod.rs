@@ -28,11 +28,11 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
-use warren_client::runtime::{process_identity, CancelSet, Reconnect};
+use warren_client::runtime::{now_ms, process_identity, CancelSet, Reconnect};
 use warren_core::escrow::EscrowTimes;
 use warren_core::lanes::Bands;
 use warren_core::pauses::PauseKind;
-use warren_core::{Config, Names};
+use warren_core::{headers, Config, Names};
 
 use crate::metrics::WorkerMetrics;
 use crate::Registry;
@@ -572,7 +572,11 @@ impl Worker {
                     Some((_, Err(e))) => return e.to_string(),
                     Some((source, Ok(d))) => {
                         let d = in_flight.hold(d, source);
-                        if self.held_by_pause(&d) {
+                        if self.changed(&d) {
+                            // Its change is applied at once, not when its
+                            // turn comes: its new place may be ahead.
+                            self.hand_back(session, in_flight, d);
+                        } else if self.held_by_pause(&d) {
                             // Sent before its consumer stopped, or its type
                             // is paused.
                             self.hold_back(session, in_flight, d);
@@ -701,6 +705,25 @@ impl Worker {
             Attempt::run(&shared, &session, &d.source, delivery, &abort, slot).await;
             drop(d.release);
         });
+    }
+
+    /// Whether a change record names this task, its copy has not had that
+    /// change yet, and applying it moves the task (a due time ahead, or
+    /// another priority).
+    fn changed(&self, d: &Held) -> bool {
+        let p = &d.delivery.properties;
+        let Some(id) = p.message_id().as_ref() else {
+            return false;
+        };
+        let applied = headers::get_int(p.headers().as_ref(), headers::CHANGED)
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        let Some(c) = self.shared.cancels.change_pending(id.as_str(), applied) else {
+            return false;
+        };
+        c.due_ms().is_some_and(|due| due > now_ms())
+            || c.priority().is_some_and(|q| q != p.priority().unwrap_or(0))
     }
 
     /// Hands a held delivery back to its queue (see [`Attempt::hand_back`]).

@@ -22,6 +22,7 @@ pub async fn run(
         BenchScenario::Scaling => Scenario::Scaling,
         BenchScenario::Tracker => Scenario::Tracker,
         BenchScenario::Transfer => Scenario::Transfer,
+        BenchScenario::Published => Scenario::Published,
         BenchScenario::All => Scenario::All,
     };
     anyhow::ensure!(args.n >= 2, "--n must be at least 2");

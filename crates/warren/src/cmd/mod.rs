@@ -8,6 +8,7 @@ mod pause;
 mod publish;
 mod scheduler;
 mod status;
+mod task;
 mod tasks;
 mod topology;
 mod tracker;
@@ -48,6 +49,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("cancel sent for task {task_id}");
             Ok(0)
         }
+        Command::Task { action } => task::run(&config, action).await,
         Command::Pause(args) => pause::run(&config, args, true).await,
         Command::Resume(args) => pause::run(&config, args, false).await,
         Command::Dead { action } => dead::run(&config, action).await,
