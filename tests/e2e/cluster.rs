@@ -511,10 +511,11 @@ async fn check_dead_letters(rig: &Rig, via: usize, load: &Load, what: &str) -> u
         .collect();
     assert!(
         missing.is_empty(),
-        "{what}: {} of {} dead letters missing from {dead}, e.g. {:?}",
+        "{what}: {} of {} dead letters missing from {dead}, e.g. {:?}\n{}",
         missing.len(),
         load.retried.len(),
-        &missing[..missing.len().min(8)]
+        &missing[..missing.len().min(8)],
+        rig.diagnose(via, &missing)
     );
     total
 }

@@ -282,9 +282,10 @@ async fn migrate_moves_a_classic_topology_to_replicated_losing_nothing() {
         "{text}"
     );
 
-    // Every durable queue is quorum now, with its messages; the tier's went
-    // back through wait.due (its TTL would start again), and no holding
-    // queue is left.
+    // Every durable queue is quorum now, with its messages; the tier's are
+    // back in it (a replicated tier has no TTL: the scheduler takes them out
+    // and plans the rest of their wait from their due time), no release
+    // tier is left (the replicated topology has none), nor a holding queue.
     let queues = Mgmt::new().queues_of(&env.prefix).await;
     for (name, kind, _) in &queues {
         assert!(!name.ends_with(".migrating"), "{name} left behind");
@@ -295,8 +296,14 @@ async fn migrate_moves_a_classic_topology_to_replicated_losing_nothing() {
     assert_eq!(env.depth(&n.work_queue("diag")).await, 4);
     assert_eq!(env.depth(&n.unroutable()).await, 1);
     assert_eq!(env.depth(&n.dead()).await, 1);
-    assert_eq!(env.depth(&n.wait_tier(16)).await, 0);
-    assert_eq!(env.depth(&n.wait_due()).await, 2);
+    assert_eq!(env.depth(&n.wait_tier(16)).await, 2);
+    assert_eq!(env.depth(&n.wait_due()).await, 0);
+    assert!(
+        queues
+            .iter()
+            .all(|(name, _, _)| !name.contains(".release.")),
+        "{queues:?}"
+    );
     // A holding queue an interrupted run left behind is emptied into its
     // queue by the next run, which finds nothing else to redeclare.
     let hold = format!("{}.migrating", n.work_queue("diag"));

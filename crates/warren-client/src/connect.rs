@@ -49,6 +49,7 @@ pub fn connection_name(role: &str) -> String {
 /// its connection closed by any message whose headers the broker accepted
 /// but that did not fit, again at every redelivery.
 pub async fn connect(broker: &BrokerConfig, role: &str) -> Result<Connection, ClientError> {
+    let _ = CONFIRM_TIMEOUT.set(Duration::from_millis(broker.publish_timeout_ms.max(1)));
     let props = ConnectionProperties::default().with_connection_name(connection_name(role).into());
     let nodes = broker.url.nodes();
     let n = nodes.len();
@@ -238,6 +239,11 @@ impl ConfirmChannel {
             .map_err(ClientError::amqp(format!("publish to {exchange}")))
     }
 
+    /// Closes the channel: every later publication on it fails.
+    pub async fn close(&self) {
+        let _ = self.channel.close(200, "closed by Warren".into()).await;
+    }
+
     /// Sends one message and waits for the broker's confirm.
     pub async fn publish(
         &self,
@@ -252,10 +258,31 @@ impl ConfirmChannel {
     }
 }
 
-/// Awaits a confirm; a negative one is an error naming `what`.
+/// How long a process waits for one publisher confirm: its
+/// `broker.publish_timeout_ms`, set by its first [`connect`].
+static CONFIRM_TIMEOUT: OnceLock<Duration> = OnceLock::new();
+
+fn confirm_timeout() -> Duration {
+    *CONFIRM_TIMEOUT.get_or_init(|| Duration::from_millis(30_000))
+}
+
+/// Awaits a confirm; a negative one is an error naming `what`, and so is
+/// none within `broker.publish_timeout_ms` while the connection lives: a
+/// quorum queue whose leader died can leave a publication unconfirmed for
+/// good (RabbitMQ 3.10 does not always send it again to the new leader).
+/// The caller then hands its delivery back, and the work is done again.
 pub(crate) async fn confirmed(confirm: PublisherConfirm, what: &str) -> Result<(), ClientError> {
+    let timeout = confirm_timeout();
+    let Ok(c) = tokio::time::timeout(timeout, confirm).await else {
+        return Err(ClientError::Unconfirmed {
+            what: what.to_owned(),
+            attempts: 1,
+            timeout,
+            last: "no confirm while the connection stayed open".into(),
+        });
+    };
     // The error's text is built only on failure: this runs once per message.
-    let c = confirm.await.map_err(|source| ClientError::Amqp {
+    let c = c.map_err(|source| ClientError::Amqp {
         what: format!("confirm of {what}"),
         source,
     })?;

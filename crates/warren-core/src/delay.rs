@@ -23,6 +23,11 @@ pub const FINAL_HOLD_MS: i64 = 1000;
 /// Header carrying the absolute due time (Unix ms) while a task hops between tiers.
 pub const DUE_AT: &str = "x-warren-due-at";
 
+/// Header carrying when (Unix ms) a task's time in its wait tier is up. On
+/// the replicated topology the tiers have no TTL: the scheduler takes a
+/// task out of its tier once this time has passed.
+pub const TIER_EXIT: &str = "x-warren-tier-exit";
+
 /// Tiers of every whole second below this many seconds.
 const FINE_TIERS_BELOW: u64 = 16;
 

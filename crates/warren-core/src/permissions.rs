@@ -203,6 +203,10 @@ impl Permissions {
                 if has_cron {
                     read.push(cron.clone());
                 }
+                if config.topology.replicated {
+                    // It takes tasks out of the wait tiers itself there.
+                    read.push(under("wait\\.[0-9]+s"));
+                }
                 Permissions {
                     configure: if has_cron {
                         only(&cron)
@@ -491,6 +495,14 @@ mod tests {
             assert!(!allows(&s.configure, &q), "{q}");
             assert!(!allows(&s.read, &q), "{q}");
         }
+        // It reads the wait tiers only where it takes tasks out of them.
+        assert!(!allows(&s.read, &n.wait_tier(16)));
+        let r = config("wt.s", "[topology]\nreplicated = true\n");
+        let s = Permissions::for_role(&r, Role::Scheduler);
+        for t in [1, 15, 16, 268_435_456] {
+            assert!(allows(&s.read, &n.wait_tier(t)), "{t}");
+        }
+        assert!(!allows(&s.read, &n.work_queue("default")));
     }
 
     #[test]

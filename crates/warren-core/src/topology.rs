@@ -361,6 +361,19 @@ impl TopologyPlan {
             ),
         ];
         for t in crate::delay::tiers(c.scheduler.max_delay_ms) {
+            if c.topology.replicated {
+                // No TTL: dead-lettering into a quorum queue whose leader
+                // just died can drop tasks (RabbitMQ 3.10), so on a cluster
+                // the scheduler takes each task out when its time is up.
+                queues.push(owned(
+                    n.wait_tier(t),
+                    BTreeMap::new(),
+                    format!(
+                        "delay tier: holds tasks {t} s; the scheduler takes each out when its time is up"
+                    ),
+                ));
+                continue;
+            }
             let mut arguments = args([
                 ("x-dead-letter-exchange", ArgValue::Str(n.wait_due())),
                 ("x-message-ttl", ArgValue::Int(t as i64 * 1000)),
@@ -376,7 +389,13 @@ impl TopologyPlan {
                 format!("delay tier: holds tasks {t} s, then back to the scheduler"),
             ));
         }
-        let release_tiers = crate::delay::release_tiers(c.scheduler.max_delay_ms);
+        // The replicated topology releases every task from the scheduler:
+        // no release tier dead-letters into a work queue there.
+        let release_tiers = if c.topology.replicated {
+            Vec::new()
+        } else {
+            crate::delay::release_tiers(c.scheduler.max_delay_ms)
+        };
         for &t in &release_tiers {
             let name = n.release_tier(t);
             exchanges.push(exchange(
@@ -1052,25 +1071,23 @@ mod tests {
                 assert!(!a.contains_key("x-dead-letter-strategy"), "{}", q.name);
             }
         }
+        // The wait tiers have no TTL (the scheduler reads them), and there
+        // are no release tiers: nothing dead-letters a delayed task.
         assert_eq!(
             queue(&p, "warren.wait.64s").arguments,
-            args([
-                (
-                    "x-dead-letter-exchange",
-                    ArgValue::Str("warren.wait.due".into())
-                ),
-                (
-                    "x-dead-letter-strategy",
-                    ArgValue::Str("at-least-once".into())
-                ),
-                ("x-message-ttl", ArgValue::Int(64_000)),
-                ("x-overflow", ArgValue::Str("reject-publish".into())),
-                ("x-queue-type", quorum.clone()),
-            ])
+            args([("x-queue-type", quorum.clone())])
         );
-        // Every queue that dead-letters in the classic plan does so here too.
+        assert!(p.queues.iter().all(|q| !q.name.contains(".release.")));
+        assert!(p.exchanges.iter().all(|e| !e.name.contains(".release.")));
+        // Every other queue that dead-letters in the classic plan does so here too.
         let classic = plan("");
-        for q in &classic.queues {
+        let tier = |name: &str| name.contains(".wait.") && name != "warren.wait.due";
+        let release = |name: &str| name.contains(".release.");
+        for q in classic
+            .queues
+            .iter()
+            .filter(|q| !tier(&q.name) && !release(&q.name))
+        {
             let r = queue(&p, &q.name);
             assert_eq!(
                 q.arguments.get("x-dead-letter-exchange"),
@@ -1088,9 +1105,17 @@ mod tests {
         // The same queues, plus the priority lanes of the (now quorum) work
         // queues, which are never bound.
         let not_lanes = p.queues.iter().filter(|q| !q.name.contains(".lane."));
-        assert_eq!(classic.queues.len(), not_lanes.count());
-        assert_eq!(classic.bindings, p.bindings);
-        assert_eq!(classic.exchanges, p.exchanges);
+        let not_release = classic.queues.iter().filter(|q| !release(&q.name));
+        assert_eq!(not_release.count(), not_lanes.count());
+        let kept = |b: &&BindingPlan| !release(&b.queue);
+        let classic_bindings: Vec<_> = classic.bindings.iter().filter(kept).collect();
+        assert_eq!(classic_bindings, p.bindings.iter().collect::<Vec<_>>());
+        let classic_exchanges: Vec<_> = classic
+            .exchanges
+            .iter()
+            .filter(|e| !release(&e.name))
+            .collect();
+        assert_eq!(classic_exchanges, p.exchanges.iter().collect::<Vec<_>>());
         let text = p.render();
         assert!(text.contains("replicated: every queue but the cancels stream is quorum"));
         let dead = text

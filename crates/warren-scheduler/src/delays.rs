@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use warren_client::runtime::{confirm_all, copy_properties, CancelSet, Outbox};
 use warren_client::{ClientError, ORIGINAL_EXPIRATION};
-use warren_core::delay::{due_at_ms, next_hop, release_tiers, tiers, Hop, DUE_AT};
+use warren_core::delay::{due_at_ms, next_hop, release_tiers, tiers, Hop, DUE_AT, TIER_EXIT};
 use warren_core::event::{format_time, new_id, ErrorKind, EventErrorInfo};
 use warren_core::task::check_headers;
 use warren_core::{headers, DeadReason, Event, Names, TaskState};
@@ -72,7 +72,12 @@ impl Delays {
         Delays {
             names: config.names(),
             tiers: tiers(config.scheduler.max_delay_ms),
-            release_tiers: release_tiers(config.scheduler.max_delay_ms),
+            // The replicated topology has no release tiers (see topology.rs).
+            release_tiers: if config.topology.replicated {
+                Vec::new()
+            } else {
+                release_tiers(config.scheduler.max_delay_ms)
+            },
             max_delay_ms: config.scheduler.max_delay_ms,
             identity,
             cancels,
@@ -184,6 +189,7 @@ impl Delays {
         let hdrs = p.headers().as_ref();
         let mut h = p.headers().clone().unwrap_or_default();
         headers::remove_where(&mut h, headers::is_death_record);
+        headers::remove(&mut h, &[TIER_EXIT]);
         let w = Waiting {
             id: p
                 .message_id()
@@ -281,8 +287,9 @@ impl Delays {
         };
         let (enter_ms, tier) = match next_hop(remaining, &self.tiers, release) {
             Hop::Wait(tier) => {
-                let mut props =
-                    copy_properties(&d.properties, w.headers.clone(), &w.task_type, Some(&w.id));
+                let mut h = w.headers.clone();
+                headers::set_int(&mut h, TIER_EXIT, now_ms() + tier as i64 * 1000);
+                let mut props = copy_properties(&d.properties, h, &w.task_type, Some(&w.id));
                 if let Some(p) = w.priority {
                     props = props.with_priority(p);
                 }
@@ -317,6 +324,11 @@ impl Delays {
             this.metrics.held(-1);
             if let Err(e) = released {
                 warn!(task_id = %w.id, error = %e, "release failed; the broker will redeliver");
+                if matches!(e, ClientError::Unconfirmed { .. }) {
+                    // Open, but never confirmed: close the channel, so that the
+                    // session ends and the broker redelivers what it holds.
+                    out.channel.close().await;
+                }
             }
         });
         Ok(())

@@ -15,6 +15,7 @@ pub mod migrate;
 mod pauses;
 pub mod reconcile;
 mod scheduler;
+mod tiers;
 
 pub use migrate::{migrate, MigrateReport};
 pub use reconcile::{

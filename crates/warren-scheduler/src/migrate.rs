@@ -23,8 +23,8 @@
 use std::collections::BTreeMap;
 
 use lapin::options::{
-    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
@@ -173,6 +173,7 @@ pub async fn migrate(conn: &Connection, config: &Config) -> Result<MigrateReport
         }
     }
     retire_lanes(conn, config, &plan, &routing, &mut report).await?;
+    retire_release_tiers(conn, config, &plan, &routing, &mut report).await?;
     report.applied = reconcile::reconcile(conn, config).await?;
     Ok(report)
 }
@@ -193,21 +194,68 @@ async fn retire_lanes(
     for q in &config.queues {
         for k in 0..warren_core::lanes::MAX_LANES {
             let lane = names.lane_queue(&q.name, k);
-            if plan.queues.iter().any(|p| p.name == lane) || !exists(conn, &lane).await? {
-                continue;
-            }
             let entry = names.work_queue(&q.name);
-            let moved = move_all(conn, &lane, &entry, routing).await?;
-            let ch = channel(conn).await?;
-            ch.queue_delete(lane.as_str().into(), QueueDeleteOptions::default())
-                .await
-                .map_err(broker(format!("delete queue {lane}")))?;
-            let _ = ch.close(200, "deleted".into()).await;
-            tracing::info!(queue = %lane, moved, to = %entry, "priority lane no longer planned: emptied into its work queue and deleted");
-            report.migrated.push((lane, moved));
+            retire(conn, plan, &lane, &entry, routing, report).await?;
         }
     }
     Ok(())
+}
+
+/// Empties and deletes the release tiers (queue and exchange) the plan no
+/// longer has (the replicated topology releases from the scheduler): their
+/// tasks go through `P.wait.due`, where the scheduler plans the rest of
+/// their wait from their due time.
+async fn retire_release_tiers(
+    conn: &Connection,
+    config: &Config,
+    plan: &TopologyPlan,
+    routing: &[String],
+    report: &mut MigrateReport,
+) -> Result<(), TopologyError> {
+    let names = config.names();
+    for t in warren_core::delay::release_tiers(config.scheduler.max_delay_ms) {
+        let tier = names.release_tier(t);
+        if retire(conn, plan, &tier, &names.wait_due(), routing, report).await?
+            && !plan.exchanges.iter().any(|e| e.name == tier)
+        {
+            let ch = channel(conn).await?;
+            ch.exchange_delete(tier.as_str().into(), ExchangeDeleteOptions::default())
+                .await
+                .map_err(broker(format!("delete exchange {tier}")))?;
+            let _ = ch.close(200, "deleted".into()).await;
+        }
+    }
+    Ok(())
+}
+
+/// Moves every message of `queue`, when it exists and the plan no longer
+/// has it, into `to` (each removed only once its copy is confirmed), then
+/// deletes it. Whether it did.
+async fn retire(
+    conn: &Connection,
+    plan: &TopologyPlan,
+    queue: &str,
+    to: &str,
+    routing: &[String],
+    report: &mut MigrateReport,
+) -> Result<bool, TopologyError> {
+    if plan.queues.iter().any(|p| p.name == queue) || !exists(conn, queue).await? {
+        return Ok(false);
+    }
+    let moved = move_all(conn, queue, to, routing).await?;
+    let ch = channel(conn).await?;
+    ch.queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await
+        .map_err(broker(format!("delete queue {queue}")))?;
+    let _ = ch.close(200, "deleted".into()).await;
+    tracing::info!(
+        queue,
+        moved,
+        to,
+        "queue no longer planned: emptied and deleted"
+    );
+    report.migrated.push((queue.to_owned(), moved));
+    Ok(true)
 }
 
 async fn channel(conn: &Connection) -> Result<Channel, TopologyError> {

@@ -20,6 +20,7 @@ use warren_core::Config;
 use crate::delays::Delays;
 use crate::intake::park_dead_lettered;
 use crate::metrics::SchedulerMetrics;
+use crate::tiers::read_tiers;
 
 /// Why the scheduler stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -187,7 +188,23 @@ impl Scheduler {
                 )
                 .await
                 .map_err(amqp(&format!("consume {queue}")))?;
-            consumers.push(c.map(move |d| (kind, d)));
+            consumers.push(c.map(move |d| (kind, d)).boxed());
+        }
+        // Replicated: the wait tiers have no TTL; this session reads them.
+        let stop_tiers = CancellationToken::new();
+        let _stop_tiers = stop_tiers.clone().drop_guard();
+        if self.config.topology.replicated {
+            let tier_ch = conn
+                .create_channel()
+                .await
+                .map_err(amqp("open wait tier channel"))?;
+            let tiers = delays
+                .tiers
+                .iter()
+                .map(|&t| (names.wait_tier(t), t))
+                .collect();
+            let due = read_tiers(&tier_ch, tiers, &stop_tiers);
+            consumers.push(due.map(|d| (Intake::Due, d)).boxed());
         }
         let mut deliveries = select_all(consumers);
         info!("scheduler consuming its intake queues");

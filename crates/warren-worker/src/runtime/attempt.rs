@@ -880,11 +880,23 @@ impl<'a> Attempt<'a> {
                 };
                 let _ = self.delivery.acker.nack(requeue).await;
             }
-            Err(e) => warn!(
-                task_id = id,
-                error = %e,
-                "could not record the outcome; the broker will redeliver the task"
-            ),
+            Err(e) => {
+                warn!(
+                    task_id = id,
+                    error = %e,
+                    "could not record the outcome; the broker will redeliver the task"
+                );
+                if matches!(e, ClientError::Unconfirmed { .. }) {
+                    // The connection is open, but the broker never confirmed:
+                    // close it, so that it redelivers this session's tasks
+                    // and the worker connects again on fresh channels.
+                    let _ = self
+                        .session
+                        .conn
+                        .close(200, "a publication was never confirmed".into())
+                        .await;
+                }
+            }
         }
     }
 
