@@ -638,28 +638,19 @@ async fn load_under_fault(name: &str, fault: Fault) {
 /// retried tasks flow: every task ends as expected (duplicates counted), no
 /// delayed task starts early, every dead letter is still in `P.dead`.
 ///
-/// Ignored in the suite: it FAILS in about half of the runs on this machine
-/// (RabbitMQ 3.10.8): 23 to 70 delayed tasks never end and are in no queue.
-/// Traced (the failure report lists what the scheduler logged of each): the
-/// scheduler released every one of them through `P.release.2s` with a
-/// confirm; none reached the work queue, and the tier holds no dead letter
-/// (`messages_dlx` 0): the broker's at-least-once dead-lettering into the
-/// quorum work queue whose leader was killed drops them. Open in issue 14;
-/// run it with `cargo test -p warren-e2e --test cluster -- --ignored
-/// work_queue_leader`.
+/// This test found the loss that made the replicated topology stop
+/// dead-lettering delayed tasks: on RabbitMQ 3.10.8, in about half of its
+/// runs, 23 to 70 delayed tasks confirmed into the release tier
+/// `P.release.2s` never reached the work queue whose leader had died
+/// (docs/topology.md, "Delays on the replicated topology").
 #[tokio::test]
-#[ignore = "loses delayed tasks in about half of the runs: open in issue 14"]
 async fn the_work_queue_leader_killed_under_load_loses_nothing() {
     load_under_fault("lead", Fault::KillLeader).await;
 }
 
 /// The same with the node `warren up` is connected to: its connections move
 /// to another node of `broker.url`, unconfirmed publishes are retried.
-///
-/// Ignored in the suite for the same open loss as the leader kill (issue
-/// 14): a CI run on a clean clone lost 28 of 2,600 tasks, all delayed ones.
 #[tokio::test]
-#[ignore = "loses delayed tasks in some runs: open in issue 14"]
 async fn the_node_warren_is_connected_to_killed_under_load_loses_nothing() {
     load_under_fault("conn", Fault::KillConnected).await;
 }
