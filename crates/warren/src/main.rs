@@ -25,11 +25,30 @@ fn main() {
     }
     let cli = cli::Cli::parse();
     init_logging(&cli);
+    // Not on the main thread, whose stack is the system's (8 MiB): what the
+    // runtime runs there (`block_on`) may drop such a table too.
+    let main = std::thread::Builder::new()
+        .name("warren".into())
+        .stack_size(THREAD_STACK_BYTES)
+        .spawn(move || run(cli));
+    let code = match main.map(|t| t.join()) {
+        Ok(Ok(code)) => code,
+        Ok(Err(_)) => 101,
+        Err(e) => {
+            eprintln!("error: cannot start the main thread: {e}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Runs the command on a new async runtime; its exit code.
+fn run(cli: cli::Cli) -> i32 {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            std::process::exit(1);
+            return 1;
         }
     };
     let code = match runtime.block_on(cmd::run(cli)) {
@@ -40,7 +59,7 @@ fn main() {
         }
     };
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    std::process::exit(code);
+    code
 }
 
 /// The error and its causes on one line.
