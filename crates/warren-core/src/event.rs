@@ -166,7 +166,12 @@ impl Event {
         } else {
             self.task_type.as_str()
         };
-        format!("{}.{t}", self.state.as_str())
+        let state = self.state.as_str();
+        let mut key = String::with_capacity(state.len() + 1 + t.len());
+        key.push_str(state);
+        key.push('.');
+        key.push_str(t);
+        key
     }
 
     /// The JSON body.
