@@ -236,7 +236,11 @@ impl ConfirmChannel {
         self.channel
             .basic_publish(exchange.into(), routing_key, options, body, properties)
             .await
-            .map_err(ClientError::amqp(format!("publish to {exchange}")))
+            // The error's text is built only on failure: this runs per message.
+            .map_err(|source| ClientError::Amqp {
+                what: format!("publish to {exchange}"),
+                source,
+            })
     }
 
     /// Closes the channel: every later publication on it fails.

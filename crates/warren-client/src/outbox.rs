@@ -25,7 +25,7 @@ impl Outbox {
     pub async fn event(&self, ev: &Event) -> Result<PublisherConfirm, ClientError> {
         self.channel
             .send(
-                &self.names.events(),
+                self.names.events_exchange(),
                 &ev.routing_key(),
                 &ev.to_json(),
                 event_properties(ev, None),

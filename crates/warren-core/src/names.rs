@@ -4,13 +4,17 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
     prefix: String,
+    /// `P.events`, named once: every status event is published to it.
+    events: String,
 }
 
 impl Names {
     /// Names for the given prefix (for example `warren`).
     pub fn new(prefix: impl Into<String>) -> Self {
+        let prefix = prefix.into();
         Self {
-            prefix: prefix.into(),
+            events: format!("{prefix}.events"),
+            prefix,
         }
     }
 
@@ -40,7 +44,12 @@ impl Names {
 
     /// `P.events`: topic exchange for status events.
     pub fn events(&self) -> String {
-        self.join("events")
+        self.events.clone()
+    }
+
+    /// `P.events`, borrowed (what [`Names::events`] returns, without a copy).
+    pub fn events_exchange(&self) -> &str {
+        &self.events
     }
 
     /// `P.control`: fanout exchange for control commands.

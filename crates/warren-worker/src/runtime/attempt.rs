@@ -51,7 +51,7 @@ use warren_core::event::{cap_result, format_time, new_id, ErrorKind, EventErrorI
 use warren_core::task::{check_headers, task_type_of, InvalidTask, MessageMeta};
 use warren_core::{headers, DeadReason, Event, TaskEnvelope, TaskState};
 
-use super::progress::ProgressEvents;
+use super::progress::TaskProgress;
 use super::session::Session;
 use super::slots::{Running, Slot};
 use super::{sleep_until_some, Shared, Source};
@@ -546,11 +546,7 @@ impl<'a> Attempt<'a> {
             config: sh.config.clone(),
             progress,
         };
-        let progress_events = ProgressEvents::start(
-            self.out().clone(),
-            self.event(id, TaskState::Progress, task.attempt),
-            progress_rx,
-        );
+        let mut progress_events = TaskProgress::Quiet(Some(progress_rx));
         let command = CancellationToken::new();
         let _registered = sh.cancels.running(id, command.clone());
         let began = Instant::now();
@@ -588,6 +584,9 @@ impl<'a> Attempt<'a> {
                 }
                 _ = sleep_until_some(escrow_at) => {
                     escrow_at = self.hold_in_escrow(id).await;
+                }
+                _ = progress_events.first_report() => {
+                    progress_events.publish(self.out(), || self.event(id, TaskState::Progress, task.attempt));
                 }
             }
         };

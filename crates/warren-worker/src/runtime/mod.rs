@@ -700,11 +700,15 @@ impl Worker {
         let session = session.clone();
         let abort = in_flight.abort.clone();
         let slot = Slot::new(in_flight.permits.clone(), permit);
-        in_flight.tracker.spawn(async move {
+        // Boxed: an attempt's future is several kilobytes, and spawned as it
+        // is the runtime would copy it whole several times per task (into
+        // the tracker's wrapper, into the task's cell, and over again when
+        // the task finishes); boxed, only a pointer moves.
+        in_flight.tracker.spawn(Box::pin(async move {
             let delivery = (d.delivery, d.since);
             Attempt::run(&shared, &session, &d.source, delivery, &abort, slot).await;
             drop(d.release);
-        });
+        }));
     }
 
     /// Whether a change record names this task, its copy has not had that

@@ -11,13 +11,17 @@ use warren_core::Event;
 use crate::handler::ProgressReport;
 
 /// Publishes a running task's latest progress report as a `progress`
-/// event, at most once a second.
+/// event, at most once a second. Started only once the handler first
+/// reports progress (most handlers never do), so a task without progress
+/// costs no task of its own.
 pub(super) struct ProgressEvents {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl ProgressEvents {
+    /// Publishes the report `latest` holds now, then each later one, at most
+    /// once a second.
     pub(super) fn start(
         out: Outbox,
         template: Event,
@@ -27,25 +31,25 @@ impl ProgressEvents {
         let stopped = stop.clone();
         let task = tokio::spawn(async move {
             loop {
+                let report = *latest.borrow_and_update();
+                if let Some((bytes, total)) = report {
+                    let mut ev = template.clone();
+                    ev.event_id = new_id();
+                    ev.at = format_time(chrono::Utc::now());
+                    ev.progress = Some(ProgressInfo { bytes, total });
+                    match out.event(&ev).await {
+                        Ok(confirm) => {
+                            let _ = confirm.await;
+                        }
+                        Err(_) => return,
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stopped.cancelled() => return,
+                    }
+                }
                 tokio::select! {
                     changed = latest.changed() => if changed.is_err() { return },
-                    _ = stopped.cancelled() => return,
-                }
-                let Some((bytes, total)) = *latest.borrow_and_update() else {
-                    continue;
-                };
-                let mut ev = template.clone();
-                ev.event_id = new_id();
-                ev.at = format_time(chrono::Utc::now());
-                ev.progress = Some(ProgressInfo { bytes, total });
-                match out.event(&ev).await {
-                    Ok(confirm) => {
-                        let _ = confirm.await;
-                    }
-                    Err(_) => return,
-                }
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = stopped.cancelled() => return,
                 }
             }
@@ -58,5 +62,47 @@ impl ProgressEvents {
     pub(super) async fn finish(self) {
         self.stop.cancel();
         let _ = self.task.await;
+    }
+}
+
+/// A running task's progress: nothing until its handler first reports
+/// some, then a [`ProgressEvents`] publishing it.
+pub(super) enum TaskProgress {
+    /// No report yet: the receiver to watch, `None` once the handler's
+    /// sender is gone.
+    Quiet(Option<watch::Receiver<ProgressReport>>),
+    /// Reports are being published.
+    Publishing(ProgressEvents),
+}
+
+impl TaskProgress {
+    /// Waits for the handler's first report; never returns once the
+    /// handler dropped its sender or publishing started.
+    pub(super) async fn first_report(&mut self) {
+        match self {
+            TaskProgress::Quiet(Some(rx)) => {
+                if rx.changed().await.is_err() {
+                    *self = TaskProgress::Quiet(None);
+                    std::future::pending::<()>().await;
+                }
+            }
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// Starts publishing (after [`TaskProgress::first_report`] returned):
+    /// `template` is the event each report fills in.
+    pub(super) fn publish(&mut self, out: &Outbox, template: impl FnOnce() -> Event) {
+        if let TaskProgress::Quiet(Some(rx)) = self {
+            let rx = rx.clone();
+            *self = TaskProgress::Publishing(ProgressEvents::start(out.clone(), template(), rx));
+        }
+    }
+
+    /// Stops publishing, if it started (see [`ProgressEvents::finish`]).
+    pub(super) async fn finish(self) {
+        if let TaskProgress::Publishing(p) = self {
+            p.finish().await;
+        }
     }
 }
