@@ -540,10 +540,18 @@ pub fn unix_ms(rfc3339: &str) -> i64 {
 
 /// A TCP port of 127.0.0.1 that is free right now (nothing listens on it).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free port")
-        .port()
+    // Below the kernel's ephemeral range (32768-60999 here): a port picked
+    // from it may be taken by an outgoing connection's local end before
+    // the server that was to listen on it (a test node) binds it.
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let port = rng.gen_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000-31999 on 127.0.0.1");
 }
 
 /// The states of a task's events, in order.
