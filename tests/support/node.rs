@@ -53,9 +53,25 @@ impl TestNode {
     /// [`T_LONG`]) until it has booted. Panics, with the end of the node's
     /// log, when it does not.
     pub async fn start(name: &str, options: NodeOptions) -> TestNode {
-        let node = TestNode::launch(name, &options);
-        node.await_startup(T_LONG).await;
-        node
+        TestNode::launch_booted(name, &options).await
+    }
+
+    /// Launches the node and waits until it has booted; a node that fails
+    /// to boot (seen: its listener refused at once, now and then, on a busy
+    /// machine) is removed and launched again, with new ports, twice at most.
+    async fn launch_booted(name: &str, options: &NodeOptions) -> TestNode {
+        let mut tries = 1;
+        loop {
+            let node = TestNode::launch(name, options);
+            match node.booted(T_LONG).await {
+                Ok(()) => return node,
+                Err(e) if tries < 3 => {
+                    eprintln!("node {} did not boot (try {tries}), again: {e}", node.node);
+                    tries += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
     /// Writes the node's files and starts it, without waiting for it to
@@ -277,19 +293,28 @@ impl TestNode {
     /// `await_startup` fails at once while the node is still booting: try
     /// again until it answers or `timeout` has passed.
     async fn await_startup(&self, timeout: Duration) {
+        if let Err(e) = self.booted(timeout).await {
+            panic!("{e}");
+        }
+    }
+
+    /// Waits until the node has booted; what went wrong when it has not
+    /// within `timeout`.
+    async fn booted(&self, timeout: Duration) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let out = self.rabbitmqctl(&["await_startup"]);
             if out.status.success() {
-                return;
+                return Ok(());
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "node {} did not start within {timeout:?}: {}\nnode log:\n{}",
-                self.node,
-                String::from_utf8_lossy(&out.stderr),
-                self.log_tail()
-            );
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "node {} did not start within {timeout:?}: {}\nnode log:\n{}",
+                    self.node,
+                    String::from_utf8_lossy(&out.stderr),
+                    self.log_tail()
+                ));
+            }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
@@ -339,8 +364,12 @@ impl TestCluster {
                 .nodes
                 .push(TestNode::launch(&format!("{name}{i}"), &options));
         }
-        for node in &cluster.nodes {
-            node.await_startup(T_LONG).await;
+        for i in 0..n {
+            if let Err(e) = cluster.nodes[i].booted(T_LONG).await {
+                eprintln!("node {i} of cluster {name} did not boot, again: {e}");
+                // Stopped and removed on drop; a fresh one with new ports.
+                cluster.nodes[i] = TestNode::launch_booted(&format!("{name}{i}"), &options).await;
+            }
         }
         let first = cluster.nodes[0].name().to_owned();
         for node in &cluster.nodes[1..] {

@@ -20,7 +20,7 @@ use warren_core::Config;
 use crate::delays::Delays;
 use crate::intake::park_dead_lettered;
 use crate::metrics::SchedulerMetrics;
-use crate::tiers::read_tiers;
+use crate::tiers::{read_tiers, PREFETCH as TIER_PREFETCH};
 
 /// Why the scheduler stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -203,7 +203,14 @@ impl Scheduler {
                 .iter()
                 .map(|&t| (names.wait_tier(t), t))
                 .collect();
-            let due = read_tiers(&tier_ch, tiers, &stop_tiers);
+            tier_ch
+                .basic_qos(TIER_PREFETCH, BasicQosOptions { global: false })
+                .await
+                .map_err(amqp("set wait tier prefetch"))?;
+            // A consumer may hold a delivery this long before the broker
+            // closes its channel.
+            let consume_below = Duration::from_millis(self.config.broker.consumer_timeout_ms / 2);
+            let due = read_tiers(&tier_ch, tiers, consume_below, &stop_tiers);
             consumers.push(due.map(|d| (Intake::Due, d)).boxed());
         }
         let mut deliveries = select_all(consumers);
