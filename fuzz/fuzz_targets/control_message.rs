@@ -36,6 +36,20 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(v["escrow_done"].as_str(), Some(task_id.as_str()));
                 assert_eq!(v["escrow"].as_str(), Some(escrow_id.as_str()));
             }
+            ControlMessage::Change { task_id, at_ms, .. } => {
+                assert_eq!(v["change"].as_str(), Some(task_id.as_str()));
+                assert_eq!(v["at"].as_i64(), Some(*at_ms));
+            }
+            ControlMessage::Pause { target, at_ms } => {
+                assert_eq!(v["pause"].as_str(), Some(target.kind.as_str()));
+                assert_eq!(v["name"].as_str(), Some(target.name.as_str()));
+                assert_eq!(v["at"].as_i64(), Some(*at_ms));
+            }
+            ControlMessage::Resume { target, at_ms } => {
+                assert_eq!(v["resume"].as_str(), Some(target.kind.as_str()));
+                assert_eq!(v["name"].as_str(), Some(target.name.as_str()));
+                assert_eq!(v["at"].as_i64(), Some(*at_ms));
+            }
         }
     }
     // Any id, however odd, comes back from the command written for it.
