@@ -296,8 +296,11 @@ async fn migrate_moves_a_classic_topology_to_replicated_losing_nothing() {
     assert_eq!(env.depth(&n.work_queue("diag")).await, 4);
     assert_eq!(env.depth(&n.unroutable()).await, 1);
     assert_eq!(env.depth(&n.dead()).await, 1);
-    assert_eq!(env.depth(&n.wait_tier(16)).await, 2);
-    assert_eq!(env.depth(&n.wait_due()).await, 0);
+    // The classic tier's TTL (16 s) may have passed before the run reached
+    // it (a loaded machine): the two are then in `P.wait.due`, moved as well.
+    let tier = env.depth(&n.wait_tier(16)).await;
+    let due = env.depth(&n.wait_due()).await;
+    assert_eq!(tier + due, 2, "{tier} in the 16 s tier, {due} in wait.due");
     assert!(
         queues
             .iter()
