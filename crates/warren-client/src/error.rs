@@ -86,6 +86,20 @@ impl ClientError {
         matches!(self, ClientError::Tls { .. })
     }
 
+    /// Whether the broker took a publication on an open channel but did not
+    /// store it (a negative confirm, or none within
+    /// `broker.publish_timeout_ms`). On a cluster this is what a channel
+    /// left attached to a replicated queue's dead leader keeps answering
+    /// (RabbitMQ 3.10, seen in the node-kill tests), so the caller closes
+    /// its connection: the broker redelivers what that session held, and
+    /// the next session starts on fresh channels.
+    pub fn needs_fresh_channels(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Unconfirmed { .. } | ClientError::Nacked { .. }
+        )
+    }
+
     /// Wraps a lapin error with what was being done: `.map_err(ClientError::amqp("set prefetch"))`.
     pub fn amqp(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> ClientError {
         let what = what.into();

@@ -324,9 +324,10 @@ impl Delays {
             this.metrics.held(-1);
             if let Err(e) = released {
                 warn!(task_id = %w.id, error = %e, "release failed; the broker will redeliver");
-                if matches!(e, ClientError::Unconfirmed { .. }) {
-                    // Open, but never confirmed: close the channel, so that the
-                    // session ends and the broker redelivers what it holds.
+                if e.needs_fresh_channels() {
+                    // Open, but refused or never confirmed: close the channel,
+                    // so that the session ends and the broker redelivers what
+                    // it holds.
                     out.channel.close().await;
                 }
             }

@@ -885,14 +885,15 @@ impl<'a> Attempt<'a> {
                     error = %e,
                     "could not record the outcome; the broker will redeliver the task"
                 );
-                if matches!(e, ClientError::Unconfirmed { .. }) {
-                    // The connection is open, but the broker never confirmed:
-                    // close it, so that it redelivers this session's tasks
-                    // and the worker connects again on fresh channels.
+                if e.needs_fresh_channels() {
+                    // The connection is open, but the broker refused or never
+                    // confirmed: close it, so that it redelivers this
+                    // session's tasks and the worker connects again on fresh
+                    // channels.
                     let _ = self
                         .session
                         .conn
-                        .close(200, "a publication was never confirmed".into())
+                        .close(200, "a publication was refused or never confirmed".into())
                         .await;
                 }
             }
