@@ -156,6 +156,26 @@ fn follow_node(conn: &Connection, index: usize, n: usize) {
     });
 }
 
+/// How often [`connection_gone`] looks at a connection's state.
+const GONE_POLL: Duration = Duration::from_millis(250);
+
+/// Resolves once `conn` is no longer open (its socket failed, a heartbeat
+/// was missed, the broker or this process closed it). A session selects on
+/// it beside its own work, so that losing the connection ends the session
+/// even when none of its operations reports the loss (lapin's connection
+/// events go to one listener only, so the state is polled instead).
+pub async fn connection_gone(conn: &Connection) {
+    while conn.status().connected() {
+        tokio::time::sleep(GONE_POLL).await;
+    }
+}
+
+/// How long a process waits for one publisher confirm (its
+/// `broker.publish_timeout_ms`): also the bound on a session's wind-down.
+pub fn publish_timeout() -> Duration {
+    confirm_timeout()
+}
+
 /// A channel in confirm mode: every publication returns a confirm future.
 #[derive(Clone, Debug)]
 pub struct ConfirmChannel {

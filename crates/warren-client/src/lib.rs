@@ -31,7 +31,10 @@ pub use watch::{EventWatch, ReceivedEvent};
 /// of it.
 pub mod runtime {
     pub use crate::cancels::{now_ms, CancelSet, RunningGuard};
-    pub use crate::connect::{connect, connection_name, process_identity, ConfirmChannel};
+    pub use crate::connect::{
+        connect, connection_gone, connection_name, process_identity, publish_timeout,
+        ConfirmChannel,
+    };
     pub use crate::outbox::{confirm_all, copy_properties, short, Outbox};
     pub use crate::reconnect::Reconnect;
 }

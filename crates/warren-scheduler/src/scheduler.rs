@@ -10,9 +10,10 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::info;
+use tracing::{info, warn};
 use warren_client::runtime::{
-    connect, process_identity, CancelSet, ConfirmChannel, Outbox, Reconnect,
+    connect, connection_gone, process_identity, publish_timeout, CancelSet, ConfirmChannel, Outbox,
+    Reconnect,
 };
 use warren_client::ClientError;
 use warren_core::Config;
@@ -228,16 +229,23 @@ impl Scheduler {
         let slots = Arc::new(Semaphore::new(HANDLERS_IN_FLIGHT));
         let failed = CancellationToken::new();
         let failure: Arc<Mutex<Option<ClientError>>> = Arc::default();
+        // The connection's loss ends the session even while every handler
+        // slot is taken by a handler waiting on it.
+        let gone = connection_gone(&conn);
+        tokio::pin!(gone);
+        let lost = || ClientError::Closed("the connection to the broker".into());
         let result = loop {
             let permit = tokio::select! {
                 p = slots.clone().acquire_owned() => p.expect("never closed"),
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = failed.cancelled() => break Err(take(&failure)),
+                _ = &mut gone => break Err(lost()),
             };
             let next = tokio::select! {
                 n = deliveries.next() => n,
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = failed.cancelled() => break Err(take(&failure)),
+                _ = &mut gone => break Err(lost()),
             };
             let (kind, d) = match next {
                 None => break Err(ClientError::Closed("scheduler consumers".into())),
@@ -288,12 +296,27 @@ impl Scheduler {
                 drop(permit);
             });
         };
+        // Every wait below is bounded: an operation on a connection that is
+        // gone may never finish, and what it held unacknowledged goes back
+        // to the broker with the connection anyway.
+        let grace = publish_timeout() + Duration::from_secs(1);
         handlers.close();
-        handlers.wait().await;
+        if tokio::time::timeout(grace, handlers.wait()).await.is_err() {
+            warn!(
+                ?grace,
+                "scheduler handlers still busy; leaving them to the closed connection"
+            );
+        }
         stop_holds.cancel();
         holds.close();
-        holds.wait().await;
-        let _ = conn.close(200, "scheduler stopping".into()).await;
+        if tokio::time::timeout(grace, holds.wait()).await.is_err() {
+            warn!(
+                ?grace,
+                "scheduler releases still busy; leaving them to the closed connection"
+            );
+        }
+        let close = conn.close(200, "scheduler stopping".into());
+        let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
         result
     }
 }
