@@ -173,7 +173,10 @@ impl Rig {
             .filter(|l| l.starts_with(&self.env.prefix))
             .map(str::to_owned)
             .collect();
-        let mut text = format!("queues ({}):\n{}\n", items.join(" "), queues.join("\n"));
+        // The processes' lines first: a long queue list would push them out
+        // of a truncated report.
+        let queues = format!("queues ({}):\n{}\n", items.join(" "), queues.join("\n"));
+        let mut text = String::new();
         // Dead letters a quorum queue still holds for at-least-once
         // forwarding count in none of the columns above (3.10 has no
         // list_queues column for them).
@@ -194,22 +197,7 @@ impl Rig {
                 held.join("; ")
             }
         ));
-        // What the brokers said (warnings and errors), and what each Warren
-        // process logged of the missing tasks.
-        for node in self.cluster.nodes() {
-            let log = node.log_text();
-            let notable: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains("[warning]") || l.contains("[error]"))
-                .filter(|l| !l.contains("closing AMQP connection"))
-                .collect();
-            let tail = &notable[notable.len().saturating_sub(20)..];
-            text.push_str(&format!(
-                "broker log of {}:\n{}\n",
-                node.name(),
-                tail.join("\n")
-            ));
-        }
+        // What each Warren process logged of the missing tasks.
         for (i, p) in self.procs.iter().enumerate() {
             let log = self.env.log_of(p);
             // Without colours; `=<id>` as a field or in a span, not a longer id.
@@ -229,15 +217,31 @@ impl Rig {
             }
             let notable: Vec<&str> = log
                 .lines()
-                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("consuming"))
                 .collect();
-            let tail = &notable[notable.len().saturating_sub(15)..];
+            let tail = &notable[notable.len().saturating_sub(20)..];
             text.push_str(&format!(
-                "process {i} (pid {}), last warnings:\n{}\n",
+                "process {i} (pid {}), last warnings and (re)starts:\n{}\n",
                 p.pid,
                 tail.join("\n")
             ));
         }
+        // What the brokers said (warnings and errors).
+        for node in self.cluster.nodes() {
+            let log = node.log_text();
+            let notable: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("[warning]") || l.contains("[error]"))
+                .filter(|l| !l.contains("closing AMQP connection"))
+                .collect();
+            let tail = &notable[notable.len().saturating_sub(20)..];
+            text.push_str(&format!(
+                "broker log of {}:\n{}\n",
+                node.name(),
+                tail.join("\n")
+            ));
+        }
+        text.push_str(&queues);
         text
     }
 
