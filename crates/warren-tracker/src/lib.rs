@@ -23,5 +23,7 @@ pub mod store;
 mod tracker;
 
 pub use record::{IncomingEvent, TaskRow, TaskView};
-pub use store::{Backend, HistoryEntry, OpenMode, Store, StoreError, TaskFilter};
+pub use store::{
+    ActionRecord, Backend, HistoryEntry, NewAction, OpenMode, Store, StoreError, TaskFilter,
+};
 pub use tracker::{tracker_queue, Tracker, TrackerError};

@@ -164,14 +164,64 @@ impl BatchReport {
 /// Which tasks a listing shows.
 #[derive(Debug, Clone, Default)]
 pub struct TaskFilter {
-    /// Exact state.
+    /// Exact state, or several separated by commas (`queued,scheduled`).
     pub state: Option<String>,
     /// Exact task type.
     pub task_type: Option<String>,
+    /// Exact short queue name.
+    pub queue: Option<String>,
     /// Only tasks with an event at or after this time (Unix ms).
     pub since_ms: Option<i64>,
     /// At most this many, latest first.
     pub limit: i64,
+}
+
+/// An operator's action, to record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewAction {
+    /// When (Unix ms).
+    pub at_ms: i64,
+    /// Who: the token's or dashboard user's name (`anonymous` when open).
+    pub actor: String,
+    /// Their role (`admin`).
+    pub role: String,
+    /// How they were authenticated: `session`, `token` or `open`.
+    pub via: String,
+    /// What: `cancel`, `priority`, `run_now`, `replay`, `pause`, `resume`.
+    pub action: String,
+    /// On what: a task id, `queue:<name>` or `type:<name>`.
+    pub target: String,
+    /// The request's particulars (new priority, replay filter, ...).
+    pub detail: Value,
+    /// How it ended: `sent`, `replayed 1`, or why it was refused or failed.
+    pub outcome: String,
+    /// Whether it was carried out.
+    pub ok: bool,
+}
+
+/// A recorded action, as the API shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ActionRecord {
+    /// Its number, in recording order.
+    pub id: i64,
+    /// When (RFC 3339, UTC).
+    pub at: String,
+    /// Who.
+    pub actor: String,
+    /// Their role.
+    pub role: String,
+    /// `session`, `token` or `open`.
+    pub via: String,
+    /// What.
+    pub action: String,
+    /// On what.
+    pub target: String,
+    /// Particulars.
+    pub detail: Value,
+    /// How it ended.
+    pub outcome: String,
+    /// Whether it was carried out.
+    pub ok: bool,
 }
 
 /// One stored event of a task's history.
@@ -512,11 +562,25 @@ impl Store {
             n += 1;
             format!("${n}")
         };
-        if filter.state.is_some() {
-            conditions.push(format!("state = {}", next()));
+        let states: Vec<&str> = filter
+            .state
+            .as_deref()
+            .map(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !states.is_empty() {
+            let list: Vec<String> = states.iter().map(|_| next()).collect();
+            conditions.push(format!("state IN ({})", list.join(", ")));
         }
         if filter.task_type.is_some() {
             conditions.push(format!("type = {}", next()));
+        }
+        if filter.queue.is_some() {
+            conditions.push(format!("queue = {}", next()));
         }
         if filter.since_ms.is_some() {
             conditions.push(format!("last_at >= {}", next()));
@@ -532,11 +596,14 @@ impl Store {
             }
         );
         let mut q = sqlx::query(&sql);
-        if let Some(s) = &filter.state {
-            q = q.bind(s.clone());
+        for s in &states {
+            q = q.bind(s.to_string());
         }
         if let Some(t) = &filter.task_type {
             q = q.bind(t.clone());
+        }
+        if let Some(queue) = &filter.queue {
+            q = q.bind(queue.clone());
         }
         if let Some(since) = filter.since_ms {
             q = q.bind(since);
@@ -593,6 +660,75 @@ impl Store {
             out.insert(state, n);
         }
         Ok(out)
+    }
+
+    /// Records what an operator did (the audit trail of the API and
+    /// dashboard); returns the record's id.
+    pub async fn record_action(&self, a: &NewAction) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO actions (at, actor, role, via, action, target, detail, outcome, ok) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+        )
+        .bind(a.at_ms)
+        .bind(a.actor.clone())
+        .bind(a.role.clone())
+        .bind(a.via.clone())
+        .bind(a.action.clone())
+        .bind(a.target.clone())
+        .bind(a.detail.to_string())
+        .bind(a.outcome.clone())
+        .bind(i64::from(a.ok))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        row.try_get(0).map_err(|e| self.err(e))
+    }
+
+    /// The latest recorded actions, newest first; only those about `target`
+    /// when given.
+    pub async fn actions(
+        &self,
+        target: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<ActionRecord>, StoreError> {
+        let sql = format!(
+            "SELECT id, at, actor, role, via, action, target, detail, outcome, ok FROM actions \
+             {} ORDER BY id DESC LIMIT {}",
+            if target.is_some() {
+                "WHERE target = $1"
+            } else {
+                ""
+            },
+            if target.is_some() { "$2" } else { "$1" }
+        );
+        let mut q = sqlx::query(&sql);
+        if let Some(t) = target {
+            q = q.bind(t.to_owned());
+        }
+        let rows = q
+            .bind(limit.max(0))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        let read = |r: &AnyRow| -> Result<ActionRecord, sqlx::Error> {
+            let detail: String = r.try_get("detail")?;
+            Ok(ActionRecord {
+                id: r.try_get("id")?,
+                at: crate::record::format_ms(r.try_get("at")?),
+                actor: r.try_get("actor")?,
+                role: r.try_get("role")?,
+                via: r.try_get("via")?,
+                action: r.try_get("action")?,
+                target: r.try_get("target")?,
+                detail: serde_json::from_str(&detail).unwrap_or(Value::String(detail)),
+                outcome: r.try_get("outcome")?,
+                ok: r.try_get::<i64, _>("ok")? != 0,
+            })
+        };
+        rows.iter()
+            .map(read)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(e))
     }
 
     /// Deletes up to `chunk` tasks (and their events) whose last event is
@@ -889,6 +1025,7 @@ mod tests {
                 task_type: Some("diag.echo".into()),
                 since_ms: Some(1_050),
                 limit: 10,
+                ..TaskFilter::default()
             })
             .await
             .unwrap();
@@ -905,5 +1042,53 @@ mod tests {
         );
         let failures = store.recent_failures(10).await.unwrap();
         assert!(failures.is_empty());
+
+        // Several states at once, and the queue.
+        let listed = store
+            .list(&TaskFilter {
+                state: Some("started, succeeded".into()),
+                queue: Some("nowhere".into()),
+                limit: 10,
+                ..TaskFilter::default()
+            })
+            .await
+            .unwrap();
+        assert!(listed.is_empty());
+        let listed = store
+            .list(&TaskFilter {
+                state: Some("started,succeeded".into()),
+                limit: 10,
+                ..TaskFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1);
+
+        // The audit trail: newest first, by target.
+        for (i, target) in ["t2", "queue:io", "t2"].into_iter().enumerate() {
+            let id = store
+                .record_action(&NewAction {
+                    at_ms: 5_000 + i as i64,
+                    actor: "alice".into(),
+                    role: "admin".into(),
+                    via: "session".into(),
+                    action: "cancel".into(),
+                    target: target.into(),
+                    detail: serde_json::json!({"n": i}),
+                    outcome: "sent".into(),
+                    ok: i != 1,
+                })
+                .await
+                .unwrap();
+            assert!(id > 0);
+        }
+        let all = store.actions(None, 10).await.unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0].detail, serde_json::json!({"n": 2}));
+        assert!(!all[1].ok && all[0].ok);
+        assert_eq!(all[2].at, crate::record::format_ms(5_000));
+        let t2 = store.actions(Some("t2"), 1).await.unwrap();
+        assert_eq!(t2.len(), 1);
+        assert_eq!(t2[0].actor, "alice");
     }
 }

@@ -77,6 +77,9 @@ pub(crate) struct Shared {
     pub auth: crate::auth::Auth,
     /// What the fleet has paused, read from the cancels stream.
     pub pauses: warren_client::runtime::CancelSet,
+    /// The API's client of the broker, for the control commands operators
+    /// send (cancel, change, pause), connected on first use.
+    pub client: tokio::sync::OnceCell<warren_client::Client>,
 }
 
 impl Shared {
@@ -158,6 +161,7 @@ impl Tracker {
             // Without credentials nothing is served; closed ones stand in.
             auth: auth.unwrap_or_else(crate::auth::Auth::closed),
             pauses: warren_client::runtime::CancelSet::new(),
+            client: tokio::sync::OnceCell::new(),
         });
         let follow_pauses = {
             let (ready, _) = tokio::sync::oneshot::channel();
