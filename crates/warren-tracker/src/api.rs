@@ -54,6 +54,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/tasks/{id}/priority", post(reprioritize_task))
         .route("/api/tasks/{id}/run-now", post(run_task_now))
         .route("/api/actions", get(actions))
+        .route("/api/timeline", get(timeline))
         .route("/api/stats", get(stats))
         .route("/api/failures", get(failures))
         .route("/api/queues", get(queues))
@@ -291,6 +292,11 @@ async fn stats(State(s): State<Arc<Shared>>) -> Response {
         }
         Err(e) => internal(e),
     }
+}
+
+/// `GET /api/timeline`: the charts' data, per 10 s over the last half hour.
+async fn timeline(State(s): State<Arc<Shared>>) -> Response {
+    Json(s.timeline.view(chrono::Utc::now().timestamp_millis())).into_response()
 }
 
 /// Query of listings that take only a limit.
@@ -728,6 +734,7 @@ mod tests {
             "/api/tasks/{id}/priority",
             "/api/tasks/{id}/run-now",
             "/api/actions",
+            "/api/timeline",
             "/api/stats",
             "/api/failures",
             "/api/queues",

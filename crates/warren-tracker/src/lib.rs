@@ -20,6 +20,7 @@ pub mod mgmt;
 pub mod published;
 pub mod record;
 pub mod store;
+pub mod timeline;
 mod tracker;
 
 pub use record::{IncomingEvent, TaskRow, TaskView};

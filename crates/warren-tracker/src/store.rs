@@ -136,6 +136,10 @@ pub struct BatchReport {
     pub retries: BTreeMap<String, u64>,
     /// New `dead` events by `(type, reason)`.
     pub dead: BTreeMap<(String, String), u64>,
+    /// Enqueue→start waits of first attempts whose `queued` or `scheduled`
+    /// record came before their `started` event: `(type, milliseconds)`
+    /// from publication (or the due time, if later) to the start.
+    pub waits: Vec<(String, i64)>,
 }
 
 impl BatchReport {
@@ -459,9 +463,22 @@ impl Store {
             .map(|(id, r)| (id.clone(), r.state.clone()))
             .collect();
         for e in &fresh {
-            rows.entry(e.event.task_id.clone())
-                .or_insert_with(|| TaskRow::empty(&e.event.task_id, &e.event.task_type))
-                .apply(e);
+            let row = rows
+                .entry(e.event.task_id.clone())
+                .or_insert_with(|| TaskRow::empty(&e.event.task_id, &e.event.task_type));
+            if e.event.state == warren_core::TaskState::Started
+                && e.event.attempt == 1
+                && row.events > 0
+            {
+                let due = row.due_at.as_deref().and_then(crate::record::parse_time_ms);
+                let ready = row.first_seen.max(due.unwrap_or(i64::MIN));
+                if e.at_ms >= ready {
+                    report
+                        .waits
+                        .push((e.event.task_type.clone(), e.at_ms - ready));
+                }
+            }
+            row.apply(e);
             *report
                 .ingested
                 .entry((e.event.state.as_str().to_owned(), e.event.task_type.clone()))

@@ -80,6 +80,8 @@ pub(crate) struct Shared {
     /// The API's client of the broker, for the control commands operators
     /// send (cancel, change, pause), connected on first use.
     pub client: tokio::sync::OnceCell<warren_client::Client>,
+    /// The last half hour of outcomes and waits, for the dashboard's charts.
+    pub timeline: crate::timeline::Timeline,
 }
 
 impl Shared {
@@ -162,6 +164,7 @@ impl Tracker {
             auth: auth.unwrap_or_else(crate::auth::Auth::closed),
             pauses: warren_client::runtime::CancelSet::new(),
             client: tokio::sync::OnceCell::new(),
+            timeline: crate::timeline::Timeline::default(),
         });
         let follow_pauses = {
             let (ready, _) = tokio::sync::oneshot::channel();
