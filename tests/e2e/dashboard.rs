@@ -61,6 +61,21 @@ async fn dashboard_shows_queues_counts_failures_dead_letters_and_a_task() {
         v["states"]["succeeded"] == 8 && v["states"]["dead"] == 1
     })
     .await;
+    // The charts' data: outcomes per type, and enqueue->start waits once
+    // the copies of the published tasks are read too.
+    api.wait_for("/api/timeline", "the batch in the timeline", |v| {
+        let buckets = v["buckets"].as_array().cloned().unwrap_or_default();
+        let sum = |t: &str, s: &str| {
+            buckets
+                .iter()
+                .map(|b| b["types"][t][s].as_u64().unwrap_or(0))
+                .sum::<u64>()
+        };
+        sum("diag.echo", "succeeded") == 8
+            && sum("diag.fail", "dead") == 1
+            && buckets.iter().any(|b| b["wait_ms"]["p50"].is_u64())
+    })
+    .await;
     // The management API's statistics lag a few seconds behind.
     let diag = env.names().work_queue("diag");
     api.wait_for("/api/queues", "the diag queue consumed", |v| {
@@ -80,6 +95,14 @@ async fn dashboard_shows_queues_counts_failures_dead_letters_and_a_task() {
          && document.querySelector('[data-state=\"succeeded\"] b')?.textContent === '8' \
          && document.querySelectorAll('#queues tr[data-queue]').length > 1 \
          && document.getElementById('status').classList.contains('ok')",
+    )
+    .await;
+    b.wait_for(
+        "the charts drawn: throughput, failures, queue depth, latency",
+        "document.querySelector('#chart-throughput polyline[data-series=\"diag.echo\"]') \
+         && document.querySelector('#chart-failures polyline[data-series=\"diag.fail\"]') \
+         && document.querySelector('#chart-depth polyline[data-series=\"diag\"]') \
+         && document.querySelector('#chart-latency polyline[data-series=\"p99\"]')",
     )
     .await;
     let dom = b.html().await;

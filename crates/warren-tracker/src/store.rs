@@ -165,6 +165,34 @@ impl BatchReport {
     }
 }
 
+/// The enqueue→start wait of a task's first attempt that `e` completes,
+/// given what `row` held before it: a `started` event after the task's
+/// `queued` or `scheduled` record (from publication, or the due time if
+/// later, to the start), or a `queued` record read after a start that
+/// was the first thing known of the task (the tracker reads the copies of
+/// published tasks on their own queue, and may read a fast task's start
+/// first). Never negative.
+fn first_wait(row: &TaskRow, e: &IncomingEvent) -> Option<i64> {
+    use warren_core::TaskState;
+    if e.event.attempt != 1 || row.events == 0 {
+        return None;
+    }
+    match e.event.state {
+        TaskState::Started
+            if row.started_at.is_none() && matches!(row.state.as_str(), "queued" | "scheduled") =>
+        {
+            let due = row.due_at.as_deref().and_then(crate::record::parse_time_ms);
+            let ready = row.first_seen.max(due.unwrap_or(i64::MIN));
+            Some((e.at_ms - ready).max(0))
+        }
+        TaskState::Queued if row.attempts <= 1 => {
+            let started = row.started_at?;
+            (row.first_seen >= started).then(|| (started - e.at_ms).max(0))
+        }
+        _ => None,
+    }
+}
+
 /// Which tasks a listing shows.
 #[derive(Debug, Clone, Default)]
 pub struct TaskFilter {
@@ -466,17 +494,8 @@ impl Store {
             let row = rows
                 .entry(e.event.task_id.clone())
                 .or_insert_with(|| TaskRow::empty(&e.event.task_id, &e.event.task_type));
-            if e.event.state == warren_core::TaskState::Started
-                && e.event.attempt == 1
-                && row.events > 0
-            {
-                let due = row.due_at.as_deref().and_then(crate::record::parse_time_ms);
-                let ready = row.first_seen.max(due.unwrap_or(i64::MIN));
-                if e.at_ms >= ready {
-                    report
-                        .waits
-                        .push((e.event.task_type.clone(), e.at_ms - ready));
-                }
+            if let Some(ms) = first_wait(row, e) {
+                report.waits.push((e.event.task_type.clone(), ms));
             }
             row.apply(e);
             *report
@@ -998,6 +1017,51 @@ mod tests {
             .execute(&mut admin)
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn first_attempt_waits_are_measured_in_either_order() {
+        let (dir, url) = temp_db("waits");
+        let store = Store::open(&url, OpenMode::Create).await.unwrap();
+        // Queued at 1_000, started at 1_250: waited 250 ms.
+        let r = store
+            .write_batch(&[ev("w1", "q1", TaskState::Queued, 1, 1_000)])
+            .await
+            .unwrap();
+        assert!(r.waits.is_empty());
+        let r = store
+            .write_batch(&[ev("w1", "s1", TaskState::Started, 1, 1_250)])
+            .await
+            .unwrap();
+        assert_eq!(r.waits, [("diag.echo".to_owned(), 250)]);
+        // The start read before the copy: it waited no time measurable.
+        store
+            .write_batch(&[ev("w2", "s2", TaskState::Started, 1, 2_000)])
+            .await
+            .unwrap();
+        let r = store
+            .write_batch(&[ev("w2", "q2", TaskState::Queued, 1, 2_040)])
+            .await
+            .unwrap();
+        assert_eq!(r.waits, [("diag.echo".to_owned(), 0)]);
+        // The copy stored first, but read after the worker started it.
+        store
+            .write_batch(&[ev("w3", "q3", TaskState::Queued, 1, 2_500)])
+            .await
+            .unwrap();
+        let r = store
+            .write_batch(&[ev("w3", "s4", TaskState::Started, 1, 2_490)])
+            .await
+            .unwrap();
+        assert_eq!(r.waits, [("diag.echo".to_owned(), 0)]);
+        // A retry's start is not a first wait.
+        let r = store
+            .write_batch(&[ev("w1", "s3", TaskState::Started, 2, 3_000)])
+            .await
+            .unwrap();
+        assert!(r.waits.is_empty());
+        store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     async fn exercise(store: &Store) {
