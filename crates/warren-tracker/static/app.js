@@ -417,6 +417,12 @@ function drawLines(svgId, legendId, series, unit) {
     line.setAttribute("vector-effect", "non-scaling-stroke");
     line.setAttribute("data-series", s.name);
     nodes.push(line);
+    if (pts.length === 1) { // one point draws no line: a dot
+      const [cx, cy] = pts[0].split(",");
+      const dot = document.createElementNS(ns, "circle");
+      dot.setAttribute("cx", cx); dot.setAttribute("cy", cy); dot.setAttribute("r", "3"); dot.setAttribute("fill", s.color);
+      nodes.push(dot);
+    }
   }
   const label = document.createElementNS(ns, "text");
   label.setAttribute("x", "6"); label.setAttribute("y", "14"); label.setAttribute("font-size", "12"); label.setAttribute("fill", "#6b7480");
