@@ -107,6 +107,31 @@ async fn cancel_a_queued_task_by_clicking_recorded_with_the_user() {
     )
     .await;
 
+    // A new priority for the other one, typed into the dialog.
+    b.eval(
+        "document.querySelector('tr[data-waiting=\"dact-kept\"] button.act-priority').click(); true",
+    )
+    .await;
+    b.wait_for(
+        "the priority dialog",
+        "document.getElementById('confirm-dialog').open && !document.getElementById('confirm-priority-label').hidden",
+    )
+    .await;
+    b.eval(
+        "document.getElementById('confirm-priority').value = '7'; \
+         document.getElementById('confirm-ok').click(); true",
+    )
+    .await;
+    b.wait_for(
+        "the priority change reported",
+        "document.getElementById('action-message').textContent === 'priority 7 for dact-kept: sent'",
+    )
+    .await;
+    let kept = api.ok("/api/actions?target=dact-kept").await;
+    assert_eq!(newest(&kept)["action"], "priority", "{kept}");
+    assert_eq!(newest(&kept)["detail"], json!({"priority": 7}));
+    assert_eq!(newest(&kept)["actor"], "alice");
+
     // A worker takes both: the cancelled one ends cancelled, the other runs.
     let _worker = env.spawn(&["worker"], &[]);
     let doomed = api
