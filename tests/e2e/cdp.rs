@@ -205,6 +205,53 @@ impl Browser {
         }
     }
 
+    /// Opens the dashboard at `base`, which sends a browser without a
+    /// session to the login page, and logs in there as `user`.
+    pub async fn log_in(&mut self, base: &str, user: &str, password: &str) {
+        self.goto(&format!("{base}/")).await;
+        self.wait_for(
+            "the login page",
+            "location.pathname === '/login' && document.getElementById('login-submit')",
+        )
+        .await;
+        self.eval(&format!(
+            "document.getElementById('login-user').value = {user:?}; \
+             document.getElementById('login-password').value = {password:?}; \
+             document.getElementById('login-submit').click(); true"
+        ))
+        .await;
+        self.wait_for(
+            "the dashboard after logging in",
+            &format!(
+                "location.pathname === '/' && document.getElementById('user').textContent.startsWith({user:?})"
+            ),
+        )
+        .await;
+    }
+
+    /// Clicks the first element `selector` matches, then the page's
+    /// confirmation dialog's Confirm button once the dialog is open.
+    pub async fn click_and_confirm(&mut self, selector: &str) {
+        self.wait_for(selector, &format!("document.querySelector({selector:?})"))
+            .await;
+        self.eval(&format!(
+            "document.querySelector({selector:?}).click(); true"
+        ))
+        .await;
+        self.wait_for(
+            "the confirmation dialog",
+            "document.getElementById('confirm-dialog').open",
+        )
+        .await;
+        self.eval("document.getElementById('confirm-ok').click(); true")
+            .await;
+        self.wait_for(
+            "the confirmation dialog closed",
+            "!document.getElementById('confirm-dialog').open",
+        )
+        .await;
+    }
+
     /// The page's current HTML.
     pub async fn html(&mut self) -> String {
         self.eval("document.documentElement.outerHTML")

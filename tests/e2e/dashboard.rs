@@ -32,28 +32,9 @@ const USERS: &[(&str, &str)] = &[
 const ALICE_PW: &str = "alice-pw-4f2a9c";
 const RITA_PW: &str = "rita-pw-81d3e7";
 
-/// Opens the dashboard, which sends a browser without a session to the
-/// login page, and logs in there.
+/// Logs in through the login page.
 async fn log_in(b: &mut Browser, api: &Api, user: &str, password: &str) {
-    b.goto(&format!("{}/", api.base)).await;
-    b.wait_for(
-        "the login page",
-        "location.pathname === '/login' && document.getElementById('login-submit')",
-    )
-    .await;
-    b.eval(&format!(
-        "document.getElementById('login-user').value = {user:?}; \
-         document.getElementById('login-password').value = {password:?}; \
-         document.getElementById('login-submit').click(); true"
-    ))
-    .await;
-    b.wait_for(
-        "the dashboard after logging in",
-        &format!(
-            "location.pathname === '/' && document.getElementById('user').textContent.startsWith({user:?})"
-        ),
-    )
-    .await;
+    b.log_in(&api.base, user, password).await;
 }
 
 #[tokio::test]
@@ -80,6 +61,21 @@ async fn dashboard_shows_queues_counts_failures_dead_letters_and_a_task() {
         v["states"]["succeeded"] == 8 && v["states"]["dead"] == 1
     })
     .await;
+    // The charts' data: outcomes per type, and enqueue->start waits once
+    // the copies of the published tasks are read too.
+    api.wait_for("/api/timeline", "the batch in the timeline", |v| {
+        let buckets = v["buckets"].as_array().cloned().unwrap_or_default();
+        let sum = |t: &str, s: &str| {
+            buckets
+                .iter()
+                .map(|b| b["types"][t][s].as_u64().unwrap_or(0))
+                .sum::<u64>()
+        };
+        sum("diag.echo", "succeeded") == 8
+            && sum("diag.fail", "dead") == 1
+            && buckets.iter().any(|b| b["wait_ms"]["p50"].is_u64())
+    })
+    .await;
     // The management API's statistics lag a few seconds behind.
     let diag = env.names().work_queue("diag");
     api.wait_for("/api/queues", "the diag queue consumed", |v| {
@@ -99,6 +95,14 @@ async fn dashboard_shows_queues_counts_failures_dead_letters_and_a_task() {
          && document.querySelector('[data-state=\"succeeded\"] b')?.textContent === '8' \
          && document.querySelectorAll('#queues tr[data-queue]').length > 1 \
          && document.getElementById('status').classList.contains('ok')",
+    )
+    .await;
+    b.wait_for(
+        "the charts drawn: throughput, failures, queue depth, latency",
+        "document.querySelector('#chart-throughput polyline[data-series=\"diag.echo\"]') \
+         && document.querySelector('#chart-failures polyline[data-series=\"diag.fail\"]') \
+         && document.querySelector('#chart-depth polyline[data-series=\"diag\"]') \
+         && document.querySelector('#chart-latency polyline[data-series=\"p99\"]')",
     )
     .await;
     let dom = b.html().await;
@@ -202,6 +206,14 @@ async fn dashboard_login_replay_and_logout() {
         "document.querySelector('{row} button.replay').click(); true"
     ))
     .await;
+    // The page asks first, in its own dialog.
+    b.wait_for(
+        "the confirmation dialog",
+        "document.getElementById('confirm-dialog').open",
+    )
+    .await;
+    b.eval("document.getElementById('confirm-ok').click(); true")
+        .await;
     b.wait_for(
         "the replay reported",
         "document.getElementById('dead-message').textContent === 'replayed dash-replay'",
@@ -209,6 +221,11 @@ async fn dashboard_login_replay_and_logout() {
     .await;
     let again = api.wait_events("dash-replay", 6).await;
     assert_eq!(again["task"]["state"], "dead");
+    // The replay is recorded with the user who clicked.
+    let actions = api.ok("/api/actions?target=dash-replay").await;
+    assert_eq!(actions["actions"][0]["actor"], "alice", "{actions}");
+    assert_eq!(actions["actions"][0]["action"], "replay");
+    assert_eq!(actions["actions"][0]["outcome"], "replayed 1");
 
     // Log out: back on the login page; the old session no longer reads.
     b.eval("document.getElementById('logout-submit').click(); true")

@@ -10,13 +10,14 @@ use axum::extract::{FromRequest, FromRequestParts, Path, Query, State};
 use axum::http::{header, request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use warren_client::dead::{DeadFilter, DeadLetters};
 
-use crate::store::TaskFilter;
+use crate::auth::{Identity, Via};
+use crate::store::{NewAction, TaskFilter};
 use crate::tracker::Shared;
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
@@ -49,6 +50,11 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/tasks", get(list_tasks))
         .route("/api/tasks/{id}", get(task))
+        .route("/api/tasks/{id}/cancel", post(cancel_task))
+        .route("/api/tasks/{id}/priority", post(reprioritize_task))
+        .route("/api/tasks/{id}/run-now", post(run_task_now))
+        .route("/api/actions", get(actions))
+        .route("/api/timeline", get(timeline))
         .route("/api/stats", get(stats))
         .route("/api/failures", get(failures))
         .route("/api/queues", get(queues))
@@ -179,6 +185,8 @@ struct ListQuery {
     state: Option<String>,
     #[serde(rename = "type")]
     task_type: Option<String>,
+    /// Short queue name.
+    queue: Option<String>,
     /// RFC 3339 time, Unix ms, or an age such as `15m`.
     since: Option<String>,
     limit: Option<i64>,
@@ -223,7 +231,7 @@ async fn list_tasks(State(s): State<Arc<Shared>>, ApiQuery(q): ApiQuery<ListQuer
         },
         None => None,
     };
-    if let Some(refused) = [&q.state, &q.task_type]
+    if let Some(refused) = [&q.state, &q.task_type, &q.queue]
         .into_iter()
         .flatten()
         .find_map(|v| refuse_nul(v))
@@ -233,6 +241,7 @@ async fn list_tasks(State(s): State<Arc<Shared>>, ApiQuery(q): ApiQuery<ListQuer
     let filter = TaskFilter {
         state: q.state.filter(|v| !v.is_empty()),
         task_type: q.task_type.filter(|v| !v.is_empty()),
+        queue: q.queue.filter(|v| !v.is_empty()),
         since_ms,
         limit: q.limit.unwrap_or(100).clamp(1, MAX_LIMIT),
     };
@@ -283,6 +292,11 @@ async fn stats(State(s): State<Arc<Shared>>) -> Response {
         }
         Err(e) => internal(e),
     }
+}
+
+/// `GET /api/timeline`: the charts' data, per 10 s over the last half hour.
+async fn timeline(State(s): State<Arc<Shared>>) -> Response {
+    Json(s.timeline.view(chrono::Utc::now().timestamp_millis())).into_response()
 }
 
 /// Query of listings that take only a limit.
@@ -354,59 +368,221 @@ struct PauseRequest {
 }
 
 /// `POST /api/pause` (admin): pauses or resumes a work queue or task type
-/// fleet-wide, as `warren pause` and `warren resume` do.
-async fn pause(State(s): State<Arc<Shared>>, ApiJson(req): ApiJson<PauseRequest>) -> Response {
-    use warren_core::control::ControlMessage;
+/// fleet-wide, as `warren pause` and `warren resume` do; recorded.
+async fn pause(
+    State(s): State<Arc<Shared>>,
+    Extension(who): Extension<Identity>,
+    ApiJson(req): ApiJson<PauseRequest>,
+) -> Response {
     use warren_core::pauses::PauseTarget;
+    let action = if req.paused { "pause" } else { "resume" };
+    let detail = json!({"kind": req.kind, "name": req.name});
+    let target_name = format!("{}:{}", req.kind, req.name);
     let target = match req.kind.as_str() {
         "queue" if s.config.queues.iter().any(|q| q.name == req.name) => {
-            PauseTarget::queue(&req.name)
+            Ok(PauseTarget::queue(&req.name))
         }
-        "queue" => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("unknown queue {:?}", req.name),
-            )
-        }
+        "queue" => Err(format!("unknown queue {:?}", req.name)),
         "type" if warren_core::routes::is_valid_task_type(&req.name) => {
-            PauseTarget::task_type(&req.name)
+            Ok(PauseTarget::task_type(&req.name))
         }
-        "type" => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("invalid task type {:?}", req.name),
-            )
-        }
-        _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "kind must be \"queue\" or \"type\"",
-            )
-        }
+        "type" => Err(format!("invalid task type {:?}", req.name)),
+        _ => Err("kind must be \"queue\" or \"type\"".to_owned()),
     };
-    let at_ms = warren_client::runtime::now_ms();
-    let m = if req.paused {
-        ControlMessage::Pause { target, at_ms }
-    } else {
-        ControlMessage::Resume { target, at_ms }
+    let outcome = match target {
+        Err(e) => Err((StatusCode::BAD_REQUEST, e)),
+        Ok(target) => match client(&s).await {
+            Err(e) => Err(e),
+            Ok(c) => match c.set_paused(&target, req.paused).await {
+                Ok(()) => {
+                    tracing::info!(user = %who.name, %target, action, "pause record sent through the tracker API");
+                    Ok(("sent".to_owned(), json!({"sent": true})))
+                }
+                Err(e) => Err((StatusCode::BAD_GATEWAY, e.to_string())),
+            },
+        },
     };
-    let control = s.config.names().control();
-    let sent = with_connection(&s, async |conn| {
-        let ch = warren_client::runtime::ConfirmChannel::open(conn).await?;
-        let props = lapin::BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2);
-        let c = ch.send(&control, "", &m.to_json(), props).await?;
-        warren_client::runtime::confirm_all(vec![c]).await
-    })
+    finish(&s, &who, action, &target_name, detail, outcome).await
+}
+
+/// The API's client of the broker (as the CLI's), connected on first use.
+async fn client(s: &Shared) -> Result<&warren_client::Client, (StatusCode, String)> {
+    s.client
+        .get_or_try_init(|| warren_client::Client::connect(&s.config))
+        .await
+        .map_err(|e| (StatusCode::BAD_GATEWAY, e.to_string()))
+}
+
+/// How an action ended: a short outcome for the record and the answer's
+/// body, or a status and why.
+type Outcome = Result<(String, Value), (StatusCode, String)>;
+
+/// Records an action (who, when, what, how it ended) in the database and
+/// answers: the body with `"action"` (the record) added, or the error. An
+/// action done but not recorded is answered 500, saying so.
+async fn finish(
+    s: &Shared,
+    who: &Identity,
+    action: &str,
+    target: &str,
+    detail: Value,
+    outcome: Outcome,
+) -> Response {
+    let (text, ok) = match &outcome {
+        Ok((text, _)) => (text.clone(), true),
+        Err((_, e)) => (e.clone(), false),
+    };
+    let record = NewAction {
+        at_ms: warren_client::runtime::now_ms(),
+        actor: who.name.clone(),
+        role: who.role.as_str().to_owned(),
+        via: match who.via {
+            Via::Token => "token",
+            Via::Session { .. } => "session",
+            Via::Open => "open",
+        }
+        .to_owned(),
+        action: action.to_owned(),
+        target: target.to_owned(),
+        detail,
+        outcome: text,
+        ok,
+    };
+    let recorded = s.store.record_action(&record).await;
+    if let Err(e) = &recorded {
+        tracing::warn!(error = %e, user = %who.name, action, target, "an action through the tracker API could not be recorded");
+    }
+    match (outcome, recorded) {
+        (Ok((_, mut body)), Ok(id)) => {
+            body["action"] = json!({"id": id, "action": action, "target": target, "by": who.name});
+            Json(body).into_response()
+        }
+        (Ok(_), Err(e)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{action} {target} was done but could not be recorded: {e}"),
+        ),
+        (Err((status, e)), _) => error(status, e),
+    }
+}
+
+/// The tracker's state of a task an operator acts on: 404 when unknown.
+async fn known_task(s: &Shared, id: &str) -> Result<crate::TaskRow, (StatusCode, String)> {
+    if id.contains('\0') || id.is_empty() {
+        return Err((StatusCode::BAD_REQUEST, "not a task id".to_owned()));
+    }
+    match s.store.task(id).await {
+        Ok(Some(row)) => Ok(row),
+        Ok(None) => Err((
+            StatusCode::NOT_FOUND,
+            format!("no task {id:?} in the tracker (unknown, not seen yet, or pruned)"),
+        )),
+        Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+/// `POST /api/tasks/{id}/cancel` (admin): sends `{"cancel": id}` as
+/// `warren cancel` does; refused for a task that has ended. Recorded.
+async fn cancel_task(
+    State(s): State<Arc<Shared>>,
+    Extension(who): Extension<Identity>,
+    ApiPath(id): ApiPath<String>,
+) -> Response {
+    let outcome = async {
+        let task = known_task(&s, &id).await?;
+        if let Some(why) = crate::record::cancel_refusal(&task) {
+            return Err((StatusCode::CONFLICT, why));
+        }
+        client(&s)
+            .await?
+            .cancel(&id)
+            .await
+            .map_err(|e| (StatusCode::BAD_GATEWAY, e.to_string()))?;
+        tracing::info!(user = %who.name, task_id = %id, "cancel sent through the tracker API");
+        Ok((
+            "sent".to_owned(),
+            json!({"sent": true, "state": task.state}),
+        ))
+    }
     .await;
-    match sent {
-        Ok(Ok(())) => {
-            tracing::info!(record = ?m, "pause record sent through the tracker API");
-            Json(json!({"sent": true})).into_response()
-        }
-        Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, e.to_string()),
-        Err(e) => error(StatusCode::BAD_GATEWAY, e),
+    finish(&s, &who, "cancel", &id, json!({}), outcome).await
+}
+
+/// Body of `POST /api/tasks/{id}/priority`.
+#[derive(Debug, Deserialize)]
+struct PriorityRequest {
+    priority: u8,
+}
+
+/// Sends a change record for a waiting task, as `warren task` does.
+async fn change(
+    s: &Shared,
+    who: &Identity,
+    id: &str,
+    priority: Option<u8>,
+    due_ms: Option<i64>,
+) -> Outcome {
+    let task = known_task(s, id).await?;
+    if let Some(why) = crate::record::change_refusal(&task) {
+        return Err((StatusCode::CONFLICT, why));
+    }
+    let at = client(s)
+        .await?
+        .change_task(id, priority, due_ms)
+        .await
+        .map_err(|e| (StatusCode::BAD_GATEWAY, e.to_string()))?;
+    tracing::info!(user = %who.name, task_id = %id, ?priority, ?due_ms, "change sent through the tracker API");
+    Ok((
+        "sent".to_owned(),
+        json!({"sent": true, "state": task.state, "at": crate::record::format_ms(at)}),
+    ))
+}
+
+/// `POST /api/tasks/{id}/priority` (admin): a waiting task's new priority
+/// (0..=255), as `warren task reprioritize`. Recorded.
+async fn reprioritize_task(
+    State(s): State<Arc<Shared>>,
+    Extension(who): Extension<Identity>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<PriorityRequest>,
+) -> Response {
+    let outcome = change(&s, &who, &id, Some(req.priority), None).await;
+    let detail = json!({"priority": req.priority});
+    finish(&s, &who, "priority", &id, detail, outcome).await
+}
+
+/// `POST /api/tasks/{id}/run-now` (admin): a waiting task due now, as
+/// `warren task run-now`. Recorded.
+async fn run_task_now(
+    State(s): State<Arc<Shared>>,
+    Extension(who): Extension<Identity>,
+    ApiPath(id): ApiPath<String>,
+) -> Response {
+    let now = warren_client::runtime::now_ms();
+    let outcome = change(&s, &who, &id, None, Some(now)).await;
+    let detail = json!({"due": crate::record::format_ms(now)});
+    finish(&s, &who, "run_now", &id, detail, outcome).await
+}
+
+/// Query of `GET /api/actions`.
+#[derive(Debug, Deserialize)]
+struct ActionsQuery {
+    target: Option<String>,
+    limit: Option<i64>,
+}
+
+/// `GET /api/actions`: the latest recorded actions, newest first.
+async fn actions(State(s): State<Arc<Shared>>, ApiQuery(q): ApiQuery<ActionsQuery>) -> Response {
+    if let Some(refused) = q.target.as_deref().and_then(refuse_nul) {
+        return refused;
+    }
+    let target = q.target.as_deref().filter(|t| !t.is_empty());
+    match s
+        .store
+        .actions(target, q.limit.unwrap_or(50).clamp(1, MAX_LIMIT))
+        .await
+    {
+        Ok(actions) => Json(json!({"actions": actions})).into_response(),
+        Err(e) => internal(e),
     }
 }
 
@@ -482,6 +658,7 @@ struct ReplayRequest {
 
 async fn dead_replay(
     State(s): State<Arc<Shared>>,
+    Extension(who): Extension<Identity>,
     ApiJson(req): ApiJson<ReplayRequest>,
 ) -> Response {
     if req.ids.is_empty() && !req.all {
@@ -490,6 +667,12 @@ async fn dead_replay(
             "say which dead tasks to replay: {\"ids\": [\"<task id>\", ...]} or {\"all\": true}",
         );
     }
+    let target = match req.ids.as_slice() {
+        [one] if !req.all => one.clone(),
+        _ => s.config.names().dead(),
+    };
+    let detail =
+        json!({"ids": req.ids, "all": req.all, "type": req.task_type, "reason": req.reason});
     let filter = DeadFilter {
         task_type: req.task_type.filter(|v| !v.is_empty()),
         reason: req.reason.filter(|v| !v.is_empty()),
@@ -500,7 +683,7 @@ async fn dead_replay(
         DeadLetters::new(conn, &names).replay(&filter).await
     })
     .await;
-    match outcome {
+    let outcome = match outcome {
         Ok(Ok(report)) => {
             let not_found: Vec<&String> = if req.all {
                 Vec::new()
@@ -511,19 +694,26 @@ async fn dead_replay(
                     .collect()
             };
             tracing::info!(
+                user = %who.name,
                 replayed = report.replayed,
                 "dead tasks replayed through the tracker API"
             );
-            Json(json!({
-                "replayed": report.replayed,
-                "not_found": not_found,
-                "skipped_no_type": report.skipped_no_type,
-            }))
-            .into_response()
+            Ok((
+                format!("replayed {}", report.replayed),
+                json!({
+                    "replayed": report.replayed,
+                    "not_found": not_found,
+                    "skipped_no_type": report.skipped_no_type,
+                }),
+            ))
         }
-        Ok(Err(e)) => internal(e),
-        Err(e) => error(StatusCode::BAD_GATEWAY, e),
-    }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "tracker API request failed");
+            Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        }
+        Err(e) => Err((StatusCode::BAD_GATEWAY, e)),
+    };
+    finish(&s, &who, "replay", &target, detail, outcome).await
 }
 
 #[cfg(test)]
@@ -540,6 +730,11 @@ mod tests {
             "/metrics",
             "/api/tasks",
             "/api/tasks/{id}",
+            "/api/tasks/{id}/cancel",
+            "/api/tasks/{id}/priority",
+            "/api/tasks/{id}/run-now",
+            "/api/actions",
+            "/api/timeline",
             "/api/stats",
             "/api/failures",
             "/api/queues",

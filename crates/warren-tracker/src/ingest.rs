@@ -285,6 +285,7 @@ async fn write_and_ack(
                     started.elapsed().as_secs_f64(),
                     (now - oldest) as f64 / 1000.0,
                 );
+                shared.timeline.record(&report, now);
                 debug!(
                     events = events.len(),
                     tasks = report.tasks,

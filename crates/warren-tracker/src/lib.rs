@@ -20,8 +20,11 @@ pub mod mgmt;
 pub mod published;
 pub mod record;
 pub mod store;
+pub mod timeline;
 mod tracker;
 
 pub use record::{IncomingEvent, TaskRow, TaskView};
-pub use store::{Backend, HistoryEntry, OpenMode, Store, StoreError, TaskFilter};
+pub use store::{
+    ActionRecord, Backend, HistoryEntry, NewAction, OpenMode, Store, StoreError, TaskFilter,
+};
 pub use tracker::{tracker_queue, Tracker, TrackerError};

@@ -299,6 +299,38 @@ impl TaskRow {
     }
 }
 
+/// Why a task cannot be changed (new priority or due time): it has started
+/// or ended. `None` while it waits: `queued`, `scheduled`, or `failed` with
+/// a retry to come.
+pub fn change_refusal(task: &TaskRow) -> Option<String> {
+    let id = &task.task_id;
+    match task.state.as_str() {
+        "queued" | "scheduled" | "failed" => None,
+        "started" | "progress" => Some(format!(
+            "task {id} has started (attempt {}{}): only a waiting task can be changed",
+            task.attempts,
+            task.worker
+                .as_deref()
+                .map(|w| format!(" on {w}"))
+                .unwrap_or_default()
+        )),
+        ended => Some(format!(
+            "task {id} has ended {ended}: only a waiting task can be changed"
+        )),
+    }
+}
+
+/// Why a task cannot be cancelled: it has ended. A waiting task is dropped
+/// when next seen, a running one aborted.
+pub fn cancel_refusal(task: &TaskRow) -> Option<String> {
+    matches!(task.state.as_str(), "succeeded" | "dead" | "cancelled").then(|| {
+        format!(
+            "task {} has ended {}: nothing to cancel",
+            task.task_id, task.state
+        )
+    })
+}
+
 /// Sets `slot` to `value` if `value` is present and `key` is higher than
 /// the key `field` was last set with; returns whether it did.
 fn take_latest<T>(

@@ -136,6 +136,10 @@ pub struct BatchReport {
     pub retries: BTreeMap<String, u64>,
     /// New `dead` events by `(type, reason)`.
     pub dead: BTreeMap<(String, String), u64>,
+    /// Enqueue→start waits of first attempts whose `queued` or `scheduled`
+    /// record came before their `started` event: `(type, milliseconds)`
+    /// from publication (or the due time, if later) to the start.
+    pub waits: Vec<(String, i64)>,
 }
 
 impl BatchReport {
@@ -161,17 +165,95 @@ impl BatchReport {
     }
 }
 
+/// The enqueue→start wait of a task's first attempt that `e` completes,
+/// given what `row` held before it: a `started` event after the task's
+/// `queued` or `scheduled` record (from publication, or the due time if
+/// later, to the start), or a `queued` record read after a start that
+/// was the first thing known of the task (the tracker reads the copies of
+/// published tasks on their own queue, and may read a fast task's start
+/// first). Never negative.
+fn first_wait(row: &TaskRow, e: &IncomingEvent) -> Option<i64> {
+    use warren_core::TaskState;
+    if e.event.attempt != 1 || row.events == 0 {
+        return None;
+    }
+    match e.event.state {
+        TaskState::Started
+            if row.started_at.is_none() && matches!(row.state.as_str(), "queued" | "scheduled") =>
+        {
+            let due = row.due_at.as_deref().and_then(crate::record::parse_time_ms);
+            let ready = row.first_seen.max(due.unwrap_or(i64::MIN));
+            Some((e.at_ms - ready).max(0))
+        }
+        TaskState::Queued if row.attempts <= 1 => {
+            let started = row.started_at?;
+            (row.first_seen >= started).then(|| (started - e.at_ms).max(0))
+        }
+        _ => None,
+    }
+}
+
 /// Which tasks a listing shows.
 #[derive(Debug, Clone, Default)]
 pub struct TaskFilter {
-    /// Exact state.
+    /// Exact state, or several separated by commas (`queued,scheduled`).
     pub state: Option<String>,
     /// Exact task type.
     pub task_type: Option<String>,
+    /// Exact short queue name.
+    pub queue: Option<String>,
     /// Only tasks with an event at or after this time (Unix ms).
     pub since_ms: Option<i64>,
     /// At most this many, latest first.
     pub limit: i64,
+}
+
+/// An operator's action, to record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewAction {
+    /// When (Unix ms).
+    pub at_ms: i64,
+    /// Who: the token's or dashboard user's name (`anonymous` when open).
+    pub actor: String,
+    /// Their role (`admin`).
+    pub role: String,
+    /// How they were authenticated: `session`, `token` or `open`.
+    pub via: String,
+    /// What: `cancel`, `priority`, `run_now`, `replay`, `pause`, `resume`.
+    pub action: String,
+    /// On what: a task id, `queue:<name>` or `type:<name>`.
+    pub target: String,
+    /// The request's particulars (new priority, replay filter, ...).
+    pub detail: Value,
+    /// How it ended: `sent`, `replayed 1`, or why it was refused or failed.
+    pub outcome: String,
+    /// Whether it was carried out.
+    pub ok: bool,
+}
+
+/// A recorded action, as the API shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ActionRecord {
+    /// Its number, in recording order.
+    pub id: i64,
+    /// When (RFC 3339, UTC).
+    pub at: String,
+    /// Who.
+    pub actor: String,
+    /// Their role.
+    pub role: String,
+    /// `session`, `token` or `open`.
+    pub via: String,
+    /// What.
+    pub action: String,
+    /// On what.
+    pub target: String,
+    /// Particulars.
+    pub detail: Value,
+    /// How it ended.
+    pub outcome: String,
+    /// Whether it was carried out.
+    pub ok: bool,
 }
 
 /// One stored event of a task's history.
@@ -409,9 +491,13 @@ impl Store {
             .map(|(id, r)| (id.clone(), r.state.clone()))
             .collect();
         for e in &fresh {
-            rows.entry(e.event.task_id.clone())
-                .or_insert_with(|| TaskRow::empty(&e.event.task_id, &e.event.task_type))
-                .apply(e);
+            let row = rows
+                .entry(e.event.task_id.clone())
+                .or_insert_with(|| TaskRow::empty(&e.event.task_id, &e.event.task_type));
+            if let Some(ms) = first_wait(row, e) {
+                report.waits.push((e.event.task_type.clone(), ms));
+            }
+            row.apply(e);
             *report
                 .ingested
                 .entry((e.event.state.as_str().to_owned(), e.event.task_type.clone()))
@@ -512,11 +598,25 @@ impl Store {
             n += 1;
             format!("${n}")
         };
-        if filter.state.is_some() {
-            conditions.push(format!("state = {}", next()));
+        let states: Vec<&str> = filter
+            .state
+            .as_deref()
+            .map(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !states.is_empty() {
+            let list: Vec<String> = states.iter().map(|_| next()).collect();
+            conditions.push(format!("state IN ({})", list.join(", ")));
         }
         if filter.task_type.is_some() {
             conditions.push(format!("type = {}", next()));
+        }
+        if filter.queue.is_some() {
+            conditions.push(format!("queue = {}", next()));
         }
         if filter.since_ms.is_some() {
             conditions.push(format!("last_at >= {}", next()));
@@ -532,11 +632,14 @@ impl Store {
             }
         );
         let mut q = sqlx::query(&sql);
-        if let Some(s) = &filter.state {
-            q = q.bind(s.clone());
+        for s in &states {
+            q = q.bind(s.to_string());
         }
         if let Some(t) = &filter.task_type {
             q = q.bind(t.clone());
+        }
+        if let Some(queue) = &filter.queue {
+            q = q.bind(queue.clone());
         }
         if let Some(since) = filter.since_ms {
             q = q.bind(since);
@@ -593,6 +696,75 @@ impl Store {
             out.insert(state, n);
         }
         Ok(out)
+    }
+
+    /// Records what an operator did (the audit trail of the API and
+    /// dashboard); returns the record's id.
+    pub async fn record_action(&self, a: &NewAction) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO actions (at, actor, role, via, action, target, detail, outcome, ok) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+        )
+        .bind(a.at_ms)
+        .bind(a.actor.clone())
+        .bind(a.role.clone())
+        .bind(a.via.clone())
+        .bind(a.action.clone())
+        .bind(a.target.clone())
+        .bind(a.detail.to_string())
+        .bind(a.outcome.clone())
+        .bind(i64::from(a.ok))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        row.try_get(0).map_err(|e| self.err(e))
+    }
+
+    /// The latest recorded actions, newest first; only those about `target`
+    /// when given.
+    pub async fn actions(
+        &self,
+        target: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<ActionRecord>, StoreError> {
+        let sql = format!(
+            "SELECT id, at, actor, role, via, action, target, detail, outcome, ok FROM actions \
+             {} ORDER BY id DESC LIMIT {}",
+            if target.is_some() {
+                "WHERE target = $1"
+            } else {
+                ""
+            },
+            if target.is_some() { "$2" } else { "$1" }
+        );
+        let mut q = sqlx::query(&sql);
+        if let Some(t) = target {
+            q = q.bind(t.to_owned());
+        }
+        let rows = q
+            .bind(limit.max(0))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        let read = |r: &AnyRow| -> Result<ActionRecord, sqlx::Error> {
+            let detail: String = r.try_get("detail")?;
+            Ok(ActionRecord {
+                id: r.try_get("id")?,
+                at: crate::record::format_ms(r.try_get("at")?),
+                actor: r.try_get("actor")?,
+                role: r.try_get("role")?,
+                via: r.try_get("via")?,
+                action: r.try_get("action")?,
+                target: r.try_get("target")?,
+                detail: serde_json::from_str(&detail).unwrap_or(Value::String(detail)),
+                outcome: r.try_get("outcome")?,
+                ok: r.try_get::<i64, _>("ok")? != 0,
+            })
+        };
+        rows.iter()
+            .map(read)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(e))
     }
 
     /// Deletes up to `chunk` tasks (and their events) whose last event is
@@ -847,6 +1019,51 @@ mod tests {
             .unwrap();
     }
 
+    #[tokio::test]
+    async fn first_attempt_waits_are_measured_in_either_order() {
+        let (dir, url) = temp_db("waits");
+        let store = Store::open(&url, OpenMode::Create).await.unwrap();
+        // Queued at 1_000, started at 1_250: waited 250 ms.
+        let r = store
+            .write_batch(&[ev("w1", "q1", TaskState::Queued, 1, 1_000)])
+            .await
+            .unwrap();
+        assert!(r.waits.is_empty());
+        let r = store
+            .write_batch(&[ev("w1", "s1", TaskState::Started, 1, 1_250)])
+            .await
+            .unwrap();
+        assert_eq!(r.waits, [("diag.echo".to_owned(), 250)]);
+        // The start read before the copy: it waited no time measurable.
+        store
+            .write_batch(&[ev("w2", "s2", TaskState::Started, 1, 2_000)])
+            .await
+            .unwrap();
+        let r = store
+            .write_batch(&[ev("w2", "q2", TaskState::Queued, 1, 2_040)])
+            .await
+            .unwrap();
+        assert_eq!(r.waits, [("diag.echo".to_owned(), 0)]);
+        // The copy stored first, but read after the worker started it.
+        store
+            .write_batch(&[ev("w3", "q3", TaskState::Queued, 1, 2_500)])
+            .await
+            .unwrap();
+        let r = store
+            .write_batch(&[ev("w3", "s4", TaskState::Started, 1, 2_490)])
+            .await
+            .unwrap();
+        assert_eq!(r.waits, [("diag.echo".to_owned(), 0)]);
+        // A retry's start is not a first wait.
+        let r = store
+            .write_batch(&[ev("w1", "s3", TaskState::Started, 2, 3_000)])
+            .await
+            .unwrap();
+        assert!(r.waits.is_empty());
+        store.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     async fn exercise(store: &Store) {
         let a = [
             ev("t1", "e1", TaskState::Started, 1, 1_000),
@@ -889,6 +1106,7 @@ mod tests {
                 task_type: Some("diag.echo".into()),
                 since_ms: Some(1_050),
                 limit: 10,
+                ..TaskFilter::default()
             })
             .await
             .unwrap();
@@ -905,5 +1123,53 @@ mod tests {
         );
         let failures = store.recent_failures(10).await.unwrap();
         assert!(failures.is_empty());
+
+        // Several states at once, and the queue.
+        let listed = store
+            .list(&TaskFilter {
+                state: Some("started, succeeded".into()),
+                queue: Some("nowhere".into()),
+                limit: 10,
+                ..TaskFilter::default()
+            })
+            .await
+            .unwrap();
+        assert!(listed.is_empty());
+        let listed = store
+            .list(&TaskFilter {
+                state: Some("started,succeeded".into()),
+                limit: 10,
+                ..TaskFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(listed.len(), 1);
+
+        // The audit trail: newest first, by target.
+        for (i, target) in ["t2", "queue:io", "t2"].into_iter().enumerate() {
+            let id = store
+                .record_action(&NewAction {
+                    at_ms: 5_000 + i as i64,
+                    actor: "alice".into(),
+                    role: "admin".into(),
+                    via: "session".into(),
+                    action: "cancel".into(),
+                    target: target.into(),
+                    detail: serde_json::json!({"n": i}),
+                    outcome: "sent".into(),
+                    ok: i != 1,
+                })
+                .await
+                .unwrap();
+            assert!(id > 0);
+        }
+        let all = store.actions(None, 10).await.unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0].detail, serde_json::json!({"n": 2}));
+        assert!(!all[1].ok && all[0].ok);
+        assert_eq!(all[2].at, crate::record::format_ms(5_000));
+        let t2 = store.actions(Some("t2"), 1).await.unwrap();
+        assert_eq!(t2.len(), 1);
+        assert_eq!(t2[0].actor, "alice");
     }
 }

@@ -77,6 +77,11 @@ pub(crate) struct Shared {
     pub auth: crate::auth::Auth,
     /// What the fleet has paused, read from the cancels stream.
     pub pauses: warren_client::runtime::CancelSet,
+    /// The API's client of the broker, for the control commands operators
+    /// send (cancel, change, pause), connected on first use.
+    pub client: tokio::sync::OnceCell<warren_client::Client>,
+    /// The last half hour of outcomes and waits, for the dashboard's charts.
+    pub timeline: crate::timeline::Timeline,
 }
 
 impl Shared {
@@ -158,6 +163,8 @@ impl Tracker {
             // Without credentials nothing is served; closed ones stand in.
             auth: auth.unwrap_or_else(crate::auth::Auth::closed),
             pauses: warren_client::runtime::CancelSet::new(),
+            client: tokio::sync::OnceCell::new(),
+            timeline: crate::timeline::Timeline::default(),
         });
         let follow_pauses = {
             let (ready, _) = tokio::sync::oneshot::channel();

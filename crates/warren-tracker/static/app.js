@@ -78,7 +78,10 @@ async function refreshQueues() {
     const { queues } = await getJSON("/api/queues");
     const { paused } = await getJSON("/api/paused");
     const pausedQueues = new Set(paused.filter((p) => p.kind === "queue").map((p) => p.name));
-    const shown = queues.filter((q) => q.kind !== "delay" || !/\.wait\.\d+s$/.test(q.name));
+    // Work queues first, then the internal ones (grouped by kind).
+    const rank = (q) => (q.kind === "work" ? 0 : 1);
+    const shown = queues.filter((q) => q.kind !== "delay" || !/\.wait\.\d+s$/.test(q.name))
+      .sort((a, b) => rank(a) - rank(b) || a.kind.localeCompare(b.kind) || a.name.localeCompare(b.name));
     const tiers = queues.filter((q) => q.kind === "delay" && /\.wait\.\d+s$/.test(q.name));
     const workShort = (q) => (q.kind === "work" && q.short && q.name.endsWith(`.q.${q.short}`) ? q.short : null);
     const rows = shown.map((q) => el("tr", { "data-queue": q.name },
@@ -89,6 +92,12 @@ async function refreshQueues() {
       el("td", { class: "num" }, q.ready), el("td", { class: "num" }, q.unacked),
       el("td", { class: "num" }, q.consumers), el("td", { class: "num" }, rate(q.publish_rate)),
       el("td", { class: "num" }, rate(q.deliver_rate)), el("td", { class: "num" }, rate(q.ack_rate))));
+    const firstInternal = shown.findIndex((q) => rank(q) > 0);
+    if (firstInternal >= 0) {
+      rows.splice(firstInternal, 0, el("tr", { class: "group" }, el("td", { colspan: 8, class: "muted" }, "internal queues")));
+    }
+    fillQueueFilter(queues.filter((q) => workShort(q)).map((q) => q.short));
+    recordDepths(queues);
     if (tiers.length) {
       const sum = (k) => tiers.reduce((a, q) => a + (q[k] || 0), 0);
       rows.push(el("tr", { "data-queue": "delay-tiers" },
@@ -174,8 +183,9 @@ async function refreshFailures() {
 function pauseButton(kind, name, paused) {
   const verb = paused ? "Resume" : "Pause";
   return el("button", { type: "button", class: "pause", "data-kind": kind, "data-name": name, onclick: async (ev) => {
-    if (!confirm(`${verb} ${kind} ${name} on every worker?`)) return;
-    ev.target.disabled = true;
+    const button = ev.target;
+    if (!(await ask(`${verb} ${kind} ${name} on every worker?`))) return;
+    button.disabled = true;
     const err = document.getElementById("queues-error");
     try {
       await getJSON("/api/pause", {
@@ -187,10 +197,12 @@ function pauseButton(kind, name, paused) {
       err.hidden = false;
     }
     refreshQueues();
+    refreshActions();
   } }, verb);
 }
 
 async function replay(id, button) {
+  if (!(await ask(`Replay dead task ${id}? It is published again with its attempts reset.`))) return;
   button.disabled = true;
   const msg = document.getElementById("dead-message");
   try {
@@ -204,6 +216,7 @@ async function replay(id, button) {
   }
   msg.hidden = false;
   refreshDead();
+  refreshActions();
 }
 
 async function refreshDead() {
@@ -255,11 +268,211 @@ async function showTask(id) {
   }
 }
 
+// The page's own confirmation step (a modal dialog): resolves to false when
+// dismissed, else true, or the number entered when `priority` asks for one.
+function ask(text, priority) {
+  const dlg = document.getElementById("confirm-dialog");
+  const form = document.getElementById("confirm-form");
+  const input = document.getElementById("confirm-priority");
+  const label = document.getElementById("confirm-priority-label");
+  const err = document.getElementById("confirm-error");
+  document.getElementById("confirm-text").textContent = text;
+  label.hidden = priority === undefined;
+  input.value = priority === undefined || priority === null ? "" : String(priority);
+  err.hidden = true;
+  return new Promise((resolve) => {
+    const done = (value) => {
+      form.onsubmit = null; dlg.oncancel = null;
+      document.getElementById("confirm-cancel").onclick = null;
+      if (dlg.open) dlg.close();
+      resolve(value);
+    };
+    form.onsubmit = (ev) => {
+      ev.preventDefault();
+      if (priority === undefined) { done(true); return; }
+      const n = Number(input.value);
+      if (input.value.trim() === "" || !Number.isInteger(n) || n < 0 || n > 255) {
+        err.textContent = "a priority is a whole number from 0 to 255";
+        err.hidden = false;
+        return;
+      }
+      done(n);
+    };
+    document.getElementById("confirm-cancel").onclick = () => done(false);
+    dlg.oncancel = (ev) => { ev.preventDefault(); done(false); };
+    dlg.showModal();
+    if (priority !== undefined) input.focus(); else document.getElementById("confirm-ok").focus();
+  });
+}
+
+// Sends an action to the tracker (which records it with the user) and
+// reports how it went under the waiting tasks.
+async function act(what, path, body) {
+  const msg = document.getElementById("action-message");
+  try {
+    await getJSON(path, { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body || {}) });
+    msg.textContent = `${what}: sent`;
+    msg.className = "muted";
+  } catch (e) {
+    msg.textContent = `${what} refused: ${e.message}`;
+    msg.className = "error";
+  }
+  msg.hidden = false;
+  refreshWaiting();
+  refreshActions();
+}
+
+const WAITING = new Set(["queued", "scheduled", "failed"]);
+const ENDED = new Set(["succeeded", "dead", "cancelled"]);
+
+function taskButtons(t) {
+  if (!isAdmin()) return "";
+  const id = t.task_id;
+  const path = (verb) => `/api/tasks/${encodeURIComponent(id)}/${verb}`;
+  const buttons = [];
+  if (!ENDED.has(t.state)) {
+    buttons.push(el("button", { type: "button", class: "act act-cancel", onclick: async () => {
+      if (await ask(`Cancel task ${id} (${t.type}, ${t.state})?`)) act(`cancel ${id}`, path("cancel"));
+    } }, "Cancel"));
+  }
+  if (WAITING.has(t.state)) {
+    buttons.push(el("button", { type: "button", class: "act act-priority", onclick: async () => {
+      const p = await ask(`Change the priority of task ${id} (${t.type}, now ${t.priority ?? "unknown"})?`, t.priority ?? "");
+      if (p !== false) act(`priority ${p} for ${id}`, path("priority"), { priority: p });
+    } }, "Priority…"));
+    buttons.push(el("button", { type: "button", class: "act act-run-now", onclick: async () => {
+      if (await ask(`Run task ${id} (${t.type}, ${t.state}) now?`)) act(`run now ${id}`, path("run-now"));
+    } }, "Run now"));
+  }
+  return el("span", { class: "actions" }, ...buttons);
+}
+
+function waitingQuery() {
+  const q = new URLSearchParams({ limit: "100" });
+  const v = (id) => document.getElementById(id).value.trim();
+  if (v("filter-state")) q.set("state", v("filter-state"));
+  if (v("filter-type")) q.set("type", v("filter-type"));
+  if (v("filter-queue")) q.set("queue", v("filter-queue"));
+  if (v("filter-since")) q.set("since", v("filter-since"));
+  return q.toString();
+}
+
+let waitingSeq = 0;
+async function refreshWaiting() {
+  const tbody = document.querySelector("#waiting tbody");
+  const seq = ++waitingSeq;
+  try {
+    const { tasks } = await getJSON(`/api/tasks?${waitingQuery()}`);
+    if (seq !== waitingSeq) return; // a newer filter answered first
+    document.getElementById("waiting-count").textContent = `${tasks.length}${tasks.length === 100 ? "+" : ""}`;
+    fill(tbody, tasks.map((t) => el("tr", { "data-waiting": t.task_id, "data-state": t.state },
+      el("td", {}, taskLink(t.task_id)), el("td", {}, t.type), el("td", {}, t.queue || ""),
+      el("td", { class: `state-${t.state}` }, t.state === "scheduled" ? "delayed" : t.state),
+      el("td", { class: "num" }, t.priority ?? ""), el("td", { class: "mono" }, when(t.due_at)),
+      el("td", { class: "mono" }, when(t.last_event_at)), el("td", {}, taskButtons(t)))), 8, "no tasks match");
+  } catch (e) {
+    fill(tbody, [], 8, `tasks unavailable: ${e.message}`);
+  }
+}
+
+function fillQueueFilter(names) {
+  const select = document.getElementById("filter-queue");
+  const have = new Set([...select.options].map((o) => o.value));
+  for (const n of names) if (!have.has(n)) select.append(el("option", { value: n }, n));
+}
+
+async function refreshActions() {
+  const tbody = document.querySelector("#actions tbody");
+  try {
+    const { actions } = await getJSON("/api/actions?limit=20");
+    fill(tbody, actions.map((a) => el("tr", { "data-action": a.id, "data-target": a.target, class: a.ok ? "" : "refused" },
+      el("td", { class: "mono" }, when(a.at)), el("td", { class: "actor" }, a.actor), el("td", { class: "verb" }, a.action),
+      el("td", { class: "mono" }, a.target), el("td", { class: "mono" }, Object.keys(a.detail || {}).length ? JSON.stringify(a.detail) : ""),
+      el("td", { class: a.ok ? "outcome" : "outcome error" }, a.outcome))), 6, "no actions yet");
+  } catch (e) {
+    fill(tbody, [], 6, `actions unavailable: ${e.message}`);
+  }
+}
+
+// Lines on an inline SVG chart: series = [{name, color, values}], values
+// aligned on a common x axis; the y axis starts at 0.
+const PALETTE = ["#2f6fde", "#2a7a3b", "#c77800", "#7a5cd6", "#c62f2f", "#138a8a", "#a0527a", "#6b7480"];
+function drawLines(svgId, legendId, series, unit) {
+  const svg = document.getElementById(svgId);
+  const ns = "http://www.w3.org/2000/svg";
+  const W = 800, H = 160, pad = 4;
+  const len = Math.max(0, ...series.map((s) => s.values.length));
+  const max = Math.max(1, ...series.flatMap((s) => s.values.filter((v) => v != null)));
+  const x = (i) => (len < 2 ? W / 2 : pad + (i * (W - 2 * pad)) / (len - 1));
+  const y = (v) => H - pad - (v * (H - 2 * pad)) / max;
+  const nodes = [];
+  for (const s of series) {
+    const pts = s.values.map((v, i) => (v == null ? null : `${x(i).toFixed(1)},${y(v).toFixed(1)}`)).filter(Boolean);
+    if (!pts.length) continue;
+    const line = document.createElementNS(ns, "polyline");
+    line.setAttribute("points", pts.join(" "));
+    line.setAttribute("fill", "none");
+    line.setAttribute("stroke", s.color);
+    line.setAttribute("stroke-width", "2");
+    line.setAttribute("vector-effect", "non-scaling-stroke");
+    line.setAttribute("data-series", s.name);
+    nodes.push(line);
+    if (pts.length === 1) { // one point draws no line: a dot
+      const [cx, cy] = pts[0].split(",");
+      const dot = document.createElementNS(ns, "circle");
+      dot.setAttribute("cx", cx); dot.setAttribute("cy", cy); dot.setAttribute("r", "3"); dot.setAttribute("fill", s.color);
+      nodes.push(dot);
+    }
+  }
+  const label = document.createElementNS(ns, "text");
+  label.setAttribute("x", "6"); label.setAttribute("y", "14"); label.setAttribute("font-size", "12"); label.setAttribute("fill", "#6b7480");
+  label.textContent = series.length ? `max ${max}${unit || ""}` : "no data yet";
+  nodes.push(label);
+  svg.replaceChildren(...nodes);
+  document.getElementById(legendId).replaceChildren(...series.map((s) =>
+    el("span", {}, el("span", { class: "swatch", style: `background:${s.color}` }), s.name)));
+}
+
+// Work queue depths sampled at each poll, for the depth chart.
+const depthSamples = [];
+function recordDepths(queues) {
+  const work = {};
+  for (const q of queues) if (q.kind === "work") work[q.short || q.name] = (q.ready || 0) + (q.unacked || 0);
+  depthSamples.push(work);
+  if (depthSamples.length > HISTORY) depthSamples.shift();
+  const names = [...new Set(depthSamples.flatMap((d) => Object.keys(d)))].sort();
+  drawLines("chart-depth", "legend-depth", names.map((n, i) => ({
+    name: n, color: PALETTE[i % PALETTE.length], values: depthSamples.map((d) => (n in d ? d[n] : null)),
+  })));
+}
+
+async function refreshTimeline() {
+  try {
+    const t = await getJSON("/api/timeline");
+    const color = (i) => PALETTE[i % PALETTE.length];
+    const per = (pick) => t.types.map((ty, i) => ({
+      name: ty, color: color(i), values: t.buckets.map((b) => (b.types[ty] ? pick(b.types[ty]) : 0)),
+    }));
+    drawLines("chart-throughput", "legend-throughput", per((c) => c.succeeded));
+    drawLines("chart-failures", "legend-failures", per((c) => c.failed + c.dead).filter((s) => s.values.some((v) => v > 0)));
+    const waits = t.buckets.map((b) => b.wait_ms);
+    const lat = waits.some(Boolean) ? [["p50", "#2a7a3b"], ["p90", "#c77800"], ["p99", "#c62f2f"]].map(([p, c]) => ({
+      name: p, color: c, values: waits.map((w) => (w ? w[p] : null)),
+    })) : [];
+    drawLines("chart-latency", "legend-latency", lat, " ms");
+  } catch (e) {
+    /* the charts keep their last drawing */
+  }
+}
+
 function poll() {
   refreshStats();
+  refreshTimeline();
   refreshQueues();
   refreshFailures();
   refreshDead();
+  refreshWaiting();
+  refreshActions();
   if (shownTask) showTask(shownTask);
 }
 
@@ -267,6 +480,11 @@ document.getElementById("search").addEventListener("submit", (ev) => {
   ev.preventDefault();
   showTask(document.getElementById("search-id").value);
 });
+for (const id of ["filter-state", "filter-queue", "filter-since"]) {
+  document.getElementById(id).addEventListener("change", refreshWaiting);
+}
+document.getElementById("filter-type").addEventListener("input", refreshWaiting);
+document.getElementById("waiting-filter").addEventListener("submit", (ev) => { ev.preventDefault(); refreshWaiting(); });
 document.getElementById("task-close").addEventListener("click", () => {
   document.getElementById("task-panel").hidden = true;
   shownTask = null;

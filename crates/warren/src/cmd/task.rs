@@ -87,17 +87,9 @@ async fn check_waiting(config: &Config, task_id: &str) -> anyhow::Result<()> {
              (--force sends the change anyway)"
         );
     };
-    match task.state.as_str() {
-        "queued" | "scheduled" | "failed" => Ok(()),
-        "started" => bail!(
-            "task {task_id} has started (attempt {}{}): only a waiting task can be changed",
-            task.attempts,
-            task.worker
-                .as_deref()
-                .map(|w| format!(" on {w}"))
-                .unwrap_or_default()
-        ),
-        ended => bail!("task {task_id} has ended {ended}: only a waiting task can be changed"),
+    match warren_tracker::record::change_refusal(&task) {
+        None => Ok(()),
+        Some(why) => bail!("{why}"),
     }
 }
 

@@ -23,6 +23,7 @@ pub async fn run(config: &Config, args: TasksArgs) -> anyhow::Result<i32> {
     let filter = TaskFilter {
         state: args.state,
         task_type: args.task_type,
+        queue: None,
         since_ms,
         limit: i64::try_from(args.limit).unwrap_or(i64::MAX),
     };
