@@ -39,6 +39,11 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo build --workspace --all-targets"
 cargo build --workspace --all-targets
 
+# deploy/k8s, offline: kubernetes-validate's schemas, KEDA's fields, what
+# Warren needs of them, and their warren.toml loaded by the binary above.
+step "kubernetes manifests (scripts/validate-k8s.py)"
+"$WARREN_INTEROP_PYTHON" scripts/validate-k8s.py --warren target/debug/warren
+
 step "cargo test --workspace"
 cargo test --workspace --no-fail-fast
 
