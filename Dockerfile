@@ -32,23 +32,30 @@ RUN cargo build --release -p warren \
     && install -Dm755 target/release/warren /out/warren
 
 # ---- or a binary built on the host ----
+# `warre[n]` lets the file be missing: a builder that runs every stage (the
+# classic builder, docker-compose 1.x) still builds the default way.
+# config/default.toml is only there so that the COPY always has a source.
 FROM scratch AS prebuilt
-COPY target/container/warren /out/warren
+COPY config/default.toml target/container/warre[n] /out/
 
 FROM ${WARREN_BINARY} AS binary
 
 # ---- the runtime's files, gathered from Debian ----
 FROM debian:bookworm-slim AS rootfs
-COPY --from=binary /out/warren /rootfs/usr/local/bin/warren
+COPY --from=binary /out/ /tmp/binary/
 COPY config/default.toml /rootfs/etc/warren/default.toml
 # ca-certificates is installed only when the base image lacks it.
 RUN set -eu; \
+    if [ ! -f /tmp/binary/warren ]; then \
+        echo "WARREN_BINARY=prebuilt needs target/container/warren in the build context" >&2; \
+        exit 1; \
+    fi; \
+    install -D -m 0755 /tmp/binary/warren /rootfs/usr/local/bin/warren; \
     if [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then \
         apt-get update; \
         apt-get install -y --no-install-recommends ca-certificates; \
         rm -rf /var/lib/apt/lists/*; \
     fi; \
-    chmod 0755 /rootfs/usr/local/bin/warren; \
     chmod 0644 /rootfs/etc/warren/default.toml; \
     libs="$(ldd /rootfs/usr/local/bin/warren | grep -o '/[^ ]*' || true)"; \
     for f in $libs; do cp --parents -L "$f" /rootfs/; done; \
