@@ -305,3 +305,67 @@ ensure_cargo_fuzz() {
     fi
     log "$(cargo fuzz --version)"
 }
+
+# The container test's tools (scripts/test-containers.sh): Debian's docker.io
+# (dockerd, containerd, runc and a docker client with BuildKit built in) and
+# debootstrap (the local base image). A failed install only warns: the
+# container test then skips with the reason.
+ensure_container_tools() {
+    local missing=()
+    command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+    command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        # apt_install ends its shell on failure: run it in a subshell.
+        (apt_install "${missing[@]}") || warn "could not install ${missing[*]}: the container test will be skipped"
+    fi
+    if command -v dockerd >/dev/null 2>&1; then
+        log "$(dockerd --version 2>/dev/null || echo dockerd)"
+    fi
+}
+
+# The Debian mirror apt uses (first deb.debian.org-style "debian" source of
+# /etc/apt/sources.list*), for debootstrap; deb.debian.org when none is found.
+debian_mirror() {
+    local m
+    m="$(
+        {
+            grep -hE '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}'
+            grep -hE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+                sed -E 's/^deb (\[[^]]*\] )?//' | awk '{print $1}'
+        } | grep -E '/debian/?$' | head -n 1
+    )"
+    echo "${m:-http://deb.debian.org/debian}"
+}
+
+# debian_base_tarball SUITE: prints the path of a cached root file system
+# tarball of Debian SUITE (debootstrap --variant=minbase, with
+# ca-certificates; documentation, manuals, locales and package caches
+# removed), made on the first call and kept under
+# ${XDG_CACHE_HOME:-~/.cache}/warren. Needs root and debootstrap.
+debian_base_tarball() {
+    local suite="$1"
+    local cache="${XDG_CACHE_HOME:-$HOME/.cache}/warren"
+    local tar="$cache/debian-$suite-minbase.tar"
+    if [ -s "$tar" ]; then
+        echo "$tar"
+        return 0
+    fi
+    local deboot root mirror
+    deboot="$(command -v debootstrap || echo /usr/sbin/debootstrap)"
+    [ -x "$deboot" ] || die "debootstrap is not installed"
+    mkdir -p "$cache"
+    root="$(mktemp -d "$cache/rootfs.XXXXXX")"
+    mirror="$(debian_mirror)"
+    log "debootstrap --variant=minbase $suite from $mirror (once; cached in $tar)"
+    if ! as_root "$deboot" --variant=minbase --include=ca-certificates "$suite" "$root" "$mirror" >"$root.log" 2>&1; then
+        as_root rm -rf "$root"
+        die "debootstrap failed: $(tail -n 1 "$root.log") (full output: $root.log)"
+    fi
+    as_root rm -rf "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* \
+        "$root"/usr/share/locale/* "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/* \
+        "$root"/var/log/*
+    as_root tar --numeric-owner -C "$root" -cf "$tar.partial" . || die "tar of $root failed"
+    mv "$tar.partial" "$tar"
+    as_root rm -rf "$root" "$root.log"
+    echo "$tar"
+}

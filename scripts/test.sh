@@ -20,6 +20,7 @@ ensure_chromium
 ensure_compose
 ensure_openssl
 ensure_cargo_fuzz
+ensure_container_tools
 
 step "docker-compose config"
 docker-compose -f docker-compose.yml config -q
@@ -38,8 +39,19 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo build --workspace --all-targets"
 cargo build --workspace --all-targets
 
+# deploy/k8s, offline: kubernetes-validate's schemas, KEDA's fields, what
+# Warren needs of them, and their warren.toml loaded by the binary above.
+step "kubernetes manifests (scripts/validate-k8s.py)"
+"$WARREN_INTEROP_PYTHON" scripts/validate-k8s.py --warren target/debug/warren
+
 step "cargo test --workspace"
 cargo test --workspace --no-fail-fast
+
+# The image built from the Dockerfile (with the binary built above) and
+# Warren run from it in containers on a private Docker engine; skipped, with
+# the reason, where no engine can be started.
+step "containers (scripts/test-containers.sh)"
+scripts/test-containers.sh
 
 # Each parser a stranger can reach, fuzzed briefly from its seeds; longer
 # runs: scripts/fuzz.sh [SECONDS_PER_TARGET].
