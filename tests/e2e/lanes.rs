@@ -104,16 +104,9 @@ async fn exists(env: &Env, queue: &str) -> bool {
     found
 }
 
-#[tokio::test]
-async fn a_quorum_queue_with_lanes_starts_high_priorities_first() {
-    let mut env = Env::new(
-        "lanes",
-        &[
-            ("WARREN__WORKER__CONCURRENCY", "2"),
-            ("WARREN__WORKER__PREFETCH", PREFETCH),
-        ],
-    )
-    .await;
+/// Replaces the default classic `diag` queue with the quorum queue `qq`
+/// (3 lanes) taking `diag.*`; returns the configuration file saying so.
+async fn quorum_queue(env: &Env) -> String {
     // The default topology binds diag.* to the classic diag queue: remove
     // it, so every task goes to the quorum queue only.
     let (conn, ch) = env.open_channel().await;
@@ -124,10 +117,23 @@ async fn a_quorum_queue_with_lanes_starts_high_priorities_first() {
     .await
     .expect("delete the classic diag queue");
     let _ = conn.close(200, "bye".into()).await;
-    let cfg = env.config_file(
+    env.config_file(
         "[[queues]]\nname = \"qq\"\ntype = \"quorum\"\n\n\
          [[routes]]\npattern = \"diag.*\"\nqueue = \"qq\"\n",
-    );
+    )
+}
+
+#[tokio::test]
+async fn a_quorum_queue_with_lanes_starts_high_priorities_first() {
+    let mut env = Env::new(
+        "lanes",
+        &[
+            ("WARREN__WORKER__CONCURRENCY", "2"),
+            ("WARREN__WORKER__PREFETCH", PREFETCH),
+        ],
+    )
+    .await;
+    let cfg = quorum_queue(&env).await;
     let shown = env.cli_ok(&["--config", &cfg, "topology", "show"]);
     let shown = String::from_utf8_lossy(&shown.stdout);
     let names = env.names();
@@ -347,4 +353,61 @@ async fn a_task_that_expires_in_a_lane_ends_dead_expired_naming_its_queue() {
     env.client.cancel("long").await.unwrap();
     let got = until_final(&mut watch, &["long"], T).await;
     assert_eq!(final_event(&got["long"]).state, TaskState::Cancelled);
+}
+
+/// Short tasks: a worker that knows its tasks take little time keeps what
+/// it reads from the entry while its slot is busy, sorted by priority,
+/// rather than moving each to its lane, so the backlog costs no extra hop.
+#[tokio::test]
+async fn short_tasks_wait_in_the_worker_sorted_not_moved() {
+    const LOW_SHORT: usize = 60;
+    const HIGH_SHORT: usize = 5;
+    let mut env = Env::new("lanes-short", &[("WARREN__WORKER__CONCURRENCY", "1")]).await;
+    let cfg = quorum_queue(&env).await;
+    env.cli_ok(&["--config", &cfg, "topology", "apply"]);
+    let mut watch = env
+        .watch(&["started.#", "succeeded.#", "failed.#", "dead.#"])
+        .await;
+    let worker = env.spawn(&["--config", &cfg, "worker"], &[]);
+    // A few tasks first: the worker learns how long they take.
+    let warm: Vec<TaskRequest> = (0..5)
+        .map(|i| TaskRequest::new("diag.echo", json!({})).id(format!("warm-{i}")))
+        .collect();
+    env.client.publish_batch(&warm, 64, |_| {}).await.unwrap();
+    follow(&mut watch, warm.len()).await;
+    let addr = env.ops_addr(&worker, "worker", T).await;
+    let moved = |text: &str| warren_e2e::metric(text, "warren_worker_moved_to_lane_total");
+    let (_, text) = warren_e2e::http_get(&addr, "/metrics").await;
+    let moved_before = moved(&text).unwrap_or(0.0);
+
+    // The backlog builds while the queue is paused, then comes at once.
+    env.cli_ok(&["--config", &cfg, "pause", "queue", "qq"]);
+    let series = "warren_worker_fleet_paused{kind=\"queue\",name=\"qq\"}";
+    warren_e2e::wait_metric(&addr, series, 1.0, T).await;
+    let task = |id: String, p: u8| TaskRequest::new("diag.echo", json!({})).id(id).priority(p);
+    let mut reqs: Vec<TaskRequest> = (0..LOW_SHORT)
+        .map(|i| task(format!("low-{i}"), 0))
+        .collect();
+    reqs.extend((0..HIGH_SHORT).map(|i| task(format!("high-{i}"), 9)));
+    env.client.publish_batch(&reqs, 64, |_| {}).await.unwrap();
+    env.wait_depth(&env.names().work_queue("qq"), reqs.len() as u32, T)
+        .await;
+    env.cli_ok(&["--config", &cfg, "resume", "queue", "qq"]);
+    let (started, succeeded) = follow(&mut watch, reqs.len()).await;
+
+    assert_eq!(succeeded.len(), reqs.len(), "every task succeeded");
+    assert!(succeeded.values().all(|n| *n == 1), "{succeeded:?}");
+    // Queued last, the priority-9 tasks were read while priority-0 ones
+    // waited in the worker, and went ahead of them.
+    let last = &started[started.len() - HIGH_SHORT..];
+    assert!(
+        last.iter().any(|id| id.starts_with("low-")),
+        "the priority-9 tasks started last, as queued: {started:?}"
+    );
+    let (_, text) = warren_e2e::http_get(&addr, "/metrics").await;
+    assert_eq!(
+        moved(&text).unwrap_or(0.0),
+        moved_before,
+        "no task moved to a lane: {text}"
+    );
 }

@@ -175,6 +175,11 @@ impl Source {
     }
 }
 
+/// How much work, at the average run time seen, the tasks waiting in a
+/// worker may amount to for one more task from a lane entry to wait with
+/// them rather than move to its lane (see [`Shared::holds_entry`]).
+const HOLD_ENTRY_WORK: Duration = Duration::from_millis(50);
+
 impl Shared {
     /// The prefetch of lane consumers: about what the slots can start
     /// (twice `concurrency`, so a slot finds the next task already there),
@@ -193,6 +198,25 @@ impl Shared {
         let old = self.task_time_us.load(Ordering::Relaxed);
         let new = if old == 0 { x } else { old - old / 8 + x / 8 };
         self.task_time_us.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether a task from a lane entry that cannot start at once waits in
+    /// the worker rather than moving to its lane: while the tasks waiting
+    /// here, it included, amount to under [`HOLD_ENTRY_WORK`] at the
+    /// average run time seen (never before one is known). The worker then
+    /// reads the entry as fast as its slots run tasks, so a high priority
+    /// behind a backlog of short tasks is read sooner than moving each one
+    /// would (a move is a confirmed publish and an ack on a quorum queue),
+    /// and is sorted among what waits here; tasks that take longer move, so
+    /// the entry is read at the pace of the moves.
+    fn holds_entry(&self, waiting: usize) -> bool {
+        let t = self.task_time_us.load(Ordering::Relaxed);
+        if t == 0 {
+            return false;
+        }
+        let slots = self.config.worker.concurrency.max(1) as u128;
+        let work_us = (waiting as u128 + 1) * u128::from(t) / slots;
+        work_us < HOLD_ENTRY_WORK.as_micros()
     }
 
     /// The prefetch to consume with again after handing tasks back: enough
@@ -581,7 +605,7 @@ impl Worker {
                             // is paused.
                             self.hold_back(session, in_flight, d);
                         } else if d.source.sorts() {
-                            self.sort(session, in_flight, &waiting, d);
+                            self.sort(session, in_flight, &mut waiting, d);
                         } else if paused == Pause::Slots {
                             // Sent before the consumers stopped.
                             self.hand_back(session, in_flight, d);
@@ -742,13 +766,18 @@ impl Worker {
 
     /// A delivery from the entry of a work queue with lanes: starts at once
     /// if a slot is free and nothing of its priority or higher waits (no
-    /// extra hop), else moves to its lane.
-    fn sort(&self, session: &Arc<Session>, in_flight: &InFlight, waiting: &Waiting, d: Held) {
+    /// extra hop); else waits here if what waits is short work (see
+    /// [`Shared::holds_entry`]); else moves to its lane.
+    fn sort(&self, session: &Arc<Session>, in_flight: &InFlight, waiting: &mut Waiting, d: Held) {
         if waiting.highest().is_none_or(|r| r < d.rank) {
             if let Ok(permit) = in_flight.permits.clone().try_acquire_owned() {
                 self.start(session, in_flight, d, permit);
                 return;
             }
+        }
+        if self.shared.holds_entry(waiting.len()) {
+            waiting.push(d);
+            return;
         }
         let shared = self.shared.clone();
         let session = session.clone();
