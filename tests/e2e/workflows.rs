@@ -1,8 +1,13 @@
 //! Workflows (contract section 8): chains passing results along, a failure
-//! stopping a chain, hostile chain descriptions, groups and their cancel.
+//! stopping a chain, hostile chain descriptions, groups and their cancel,
+//! the state of a group from the tracker, and `warren workflow`.
+
+#[path = "tracker_support.rs"]
+mod support;
 
 use serde_json::{json, Value};
-use warren_client::TaskRequest;
+use support::{tracker_env, TestDb};
+use warren_client::{Group, TaskRequest};
 use warren_core::workflow::{encode_chain, After, Step, CHAIN, WORKFLOW};
 use warren_core::TaskState;
 use warren_e2e::{final_event, result_of, states, until_final, Env, T, T_LONG};
@@ -186,4 +191,98 @@ async fn cancelling_a_workflow_id_cancels_its_waiting_tasks() {
         final_event(&got["g-2"]).workflow_id.as_deref(),
         Some("grp-cancel")
     );
+}
+
+#[tokio::test]
+async fn a_groups_counts_per_outcome_are_queryable_from_the_api_and_the_cli() {
+    let db = TestDb::postgres(None).await;
+    let (mut env, api) = tracker_env("wf-group", &db, &[]).await;
+    env.up(&[]);
+    api.wait_ready().await;
+    let mut fail = Step::new("diag.fail", json!({"kind": "permanent", "message": "no"}));
+    fail.pass_result = false;
+    let mut group = Group::new("grp-1");
+    for k in 0..4 {
+        group = group.task(TaskRequest::new("diag.echo", json!({ "k": k })));
+    }
+    group = group
+        .task(TaskRequest::new(
+            "diag.fail",
+            json!({"kind": "permanent", "message": "no"}),
+        ))
+        .chain(
+            TaskRequest::new("diag.add", json!({}))
+                .id("grp-1-chain")
+                .then(Step::new("diag.add", json!({}))),
+        );
+    let ids = env.client.publish_group(&group).await.unwrap();
+    assert_eq!(ids.len(), 6);
+    let done = api
+        .wait_for("/api/workflows/grp-1", "the group done", |v| {
+            v["done"] == json!(true) && v["total"] == json!(7)
+        })
+        .await;
+    assert_eq!(done["counts"], json!({"succeeded": 6, "dead": 1}));
+    let tasks = done["tasks"].as_array().unwrap();
+    let step = tasks
+        .iter()
+        .find(|t| t["task_id"] == "grp-1-chain.1")
+        .expect("the chain's second step is a task of the group");
+    assert_eq!(step["parent_id"], json!("grp-1-chain"));
+    assert_eq!(step["result"], json!({"n": 2}));
+    assert!(tasks.iter().all(|t| t["workflow_id"] == json!("grp-1")));
+    // The CLI reads the same from the tracker's database.
+    let out = env.cli_ok(&["workflow", "status", "grp-1", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["counts"], json!({"succeeded": 6, "dead": 1}));
+    let (status, _) = api.get("/api/workflows/no-such-workflow").await;
+    assert_eq!(status, 404);
+    env.cli_exit(&["workflow", "status", "no-such-workflow"], 1);
+}
+
+#[tokio::test]
+async fn the_cli_starts_a_chain_from_json_and_follows_it() {
+    let (env, mut watch) = Env::with_up_watching("wf-cli", &[]).await;
+    let spec = std::env::temp_dir().join(format!("{}-chain.json", env.prefix));
+    std::fs::write(
+        &spec,
+        r#"{"chain": [
+            {"type": "diag.add", "id": "cli-c", "args": {"n": 10}},
+            {"type": "diag.add", "args": {"add": 5}},
+            {"type": "diag.echo"}
+        ]}"#,
+    )
+    .unwrap();
+    let out = env.cli_ok(&["workflow", "start", spec.to_str().unwrap()]);
+    std::fs::remove_file(&spec).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text, "workflow cli-c\ncli-c cli-c.1 cli-c.2\n");
+    let got = until_final(&mut watch, &["cli-c", "cli-c.1", "cli-c.2"], T_LONG).await;
+    assert_eq!(result_of(&got["cli-c.2"]), &json!({"previous": {"n": 16}}));
+    // Its state, from the tracker's database, once every task is recorded.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let out = env
+            .warren(&["workflow", "status", "cli-c", "--json"])
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        if out.status.code() == Some(0) && v["counts"] == json!({"succeeded": 3}) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "workflow status never showed 3 succeeded: {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // A chain over its bounds is refused before anything is sent.
+    let steps: Vec<String> = (0..102)
+        .map(|_| r#"{"type":"diag.echo"}"#.to_owned())
+        .collect();
+    let spec = std::env::temp_dir().join(format!("{}-long.json", env.prefix));
+    std::fs::write(&spec, format!(r#"{{"chain": [{}]}}"#, steps.join(","))).unwrap();
+    let err = env.cli_err(&["workflow", "start", spec.to_str().unwrap()]);
+    std::fs::remove_file(&spec).unwrap();
+    assert!(err.contains("101 steps"), "{err}");
 }
