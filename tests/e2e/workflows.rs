@@ -10,7 +10,7 @@ use support::{tracker_env, TestDb};
 use warren_client::{Group, TaskRequest};
 use warren_core::workflow::{encode_chain, After, Step, CHAIN, WORKFLOW};
 use warren_core::TaskState;
-use warren_e2e::{final_event, result_of, states, until_final, Env, T, T_LONG};
+use warren_e2e::{final_event, pika, result_of, states, until_final, Env, T, T_LONG};
 
 /// A task of `task_type` with `args` carrying `steps` as its chain.
 fn chained(id: &str, task_type: &str, args: Value, steps: &[Step]) -> TaskRequest {
@@ -285,4 +285,32 @@ async fn the_cli_starts_a_chain_from_json_and_follows_it() {
     let err = env.cli_err(&["workflow", "start", spec.to_str().unwrap()]);
     std::fs::remove_file(&spec).unwrap();
     assert!(err.contains("101 steps"), "{err}");
+}
+
+#[tokio::test]
+async fn a_chain_published_with_python_pika_runs_to_its_end() {
+    let (env, mut watch) = Env::with_up_watching("wf-pika", &[]).await;
+    let tasks = env.names().tasks();
+    // Nothing of Warren's library: the chain is JSON text in a string header.
+    let chain =
+        r#"[{"type": "diag.add", "args": {"add": 10}}, {"type": "diag.add", "id": "py-last"}]"#;
+    pika(&[
+        "--exchange",
+        &tasks,
+        "--routing-key",
+        "diag.add",
+        "--body",
+        r#"{"n": 1}"#,
+        "--message-id",
+        "py-chain",
+        "--header",
+        &format!("x-warren-chain={chain}"),
+    ]);
+    let got = until_final(&mut watch, &["py-chain", "py-chain.1", "py-last"], T_LONG).await;
+    assert_eq!(result_of(&got["py-chain"]), &json!({"n": 2}));
+    assert_eq!(result_of(&got["py-chain.1"]), &json!({"n": 12}));
+    assert_eq!(result_of(&got["py-last"]), &json!({"n": 13}));
+    let last = final_event(&got["py-last"]);
+    assert_eq!(last.workflow_id.as_deref(), Some("py-chain"));
+    assert_eq!(last.parent_id.as_deref(), Some("py-chain.1"));
 }
