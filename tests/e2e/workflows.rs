@@ -314,3 +314,30 @@ async fn a_chain_published_with_python_pika_runs_to_its_end() {
     assert_eq!(last.workflow_id.as_deref(), Some("py-chain"));
     assert_eq!(last.parent_id.as_deref(), Some("py-chain.1"));
 }
+
+#[tokio::test]
+async fn a_step_that_expires_in_its_queue_stops_its_chain_from_the_scheduler() {
+    let mut env = Env::new("wf-expired", &[]).await;
+    let mut watch = env.watch(&["#"]).await;
+    // No worker: the first task expires in its queue, and the scheduler
+    // parks it dead `expired` from the dead-letter intake.
+    env.publish(
+        &chained(
+            "ce",
+            "diag.echo",
+            json!({}),
+            &[Step::new("diag.echo", json!({}))],
+        )
+        .expiration_ms(1),
+    )
+    .await;
+    env.spawn(&["scheduler"], &[]);
+    let got = until_final(&mut watch, &["ce", "ce.1"], T_LONG).await;
+    let dead = final_event(&got["ce"]);
+    assert_eq!(dead.reason.as_deref(), Some("expired"));
+    assert_eq!(dead.workflow_id.as_deref(), Some("ce"));
+    assert_eq!(
+        final_event(&got["ce.1"]).reason.as_deref(),
+        Some("chain stopped: step 0 (ce, diag.echo) ended dead (expired)")
+    );
+}
