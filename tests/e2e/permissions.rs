@@ -379,9 +379,18 @@ async fn each_role_is_refused_what_it_does_not_need() {
     )
     .await;
 
-    // The worker consumes its queues and publishes events; it may not
-    // declare or delete exchanges, nor delete its queues.
-    assert_allowed(&worker, &[Op::Get(work.clone()), Op::Publish(n.events())]).await;
+    // The worker consumes its queues and publishes events and the next
+    // steps of chains; it may not declare or delete exchanges, nor delete
+    // its queues.
+    assert_allowed(
+        &worker,
+        &[
+            Op::Get(work.clone()),
+            Op::Publish(n.events()),
+            Op::Publish(n.tasks()),
+        ],
+    )
+    .await;
     assert_refused(
         &worker,
         &[
@@ -391,7 +400,6 @@ async fn each_role_is_refused_what_it_does_not_need() {
             Op::DeleteExchange(n.events()),
             Op::DeleteQueue(work.clone()),
             Op::Get(n.dead()),
-            Op::Publish(n.tasks()),
         ],
     )
     .await;

@@ -147,6 +147,20 @@ impl Client {
         Ok(id)
     }
 
+    /// Publishes a chain's first task (contract section 8), confirmed;
+    /// returns its id, which the steps' default ids extend (`<id>.1`, …).
+    pub async fn publish_chain(&self, chain: &crate::Chain) -> Result<String, ClientError> {
+        self.publish(&chain.request()?).await
+    }
+
+    /// Publishes every member of a group under its workflow id, confirmed;
+    /// returns the members' ids (each a chain's first task's), in order.
+    /// Every member is checked before the first is sent.
+    pub async fn publish_group(&self, group: &crate::Group) -> Result<Vec<String>, ClientError> {
+        let reqs = group.requests()?;
+        self.publish_batch(&reqs, 256, |_| {}).await
+    }
+
     /// Publishes many tasks, keeping up to `window` of them in flight, and
     /// waits for every confirm. `progress` is called with the count
     /// confirmed so far. Returns the task ids in request order.

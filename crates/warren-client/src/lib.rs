@@ -17,13 +17,16 @@ mod reconnect;
 mod request;
 mod tls;
 mod watch;
+pub mod workflow;
 
 pub use cancels::cancel_command;
 pub use client::Client;
 pub use error::ClientError;
 pub use outbox::ORIGINAL_EXPIRATION;
 pub use request::TaskRequest;
+pub use warren_core::workflow::{After, Step};
 pub use watch::{EventWatch, ReceivedEvent};
+pub use workflow::{Chain, Group, WorkflowSpec};
 
 /// What Warren's own long-running processes (worker, scheduler, tracker)
 /// build on: named connections, confirm channels, the outbox of events and

@@ -237,6 +237,27 @@ impl Outbox {
 }
 
 impl Outbox {
+    /// Publishes the next task of a workflow (a chain's next step) to
+    /// `P.tasks` under its type: persistent, JSON, with its id, priority
+    /// and headers.
+    pub async fn next_task(
+        &self,
+        t: &warren_core::workflow::NextTask,
+    ) -> Result<PublisherConfirm, ClientError> {
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(short(&t.id).into())
+            .with_type(short(&t.task_type).into())
+            .with_headers(t.headers.clone());
+        if let Some(p) = t.priority {
+            props = props.with_priority(p);
+        }
+        self.channel
+            .send(&self.names.tasks(), &t.task_type, &t.body, props)
+            .await
+    }
+
     /// Sends a changed task back through `P.delay`, due at `due_ms` (Unix
     /// ms, `x-warren-eta`), as attempt `attempt`, marked with the change it
     /// carries (`x-warren-changed` = `changed_at`); `original` carries the

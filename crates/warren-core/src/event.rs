@@ -118,6 +118,14 @@ pub struct Event {
     /// On `progress` only: how far the running attempt got.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub progress: Option<ProgressInfo>,
+    /// On tasks of a workflow only: the workflow's id (header
+    /// `x-warren-workflow`, or the id of a chain's first task).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub workflow_id: Option<String>,
+    /// On tasks of a workflow only: the id of the task whose outcome
+    /// published this one (header `x-warren-parent`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub parent_id: Option<String>,
 }
 
 /// An event body that could not be read.
@@ -179,6 +187,8 @@ impl Event {
             due_at: None,
             retry: None,
             progress: None,
+            workflow_id: None,
+            parent_id: None,
         }
     }
 

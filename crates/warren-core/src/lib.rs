@@ -26,6 +26,7 @@ pub mod permissions;
 pub mod routes;
 pub mod task;
 pub mod topology;
+pub mod workflow;
 
 pub use config::{Config, ConfigError};
 pub use event::{Event, EventError, TaskState};

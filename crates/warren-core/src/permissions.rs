@@ -32,7 +32,7 @@ pub enum Role {
     /// `warren publish`, `warren cancel`, the Rust client.
     Producer,
     /// `warren worker`: consumes its work queues, publishes events, retries
-    /// and dead copies.
+    /// and dead copies, and the next steps of chains (`P.tasks`).
     Worker,
     /// `warren scheduler`: delays, retries, dead-letter intake, cron.
     Scheduler,
@@ -186,6 +186,8 @@ impl Permissions {
                         name(n.delay()),
                         name(n.control()),
                         name(n.escrow()),
+                        // The next step of a chain (contract section 8).
+                        name(n.tasks()),
                         paused,
                         default_exchange,
                     ]),
@@ -349,7 +351,7 @@ mod tests {
         assert_eq!(w.configure, "^warren\\.paused\\..+$");
         assert_eq!(
             w.write,
-            "^(warren\\.events|warren\\.delay|warren\\.control|warren\\.escrow|warren\\.paused\\..+|amq\\.default)$"
+            "^(warren\\.events|warren\\.delay|warren\\.control|warren\\.escrow|warren\\.tasks|warren\\.paused\\..+|amq\\.default)$"
         );
         let o = Permissions::for_role(&c, Role::Operator);
         assert_eq!(o.configure, "^warren\\..*$");
@@ -421,6 +423,7 @@ mod tests {
             n.delay(),
             n.control(),
             n.escrow(),
+            n.tasks(),
             DEFAULT_EXCHANGE.into(),
         ] {
             assert!(allows(&w.write, &x), "{x}");
@@ -432,7 +435,6 @@ mod tests {
         for q in [n.dead(), n.delay_intake(), n.work_queue("iox")] {
             assert!(!allows(&w.read, &q), "{q}");
         }
-        assert!(!allows(&w.write, &n.tasks()));
     }
 
     #[test]

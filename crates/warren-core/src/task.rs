@@ -65,7 +65,8 @@ pub struct MessageMeta {
 pub struct InvalidTask {
     /// Short machine word: `content_type`, `content_encoding`, `too_large`,
     /// `not_json`, `bad_header`, `bad_type`, `type_too_long`, `no_handler`,
-    /// `headers_too_large`, `headers_too_deep`.
+    /// `headers_too_large`, `headers_too_deep`, `bad_workflow` (contract
+    /// section 8).
     pub code: &'static str,
     /// What exactly is wrong.
     pub message: String,

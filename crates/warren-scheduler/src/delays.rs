@@ -88,6 +88,11 @@ impl Delays {
     fn event(&self, w: &Waiting, state: TaskState) -> Event {
         let mut e = Event::new(&w.id, &w.task_type, state, w.attempt);
         e.worker = Some(self.identity.clone());
+        // A task of a workflow names it in every event (contract section 8).
+        if let Ok(Some(f)) = warren_core::workflow::Flow::from_headers(Some(&w.headers), &w.id) {
+            e.workflow_id = Some(f.workflow_id);
+            e.parent_id = f.parent_id;
+        }
         e
     }
 

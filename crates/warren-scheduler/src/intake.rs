@@ -82,8 +82,32 @@ pub async fn park_dead_lettered(
         code: reason.as_str().to_owned(),
         message: detail.clone(),
     });
+    let flow = warren_core::workflow::Flow::from_headers(hdrs, &task_id)
+        .ok()
+        .flatten();
+    if let Some(flow) = &flow {
+        ev.workflow_id = Some(flow.workflow_id.clone());
+        ev.parent_id = flow.parent_id.clone();
+    }
     let mut confirms = vec![out.dead(&d.data, p, &ev, reason, &detail, short).await?];
     confirms.extend(out.event_and_reply(&ev, p).await?);
+    // A chain step that ends dead here stops its chain as on a worker
+    // (contract section 8), confirmed with the dead copy.
+    if let Some(flow) = flow {
+        let error = serde_json::to_value(&ev.error).unwrap_or_default();
+        let stop = flow.after_failure(&task_id, &task_type, reason.as_str(), error);
+        for skipped in stop.skipped {
+            let mut c = Event::new(&skipped.id, &skipped.task_type, TaskState::Cancelled, 0);
+            c.worker = Some(identity.to_owned());
+            c.reason = Some(skipped.reason);
+            c.workflow_id = Some(flow.workflow_id.clone());
+            c.parent_id = Some(task_id.clone());
+            confirms.push(out.event(&c).await?);
+        }
+        if let Some(next) = stop.next {
+            confirms.push(out.next_task(&next).await?);
+        }
+    }
     confirm_all(confirms).await?;
     Ok(reason)
 }

@@ -55,6 +55,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/tasks/{id}/run-now", post(run_task_now))
         .route("/api/actions", get(actions))
         .route("/api/timeline", get(timeline))
+        .route("/api/workflows/{id}", get(workflow))
         .route("/api/stats", get(stats))
         .route("/api/failures", get(failures))
         .route("/api/queues", get(queues))
@@ -273,6 +274,33 @@ async fn task(State(s): State<Arc<Shared>>, ApiPath(id): ApiPath<String>) -> Res
             let events: Vec<Value> = history.into_iter().map(|h| h.event).collect();
             Json(json!({"task": row.view(), "events": events})).into_response()
         }
+        Err(e) => internal(e),
+    }
+}
+
+/// A workflow's state: its tasks' counts per state and the tasks
+/// (contract section 8).
+async fn workflow(
+    State(s): State<Arc<Shared>>,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<LimitQuery>,
+) -> Response {
+    if let Some(refused) = refuse_nul(&id) {
+        return refused;
+    }
+    let counts = match s.store.workflow_counts(&id).await {
+        Ok(c) if c.is_empty() => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("no workflow {id:?} in the tracker (unknown, not seen yet, or pruned)"),
+            )
+        }
+        Ok(c) => c,
+        Err(e) => return internal(e),
+    };
+    let limit = q.limit.unwrap_or(MAX_LIMIT).clamp(1, MAX_LIMIT);
+    match s.store.workflow(&id, limit).await {
+        Ok(rows) => Json(crate::record::workflow_view(&id, &counts, &rows)).into_response(),
         Err(e) => internal(e),
     }
 }

@@ -53,6 +53,11 @@ pub fn decode(d: &Delivery, config: &Config, received_ms: i64) -> Option<Incomin
             .flatten();
     }
     event.queue = queue_of(config, &task_type);
+    // A task of a workflow counts in it from its publication on.
+    if let Ok(Some(flow)) = warren_core::workflow::Flow::from_headers(h, &task_id) {
+        event.workflow_id = Some(flow.workflow_id);
+        event.parent_id = flow.parent_id;
+    }
     // A stable id: the same copy read twice is one event.
     event.event_id = format!(
         "published:{task_id}:{attempt}:{}:{}",

@@ -186,6 +186,10 @@ pub struct TaskRow {
     pub events: i64,
     /// The priority it was published (or last changed) with, when known.
     pub priority: Option<i64>,
+    /// The workflow it belongs to (contract section 8), when any.
+    pub workflow_id: Option<String>,
+    /// The task whose outcome published it, in a workflow.
+    pub parent_id: Option<String>,
     /// Sort keys of the events each field came from.
     pub merge_keys: BTreeMap<String, String>,
 }
@@ -249,6 +253,13 @@ impl TaskRow {
         };
         take_latest(keys, "due", &key, &mut self.due_at, due);
         take_latest(keys, "priority", &key, &mut self.priority, ev.priority);
+        // Every event of a task names the same workflow and parent.
+        if self.workflow_id.is_none() {
+            self.workflow_id = e.workflow_id.clone();
+        }
+        if self.parent_id.is_none() {
+            self.parent_id = e.parent_id.clone();
+        }
         if e.state == TaskState::Started {
             let started_key = format!("{:020}|{key}", e.attempt.max(0));
             take_latest(
@@ -295,6 +306,8 @@ impl TaskRow {
             due_at: self.due_at.clone(),
             priority: self.priority,
             events: self.events,
+            workflow_id: self.workflow_id.clone(),
+            parent_id: self.parent_id.clone(),
         }
     }
 }
@@ -328,6 +341,27 @@ pub fn cancel_refusal(task: &TaskRow) -> Option<String> {
             "task {} has ended {}: nothing to cancel",
             task.task_id, task.state
         )
+    })
+}
+
+/// A workflow as the API and `warren workflow status` show it: its task
+/// count per state (`counts`), the total, whether every task reached a
+/// final state (`done`), and its tasks first seen first (`tasks`, at most
+/// the listing's limit; `truncated` when there are more).
+pub fn workflow_view(workflow_id: &str, counts: &BTreeMap<String, i64>, rows: &[TaskRow]) -> Value {
+    let total: i64 = counts.values().sum();
+    let open: i64 = counts
+        .iter()
+        .filter(|(s, _)| !matches!(s.as_str(), "succeeded" | "dead" | "cancelled"))
+        .map(|(_, n)| n)
+        .sum();
+    serde_json::json!({
+        "workflow_id": workflow_id,
+        "total": total,
+        "counts": counts,
+        "done": total > 0 && open == 0,
+        "tasks": rows.iter().map(TaskRow::view).collect::<Vec<_>>(),
+        "truncated": (rows.len() as i64) < total,
     })
 }
 
@@ -389,6 +423,12 @@ pub struct TaskView {
     pub priority: Option<i64>,
     /// Distinct events seen.
     pub events: i64,
+    /// The workflow it belongs to (contract section 8); absent outside any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workflow_id: Option<String>,
+    /// The task whose outcome published it, in a workflow.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
 }
 
 #[cfg(test)]

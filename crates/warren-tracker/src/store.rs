@@ -34,7 +34,7 @@ const POSTGRES_ROWS_PER_STATEMENT: usize = 100;
 const PG_WRITE_LOCK: i64 = 0x7761_7272_656e;
 
 /// Columns of `tasks`, in the order [`bind_task`] binds them.
-const TASK_COLUMNS: [&str; 20] = [
+const TASK_COLUMNS: [&str; 22] = [
     "task_id",
     "type",
     "state",
@@ -55,6 +55,8 @@ const TASK_COLUMNS: [&str; 20] = [
     "events",
     "merge_keys",
     "priority",
+    "workflow_id",
+    "parent_id",
 ];
 
 fn task_columns() -> &'static [&'static str] {
@@ -555,6 +557,50 @@ impl Store {
             .map_err(|e| self.err(e))
     }
 
+    /// The tasks of workflow `workflow_id` (contract section 8), first seen
+    /// first, at most `limit`.
+    pub async fn workflow(
+        &self,
+        workflow_id: &str,
+        limit: i64,
+    ) -> Result<Vec<TaskRow>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM tasks WHERE workflow_id = $1 ORDER BY first_seen, task_id LIMIT $2",
+            task_columns().join(", ")
+        );
+        let rows = sqlx::query(&sql)
+            .bind(workflow_id)
+            .bind(limit.max(0))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        rows.iter()
+            .map(read_task)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.err(e))
+    }
+
+    /// How many tasks of workflow `workflow_id` are in each state.
+    pub async fn workflow_counts(
+        &self,
+        workflow_id: &str,
+    ) -> Result<BTreeMap<String, i64>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT state, COUNT(*) AS n FROM tasks WHERE workflow_id = $1 GROUP BY state",
+        )
+        .bind(workflow_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
+        let mut out = BTreeMap::new();
+        for r in rows {
+            let state: String = r.try_get(0).map_err(|e| self.err(e))?;
+            let n: i64 = r.try_get(1).map_err(|e| self.err(e))?;
+            out.insert(state, n);
+        }
+        Ok(out)
+    }
+
     /// Every stored event of a task, oldest first.
     pub async fn history(&self, task_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
         let rows = sqlx::query(
@@ -903,6 +949,8 @@ fn bind_task<'q>(q: AnyQuery<'q>, t: &TaskRow) -> AnyQuery<'q> {
         .bind(t.events)
         .bind(t.merge_keys_json())
         .bind(t.priority)
+        .bind(t.workflow_id.clone())
+        .bind(t.parent_id.clone())
 }
 
 fn read_task(r: &AnyRow) -> Result<TaskRow, sqlx::Error> {
@@ -928,6 +976,8 @@ fn read_task(r: &AnyRow) -> Result<TaskRow, sqlx::Error> {
         events: r.try_get("events")?,
         merge_keys: TaskRow::parse_merge_keys(&keys),
         priority: r.try_get("priority")?,
+        workflow_id: r.try_get("workflow_id")?,
+        parent_id: r.try_get("parent_id")?,
     })
 }
 

@@ -4,6 +4,10 @@
 //! - `diag.sleep {"ms": N}`: sleeps N ms (cancellable), result `{"slept_ms": N}`.
 //! - `diag.fail {"kind": "retryable"|"permanent", "message": "..."}`: fails so.
 //! - `diag.panic {"message": "..."}`: panics, to show panics become failures.
+//! - `diag.add {"add": K, "n": N}`: result `{"n": M + K}`, where M is the
+//!   `n` of the previous chain step's result (`previous`, contract section 8)
+//!   when there is one, else N (default 0); K defaults to 1. A chain of
+//!   `diag.add` steps counts up, each step seeing the one before.
 
 use std::time::Duration;
 
@@ -18,6 +22,45 @@ pub fn register(r: &mut Registry) {
     r.register("diag.sleep", Sleep);
     r.register("diag.fail", Fail);
     r.register("diag.panic", Panic);
+    r.register("diag.add", Add);
+}
+
+/// `diag.add`: adds `add` to the previous step's `n` (or its own).
+pub struct Add;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddArgs {
+    #[serde(default = "one")]
+    add: i64,
+    #[serde(default)]
+    n: i64,
+    #[serde(default)]
+    previous: Option<Value>,
+    #[serde(default)]
+    previous_failure: Option<Value>,
+}
+
+fn one() -> i64 {
+    1
+}
+
+#[async_trait::async_trait]
+impl Handler for Add {
+    async fn handle(&self, ctx: TaskContext) -> Result<Value, TaskError> {
+        let args: AddArgs = ctx.args_as()?;
+        let _ = args.previous_failure;
+        let base = match &args.previous {
+            None => args.n,
+            Some(p) => p.get("n").and_then(Value::as_i64).ok_or_else(|| {
+                TaskError::invalid_args("previous must be a result with an integer n")
+            })?,
+        };
+        let n = base
+            .checked_add(args.add)
+            .ok_or_else(|| TaskError::invalid_args("n + add overflows"))?;
+        Ok(json!({ "n": n }))
+    }
 }
 
 /// `diag.echo`: returns its arguments, which must be an object.
@@ -118,7 +161,13 @@ mod tests {
 
     #[tokio::test]
     async fn every_diag_type_refuses_arguments_that_are_not_an_object() {
-        for t in ["diag.echo", "diag.sleep", "diag.fail", "diag.panic"] {
+        for t in [
+            "diag.echo",
+            "diag.sleep",
+            "diag.fail",
+            "diag.panic",
+            "diag.add",
+        ] {
             for args in [json!([1, 2, 3]), json!("a string"), json!(42), json!(null)] {
                 let mut r = Registry::new();
                 register(&mut r);
@@ -137,6 +186,22 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[tokio::test]
+    async fn add_counts_from_the_previous_result() {
+        let r = Add.handle(ctx("diag.add", json!({"n": 4}))).await.unwrap();
+        assert_eq!(r, json!({"n": 5}));
+        let r = Add
+            .handle(ctx("diag.add", json!({"add": 3, "previous": {"n": 5}})))
+            .await
+            .unwrap();
+        assert_eq!(r, json!({"n": 8}));
+        let e = Add
+            .handle(ctx("diag.add", json!({"previous": "x"})))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, "invalid_args");
     }
 
     #[tokio::test]

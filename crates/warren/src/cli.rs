@@ -106,10 +106,47 @@ pub enum Command {
     Status(StatusArgs),
     /// Tracked tasks, latest event first (read from the tracker's database).
     Tasks(TasksArgs),
+    /// Start a chain or group from JSON, follow a workflow's state, or
+    /// cancel it (contract section 8).
+    Workflow {
+        #[command(subcommand)]
+        action: WorkflowAction,
+    },
     /// Probe a running worker, scheduler or tracker on this host through
     /// its /healthz (or /readyz with --ready) at the configured listen
     /// address; exit 0 when it answers 200 (the image's HEALTHCHECK).
     Health(HealthArgs),
+}
+
+/// `workflow` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum WorkflowAction {
+    /// Publish a workflow described in JSON: a chain
+    /// `{"chain": [step, ...], "workflow_id"?: ID}` (its first step is the
+    /// first task) or a group `{"group": ID, "tasks": [step or {"chain":
+    /// [...]}, ...]}`; a step is `{"type", "args"?, "id"?, "priority"?,
+    /// "max_retries"?, "timeout_ms"?, "after"?, "pass_result"?}`. Prints the
+    /// workflow id, then each task's id.
+    Start {
+        /// The JSON file, `-` for stdin.
+        file: String,
+    },
+    /// A workflow's tasks and their count per state, from the tracker's
+    /// database; exit 0 when every task reached a final state, 3 while
+    /// some have not, 1 when no task of it is known.
+    Status {
+        /// The workflow id.
+        workflow_id: String,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a workflow: each of its tasks not started yet is cancelled
+    /// when a worker next sees it (and with it the rest of its chain).
+    Cancel {
+        /// The workflow id.
+        workflow_id: String,
+    },
 }
 
 /// `task` subcommands.

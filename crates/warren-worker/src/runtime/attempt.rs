@@ -49,6 +49,7 @@ use warren_core::delay::DUE_AT;
 use warren_core::escrow::{EscrowTimes, Returned, ESCROW};
 use warren_core::event::{cap_result, format_time, new_id, ErrorKind, EventErrorInfo};
 use warren_core::task::{check_headers, task_type_of, InvalidTask, MessageMeta};
+use warren_core::workflow::{AfterStop, Flow};
 use warren_core::{headers, DeadReason, Event, TaskEnvelope, TaskState};
 
 use super::progress::TaskProgress;
@@ -116,6 +117,10 @@ pub(super) struct Attempt<'a> {
     /// The delivery was acknowledged when the task went into escrow: its
     /// outcome is settled by an `escrow_done` record, never by an ack.
     escrowed: AtomicBool,
+    /// Its place in a workflow (contract section 8), read from its headers
+    /// when it has an id: `None` outside any workflow, an error when the
+    /// description is malformed (the task is then invalid).
+    flow: Option<Result<Flow, InvalidTask>>,
 }
 
 impl<'a> Attempt<'a> {
@@ -255,6 +260,10 @@ impl<'a> Attempt<'a> {
             sh.routing_exchanges[1].as_str(),
         ];
         let task_type = task_type_of(&meta, &routing);
+        let flow = meta
+            .message_id
+            .as_deref()
+            .and_then(|id| Flow::from_headers(meta.headers.as_ref(), id).transpose());
         Attempt {
             sh,
             session,
@@ -267,6 +276,7 @@ impl<'a> Attempt<'a> {
             returned_copy,
             escrow_id: OnceLock::new(),
             escrowed: AtomicBool::new(false),
+            flow,
         }
     }
 
@@ -305,7 +315,7 @@ impl<'a> Attempt<'a> {
             let r = self.redelivered(&id).await;
             return Triage::Settled(id, r);
         }
-        if self.sh.cancels.contains(&id) {
+        if self.sh.cancels.contains(&id) || self.workflow_cancelled() {
             let attempt = (envelope_attempt(&self.meta) - 1).max(0);
             let r = self.cancelled(&id, attempt).await;
             return Triage::Settled(id, r);
@@ -504,6 +514,9 @@ impl<'a> Attempt<'a> {
             &self.delivery.data,
             self.sh.config.limits.max_body_bytes,
         )?;
+        if let Some(Err(invalid)) = &self.flow {
+            return Err(invalid.clone());
+        }
         let handler = self.sh.registry.get(&self.task_type).ok_or_else(|| {
             InvalidTask::new(
                 "no_handler",
@@ -715,8 +728,13 @@ impl<'a> Attempt<'a> {
         let mut ev = self.event(id, TaskState::Succeeded, task.attempt);
         ev.at = ran.finished_at;
         ev.duration_ms = Some(duration_ms);
-        ev.result = Some(cap_result(value, self.sh.config.limits.max_result_bytes));
+        let result = cap_result(value, self.sh.config.limits.max_result_bytes);
         let mut confirms = vec![started];
+        if let Some(next) = self.flow().and_then(|f| f.after_success(id, &result)) {
+            debug!(next = %next.id, r#type = %next.task_type, "chain: next step published");
+            confirms.push(out.next_task(&next).await?);
+        }
+        ev.result = Some(result);
         confirms.extend(out.event_and_reply(&ev, &self.delivery.properties).await?);
         confirm_all(confirms).await?;
         info!(duration_ms, "succeeded");
@@ -786,10 +804,13 @@ impl<'a> Attempt<'a> {
     async fn cancelled(&self, id: &str, attempt: i64) -> Result<Disposition, ClientError> {
         let mut ev = self.event(id, TaskState::Cancelled, attempt);
         ev.reason = Some("cancel command".into());
-        let confirms = self
+        let mut confirms = self
             .out()
             .event_and_reply(&ev, &self.delivery.properties)
             .await?;
+        if let Some(stop) = self.flow().map(|f| f.after_cancel(id, &self.task_type)) {
+            confirms.extend(self.stop_chain(id, stop).await?);
+        }
         confirm_all(confirms).await?;
         info!(task_id = id, "cancelled");
         self.sh
@@ -838,8 +859,52 @@ impl<'a> Attempt<'a> {
                 .await?,
         ];
         confirms.extend(out.event_and_reply(ev, &d.properties).await?);
+        if let Some(f) = self.flow() {
+            let error = serde_json::to_value(&ev.error).unwrap_or(Value::Null);
+            let stop = f.after_failure(&ev.task_id, &self.task_type, reason.as_str(), error);
+            confirms.extend(self.stop_chain(&ev.task_id, stop).await?);
+        }
         confirm_all(confirms).await?;
         Ok(Disposition::Ack)
+    }
+
+    /// Publishes what follows a chain step `id` that ended dead or was
+    /// cancelled: a `cancelled` event for each step skipped (attempt 0,
+    /// with the reason naming the step that stopped the chain), and the
+    /// `"after": "always"` step that runs anyway. Returns the confirms.
+    async fn stop_chain(
+        &self,
+        id: &str,
+        stop: AfterStop,
+    ) -> Result<Vec<PublisherConfirm>, ClientError> {
+        let out = self.out();
+        let mut confirms = Vec::with_capacity(stop.skipped.len() + 1);
+        let workflow_id = self.flow().map(|f| f.workflow_id.clone());
+        for s in stop.skipped {
+            let mut ev = Event::new(&s.id, &s.task_type, TaskState::Cancelled, 0);
+            ev.worker = Some(self.sh.identity.clone());
+            ev.reason = Some(s.reason);
+            ev.workflow_id = workflow_id.clone();
+            ev.parent_id = Some(id.to_owned());
+            confirms.push(out.event(&ev).await?);
+        }
+        if let Some(next) = stop.next {
+            debug!(next = %next.id, r#type = %next.task_type, "chain: step run after a failure published");
+            confirms.push(out.next_task(&next).await?);
+        }
+        Ok(confirms)
+    }
+
+    /// The task's place in a workflow, when it has a valid one.
+    fn flow(&self) -> Option<&Flow> {
+        self.flow.as_ref().and_then(|f| f.as_ref().ok())
+    }
+
+    /// Whether a cancel command named the task's workflow: every task of
+    /// it not started yet is then cancelled when a worker next sees it.
+    fn workflow_cancelled(&self) -> bool {
+        self.flow()
+            .is_some_and(|f| self.sh.cancels.contains(&f.workflow_id))
     }
 
     /// Confirms a copy put at the back of the queue it came from (its lane,
@@ -932,6 +997,10 @@ impl<'a> Attempt<'a> {
         let mut e = Event::new(id, &self.task_type, state, attempt);
         e.queue = Some(self.queue.to_owned());
         e.worker = Some(self.sh.identity.clone());
+        if let Some(f) = self.flow() {
+            e.workflow_id = Some(f.workflow_id.clone());
+            e.parent_id = f.parent_id.clone();
+        }
         e
     }
 }

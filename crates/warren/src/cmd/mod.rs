@@ -14,6 +14,7 @@ mod topology;
 mod tracker;
 mod up;
 mod worker;
+mod workflow;
 
 use std::sync::Arc;
 
@@ -58,6 +59,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Status(args) => status::run(&config, args).await,
         Command::Tasks(args) => tasks::run(&config, args).await,
         Command::Health(args) => health::run(&config, args).await,
+        Command::Workflow { action } => workflow::run(&config, action).await,
         Command::Worker(args) => {
             apply_worker_args(&mut config, args)?;
             worker::run(config).await
