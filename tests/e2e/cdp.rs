@@ -15,6 +15,22 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use warren_e2e::T;
 
+/// The dashboard users of the dashboard tests, as `tracker.users` and the
+/// environment variables their passwords are read from: an admin and a
+/// reader.
+pub const USERS: &[(&str, &str)] = &[
+    (
+        "WARREN__TRACKER__USERS",
+        "alice:admin:env:WARREN_E2E_ALICE_PW,rita:read:env:WARREN_E2E_RITA_PW",
+    ),
+    ("WARREN_E2E_ALICE_PW", ALICE_PW),
+    ("WARREN_E2E_RITA_PW", RITA_PW),
+];
+/// `alice`'s password (role admin).
+pub const ALICE_PW: &str = "alice-pw-4f2a9c";
+/// `rita`'s password (role read).
+pub const RITA_PW: &str = "rita-pw-81d3e7";
+
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 

@@ -13,24 +13,11 @@ mod support;
 
 use std::path::PathBuf;
 
-use cdp::Browser;
+use cdp::{Browser, ALICE_PW, RITA_PW, USERS};
 use serde_json::json;
 use support::{tracker_env, Api, TestDb};
 use warren_client::TaskRequest;
 use warren_e2e::{until_final, T};
-
-/// The dashboard users of these tests, as `tracker.users` and the
-/// environment variables their passwords are read from.
-const USERS: &[(&str, &str)] = &[
-    (
-        "WARREN__TRACKER__USERS",
-        "alice:admin:env:WARREN_E2E_ALICE_PW,rita:read:env:WARREN_E2E_RITA_PW",
-    ),
-    ("WARREN_E2E_ALICE_PW", ALICE_PW),
-    ("WARREN_E2E_RITA_PW", RITA_PW),
-];
-const ALICE_PW: &str = "alice-pw-4f2a9c";
-const RITA_PW: &str = "rita-pw-81d3e7";
 
 /// Logs in through the login page.
 async fn log_in(b: &mut Browser, api: &Api, user: &str, password: &str) {

@@ -10,24 +10,11 @@ mod cdp;
 #[path = "tracker_support.rs"]
 mod support;
 
-use cdp::Browser;
+use cdp::{Browser, ALICE_PW, RITA_PW, USERS};
 use serde_json::{json, Value};
 use support::{tracker_env, TestDb};
 use warren_client::TaskRequest;
 use warren_e2e::TRACKER_READ_TOKEN;
-
-/// The dashboard users of these tests, as `tracker.users` and the
-/// environment variables their passwords are read from.
-const USERS: &[(&str, &str)] = &[
-    (
-        "WARREN__TRACKER__USERS",
-        "alice:admin:env:WARREN_E2E_ALICE_PW,rita:read:env:WARREN_E2E_RITA_PW",
-    ),
-    ("WARREN_E2E_ALICE_PW", ALICE_PW),
-    ("WARREN_E2E_RITA_PW", RITA_PW),
-];
-const ALICE_PW: &str = "alice-pw-7c1e55";
-const RITA_PW: &str = "rita-pw-2b90d4";
 
 /// The newest recorded action, from `GET /api/actions` of `actions`.
 fn newest(actions: &Value) -> &Value {
