@@ -82,6 +82,15 @@ async fn a_global_limit_holds_across_three_workers() {
     assert_eq!(final_event(&got["free"]).state, TaskState::Succeeded);
     let most = most_at_once(&runs);
     assert!(most <= 2, "{most} tasks of diag.sleep ran at once, limit 2");
+    // The trade-off of polling for permits, for BENCHMARKS.md (printed, not
+    // asserted): the share of the permits' time spent running tasks, from
+    // the first start to the last end.
+    let span = runs.iter().map(|r| r.1).max().unwrap() - runs.iter().map(|r| r.0).min().unwrap();
+    let busy: i64 = runs.iter().map(|r| r.1 - r.0).sum();
+    eprintln!(
+        "permit use: {busy} ms of tasks over {span} ms with 2 permits = {:.0}%, most at once {most}",
+        100.0 * busy as f64 / (2.0 * span as f64)
+    );
     // What the workers show: no permit held once all is done, nothing
     // waiting.
     // (A permit is given back just after the final event is confirmed.)
