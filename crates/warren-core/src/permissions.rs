@@ -179,8 +179,14 @@ impl Permissions {
                 // and moves back from.
                 let paused = under("paused\\..+");
                 read.push(paused.clone());
+                // Global concurrency permits, which it declares and
+                // deletes, and the locks of unique keys, which it declares,
+                // publishes to and reads (contract section 9).
+                let permits = under("permits\\..+");
+                let unique = under("unique\\..+");
+                read.push(unique.clone());
                 Permissions {
-                    configure: only(&paused),
+                    configure: any_of(&[paused.clone(), permits, unique]),
                     write: any_of(&[
                         name(n.events()),
                         name(n.delay()),
@@ -348,7 +354,10 @@ mod tests {
         );
         assert_eq!(p.read, "^(warren\\.events|warren\\.watch\\..*)$");
         let w = Permissions::for_role(&c, Role::Worker);
-        assert_eq!(w.configure, "^warren\\.paused\\..+$");
+        assert_eq!(
+            w.configure,
+            "^(warren\\.paused\\..+|warren\\.permits\\..+|warren\\.unique\\..+)$"
+        );
         assert_eq!(
             w.write,
             "^(warren\\.events|warren\\.delay|warren\\.control|warren\\.escrow|warren\\.tasks|warren\\.paused\\..+|amq\\.default)$"

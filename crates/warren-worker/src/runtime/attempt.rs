@@ -348,6 +348,13 @@ impl<'a> Attempt<'a> {
         let holder = match flow::claim(&self.session.conn, &self.sh.names, &key, id).await {
             Ok(flow::Claim::Won) => return None,
             Ok(flow::Claim::Lost(holder)) => holder,
+            Err(e) if self.session.connected() => {
+                // Refused while connected (permissions, say): returned to
+                // its queue as a redelivery, so a lasting refusal ends it
+                // dead `poison`, never in a loop.
+                warn!(task_id = id, error = %e, "could not take the task's unique key; returned to its queue");
+                return Some(Ok(Disposition::Requeue));
+            }
             Err(e) => return Some(Err(e)),
         };
         let r = async {

@@ -201,7 +201,14 @@ impl TypeLimit {
                     if !conn.status().connected() {
                         return Err(ClientError::amqp("take a permit")(e));
                     }
-                    // Held by another worker: the broker closed the channel.
+                    if !is_resource_locked(&e) {
+                        // Not held elsewhere: refused (permissions, a queue
+                        // of that name declared otherwise). Waiting goes on
+                        // with its backoff, and the task is handed back
+                        // after flow.permit_handback_ms.
+                        warn!(permit = %queue, error = %e, "cannot take a permit");
+                    }
+                    // The broker closed the channel either way.
                 }
             }
         }
@@ -236,6 +243,13 @@ impl Permit {
         self.metrics.permits_held(-1);
         self.limit.freed.notify_one();
     }
+}
+
+/// AMQP reply code of a queue that another connection holds exclusively.
+const RESOURCE_LOCKED: u16 = 405;
+
+fn is_resource_locked(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if p.get_id() == RESOURCE_LOCKED)
 }
 
 /// What a task's unique key found.
