@@ -7,7 +7,8 @@
 //! it when that connection closes, so the permit of a worker that dies comes
 //! back by itself. Nothing is seeded, so nothing can be over-filled: there
 //! are never more than `N` such names. The worker deletes the queue once the
-//! task's outcome is recorded. Within a worker, one task per type at a time
+//! task's outcome is recorded, or hands it to its next waiting task of the
+//! type on the same connection. Within a worker, one task per type at a time
 //! tries the names (the others queue behind it, first come first served),
 //! with a bounded backoff between rounds, so waiting costs the broker a few
 //! declarations a second per type and worker, and no slot.
@@ -31,7 +32,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use rand::Rng;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use warren_client::ClientError;
@@ -58,6 +59,10 @@ pub(super) struct TypeLimit {
     held: Mutex<BTreeSet<u32>>,
     /// Told when this worker gives a permit back.
     freed: Notify,
+    /// Where the task trying the permits now takes one this worker frees
+    /// on the same connection, as it is, with no trip to the broker: the
+    /// connection's address and the sender.
+    handoff: Mutex<Option<(usize, oneshot::Sender<Permit>)>>,
 }
 
 /// How waiting for a permit ended without one.
@@ -88,6 +93,7 @@ impl Limits {
                     turn: tokio::sync::Mutex::new(()),
                     held: Mutex::new(BTreeSet::new()),
                     freed: Notify::new(),
+                    handoff: Mutex::new(None),
                 };
                 (t.clone(), Arc::new(limit))
             })
@@ -125,8 +131,18 @@ impl Limits {
         let wait = async {
             let _turn = limit.turn.lock().await;
             let mut backoff = self.backoff;
+            let (tx, mut handed) = oneshot::channel();
+            *limit.handoff.lock().expect("handoff lock") = Some((conn_id(conn), tx));
             loop {
+                if let Ok(permit) = handed.try_recv() {
+                    return Ok(permit);
+                }
                 if let Some(permit) = limit.try_once(conn, names, metrics).await? {
+                    limit.handoff.lock().expect("handoff lock").take();
+                    // One handed over meanwhile goes back.
+                    if let Ok(extra) = handed.try_recv() {
+                        extra.release(conn).await;
+                    }
                     return Ok(permit);
                 }
                 // Jittered, so the workers of a fleet do not try in step.
@@ -134,6 +150,9 @@ impl Limits {
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = limit.freed.notified() => {}
+                    p = &mut handed => if let Ok(permit) = p {
+                        return Ok(permit);
+                    },
                 }
                 backoff = (backoff * 2).min(self.backoff_max);
             }
@@ -228,6 +247,25 @@ impl Permit {
     /// deletes it when the connection closes; until then this worker may
     /// take it again, being its owner).
     pub(super) async fn release(self, conn: &Connection) {
+        // Handed over to this worker's next task of the type when it waits
+        // on this same connection (whose ownership of the queue goes on).
+        let waiter = self.limit.handoff.lock().expect("handoff lock").take();
+        let mut permit = self;
+        if let Some((id, tx)) = waiter {
+            if id == conn_id(conn) && conn.status().connected() {
+                match tx.send(permit) {
+                    Ok(()) => {
+                        debug!("permit handed over");
+                        return;
+                    }
+                    Err(back) => permit = back,
+                }
+            }
+        }
+        permit.give_back(conn).await;
+    }
+
+    async fn give_back(self, conn: &Connection) {
         let deleted = async {
             let ch = conn.create_channel().await?;
             ch.queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
@@ -243,6 +281,12 @@ impl Permit {
         self.metrics.permits_held(-1);
         self.limit.freed.notify_one();
     }
+}
+
+/// Tells connections apart while both live: permits are handed over only
+/// within the connection that owns their queue.
+fn conn_id(conn: &Connection) -> usize {
+    conn as *const Connection as usize
 }
 
 /// AMQP reply code of a queue that another connection holds exclusively.
