@@ -40,6 +40,7 @@ use warren_core::config::FlowConfig;
 use warren_core::flow::{permit_queue, UniqueKey};
 use warren_core::Names;
 
+use super::session::Session;
 use crate::metrics::WorkerMetrics;
 
 /// The global concurrency limits this worker enforces, one per limited type.
@@ -63,7 +64,19 @@ pub(super) struct TypeLimit {
     /// on the same connection, as it is, with no trip to the broker: the
     /// connection's address and the sender.
     handoff: Mutex<Option<(usize, oneshot::Sender<Permit>)>>,
+    /// Permits freed with no task waiting, kept [`PERMIT_LINGER`] for the
+    /// next task of the type on the same connection: the permit, the
+    /// connection's address, and a number naming this stay.
+    idle: Mutex<Vec<(Permit, usize, u64)>>,
+    /// Numbers the stays in `idle`.
+    stays: std::sync::atomic::AtomicU64,
 }
+
+/// How long a freed permit no task waits for stays with its worker before
+/// its queue is deleted: a stream of tasks of a type whose limit does not
+/// bind then costs no broker operation per task, while a permit another
+/// worker waits for reaches it at most this much later.
+pub(super) const PERMIT_LINGER: Duration = Duration::from_millis(100);
 
 /// How waiting for a permit ended without one.
 pub(super) enum NoPermit {
@@ -94,6 +107,8 @@ impl Limits {
                     held: Mutex::new(BTreeSet::new()),
                     freed: Notify::new(),
                     handoff: Mutex::new(None),
+                    idle: Mutex::new(Vec::new()),
+                    stays: std::sync::atomic::AtomicU64::new(0),
                 };
                 (t.clone(), Arc::new(limit))
             })
@@ -130,6 +145,9 @@ impl Limits {
         };
         let wait = async {
             let _turn = limit.turn.lock().await;
+            if let Some(permit) = limit.take_idle(conn) {
+                return Ok(permit);
+            }
             let mut backoff = self.backoff;
             let (tx, mut handed) = oneshot::channel();
             *limit.handoff.lock().expect("handoff lock") = Some((conn_id(conn), tx));
@@ -141,7 +159,7 @@ impl Limits {
                     limit.handoff.lock().expect("handoff lock").take();
                     // One handed over meanwhile goes back.
                     if let Ok(extra) = handed.try_recv() {
-                        extra.release(conn).await;
+                        extra.give_back(conn).await;
                     }
                     return Ok(permit);
                 }
@@ -237,6 +255,16 @@ impl TypeLimit {
         Ok(None)
     }
 
+    /// A permit kept idle on this connection, if any.
+    fn take_idle(&self, conn: &Connection) -> Option<Permit> {
+        if !conn.status().connected() {
+            return None;
+        }
+        let mut idle = self.idle.lock().expect("idle lock");
+        let at = idle.iter().position(|(_, c, _)| *c == conn_id(conn))?;
+        Some(idle.swap_remove(at).0)
+    }
+
     fn forget(&self, k: u32) {
         self.held.lock().expect("held lock").remove(&k);
     }
@@ -246,7 +274,8 @@ impl Permit {
     /// Gives the permit back: deletes its queue (if that fails, the broker
     /// deletes it when the connection closes; until then this worker may
     /// take it again, being its owner).
-    pub(super) async fn release(self, conn: &Connection) {
+    pub(super) async fn release(self, session: &Arc<Session>) {
+        let conn = &session.conn;
         // Handed over to this worker's next task of the type when it waits
         // on this same connection (whose ownership of the queue goes on).
         let waiter = self.limit.handoff.lock().expect("handoff lock").take();
@@ -262,7 +291,32 @@ impl Permit {
                 }
             }
         }
-        permit.give_back(conn).await;
+        if !conn.status().connected() {
+            return permit.give_back(conn).await;
+        }
+        // Kept a moment for the next task of the type, then given back.
+        let limit = permit.limit.clone();
+        let stay = limit
+            .stays
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        limit
+            .idle
+            .lock()
+            .expect("idle lock")
+            .push((permit, conn_id(conn), stay));
+        let session = session.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(PERMIT_LINGER).await;
+            let left = {
+                let mut idle = limit.idle.lock().expect("idle lock");
+                idle.iter()
+                    .position(|(_, _, s)| *s == stay)
+                    .map(|at| idle.swap_remove(at).0)
+            };
+            if let Some(p) = left {
+                p.give_back(&session.conn).await;
+            }
+        });
     }
 
     async fn give_back(self, conn: &Connection) {

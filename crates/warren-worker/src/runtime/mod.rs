@@ -800,7 +800,7 @@ impl Worker {
             let general = tokio::select! {
                 p = pool.clone().acquire_owned() => p.expect("the semaphore is never closed"),
                 _ = stop.cancelled() => {
-                    permit.release(&session.conn).await;
+                    permit.release(&session).await;
                     drop(d.release);
                     return;
                 }
@@ -808,7 +808,7 @@ impl Worker {
             let slot = Slot::new(pool, general);
             let delivery = (d.delivery, d.since);
             Attempt::run(sh, &session, &d.source, delivery, &abort, slot).await;
-            permit.release(&session.conn).await;
+            permit.release(&session).await;
             drop(d.release);
         }));
     }
