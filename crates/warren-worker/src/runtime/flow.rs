@@ -145,23 +145,20 @@ impl Limits {
         };
         let wait = async {
             let _turn = limit.turn.lock().await;
-            if let Some(permit) = limit.take_idle(conn) {
-                return Ok(permit);
-            }
-            let mut backoff = self.backoff;
             let (tx, mut handed) = oneshot::channel();
-            *limit.handoff.lock().expect("handoff lock") = Some((conn_id(conn), tx));
+            let mut tx = Some(tx);
+            let mut backoff = self.backoff;
             loop {
-                if let Ok(permit) = handed.try_recv() {
+                if let Some(permit) = limit.take_idle(conn) {
+                    limit.withdraw(&mut handed, conn).await;
                     return Ok(permit);
                 }
                 if let Some(permit) = limit.try_once(conn, names, metrics).await? {
-                    limit.handoff.lock().expect("handoff lock").take();
-                    // One handed over meanwhile goes back.
-                    if let Ok(extra) = handed.try_recv() {
-                        extra.give_back(conn).await;
-                    }
+                    limit.withdraw(&mut handed, conn).await;
                     return Ok(permit);
+                }
+                if let Some(tx) = tx.take() {
+                    *limit.handoff.lock().expect("handoff lock") = Some((conn_id(conn), tx));
                 }
                 // Jittered, so the workers of a fleet do not try in step.
                 let pause = backoff.mul_f64(rand::thread_rng().gen_range(0.5..1.0));
@@ -183,7 +180,37 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// A permit at once if one is free without waiting in line: one kept
+    /// idle on this connection, or, while no task of this worker waits for
+    /// one, one round of tries. `None`: wait with [`Limits::acquire`].
+    pub(super) async fn try_now(
+        &self,
+        limit: &Arc<TypeLimit>,
+        conn: &Connection,
+        names: &Names,
+        metrics: &Arc<WorkerMetrics>,
+    ) -> Result<Option<Permit>, ClientError> {
+        if let Some(permit) = limit.take_idle(conn) {
+            return Ok(Some(permit));
+        }
+        let Ok(_turn) = limit.turn.try_lock() else {
+            return Ok(None);
+        };
+        limit.try_once(conn, names, metrics).await
+    }
+}
+
 impl TypeLimit {
+    /// Withdraws the hand-over offer of the task that got a permit another
+    /// way; one handed over meanwhile is given back.
+    async fn withdraw(&self, handed: &mut oneshot::Receiver<Permit>, conn: &Connection) {
+        self.handoff.lock().expect("handoff lock").take();
+        if let Ok(extra) = handed.try_recv() {
+            extra.give_back(conn).await;
+        }
+    }
+
     /// One round: tries each permit this worker does not hold, from a random
     /// one on; `None` when every one is held.
     async fn try_once(

@@ -752,9 +752,10 @@ impl Worker {
         sh.limits.of(&pausing::type_of(sh, &d.delivery))
     }
 
-    /// Runs a delivery of a type with a global concurrency limit: waits for
-    /// a permit holding no slot (see [`flow`]), then for a slot, runs it and
-    /// gives the permit back once its outcome is recorded. One that waited
+    /// Runs a delivery of a type with a global concurrency limit: takes a
+    /// slot, then a permit if one is free at once; else gives the slot back,
+    /// waits for a permit holding no slot (see [`flow`]), then for a slot;
+    /// runs it and gives the permit back once its outcome is recorded. One that waited
     /// `flow.permit_handback_ms` goes back to its queue; one still waiting
     /// at shutdown, or when the connection is lost, returns unacknowledged.
     fn start_limited(
@@ -772,35 +773,55 @@ impl Worker {
         let pool = in_flight.permits.clone();
         in_flight.tracker.spawn(Box::pin(async move {
             let sh = &shared;
-            let wait_ms = sh.config.flow.permit_handback_ms;
-            let give_up = (wait_ms > 0)
-                .then(|| tokio::time::Instant::now() + Duration::from_millis(wait_ms));
-            sh.metrics.limit_waiting(1);
-            let permit = sh
-                .limits
-                .acquire(&limit, &session.conn, &sh.names, &sh.metrics, &stop, give_up)
-                .await;
-            sh.metrics.limit_waiting(-1);
-            let permit = match permit {
-                Ok(p) => p,
-                Err(flow::NoPermit::GaveUp) => {
-                    if !stop.is_cancelled() {
-                        sh.metrics.limit_handed_back();
-                        Attempt::hand_back(sh, &session, &d.source, d.delivery).await;
-                    }
-                    drop(d.release);
-                    return;
-                }
-                Err(flow::NoPermit::Lost(e)) => {
-                    debug!(error = %e, "connection lost waiting for a permit: the task returns to its queue");
-                    drop(d.release);
-                    return;
-                }
+            // A slot first, then a permit if one is free at once: while the
+            // limit does not bind, permits are held by running tasks only.
+            let Some(general) = take_slot(&pool, &stop).await else {
+                drop(d.release);
+                return;
             };
-            let general = tokio::select! {
-                p = pool.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-                _ = stop.cancelled() => {
-                    permit.release(&session).await;
+            let now = sh
+                .limits
+                .try_now(&limit, &session.conn, &sh.names, &sh.metrics)
+                .await;
+            let (permit, general) = match now {
+                Ok(Some(p)) => (p, general),
+                Ok(None) => {
+                    // Over the limit: wait for a permit holding no slot.
+                    drop(general);
+                    let wait_ms = sh.config.flow.permit_handback_ms;
+                    let give_up = (wait_ms > 0)
+                        .then(|| tokio::time::Instant::now() + Duration::from_millis(wait_ms));
+                    sh.metrics.limit_waiting(1);
+                    let permit = sh
+                        .limits
+                        .acquire(&limit, &session.conn, &sh.names, &sh.metrics, &stop, give_up)
+                        .await;
+                    sh.metrics.limit_waiting(-1);
+                    let permit = match permit {
+                        Ok(p) => p,
+                        Err(flow::NoPermit::GaveUp) => {
+                            if !stop.is_cancelled() {
+                                sh.metrics.limit_handed_back();
+                                Attempt::hand_back(sh, &session, &d.source, d.delivery).await;
+                            }
+                            drop(d.release);
+                            return;
+                        }
+                        Err(flow::NoPermit::Lost(e)) => {
+                            debug!(error = %e, "connection lost waiting for a permit: the task returns to its queue");
+                            drop(d.release);
+                            return;
+                        }
+                    };
+                    let Some(general) = take_slot(&pool, &stop).await else {
+                        permit.release(&session).await;
+                        drop(d.release);
+                        return;
+                    };
+                    (permit, general)
+                }
+                Err(e) => {
+                    debug!(error = %e, "connection lost taking a permit: the task returns to its queue");
                     drop(d.release);
                     return;
                 }
@@ -863,6 +884,17 @@ impl Worker {
             Attempt::move_to_lane(&shared, &session, &d.source, d.delivery).await;
             drop(d.release);
         });
+    }
+}
+
+/// One of the worker's slots, unless `stop` comes first.
+async fn take_slot(
+    pool: &Arc<Semaphore>,
+    stop: &CancellationToken,
+) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        p = pool.clone().acquire_owned() => Some(p.expect("the semaphore is never closed")),
+        _ = stop.cancelled() => None,
     }
 }
 
