@@ -22,6 +22,7 @@
 //! the losers to read and name in their `duplicate` event.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,6 +71,8 @@ pub(super) struct TypeLimit {
     idle: Mutex<Vec<(Permit, usize, u64)>>,
     /// Numbers the stays in `idle`.
     stays: std::sync::atomic::AtomicU64,
+    /// The last round of tries found every permit held: the limit binds.
+    starved: std::sync::atomic::AtomicBool,
 }
 
 /// How long a freed permit no task waits for stays with its worker before
@@ -109,6 +112,7 @@ impl Limits {
                     handoff: Mutex::new(None),
                     idle: Mutex::new(Vec::new()),
                     stays: std::sync::atomic::AtomicU64::new(0),
+                    starved: std::sync::atomic::AtomicBool::new(false),
                 };
                 (t.clone(), Arc::new(limit))
             })
@@ -194,8 +198,19 @@ impl Limits {
         if let Some(permit) = limit.take_idle(conn) {
             return Ok(Some(permit));
         }
-        let Ok(_turn) = limit.turn.try_lock() else {
-            return Ok(None);
+        // While the limit does not bind, the turn is held only for a round
+        // of tries: wait for it (holding the slot, briefly). While it
+        // binds, wait in line without the slot.
+        let _turn = match limit.turn.try_lock() {
+            Ok(turn) => turn,
+            Err(_) if !limit.starved.load(Ordering::Relaxed) => {
+                let turn = limit.turn.lock().await;
+                if let Some(permit) = limit.take_idle(conn) {
+                    return Ok(Some(permit));
+                }
+                turn
+            }
+            Err(_) => return Ok(None),
         };
         limit.try_once(conn, names, metrics).await
     }
@@ -250,6 +265,7 @@ impl TypeLimit {
                 .await;
             match declared {
                 Ok(_) => {
+                    self.starved.store(false, Ordering::Relaxed);
                     let _ = channel.close(200, "permit taken".into()).await;
                     metrics.permits_held(1);
                     debug!(permit = %queue, "permit taken");
@@ -279,6 +295,7 @@ impl TypeLimit {
         if let Some(c) = ch.filter(|c| c.status().connected()) {
             let _ = c.close(200, "no permit free".into()).await;
         }
+        self.starved.store(true, Ordering::Relaxed);
         Ok(None)
     }
 
