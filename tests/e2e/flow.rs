@@ -1,7 +1,8 @@
 //! Fleet-wide flow control through the broker (contract section 9): a
 //! global concurrency limit held across three workers, its permit given
 //! back by a worker killed while holding it, and a unique key published 100
-//! times at once running once.
+//! times at once running once (also set by Python pika), a hostile one
+//! refused.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -268,4 +269,40 @@ async fn a_hostile_unique_key_makes_the_task_invalid() {
     let done = final_event(&got[&id]);
     assert_eq!(done.state, TaskState::Dead);
     assert_eq!(done.reason.as_deref(), Some("invalid"));
+}
+
+#[tokio::test]
+async fn a_unique_key_set_by_python_pika_works_the_same() {
+    let mut env = Env::new("flowpika", &[]).await;
+    let mut watch = env.watch(&["#"]).await;
+    env.spawn(&["worker", "--queues", "diag"], &[]);
+    let tasks = env.names().tasks();
+    warren_e2e::pika(&[
+        "--exchange",
+        &tasks,
+        "--routing-key",
+        "diag.echo",
+        "--body",
+        "{}",
+        "--message-id",
+        "py-u",
+        "--count",
+        "5",
+        "--header",
+        "x-warren-unique-key=py-order-7",
+        "--header",
+        "x-warren-unique-ms=60000",
+    ]);
+    let ids: Vec<String> = (1..=5).map(|i| format!("py-u-{i}")).collect();
+    let got = until_final(&mut watch, &ids, T).await;
+    let finals: Vec<&Event> = ids.iter().map(|id| final_event(&got[id])).collect();
+    let ran: Vec<&&Event> = finals
+        .iter()
+        .filter(|e| e.state == TaskState::Succeeded)
+        .collect();
+    assert_eq!(ran.len(), 1, "{finals:?}");
+    for e in finals.iter().filter(|e| e.state != TaskState::Succeeded) {
+        assert_eq!(e.state, TaskState::Duplicate, "{e:?}");
+        assert_eq!(e.duplicate_of.as_deref(), Some(ran[0].task_id.as_str()));
+    }
 }
