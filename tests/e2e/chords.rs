@@ -1,0 +1,238 @@
+//! Chords (contract section 8): a callback that runs once when every member
+//! is final, with their outcomes in member order; the join held by the
+//! broker through a SIGKILL of the scheduler folding it; a member that
+//! fails permanently reaching the callback as a failure; hostile chord
+//! starts and members refused dead `invalid` with their reason.
+
+use std::time::Duration;
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use serde_json::{json, Value};
+use warren_client::{Chord, Step, TaskRequest};
+use warren_core::chord::{member_headers, Final, Member, Outcome};
+use warren_core::TaskState;
+use warren_e2e::{final_event, result_of, states, until_final, Env, T, T_LONG};
+
+/// Members of the big chord: `WARREN_E2E_CHORD_MEMBERS` (say 1000), else 200.
+fn big_chord_size() -> usize {
+    std::env::var("WARREN_E2E_CHORD_MEMBERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}
+
+/// Publishes a chord start to `P.chords` as any AMQP client would.
+async fn publish_start(env: &Env, chord_id: &str, body: &[u8]) {
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id(chord_id.into());
+    env.publish_raw(&env.names().chords(), "", body, props)
+        .await;
+}
+
+/// Whether a queue exists (AMQP passive declare).
+async fn exists(env: &Env, queue: &str) -> bool {
+    let (conn, ch) = env.open_channel().await;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let r = ch
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await;
+    let _ = conn.close(200, "bye".into()).await;
+    r.is_ok()
+}
+
+/// Waits (bounded) until `queue` is gone.
+async fn wait_gone(env: &Env, queue: &str) {
+    let deadline = tokio::time::Instant::now() + T;
+    while exists(env, queue).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{queue} still exists after {T:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_chord_callback_runs_once_with_every_result_through_a_killed_folder() {
+    let n = big_chord_size();
+    let mut env = Env::new("chord-kill", &[]).await;
+    let mut watch = env.watch(&["#"]).await;
+    env.spawn(&["worker", "--queues", "diag"], &[]);
+    let first = env.spawn(&["scheduler"], &[]);
+    env.wait_log(&first, "this scheduler folds chords", T).await;
+
+    let chord = (0..n).fold(
+        Chord::new("big", Step::new("diag.echo", json!({"joined": true}))),
+        |c, i| c.task(TaskRequest::new("diag.echo", json!({ "k": i }))),
+    );
+    let members = chord.requests().unwrap();
+    let ids: Vec<String> = members.iter().map(|r| r.id.clone().unwrap()).collect();
+    publish_start(&env, "big", &chord.start().unwrap().encode()).await;
+    // Three quarters of the members: the folder cannot complete the join.
+    let held = n * 3 / 4;
+    env.client
+        .publish_batch(&members[..held], 256, |_| {})
+        .await
+        .unwrap();
+    until_final(&mut watch, &ids[..held], T_LONG).await;
+    // Every outcome so far is held, unacknowledged, by the folder.
+    let queue = env.names().chord_queue("big");
+    env.wait_depth(&queue, 0, T).await;
+
+    env.kill(&first, T).await;
+    let second = env.spawn(&["scheduler"], &[]);
+    // An outcome delivered twice (at least once) counts once.
+    let dup = Outcome::new(
+        &Member {
+            chord_id: "big".into(),
+            index: 0,
+        },
+        &ids[0],
+        Final::Succeeded,
+        Some(json!({"k": 0})),
+        None,
+        None,
+    );
+    env.publish_raw(
+        "",
+        &queue,
+        &dup.encode(),
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await;
+    env.client
+        .publish_batch(&members[held..], 256, |_| {})
+        .await
+        .unwrap();
+    let got = until_final(&mut watch, &["big.callback"], T_LONG).await;
+    let events = &got["big.callback"];
+    assert_eq!(states(events), ["started", "succeeded"]);
+    let result = result_of(events);
+    assert_eq!(result["joined"], true);
+    let results = result["results"].as_array().expect("results");
+    assert_eq!(results.len(), n);
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(
+            r,
+            &json!({"task_id": ids[i], "state": "succeeded", "result": {"k": i}}),
+            "member {i}"
+        );
+    }
+    assert_eq!(events[0].event.workflow_id.as_deref(), Some("big"));
+    // Done: the start acknowledged and the chord's queue deleted (both only
+    // after the callback's confirm), and a task published after it run, no
+    // second callback seen.
+    wait_gone(&env, &queue).await;
+    env.wait_depth(&env.names().chords(), 0, T).await;
+    env.publish(&TaskRequest::new("diag.echo", json!({})).id("after"))
+        .await;
+    let rest = until_final(&mut watch, &["after"], T).await;
+    assert!(
+        !rest.contains_key("big.callback"),
+        "the callback ran twice: {:?}",
+        rest["big.callback"]
+    );
+    assert!(env.log_of(&second).contains("callback published"));
+}
+
+#[tokio::test]
+async fn a_member_that_fails_permanently_reaches_the_callback_as_a_failure() {
+    let (env, mut watch) = Env::with_up_watching("chord-fail", &[]).await;
+    let spec = json!({
+        "chord": "cf",
+        "tasks": [
+            {"type": "diag.echo", "args": {"k": 0}},
+            {"type": "diag.fail", "args": {"kind": "permanent", "message": "member broke"}},
+            {"type": "diag.echo", "args": {"k": 2}, "id": "third"}
+        ],
+        "callback": {"type": "diag.echo"}
+    });
+    let file = std::env::temp_dir().join(format!("{}-chord.json", env.prefix));
+    std::fs::write(&file, spec.to_string()).unwrap();
+    let out = env.cli_ok(&["workflow", "start", file.to_str().unwrap()]);
+    std::fs::remove_file(&file).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("workflow cf"), "{text}");
+    assert!(text.contains("cf.0 cf.1 third"), "{text}");
+    assert!(text.contains("callback cf.callback"), "{text}");
+    let got = until_final(
+        &mut watch,
+        &["cf.0", "cf.1", "third", "cf.callback"],
+        T_LONG,
+    )
+    .await;
+    assert_eq!(final_event(&got["cf.1"]).state, TaskState::Dead);
+    let results = result_of(&got["cf.callback"])["results"].clone();
+    assert_eq!(results[0]["result"], json!({"k": 0}));
+    assert_eq!(results[1]["task_id"], "cf.1");
+    assert_eq!(results[1]["state"], "dead");
+    assert_eq!(results[1]["reason"], "permanent_failure");
+    assert_eq!(results[1]["error"]["message"], "member broke");
+    assert_eq!(
+        results[2],
+        json!({"task_id": "third", "state": "succeeded", "result": {"k": 2}})
+    );
+}
+
+#[tokio::test]
+async fn hostile_chords_are_dead_invalid_with_their_reason() {
+    let (env, mut watch) = Env::with_up_watching("chord-hostile", &[]).await;
+    publish_start(
+        &env,
+        "huge",
+        br#"{"size": 1000000, "callback": {"type": "diag.echo"}}"#,
+    )
+    .await;
+    publish_start(&env, "garbled", b"{\"size\": 3, \"callback\": ").await;
+    publish_start(
+        &env,
+        "badcb",
+        br#"{"size": 2, "callback": {"type": "no spaces allowed"}}"#,
+    )
+    .await;
+    // A member whose index is past any chord's bound.
+    let mut bad = TaskRequest::new("diag.echo", json!({})).id("bad-member");
+    member_headers(&mut bad.headers, "hm", 0);
+    bad = bad.header_int(warren_core::chord::INDEX, 1_000_000);
+    env.publish(&bad).await;
+    let got = until_final(&mut watch, &["huge", "garbled", "badcb", "bad-member"], T).await;
+    let expect = [
+        ("huge", "1000000 members"),
+        ("garbled", "chord start"),
+        ("badcb", "callback"),
+        ("bad-member", "x-warren-chord-index"),
+    ];
+    for (id, why) in expect {
+        let ev = final_event(&got[id]);
+        assert_eq!(ev.state, TaskState::Dead, "{id}");
+        assert_eq!(ev.reason.as_deref(), Some("invalid"), "{id}");
+        let e = ev.error.as_ref().expect("error");
+        assert_eq!(e.code, "bad_workflow", "{id}");
+        assert!(e.message.contains(why), "{id}: {}", e.message);
+    }
+    // Parked with their bodies, and a good chord after them still joins.
+    let dead = env.drain(&env.names().dead()).await;
+    let parked: Vec<String> = dead
+        .iter()
+        .filter_map(|(p, _)| p.message_id().as_ref().map(|m| m.to_string()))
+        .collect();
+    for id in ["huge", "garbled", "badcb", "bad-member"] {
+        assert!(
+            parked.contains(&id.to_owned()),
+            "{id} not in P.dead: {parked:?}"
+        );
+    }
+    let chord = Chord::new("fine", Step::new("diag.echo", json!({})))
+        .task(TaskRequest::new("diag.echo", json!({"k": 1})));
+    env.client.publish_chord(&chord).await.unwrap();
+    let got = until_final(&mut watch, &["fine.callback"], T_LONG).await;
+    let r: &Value = result_of(&got["fine.callback"]);
+    assert_eq!(r["results"][0]["result"], json!({"k": 1}));
+}
