@@ -282,3 +282,29 @@ async fn hostile_chords_are_dead_invalid_with_their_reason() {
     let r: &Value = result_of(&got["fine.callback"]);
     assert_eq!(r["results"][0]["result"], json!({"k": 1}));
 }
+
+#[tokio::test]
+async fn a_cancelled_chord_cancels_its_waiting_members_and_its_callback() {
+    let mut env = Env::new("chord-cancel", &[]).await;
+    let mut watch = env.watch(&["#"]).await;
+    let chord = (0..3).fold(
+        Chord::new("cc", Step::new("diag.echo", json!({}))),
+        |c, i| c.task(TaskRequest::new("diag.echo", json!({ "k": i }))),
+    );
+    env.client.publish_chord(&chord).await.unwrap();
+    // Nothing runs yet: the cancel reaches every member before a worker.
+    env.client.cancel("cc").await.unwrap();
+    env.up(&[]);
+    let got = until_final(&mut watch, &["cc.0", "cc.1", "cc.2", "cc.callback"], T_LONG).await;
+    for id in ["cc.0", "cc.1", "cc.2", "cc.callback"] {
+        assert_eq!(states(&got[id]), ["cancelled"], "{id}");
+        assert_eq!(
+            final_event(&got[id]).workflow_id.as_deref(),
+            Some("cc"),
+            "{id}"
+        );
+    }
+    // The join still completed: its queue is gone once the callback was
+    // published.
+    wait_gone(&env, &env.names().chord_queue("cc")).await;
+}
