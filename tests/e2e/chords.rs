@@ -1,6 +1,7 @@
 //! Chords (contract section 8): a callback that runs once when every member
 //! is final, with their outcomes in member order; the join held by the
-//! broker through a SIGKILL of the scheduler folding it; a member that
+//! broker through SIGKILLs of the scheduler folding it, of a worker
+//! mid-member and of the broker itself (a node of the test's own); a member that
 //! fails permanently reaching the callback as a failure; hostile chord
 //! starts and members refused dead `invalid` with their reason.
 
@@ -13,7 +14,9 @@ use serde_json::{json, Value};
 use warren_client::{Chord, Step, TaskRequest};
 use warren_core::chord::{member_headers, Final, Member, Outcome};
 use warren_core::TaskState;
-use warren_e2e::{final_event, result_of, states, until_final, Env, T, T_LONG};
+use warren_e2e::{
+    final_event, result_of, states, until_final, Env, NodeOptions, TestNode, T, T_LONG,
+};
 
 /// Members of the big chord: `WARREN_E2E_CHORD_MEMBERS` (say 1000), else 200.
 fn big_chord_size() -> usize {
@@ -307,4 +310,67 @@ async fn a_cancelled_chord_cancels_its_waiting_members_and_its_callback() {
     // The join still completed: its queue is gone once the callback was
     // published.
     wait_gone(&env, &env.names().chord_queue("cc")).await;
+}
+
+#[tokio::test]
+async fn a_chord_joins_once_through_a_broker_killed_mid_join() {
+    let node = TestNode::start("chord-restart", NodeOptions::default()).await;
+    let url = node.amqp_url();
+    let mut env = Env::new("chord-restart", &[("WARREN__BROKER__URL", url.as_str())]).await;
+    let mut watch = env.watch(&["#"]).await;
+    env.spawn(&["worker", "--queues", "diag"], &[]);
+    let scheduler = env.spawn(&["scheduler"], &[]);
+    env.wait_log(&scheduler, "this scheduler folds chords", T)
+        .await;
+    let n = 20;
+    let chord = (0..n).fold(
+        Chord::new("br", Step::new("diag.echo", json!({}))),
+        |c, i| c.task(TaskRequest::new("diag.echo", json!({ "k": i }))),
+    );
+    let members = chord.requests().unwrap();
+    let ids: Vec<String> = members.iter().map(|r| r.id.clone().unwrap()).collect();
+    publish_start(&env, "br", &chord.start().unwrap().encode()).await;
+    env.client
+        .publish_batch(&members[..n / 2], 256, |_| {})
+        .await
+        .unwrap();
+    until_final(&mut watch, &ids[..n / 2], T_LONG).await;
+    let queue = env.names().chord_queue("br");
+    wait_folded(&env, &queue).await;
+    drop(watch);
+
+    // A crash of the broker: what it confirmed is on disk, and what the
+    // folder held comes back to the next fold.
+    node.kill().await;
+    node.restart().await;
+    let mut watch = env.watch(&["#"]).await;
+    // The scheduler reconnected and folds again.
+    let deadline = tokio::time::Instant::now() + T_LONG;
+    while env
+        .log_of(&scheduler)
+        .matches("this scheduler folds chords")
+        .count()
+        < 2
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the scheduler did not fold again after the broker restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    env.client
+        .publish_batch(&members[n / 2..], 256, |_| {})
+        .await
+        .unwrap();
+    let got = until_final(&mut watch, &["br.callback"], T_LONG).await;
+    assert_eq!(states(&got["br.callback"]), ["started", "succeeded"]);
+    let results = result_of(&got["br.callback"])["results"].clone();
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            results[i],
+            json!({"task_id": id, "state": "succeeded", "result": {"k": i}}),
+            "member {i}"
+        );
+    }
+    wait_gone(&env, &queue).await;
 }
