@@ -374,3 +374,28 @@ async fn a_chord_joins_once_through_a_broker_killed_mid_join() {
     }
     wait_gone(&env, &queue).await;
 }
+
+#[tokio::test]
+async fn a_delayed_member_cancelled_by_the_scheduler_reaches_the_callback() {
+    let mut env = Env::new("chord-delayed", &[]).await;
+    let mut watch = env.watch(&["#"]).await;
+    // Cancelled before it is published: the scheduler (which reads the
+    // cancels before it takes anything from P.delay) drops it, and the
+    // chord still joins.
+    env.client.cancel("dl.0").await.unwrap();
+    let chord = Chord::new("dl", Step::new("diag.echo", json!({})))
+        .task(TaskRequest::new("diag.echo", json!({"k": 0})).delay_ms(600_000))
+        .task(TaskRequest::new("diag.echo", json!({"k": 1})));
+    env.client.publish_chord(&chord).await.unwrap();
+    env.up(&[]);
+    let got = until_final(&mut watch, &["dl.0", "dl.1", "dl.callback"], T_LONG).await;
+    assert_eq!(states(&got["dl.0"]), ["cancelled"]);
+    let results = result_of(&got["dl.callback"])["results"].clone();
+    assert_eq!(
+        results,
+        json!([
+            {"task_id": "dl.0", "state": "cancelled", "reason": "cancel command"},
+            {"task_id": "dl.1", "state": "succeeded", "result": {"k": 1}}
+        ])
+    );
+}
