@@ -391,4 +391,38 @@ mod tests {
             .is_err());
         assert!(WorkflowSpec::from_json(r#"{"nothing": 1}"#).is_err());
     }
+
+    #[test]
+    fn a_chord_numbers_its_members_and_checks_its_start() {
+        let c = Chord::new("ch", Step::new("diag.echo", json!({})))
+            .task(TaskRequest::new("diag.echo", json!({})))
+            .task(TaskRequest::new("diag.echo", json!({})).id("mine"));
+        let reqs = c.requests().unwrap();
+        let ids: Vec<_> = reqs.iter().map(|r| r.id.clone().unwrap()).collect();
+        assert_eq!(ids, ["ch.0", "mine"]);
+        let m = chord::Member::from_headers(Some(&reqs[1].headers))
+            .unwrap()
+            .unwrap();
+        assert_eq!((m.chord_id.as_str(), m.index), ("ch", 1));
+        assert_eq!(
+            headers::get_str(Some(&reqs[0].headers), workflow::WORKFLOW).as_deref(),
+            Some("ch")
+        );
+        assert_eq!(c.start().unwrap().size, 2);
+        assert_eq!(c.callback_id(), "ch.callback");
+        let empty = Chord::new("e", Step::new("diag.echo", json!({})));
+        assert!(empty.start().unwrap_err().to_string().contains("members"));
+        let chained = Chord::new("x", Step::new("diag.echo", json!({})))
+            .task(TaskRequest::new("diag.echo", json!({})).header_str(workflow::CHAIN, "[]"));
+        assert!(chained
+            .requests()
+            .unwrap_err()
+            .to_string()
+            .contains("chain"));
+        let spec = WorkflowSpec::from_json(
+            r#"{"chord": "j", "tasks": [{"type": "a.b"}], "callback": {"type": "c.d"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(spec, WorkflowSpec::Chord { ref chord, .. } if chord == "j"));
+    }
 }
