@@ -48,9 +48,16 @@ pub const MAX_START_BYTES: usize = 65_536;
 pub const MAX_START_DEPTH: usize = 32;
 /// A member's result longer than this (bytes of JSON text) reaches the
 /// callback as `{"truncated": true, "bytes": <its length>}`; so does an
-/// error message longer than this, cut. 10,000 members then fit in about
-/// 13 MB, under RabbitMQ 4's default 16 MiB message size limit.
-pub const MAX_RESULT_BYTES: usize = 1024;
+/// error longer than this. With task ids of at most 255 bytes and reasons
+/// cut at [`MAX_REASON_BYTES`], the callback of 10,000 members then stays
+/// under 9 MB: within the default `limits.max_body_bytes` (10 MiB) of the
+/// worker that runs it, and RabbitMQ 4's default 16 MiB message size.
+pub const MAX_RESULT_BYTES: usize = 512;
+/// A reason longer than this reaches the callback cut to it.
+pub const MAX_REASON_BYTES: usize = 64;
+/// A task id longer than this (AMQP's `message_id` limit) reaches the
+/// callback cut to it.
+pub const MAX_TASK_ID_BYTES: usize = 255;
 /// How long a chord's queue lives unused (no consumer, no declaration):
 /// it cleans up after a chord that never completes or a duplicate outcome
 /// that arrives after its chord completed.
@@ -211,12 +218,20 @@ pub struct Outcome {
     /// Its result (succeeded), capped at [`MAX_RESULT_BYTES`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
-    /// Its dead reason or cancel reason.
+    /// Its dead reason or cancel reason (cut at [`MAX_REASON_BYTES`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// Its error (`kind`, `code`, `message`), for a dead member that had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<Value>,
+}
+
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// `value` within [`MAX_RESULT_BYTES`] of JSON text, or a marker saying how
@@ -299,6 +314,10 @@ impl Fold {
         }
         o.result = o.result.map(cap);
         o.error = o.error.map(cap);
+        o.reason = o.reason.map(|r| cut(&r, MAX_REASON_BYTES).to_owned());
+        if o.task_id.len() > MAX_TASK_ID_BYTES {
+            o.task_id = cut(&o.task_id, MAX_TASK_ID_BYTES).to_owned();
+        }
         *slot = Some(o);
         self.count += 1;
         Added::New
@@ -413,6 +432,38 @@ mod tests {
             r[2],
             json!({"task_id": "m2", "state": "succeeded", "result": 20})
         );
+    }
+
+    #[test]
+    fn the_largest_callback_fits_a_worker_default_body_limit() {
+        let start = Start {
+            size: MAX_MEMBERS,
+            callback: Step::new("a.b", json!({})),
+        };
+        let mut f = Fold::new(MAX_MEMBERS);
+        let (long_id, big) = ("i".repeat(400), json!("e".repeat(510)));
+        for i in 0..MAX_MEMBERS {
+            let m = member(i);
+            let o = if i % 2 == 0 {
+                Outcome::new(
+                    &m,
+                    &long_id,
+                    Final::Succeeded,
+                    Some(json!("r".repeat(510))),
+                    None,
+                    None,
+                )
+            } else {
+                let mut o =
+                    Outcome::new(&m, &long_id, Final::Dead, None, Some("x".repeat(500)), None);
+                o.error = Some(big.clone());
+                o
+            };
+            assert_eq!(f.add(&o.encode()), Added::New);
+        }
+        let body = f.callback("c", &start).body;
+        assert!(body.len() < 9_000_000, "{} bytes", body.len());
+        assert!(body.len() < 10 * 1024 * 1024);
     }
 
     #[test]
