@@ -278,12 +278,34 @@ async fn hostile_chords_are_dead_invalid_with_their_reason() {
             "{id} not in P.dead: {parked:?}"
         );
     }
-    let chord = Chord::new("fine", Step::new("diag.echo", json!({})))
+    // A member carrying a chain (which the client refuses to send) is dead
+    // invalid and reaches its chord as such; the chord still joins.
+    let chord = Chord::new("mix", Step::new("diag.echo", json!({})))
         .task(TaskRequest::new("diag.echo", json!({"k": 1})));
-    env.client.publish_chord(&chord).await.unwrap();
-    let got = until_final(&mut watch, &["fine.callback"], T_LONG).await;
-    let r: &Value = result_of(&got["fine.callback"]);
+    publish_start(
+        &env,
+        "mix",
+        &json!({"size": 2, "callback": {"type": "diag.echo"}})
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
+    env.client
+        .publish_batch(&chord.requests().unwrap(), 16, |_| {})
+        .await
+        .unwrap();
+    let mut chained = TaskRequest::new("diag.echo", json!({}))
+        .id("mix.1")
+        .header_str(warren_core::workflow::CHAIN, r#"[{"type":"diag.echo"}]"#);
+    member_headers(&mut chained.headers, "mix", 1);
+    env.publish(&chained).await;
+    let got = until_final(&mut watch, &["mix.callback"], T_LONG).await;
+    let r: &Value = result_of(&got["mix.callback"]);
     assert_eq!(r["results"][0]["result"], json!({"k": 1}));
+    assert_eq!(r["results"][1]["state"], "dead");
+    assert_eq!(r["results"][1]["reason"], "invalid");
+    let why = r["results"][1]["error"]["message"].as_str().unwrap();
+    assert!(why.contains("cannot carry a chain"), "{why}");
 }
 
 #[tokio::test]

@@ -269,15 +269,7 @@ impl<'a> Attempt<'a> {
             .message_id
             .as_deref()
             .and_then(|id| Flow::from_headers(meta.headers.as_ref(), id).transpose());
-        let chord = Member::from_headers(meta.headers.as_ref())
-            .and_then(|m| match (&m, &flow) {
-                (Some(_), Some(Ok(f))) if !f.rest.is_empty() => Err(InvalidTask::new(
-                    "bad_workflow",
-                    "a chord member cannot carry a chain",
-                )),
-                _ => Ok(m),
-            })
-            .transpose();
+        let chord = Member::from_headers(meta.headers.as_ref()).transpose();
         Attempt {
             sh,
             session,
@@ -534,6 +526,13 @@ impl<'a> Attempt<'a> {
         }
         if let Some(Err(invalid)) = &self.chord {
             return Err(invalid.clone());
+        }
+        if matches!(&self.chord, Some(Ok(_))) && self.flow().is_some_and(|f| !f.rest.is_empty()) {
+            // Dead invalid, and its chord gets that outcome.
+            return Err(InvalidTask::new(
+                "bad_workflow",
+                "a chord member cannot carry a chain",
+            ));
         }
         let handler = self.sh.registry.get(&self.task_type).ok_or_else(|| {
             InvalidTask::new(
