@@ -357,6 +357,27 @@ fn write<N: AsRef<str>>(target: &str, seeds: Vec<(N, Vec<u8>)>) {
     println!("{target}: {} seeds", seeds.len());
 }
 
+fn chord_start() -> Vec<(&'static str, Vec<u8>)> {
+    let e = |s: &str| s.as_bytes().to_vec();
+    vec![
+        (
+            "start",
+            e(r#"{"size":3,"callback":{"type":"diag.echo","args":{"k":1}}}"#),
+        ),
+        ("huge", e(r#"{"size":1000000,"callback":{"type":"a.b"}}"#)),
+        (
+            "outcome",
+            e(r#"{"index":2,"task_id":"c.2","state":"succeeded","result":{"n":1}}"#),
+        ),
+        (
+            "dead",
+            e(
+                r#"{"index":1,"task_id":"c.1","state":"dead","reason":"permanent_failure","error":{"code":"x","message":"m"}}"#,
+            ),
+        ),
+    ]
+}
+
 fn main() {
     write("task_envelope", task_envelope());
     write("delay_headers", delay_headers());
@@ -364,4 +385,5 @@ fn main() {
     write("control_message", control_message());
     write("config_toml", config_toml());
     write("cron_expr", cron_expr());
+    write("chord_start", chord_start());
 }

@@ -161,6 +161,31 @@ impl Client {
         self.publish_batch(&reqs, 256, |_| {}).await
     }
 
+    /// Publishes a chord (contract section 8): its start to `P.chords`, then
+    /// its members, every one confirmed; returns the members' ids in order.
+    /// The start and every member are checked before anything is sent.
+    pub async fn publish_chord(&self, chord: &crate::Chord) -> Result<Vec<String>, ClientError> {
+        let start = chord.start()?;
+        let reqs = chord.requests()?;
+        for req in &reqs {
+            req.check()?;
+        }
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(chord.id.as_str().into());
+        self.confirmed_publish(
+            None,
+            &self.names.chords(),
+            "",
+            &start.encode(),
+            &props,
+            &chord.id,
+        )
+        .await?;
+        self.publish_batch(&reqs, 256, |_| {}).await
+    }
+
     /// Publishes many tasks, keeping up to `window` of them in flight, and
     /// waits for every confirm. `progress` is called with the count
     /// confirmed so far. Returns the task ids in request order.

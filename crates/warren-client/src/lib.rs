@@ -26,7 +26,7 @@ pub use outbox::ORIGINAL_EXPIRATION;
 pub use request::TaskRequest;
 pub use warren_core::workflow::{After, Step};
 pub use watch::{EventWatch, ReceivedEvent};
-pub use workflow::{Chain, Group, WorkflowSpec};
+pub use workflow::{Chain, Chord, Group, WorkflowSpec};
 
 /// What Warren's own long-running processes (worker, scheduler, tracker)
 /// build on: named connections, confirm channels, the outbox of events and

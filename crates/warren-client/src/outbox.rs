@@ -237,6 +237,32 @@ impl Outbox {
 }
 
 impl Outbox {
+    /// Publishes a chord member's outcome to its chord's queue `queue`
+    /// (contract section 8), declaring the queue first with `arguments`
+    /// (every declarer uses the same ones); persistent, JSON.
+    pub async fn chord_outcome(
+        &self,
+        queue: &str,
+        arguments: FieldTable,
+        outcome: &warren_core::chord::Outcome,
+    ) -> Result<PublisherConfirm, ClientError> {
+        use lapin::options::QueueDeclareOptions;
+        let declare = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        self.channel
+            .channel()
+            .queue_declare(queue.into(), declare, arguments)
+            .await
+            .map_err(ClientError::amqp("declare a chord queue"))?;
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(short(&outcome.task_id).into());
+        self.channel.send("", queue, &outcome.encode(), props).await
+    }
+
     /// Publishes the next task of a workflow (a chain's next step) to
     /// `P.tasks` under its type: persistent, JSON, with its id, priority
     /// and headers.

@@ -6,6 +6,7 @@
 
 use serde::Deserialize;
 use serde_json::Value;
+use warren_core::chord;
 use warren_core::event::new_id;
 use warren_core::workflow::{self, After, Step};
 
@@ -153,6 +154,16 @@ impl Group {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum WorkflowSpec {
+    /// `{"chord": id, "tasks": [step, ...], "callback": step}`: members
+    /// (single tasks) and the callback that runs once all are final.
+    Chord {
+        /// The chord id.
+        chord: String,
+        /// Its members, in order.
+        tasks: Vec<Step>,
+        /// What runs once every member is final, with their outcomes.
+        callback: Step,
+    },
     /// A chain.
     Chain {
         /// Its tasks in order (at least one).
@@ -184,7 +195,9 @@ pub enum Member {
 }
 
 /// A step as a task request (its type, args, id and options).
-fn step_request(s: &Step) -> TaskRequest {
+/// The request of a single task described as a step (its type, args, id,
+/// priority, retries and timeout).
+pub fn step_request(s: &Step) -> TaskRequest {
     let mut r = TaskRequest::new(s.task_type.clone(), s.args.clone());
     if let Some(id) = &s.id {
         r = r.id(id.clone());
@@ -223,7 +236,7 @@ impl WorkflowSpec {
     pub fn from_json(text: &str) -> Result<WorkflowSpec, ClientError> {
         serde_json::from_str(text).map_err(|e| {
             ClientError::InvalidRequest(format!(
-                "not a workflow ({{\"chain\": [...]}} or {{\"group\": id, \"tasks\": [...]}}): {e}"
+                "not a workflow ({{\"chain\": [...]}}, {{\"group\": id, \"tasks\": [...]}} or {{\"chord\": id, \"tasks\": [...], \"callback\": step}}): {e}"
             ))
         })
     }
@@ -231,6 +244,9 @@ impl WorkflowSpec {
     /// The chains to publish, each with its workflow id set.
     pub fn chains(&self) -> Result<Vec<Chain>, ClientError> {
         match self {
+            WorkflowSpec::Chord { .. } => Err(ClientError::InvalidRequest(
+                "a chord is published with Client::publish_chord".into(),
+            )),
             WorkflowSpec::Chain { chain, workflow_id } => {
                 let mut c = chain_of(chain)?;
                 c.workflow_id = workflow_id.clone();
@@ -247,6 +263,79 @@ impl WorkflowSpec {
                 })
                 .collect(),
         }
+    }
+}
+
+/// A chord (contract section 8): members, each a single task, and a
+/// callback that runs once when every member has reached a final outcome,
+/// with their outcomes in member order in its `results` argument.
+#[derive(Debug, Clone)]
+pub struct Chord {
+    /// The chord id (also its members' workflow id).
+    pub id: String,
+    /// Its members, in order; a member without an id gets `<chord id>.<index>`.
+    pub members: Vec<TaskRequest>,
+    /// Its callback; its id defaults to `<chord id>.callback`.
+    pub callback: Step,
+}
+
+impl Chord {
+    /// A chord `id` with no members yet and `callback`.
+    pub fn new(id: impl Into<String>, callback: Step) -> Chord {
+        Chord {
+            id: id.into(),
+            members: Vec::new(),
+            callback,
+        }
+    }
+
+    /// Adds a member.
+    pub fn task(mut self, req: TaskRequest) -> Chord {
+        self.members.push(req);
+        self
+    }
+
+    /// The start message (checked): its size and callback.
+    pub fn start(&self) -> Result<chord::Start, ClientError> {
+        let bad = |m: String| ClientError::InvalidRequest(format!("chord {:?}: {m}", self.id));
+        if self.id.is_empty() || self.id.len() > workflow::MAX_ID_BYTES {
+            return Err(bad(format!(
+                "the chord id must be 1 to {} bytes",
+                workflow::MAX_ID_BYTES
+            )));
+        }
+        let start = chord::Start {
+            size: self.members.len(),
+            callback: self.callback.clone(),
+        };
+        chord::Start::parse(Some(&self.id), &start.encode()).map_err(bad)
+    }
+
+    /// The members' requests: each with the chord headers, and an id.
+    pub fn requests(&self) -> Result<Vec<TaskRequest>, ClientError> {
+        self.members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                if m.headers.inner().contains_key(workflow::CHAIN) {
+                    return Err(ClientError::InvalidRequest(format!(
+                        "chord {:?}: member {i} carries a chain, which a chord member cannot",
+                        self.id
+                    )));
+                }
+                let mut r = m.clone();
+                if r.id.is_none() {
+                    r = r.id(format!("{}.{i}", self.id));
+                }
+                chord::member_headers(&mut r.headers, &self.id, i);
+                Ok(r)
+            })
+            .collect()
+    }
+
+    /// The callback's id.
+    pub fn callback_id(&self) -> String {
+        chord::callback_id(&self.id, &self.callback)
     }
 }
 
@@ -301,5 +390,39 @@ mod tests {
             .chains()
             .is_err());
         assert!(WorkflowSpec::from_json(r#"{"nothing": 1}"#).is_err());
+    }
+
+    #[test]
+    fn a_chord_numbers_its_members_and_checks_its_start() {
+        let c = Chord::new("ch", Step::new("diag.echo", json!({})))
+            .task(TaskRequest::new("diag.echo", json!({})))
+            .task(TaskRequest::new("diag.echo", json!({})).id("mine"));
+        let reqs = c.requests().unwrap();
+        let ids: Vec<_> = reqs.iter().map(|r| r.id.clone().unwrap()).collect();
+        assert_eq!(ids, ["ch.0", "mine"]);
+        let m = chord::Member::from_headers(Some(&reqs[1].headers))
+            .unwrap()
+            .unwrap();
+        assert_eq!((m.chord_id.as_str(), m.index), ("ch", 1));
+        assert_eq!(
+            headers::get_str(Some(&reqs[0].headers), workflow::WORKFLOW).as_deref(),
+            Some("ch")
+        );
+        assert_eq!(c.start().unwrap().size, 2);
+        assert_eq!(c.callback_id(), "ch.callback");
+        let empty = Chord::new("e", Step::new("diag.echo", json!({})));
+        assert!(empty.start().unwrap_err().to_string().contains("members"));
+        let chained = Chord::new("x", Step::new("diag.echo", json!({})))
+            .task(TaskRequest::new("diag.echo", json!({})).header_str(workflow::CHAIN, "[]"));
+        assert!(chained
+            .requests()
+            .unwrap_err()
+            .to_string()
+            .contains("chain"));
+        let spec = WorkflowSpec::from_json(
+            r#"{"chord": "j", "tasks": [{"type": "a.b"}], "callback": {"type": "c.d"}}"#,
+        )
+        .unwrap();
+        assert!(matches!(spec, WorkflowSpec::Chord { ref chord, .. } if chord == "j"));
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod backoff;
 pub mod changes;
+pub mod chord;
 pub mod config;
 pub mod control;
 pub mod delay;

@@ -137,6 +137,18 @@ impl Names {
         self.join(&format!("paused.{task_type}"))
     }
 
+    /// `P.chords`: fanout exchange and queue of chord starts (contract
+    /// section 8), which one scheduler at a time consumes to fold chords.
+    pub fn chords(&self) -> String {
+        self.join("chords")
+    }
+
+    /// `P.chord.<id>`: the outcomes of chord `id`'s members, declared by
+    /// whoever publishes one and by the scheduler that folds them.
+    pub fn chord_queue(&self, id: &str) -> String {
+        self.join(&format!("chord.{id}"))
+    }
+
     /// `P.tracker.published`: a bounded queue holding a copy of every task
     /// published to `P.tasks` (on a route) or `P.delay`, which the tracker
     /// reads so that a task is visible from its publication on.

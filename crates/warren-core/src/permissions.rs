@@ -160,6 +160,8 @@ impl Permissions {
                     name(n.tasks()),
                     name(n.delay()),
                     name(n.control()),
+                    // Chord starts (contract section 8).
+                    name(n.chords()),
                     watch.clone(),
                 ]),
                 read: any_of(&[name(n.events()), watch]),
@@ -179,6 +181,9 @@ impl Permissions {
                 // and moves back from.
                 let paused = under("paused\\..+");
                 read.push(paused.clone());
+                // The queues of chords, to which it publishes its members'
+                // outcomes, declaring them first.
+                let chord = under("chord\\..+");
                 // Global concurrency permits, which it declares and
                 // deletes, and the locks of unique keys, which it declares,
                 // publishes to and reads (contract section 9).
@@ -186,7 +191,7 @@ impl Permissions {
                 let unique = under("unique\\..+");
                 read.push(unique.clone());
                 Permissions {
-                    configure: any_of(&[paused.clone(), permits, unique]),
+                    configure: any_of(&[paused.clone(), chord, permits, unique]),
                     write: any_of(&[
                         name(n.events()),
                         name(n.delay()),
@@ -215,11 +220,16 @@ impl Permissions {
                     // It takes tasks out of the wait tiers itself there.
                     read.push(under("wait\\.[0-9]+s"));
                 }
+                // Chord starts, and the chords' queues it declares, folds
+                // and deletes (contract section 8).
+                let chord = under("chord\\..+");
+                read.push(name(n.chords()));
+                read.push(chord.clone());
                 Permissions {
                     configure: if has_cron {
-                        only(&cron)
+                        any_of(&[cron.clone(), chord])
                     } else {
-                        NOTHING.to_owned()
+                        only(&chord)
                     },
                     write: any_of(&[
                         name(n.tasks()),
@@ -350,13 +360,13 @@ mod tests {
         assert_eq!(p.configure, "^warren\\.watch\\..*$");
         assert_eq!(
             p.write,
-            "^(warren\\.tasks|warren\\.delay|warren\\.control|warren\\.watch\\..*)$"
+            "^(warren\\.tasks|warren\\.delay|warren\\.control|warren\\.chords|warren\\.watch\\..*)$"
         );
         assert_eq!(p.read, "^(warren\\.events|warren\\.watch\\..*)$");
         let w = Permissions::for_role(&c, Role::Worker);
         assert_eq!(
             w.configure,
-            "^(warren\\.paused\\..+|warren\\.permits\\..+|warren\\.unique\\..+)$"
+            "^(warren\\.paused\\..+|warren\\.chord\\..+|warren\\.permits\\..+|warren\\.unique\\..+)$"
         );
         assert_eq!(
             w.write,
@@ -474,7 +484,7 @@ mod tests {
     fn the_scheduler_reads_its_intakes_and_owns_cron_only() {
         let plain = config("wt.s", "");
         let s = Permissions::for_role(&plain, Role::Scheduler);
-        assert_eq!(s.configure, NOTHING);
+        assert_eq!(s.configure, "^wt\\.s\\.chord\\..+$", "chord queues only");
         let c = config(
             "wt.s",
             "[[cron]]\nname = \"tick\"\nschedule = \"0 * * * * *\"\ntask_type = \"diag.echo\"\n",

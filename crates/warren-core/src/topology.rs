@@ -196,6 +196,17 @@ pub fn paused_type_queue_arguments(c: &Config) -> BTreeMap<String, ArgValue> {
     )
 }
 
+/// The arguments of a chord's queue `P.chord.<id>`, declared by every
+/// process that publishes a member's outcome to it or folds it: durable
+/// (quorum when replicated), deleted by the broker after
+/// [`QUEUE_EXPIRES_MS`](crate::chord::QUEUE_EXPIRES_MS) unused.
+pub fn chord_queue_arguments(c: &Config) -> BTreeMap<String, ArgValue> {
+    durable_queue_arguments(
+        c,
+        args([("x-expires", ArgValue::Int(crate::chord::QUEUE_EXPIRES_MS))]),
+    )
+}
+
 fn args<const N: usize>(pairs: [(&str, ArgValue); N]) -> BTreeMap<String, ArgValue> {
     pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
@@ -297,6 +308,12 @@ impl TopologyPlan {
                 BTreeMap::new(),
                 "escrow copies of long tasks; routing key = their work queue",
             ),
+            exchange(
+                n.chords(),
+                Fanout,
+                BTreeMap::new(),
+                "chord starts (size and callback), to the scheduler that folds chords",
+            ),
         ];
 
         let unroutable_purpose = match default_queue {
@@ -357,6 +374,13 @@ impl TopologyPlan {
                 args([("x-dead-letter-exchange", ArgValue::Str(String::new()))]),
                 "escrow copies of tasks running past the consumer timeout, each expiring \
                  after its lease, then back to its work queue unless its worker is done"
+                    .into(),
+            ),
+            owned(
+                n.chords(),
+                BTreeMap::new(),
+                "chord starts, each held by the one scheduler folding its chord until its \
+                 callback is published"
                     .into(),
             ),
         ];
@@ -495,6 +519,7 @@ impl TopologyPlan {
         }
         bindings.push(binding(n.control(), n.cancels(), ""));
         bindings.push(binding(n.escrow(), n.escrow(), ""));
+        bindings.push(binding(n.chords(), n.chords(), ""));
         let unrouted_queue = match default_queue {
             Some(q) => n.work_queue(&q.name),
             None => n.unroutable(),
@@ -827,6 +852,7 @@ mod tests {
                 ("warren.dlx", ExchangeKind::Fanout),
                 ("warren.wait.due", ExchangeKind::Fanout),
                 ("warren.escrow", ExchangeKind::Fanout),
+                ("warren.chords", ExchangeKind::Fanout),
             ]
         );
         assert_eq!(
@@ -855,6 +881,7 @@ mod tests {
                 "warren.cancels",
                 "warren.dlx.intake",
                 "warren.escrow",
+                "warren.chords",
                 "warren.q.io",
                 "warren.q.cpu",
                 "warren.q.diag",
@@ -970,6 +997,7 @@ mod tests {
                 ("warren.wait.due", "warren.wait.due", ""),
                 ("warren.control", "warren.cancels", ""),
                 ("warren.escrow", "warren.escrow", ""),
+                ("warren.chords", "warren.chords", ""),
                 ("warren.unroutable", "warren.unroutable", ""),
                 ("warren.tasks", "warren.tracker.published", "diag.*"),
                 ("warren.tasks", "warren.tracker.published", "http.*"),
@@ -1000,6 +1028,7 @@ mod tests {
                 ("acme.wait.due", "acme.wait.due", ""),
                 ("acme.control", "acme.cancels", ""),
                 ("acme.escrow", "acme.escrow", ""),
+                ("acme.chords", "acme.chords", ""),
                 ("acme.unroutable", "acme.q.main", ""),
                 ("acme.tasks", "acme.tracker.published", "diag.*"),
                 ("acme.unroutable", "acme.tracker.published", ""),
@@ -1368,15 +1397,15 @@ mod tests {
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("exchange ")).count(),
-            8 + 15
+            9 + 15
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("queue ")).count(),
-            11 + 40 + 15
+            12 + 40 + 15
         );
         assert_eq!(
             text.lines().filter(|l| l.starts_with("bind ")).count(),
-            9 + 4 + 15
+            10 + 4 + 15
         );
         assert!(text.lines().all(|l| l == l.trim_end()));
     }

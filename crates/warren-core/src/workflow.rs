@@ -139,21 +139,26 @@ impl Step {
     }
 
     fn check(&self, n: usize) -> Result<(), String> {
+        self.check_as(&format!("step {n}"))
+    }
+
+    /// Checks the step, its errors starting with `what`.
+    pub(crate) fn check_as(&self, what: &str) -> Result<(), String> {
         if !crate::routes::is_valid_task_type(&self.task_type) {
             return Err(format!(
-                "step {n}: type {:?} is not dot-separated words of at most {} bytes",
+                "{what}: type {:?} is not dot-separated words of at most {} bytes",
                 cut(&self.task_type, 64),
                 crate::routes::MAX_TYPE_BYTES
             ));
         }
         if !self.args.is_object() {
-            return Err(format!("step {n}: args must be a JSON object"));
+            return Err(format!("{what}: args must be a JSON object"));
         }
         if let Some(id) = &self.id {
-            check_id(id).map_err(|e| format!("step {n}: id {e}"))?;
+            check_id(id).map_err(|e| format!("{what}: id {e}"))?;
         }
         if self.priority.is_some_and(|p| p > 9) {
-            return Err(format!("step {n}: priority must be 0..=9"));
+            return Err(format!("{what}: priority must be 0..=9"));
         }
         Ok(())
     }
@@ -221,7 +226,7 @@ pub fn parse_chain(text: &str) -> Result<Vec<Step>, String> {
 /// The nesting depth of arrays and objects in JSON text, counted without
 /// parsing (brackets inside strings skipped), so a hostile text costs no
 /// stack.
-fn json_depth(text: &str) -> usize {
+pub(crate) fn json_depth(text: &str) -> usize {
     let (mut depth, mut max, mut in_str, mut esc) = (0usize, 0usize, false, false);
     for b in text.bytes() {
         if in_str {

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use warren_client::runtime::{confirm_all, copy_properties, CancelSet, Outbox};
 use warren_client::{ClientError, ORIGINAL_EXPIRATION};
+use warren_core::chord::{Final, Member, Outcome};
 use warren_core::delay::{due_at_ms, next_hop, release_tiers, tiers, Hop, DUE_AT, TIER_EXIT};
 use warren_core::event::{format_time, new_id, ErrorKind, EventErrorInfo};
 use warren_core::task::check_headers;
@@ -39,6 +40,9 @@ pub(crate) struct Delays {
     pub(crate) identity: String,
     pub(crate) cancels: CancelSet,
     pub(crate) metrics: Arc<SchedulerMetrics>,
+    /// The arguments of a chord's queue, where a member that ends here
+    /// sends its outcome (contract section 8).
+    pub(crate) chord_args: FieldTable,
 }
 
 /// A task on its way through the delay path.
@@ -82,7 +86,31 @@ impl Delays {
             identity,
             cancels,
             metrics,
+            chord_args: warren_core::topology::field_table(
+                &warren_core::topology::chord_queue_arguments(config),
+            ),
         }
+    }
+
+    /// The outcome of a chord member that ends here, published to its
+    /// chord's queue (none for a task outside any chord).
+    async fn chord_outcome(
+        &self,
+        out: &Outbox,
+        d: &Delivery,
+        ev: &Event,
+        state: Final,
+    ) -> Result<Option<lapin::PublisherConfirm>, ClientError> {
+        let Ok(Some(m)) = Member::from_headers(d.properties.headers().as_ref()) else {
+            return Ok(None);
+        };
+        let error = ev.error.as_ref().and_then(|e| serde_json::to_value(e).ok());
+        let outcome = Outcome::new(&m, &ev.task_id, state, None, ev.reason.clone(), error);
+        let queue = self.names.chord_queue(&m.chord_id);
+        Ok(Some(
+            out.chord_outcome(&queue, self.chord_args.clone(), &outcome)
+                .await?,
+        ))
     }
 
     fn event(&self, w: &Waiting, state: TaskState) -> Event {
@@ -150,11 +178,12 @@ impl Delays {
                     code: invalid.code.into(),
                     message: invalid.message.clone(),
                 });
-                let confirms = vec![
+                let mut confirms = vec![
                     out.dead(&d.data, p, &ev, DeadReason::Invalid, &invalid.message, None)
                         .await?,
                     out.event(&ev).await?,
                 ];
+                confirms.extend(self.chord_outcome(out, &d, &ev, Final::Dead).await?);
                 confirm_all(confirms).await?;
                 ack(&d).await?;
                 self.metrics.dead(DeadReason::Invalid.as_str());
@@ -265,7 +294,9 @@ impl Delays {
         let mut ev = self.event(w, TaskState::Cancelled);
         ev.attempt = w.attempt - 1;
         ev.reason = Some("cancel command".into());
-        confirm_all(out.event_and_reply(&ev, &d.properties).await?).await?;
+        let mut confirms = out.event_and_reply(&ev, &d.properties).await?;
+        confirms.extend(self.chord_outcome(out, d, &ev, Final::Cancelled).await?);
+        confirm_all(confirms).await?;
         ack(d).await?;
         self.metrics.cancelled();
         Ok(true)

@@ -2,9 +2,10 @@
 //! are classified and parked in `P.dead` with a `dead` event.
 
 use lapin::message::Delivery;
-use lapin::types::AMQPValue;
+use lapin::types::{AMQPValue, FieldTable};
 use warren_client::runtime::{confirm_all, Outbox};
 use warren_client::ClientError;
+use warren_core::chord::{Final, Member, Outcome};
 use warren_core::event::{ErrorKind, EventErrorInfo};
 use warren_core::{headers, DeadReason, Event, Names, TaskState};
 
@@ -30,12 +31,14 @@ pub fn death_of(d: &Delivery) -> (Option<String>, Option<String>) {
 }
 
 /// Parks one dead-lettered task and reports it; the caller acks on `Ok`,
-/// which carries the reason it was parked with.
+/// which carries the reason it was parked with. A chord member's outcome
+/// goes to its chord's queue, declared with `chord_args`.
 pub async fn park_dead_lettered(
     out: &Outbox,
     names: &Names,
     identity: &str,
     d: &Delivery,
+    chord_args: &FieldTable,
 ) -> Result<DeadReason, ClientError> {
     let (why, queue) = death_of(d);
     let (reason, detail) = match why.as_deref() {
@@ -91,6 +94,23 @@ pub async fn park_dead_lettered(
     }
     let mut confirms = vec![out.dead(&d.data, p, &ev, reason, &detail, short).await?];
     confirms.extend(out.event_and_reply(&ev, p).await?);
+    // A chord member that ends dead here reaches its chord as on a worker.
+    if let Ok(Some(m)) = Member::from_headers(hdrs) {
+        let error = serde_json::to_value(&ev.error).ok();
+        let outcome = Outcome::new(
+            &m,
+            &task_id,
+            Final::Dead,
+            None,
+            Some(reason.as_str().to_owned()),
+            error,
+        );
+        let queue = names.chord_queue(&m.chord_id);
+        confirms.push(
+            out.chord_outcome(&queue, chord_args.clone(), &outcome)
+                .await?,
+        );
+    }
     // A chain step that ends dead here stops its chain as on a worker
     // (contract section 8), confirmed with the dead copy.
     if let Some(flow) = flow {

@@ -7,6 +7,7 @@
 //! [`Scheduler`] process then classifies tasks the work queues dead-lettered
 //! (expired, rejected) and parks them in `P.dead` with a `dead` event.
 
+pub mod chords;
 pub mod cron;
 mod delays;
 pub mod intake;

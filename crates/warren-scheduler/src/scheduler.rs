@@ -117,6 +117,7 @@ impl Scheduler {
             cancels,
             self.metrics.clone(),
         );
+        let chords = tokio::spawn(crate::chords::run(self.config.clone(), shutdown.clone()));
         let cron =
             crate::cron::run_counted(self.config.clone(), shutdown.clone(), self.metrics.clone());
         let main = async {
@@ -148,6 +149,7 @@ impl Scheduler {
         let joined = tokio::try_join!(main, cron);
         let _ = follower.await;
         let _ = renewer.await;
+        let _ = chords.await;
         info!("scheduler stopped");
         joined.map(|_| ())
     }
@@ -174,6 +176,9 @@ impl Scheduler {
             names: names.clone(),
         };
         let tag_base = names.per_process("scheduler", &self.identity);
+        let chord_args = warren_core::topology::field_table(
+            &warren_core::topology::chord_queue_arguments(&self.config),
+        );
         let mut consumers = Vec::new();
         for (queue, kind) in [
             (names.dead_letter_intake(), Intake::DeadLetters),
@@ -257,6 +262,7 @@ impl Scheduler {
                 }
                 Some((kind, Ok(d))) => (kind, d),
             };
+            let chord_args = chord_args.clone();
             let (out, names, identity, delays, metrics) = (
                 out.clone(),
                 names.clone(),
@@ -273,7 +279,7 @@ impl Scheduler {
             handlers.spawn(async move {
                 let r = match kind {
                     Intake::DeadLetters => {
-                        match park_dead_lettered(&out, &names, &identity, &d).await {
+                        match park_dead_lettered(&out, &names, &identity, &d, &chord_args).await {
                             Ok(reason) => d
                                 .acker
                                 .ack(BasicAckOptions::default())

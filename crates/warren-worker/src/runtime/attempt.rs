@@ -45,12 +45,14 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use warren_client::runtime::{confirm_all, now_ms, Outbox};
 use warren_client::ClientError;
 use warren_core::backoff::full_jitter_ms;
+use warren_core::chord::{Final, Member, Outcome as ChordOutcome};
 use warren_core::control::ControlMessage;
 use warren_core::delay::DUE_AT;
 use warren_core::escrow::{EscrowTimes, Returned, ESCROW};
 use warren_core::event::{cap_result, format_time, new_id, ErrorKind, EventErrorInfo};
 use warren_core::flow::UniqueKey;
 use warren_core::task::{check_headers, task_type_of, InvalidTask, MessageMeta};
+use warren_core::topology::{chord_queue_arguments, field_table};
 use warren_core::workflow::{AfterStop, Flow};
 use warren_core::{headers, DeadReason, Event, TaskEnvelope, TaskState};
 
@@ -124,6 +126,9 @@ pub(super) struct Attempt<'a> {
     /// when it has an id: `None` outside any workflow, an error when the
     /// description is malformed (the task is then invalid).
     flow: Option<Result<Flow, InvalidTask>>,
+    /// Its place in a chord (contract section 8): `None` outside any, an
+    /// error when its chord headers are malformed (the task is then invalid).
+    chord: Option<Result<Member, InvalidTask>>,
 }
 
 impl<'a> Attempt<'a> {
@@ -267,6 +272,7 @@ impl<'a> Attempt<'a> {
             .message_id
             .as_deref()
             .and_then(|id| Flow::from_headers(meta.headers.as_ref(), id).transpose());
+        let chord = Member::from_headers(meta.headers.as_ref()).transpose();
         Attempt {
             sh,
             session,
@@ -280,6 +286,7 @@ impl<'a> Attempt<'a> {
             escrow_id: OnceLock::new(),
             escrowed: AtomicBool::new(false),
             flow,
+            chord,
         }
     }
 
@@ -372,6 +379,12 @@ impl<'a> Attempt<'a> {
             if let Some(stop) = self.flow().map(|f| f.after_cancel(id, &self.task_type)) {
                 confirms.extend(self.stop_chain(id, stop).await?);
             }
+            // A chord member dropped as a duplicate reaches its chord as
+            // cancelled, with the reason naming the first.
+            confirms.extend(
+                self.chord_outcome(id, Final::Cancelled, None, ev.reason.clone(), None)
+                    .await?,
+            );
             confirm_all(confirms).await?;
             info!(task_id = id, first = ?holder, "duplicate: dropped");
             self.sh.metrics.duplicate();
@@ -571,6 +584,16 @@ impl<'a> Attempt<'a> {
         )?;
         if let Some(Err(invalid)) = &self.flow {
             return Err(invalid.clone());
+        }
+        if let Some(Err(invalid)) = &self.chord {
+            return Err(invalid.clone());
+        }
+        if matches!(&self.chord, Some(Ok(_))) && self.flow().is_some_and(|f| !f.rest.is_empty()) {
+            // Dead invalid, and its chord gets that outcome.
+            return Err(InvalidTask::new(
+                "bad_workflow",
+                "a chord member cannot carry a chain",
+            ));
         }
         let handler = self.sh.registry.get(&self.task_type).ok_or_else(|| {
             InvalidTask::new(
@@ -789,6 +812,10 @@ impl<'a> Attempt<'a> {
             debug!(next = %next.id, r#type = %next.task_type, "chain: next step published");
             confirms.push(out.next_task(&next).await?);
         }
+        confirms.extend(
+            self.chord_outcome(id, Final::Succeeded, Some(result.clone()), None, None)
+                .await?,
+        );
         ev.result = Some(result);
         confirms.extend(out.event_and_reply(&ev, &self.delivery.properties).await?);
         confirm_all(confirms).await?;
@@ -866,6 +893,10 @@ impl<'a> Attempt<'a> {
         if let Some(stop) = self.flow().map(|f| f.after_cancel(id, &self.task_type)) {
             confirms.extend(self.stop_chain(id, stop).await?);
         }
+        confirms.extend(
+            self.chord_outcome(id, Final::Cancelled, None, ev.reason.clone(), None)
+                .await?,
+        );
         confirm_all(confirms).await?;
         info!(task_id = id, "cancelled");
         self.sh
@@ -919,8 +950,35 @@ impl<'a> Attempt<'a> {
             let stop = f.after_failure(&ev.task_id, &self.task_type, reason.as_str(), error);
             confirms.extend(self.stop_chain(&ev.task_id, stop).await?);
         }
+        let error = ev.error.as_ref().and_then(|e| serde_json::to_value(e).ok());
+        confirms.extend(
+            self.chord_outcome(&ev.task_id, Final::Dead, None, ev.reason.clone(), error)
+                .await?,
+        );
         confirm_all(confirms).await?;
         Ok(Disposition::Ack)
+    }
+
+    /// Publishes the outcome of a chord member to its chord's queue (none
+    /// for a task outside any chord).
+    async fn chord_outcome(
+        &self,
+        id: &str,
+        state: Final,
+        result: Option<Value>,
+        reason: Option<String>,
+        error: Option<Value>,
+    ) -> Result<Option<PublisherConfirm>, ClientError> {
+        let Some(Ok(m)) = &self.chord else {
+            return Ok(None);
+        };
+        let outcome = ChordOutcome::new(m, id, state, result, reason, error);
+        let queue = self.sh.names.chord_queue(&m.chord_id);
+        let args = field_table(&chord_queue_arguments(&self.sh.config));
+        debug!(chord = %m.chord_id, index = m.index, "chord: member outcome published");
+        Ok(Some(
+            self.out().chord_outcome(&queue, args, &outcome).await?,
+        ))
     }
 
     /// Publishes what follows a chain step `id` that ended dead or was

@@ -4,7 +4,8 @@
 use std::io::Read;
 
 use anyhow::Context;
-use warren_client::{Client, WorkflowSpec};
+use warren_client::workflow::step_request;
+use warren_client::{Chord, Client, WorkflowSpec};
 use warren_core::Config;
 use warren_tracker::{OpenMode, Store};
 
@@ -37,6 +38,25 @@ async fn start(config: &Config, file: &str) -> anyhow::Result<i32> {
         std::fs::read_to_string(file).with_context(|| format!("read {file}"))?
     };
     let spec = WorkflowSpec::from_json(&text)?;
+    if let WorkflowSpec::Chord {
+        chord,
+        tasks,
+        callback,
+    } = &spec
+    {
+        let mut c = Chord::new(chord.clone(), callback.clone());
+        for t in tasks {
+            c = c.task(step_request(t));
+        }
+        c.start()?;
+        c.requests()?;
+        let client = Client::connect(config).await?;
+        let ids = client.publish_chord(&c).await?;
+        println!("workflow {chord}");
+        println!("{}", ids.join(" "));
+        println!("callback {}", c.callback_id());
+        return Ok(0);
+    }
     let chains = spec.chains()?;
     // Checked (and ids fixed) before anything is sent.
     let reqs = chains
@@ -46,7 +66,9 @@ async fn start(config: &Config, file: &str) -> anyhow::Result<i32> {
     let client = Client::connect(config).await?;
     let ids = client.publish_batch(&reqs, 256, |_| {}).await?;
     let workflow_id = match &spec {
-        WorkflowSpec::Group { group, .. } => group.clone(),
+        WorkflowSpec::Group { group, .. } | WorkflowSpec::Chord { chord: group, .. } => {
+            group.clone()
+        }
         WorkflowSpec::Chain { workflow_id, .. } => {
             workflow_id.clone().unwrap_or_else(|| ids[0].clone())
         }
