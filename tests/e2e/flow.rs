@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::json;
-use warren_client::{Client, TaskRequest};
+use warren_client::{Chord, Client, Step, TaskRequest};
 use warren_core::{Event, TaskState};
 use warren_e2e::{final_event, http_get, metric, until_final, Env, Proc, T, T_LONG};
 
@@ -305,4 +305,41 @@ async fn a_unique_key_set_by_python_pika_works_the_same() {
         assert_eq!(e.state, TaskState::Duplicate, "{e:?}");
         assert_eq!(e.duplicate_of.as_deref(), Some(ran[0].task_id.as_str()));
     }
+}
+
+#[tokio::test]
+async fn a_chord_member_dropped_as_a_duplicate_reaches_its_chord() {
+    let (env, mut watch) = Env::with_up_watching("flowchord", &[]).await;
+    let unique = |req: TaskRequest| req.header_str("x-warren-unique-key", "chord-once");
+    let chord = Chord::new("cd", Step::new("diag.echo", json!({})))
+        .task(unique(
+            TaskRequest::new("diag.echo", json!({"k": 0})).id("cd-first"),
+        ))
+        .task(TaskRequest::new("diag.echo", json!({"k": 1})))
+        .task(unique(
+            TaskRequest::new("diag.echo", json!({"k": 2})).id("cd-again"),
+        ));
+    let start = chord.start().unwrap().encode();
+    let props = lapin::BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_message_id("cd".into());
+    env.publish_raw(&env.names().chords(), "", &start, props)
+        .await;
+    let members = chord.requests().unwrap();
+    // The first is final before the second with its key is published.
+    env.publish(&members[0]).await;
+    until_final(&mut watch, &["cd-first"], T).await;
+    env.publish(&members[1]).await;
+    env.publish(&members[2]).await;
+    let callback = chord.callback_id();
+    let got = until_final(&mut watch, &["cd-again", callback.as_str()], T_LONG).await;
+    let dup = final_event(&got["cd-again"]);
+    assert_eq!(dup.state, TaskState::Duplicate);
+    assert_eq!(dup.duplicate_of.as_deref(), Some("cd-first"));
+    let results = warren_e2e::result_of(&got[&callback])["results"].clone();
+    assert_eq!(results[0]["state"], "succeeded");
+    assert_eq!(results[2]["task_id"], "cd-again");
+    assert_eq!(results[2]["state"], "cancelled");
+    assert_eq!(results[2]["reason"], "duplicate of cd-first");
 }
