@@ -2,7 +2,7 @@
 //! global concurrency limit held across three workers, its permit given
 //! back by a worker killed while holding it, and a unique key published 100
 //! times at once running once (also set by Python pika), a hostile one
-//! refused.
+//! refused, and one dropped from a chord still reaching it.
 
 use std::collections::HashMap;
 use std::time::Duration;
