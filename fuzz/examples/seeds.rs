@@ -287,6 +287,12 @@ fn event_decode() -> Vec<(&'static str, Vec<u8>)> {
                 r#"{"event_id":"e6","task_id":"t5","type":"diag.echo","state":"exploded","attempt":1,"queue":null,"worker":null,"at":"","duration_ms":null,"result":null,"error":null,"reason":null,"due_at":null}"#,
             ),
         ),
+        (
+            "duplicate",
+            e(
+                r#"{"event_id":"e7","task_id":"t7","type":"diag.echo","state":"duplicate","attempt":0,"queue":"diag","worker":"w/1","at":"2026-11-24T10:00:04.000Z","duration_ms":null,"result":null,"error":null,"reason":"duplicate of t1","due_at":null,"duplicate_of":"t1"}"#,
+            ),
+        ),
         ("missing-keys", e(r#"{"task_id":"t6","state":"started"}"#)),
         ("not-json", e("started.diag.echo")),
     ]

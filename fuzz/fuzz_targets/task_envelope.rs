@@ -1,7 +1,8 @@
 //! A delivery from a work queue, as the worker reads it: the header limits
 //! checked in triage (`check_headers`), the task type (`task_type_of`) and
 //! the envelope read in prepare (`TaskEnvelope::parse`); and the saved
-//! expiration the scheduler restores (`headers::original_expiration`).
+//! expiration the scheduler restores (`headers::original_expiration`); and
+//! the unique key (`flow::UniqueKey::from_headers`).
 //!
 //! Input (see `warren_fuzz::Fields`): a flags byte (bit 0: delivered through
 //! `P.tasks`; bits 1-5: content type, content encoding, `type` property,
@@ -15,6 +16,7 @@
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use warren_core::event::{Event, TaskState};
+use warren_core::flow::{UniqueKey, MAX_UNIQUE_MS, MIN_UNIQUE_MS};
 use warren_core::headers::{self, MAX_HEADER_BYTES, MAX_HEADER_DEPTH};
 use warren_core::routes::{is_valid_task_type, MAX_TYPE_BYTES};
 use warren_core::task::{check_headers, is_json_content_type, task_type_of, MessageMeta};
@@ -107,6 +109,14 @@ fuzz_target!(|data: &[u8]| {
     // property can hold, whatever the producer forged.
     if let Some(exp) = headers::original_expiration(h) {
         assert!(exp.as_str().len() <= 255 && exp.as_str().parse::<u64>().is_ok());
+    }
+
+    // The unique key: whatever the producer sent, a lock queue name of fixed
+    // length and a window within bounds, or a refusal.
+    if let Ok(Some(k)) = UniqueKey::from_headers(h) {
+        assert_eq!(k.hash.len(), 32);
+        assert!(k.hash.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!((MIN_UNIQUE_MS..=MAX_UNIQUE_MS).contains(&k.window_ms));
     }
 
     // The type, and the routing key of the event that reports on it (an

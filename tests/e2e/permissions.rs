@@ -54,7 +54,10 @@ async fn each_role_runs_under_its_own_user() {
         ],
     );
     env.wait_log(&s, "topology found in place", T).await;
-    let w = env.spawn(&["worker"], &[(url, &worker.url())]);
+    // diag.echo under a global concurrency limit: the worker declares and
+    // deletes its permits (contract section 9).
+    let cfg = env.config_file("[flow.concurrency]\n\"diag.echo\" = 1\n");
+    let w = env.spawn(&["--config", &cfg, "worker"], &[(url, &worker.url())]);
     let t = env.spawn(&["tracker"], &[(url, &tracker.url())]);
     api.wait_ready().await;
 
@@ -85,8 +88,22 @@ async fn each_role_runs_under_its_own_user() {
         .await
         .expect("publish a retrying task");
 
-    let got = until_final(&mut watch, &[&now, &later, &flaky], T_LONG).await;
+    // Two tasks with one unique key: the worker takes the key's lock.
+    let mut unique = Vec::new();
+    for n in 0..2 {
+        let req = TaskRequest::new("diag.echo", json!({"n": n}))
+            .header_str("x-warren-unique-key", "perms-once");
+        unique.push(client.publish(&req).await.expect("publish a unique task"));
+    }
+
+    let mut all = vec![now.clone(), later.clone(), flaky.clone()];
+    all.extend(unique.iter().cloned());
+    let got = until_final(&mut watch, &all, T_LONG).await;
     assert_eq!(final_event(&got[&now]).state, TaskState::Succeeded);
+    assert_eq!(final_event(&got[&unique[0]]).state, TaskState::Succeeded);
+    let dup = final_event(&got[&unique[1]]);
+    assert_eq!(dup.state, TaskState::Duplicate);
+    assert_eq!(dup.duplicate_of.as_deref(), Some(unique[0].as_str()));
     let delayed = &got[&later];
     assert!(
         delayed

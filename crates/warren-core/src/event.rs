@@ -26,6 +26,9 @@ pub enum TaskState {
     Cancelled,
     /// A running handler reported how far it got (at most once a second).
     Progress,
+    /// Dropped unrun: another task with its unique key came first (final;
+    /// `duplicate_of` names that task).
+    Duplicate,
 }
 
 impl TaskState {
@@ -40,6 +43,7 @@ impl TaskState {
             TaskState::Dead => "dead",
             TaskState::Cancelled => "cancelled",
             TaskState::Progress => "progress",
+            TaskState::Duplicate => "duplicate",
         }
     }
 
@@ -47,7 +51,7 @@ impl TaskState {
     pub fn is_final(self) -> bool {
         matches!(
             self,
-            TaskState::Succeeded | TaskState::Dead | TaskState::Cancelled
+            TaskState::Succeeded | TaskState::Dead | TaskState::Cancelled | TaskState::Duplicate
         )
     }
 }
@@ -126,6 +130,9 @@ pub struct Event {
     /// published this one (header `x-warren-parent`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub parent_id: Option<String>,
+    /// On `duplicate` only: the id of the task holding the unique key.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub duplicate_of: Option<String>,
 }
 
 /// An event body that could not be read.
@@ -189,6 +196,7 @@ impl Event {
             progress: None,
             workflow_id: None,
             parent_id: None,
+            duplicate_of: None,
         }
     }
 
@@ -399,6 +407,7 @@ mod tests {
         assert!(TaskState::Succeeded.is_final());
         assert!(TaskState::Dead.is_final());
         assert!(TaskState::Cancelled.is_final());
+        assert!(TaskState::Duplicate.is_final());
         assert!(!TaskState::Failed.is_final());
     }
 }

@@ -19,6 +19,7 @@ pub mod control;
 pub mod delay;
 pub mod escrow;
 pub mod event;
+pub mod flow;
 pub mod headers;
 pub mod lanes;
 pub mod names;

@@ -184,8 +184,14 @@ impl Permissions {
                 // The queues of chords, to which it publishes its members'
                 // outcomes, declaring them first.
                 let chord = under("chord\\..+");
+                // Global concurrency permits, which it declares and
+                // deletes, and the locks of unique keys, which it declares,
+                // publishes to and reads (contract section 9).
+                let permits = under("permits\\..+");
+                let unique = under("unique\\..+");
+                read.push(unique.clone());
                 Permissions {
-                    configure: any_of(&[paused.clone(), chord]),
+                    configure: any_of(&[paused.clone(), chord, permits, unique]),
                     write: any_of(&[
                         name(n.events()),
                         name(n.delay()),
@@ -358,7 +364,10 @@ mod tests {
         );
         assert_eq!(p.read, "^(warren\\.events|warren\\.watch\\..*)$");
         let w = Permissions::for_role(&c, Role::Worker);
-        assert_eq!(w.configure, "^(warren\\.paused\\..+|warren\\.chord\\..+)$");
+        assert_eq!(
+            w.configure,
+            "^(warren\\.paused\\..+|warren\\.chord\\..+|warren\\.permits\\..+|warren\\.unique\\..+)$"
+        );
         assert_eq!(
             w.write,
             "^(warren\\.events|warren\\.delay|warren\\.control|warren\\.escrow|warren\\.tasks|warren\\.paused\\..+|amq\\.default)$"

@@ -125,7 +125,7 @@ fn state_rank(state: TaskState) -> u8 {
         TaskState::Scheduled => 1,
         TaskState::Started | TaskState::Progress => 2,
         TaskState::Failed => 3,
-        TaskState::Succeeded | TaskState::Dead | TaskState::Cancelled => 4,
+        TaskState::Succeeded | TaskState::Dead | TaskState::Cancelled | TaskState::Duplicate => 4,
     }
 }
 
@@ -336,7 +336,11 @@ pub fn change_refusal(task: &TaskRow) -> Option<String> {
 /// Why a task cannot be cancelled: it has ended. A waiting task is dropped
 /// when next seen, a running one aborted.
 pub fn cancel_refusal(task: &TaskRow) -> Option<String> {
-    matches!(task.state.as_str(), "succeeded" | "dead" | "cancelled").then(|| {
+    matches!(
+        task.state.as_str(),
+        "succeeded" | "dead" | "cancelled" | "duplicate"
+    )
+    .then(|| {
         format!(
             "task {} has ended {}: nothing to cancel",
             task.task_id, task.state
@@ -352,7 +356,7 @@ pub fn workflow_view(workflow_id: &str, counts: &BTreeMap<String, i64>, rows: &[
     let total: i64 = counts.values().sum();
     let open: i64 = counts
         .iter()
-        .filter(|(s, _)| !matches!(s.as_str(), "succeeded" | "dead" | "cancelled"))
+        .filter(|(s, _)| !matches!(s.as_str(), "succeeded" | "dead" | "cancelled" | "duplicate"))
         .map(|(_, n)| n)
         .sum();
     serde_json::json!({

@@ -4,10 +4,10 @@
 
 const POLL_MS = 2000;
 const HISTORY = 150; // samples kept for the chart: 5 minutes
-const STATES = ["scheduled", "started", "failed", "succeeded", "dead", "cancelled"];
+const STATES = ["scheduled", "started", "failed", "succeeded", "dead", "cancelled", "duplicate"];
 const COLORS = {
   scheduled: "#7a5cd6", started: "#2f6fde", failed: "#c77800",
-  succeeded: "#2a7a3b", dead: "#c62f2f", cancelled: "#6b7480",
+  succeeded: "#2a7a3b", dead: "#c62f2f", cancelled: "#6b7480", duplicate: "#8a7a3a",
 };
 const samples = [];
 let shownTask = null;
@@ -323,7 +323,7 @@ async function act(what, path, body) {
 }
 
 const WAITING = new Set(["queued", "scheduled", "failed"]);
-const ENDED = new Set(["succeeded", "dead", "cancelled"]);
+const ENDED = new Set(["succeeded", "dead", "cancelled", "duplicate"]);
 
 function taskButtons(t) {
   if (!isAdmin()) return "";

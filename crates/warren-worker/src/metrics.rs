@@ -51,6 +51,10 @@ pub(crate) struct WorkerMetrics {
     put_back_paused: AtomicU64,
     parked_paused: AtomicU64,
     moved_back: AtomicU64,
+    permits_held: AtomicI64,
+    limit_waiting: AtomicI64,
+    limit_handed_back: AtomicU64,
+    duplicates: AtomicU64,
     /// What the fleet has paused, as this worker knows it.
     fleet: CancelSet,
 }
@@ -87,6 +91,10 @@ impl WorkerMetrics {
             put_back_paused: AtomicU64::new(0),
             parked_paused: AtomicU64::new(0),
             moved_back: AtomicU64::new(0),
+            permits_held: AtomicI64::new(0),
+            limit_waiting: AtomicI64::new(0),
+            limit_handed_back: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
             fleet,
         }
     }
@@ -187,6 +195,28 @@ impl WorkerMetrics {
         self.returned.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A global concurrency permit is taken (`+1`) or given back (`-1`).
+    pub(crate) fn permits_held(&self, delta: i64) {
+        self.permits_held.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// A task starts (`+1`) or stops (`-1`) waiting for a global
+    /// concurrency permit.
+    pub(crate) fn limit_waiting(&self, delta: i64) {
+        self.limit_waiting.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// A task that waited `flow.permit_handback_ms` for a permit went back
+    /// to its queue.
+    pub(crate) fn limit_handed_back(&self) {
+        self.limit_handed_back.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A task was dropped as a duplicate of another with its unique key.
+    pub(crate) fn duplicate(&self) {
+        self.duplicates.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A handler starts (`+1`) or ends (`-1`).
     pub(crate) fn running(&self, delta: i64) {
         self.running.fetch_add(delta, Ordering::Relaxed);
@@ -259,6 +289,30 @@ impl Probe for WorkerMetrics {
             "gauge",
             "Handlers running now.",
             self.running.load(Ordering::Relaxed) as f64,
+        );
+        e.single(
+            "warren_worker_permits_held",
+            "gauge",
+            "Global concurrency permits (flow.concurrency) this worker holds now.",
+            self.permits_held.load(Ordering::Relaxed) as f64,
+        );
+        e.single(
+            "warren_worker_limit_waiting",
+            "gauge",
+            "Tasks waiting in this worker for a global concurrency permit (holding no slot).",
+            self.limit_waiting.load(Ordering::Relaxed) as f64,
+        );
+        e.single(
+            "warren_worker_limit_handed_back_total",
+            "counter",
+            "Tasks put back on their queue after waiting flow.permit_handback_ms for a permit.",
+            load(&self.limit_handed_back),
+        );
+        e.single(
+            "warren_worker_duplicates_total",
+            "counter",
+            "Tasks dropped as duplicates: another task with their x-warren-unique-key came first.",
+            load(&self.duplicates),
         );
         e.single(
             "warren_worker_concurrency",

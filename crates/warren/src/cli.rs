@@ -256,7 +256,7 @@ pub struct StatusArgs {
 pub struct TasksArgs {
     /// Only tasks in this state.
     #[arg(long, value_parser = [
-        "scheduled", "started", "failed", "succeeded", "dead", "cancelled",
+        "scheduled", "started", "failed", "succeeded", "dead", "cancelled", "duplicate",
     ])]
     pub state: Option<String>,
     /// Only tasks of this type (exact, e.g. diag.echo).

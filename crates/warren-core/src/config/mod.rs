@@ -17,6 +17,7 @@
 mod broker;
 mod escrow;
 mod exec;
+mod flow;
 mod http;
 mod issues;
 mod layering;
@@ -36,6 +37,7 @@ use crate::names::Names;
 
 pub use broker::{BrokerConfig, BrokerUrls};
 pub use exec::{ExecConfig, DEFAULT_MAX_OUTPUT_BYTES};
+pub use flow::{FlowConfig, MAX_GLOBAL_CONCURRENCY};
 pub use http::{redact_url, BrokerUrl, DatabaseUrl, HostRule, HttpConfig};
 pub use issues::{ConfigError, ConfigIssue};
 pub use limits::LimitsConfig;
@@ -102,6 +104,9 @@ pub struct Config {
     /// empty by default.
     #[serde(default)]
     pub webhook: Vec<WebhookConfig>,
+    /// Fleet-wide flow control: global concurrency per task type.
+    #[serde(default = "flow::default_flow")]
+    pub flow: FlowConfig,
     /// What loading noted beside the values; not a configuration key.
     #[serde(skip)]
     notes: LoadNotes,
@@ -142,6 +147,7 @@ impl Config {
         self.check_tracker_auth(&mut issues);
         self.check_exec(&mut issues);
         self.check_webhook(&mut issues);
+        self.check_flow(&mut issues);
         issues.finish()
     }
 

@@ -16,6 +16,7 @@
 //! | its queue is paused | the copy put back on its queue |
 //! | its type is paused | the copy parked in `P.paused.<type>` |
 //! | cancelled before it started | `cancelled` event, reply |
+//! | its unique key held by another task | `duplicate` event, reply |
 //! | cancelled while running | `started`, `cancelled` event, reply |
 //! | succeeded | `started`, `succeeded` event, reply |
 //! | failed, will retry | `started`, `failed` event, retry copy in `P.delay` |
@@ -49,11 +50,13 @@ use warren_core::control::ControlMessage;
 use warren_core::delay::DUE_AT;
 use warren_core::escrow::{EscrowTimes, Returned, ESCROW};
 use warren_core::event::{cap_result, format_time, new_id, ErrorKind, EventErrorInfo};
+use warren_core::flow::UniqueKey;
 use warren_core::task::{check_headers, task_type_of, InvalidTask, MessageMeta};
 use warren_core::topology::{chord_queue_arguments, field_table};
 use warren_core::workflow::{AfterStop, Flow};
 use warren_core::{headers, DeadReason, Event, TaskEnvelope, TaskState};
 
+use super::flow;
 use super::progress::TaskProgress;
 use super::session::Session;
 use super::slots::{Running, Slot};
@@ -330,7 +333,65 @@ impl<'a> Attempt<'a> {
         if let Some(r) = self.apply_change(&id).await {
             return Triage::Settled(id, r);
         }
+        if let Some(r) = self.duplicate(&id).await {
+            return Triage::Settled(id, r);
+        }
         Triage::Run(id)
+    }
+
+    /// A task with `x-warren-unique-key` (contract section 9) takes its key
+    /// before it runs: `None` when it holds it (it runs). A task whose key
+    /// another task holds is dropped with a `duplicate` event naming that
+    /// task, and a key that cannot be used makes the task invalid.
+    async fn duplicate(&self, id: &str) -> Option<Result<Disposition, ClientError>> {
+        let key = match UniqueKey::from_headers(self.meta.headers.as_ref()) {
+            Ok(None) => return None,
+            Ok(Some(key)) => key,
+            Err(e) => {
+                let invalid = InvalidTask::new("unique_key", e.to_string());
+                return Some(self.park_invalid(id, &invalid).await);
+            }
+        };
+        let holder = match flow::claim(&self.session.conn, &self.sh.names, &key, id).await {
+            Ok(flow::Claim::Won) => return None,
+            Ok(flow::Claim::Lost(holder)) => holder,
+            Err(e) if self.session.connected() => {
+                // Refused while connected (permissions, say): returned to
+                // its queue as a redelivery, so a lasting refusal ends it
+                // dead `poison`, never in a loop.
+                warn!(task_id = id, error = %e, "could not take the task's unique key; returned to its queue");
+                return Some(Ok(Disposition::Requeue));
+            }
+            Err(e) => return Some(Err(e)),
+        };
+        let r = async {
+            let attempt = (envelope_attempt(&self.meta) - 1).max(0);
+            let mut ev = self.event(id, TaskState::Duplicate, attempt);
+            ev.reason = Some(match &holder {
+                Some(first) => format!("duplicate of {first}"),
+                None => "duplicate".into(),
+            });
+            ev.duplicate_of = holder.clone();
+            let mut confirms = self
+                .out()
+                .event_and_reply(&ev, &self.delivery.properties)
+                .await?;
+            if let Some(stop) = self.flow().map(|f| f.after_cancel(id, &self.task_type)) {
+                confirms.extend(self.stop_chain(id, stop).await?);
+            }
+            // A chord member dropped as a duplicate reaches its chord as
+            // cancelled, with the reason naming the first.
+            confirms.extend(
+                self.chord_outcome(id, Final::Cancelled, None, ev.reason.clone(), None)
+                    .await?,
+            );
+            confirm_all(confirms).await?;
+            info!(task_id = id, first = ?holder, "duplicate: dropped");
+            self.sh.metrics.duplicate();
+            Ok(Disposition::Ack)
+        }
+        .await;
+        Some(r)
     }
 
     /// A change of this task not applied to this copy yet (contract section

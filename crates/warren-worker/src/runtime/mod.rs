@@ -8,9 +8,11 @@
 //! - [`slots`]: the concurrency a running task holds;
 //! - [`waiting`]: the deliveries waiting for a slot, highest priority first;
 //! - [`progress`]: a running task's `progress` events;
-//! - [`pausing`]: paused work queues and task types.
+//! - [`pausing`]: paused work queues and task types;
+//! - [`flow`]: global concurrency permits and unique keys, in the broker.
 
 mod attempt;
+mod flow;
 mod pausing;
 mod progress;
 mod session;
@@ -69,6 +71,8 @@ struct Shared {
     escrow: Option<EscrowTimes>,
     /// Semaphores of the types capped by `worker.type_concurrency`.
     type_caps: BTreeMap<String, Arc<Semaphore>>,
+    /// Global concurrency limits (`flow.concurrency`).
+    limits: flow::Limits,
     metrics: Arc<WorkerMetrics>,
     /// Moving average of handler run times, in microseconds (0: none yet).
     task_time_us: AtomicU64,
@@ -335,6 +339,7 @@ impl Worker {
             after_ms: escrow.map_or(0, |t| t.after_ms),
             lease_ms: config.worker.escrow_lease_ms,
         });
+        let limits = flow::Limits::new(&config.flow);
         let type_caps = config
             .worker
             .type_concurrency
@@ -352,6 +357,7 @@ impl Worker {
                 cancels: cancels.clone(),
                 escrow,
                 type_caps,
+                limits,
                 metrics: Arc::new(WorkerMetrics::new(config_concurrency, cancels.clone())),
                 task_time_us: AtomicU64::new(0),
             }),
@@ -604,6 +610,8 @@ impl Worker {
                             // Sent before its consumer stopped, or its type
                             // is paused.
                             self.hold_back(session, in_flight, d);
+                        } else if let Some(limit) = self.limited(&d) {
+                            self.start_limited(session, in_flight, d, limit, shutdown);
                         } else if d.source.sorts() {
                             self.sort(session, in_flight, &mut waiting, d);
                         } else if paused == Pause::Slots {
@@ -735,6 +743,97 @@ impl Worker {
         }));
     }
 
+    /// The global concurrency limit of a held delivery's type, if any.
+    fn limited(&self, d: &Held) -> Option<Arc<flow::TypeLimit>> {
+        let sh = &self.shared;
+        if sh.config.flow.concurrency.is_empty() {
+            return None;
+        }
+        sh.limits.of(&pausing::type_of(sh, &d.delivery))
+    }
+
+    /// Runs a delivery of a type with a global concurrency limit: takes a
+    /// slot, then a permit if one is free at once; else gives the slot back,
+    /// waits for a permit holding no slot (see [`flow`]), then for a slot;
+    /// runs it and gives the permit back once its outcome is recorded. One that waited
+    /// `flow.permit_handback_ms` goes back to its queue; one still waiting
+    /// at shutdown, or when the connection is lost, returns unacknowledged.
+    fn start_limited(
+        &self,
+        session: &Arc<Session>,
+        in_flight: &InFlight,
+        d: Held,
+        limit: Arc<flow::TypeLimit>,
+        shutdown: &CancellationToken,
+    ) {
+        let shared = self.shared.clone();
+        let session = session.clone();
+        let abort = in_flight.abort.clone();
+        let stop = shutdown.clone();
+        let pool = in_flight.permits.clone();
+        in_flight.tracker.spawn(Box::pin(async move {
+            let sh = &shared;
+            // A slot first, then a permit if one is free at once: while the
+            // limit does not bind, permits are held by running tasks only.
+            let Some(general) = take_slot(&pool, &stop).await else {
+                drop(d.release);
+                return;
+            };
+            let now = sh
+                .limits
+                .try_now(&limit, &session.conn, &sh.names, &sh.metrics)
+                .await;
+            let (permit, general) = match now {
+                Ok(Some(p)) => (p, general),
+                Ok(None) => {
+                    // Over the limit: wait for a permit holding no slot.
+                    drop(general);
+                    let wait_ms = sh.config.flow.permit_handback_ms;
+                    let give_up = (wait_ms > 0)
+                        .then(|| tokio::time::Instant::now() + Duration::from_millis(wait_ms));
+                    sh.metrics.limit_waiting(1);
+                    let permit = sh
+                        .limits
+                        .acquire(&limit, &session.conn, &sh.names, &sh.metrics, &stop, give_up)
+                        .await;
+                    sh.metrics.limit_waiting(-1);
+                    let permit = match permit {
+                        Ok(p) => p,
+                        Err(flow::NoPermit::GaveUp) => {
+                            if !stop.is_cancelled() {
+                                sh.metrics.limit_handed_back();
+                                Attempt::hand_back(sh, &session, &d.source, d.delivery).await;
+                            }
+                            drop(d.release);
+                            return;
+                        }
+                        Err(flow::NoPermit::Lost(e)) => {
+                            debug!(error = %e, "connection lost waiting for a permit: the task returns to its queue");
+                            drop(d.release);
+                            return;
+                        }
+                    };
+                    let Some(general) = take_slot(&pool, &stop).await else {
+                        permit.release(&session).await;
+                        drop(d.release);
+                        return;
+                    };
+                    (permit, general)
+                }
+                Err(e) => {
+                    debug!(error = %e, "connection lost taking a permit: the task returns to its queue");
+                    drop(d.release);
+                    return;
+                }
+            };
+            let slot = Slot::new(pool, general);
+            let delivery = (d.delivery, d.since);
+            Attempt::run(sh, &session, &d.source, delivery, &abort, slot).await;
+            permit.release(&session).await;
+            drop(d.release);
+        }));
+    }
+
     /// Whether a change record names this task, its copy has not had that
     /// change yet, and applying it moves the task (a due time ahead, or
     /// another priority).
@@ -785,6 +884,17 @@ impl Worker {
             Attempt::move_to_lane(&shared, &session, &d.source, d.delivery).await;
             drop(d.release);
         });
+    }
+}
+
+/// One of the worker's slots, unless `stop` comes first.
+async fn take_slot(
+    pool: &Arc<Semaphore>,
+    stop: &CancellationToken,
+) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        p = pool.clone().acquire_owned() => Some(p.expect("the semaphore is never closed")),
+        _ = stop.cancelled() => None,
     }
 }
 
