@@ -372,20 +372,9 @@ impl<'a> Attempt<'a> {
                 None => "duplicate".into(),
             });
             ev.duplicate_of = holder.clone();
-            let mut confirms = self
-                .out()
-                .event_and_reply(&ev, &self.delivery.properties)
-                .await?;
-            if let Some(stop) = self.flow().map(|f| f.after_cancel(id, &self.task_type)) {
-                confirms.extend(self.stop_chain(id, stop).await?);
-            }
             // A chord member dropped as a duplicate reaches its chord as
             // cancelled, with the reason naming the first.
-            confirms.extend(
-                self.chord_outcome(id, Final::Cancelled, None, ev.reason.clone(), None)
-                    .await?,
-            );
-            confirm_all(confirms).await?;
+            self.end_unstarted(id, &ev).await?;
             info!(task_id = id, first = ?holder, "duplicate: dropped");
             self.sh.metrics.duplicate();
             Ok(Disposition::Ack)
@@ -882,13 +871,14 @@ impl<'a> Attempt<'a> {
         Ok(r)
     }
 
-    /// Confirms `cancelled` (for a task dropped by a cancel command) and the reply.
-    async fn cancelled(&self, id: &str, attempt: i64) -> Result<Disposition, ClientError> {
-        let mut ev = self.event(id, TaskState::Cancelled, attempt);
-        ev.reason = Some("cancel command".into());
+    /// Confirms the final event `ev` of a task that ends without running
+    /// (cancelled, duplicate) and its reply, with what follows from it: the
+    /// rest of its chain stopped, and its chord told it was cancelled (with
+    /// the event's reason).
+    async fn end_unstarted(&self, id: &str, ev: &Event) -> Result<(), ClientError> {
         let mut confirms = self
             .out()
-            .event_and_reply(&ev, &self.delivery.properties)
+            .event_and_reply(ev, &self.delivery.properties)
             .await?;
         if let Some(stop) = self.flow().map(|f| f.after_cancel(id, &self.task_type)) {
             confirms.extend(self.stop_chain(id, stop).await?);
@@ -897,7 +887,14 @@ impl<'a> Attempt<'a> {
             self.chord_outcome(id, Final::Cancelled, None, ev.reason.clone(), None)
                 .await?,
         );
-        confirm_all(confirms).await?;
+        confirm_all(confirms).await
+    }
+
+    /// Confirms `cancelled` (for a task dropped by a cancel command) and the reply.
+    async fn cancelled(&self, id: &str, attempt: i64) -> Result<Disposition, ClientError> {
+        let mut ev = self.event(id, TaskState::Cancelled, attempt);
+        ev.reason = Some("cancel command".into());
+        self.end_unstarted(id, &ev).await?;
         info!(task_id = id, "cancelled");
         self.sh
             .metrics
