@@ -683,6 +683,8 @@ struct ChordDrain {
     publish_per_s: f64,
     drain_per_s: f64,
     cpu_ms_per_task: f64,
+    /// The scheduler's CPU over the whole run (it folds the chord's join).
+    scheduler_cpu_ms: f64,
     /// Chord only: the callback's `started` event's time minus the latest
     /// member's final event's time (both the worker's clock, ms).
     callback_gap_ms: Option<f64>,
@@ -746,8 +748,9 @@ async fn chord_drain(base: &Config, opts: &Options, as_chord: bool) -> anyhow::R
     let mut finals = 0usize;
     let mut last_final_at = f64::MIN;
     let mut gap = None;
+    let mut callback_final = None;
     let idle = Duration::from_secs(60);
-    while finals < n || (as_chord && gap.is_none()) {
+    while finals < n || (as_chord && callback_final.is_none()) {
         let Some(e) = watch.next(idle).await? else {
             bail!(
                 "only {finals} of {n} tasks finished, callback seen: {}: nothing for {idle:?}",
@@ -758,6 +761,9 @@ async fn chord_drain(base: &Config, opts: &Options, as_chord: bool) -> anyhow::R
         if ev.task_id == callback_id {
             if ev.state == TaskState::Started && gap.is_none() {
                 gap = Some((at_ms(&ev.at), Instant::now()));
+            }
+            if ev.state.is_final() {
+                callback_final = Some((ev.state, ev.reason.clone()));
             }
             continue;
         }
@@ -774,7 +780,14 @@ async fn chord_drain(base: &Config, opts: &Options, as_chord: bool) -> anyhow::R
         b.inc(1);
     }
     b.finish_and_clear();
+    // The callback ran with its n results, and succeeded.
+    if let Some((state, reason)) = callback_final {
+        if state != TaskState::Succeeded {
+            bail!("the chord's callback ended {state:?} ({reason:?})");
+        }
+    }
     let sample = procstat::sample(pid).context("sample the worker")?;
+    let folder = procstat::sample(scheduler).context("sample the scheduler")?;
     env.stop(pid).await;
     env.stop(scheduler).await;
     drop(watch);
@@ -789,6 +802,7 @@ async fn chord_drain(base: &Config, opts: &Options, as_chord: bool) -> anyhow::R
         publish_per_s: n as f64 / publish.secs,
         drain_per_s: (n.max(2) - 1) as f64 / (last - first).as_secs_f64().max(1e-9),
         cpu_ms_per_task: sample.cpu_s * 1000.0 / n as f64,
+        scheduler_cpu_ms: folder.cpu_s * 1000.0,
         callback_gap_ms: gap.map(|(at, _)| at - last_final_at),
         callback_gap_arrival_ms: gap
             .map(|(_, arrived)| arrived.saturating_duration_since(last).as_secs_f64() * 1000.0),
@@ -844,6 +858,13 @@ pub async fn chord(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row>> {
             "ms",
             min(&chord, |d| d.cpu_ms_per_task),
             min(&plain, |d| d.cpu_ms_per_task),
+        ),
+        Row::vs(
+            s,
+            "scheduler CPU for the run (chord vs plain)",
+            "ms",
+            min(&chord, |d| d.scheduler_cpu_ms),
+            min(&plain, |d| d.scheduler_cpu_ms),
         ),
     ];
     for (k, d) in chord.iter().enumerate() {
