@@ -4,7 +4,9 @@
 //! queues, the task counts, the failures with their errors, the dead letters
 //! with a replay button, and a task looked up by id; Replay works through
 //! the session (with its CSRF token); logging out ends the session. A
-//! screenshot is kept as target/dashboard/dashboard.png.
+//! screenshot is kept as target/dashboard/dashboard.png. A workflow entered
+//! in the Workflow panel fills in live as its chain runs, its steps in
+//! order with their states, and a step's task view links back to it.
 
 #[path = "cdp.rs"]
 mod cdp;
@@ -17,7 +19,8 @@ use cdp::{Browser, ALICE_PW, RITA_PW, USERS};
 use serde_json::json;
 use support::{tracker_env, Api, TestDb};
 use warren_client::TaskRequest;
-use warren_e2e::{until_final, T};
+use warren_core::workflow::{encode_chain, Step, CHAIN};
+use warren_e2e::{until_final, T, T_LONG};
 
 /// Logs in through the login page.
 async fn log_in(b: &mut Browser, api: &Api, user: &str, password: &str) {
@@ -232,4 +235,144 @@ async fn dashboard_login_replay_and_logout() {
         "location.pathname === '/login' && document.getElementById('login-submit')",
     )
     .await;
+}
+
+/// The Workflow panel: a workflow id entered before the workflow exists
+/// shows why it is missing; once a chain of 3 `diag.add` steps is
+/// published, the page's polling fills it in: the counts per state, then
+/// the 3 steps in chain order, each succeeded once, with its type and its
+/// parent. A step opened from the panel links back to its workflow.
+#[tokio::test]
+async fn dashboard_shows_a_workflows_steps_and_their_states() {
+    let db = TestDb::sqlite("dash-wf");
+    let (mut env, api) = tracker_env("dash-wf", &db, USERS).await;
+    env.up(&[]);
+    api.wait_ready().await;
+
+    let mut b = Browser::launch(&env.prefix, 1400, 1200).await;
+    log_in(&mut b, &api, "rita", RITA_PW).await;
+    b.eval(
+        "document.getElementById('workflow-id').value = 'dwf'; \
+         document.querySelector('#workflow-search button[type=submit]').click(); true",
+    )
+    .await;
+    b.wait_for(
+        "the workflow not known yet",
+        "document.getElementById('workflow-missing')?.textContent.includes('no workflow')",
+    )
+    .await;
+    assert_eq!(
+        b.eval("new URLSearchParams(location.search).get('workflow')")
+            .await,
+        "dwf"
+    );
+
+    // A chain of 3: n 0 +1 → 1, +2 → 3, +3 → 6.
+    let mut watch = env.watch(&["#"]).await;
+    let steps = [
+        Step::new("diag.add", json!({"add": 2})),
+        Step::new("diag.add", json!({"add": 3})),
+    ];
+    env.publish(
+        &TaskRequest::new("diag.add", json!({"n": 0, "add": 1}))
+            .id("dwf")
+            .header_str(CHAIN, &encode_chain(&steps)),
+    )
+    .await;
+    let ids = ["dwf", "dwf.1", "dwf.2"];
+    until_final(&mut watch, &ids, T_LONG).await;
+
+    // No click since: the page's polling fills the panel in.
+    b.wait_for(
+        "3 steps, all succeeded",
+        "document.querySelectorAll('#workflow-tasks tr[data-state=\"succeeded\"]').length === 3 \
+         && document.getElementById('workflow-counts').dataset.done === 'true'",
+    )
+    .await;
+    let rows = b
+        .eval(
+            "[...document.querySelectorAll('#workflow-tasks tbody tr')].map((tr) => [\
+               tr.dataset.step, tr.dataset.task, tr.querySelector('.type').textContent, \
+               tr.querySelector('.state').textContent, tr.querySelector('.attempts').textContent, \
+               tr.cells[5].textContent, tr.querySelector('a').getAttribute('href')])",
+        )
+        .await;
+    assert_eq!(
+        rows,
+        json!([
+            ["1", "dwf", "diag.add", "succeeded", "1", "", "?task=dwf"],
+            [
+                "2",
+                "dwf.1",
+                "diag.add",
+                "succeeded",
+                "1",
+                "dwf",
+                "?task=dwf.1"
+            ],
+            [
+                "3",
+                "dwf.2",
+                "diag.add",
+                "succeeded",
+                "1",
+                "dwf.1",
+                "?task=dwf.2"
+            ],
+        ])
+    );
+    let counts = b
+        .eval("[...document.querySelectorAll('#workflow-counts .count')].map((c) => c.textContent)")
+        .await;
+    assert_eq!(counts, json!(["total 3", "succeeded 3"]));
+    assert_eq!(
+        b.eval("document.getElementById('workflow-body').textContent.includes('null')")
+            .await,
+        false
+    );
+    assert_eq!(
+        b.eval("document.querySelector('#workflow-counts .wf-done').textContent")
+            .await,
+        "done"
+    );
+
+    // A step's link opens the task, whose view names its workflow and
+    // parent; closing the panel and following the task's workflow link
+    // opens the workflow again.
+    b.eval("document.querySelector('#workflow-tasks tr[data-task=\"dwf.2\"] a').click(); true")
+        .await;
+    b.wait_for(
+        "the step's task view with its workflow",
+        "document.getElementById('task-title').textContent === 'dwf.2' \
+         && document.querySelector('#task-facts a.workflow-link')?.textContent === 'dwf'",
+    )
+    .await;
+    let facts = b
+        .eval(
+            "Object.fromEntries([...document.querySelectorAll('#task-facts tr')]\
+               .map((tr) => [tr.cells[0].textContent, tr.cells[1].textContent]))",
+        )
+        .await;
+    assert_eq!(facts["workflow"], "dwf", "{facts}");
+    assert_eq!(facts["parent"], "dwf.1", "{facts}");
+    assert_eq!(facts["result"], "{\"n\":6}", "{facts}");
+    assert_eq!(b.eval("location.search").await, "?task=dwf.2&workflow=dwf");
+    b.eval("document.getElementById('workflow-close').click(); true")
+        .await;
+    b.wait_for(
+        "the workflow panel closed",
+        "!document.getElementById('workflow-tasks') && location.search === '?task=dwf.2'",
+    )
+    .await;
+    b.eval("document.querySelector('#task-facts a.workflow-link').click(); true")
+        .await;
+    b.wait_for(
+        "the workflow again, from the task's link",
+        "document.querySelectorAll('#workflow-tasks tr[data-state=\"succeeded\"]').length === 3 \
+         && document.getElementById('workflow-title').textContent === 'dwf'",
+    )
+    .await;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/dashboard");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("workflow.png"), b.screenshot().await).unwrap();
 }

@@ -50,7 +50,11 @@ pub enum Scenario {
     /// Drain with a tracker, `tracker.track_published` on beside off
     /// (not part of `all`).
     Published,
-    /// All of the above but transfer, tracker and published.
+    /// A chord of --n diag.echo members beside --n plain tasks: drain
+    /// rates and the time from the last member to the callback's start
+    /// (not part of `all`).
+    Chord,
+    /// All of the above but transfer, tracker, published and chord.
     All,
 }
 
@@ -110,6 +114,9 @@ pub async fn run(config: &Config, scenario: Scenario, opts: &Options) -> anyhow:
     }
     if scenario == Published {
         rows.extend(scenarios::published(config, opts).await?);
+    }
+    if scenario == Chord {
+        rows.extend(scenarios::chord(config, opts).await?);
     }
     Ok(rows)
 }

@@ -675,3 +675,216 @@ pub async fn memory(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row>> {
         ),
     ])
 }
+
+/// One drain of the chord scenario: --n diag.echo tasks published (plain,
+/// or as the members of one chord whose callback is a diag.echo), then a
+/// worker started; a scheduler runs in both, as a chord needs one.
+struct ChordDrain {
+    publish_per_s: f64,
+    drain_per_s: f64,
+    cpu_ms_per_task: f64,
+    /// The scheduler's CPU over the whole run (it folds the chord's join).
+    scheduler_cpu_ms: f64,
+    /// Chord only: the callback's `started` event's time minus the latest
+    /// member's final event's time (both the worker's clock, ms).
+    callback_gap_ms: Option<f64>,
+    /// Chord only: the same gap as the events reached the bench.
+    callback_gap_arrival_ms: Option<f64>,
+}
+
+async fn chord_drain(base: &Config, opts: &Options, as_chord: bool) -> anyhow::Result<ChordDrain> {
+    let n = opts.n;
+    let mut env = BenchEnv::new(base, opts.config_path.clone()).await?;
+    let names = env.names();
+    let mut watch = env.client.watch(&["*.diag.echo"]).await?;
+    let scheduler = env.spawn(&["scheduler"], &[])?;
+    let chord_id = format!("bench-chord-{}", &env.config.prefix);
+    let members: Vec<TaskRequest> = (0..n)
+        .map(|i| TaskRequest::new("diag.echo", json!({ "i": i })))
+        .collect();
+    let chord = warren_client::Chord {
+        id: chord_id.clone(),
+        members,
+        callback: warren_client::Step::new("diag.echo", json!({ "callback": true })),
+    };
+    let callback_id = chord.callback_id();
+    let b = bar(
+        n as u64,
+        if as_chord {
+            "chord: publish"
+        } else {
+            "plain: publish"
+        },
+    );
+    let clock = Stopwatch::start();
+    if as_chord {
+        env.client.publish_chord(&chord).await?;
+    } else {
+        env.client
+            .publish_batch(&chord.members, 256, |k| b.set_position(k as u64))
+            .await?;
+    }
+    let publish = clock.stop();
+    b.finish_and_clear();
+    // The chord's start is taken by the scheduler before the worker starts.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env.depth(&names.chords()).await? > 0 {
+        if Instant::now() > deadline {
+            bail!("the scheduler did not take the chord's start within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = env.spawn(&["worker", "--queues", "diag"], &worker_vars(opts))?;
+    let b = bar(
+        n as u64,
+        if as_chord {
+            "chord: drain"
+        } else {
+            "plain: drain"
+        },
+    );
+    let (mut first, mut last) = (None, Instant::now());
+    let mut finals = 0usize;
+    let mut last_final_at = f64::MIN;
+    let mut gap = None;
+    let mut callback_final = None;
+    let idle = Duration::from_secs(60);
+    while finals < n || (as_chord && callback_final.is_none()) {
+        let Some(e) = watch.next(idle).await? else {
+            bail!(
+                "only {finals} of {n} tasks finished, callback seen: {}: nothing for {idle:?}",
+                gap.is_some()
+            );
+        };
+        let ev = &e.event;
+        if ev.task_id == callback_id {
+            if ev.state == TaskState::Started && gap.is_none() {
+                gap = Some((at_ms(&ev.at), Instant::now()));
+            }
+            if ev.state.is_final() {
+                callback_final = Some((ev.state, ev.reason.clone()));
+            }
+            continue;
+        }
+        if !matches!(
+            ev.state,
+            TaskState::Succeeded | TaskState::Dead | TaskState::Cancelled
+        ) {
+            continue;
+        }
+        finals += 1;
+        last = Instant::now();
+        first.get_or_insert(last);
+        last_final_at = last_final_at.max(at_ms(&ev.at));
+        b.inc(1);
+    }
+    b.finish_and_clear();
+    // The callback ran with its n results, and succeeded.
+    if let Some((state, reason)) = callback_final {
+        if state != TaskState::Succeeded {
+            bail!("the chord's callback ended {state:?} ({reason:?})");
+        }
+    }
+    let sample = procstat::sample(pid).context("sample the worker")?;
+    let folder = procstat::sample(scheduler).context("sample the scheduler")?;
+    env.stop(pid).await;
+    env.stop(scheduler).await;
+    drop(watch);
+    env.cleanup().await?;
+    if as_chord {
+        // The scheduler deletes the chord's queue once the callback is out;
+        // if it did not get there, delete it here.
+        let _ = crate::tracker::delete_queue(base, &names.chord_queue(&chord_id)).await;
+    }
+    let first = first.unwrap_or(last);
+    Ok(ChordDrain {
+        publish_per_s: n as f64 / publish.secs,
+        drain_per_s: (n.max(2) - 1) as f64 / (last - first).as_secs_f64().max(1e-9),
+        cpu_ms_per_task: sample.cpu_s * 1000.0 / n as f64,
+        scheduler_cpu_ms: folder.cpu_s * 1000.0,
+        callback_gap_ms: gap.map(|(at, _)| at - last_final_at),
+        callback_gap_arrival_ms: gap
+            .map(|(_, arrived)| arrived.saturating_duration_since(last).as_secs_f64() * 1000.0),
+    })
+}
+
+/// Scenario `chord` (issue 21 item 7): a chord of --n diag.echo members
+/// (at most 10,000) beside --n plain diag.echo tasks, same worker settings
+/// and a scheduler in both, alternating over the rounds: publish and drain
+/// rates (best of each), and per round the time from the latest member's
+/// final event to the callback's `started` event.
+pub async fn chord(base: &Config, opts: &Options) -> anyhow::Result<Vec<Row>> {
+    if opts.n == 0 || opts.n > warren_core::chord::MAX_MEMBERS {
+        bail!(
+            "--n must be 1..={} for the chord scenario",
+            warren_core::chord::MAX_MEMBERS
+        );
+    }
+    let mut plain: Vec<ChordDrain> = Vec::new();
+    let mut chord: Vec<ChordDrain> = Vec::new();
+    for round in 0..opts.rounds.max(1) {
+        if round % 2 == 0 {
+            plain.push(chord_drain(base, opts, false).await?);
+            chord.push(chord_drain(base, opts, true).await?);
+        } else {
+            chord.push(chord_drain(base, opts, true).await?);
+            plain.push(chord_drain(base, opts, false).await?);
+        }
+    }
+    let max =
+        |v: &[ChordDrain], f: fn(&ChordDrain) -> f64| v.iter().map(f).fold(f64::MIN, f64::max);
+    let min =
+        |v: &[ChordDrain], f: fn(&ChordDrain) -> f64| v.iter().map(f).fold(f64::MAX, f64::min);
+    let s = "chord";
+    let mut rows = vec![
+        Row::vs(
+            s,
+            "publish with confirms (chord vs plain)",
+            "tasks/s",
+            max(&chord, |d| d.publish_per_s),
+            max(&plain, |d| d.publish_per_s),
+        ),
+        Row::vs(
+            s,
+            "worker drain (chord members vs plain)",
+            "tasks/s",
+            max(&chord, |d| d.drain_per_s),
+            max(&plain, |d| d.drain_per_s),
+        ),
+        Row::vs(
+            s,
+            "worker CPU per task (chord vs plain)",
+            "ms",
+            min(&chord, |d| d.cpu_ms_per_task),
+            min(&plain, |d| d.cpu_ms_per_task),
+        ),
+        Row::vs(
+            s,
+            "scheduler CPU for the run (chord vs plain)",
+            "ms",
+            min(&chord, |d| d.scheduler_cpu_ms),
+            min(&plain, |d| d.scheduler_cpu_ms),
+        ),
+    ];
+    for (k, d) in chord.iter().enumerate() {
+        if let (Some(at), Some(arrival)) = (d.callback_gap_ms, d.callback_gap_arrival_ms) {
+            rows.push(Row::new(
+                s,
+                &format!(
+                    "round {}: last member final -> callback started (event times)",
+                    k + 1
+                ),
+                "ms",
+                at,
+            ));
+            rows.push(Row::new(
+                s,
+                &format!("round {}: the same, as the events arrived", k + 1),
+                "ms",
+                arrival,
+            ));
+        }
+    }
+    Ok(rows)
+}

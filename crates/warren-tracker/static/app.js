@@ -11,6 +11,7 @@ const COLORS = {
 };
 const samples = [];
 let shownTask = null;
+let shownWorkflow = null;
 // Who is logged in: {user, role, auth, csrf} from /api/session.
 let session = null;
 
@@ -69,6 +70,18 @@ function fill(tbody, rows, cols, empty) {
 }
 function taskLink(id) {
   return el("a", { href: `?task=${encodeURIComponent(id)}`, class: "mono", onclick: (ev) => { ev.preventDefault(); showTask(id); } }, id);
+}
+function workflowLink(id) {
+  return el("a", { href: `?workflow=${encodeURIComponent(id)}`, class: "mono workflow-link",
+    onclick: (ev) => { ev.preventDefault(); showWorkflow(id); } }, id);
+}
+// The address names what is open (?task=…&workflow=…), so it can be shared.
+function syncAddress() {
+  const q = new URLSearchParams();
+  if (shownTask) q.set("task", shownTask);
+  if (shownWorkflow) q.set("workflow", shownWorkflow);
+  const qs = q.toString();
+  window.history.replaceState(null, "", qs ? `?${qs}` : location.pathname);
 }
 
 async function refreshQueues() {
@@ -240,11 +253,12 @@ async function showTask(id) {
   const panel = document.getElementById("task-panel");
   const body = document.getElementById("task-body");
   document.getElementById("task-title").textContent = id;
-  if (shownTask !== id) {
-    document.getElementById("search-id").value = id;
-    window.history.replaceState(null, "", `?task=${encodeURIComponent(id)}`);
-  }
+  const fresh = shownTask !== id;
   shownTask = id;
+  if (fresh) {
+    document.getElementById("search-id").value = id;
+    syncAddress();
+  }
   panel.hidden = false;
   try {
     const { task, events } = await getJSON(`/api/tasks/${encodeURIComponent(id)}`);
@@ -252,7 +266,9 @@ async function showTask(id) {
       ["worker", task.worker], ["first seen", when(task.first_seen)], ["started", when(task.started_at)],
       ["finished", when(task.finished_at)], ["duration", task.duration_ms != null ? `${task.duration_ms} ms` : ""],
       ["reason", task.reason], ["error", errorText(task.error)],
-      ["result", task.result != null ? JSON.stringify(task.result) : ""]];
+      ["result", task.result != null ? JSON.stringify(task.result) : ""],
+      ["workflow", task.workflow_id ? workflowLink(task.workflow_id) : ""],
+      ["parent", task.parent_id ? taskLink(task.parent_id) : ""]];
     const dl = el("table", { id: "task-facts", "data-state": task.state },
       el("tbody", {}, ...facts.filter(([, v]) => v !== null && v !== undefined && v !== "")
         .map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", { class: k === "error" ? "error" : "mono" }, v)))));
@@ -265,6 +281,47 @@ async function showTask(id) {
     body.replaceChildren(dl, el("h3", {}, "History"), ev);
   } catch (e) {
     body.replaceChildren(el("p", { class: "error", id: "task-missing" }, e.message));
+  }
+}
+
+// A workflow (contract section 8): its counts per state, then its tasks
+// (chain steps, group or chord members, callbacks) in the order the tracker
+// first saw them, which for a chain is step order.
+let workflowSeq = 0;
+async function showWorkflow(id) {
+  id = (id || "").trim();
+  if (!id) return;
+  const body = document.getElementById("workflow-body");
+  document.getElementById("workflow-title").textContent = id;
+  document.getElementById("workflow-close").hidden = false;
+  const fresh = shownWorkflow !== id;
+  shownWorkflow = id;
+  if (fresh) {
+    document.getElementById("workflow-id").value = id;
+    syncAddress();
+  }
+  const seq = ++workflowSeq;
+  try {
+    const w = await getJSON(`/api/workflows/${encodeURIComponent(id)}`);
+    if (seq !== workflowSeq || shownWorkflow !== id) return; // another one was asked for since
+    const counts = el("div", { id: "workflow-counts", class: "counts", "data-done": w.done ? "true" : "false" },
+      el("span", { class: "count", "data-state": "total" }, "total ", el("b", {}, w.total)),
+      ...Object.entries(w.counts).map(([st, n]) => el("span", { class: `count state-${st}`, "data-state": st }, `${st} `, el("b", {}, n))),
+      el("span", { class: w.done ? "pill ok wf-done" : "pill wf-done" }, w.done ? "done" : "in progress"));
+    const rows = w.tasks.map((t, i) => el("tr", { "data-step": i + 1, "data-task": t.task_id, "data-state": t.state },
+      el("td", { class: "num" }, i + 1), el("td", {}, taskLink(t.task_id)), el("td", { class: "type" }, t.type),
+      el("td", { class: `state state-${t.state}` }, t.state), el("td", { class: "num attempts" }, t.attempts),
+      el("td", {}, t.parent_id ? taskLink(t.parent_id) : ""), el("td", { class: "mono" }, when(t.last_event_at)),
+      el("td", { class: "error" }, errorText(t.error) || t.reason || "")));
+    const table = el("table", { id: "workflow-tasks" },
+      el("thead", {}, el("tr", {}, el("th", { class: "num" }, "#"), el("th", {}, "task"), el("th", {}, "type"), el("th", {}, "state"),
+        el("th", { class: "num" }, "attempts"), el("th", {}, "parent"), el("th", {}, "last event"), el("th", {}, "detail"))),
+      el("tbody", {}, ...rows));
+    const more = w.truncated ? [el("p", { class: "muted" }, `showing the first ${w.tasks.length} of ${w.total} tasks`)] : [];
+    body.replaceChildren(counts, table, ...more);
+  } catch (e) {
+    if (seq !== workflowSeq) return;
+    body.replaceChildren(el("p", { class: "error", id: "workflow-missing" }, e.message));
   }
 }
 
@@ -474,6 +531,7 @@ function poll() {
   refreshWaiting();
   refreshActions();
   if (shownTask) showTask(shownTask);
+  if (shownWorkflow) showWorkflow(shownWorkflow);
 }
 
 document.getElementById("search").addEventListener("submit", (ev) => {
@@ -488,12 +546,25 @@ document.getElementById("waiting-filter").addEventListener("submit", (ev) => { e
 document.getElementById("task-close").addEventListener("click", () => {
   document.getElementById("task-panel").hidden = true;
   shownTask = null;
-  window.history.replaceState(null, "", location.pathname);
+  syncAddress();
+});
+document.getElementById("workflow-search").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  showWorkflow(document.getElementById("workflow-id").value);
+});
+document.getElementById("workflow-close").addEventListener("click", () => {
+  shownWorkflow = null;
+  workflowSeq++;
+  document.getElementById("workflow-title").textContent = "";
+  document.getElementById("workflow-close").hidden = true;
+  document.getElementById("workflow-body").replaceChildren();
+  syncAddress();
 });
 
 loadSession().then(() => {
-  const wanted = new URLSearchParams(location.search).get("task");
-  if (wanted) showTask(wanted);
+  const params = new URLSearchParams(location.search);
+  if (params.get("workflow")) showWorkflow(params.get("workflow"));
+  if (params.get("task")) showTask(params.get("task"));
   poll();
   setInterval(poll, POLL_MS);
 });

@@ -301,7 +301,12 @@ pub enum BenchScenario {
     /// Drain of --n tasks with a tracker running, the copies of published
     /// tasks (`tracker.track_published`) on beside off, alternating rounds.
     Published,
-    /// Every scenario but scaling, transfer, tracker and published.
+    /// A chord of --n diag.echo members (at most 10,000) beside --n plain
+    /// diag.echo tasks, a scheduler running in both, alternating rounds:
+    /// publish and drain rates, and the time from the last member's final
+    /// event to the callback's `started` event.
+    Chord,
+    /// Every scenario but scaling, transfer, tracker, published and chord.
     All,
 }
 

@@ -23,6 +23,7 @@ pub async fn run(
         BenchScenario::Tracker => Scenario::Tracker,
         BenchScenario::Transfer => Scenario::Transfer,
         BenchScenario::Published => Scenario::Published,
+        BenchScenario::Chord => Scenario::Chord,
         BenchScenario::All => Scenario::All,
     };
     anyhow::ensure!(args.n >= 2, "--n must be at least 2");
