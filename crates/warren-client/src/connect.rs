@@ -170,12 +170,6 @@ pub async fn connection_gone(conn: &Connection) {
     }
 }
 
-/// How long a process waits for one publisher confirm (its
-/// `broker.publish_timeout_ms`): also the bound on a session's wind-down.
-pub fn publish_timeout() -> Duration {
-    confirm_timeout()
-}
-
 /// A channel in confirm mode: every publication returns a confirm future.
 #[derive(Clone, Debug)]
 pub struct ConfirmChannel {
@@ -286,7 +280,9 @@ impl ConfirmChannel {
 /// `broker.publish_timeout_ms`, set by its first [`connect`].
 static CONFIRM_TIMEOUT: OnceLock<Duration> = OnceLock::new();
 
-fn confirm_timeout() -> Duration {
+/// How long a process waits for one publisher confirm (its
+/// `broker.publish_timeout_ms`): also the bound on a session's wind-down.
+pub fn publish_timeout() -> Duration {
     *CONFIRM_TIMEOUT.get_or_init(|| Duration::from_millis(30_000))
 }
 
@@ -296,7 +292,7 @@ fn confirm_timeout() -> Duration {
 /// good (RabbitMQ 3.10 does not always send it again to the new leader).
 /// The caller then hands its delivery back, and the work is done again.
 pub(crate) async fn confirmed(confirm: PublisherConfirm, what: &str) -> Result<(), ClientError> {
-    let timeout = confirm_timeout();
+    let timeout = publish_timeout();
     let Ok(c) = tokio::time::timeout(timeout, confirm).await else {
         return Err(ClientError::Unconfirmed {
             what: what.to_owned(),
