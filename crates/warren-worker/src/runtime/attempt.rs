@@ -36,7 +36,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::FieldTable;
 use lapin::PublisherConfirm;
 use serde_json::Value;
@@ -731,8 +730,10 @@ impl<'a> Attempt<'a> {
             debug!("escrow lease renewed");
             return Ok(());
         }
-        d.acker
-            .ack(BasicAckOptions::default())
+        // Acked alone, not coalesced: its result decides the escrow.
+        self.session
+            .acks
+            .ack_alone(d.delivery_tag)
             .await
             .map_err(ClientError::amqp("ack the task put in escrow"))?;
         self.escrowed.store(true, Ordering::Relaxed);
@@ -1043,16 +1044,10 @@ impl<'a> Attempt<'a> {
         }
         match outcome {
             Ok(Disposition::Ack) => {
-                if let Err(e) = self.delivery.acker.ack(BasicAckOptions::default()).await {
-                    warn!(task_id = id, error = %e, "ack failed; the broker will redeliver the task");
-                }
+                self.session.acks.ack(self.delivery.delivery_tag).await;
             }
             Ok(Disposition::Requeue) => {
-                let requeue = BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                };
-                let _ = self.delivery.acker.nack(requeue).await;
+                self.session.acks.requeue(self.delivery.delivery_tag).await;
             }
             Err(e) => {
                 warn!(

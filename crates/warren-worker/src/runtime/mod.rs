@@ -11,6 +11,7 @@
 //! - [`pausing`]: paused work queues and task types;
 //! - [`flow`]: global concurrency permits and unique keys, in the broker.
 
+mod acks;
 mod attempt;
 mod flow;
 mod pausing;
@@ -601,6 +602,7 @@ impl Worker {
                     None => return "consumers ended".into(),
                     Some((_, Err(e))) => return e.to_string(),
                     Some((source, Ok(d))) => {
+                        session.acks.delivered(d.delivery_tag);
                         let d = in_flight.hold(d, source);
                         if self.changed(&d) {
                             // Its change is applied at once, not when its

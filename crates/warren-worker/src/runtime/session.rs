@@ -14,6 +14,7 @@ use warren_client::runtime::{connect, ConfirmChannel, Outbox};
 use warren_client::ClientError;
 use warren_core::topology::{field_table, paused_type_queue_arguments};
 
+use super::acks::Acks;
 use super::{Shared, Source};
 
 /// One connection's worth of channels. When it dies, in-flight tasks can no
@@ -22,6 +23,8 @@ use super::{Shared, Source};
 pub(super) struct Session {
     pub(super) conn: Connection,
     consume_channel: lapin::Channel,
+    /// The acks of the deliveries of `consume_channel`.
+    pub(super) acks: Acks,
     /// The consumers now open: tag, and the index of their queue in
     /// [`Shared::sources`]; none while paused.
     consumer_tags: Mutex<Vec<(String, usize)>>,
@@ -60,6 +63,7 @@ impl Session {
         };
         let session = Session {
             conn,
+            acks: Acks::new(consume_ch.clone()),
             consume_channel: consume_ch,
             consumer_tags: Mutex::new(Vec::new()),
             resumed: Default::default(),

@@ -1,0 +1,157 @@
+//! The acks of one consume channel, coalesced with `multiple`.
+//!
+//! A task's ack is due once its outcome is confirmed. Rather than one
+//! `basic.ack` per task, the acks due at the same moment go out as one
+//! `basic.ack` with `multiple` set, which acknowledges every delivery of the
+//! channel up to its tag: fewer frames for the worker and for the broker.
+//! That is only right while every delivery up to that tag is settled, so a
+//! `multiple` ack never reaches past the lowest tag still open: a delivery
+//! running, waiting, put back with `basic.nack`, dropped unsettled (it
+//! returns to its queue with the channel), or not yet seen by the worker at
+//! all (delivery tags count the channel's deliveries from 1, so a tag not
+//! yet registered is known to be missing). Acks above that line go out one
+//! by one, at once: no ack waits for another task.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::Channel;
+use tracing::debug;
+
+/// The acks of one consume channel (see the module's documentation).
+pub(super) struct Acks {
+    channel: Channel,
+    state: Mutex<State>,
+    /// Held while a flush computes and sends: an ack sent alone must go
+    /// out before a later `multiple` ack covers its tag, or the broker
+    /// closes the channel (`unknown delivery tag`).
+    sending: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Below this tag every delivery has been registered.
+    seen_below: u64,
+    /// Tags registered above a gap (a delivery of another consumer of the
+    /// channel not read yet).
+    seen_ahead: BTreeSet<u64>,
+    /// Registered and not settled.
+    open: BTreeSet<u64>,
+    /// Acked by their tasks, not sent yet.
+    due: Vec<u64>,
+    /// A task is about to send what is due.
+    flushing: bool,
+}
+
+impl State {
+    /// The lowest tag a `multiple` ack must not cover.
+    fn line(&self) -> u64 {
+        self.open
+            .first()
+            .copied()
+            .unwrap_or(u64::MAX)
+            .min(self.seen_below)
+    }
+}
+
+impl Acks {
+    pub(super) fn new(channel: Channel) -> Self {
+        Acks {
+            channel,
+            sending: tokio::sync::Mutex::new(()),
+            state: Mutex::new(State {
+                seen_below: 1,
+                ..State::default()
+            }),
+        }
+    }
+
+    /// Registers a delivery as it is read from the channel.
+    pub(super) fn delivered(&self, tag: u64) {
+        let mut s = self.state.lock().expect("acks lock");
+        s.open.insert(tag);
+        if tag == s.seen_below {
+            s.seen_below += 1;
+            loop {
+                let next = s.seen_below;
+                if !s.seen_ahead.remove(&next) {
+                    break;
+                }
+                s.seen_below += 1;
+            }
+        } else if tag > s.seen_below {
+            s.seen_ahead.insert(tag);
+        }
+    }
+
+    /// Acks the delivery `tag`: with the other acks due now, after the
+    /// tasks ready to run have had their turn.
+    pub(super) async fn ack(&self, tag: u64) {
+        let first = {
+            let mut s = self.state.lock().expect("acks lock");
+            s.open.remove(&tag);
+            s.due.push(tag);
+            !std::mem::replace(&mut s.flushing, true)
+        };
+        if first {
+            // Let the other tasks whose outcomes are confirmed add theirs.
+            tokio::task::yield_now().await;
+            self.flush().await;
+        }
+    }
+
+    /// Acks the delivery `tag` alone, now, for a caller that needs to know
+    /// whether it went out.
+    pub(super) async fn ack_alone(&self, tag: u64) -> lapin::Result<()> {
+        let _turn = self.sending.lock().await;
+        self.state.lock().expect("acks lock").open.remove(&tag);
+        self.channel
+            .basic_ack(tag, BasicAckOptions { multiple: false })
+            .await
+    }
+
+    /// Returns the delivery `tag` to its queue (`basic.nack`, requeue).
+    pub(super) async fn requeue(&self, tag: u64) {
+        // Under the turn: a flush must not cover it with a `multiple` ack
+        // between its leaving `open` and its nack going out.
+        let _turn = self.sending.lock().await;
+        self.state.lock().expect("acks lock").open.remove(&tag);
+        let options = BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        };
+        if let Err(e) = self.channel.basic_nack(tag, options).await {
+            debug!(error = %e, tag, "nack failed; the broker returns the task with the channel");
+        }
+    }
+
+    /// Sends what is due: one `multiple` ack up to the highest tag below
+    /// the line, one ack each above it.
+    async fn flush(&self) {
+        let _turn = self.sending.lock().await;
+        let (upto, single) = {
+            let mut s = self.state.lock().expect("acks lock");
+            s.flushing = false;
+            let line = s.line();
+            let mut due = std::mem::take(&mut s.due);
+            due.sort_unstable();
+            let below = due.partition_point(|t| *t < line);
+            let upto = below.checked_sub(1).map(|i| due[i]);
+            due.drain(..below);
+            (upto, due)
+        };
+        if let Some(tag) = upto {
+            self.send(tag, true).await;
+        }
+        for tag in single {
+            self.send(tag, false).await;
+        }
+    }
+
+    async fn send(&self, tag: u64, multiple: bool) {
+        if let Err(e) = self.channel.basic_ack(tag, BasicAckOptions { multiple }).await {
+            debug!(error = %e, tag, "ack failed; the broker will redeliver");
+        }
+    }
+}
