@@ -130,12 +130,6 @@ async fn a_rate_limit_holds_across_three_workers_through_a_scheduler_leader_kill
         .publish_batch(&reqs, 256, |_| {})
         .await
         .expect("publish");
-    // An unlimited type on the same queue is not held back by it.
-    env.publish(&TaskRequest::new("diag.sleep", json!({"ms": 1})).id("free"))
-        .await;
-    let got = until_final(&mut watch, &["free"], T).await;
-    assert_eq!(final_event(&got["free"]).state, TaskState::Succeeded);
-
     // Half way, the scheduler leader is killed.
     let mut starts: Vec<i64> = Vec::new();
     let mut open: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
@@ -143,11 +137,13 @@ async fn a_rate_limit_holds_across_three_workers_through_a_scheduler_leader_kill
     let run_deadline = tokio::time::Instant::now() + Duration::from_secs(u64::from(secs) * 2) + T;
     while !open.is_empty() {
         let left = run_deadline.saturating_duration_since(tokio::time::Instant::now());
-        let e = watch
-            .next(left)
-            .await
-            .expect("watch")
-            .unwrap_or_else(|| panic!("{} tasks not done in time", open.len()));
+        let e = watch.next(left).await.expect("watch").unwrap_or_else(|| {
+            panic!(
+                "{} tasks not done in time; {} started, leader killed: {killed_at:?}",
+                open.len(),
+                starts.len()
+            )
+        });
         let e = e.event;
         if !e.task_id.starts_with("r-") {
             continue;
@@ -191,6 +187,10 @@ async fn a_rate_limit_holds_across_three_workers_through_a_scheduler_leader_kill
         .filter(|&t| t >= killed_at - per_ms)
         .collect();
     let gap = after.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    eprintln!(
+        "after the leader's kill: {} starts, longest gap between two {gap} ms",
+        after.len()
+    );
     assert!(
         after.len() > n / 4 && gap <= 2 * per_ms,
         "after the leader's kill: {} starts, longest gap {gap} ms",
