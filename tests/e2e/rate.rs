@@ -250,6 +250,17 @@ async fn two_keys_each_get_their_own_rate_at_the_same_time() {
         assert!(most <= 2 * limit, "key {key}: {most} starts in {per_ms} ms");
         spans.push((starts[0], starts[starts.len() - 1]));
     }
+    // Each key has its window, named by the key's hash, holding at most
+    // its burst of markers.
+    for key in ["api.a.example", "api.b.example"] {
+        let window = warren_core::flow::rate_queue(
+            &env.names(),
+            "diag.echo",
+            Some(&warren_core::flow::hash_key(key)),
+        );
+        let markers = env.depth(&window).await;
+        assert!(markers as usize <= limit, "{window}: {markers} markers");
+    }
     // Both ran at the same time: each key's run spans most of the other's,
     // so together they went at twice one key's limit.
     let overlap = spans[0].1.min(spans[1].1) - spans[0].0.max(spans[1].0);

@@ -897,6 +897,19 @@ async fn run_limited(
                 .get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_millis(wait_ms))
         })
     };
+    if let (None, Some((rate, w))) = (&limit, &window) {
+        // A rate limit alone: the token first, holding no slot, so that
+        // the round trip to the broker overlaps with the running tasks.
+        match take_token(sh, session, rate, w, None, stop, &mut give_up).await {
+            Ok(_) => {}
+            Err(rate::NoToken::GaveUp) => return gave_up(sh, session, d, None, stop).await,
+            Err(rate::NoToken::Lost(e)) => {
+                debug!(error = %e, "connection lost taking a rate token: the task returns to its queue");
+                drop(d.release);
+                return;
+            }
+        }
+    }
     let Some(mut general) = take_slot(&pool, stop).await else {
         drop(d.release);
         return;
@@ -951,31 +964,10 @@ async fn run_limited(
             }
         }
     }
-    if let Some((rate, w)) = &window {
-        let now = sh.rates.try_now(rate, w, &session.conn, &sh.metrics).await;
-        match now {
-            Ok(true) => {}
-            Ok(false) => {
-                // Over the rate: wait for a token holding no slot.
-                drop(general);
-                sh.metrics.rate_waiting(&rate.task_type, 1);
-                let got = sh
-                    .rates
-                    .wait(rate, w, &session.conn, &sh.metrics, stop, give_up())
-                    .await;
-                sh.metrics.rate_waiting(&rate.task_type, -1);
-                match got {
-                    Ok(()) => {}
-                    Err(rate::NoToken::GaveUp) => {
-                        return gave_up(sh, session, d, permit, stop).await;
-                    }
-                    Err(rate::NoToken::Lost(e)) => {
-                        debug!(error = %e, "connection lost waiting for a rate token: the task returns to its queue");
-                        release(permit, session).await;
-                        drop(d.release);
-                        return;
-                    }
-                }
+    if let (Some(_), Some((rate, w))) = (&limit, &window) {
+        match take_token(sh, session, rate, w, Some(general), stop, &mut give_up).await {
+            Ok(Some(g)) => general = g,
+            Ok(None) => {
                 let Some(g) = take_slot(&pool, stop).await else {
                     release(permit, session).await;
                     drop(d.release);
@@ -983,7 +975,8 @@ async fn run_limited(
                 };
                 general = g;
             }
-            Err(e) => {
+            Err(rate::NoToken::GaveUp) => return gave_up(sh, session, d, permit, stop).await,
+            Err(rate::NoToken::Lost(e)) => {
                 debug!(error = %e, "connection lost taking a rate token: the task returns to its queue");
                 release(permit, session).await;
                 drop(d.release);
@@ -995,6 +988,33 @@ async fn run_limited(
     Attempt::run(sh, session, &d.source, (d.delivery, d.since), abort, slot).await;
     release(permit, session).await;
     drop(d.release);
+}
+
+/// Takes a token of rate window `w`: at once if the window has room, else
+/// it gives `slot` up (if it holds one) and waits for a token holding no
+/// slot. The slot if it is still held.
+async fn take_token(
+    sh: &Shared,
+    session: &Arc<Session>,
+    rate: &rate::TypeRate,
+    w: &rate::Window,
+    slot: Option<OwnedSemaphorePermit>,
+    stop: &CancellationToken,
+    give_up: &mut (dyn FnMut() -> Option<tokio::time::Instant> + Send),
+) -> Result<Option<OwnedSemaphorePermit>, rate::NoToken> {
+    match sh.rates.try_now(rate, w, &session.conn, &sh.metrics).await {
+        Ok(true) => return Ok(slot),
+        Ok(false) => {}
+        Err(e) => return Err(rate::NoToken::Lost(e)),
+    }
+    drop(slot);
+    sh.metrics.rate_waiting(&rate.task_type, 1);
+    let got = sh
+        .rates
+        .wait(rate, w, &session.conn, &sh.metrics, stop, give_up())
+        .await;
+    sh.metrics.rate_waiting(&rate.task_type, -1);
+    got.map(|()| None)
 }
 
 /// Gives a permit back, if the task holds one.
