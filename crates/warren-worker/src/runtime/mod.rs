@@ -844,13 +844,15 @@ struct Gate {
     rate: Option<Arc<rate::TypeRate>>,
 }
 
-/// Runs a delivery of a type with flow limits. In order: a slot; then a
-/// permit if one is free at once, else it gives the slot back, waits for a
-/// permit holding no slot (see [`flow`]) and takes a slot again; then a
-/// rate token if one is free at once, else it gives the slot back (keeping
-/// the permit), waits for a token (see [`rate`]) and takes a slot again.
-/// The permit comes first so that no token is spent on a task that then
-/// waits for a permit. It runs, and gives the permit back once its outcome
+/// Runs a delivery of a type with flow limits. With a rate limit alone: a
+/// token (waiting for one if the window is full, see [`rate`]), then a
+/// slot. Else, in order: a slot; then a permit if one is free at once, else
+/// it gives the slot back, waits for a permit holding no slot (see
+/// [`flow`]) and takes a slot again; then, with a rate limit too, a token
+/// if one is free at once, else it gives the slot back (keeping the
+/// permit), waits for a token and takes a slot again. The permit comes
+/// before the token so that no token is spent on a task that then waits
+/// for a permit. It runs, and gives the permit back once its outcome
 /// is recorded. One that waited `flow.permit_handback_ms` in all goes back
 /// to its queue; one still waiting at shutdown, or when the connection is
 /// lost, returns unacknowledged. A task whose key cannot be used runs
