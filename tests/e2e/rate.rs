@@ -384,3 +384,60 @@ async fn hostile_rate_and_concurrency_keys_make_the_task_invalid() {
         assert_eq!(final_event(&got[id]).state, TaskState::Succeeded, "{id}");
     }
 }
+
+#[tokio::test]
+async fn a_rate_key_set_by_python_pika_works_the_same() {
+    let (limit, per_ms) = (5usize, 1000i64);
+    let mut env = Env::new("ratepika", &[]).await;
+    let mut watch = env.watch(&["#"]).await;
+    let cfg = env.config_file(&format!(
+        "[flow.rate]\n\"diag.echo\" = {{ limit = {limit}, per_ms = {per_ms}, key = \"header\" }}\n"
+    ));
+    start_worker(&mut env, &cfg);
+    let tasks = env.names().tasks();
+    let pika = |id: &str, count: &str, header: [&str; 2]| {
+        warren_e2e::pika(&[
+            "--exchange",
+            &tasks,
+            "--routing-key",
+            "diag.echo",
+            "--body",
+            "{}",
+            "--message-id",
+            id,
+            "--count",
+            count,
+            header[0],
+            header[1],
+        ]);
+    };
+    pika("py-r", "15", ["--header", "x-warren-rate-key=py-host"]);
+    // A key of 300 bytes, as an attacker would send it.
+    pika("py-bad", "1", ["--header-bytes", "x-warren-rate-key=300"]);
+    let ids: Vec<String> = (1..=15).map(|i| format!("py-r-{i}")).collect();
+    let mut all = ids.clone();
+    all.push("py-bad".into());
+    let got = until_final(&mut watch, &all, T_LONG).await;
+    let mut starts: Vec<i64> = ids
+        .iter()
+        .map(|id| {
+            assert_eq!(final_event(&got[id]).state, TaskState::Succeeded, "{id}");
+            started_at(id, &got[id])
+        })
+        .collect();
+    starts.sort_unstable();
+    let rate = sustained_rate(&starts, limit, per_ms as f64);
+    let most = most_in_window(&starts, per_ms);
+    eprintln!("pika key: sustained {rate:.2} per {per_ms} ms, most in a window {most}");
+    assert!(
+        (rate - limit as f64).abs() <= 0.2 * limit as f64,
+        "sustained rate {rate:.2}, limit {limit}"
+    );
+    assert!(most <= 2 * limit, "{most} starts within {per_ms} ms");
+    let bad = final_event(&got["py-bad"]);
+    assert_eq!(bad.state, TaskState::Dead, "{bad:?}");
+    assert_eq!(
+        bad.error.as_ref().map(|e| e.code.as_str()),
+        Some("rate_key")
+    );
+}

@@ -219,9 +219,14 @@ pub fn rate_queue_expires_ms(hold_ms: u64) -> u64 {
 
 /// How long a waiting task pauses between two tries for a token of a full
 /// window, in ms, before jitter: the spacing of tokens at the sustained
-/// rate (`hold / burst`), within 5..=500 ms.
+/// rate (`hold / burst`), at most 2% of the hold, within 5..=500 ms. A freed
+/// token is taken up to a pause late, and each marker then expires that
+/// much later: so the sustained rate stays within a few percent of the
+/// limit, for a few tries a second per waiting worker and window.
 pub fn rate_poll_ms(hold_ms: u64, burst: u32) -> u64 {
-    (hold_ms / u64::from(burst.max(1))).clamp(5, 500)
+    (hold_ms / u64::from(burst.max(1)))
+        .min(hold_ms / 50)
+        .clamp(5, 500)
 }
 
 #[cfg(test)]
@@ -292,9 +297,11 @@ mod tests {
         assert_eq!(token_hold_ms(0, 0, 0), 1);
         assert_eq!(rate_queue_expires_ms(1000), 60_000);
         assert_eq!(rate_queue_expires_ms(600_000), 1_200_000);
-        assert_eq!(rate_poll_ms(1000, 20), 50);
+        assert_eq!(rate_poll_ms(1000, 20), 20);
+        assert_eq!(rate_poll_ms(1000, 100), 10);
         assert_eq!(rate_poll_ms(1000, 1000), 5);
         assert_eq!(rate_poll_ms(60_000, 1), 500);
+        assert_eq!(rate_poll_ms(10_000, 5), 200);
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! until a marker expires. At most `burst` markers are alive at once, so the
 //! broker alone keeps the rate, with no leader and nothing to refill.
 //!
-//! A waiting task tries again every `hold / burst` (the spacing of tokens at
-//! the sustained rate, 5..=500 ms, jittered); within a worker one waiting
+//! A waiting task tries again every `min(hold / burst, hold / 50)` (the
+//! spacing of tokens at the sustained rate, at most 2% of the hold, within
+//! 5..=500 ms, jittered); within a worker one waiting
 //! task per window tries at a time, the others queue behind it. It does not
 //! read the head marker to learn when it expires: a `basic.get` takes the
 //! marker out of the queue's length until it is put back, and a publication
