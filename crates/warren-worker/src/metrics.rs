@@ -66,6 +66,18 @@ struct Inner {
     durations: BTreeMap<(String, &'static str), Histogram>,
     /// Start of a delayed task's attempt after its due time.
     lateness: Histogram,
+    /// Per rate-limited type: tasks waiting for a token now, tokens taken,
+    /// and waits begun.
+    rates: BTreeMap<String, RateCounts>,
+    /// Per type with a global concurrency limit: tasks waiting for a permit.
+    permit_waiting: BTreeMap<String, i64>,
+}
+
+#[derive(Debug, Default)]
+struct RateCounts {
+    waiting: i64,
+    tokens: u64,
+    waits: u64,
 }
 
 impl WorkerMetrics {
@@ -76,6 +88,8 @@ impl WorkerMetrics {
                 dead: BTreeMap::new(),
                 durations: BTreeMap::new(),
                 lateness: Histogram::new(LATENESS_BUCKETS),
+                rates: BTreeMap::new(),
+                permit_waiting: BTreeMap::new(),
             }),
             concurrency,
             running: AtomicI64::new(0),
@@ -206,6 +220,30 @@ impl WorkerMetrics {
         self.limit_waiting.fetch_add(delta, Ordering::Relaxed);
     }
 
+    /// A task of `task_type` begins (`+1`) or ends (`-1`) waiting for a
+    /// global concurrency permit.
+    pub(crate) fn permit_waiting(&self, task_type: &str, delta: i64) {
+        self.limit_waiting(delta);
+        self.with(|m| *m.permit_waiting.entry(task_type.to_owned()).or_default() += delta);
+    }
+
+    /// A task of `task_type` begins (`+1`) or ends (`-1`) waiting for a
+    /// rate limit's token; a beginning counts a wait.
+    pub(crate) fn rate_waiting(&self, task_type: &str, delta: i64) {
+        self.with(|m| {
+            let r = m.rates.entry(task_type.to_owned()).or_default();
+            r.waiting += delta;
+            if delta > 0 {
+                r.waits += 1;
+            }
+        });
+    }
+
+    /// A token of `task_type`'s rate limit was taken.
+    pub(crate) fn rate_token(&self, task_type: &str) {
+        self.with(|m| m.rates.entry(task_type.to_owned()).or_default().tokens += 1);
+    }
+
     /// A task that waited `flow.permit_handback_ms` for a permit went back
     /// to its queue.
     pub(crate) fn limit_handed_back(&self) {
@@ -276,6 +314,55 @@ impl Probe for WorkerMetrics {
                 .filter(|((_, o), _)| *o == Outcome::Retried)
                 .map(|(_, n)| n)
                 .sum();
+            e.family(
+                "warren_worker_limit_waiting_by_type",
+                "gauge",
+                "Tasks waiting in this worker for a global concurrency permit, by type.",
+            );
+            for (t, n) in &m.permit_waiting {
+                e.sample(
+                    "warren_worker_limit_waiting_by_type",
+                    &[("type", t)],
+                    *n as f64,
+                );
+            }
+            e.family(
+                "warren_worker_rate_waiting",
+                "gauge",
+                "Tasks waiting in this worker for a rate limit's token (flow.rate), by type \
+                 (holding no slot).",
+            );
+            for (t, r) in &m.rates {
+                e.sample(
+                    "warren_worker_rate_waiting",
+                    &[("type", t)],
+                    r.waiting as f64,
+                );
+            }
+            e.family(
+                "warren_worker_rate_tokens_total",
+                "counter",
+                "Rate limit tokens this worker took (tasks let start), by type.",
+            );
+            for (t, r) in &m.rates {
+                e.sample(
+                    "warren_worker_rate_tokens_total",
+                    &[("type", t)],
+                    r.tokens as f64,
+                );
+            }
+            e.family(
+                "warren_worker_rate_waits_total",
+                "counter",
+                "Tasks that found their rate limit's window full and waited for a token, by type.",
+            );
+            for (t, r) in &m.rates {
+                e.sample(
+                    "warren_worker_rate_waits_total",
+                    &[("type", t)],
+                    r.waits as f64,
+                );
+            }
             e.single(
                 "warren_worker_retries_total",
                 "counter",
@@ -305,7 +392,7 @@ impl Probe for WorkerMetrics {
         e.single(
             "warren_worker_limit_handed_back_total",
             "counter",
-            "Tasks put back on their queue after waiting flow.permit_handback_ms for a permit.",
+            "Tasks put back on their queue after waiting flow.permit_handback_ms for a permit or a rate token.",
             load(&self.limit_handed_back),
         );
         e.single(
@@ -443,6 +530,11 @@ mod tests {
         );
         m.dead("_unregistered", "invalid", None);
         m.running(1);
+        m.rate_token("http.get");
+        m.rate_waiting("http.get", 1);
+        m.rate_waiting("http.get", -1);
+        m.rate_waiting("http.get", 1);
+        m.permit_waiting("http.get", 1);
         m.link.consuming(true);
         let text = m.metrics();
         for line in [
@@ -457,6 +549,11 @@ mod tests {
             "warren_worker_tasks_running 1\n",
             "warren_worker_concurrency 4\n",
             "warren_worker_up 1\n",
+            "warren_worker_rate_tokens_total{type=\"http.get\"} 1\n",
+            "warren_worker_rate_waiting{type=\"http.get\"} 1\n",
+            "warren_worker_rate_waits_total{type=\"http.get\"} 2\n",
+            "warren_worker_limit_waiting_by_type{type=\"http.get\"} 1\n",
+            "warren_worker_limit_waiting 1\n",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -37,7 +37,9 @@ use crate::names::Names;
 
 pub use broker::{BrokerConfig, BrokerUrls};
 pub use exec::{ExecConfig, DEFAULT_MAX_OUTPUT_BYTES};
-pub use flow::{FlowConfig, MAX_GLOBAL_CONCURRENCY};
+pub use flow::{
+    ConcurrencyLimit, FlowConfig, RateLimit, MAX_GLOBAL_CONCURRENCY, MAX_RATE, MAX_RATE_PERIOD_MS,
+};
 pub use http::{redact_url, BrokerUrl, DatabaseUrl, HostRule, HttpConfig};
 pub use issues::{ConfigError, ConfigIssue};
 pub use limits::LimitsConfig;

@@ -332,10 +332,43 @@ impl<'a> Attempt<'a> {
         if let Some(r) = self.apply_change(&id).await {
             return Triage::Settled(id, r);
         }
+        if let Some(r) = self.bad_flow_key(&id).await {
+            return Triage::Settled(id, r);
+        }
         if let Some(r) = self.duplicate(&id).await {
             return Triage::Settled(id, r);
         }
         Triage::Run(id)
+    }
+
+    /// A task of a type limited per key (contract section 9) whose key
+    /// cannot be used (not a string, empty, longer than 256 bytes) is
+    /// invalid, with error code `concurrency_key` or `rate_key`.
+    async fn bad_flow_key(&self, id: &str) -> Option<Result<Disposition, ClientError>> {
+        let flow = &self.sh.config.flow;
+        if flow.concurrency.is_empty() && flow.rate.is_empty() {
+            return None;
+        }
+        let sources = [
+            (
+                "concurrency_key",
+                flow.concurrency
+                    .get(&self.task_type)
+                    .and_then(|c| c.key_source()),
+            ),
+            (
+                "rate_key",
+                flow.rate_of(&self.task_type).and_then(|r| r.key_source()),
+            ),
+        ];
+        for (code, source) in sources {
+            let Some(source) = source else { continue };
+            if let Err(e) = source.key_of(self.meta.headers.as_ref(), &self.delivery.data) {
+                let invalid = InvalidTask::new(code, e.to_string());
+                return Some(self.park_invalid(id, &invalid).await);
+            }
+        }
+        None
     }
 
     /// A task with `x-warren-unique-key` (contract section 9) takes its key

@@ -1,7 +1,8 @@
 //! Fleet-wide flow control through the broker (contract section 9).
 //!
 //! Global concurrency: the `k`-th permit of a type limited to `N` is the
-//! exclusive queue `P.permits.<type>.<k>`, `k < N`. A worker holds a permit
+//! exclusive queue `P.permits.<type>.<k>`, `k < N` (of a key of a type
+//! limited per key, `P.permits.<type>.<hash>.<k>`). A worker holds a permit
 //! while its connection owns that queue: declaring it succeeds for one
 //! connection only (another gets `RESOURCE_LOCKED`), and the broker deletes
 //! it when that connection closes, so the permit of a worker that dies comes
@@ -21,7 +22,7 @@
 //! whenever. The winner also leaves its id in `P.unique.<hash>.first` for
 //! the losers to read and name in their `duplicate` event.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -38,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use warren_client::ClientError;
 use warren_core::config::FlowConfig;
-use warren_core::flow::{permit_queue, UniqueKey};
+use warren_core::flow::{permit_base, KeySource, UniqueKey};
 use warren_core::Names;
 
 use super::session::Session;
@@ -46,14 +47,54 @@ use crate::metrics::WorkerMetrics;
 
 /// The global concurrency limits this worker enforces, one per limited type.
 pub(super) struct Limits {
-    by_type: BTreeMap<String, Arc<TypeLimit>>,
+    by_type: BTreeMap<String, Arc<TypeLimits>>,
     backoff: Duration,
     backoff_max: Duration,
 }
 
-/// One limited type.
+/// The limit of one type: one for the whole type, or one per key.
+pub(super) struct TypeLimits {
+    /// Where a task's key comes from, for a limit per key.
+    pub(super) key: Option<KeySource>,
+    /// The limit of the type, or of its tasks without a key.
+    shared: Arc<TypeLimit>,
+    /// The limits of the keys seen, by hash; those no task of this worker
+    /// uses are forgotten once there are [`KEYS_KEPT`].
+    keyed: Mutex<HashMap<String, Arc<TypeLimit>>>,
+}
+
+/// How many keys of a type a worker keeps state for before it forgets
+/// those no task of its uses now (their permits, if any, are in the broker).
+pub(super) const KEYS_KEPT: usize = 1024;
+
+impl TypeLimits {
+    /// The limit of a task with the key of hash `key` (`None`: the type's).
+    pub(super) fn for_key(&self, key: Option<String>) -> Arc<TypeLimit> {
+        let Some(hash) = key else {
+            return self.shared.clone();
+        };
+        let mut keyed = self.keyed.lock().expect("keys lock");
+        if let Some(l) = keyed.get(&hash) {
+            return l.clone();
+        }
+        if keyed.len() >= KEYS_KEPT {
+            keyed.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        let l = Arc::new(TypeLimit::new(
+            &self.shared.task_type,
+            Some(hash.clone()),
+            self.shared.n,
+        ));
+        keyed.insert(hash, l.clone());
+        l
+    }
+}
+
+/// One limited type, or one key of a type limited per key.
 pub(super) struct TypeLimit {
     task_type: String,
+    /// The hash of the key, for a limit per key.
+    key: Option<String>,
     n: u32,
     /// Held by the task of this worker trying the permits now.
     turn: tokio::sync::Mutex<()>,
@@ -102,19 +143,13 @@ impl Limits {
         let by_type = flow
             .concurrency
             .iter()
-            .map(|(t, &n)| {
-                let limit = TypeLimit {
-                    task_type: t.clone(),
-                    n,
-                    turn: tokio::sync::Mutex::new(()),
-                    held: Mutex::new(BTreeSet::new()),
-                    freed: Notify::new(),
-                    handoff: Mutex::new(None),
-                    idle: Mutex::new(Vec::new()),
-                    stays: std::sync::atomic::AtomicU64::new(0),
-                    starved: std::sync::atomic::AtomicBool::new(false),
+            .map(|(t, c)| {
+                let limits = TypeLimits {
+                    key: c.key_source(),
+                    shared: Arc::new(TypeLimit::new(t, None, c.limit())),
+                    keyed: Mutex::new(HashMap::new()),
                 };
-                (t.clone(), Arc::new(limit))
+                (t.clone(), Arc::new(limits))
             })
             .collect();
         Limits {
@@ -125,7 +160,7 @@ impl Limits {
     }
 
     /// The limit of `task_type`, if it has one.
-    pub(super) fn of(&self, task_type: &str) -> Option<Arc<TypeLimit>> {
+    pub(super) fn of(&self, task_type: &str) -> Option<Arc<TypeLimits>> {
         self.by_type.get(task_type).cloned()
     }
 
@@ -217,6 +252,26 @@ impl Limits {
 }
 
 impl TypeLimit {
+    fn new(task_type: &str, key: Option<String>, n: u32) -> Self {
+        TypeLimit {
+            task_type: task_type.to_owned(),
+            key,
+            n,
+            turn: tokio::sync::Mutex::new(()),
+            held: Mutex::new(BTreeSet::new()),
+            freed: Notify::new(),
+            handoff: Mutex::new(None),
+            idle: Mutex::new(Vec::new()),
+            stays: std::sync::atomic::AtomicU64::new(0),
+            starved: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The limited type.
+    pub(super) fn task_type(&self) -> &str {
+        &self.task_type
+    }
+
     /// Withdraws the hand-over offer of the task that got a permit another
     /// way; one handed over meanwhile is given back.
     async fn withdraw(&self, handed: &mut oneshot::Receiver<Permit>, conn: &Connection) {
@@ -252,7 +307,10 @@ impl TypeLimit {
                     c
                 }
             };
-            let queue = permit_queue(names, &self.task_type, k);
+            let queue = format!(
+                "{}.{k}",
+                permit_base(names, &self.task_type, self.key.as_deref())
+            );
             let declared = channel
                 .queue_declare(
                     queue.as_str().into(),

@@ -9,13 +9,15 @@
 //! - [`waiting`]: the deliveries waiting for a slot, highest priority first;
 //! - [`progress`]: a running task's `progress` events;
 //! - [`pausing`]: paused work queues and task types;
-//! - [`flow`]: global concurrency permits and unique keys, in the broker.
+//! - [`flow`]: global concurrency permits and unique keys, in the broker;
+//! - [`rate`]: rate limits' tokens, in the broker.
 
 mod acks;
 mod attempt;
 mod flow;
 mod pausing;
 mod progress;
+mod rate;
 mod session;
 mod slots;
 mod waiting;
@@ -74,6 +76,8 @@ struct Shared {
     type_caps: BTreeMap<String, Arc<Semaphore>>,
     /// Global concurrency limits (`flow.concurrency`).
     limits: flow::Limits,
+    /// Rate limits (`flow.rate`).
+    rates: rate::Rates,
     metrics: Arc<WorkerMetrics>,
     /// Moving average of handler run times, in microseconds (0: none yet).
     task_time_us: AtomicU64,
@@ -341,6 +345,7 @@ impl Worker {
             lease_ms: config.worker.escrow_lease_ms,
         });
         let limits = flow::Limits::new(&config.flow);
+        let rates = rate::Rates::new(&config.flow);
         let type_caps = config
             .worker
             .type_concurrency
@@ -359,6 +364,7 @@ impl Worker {
                 escrow,
                 type_caps,
                 limits,
+                rates,
                 metrics: Arc::new(WorkerMetrics::new(config_concurrency, cancels.clone())),
                 task_time_us: AtomicU64::new(0),
             }),
@@ -612,8 +618,8 @@ impl Worker {
                             // Sent before its consumer stopped, or its type
                             // is paused.
                             self.hold_back(session, in_flight, d);
-                        } else if let Some(limit) = self.limited(&d) {
-                            self.start_limited(session, in_flight, d, limit, shutdown);
+                        } else if let Some(gate) = self.limited(&d) {
+                            self.start_limited(session, in_flight, d, gate, shutdown);
                         } else if d.source.sorts() {
                             self.sort(session, in_flight, &mut waiting, d);
                         } else if paused == Pause::Slots {
@@ -745,27 +751,28 @@ impl Worker {
         }));
     }
 
-    /// The global concurrency limit of a held delivery's type, if any.
-    fn limited(&self, d: &Held) -> Option<Arc<flow::TypeLimit>> {
+    /// The flow limits of a held delivery's type (global concurrency, rate),
+    /// if it has any.
+    fn limited(&self, d: &Held) -> Option<Gate> {
         let sh = &self.shared;
-        if sh.config.flow.concurrency.is_empty() {
+        if sh.config.flow.concurrency.is_empty() && sh.rates.is_empty() {
             return None;
         }
-        sh.limits.of(&pausing::type_of(sh, &d.delivery))
+        let task_type = pausing::type_of(sh, &d.delivery);
+        let gate = Gate {
+            permits: sh.limits.of(&task_type),
+            rate: sh.rates.of(&task_type),
+        };
+        (gate.permits.is_some() || gate.rate.is_some()).then_some(gate)
     }
 
-    /// Runs a delivery of a type with a global concurrency limit: takes a
-    /// slot, then a permit if one is free at once; else gives the slot back,
-    /// waits for a permit holding no slot (see [`flow`]), then for a slot;
-    /// runs it and gives the permit back once its outcome is recorded. One that waited
-    /// `flow.permit_handback_ms` goes back to its queue; one still waiting
-    /// at shutdown, or when the connection is lost, returns unacknowledged.
+    /// Runs a delivery of a type with flow limits (see [`run_limited`]).
     fn start_limited(
         &self,
         session: &Arc<Session>,
         in_flight: &InFlight,
         d: Held,
-        limit: Arc<flow::TypeLimit>,
+        gate: Gate,
         shutdown: &CancellationToken,
     ) {
         let shared = self.shared.clone();
@@ -774,65 +781,7 @@ impl Worker {
         let stop = shutdown.clone();
         let pool = in_flight.permits.clone();
         in_flight.tracker.spawn(Box::pin(async move {
-            let sh = &shared;
-            // A slot first, then a permit if one is free at once: while the
-            // limit does not bind, permits are held by running tasks only.
-            let Some(general) = take_slot(&pool, &stop).await else {
-                drop(d.release);
-                return;
-            };
-            let now = sh
-                .limits
-                .try_now(&limit, &session.conn, &sh.names, &sh.metrics)
-                .await;
-            let (permit, general) = match now {
-                Ok(Some(p)) => (p, general),
-                Ok(None) => {
-                    // Over the limit: wait for a permit holding no slot.
-                    drop(general);
-                    let wait_ms = sh.config.flow.permit_handback_ms;
-                    let give_up = (wait_ms > 0)
-                        .then(|| tokio::time::Instant::now() + Duration::from_millis(wait_ms));
-                    sh.metrics.limit_waiting(1);
-                    let permit = sh
-                        .limits
-                        .acquire(&limit, &session.conn, &sh.names, &sh.metrics, &stop, give_up)
-                        .await;
-                    sh.metrics.limit_waiting(-1);
-                    let permit = match permit {
-                        Ok(p) => p,
-                        Err(flow::NoPermit::GaveUp) => {
-                            if !stop.is_cancelled() {
-                                sh.metrics.limit_handed_back();
-                                Attempt::hand_back(sh, &session, &d.source, d.delivery).await;
-                            }
-                            drop(d.release);
-                            return;
-                        }
-                        Err(flow::NoPermit::Lost(e)) => {
-                            debug!(error = %e, "connection lost waiting for a permit: the task returns to its queue");
-                            drop(d.release);
-                            return;
-                        }
-                    };
-                    let Some(general) = take_slot(&pool, &stop).await else {
-                        permit.release(&session).await;
-                        drop(d.release);
-                        return;
-                    };
-                    (permit, general)
-                }
-                Err(e) => {
-                    debug!(error = %e, "connection lost taking a permit: the task returns to its queue");
-                    drop(d.release);
-                    return;
-                }
-            };
-            let slot = Slot::new(pool, general);
-            let delivery = (d.delivery, d.since);
-            Attempt::run(sh, &session, &d.source, delivery, &abort, slot).await;
-            permit.release(&session).await;
-            drop(d.release);
+            run_limited(&shared, &session, d, gate, &abort, &stop, pool).await;
         }));
     }
 
@@ -887,6 +836,213 @@ impl Worker {
             drop(d.release);
         });
     }
+}
+
+/// The flow limits of a task type (contract section 9).
+struct Gate {
+    /// Its global concurrency limit.
+    permits: Option<Arc<flow::TypeLimits>>,
+    /// Its rate limit.
+    rate: Option<Arc<rate::TypeRate>>,
+}
+
+/// Runs a delivery of a type with flow limits. With a rate limit alone: a
+/// token (waiting for one if the window is full, see [`rate`]), then a
+/// slot. Else, in order: a slot; then a permit if one is free at once, else
+/// it gives the slot back, waits for a permit holding no slot (see
+/// [`flow`]) and takes a slot again; then, with a rate limit too, a token
+/// if one is free at once, else it gives the slot back (keeping the
+/// permit), waits for a token and takes a slot again. The permit comes
+/// before the token so that no token is spent on a task that then waits
+/// for a permit. It runs, and gives the permit back once its outcome
+/// is recorded. One that waited `flow.permit_handback_ms` in all goes back
+/// to its queue; one still waiting at shutdown, or when the connection is
+/// lost, returns unacknowledged. A task whose key cannot be used runs
+/// unlimited into triage, which makes it invalid.
+async fn run_limited(
+    sh: &Shared,
+    session: &Arc<Session>,
+    d: Held,
+    gate: Gate,
+    abort: &CancellationToken,
+    stop: &CancellationToken,
+    pool: Arc<Semaphore>,
+) {
+    let headers = d.delivery.properties.headers().as_ref();
+    let key_of = |src: Option<&warren_core::flow::KeySource>| match src {
+        Some(src) => src.key_of(headers, &d.delivery.data),
+        None => Ok(None),
+    };
+    let keys = (
+        key_of(gate.permits.as_ref().and_then(|p| p.key.as_ref())),
+        key_of(gate.rate.as_ref().and_then(|r| r.key.as_ref())),
+    );
+    let (Ok(permit_key), Ok(rate_key)) = keys else {
+        let Some(general) = take_slot(&pool, stop).await else {
+            drop(d.release);
+            return;
+        };
+        let slot = Slot::new(pool, general);
+        Attempt::run(sh, session, &d.source, (d.delivery, d.since), abort, slot).await;
+        drop(d.release);
+        return;
+    };
+    let limit = gate.permits.map(|p| p.for_key(permit_key));
+    let window = gate.rate.map(|r| {
+        let w = r.window(&sh.names, rate_key);
+        (r, w)
+    });
+    let wait_ms = sh.config.flow.permit_handback_ms;
+    // One deadline for every wait of the task, from the first.
+    let mut first_wait: Option<tokio::time::Instant> = None;
+    let mut give_up = || {
+        (wait_ms > 0).then(|| {
+            *first_wait
+                .get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_millis(wait_ms))
+        })
+    };
+    if let (None, Some((rate, w))) = (&limit, &window) {
+        // A rate limit alone: the token first, holding no slot, so that
+        // the round trip to the broker overlaps with the running tasks.
+        match take_token(sh, session, rate, w, None, stop, &mut give_up).await {
+            Ok(_) => {}
+            Err(rate::NoToken::GaveUp) => return gave_up(sh, session, d, None, stop).await,
+            Err(rate::NoToken::Lost(e)) => {
+                debug!(error = %e, "connection lost taking a rate token: the task returns to its queue");
+                drop(d.release);
+                return;
+            }
+        }
+    }
+    let Some(mut general) = take_slot(&pool, stop).await else {
+        drop(d.release);
+        return;
+    };
+    let mut permit = None;
+    if let Some(limit) = &limit {
+        let now = sh
+            .limits
+            .try_now(limit, &session.conn, &sh.names, &sh.metrics)
+            .await;
+        match now {
+            Ok(Some(p)) => permit = Some(p),
+            Ok(None) => {
+                // Over the limit: wait for a permit holding no slot.
+                drop(general);
+                let task_type = limit.task_type();
+                sh.metrics.permit_waiting(task_type, 1);
+                let got = sh
+                    .limits
+                    .acquire(
+                        limit,
+                        &session.conn,
+                        &sh.names,
+                        &sh.metrics,
+                        stop,
+                        give_up(),
+                    )
+                    .await;
+                sh.metrics.permit_waiting(task_type, -1);
+                match got {
+                    Ok(p) => permit = Some(p),
+                    Err(flow::NoPermit::GaveUp) => {
+                        return gave_up(sh, session, d, None, stop).await;
+                    }
+                    Err(flow::NoPermit::Lost(e)) => {
+                        debug!(error = %e, "connection lost waiting for a permit: the task returns to its queue");
+                        drop(d.release);
+                        return;
+                    }
+                }
+                let Some(g) = take_slot(&pool, stop).await else {
+                    release(permit, session).await;
+                    drop(d.release);
+                    return;
+                };
+                general = g;
+            }
+            Err(e) => {
+                debug!(error = %e, "connection lost taking a permit: the task returns to its queue");
+                drop(d.release);
+                return;
+            }
+        }
+    }
+    if let (Some(_), Some((rate, w))) = (&limit, &window) {
+        match take_token(sh, session, rate, w, Some(general), stop, &mut give_up).await {
+            Ok(Some(g)) => general = g,
+            Ok(None) => {
+                let Some(g) = take_slot(&pool, stop).await else {
+                    release(permit, session).await;
+                    drop(d.release);
+                    return;
+                };
+                general = g;
+            }
+            Err(rate::NoToken::GaveUp) => return gave_up(sh, session, d, permit, stop).await,
+            Err(rate::NoToken::Lost(e)) => {
+                debug!(error = %e, "connection lost taking a rate token: the task returns to its queue");
+                release(permit, session).await;
+                drop(d.release);
+                return;
+            }
+        }
+    }
+    let slot = Slot::new(pool, general);
+    Attempt::run(sh, session, &d.source, (d.delivery, d.since), abort, slot).await;
+    release(permit, session).await;
+    drop(d.release);
+}
+
+/// Takes a token of rate window `w`: at once if the window has room, else
+/// it gives `slot` up (if it holds one) and waits for a token holding no
+/// slot. The slot if it is still held.
+async fn take_token(
+    sh: &Shared,
+    session: &Arc<Session>,
+    rate: &rate::TypeRate,
+    w: &rate::Window,
+    slot: Option<OwnedSemaphorePermit>,
+    stop: &CancellationToken,
+    give_up: &mut (dyn FnMut() -> Option<tokio::time::Instant> + Send),
+) -> Result<Option<OwnedSemaphorePermit>, rate::NoToken> {
+    match sh.rates.try_now(rate, w, &session.conn, &sh.metrics).await {
+        Ok(true) => return Ok(slot),
+        Ok(false) => {}
+        Err(e) => return Err(rate::NoToken::Lost(e)),
+    }
+    drop(slot);
+    sh.metrics.rate_waiting(&rate.task_type, 1);
+    let got = sh
+        .rates
+        .wait(rate, w, &session.conn, &sh.metrics, stop, give_up())
+        .await;
+    sh.metrics.rate_waiting(&rate.task_type, -1);
+    got.map(|()| None)
+}
+
+/// Gives a permit back, if the task holds one.
+async fn release(permit: Option<flow::Permit>, session: &Arc<Session>) {
+    if let Some(p) = permit {
+        p.release(session).await;
+    }
+}
+
+/// A task that waited `flow.permit_handback_ms` for a permit or a token
+/// goes back to its queue (at shutdown it returns unacknowledged).
+async fn gave_up(
+    sh: &Shared,
+    session: &Arc<Session>,
+    d: Held,
+    permit: Option<flow::Permit>,
+    stop: &CancellationToken,
+) {
+    release(permit, session).await;
+    if !stop.is_cancelled() {
+        sh.metrics.limit_handed_back();
+        Attempt::hand_back(sh, session, &d.source, d.delivery).await;
+    }
+    drop(d.release);
 }
 
 /// One of the worker's slots, unless `stop` comes first.
