@@ -1,7 +1,7 @@
 //! Tenant fairness (contract section 9): tasks with `x-warren-tenant` on a
 //! work queue with `tenants = true` are served round-robin across tenants.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
@@ -90,10 +90,10 @@ struct Followed {
 }
 
 /// Follows events until `n` distinct tasks succeeded (bounded); fails on
-/// any other final state. `on_start` sees the count of distinct starts.
-async fn follow(watch: &mut EventWatch, n: usize, mut on_start: impl FnMut(usize)) -> Followed {
+/// any other final state.
+async fn follow(watch: &mut EventWatch, n: usize) -> Followed {
     let mut starts = Vec::new();
-    let mut seen: HashMap<String, ()> = HashMap::new();
+    let mut seen: HashSet<String> = HashSet::new();
     let mut succeeded: BTreeMap<String, usize> = BTreeMap::new();
     while succeeded.len() < n {
         let e = watch.next(T).await.unwrap().unwrap_or_else(|| {
@@ -105,12 +105,7 @@ async fn follow(watch: &mut EventWatch, n: usize, mut on_start: impl FnMut(usize
         });
         let id = e.event.task_id.clone();
         match e.event.state {
-            TaskState::Started => {
-                if seen.insert(id.clone(), ()).is_none() {
-                    starts.push((id, Instant::now()));
-                    on_start(starts.len());
-                }
-            }
+            TaskState::Started if seen.insert(id.clone()) => starts.push((id, Instant::now())),
             TaskState::Succeeded => *succeeded.entry(id).or_default() += 1,
             s if s.is_final() => panic!("task {id} ended {s:?}: {e:?}"),
             _ => {}
@@ -148,7 +143,7 @@ async fn a_tenant_behind_a_backlog_of_another_starts_within_the_bound() {
     let workers: Vec<Proc> = (0..WORKERS)
         .map(|_| env.spawn(&["--config", &cfg, "worker"], &[]))
         .collect();
-    let f = follow(&mut watch, reqs.len(), |_| {}).await;
+    let f = follow(&mut watch, reqs.len()).await;
 
     let order = |prefix: &str| -> Vec<(usize, Duration)> {
         f.starts
@@ -227,7 +222,7 @@ async fn nothing_is_lost_when_workers_are_killed_and_all_restart() {
     // One worker killed a third of the way in, the two others at two
     // thirds; two new ones start with nothing but the broker to go on.
     let mut events = Vec::new();
-    let mut started: std::collections::HashSet<String> = Default::default();
+    let mut started: HashSet<String> = HashSet::new();
     let mut phase = 0;
     let mut finals: BTreeMap<String, Vec<TaskState>> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -345,4 +340,71 @@ async fn a_bad_tenant_is_dead_invalid_and_tenants_past_the_cap_share_the_overflo
     let second = env.spawn(&["--config", &cfg, "worker"], &[]);
     let addr = env.ops_addr(&second, "worker", T).await;
     warren_e2e::wait_metric(&addr, "warren_worker_tenant_queues", 3.0, T).await;
+}
+
+/// Consumers of a queue right now (passive declare).
+async fn consumers(env: &Env, queue: &str) -> u32 {
+    let (conn, ch) = env.open_channel().await;
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue exists");
+    let _ = conn.close(200, "bye".into()).await;
+    q.consumer_count()
+}
+
+/// Waits (bounded) until a queue has `n` consumers.
+async fn wait_consumers(env: &Env, queue: &str, n: u32) {
+    let deadline = Instant::now() + T;
+    loop {
+        let got = consumers(env, queue).await;
+        if got == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{queue}: {got} consumers, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn pausing_the_work_queue_stops_its_tenant_queues() {
+    let mut env = Env::new("tenantpause", &[]).await;
+    let cfg = tenant_queue_config(&env, 10).await;
+    let worker = env.spawn(&["--config", &cfg, "worker"], &[]);
+    let mut watch = env.watch(&["#"]).await;
+    env.publish(&task("first".into(), "p", 1)).await;
+    let got = until_final(&mut watch, &["first"], T).await;
+    assert_eq!(final_event(&got["first"]).state, TaskState::Succeeded);
+    let names = env.names();
+    let q = tenant_queue(&names, "tq", &hash_tenant(b"p"));
+    wait_consumers(&env, &q, 1).await;
+
+    env.cli_ok(&["--config", &cfg, "pause", "queue", "tq"]);
+    let addr = env.ops_addr(&worker, "worker", T).await;
+    let series = "warren_worker_fleet_paused{kind=\"queue\",name=\"tq\"}";
+    warren_e2e::wait_metric(&addr, series, 1.0, T).await;
+    wait_consumers(&env, &q, 0).await;
+    wait_consumers(&env, &names.work_queue("tq"), 0).await;
+
+    let ids: Vec<String> = (0..5).map(|i| format!("later-{i}")).collect();
+    for id in &ids {
+        env.publish(&task(id.clone(), "p", 1)).await;
+    }
+    env.wait_depth(&names.work_queue("tq"), 5, T).await;
+    env.cli_ok(&["--config", &cfg, "resume", "queue", "tq"]);
+    let got = until_final(&mut watch, &ids, T).await;
+    for id in &ids {
+        assert_eq!(final_event(&got[id]).state, TaskState::Succeeded, "{id}");
+    }
+    wait_consumers(&env, &q, 1).await;
 }

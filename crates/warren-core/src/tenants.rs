@@ -102,9 +102,9 @@ pub fn parse_record(body: &[u8]) -> Option<String> {
 #[derive(Debug, Clone)]
 pub struct Directory {
     max: usize,
-    /// Distinct hashes seen, admitted or not.
-    seen: HashSet<String>,
-    /// Admitted hashes: the first `max` distinct ones seen.
+    /// Admitted hashes: the first `max` distinct ones seen. Those seen
+    /// later are not kept (they all go to the overflow), so a directory
+    /// flooded with records costs no more memory than `max` hashes.
     admitted: HashSet<String>,
     /// Whether the overflow queue is listed.
     overflow: bool,
@@ -129,7 +129,8 @@ pub enum Learned {
     Nothing,
     /// A slot to consume from now on: a hash admitted, or the overflow.
     Consume(String),
-    /// A hash past the cap: its tenant's tasks go to the overflow.
+    /// A hash past the cap (or read again past it): its tenant's tasks go
+    /// to the overflow.
     Refused(String),
 }
 
@@ -138,7 +139,6 @@ impl Directory {
     pub fn new(max: u32) -> Self {
         Directory {
             max: (max as usize).max(1),
-            seen: HashSet::new(),
             admitted: HashSet::new(),
             overflow: false,
         }
@@ -161,7 +161,7 @@ impl Directory {
             self.overflow = true;
             return Learned::Consume(slot);
         }
-        if !self.seen.insert(slot.clone()) {
+        if self.admitted.contains(&slot) {
             return Learned::Nothing;
         }
         if self.admitted.len() < self.max {
@@ -176,7 +176,7 @@ impl Directory {
     pub fn place(&self, hash: &str) -> Place {
         if self.admitted.contains(hash) {
             Place::Own
-        } else if self.seen.contains(hash) || self.admitted.len() >= self.max {
+        } else if self.admitted.len() >= self.max {
             Place::Overflow
         } else {
             Place::Unknown
@@ -188,9 +188,10 @@ impl Directory {
         self.overflow
     }
 
-    /// Whether a hash has been read (admitted or refused).
+    /// Whether a hash's place is settled: it is admitted, or the cap is
+    /// reached (every hash not admitted goes to the overflow).
     pub fn knows(&self, hash: &str) -> bool {
-        self.seen.contains(hash)
+        self.admitted.contains(hash) || self.admitted.len() >= self.max
     }
 
     /// How many tenant queues are admitted.
@@ -292,13 +293,19 @@ mod tests {
         // same for every reader.
         assert_eq!(d.learn(hs[2].as_bytes()), Learned::Consume(hs[2].clone()));
         assert_eq!(d.learn(hs[3].as_bytes()), Learned::Refused(hs[3].clone()));
-        assert_eq!(d.learn(hs[3].as_bytes()), Learned::Nothing);
+        assert_eq!(d.learn(hs[3].as_bytes()), Learned::Refused(hs[3].clone()));
         assert_eq!(d.admitted(), 3);
         assert_eq!(d.place(&hs[0]), Place::Own);
         assert_eq!(d.place(&hs[2]), Place::Own);
         assert_eq!(d.place(&hs[3]), Place::Overflow);
         assert_eq!(d.place(&hs[4]), Place::Overflow, "full: never appended");
-        assert!(d.knows(&hs[3]) && !d.knows(&hs[4]));
+        assert!(
+            d.knows(&hs[3]) && d.knows(&hs[4]),
+            "full: every place is settled"
+        );
+        let mut fresh = Directory::new(3);
+        fresh.learn(hs[0].as_bytes());
+        assert!(fresh.knows(&hs[0]) && !fresh.knows(&hs[1]));
         assert!(!d.has_overflow());
         assert_eq!(d.learn(b"overflow"), Learned::Consume(OVERFLOW.into()));
         assert_eq!(d.learn(b"overflow"), Learned::Nothing);
