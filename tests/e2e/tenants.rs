@@ -221,7 +221,6 @@ async fn nothing_is_lost_when_workers_are_killed_and_all_restart() {
         .collect();
     // One worker killed a third of the way in, the two others at two
     // thirds; two new ones start with nothing but the broker to go on.
-    let mut events = Vec::new();
     let mut started: HashSet<String> = HashSet::new();
     let mut phase = 0;
     let mut finals: BTreeMap<String, Vec<TaskState>> = BTreeMap::new();
@@ -242,7 +241,6 @@ async fn nothing_is_lost_when_workers_are_killed_and_all_restart() {
                 .or_default()
                 .push(e.event.state);
         }
-        events.push(e);
         if phase == 0 && started.len() >= N / 3 {
             let w = workers.remove(0);
             env.kill(&w, T).await;
