@@ -179,7 +179,14 @@ impl Session {
                 let source = source.clone();
                 if let (SourceKind::Tenant, Some(t)) = (&source.kind, sh.tenants.of(&source.short))
                 {
-                    self.declare_once(&source.full, &t.arguments).await?;
+                    // Refused (arguments changed since, permissions): not
+                    // consumed by this session, rather than no queue at
+                    // all; consuming a queue that does not exist would
+                    // close the channel of every consumer.
+                    if let Err(e) = self.declare_once(&source.full, &t.arguments).await {
+                        tracing::warn!(queue = %source.full, error = %e, "cannot declare a tenant queue: not consumed");
+                        continue;
+                    }
                 }
                 let tag = format!(
                     "{}.worker.{}.{}{suffix}",
