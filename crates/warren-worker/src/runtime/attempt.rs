@@ -13,6 +13,7 @@
 //! | no id, or redelivered below the poison limit | the copy put back on its queue |
 //! | handed back: waited `worker.handback_ms` for a slot | the copy put back on its queue |
 //! | moved from a lane entry to its priority's lane | the copy in the lane |
+//! | moved from a work queue with tenants to its tenant queue | the copy in the tenant queue (its directory record first, when new) |
 //! | its queue is paused | the copy put back on its queue |
 //! | its type is paused | the copy parked in `P.paused.<type>` |
 //! | cancelled before it started | `cancelled` event, reply |
