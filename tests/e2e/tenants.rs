@@ -406,3 +406,50 @@ async fn pausing_the_work_queue_stops_its_tenant_queues() {
     }
     wait_consumers(&env, &q, 1).await;
 }
+
+#[tokio::test]
+async fn a_quorum_work_queue_gets_quorum_tenant_queues() {
+    let mut env = Env::new("tenantqq", &[]).await;
+    let (conn, ch) = env.open_channel().await;
+    ch.queue_delete(
+        env.names().work_queue("diag").as_str().into(),
+        QueueDeleteOptions::default(),
+    )
+    .await
+    .expect("delete the diag queue");
+    let _ = conn.close(200, "bye".into()).await;
+    let cfg = env.config_file(
+        "[[queues]]\nname = \"tq\"\ntype = \"quorum\"\ntenants = true\n\n\
+         [[routes]]\npattern = \"diag.*\"\nqueue = \"tq\"\n",
+    );
+    env.cli_ok(&["--config", &cfg, "topology", "apply"]);
+    env.spawn(&["--config", &cfg, "worker"], &[]);
+    let mut watch = env.watch(&["#"]).await;
+    let ids: Vec<String> = (0..10).map(|i| format!("q-{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        env.publish(&task(id.clone(), ["m", "n"][i % 2], 1).priority(9))
+            .await;
+    }
+    let got = until_final(&mut watch, &ids, T).await;
+    for id in &ids {
+        assert_eq!(final_event(&got[id]).state, TaskState::Succeeded, "{id}");
+    }
+    // Declared as its work queue is: a passive declare finds it, and a
+    // declaration as a classic queue is refused.
+    let names = env.names();
+    let q = tenant_queue(&names, "tq", &hash_tenant(b"m"));
+    assert!(exists(&env, &q).await);
+    let (conn, ch) = env.open_channel().await;
+    let classic = ch
+        .queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(classic.is_err(), "the tenant queue is a quorum queue");
+    let _ = conn.close(200, "bye".into()).await;
+}
