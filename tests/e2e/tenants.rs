@@ -223,7 +223,8 @@ async fn nothing_is_lost_when_workers_are_killed_and_all_restart() {
     // thirds; two new ones start with nothing but the broker to go on.
     let mut started: HashSet<String> = HashSet::new();
     let mut phase = 0;
-    let mut finals: BTreeMap<String, Vec<TaskState>> = BTreeMap::new();
+    let mut killed: Vec<u32> = Vec::new();
+    let mut finals: BTreeMap<String, Vec<(TaskState, Option<String>)>> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while finals.len() < N {
         assert!(Instant::now() < deadline, "{} of {N} ended", finals.len());
@@ -239,15 +240,37 @@ async fn nothing_is_lost_when_workers_are_killed_and_all_restart() {
             finals
                 .entry(e.event.task_id.clone())
                 .or_default()
-                .push(e.event.state);
+                .push((e.event.state, e.event.worker.clone()));
         }
         if phase == 0 && started.len() >= N / 3 {
+            // Every task has left the work queue for its tenant queue
+            // (moves are fast): the kills below interrupt runs, not moves.
+            let mut addrs = Vec::new();
+            for w in &workers {
+                addrs.push(env.ops_addr(w, "worker", T).await);
+            }
+            let moved_by = Instant::now() + T;
+            loop {
+                let mut moved = 0.0;
+                for a in &addrs {
+                    let (_, text) = warren_e2e::http_get(a, "/metrics").await;
+                    moved += warren_e2e::metric(&text, "warren_worker_moved_to_tenant_total")
+                        .unwrap_or(0.0);
+                }
+                if moved >= N as f64 {
+                    break;
+                }
+                assert!(Instant::now() < moved_by, "{moved} of {N} moved");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let w = workers.remove(0);
             env.kill(&w, T).await;
+            killed.push(w.pid);
             phase = 1;
         } else if phase == 1 && started.len() >= 2 * N / 3 {
             for w in std::mem::take(&mut workers) {
                 env.kill(&w, T).await;
+                killed.push(w.pid);
             }
             for _ in 0..2 {
                 workers.push(env.spawn(&["--config", &cfg, "worker"], &[]));
@@ -258,15 +281,23 @@ async fn nothing_is_lost_when_workers_are_killed_and_all_restart() {
     assert_eq!(phase, 2, "the workers were killed mid-way");
     let not_ok: Vec<_> = finals
         .iter()
-        .filter(|(_, s)| s.iter().any(|s| *s != TaskState::Succeeded))
+        .filter(|(_, s)| s.iter().any(|(s, _)| *s != TaskState::Succeeded))
         .collect();
     assert!(not_ok.is_empty(), "every task succeeded: {not_ok:?}");
-    // A task whose success was confirmed by a killed worker that had not
-    // acknowledged it yet runs again (at least once, contract section 3):
-    // at most the slots of the killed workers.
+    // A task ends twice only when the worker that recorded its first
+    // success was killed before its ack (at least once, contract section
+    // 3): every move was over before the first kill.
+    let was_killed = |w: &Option<String>| {
+        w.as_deref()
+            .is_some_and(|w| killed.iter().any(|pid| w.ends_with(&format!("/{pid}"))))
+    };
     let twice: Vec<_> = finals.iter().filter(|(_, s)| s.len() > 1).collect();
     eprintln!("tasks that ended twice: {}", twice.len());
-    assert!(twice.len() <= 12, "{twice:?}");
+    let unexplained: Vec<_> = twice.iter().filter(|(_, s)| !was_killed(&s[0].1)).collect();
+    assert!(
+        unexplained.is_empty(),
+        "ended twice, the first time on a worker that lived: {unexplained:?}"
+    );
     let names = env.names();
     for t in ["x", "y", "z"] {
         let q = tenant_queue(&names, "tq", &hash_tenant(t.as_bytes()));
