@@ -27,6 +27,7 @@ pub mod pauses;
 pub mod permissions;
 pub mod routes;
 pub mod task;
+pub mod tenants;
 pub mod topology;
 pub mod workflow;
 

@@ -12,7 +12,7 @@ use std::fmt;
 
 use amq_protocol_types::{AMQPValue, FieldTable, LongString, ShortString};
 
-use crate::config::{Config, QueueKind};
+use crate::config::{Config, QueueConfig, QueueKind};
 
 /// The type of an exchange.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +162,38 @@ pub fn durable_queue_arguments(
         }
     }
     base
+}
+
+/// The arguments a work queue is declared with (its own purpose only;
+/// [`work_queue_arguments`] adds what every durable queue gets).
+fn work_queue_base_arguments(c: &Config, q: &QueueConfig) -> BTreeMap<String, ArgValue> {
+    let dlx = c.names().dead_letter_exchange();
+    match c.queue_kind(q) {
+        QueueKind::Classic => args([
+            ("x-dead-letter-exchange", ArgValue::Str(dlx)),
+            ("x-max-priority", ArgValue::Int(q.max_priority.into())),
+        ]),
+        QueueKind::Quorum => args([
+            ("x-dead-letter-exchange", ArgValue::Str(dlx)),
+            ("x-queue-type", ArgValue::Str("quorum".into())),
+        ]),
+    }
+}
+
+/// The arguments of work queue `q` as declared, which its lanes and tenant
+/// queues share (so they dead-letter, replicate and sort by priority
+/// alike). Tenant queues are declared by workers, with these.
+pub fn work_queue_arguments(c: &Config, q: &QueueConfig) -> BTreeMap<String, ArgValue> {
+    durable_queue_arguments(c, work_queue_base_arguments(c, q))
+}
+
+/// The arguments of `P.q.<name>.tenants`, the directory of a work queue's
+/// tenant queues: a stream (also on the replicated topology), kept whole
+/// (no `x-max-age`: a record dropped would leave its tenant queue unread by
+/// workers started later). It holds one short record per tenant queue,
+/// plus duplicates from races.
+pub fn tenant_directory_arguments() -> BTreeMap<String, ArgValue> {
+    args([("x-queue-type", ArgValue::Str("stream".into()))])
 }
 
 /// The arguments of `P.tracker.published`, declared by the scheduler with
@@ -459,28 +491,17 @@ impl TopologyPlan {
             } else {
                 receives.join("; ")
             };
-            let (arguments, kind) = match c.queue_kind(q) {
-                QueueKind::Classic => (
-                    args([
-                        ("x-dead-letter-exchange", ArgValue::Str(dlx.clone())),
-                        ("x-max-priority", ArgValue::Int(q.max_priority.into())),
-                    ]),
-                    format!("classic, priorities 0..={}", q.max_priority),
-                ),
-                QueueKind::Quorum => (
-                    args([
-                        ("x-dead-letter-exchange", ArgValue::Str(dlx.clone())),
-                        ("x-queue-type", ArgValue::Str("quorum".into())),
-                    ]),
-                    match c.queue_bands(q) {
-                        Some(b) => format!(
-                            "quorum, replicated, priorities 0..={} sorted by workers into {} lanes",
-                            q.max_priority,
-                            b.lanes()
-                        ),
-                        None => "quorum, replicated, no priorities".to_string(),
-                    },
-                ),
+            let arguments = work_queue_base_arguments(c, q);
+            let kind = match c.queue_kind(q) {
+                QueueKind::Classic => format!("classic, priorities 0..={}", q.max_priority),
+                QueueKind::Quorum => match c.queue_bands(q) {
+                    Some(b) => format!(
+                        "quorum, replicated, priorities 0..={} sorted by workers into {} lanes",
+                        q.max_priority,
+                        b.lanes()
+                    ),
+                    None => "quorum, replicated, no priorities".to_string(),
+                },
             };
             queues.push(owned(
                 n.work_queue(&q.name),
@@ -503,6 +524,20 @@ impl TopologyPlan {
                         ),
                     ));
                 }
+            }
+            if q.tenants {
+                queues.push(queue(
+                    crate::tenants::directory(&n, &q.name),
+                    tenant_directory_arguments(),
+                    format!(
+                        "directory of the tenant queues of work queue \"{}\" (at most {} and \
+                         the overflow, {}.tenant.<hash|overflow>, declared by workers): every \
+                         worker reads it from the start and consumes each",
+                        q.name,
+                        q.tenants_max,
+                        n.work_queue(&q.name)
+                    ),
+                ));
             }
         }
 
@@ -1292,6 +1327,39 @@ mod tests {
         assert!(plan("")
             .explain_quorum_refusal("warren.dead", "boom")
             .is_none());
+    }
+
+    #[test]
+    fn a_queue_with_tenants_gets_its_directory_stream() {
+        let p = plan(
+            "[[queues]]\nname = \"io\"\ntenants = true\ntenants_max = 5\n\
+             [[queues]]\nname = \"cpu\"\n\
+             [[routes]]\npattern = \"#\"\nqueue = \"io\"\n",
+        );
+        let dir = queue(&p, "warren.q.io.tenants");
+        assert_eq!(dir.arguments, tenant_directory_arguments());
+        assert!(dir.purpose.contains("at most 5"), "{}", dir.purpose);
+        assert!(p.queues.iter().all(|q| q.name != "warren.q.cpu.tenants"));
+        assert!(p.bindings.iter().all(|b| !b.queue.contains(".tenant")));
+        let c = Config::from_toml(
+            "[[queues]]\nname = \"io\"\ntenants = true\n\
+             [[routes]]\npattern = \"#\"\nqueue = \"io\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            work_queue_arguments(&c, &c.queues[0]),
+            queue(&p, "warren.q.io").arguments,
+            "tenant queues are declared like their work queue"
+        );
+        // Replicated: still a stream.
+        let r = plan(
+            "[topology]\nreplicated = true\n[[queues]]\nname = \"io\"\ntenants = true\n\
+             [[routes]]\npattern = \"#\"\nqueue = \"io\"\n",
+        );
+        assert_eq!(
+            queue(&r, "warren.q.io.tenants").arguments,
+            tenant_directory_arguments()
+        );
     }
 
     #[test]

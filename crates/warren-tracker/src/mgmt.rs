@@ -113,6 +113,9 @@ fn kind_of(prefix: &str, name: &str) -> &'static str {
         "unroutable" => "unroutable",
         "delay.intake" | "wait.due" => "delay",
         "tracker.events" => "tracker",
+        // A work queue's tenant directory holds records, not tasks; its
+        // lanes and tenant queues count with it.
+        r if r.starts_with("q.") && r.ends_with(".tenants") => "internal",
         r if r.starts_with("q.") => "work",
         r if r.starts_with("paused.") => "paused",
         r if r.starts_with("wait.") || r.starts_with("release.") => "delay",
@@ -344,6 +347,8 @@ mod tests {
     #[test]
     fn queue_kinds() {
         assert_eq!(kind_of("warren", "warren.q.io"), "work");
+        assert_eq!(kind_of("warren", "warren.q.io.tenant.overflow"), "work");
+        assert_eq!(kind_of("warren", "warren.q.io.tenants"), "internal");
         assert_eq!(kind_of("warren", "warren.dead"), "dead");
         assert_eq!(kind_of("warren", "warren.wait.16s"), "delay");
         assert_eq!(kind_of("warren", "warren.release.4s"), "delay");

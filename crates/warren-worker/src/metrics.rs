@@ -44,6 +44,8 @@ pub(crate) struct WorkerMetrics {
     returned: AtomicU64,
     handed_back: AtomicU64,
     moved_to_lane: AtomicU64,
+    moved_to_tenant: AtomicU64,
+    tenant_queues: AtomicU64,
     escrowed: AtomicU64,
     paused: AtomicI64,
     pauses_slots: AtomicU64,
@@ -98,6 +100,8 @@ impl WorkerMetrics {
             returned: AtomicU64::new(0),
             handed_back: AtomicU64::new(0),
             moved_to_lane: AtomicU64::new(0),
+            moved_to_tenant: AtomicU64::new(0),
+            tenant_queues: AtomicU64::new(0),
             escrowed: AtomicU64::new(0),
             paused: AtomicI64::new(0),
             pauses_slots: AtomicU64::new(0),
@@ -165,6 +169,14 @@ impl WorkerMetrics {
     /// at once was moved to the priority lane of its priority.
     pub(crate) fn moved_to_lane(&self) {
         self.moved_to_lane.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn moved_to_tenant(&self) {
+        self.moved_to_tenant.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn tenant_queues(&self, known: usize) {
+        self.tenant_queues.store(known as u64, Ordering::Relaxed);
     }
 
     /// A running task went into escrow (it ran past `worker.escrow_after_ms`).
@@ -430,6 +442,18 @@ impl Probe for WorkerMetrics {
             "counter",
             "Deliveries from the entry of a quorum work queue moved to the priority lane of their priority (no slot free at once).",
             load(&self.moved_to_lane),
+        );
+        e.single(
+            "warren_worker_moved_to_tenant_total",
+            "counter",
+            "Deliveries with x-warren-tenant moved from a work queue with tenants to their tenant queue (or the overflow).",
+            load(&self.moved_to_tenant),
+        );
+        e.single(
+            "warren_worker_tenant_queues",
+            "gauge",
+            "Tenant queues (the overflow included) this worker has read in the directories and consumes.",
+            load(&self.tenant_queues),
         );
         e.single(
             "warren_worker_escrowed_total",

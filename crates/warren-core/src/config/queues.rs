@@ -39,6 +39,19 @@ pub struct QueueConfig {
     /// Whether task types that no route matches go to this queue.
     #[serde(default)]
     pub default: bool,
+    /// Tenant fairness (see [`crate::tenants`]): tasks carrying
+    /// `x-warren-tenant` are moved to a queue per tenant and served
+    /// round-robin across tenants.
+    #[serde(default)]
+    pub tenants: bool,
+    /// The most tenant queues the queue gets (1..=100000); tenants past it
+    /// share the overflow queue.
+    #[serde(default = "default_tenants_max")]
+    pub tenants_max: u32,
+}
+
+fn default_tenants_max() -> u32 {
+    crate::tenants::DEFAULT_TENANTS_MAX
 }
 
 fn default_max_priority() -> u8 {
@@ -134,6 +147,9 @@ pub struct RouteConfig {
 /// The longest queue name a `[[queues]]` entry declares: its last lane, or
 /// the work queue itself.
 fn longest_name(c: &Config, names: &crate::Names, q: &QueueConfig) -> String {
+    if q.tenants {
+        return crate::tenants::longest_tenant_queue(names, &q.name);
+    }
     match c.queue_bands(q) {
         Some(b) => names.lane_queue(&q.name, b.lanes() - 1),
         None => names.work_queue(&q.name),
@@ -224,6 +240,16 @@ impl Config {
                     )
                 }
                 _ => {}
+            }
+            if q.tenants_max == 0 || q.tenants_max > crate::tenants::MAX_TENANTS_MAX {
+                issues.add(
+                    format!("queues[{i}].tenants_max"),
+                    format!(
+                        "{} is out of range: must be 1..={}",
+                        q.tenants_max,
+                        crate::tenants::MAX_TENANTS_MAX
+                    ),
+                );
             }
             if q.default {
                 match first_default {
@@ -369,6 +395,24 @@ mod tests {
         .unwrap();
         assert_eq!(c.queues[0].kind, Some(QueueKind::Quorum));
         assert_eq!(c.queues[0].max_priority, 3);
+    }
+
+    #[test]
+    fn tenant_rules() {
+        let c = Config::from_toml(&format!(
+            "[[queues]]\nname = \"a\"\ntenants = true\n{ONE_QUEUE_ROUTE}"
+        ))
+        .unwrap();
+        assert!(c.queues[0].tenants);
+        assert_eq!(c.queues[0].tenants_max, 1000);
+        let c = Config::from_toml(&format!("[[queues]]\nname = \"a\"\n{ONE_QUEUE_ROUTE}")).unwrap();
+        assert!(!c.queues[0].tenants, "off unless asked for");
+        one_issue(
+            &format!(
+                "[[queues]]\nname = \"a\"\ntenants = true\ntenants_max = 0\n{ONE_QUEUE_ROUTE}"
+            ),
+            "config key queues[0].tenants_max: 0 is out of range: must be 1..=100000",
+        );
     }
 
     #[test]

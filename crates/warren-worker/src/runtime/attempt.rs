@@ -13,6 +13,7 @@
 //! | no id, or redelivered below the poison limit | the copy put back on its queue |
 //! | handed back: waited `worker.handback_ms` for a slot | the copy put back on its queue |
 //! | moved from a lane entry to its priority's lane | the copy in the lane |
+//! | moved from a work queue with tenants to its tenant queue | the copy in the tenant queue (its directory record first, when new) |
 //! | its queue is paused | the copy put back on its queue |
 //! | its type is paused | the copy parked in `P.paused.<type>` |
 //! | cancelled before it started | `cancelled` event, reply |
@@ -251,6 +252,51 @@ impl<'a> Attempt<'a> {
                 attempt.settle(&id, outcome).await;
             }
         }
+    }
+
+    /// Moves a delivery with `x-warren-tenant` from a work queue with
+    /// tenants to its tenant's queue (or the overflow), as a lane move: a
+    /// confirmed copy, then the ack. A tenant that is not a string of
+    /// 1..=256 bytes makes the task dead `invalid` (code `tenant`). What
+    /// triage settles is settled here as it would be there.
+    pub(super) async fn move_to_tenant(
+        sh: &'a Shared,
+        session: &'a Session,
+        source: &'a Source,
+        delivery: Delivery,
+    ) {
+        let attempt = Attempt::new(sh, session, source, delivery, Instant::now());
+        let id = match attempt.triage().await {
+            Triage::Settled(id, outcome) => return attempt.settle(&id, outcome).await,
+            Triage::Run(id) => id,
+        };
+        let outcome =
+            match super::tenants::move_to(sh, session, attempt.queue, &attempt.delivery).await {
+                Err(invalid) => attempt.park_invalid(&id, &invalid).await,
+                Ok(Ok(Some(queue))) => {
+                    let d = &attempt.delivery;
+                    let moved = attempt
+                        .out()
+                        .to_lane(
+                            &queue,
+                            &d.data,
+                            &d.properties,
+                            attempt.headers(),
+                            &attempt.task_type,
+                            &id,
+                        )
+                        .await;
+                    if moved.is_ok() {
+                        debug!(task_id = %id, queue, "moved to its tenant queue");
+                        sh.metrics.moved_to_tenant();
+                    }
+                    moved.map(|()| Disposition::Ack)
+                }
+                // Its record not read back in time: back to its queue.
+                Ok(Ok(None)) => attempt.requeue(&id, attempt.headers()).await,
+                Ok(Err(e)) => Err(e),
+            };
+        attempt.settle(&id, outcome).await;
     }
 
     fn new(

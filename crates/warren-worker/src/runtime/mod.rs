@@ -11,6 +11,7 @@
 //! - [`pausing`]: paused work queues and task types;
 //! - [`flow`]: global concurrency permits and unique keys, in the broker;
 //! - [`rate`]: rate limits' tokens, in the broker.
+//! - [`tenants`]: tenant queues and their directories (tenant fairness).
 
 mod acks;
 mod attempt;
@@ -20,6 +21,7 @@ mod progress;
 mod rate;
 mod session;
 mod slots;
+mod tenants;
 mod waiting;
 
 use std::collections::BTreeMap;
@@ -78,6 +80,8 @@ struct Shared {
     limits: flow::Limits,
     /// Rate limits (`flow.rate`).
     rates: rate::Rates,
+    /// The tenant queues of the work queues with `tenants = true`.
+    tenants: tenants::Tenants,
     metrics: Arc<WorkerMetrics>,
     /// Moving average of handler run times, in microseconds (0: none yet).
     task_time_us: AtomicU64,
@@ -109,6 +113,12 @@ enum SourceKind {
     },
     /// Lane `k` of a quorum work queue.
     Lane(u8),
+    /// A tenant queue (or the overflow) of a work queue with tenants: run
+    /// as it comes, never moved again.
+    Tenant,
+    /// The directory stream of a work queue's tenant queues: read, never
+    /// run.
+    Directory,
 }
 
 impl Source {
@@ -145,9 +155,22 @@ impl Source {
         out
     }
 
-    /// True for a lane.
-    fn is_lane(&self) -> bool {
-        matches!(self.kind, SourceKind::Lane(_))
+    /// Which consumers it opens with: 0 work queues and lane entries (the
+    /// worker's prefetch), 1 lanes, 2 tenant queues (both
+    /// [`Shared::lane_prefetch`]), 3 a directory (on its own channel).
+    fn group(&self) -> u8 {
+        match self.kind {
+            SourceKind::Plain | SourceKind::Entry { .. } => 0,
+            SourceKind::Lane(_) => 1,
+            SourceKind::Tenant => 2,
+            SourceKind::Directory => 3,
+        }
+    }
+
+    /// True for a work queue itself (not a lane, tenant queue or
+    /// directory): where tasks with a tenant move from.
+    fn is_entry(&self) -> bool {
+        self.group() == 0
     }
 
     /// True for the entry of a work queue with lanes, whose deliveries
@@ -160,6 +183,10 @@ impl Source {
     fn label(&self) -> String {
         match self.kind {
             SourceKind::Lane(k) => format!("{}.lane.{k}", self.short),
+            SourceKind::Tenant | SourceKind::Directory => self
+                .full
+                .rsplit_once(".q.")
+                .map_or(self.full.clone(), |(_, tail)| tail.to_owned()),
             _ => self.short.clone(),
         }
     }
@@ -346,6 +373,7 @@ impl Worker {
         });
         let limits = flow::Limits::new(&config.flow);
         let rates = rate::Rates::new(&config.flow);
+        let tenants = tenants::Tenants::new(&config, &names);
         let type_caps = config
             .worker
             .type_concurrency
@@ -365,6 +393,7 @@ impl Worker {
                 type_caps,
                 limits,
                 rates,
+                tenants,
                 metrics: Arc::new(WorkerMetrics::new(config_concurrency, cancels.clone())),
                 task_time_us: AtomicU64::new(0),
             }),
@@ -607,6 +636,11 @@ impl Worker {
                     None if paused != Pause::No || self.some_queue_paused() => {}
                     None => return "consumers ended".into(),
                     Some((_, Err(e))) => return e.to_string(),
+                    Some((source, Ok(d))) if matches!(source.kind, SourceKind::Directory) => {
+                        if let Err(e) = self.learn(session, stream, &source, d, paused, prefetch).await {
+                            return e.to_string();
+                        }
+                    }
                     Some((source, Ok(d))) => {
                         session.acks.delivered(d.delivery_tag);
                         let d = in_flight.hold(d, source);
@@ -618,6 +652,8 @@ impl Worker {
                             // Sent before its consumer stopped, or its type
                             // is paused.
                             self.hold_back(session, in_flight, d);
+                        } else if self.to_tenant(&d) {
+                            self.move_to_tenant(session, in_flight, d);
                         } else if let Some(gate) = self.limited(&d) {
                             self.start_limited(session, in_flight, d, gate, shutdown);
                         } else if d.source.sorts() {
@@ -641,7 +677,7 @@ impl Worker {
                 },
                 _ = sleep_until_some(hand_back_at) => {
                     if paused == Pause::No {
-                        session.stop_running(sh).await;
+                        session.stop_running().await;
                         sh.metrics.paused(true);
                     }
                     if paused != Pause::Slots {
@@ -685,6 +721,54 @@ impl Worker {
             session.resume(sh, stream, prefetch).await?;
         }
         Ok(())
+    }
+
+    /// Reads one record of a tenant directory (and acknowledges it, as a
+    /// stream wants): a tenant queue not known before is consumed from now
+    /// on, unless the worker is not consuming (it is then consumed on
+    /// resume, as every queue).
+    async fn learn(
+        &self,
+        session: &Arc<Session>,
+        stream: &mut Deliveries,
+        source: &Source,
+        d: Delivery,
+        paused: Pause,
+        prefetch: u16,
+    ) -> Result<(), warren_client::ClientError> {
+        let sh = &self.shared;
+        let _ = d
+            .acker
+            .ack(lapin::options::BasicAckOptions::default())
+            .await;
+        if !sh.tenants.learn(&sh.names, &source.short, &d.data) {
+            return Ok(());
+        }
+        sh.metrics.tenant_queues(sh.tenants.known());
+        if paused == Pause::No {
+            session.resume(sh, stream, prefetch).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether a held delivery moves to its tenant's queue: it came from a
+    /// work queue with tenants and carries `x-warren-tenant` (valid or not:
+    /// the move parks a bad one dead `invalid`).
+    fn to_tenant(&self, d: &Held) -> bool {
+        d.source.is_entry()
+            && self.shared.tenants.of(&d.source.short).is_some()
+            && warren_core::tenants::has_tenant(d.delivery.properties.headers().as_ref())
+    }
+
+    /// Moves a held delivery to its tenant's queue (see
+    /// [`Attempt::move_to_tenant`]).
+    fn move_to_tenant(&self, session: &Arc<Session>, in_flight: &InFlight, d: Held) {
+        let shared = self.shared.clone();
+        let session = session.clone();
+        in_flight.tracker.spawn(async move {
+            Attempt::move_to_tenant(&shared, &session, &d.source, d.delivery).await;
+            drop(d.release);
+        });
     }
 
     /// Whether a pause applies to a held delivery: its work queue or its

@@ -8,14 +8,14 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::Connection;
 use warren_client::runtime::{connect, ConfirmChannel, Outbox};
 use warren_client::ClientError;
-use warren_core::topology::{field_table, paused_type_queue_arguments};
+use warren_core::topology::{field_table, paused_type_queue_arguments, tenant_directory_arguments};
 
 use super::acks::Acks;
-use super::{Shared, Source};
+use super::{Shared, Source, SourceKind};
 
 /// One connection's worth of channels. When it dies, in-flight tasks can no
 /// longer ack on it: the broker redelivers them, so nothing is lost and no
@@ -25,15 +25,19 @@ pub(super) struct Session {
     consume_channel: lapin::Channel,
     /// The acks of the deliveries of `consume_channel`.
     pub(super) acks: Acks,
-    /// The consumers now open: tag, and the index of their queue in
-    /// [`Shared::sources`]; none while paused.
-    consumer_tags: Mutex<Vec<(String, usize)>>,
+    /// The consumers now open: tag, and their queue (one of
+    /// [`Shared::sources`] or a tenant queue); none while paused.
+    consumer_tags: Mutex<Vec<(String, Arc<Source>)>>,
     /// How many times consuming was resumed (a suffix of the new tags).
     resumed: std::sync::atomic::AtomicU64,
     /// Where every event, reply and copy of this session's tasks is sent.
     pub(super) outbox: Outbox,
-    /// The `P.paused.<type>` queues declared on this connection.
+    /// The queues declared on this connection as needed: `P.paused.<type>`
+    /// and tenant queues.
     holds: Mutex<HashSet<String>>,
+    /// The channels reading tenant directories (never stopped while the
+    /// session lives).
+    directories: Mutex<Vec<lapin::Channel>>,
 }
 
 /// A delivery tagged with the queue it came from.
@@ -69,9 +73,65 @@ impl Session {
             resumed: Default::default(),
             outbox,
             holds: Mutex::default(),
+            directories: Mutex::default(),
         };
-        let consumers = session.consume(sh, sh.config.worker.prefetch, "").await?;
+        let mut consumers = session.consume(sh, sh.config.worker.prefetch, "").await?;
+        consumers.extend(session.read_directories(sh).await?);
         Ok((session, select_all(consumers)))
+    }
+
+    /// Reads the tenant directory of every work queue consumed with
+    /// `tenants = true`, from its first record, each on a channel of its
+    /// own (a stream needs a prefetch and acks). Declares it first, as the
+    /// topology does, so a worker started before `warren topology apply`
+    /// works too.
+    async fn read_directories(&self, sh: &Shared) -> Result<Vec<Consuming>, ClientError> {
+        let mut consumers = Vec::new();
+        for t in sh.tenants.all() {
+            let ch = self
+                .conn
+                .create_channel()
+                .await
+                .map_err(ClientError::amqp("open a directory channel"))?;
+            let dir = &t.directory;
+            ch.queue_declare(
+                dir.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                field_table(&tenant_directory_arguments()),
+            )
+            .await
+            .map_err(ClientError::amqp(format!("declare {dir}")))?;
+            ch.basic_qos(1000, BasicQosOptions::default())
+                .await
+                .map_err(ClientError::amqp("set the directory prefetch"))?;
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-stream-offset".into(),
+                AMQPValue::LongString("first".into()),
+            );
+            let consumer = ch
+                .basic_consume(
+                    dir.as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    args,
+                )
+                .await
+                .map_err(ClientError::amqp(format!("read {dir}")))?;
+            let source = Arc::new(Source {
+                short: t.short().to_owned(),
+                full: dir.clone(),
+                max_priority: 0,
+                kind: SourceKind::Directory,
+            });
+            let tag: TagFn = Box::new(move |d| (source.clone(), d));
+            consumers.push(consumer.map(tag));
+            self.directories.lock().expect("directories lock").push(ch);
+        }
+        Ok(consumers)
     }
 
     /// Opens one consumer on every configured queue not consumed now and
@@ -86,35 +146,52 @@ impl Session {
         prefetch: u16,
         suffix: &str,
     ) -> Result<Vec<Consuming>, ClientError> {
-        let open: Vec<usize> = self
+        let open: HashSet<String> = self
             .consumer_tags
             .lock()
             .expect("tags lock")
             .iter()
-            .map(|(_, i)| *i)
+            .map(|(_, s)| s.full.clone())
             .collect();
+        let mut all = sh.sources.clone();
+        all.extend(sh.tenants.sources());
         let mut consumers = Vec::new();
-        for lanes in [false, true] {
-            let todo: Vec<usize> = (0..sh.sources.len())
-                .filter(|i| {
-                    let s = &sh.sources[*i];
-                    s.is_lane() == lanes && !open.contains(i) && !sh.cancels.queue_paused(&s.short)
+        // Work queues and lane entries, then lanes, then tenant queues: each
+        // group with its own prefetch.
+        for group in 0..3u8 {
+            let todo: Vec<&Arc<Source>> = all
+                .iter()
+                .filter(|s| {
+                    s.group() == group
+                        && !open.contains(&s.full)
+                        && !sh.cancels.queue_paused(&s.short)
                 })
                 .collect();
             if todo.is_empty() {
                 continue;
             }
-            let qos = if lanes {
-                sh.lane_prefetch(prefetch)
-            } else {
+            let qos = if group == 0 {
                 prefetch
+            } else {
+                sh.lane_prefetch(prefetch)
             };
             self.consume_channel
                 .basic_qos(qos, BasicQosOptions::default())
                 .await
                 .map_err(ClientError::amqp("set prefetch"))?;
-            for i in todo {
-                let source = sh.sources[i].clone();
+            for source in todo {
+                let source = source.clone();
+                if let (SourceKind::Tenant, Some(t)) = (&source.kind, sh.tenants.of(&source.short))
+                {
+                    // Refused (arguments changed since, permissions): not
+                    // consumed by this session, rather than no queue at
+                    // all; consuming a queue that does not exist would
+                    // close the channel of every consumer.
+                    if let Err(e) = self.declare_once(&source.full, &t.arguments).await {
+                        tracing::warn!(queue = %source.full, error = %e, "cannot declare a tenant queue: not consumed");
+                        continue;
+                    }
+                }
                 let tag = format!(
                     "{}.worker.{}.{}{suffix}",
                     sh.names.prefix(),
@@ -137,7 +214,7 @@ impl Session {
                 self.consumer_tags
                     .lock()
                     .expect("tags lock")
-                    .push((consumer.tag().to_string(), i));
+                    .push((consumer.tag().to_string(), source.clone()));
                 let tag: TagFn = Box::new(move |d| (source.clone(), d));
                 consumers.push(consumer.map(tag));
             }
@@ -176,20 +253,34 @@ impl Session {
     /// Stops the consumers of what runs (work queues and lanes) and keeps
     /// those of lane entries: while every slot is busy, the worker goes on
     /// sorting what arrives into lanes.
-    pub(super) async fn stop_running(&self, sh: &Shared) {
-        self.stop_where(|i| !sh.sources[i].sorts()).await;
+    pub(super) async fn stop_running(&self) {
+        self.stop_where(|s| !s.sorts()).await;
     }
 
     /// Stops the consumers of the work queues paused now, and of their
     /// lanes.
     pub(super) async fn stop_paused(&self, sh: &Shared) {
-        self.stop_where(|i| sh.cancels.queue_paused(&sh.sources[i].short))
-            .await;
+        self.stop_where(|s| sh.cancels.queue_paused(&s.short)).await;
     }
 
     /// Declares `P.paused.<type>` (`queue`) once per connection, on a
     /// channel of its own (a refused declaration closes its channel).
     pub(super) async fn declare_hold(&self, sh: &Shared, queue: &str) -> Result<(), ClientError> {
+        self.declare_once(
+            queue,
+            &field_table(&paused_type_queue_arguments(&sh.config)),
+        )
+        .await
+    }
+
+    /// Declares the durable queue `queue` with `arguments` once per
+    /// connection, on a channel of its own (a refused declaration closes
+    /// its channel).
+    pub(super) async fn declare_once(
+        &self,
+        queue: &str,
+        arguments: &FieldTable,
+    ) -> Result<(), ClientError> {
         if self.holds.lock().expect("holds lock").contains(queue) {
             return Ok(());
         }
@@ -205,7 +296,7 @@ impl Session {
                     durable: true,
                     ..Default::default()
                 },
-                field_table(&paused_type_queue_arguments(&sh.config)),
+                arguments.clone(),
             )
             .await
             .map_err(ClientError::amqp(format!("declare {queue}")));
@@ -218,12 +309,12 @@ impl Session {
         Ok(())
     }
 
-    async fn stop_where(&self, stop: impl Fn(usize) -> bool) {
+    async fn stop_where(&self, stop: impl Fn(&Source) -> bool) {
         let tags: Vec<String> = {
             let mut open = self.consumer_tags.lock().expect("tags lock");
             let (gone, kept) = std::mem::take(&mut *open)
                 .into_iter()
-                .partition(|(_, i)| stop(*i));
+                .partition(|(_, s)| stop(s));
             *open = kept;
             gone.into_iter().map(|(tag, _)| tag).collect()
         };
