@@ -116,8 +116,9 @@ pub struct TypeView {
 pub struct Holder {
     /// `k` of `P.permits.<type>[.<hash>].<k>`.
     pub permit: u32,
-    /// The holder's connection: the name it gave itself, else the broker's,
-    /// else null.
+    /// The holder's connection, where the management API reports the
+    /// queue's owner (`owner_pid_details`; RabbitMQ 3.10's queue list does
+    /// not): the name it gave itself, else the broker's; else null.
     pub connection: Option<String>,
 }
 

@@ -423,7 +423,7 @@ async function refreshLimits() {
   try {
     const v = await getJSON("/api/limits");
     const holders = (t) => v.permits.filter((p) => p.type === t)
-      .flatMap((p) => p.permits.map((h) => `${p.key ? `${shortKey(p.key)} ` : ""}#${h.permit} ${h.connection || "?"}`));
+      .flatMap((p) => p.permits.map((h) => `${p.key ? `${shortKey(p.key)} ` : ""}#${h.permit}${h.connection ? ` ${h.connection}` : ""}`));
     fill(tbody, v.types.map((t) => el("tr", { "data-limit-type": t.type },
       el("td", { class: "mono" }, t.type),
       el("td", { class: "num limit" }, t.concurrency_limit == null ? "" : `${t.concurrency_limit}${t.concurrency_key ? ` per ${t.concurrency_key}` : ""}`),
