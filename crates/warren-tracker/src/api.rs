@@ -60,6 +60,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/failures", get(failures))
         .route("/api/queues", get(queues))
         .route("/api/paused", get(paused))
+        .route("/api/limits", get(limits))
         .route("/api/pause", post(pause))
         .route("/api/dead", get(dead_list))
         .route("/api/dead/replay", post(dead_replay))
@@ -175,9 +176,57 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        s.metrics.render(counts.as_ref(), ready) + &paused_metrics(&s),
+        s.metrics.render(counts.as_ref(), ready) + &paused_metrics(&s) + &limits_metrics(&s).await,
     )
         .into_response()
+}
+
+/// How long a view of the flow limits is reused.
+const LIMITS_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The flow limits now (or as read within [`LIMITS_TTL`]): the broker's
+/// side from the management API (its error kept in the view), the waiting
+/// tasks from the database.
+async fn limits_view(s: &Shared) -> Result<Arc<crate::limits::LimitsView>, crate::StoreError> {
+    let mut cached = s.limits.lock().await;
+    if let Some((at, view)) = cached.as_ref() {
+        if at.elapsed() < LIMITS_TTL {
+            return Ok(view.clone());
+        }
+    }
+    let known = crate::limits::configured(&s.config);
+    let prefix = s.config.prefix.as_str();
+    let mut view = match crate::limits::read_broker(&s.http, &s.config).await {
+        Ok(broker) => crate::limits::assemble(prefix, &known, &broker),
+        Err(e) => crate::limits::LimitsView {
+            error: Some(e),
+            ..crate::limits::assemble(prefix, &known, &Default::default())
+        },
+    };
+    let waiting = s.store.queued_counts(&view.limited_types()).await?;
+    view.set_waiting(&waiting);
+    view.at = crate::record::format_ms(chrono::Utc::now().timestamp_millis());
+    let view = Arc::new(view);
+    *cached = Some((std::time::Instant::now(), view.clone()));
+    Ok(view)
+}
+
+/// `GET /api/limits`: permits held, rate tokens left, unique locks, tenant
+/// queues and tasks waiting on a limit.
+async fn limits(State(s): State<Arc<Shared>>) -> Response {
+    match limits_view(&s).await {
+        Ok(view) => Json(&*view).into_response(),
+        Err(e) => internal(e),
+    }
+}
+
+/// The flow gauges for `/metrics` (none when the database fails; those
+/// read from the broker are absent while the management API fails).
+async fn limits_metrics(s: &Shared) -> String {
+    match limits_view(s).await {
+        Ok(view) => view.render_metrics(),
+        Err(_) => String::new(),
+    }
 }
 
 /// Query of `GET /api/tasks`.
@@ -767,6 +816,7 @@ mod tests {
             "/api/failures",
             "/api/queues",
             "/api/paused",
+            "/api/limits",
             "/api/pause",
             "/api/dead",
             "/api/dead/replay",

@@ -15,6 +15,7 @@ pub mod api;
 mod auth;
 mod gate;
 mod ingest;
+pub mod limits;
 pub mod metrics;
 pub mod mgmt;
 pub mod published;

@@ -155,7 +155,7 @@ impl MgmtTarget {
 
     /// `api_base()` followed by `path`, where `{vhost}` stands for the
     /// vhost as `queues_url` spells it.
-    fn api_url(&self, path: &str) -> Url {
+    pub(crate) fn api_url(&self, path: &str) -> Url {
         let vhost = self.queues_url.path().rsplit('/').next().unwrap_or("%2F");
         let mut url = self.api_base();
         let full = format!("{}{}", url.path(), path.replace("{vhost}", vhost));
@@ -164,7 +164,7 @@ impl MgmtTarget {
     }
 
     /// GETs one JSON document of the API.
-    async fn get(&self, http: &reqwest::Client, url: Url) -> Result<Value, String> {
+    pub(crate) async fn get(&self, http: &reqwest::Client, url: Url) -> Result<Value, String> {
         let response = http
             .get(url.clone())
             .basic_auth(&self.user, Some(&self.password))

@@ -744,6 +744,35 @@ impl Store {
         Ok(out)
     }
 
+    /// How many tasks of each of `types` are `queued` (published or
+    /// released, not started), through the `(state, last_at)` index: the
+    /// work grows with the queued tasks, not with the history.
+    pub async fn queued_counts(
+        &self,
+        types: &[String],
+    ) -> Result<BTreeMap<String, i64>, StoreError> {
+        let mut out = BTreeMap::new();
+        if types.is_empty() {
+            return Ok(out);
+        }
+        let list: Vec<String> = (0..types.len()).map(|i| format!("${}", i + 1)).collect();
+        let sql = format!(
+            "SELECT type, COUNT(*) FROM tasks WHERE state = 'queued' AND type IN ({}) GROUP BY type",
+            list.join(", ")
+        );
+        let mut q = sqlx::query(&sql).persistent(false);
+        for t in types {
+            q = q.bind(t.clone());
+        }
+        let rows = q.fetch_all(&self.pool).await.map_err(|e| self.err(e))?;
+        for r in rows {
+            let t: String = r.try_get(0).map_err(|e| self.err(e))?;
+            let n: i64 = r.try_get(1).map_err(|e| self.err(e))?;
+            out.insert(t, n);
+        }
+        Ok(out)
+    }
+
     /// Records what an operator did (the audit trail of the API and
     /// dashboard); returns the record's id.
     pub async fn record_action(&self, a: &NewAction) -> Result<i64, StoreError> {

@@ -82,6 +82,9 @@ pub(crate) struct Shared {
     pub client: tokio::sync::OnceCell<warren_client::Client>,
     /// The last half hour of outcomes and waits, for the dashboard's charts.
     pub timeline: crate::timeline::Timeline,
+    /// The last view of the flow limits and when it was read, so the
+    /// dashboard's polling and metric scrapes share one read per second.
+    pub limits: tokio::sync::Mutex<Option<(std::time::Instant, Arc<crate::limits::LimitsView>)>>,
 }
 
 impl Shared {
@@ -165,6 +168,7 @@ impl Tracker {
             pauses: warren_client::runtime::CancelSet::new(),
             client: tokio::sync::OnceCell::new(),
             timeline: crate::timeline::Timeline::default(),
+            limits: tokio::sync::Mutex::new(None),
         });
         let follow_pauses = {
             let (ready, _) = tokio::sync::oneshot::channel();

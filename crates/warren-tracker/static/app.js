@@ -414,6 +414,47 @@ function waitingQuery() {
   return q.toString();
 }
 
+// The Limits panel: per limited type its permits, rate tokens and waiting
+// tasks; the rate windows, tenant queues and unique locks when any exist.
+function shortKey(k) { return k ? `${k.slice(0, 8)}…` : "(type)"; }
+async function refreshLimits() {
+  const tbody = document.querySelector("#limits tbody");
+  const err = document.getElementById("limits-error");
+  try {
+    const v = await getJSON("/api/limits");
+    const holders = (t) => v.permits.filter((p) => p.type === t)
+      .flatMap((p) => p.permits.map((h) => `${p.key ? `${shortKey(p.key)} ` : ""}#${h.permit}${h.connection ? ` ${h.connection}` : ""}`));
+    fill(tbody, v.types.map((t) => el("tr", { "data-limit-type": t.type },
+      el("td", { class: "mono" }, t.type),
+      el("td", { class: "num limit" }, t.concurrency_limit == null ? "" : `${t.concurrency_limit}${t.concurrency_key ? ` per ${t.concurrency_key}` : ""}`),
+      el("td", { class: "num held" }, t.permits_held, t.permit_keys ? ` (${t.permit_keys} keys)` : ""),
+      el("td", { class: "mono holders" }, holders(t.type).join(", ")),
+      el("td", { class: "num tokens" }, t.rate_tokens_left == null ? "" : t.rate_tokens_left),
+      el("td", { class: "num waiting" }, t.waiting))), 6, "no limits configured or held");
+    const rate = document.getElementById("limits-rate");
+    rate.hidden = !v.rate.length;
+    rate.querySelector("tbody").replaceChildren(...v.rate.map((r) => el("tr", { "data-rate-type": r.type, "data-rate-key": r.key || "" },
+      el("td", { class: "mono" }, r.type), el("td", { class: "mono", title: r.key || "" }, shortKey(r.key)),
+      el("td", { class: "num burst" }, r.burst ?? ""), el("td", { class: "num used" }, r.used),
+      el("td", { class: "num tokens" }, r.tokens_left ?? ""))));
+    const ten = document.getElementById("limits-tenants");
+    ten.hidden = !v.tenants.length;
+    ten.querySelector("tbody").replaceChildren(...v.tenants.map((t) => el("tr", { "data-tenant-queue": t.queue },
+      el("td", { class: "mono" }, t.queue), el("td", { class: "num tenants" }, t.tenants),
+      el("td", { class: "num depth" }, t.depth),
+      el("td", { class: "mono" }, t.top.map((d) => `${shortKey(d.tenant)} ${d.depth}`).join(", ")))));
+    document.getElementById("limits-unique").textContent = v.unique.queues
+      ? `unique locks held: ${v.unique.held} (${v.unique.queues} lock queues)` : "";
+    const notes = [];
+    if (v.error) notes.push(`broker side unavailable: ${v.error}`);
+    if (v.truncated.length) notes.push(`more than shown: ${v.truncated.join(", ")}`);
+    err.textContent = notes.join("; ");
+    err.hidden = !notes.length;
+  } catch (e) {
+    fill(tbody, [], 6, `limits unavailable: ${e.message}`);
+  }
+}
+
 let waitingSeq = 0;
 async function refreshWaiting() {
   const tbody = document.querySelector("#waiting tbody");
@@ -526,6 +567,7 @@ function poll() {
   refreshStats();
   refreshTimeline();
   refreshQueues();
+  refreshLimits();
   refreshFailures();
   refreshDead();
   refreshWaiting();

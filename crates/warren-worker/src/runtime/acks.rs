@@ -150,7 +150,11 @@ impl Acks {
     }
 
     async fn send(&self, tag: u64, multiple: bool) {
-        if let Err(e) = self.channel.basic_ack(tag, BasicAckOptions { multiple }).await {
+        if let Err(e) = self
+            .channel
+            .basic_ack(tag, BasicAckOptions { multiple })
+            .await
+        {
             debug!(error = %e, tag, "ack failed; the broker will redeliver");
         }
     }
