@@ -32,10 +32,12 @@
 //! `escrow_done` record instead (a task aborted at shutdown by a copy put
 //! back on its queue as a redelivery first).
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use lapin::message::Delivery;
 use lapin::types::FieldTable;
 use lapin::PublisherConfirm;
@@ -709,7 +711,9 @@ impl<'a> Attempt<'a> {
         let _registered = sh.cancels.running(id, command.clone());
         let began = Instant::now();
         let running = Running::start(&sh.metrics);
-        let mut join = tokio::spawn(async move { handler.handle(ctx).await });
+        // Run in this task, not spawned: a panic is caught here, and on a
+        // timeout, cancel or shutdown the handler's future is dropped.
+        let mut join = std::pin::pin!(AssertUnwindSafe(handler.handle(ctx)).catch_unwind());
         let deadline = began + timeout;
         // Counted from the delivery's arrival, as the broker counts. The
         // handler runs on while the escrow is put in place or renewed.
@@ -720,23 +724,19 @@ impl<'a> Attempt<'a> {
             tokio::select! {
                 r = &mut join => break match r {
                     Ok(r) => r,
-                    Err(e) if e.is_panic() => Err(TaskError::permanent("panic", panic_text(e.into_panic()))),
-                    Err(e) => Err(TaskError::retryable("aborted", e.to_string())),
+                    Err(panic) => Err(TaskError::permanent("panic", panic_text(panic))),
                 },
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     cancel.cancel();
-                    join.abort();
                     break Err(TaskError::retryable("timeout", format!("no result within {} ms", timeout.as_millis())));
                 }
                 _ = command.cancelled() => {
                     cancel.cancel();
-                    join.abort();
                     progress_events.finish().await;
                     return Execution::Cancelled;
                 }
                 _ = abort.cancelled() => {
                     cancel.cancel();
-                    join.abort();
                     progress_events.finish().await;
                     return Execution::Aborted;
                 }

@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::StreamExt;
+use futures::FutureExt;
 use lapin::message::Delivery;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -632,49 +633,71 @@ impl Worker {
                     }
                     known = now;
                 }
-                next = stream.next(), if !stream.is_empty() => match next {
-                    None if paused != Pause::No || self.some_queue_paused() => {}
-                    None => return "consumers ended".into(),
-                    Some((_, Err(e))) => return e.to_string(),
-                    Some((source, Ok(d))) if matches!(source.kind, SourceKind::Directory) => {
-                        if let Err(e) = self.learn(session, stream, &source, d, paused, prefetch).await {
-                            return e.to_string();
+                next = stream.next(), if !stream.is_empty() => {
+                    // What the connection has already read is taken in
+                    // this turn of the loop, not one turn per delivery.
+                    let mut next = next;
+                    loop {
+                        let more = matches!(next, Some((_, Ok(_))));
+                        match next {
+                            None if paused != Pause::No || self.some_queue_paused() => {}
+                            None => return "consumers ended".into(),
+                            Some((_, Err(e))) => return e.to_string(),
+                            Some((source, Ok(d))) if matches!(source.kind, SourceKind::Directory) => {
+                                if let Err(e) = self.learn(session, stream, &source, d, paused, prefetch).await {
+                                    return e.to_string();
+                                }
+                            }
+                            Some((source, Ok(d))) => {
+                                session.acks.delivered(d.delivery_tag);
+                                let d = in_flight.hold(d, source);
+                                if self.changed(&d) {
+                                    // Its change is applied at once, not when its
+                                    // turn comes: its new place may be ahead.
+                                    self.hand_back(session, in_flight, d);
+                                } else if self.held_by_pause(&d) {
+                                    // Sent before its consumer stopped, or its type
+                                    // is paused.
+                                    self.hold_back(session, in_flight, d);
+                                } else if self.to_tenant(&d) {
+                                    self.move_to_tenant(session, in_flight, d);
+                                } else if let Some(gate) = self.limited(&d) {
+                                    self.start_limited(session, in_flight, d, gate, shutdown);
+                                } else if d.source.sorts() {
+                                    self.sort(session, in_flight, &mut waiting, d);
+                                } else if paused == Pause::Slots {
+                                    // Sent before the consumers stopped.
+                                    self.hand_back(session, in_flight, d);
+                                } else {
+                                    waiting.push(d);
+                                    // A free slot takes the highest waiting now,
+                                    // not on another turn of the loop.
+                                    if let Ok(permit) = in_flight.permits.clone().try_acquire_owned() {
+                                        if let Some(next) = waiting.pop() {
+                                            self.start(session, in_flight, next, permit);
+                                        }
+                                    }
+                                }
+                                // Also while paused for slots: lane entries are
+                                // still consumed then.
+                                if paused != Pause::Bytes && held() >= budget {
+                                    session.stop_consuming().await;
+                                    paused = Pause::Bytes;
+                                    sh.metrics.paused(true);
+                                    sh.metrics.pause(false);
+                                    debug!(held = held(), "worker.max_held_bytes reached: not consuming");
+                                }
+                            }
+                        }
+                        if !more || paused == Pause::Bytes {
+                            break;
+                        }
+                        match stream.next().now_or_never() {
+                            Some(n) => next = n,
+                            None => break,
                         }
                     }
-                    Some((source, Ok(d))) => {
-                        session.acks.delivered(d.delivery_tag);
-                        let d = in_flight.hold(d, source);
-                        if self.changed(&d) {
-                            // Its change is applied at once, not when its
-                            // turn comes: its new place may be ahead.
-                            self.hand_back(session, in_flight, d);
-                        } else if self.held_by_pause(&d) {
-                            // Sent before its consumer stopped, or its type
-                            // is paused.
-                            self.hold_back(session, in_flight, d);
-                        } else if self.to_tenant(&d) {
-                            self.move_to_tenant(session, in_flight, d);
-                        } else if let Some(gate) = self.limited(&d) {
-                            self.start_limited(session, in_flight, d, gate, shutdown);
-                        } else if d.source.sorts() {
-                            self.sort(session, in_flight, &mut waiting, d);
-                        } else if paused == Pause::Slots {
-                            // Sent before the consumers stopped.
-                            self.hand_back(session, in_flight, d);
-                        } else {
-                            waiting.push(d);
-                        }
-                        // Also while paused for slots: lane entries are
-                        // still consumed then.
-                        if paused != Pause::Bytes && held() >= budget {
-                            session.stop_consuming().await;
-                            paused = Pause::Bytes;
-                            sh.metrics.paused(true);
-                            sh.metrics.pause(false);
-                            debug!(held = held(), "worker.max_held_bytes reached: not consuming");
-                        }
-                    }
-                },
+                }
                 _ = sleep_until_some(hand_back_at) => {
                     if paused == Pause::No {
                         session.stop_running().await;
