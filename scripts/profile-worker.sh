@@ -15,7 +15,8 @@
 # memset) / N; the memset is lapin zeroing its buffers once per connection.
 #
 # Environment: WARREN_BIN (default target/release/warren), PROFILE_N
-# (default 3000), PROFILE_OUT (default /tmp/warren-profile: callgrind files
+# (default 3000), PROFILE_CONFIG (a config file Warren's worker runs with,
+# such as a flow limit to measure its cost), PROFILE_OUT (default /tmp/warren-profile: callgrind files
 # are kept there for callgrind_annotate), WARREN_URL, WARREN_MGMT.
 # Not part of the test suite: it takes about a minute per run.
 set -euo pipefail
@@ -77,7 +78,7 @@ one() {
     if [ "$side" = warren ]; then
         WARREN_LOG=warn WARREN__PREFIX=$prefix WARREN__BROKER__URL=$URL \
             valgrind --tool=callgrind --callgrind-out-file="$file" \
-            "$bin" worker --queues diag >/dev/null 2>"$OUT/$side.$prefix.log" &
+            "$bin" ${PROFILE_CONFIG:+--config "$PROFILE_CONFIG"} worker --queues diag >/dev/null 2>"$OUT/$side.$prefix.log" &
     else
         WARREN__BROKER__URL=$URL valgrind --tool=callgrind --callgrind-out-file="$file" \
             "$BIN" bench-baseline-worker --prefetch 1000 --queue "$prefix.q.diag" \
@@ -88,6 +89,8 @@ one() {
     drained "$prefix.q.diag"
     kill -TERM $pid
     wait $pid || true
+    # Twice: what a first pass deletes can leave a name to the second.
+    forget "$prefix"
     forget "$prefix"
     local total memset
     total=$(callgrind_annotate "$file" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')

@@ -343,3 +343,40 @@ async fn a_chord_member_dropped_as_a_duplicate_reaches_its_chord() {
     assert_eq!(results[2]["state"], "cancelled");
     assert_eq!(results[2]["reason"], "duplicate of cd-first");
 }
+
+#[tokio::test]
+async fn a_delayed_task_takes_its_unique_key_only_when_it_comes_due() {
+    let mut env = Env::new("flowuniqdelay", &[]).await;
+    let mut watch = env.watch(&["#"]).await;
+    env.spawn(&["scheduler"], &[]);
+    env.spawn(&["worker", "--queues", "diag"], &[]);
+    let key = |r: TaskRequest| {
+        r.header_str("x-warren-unique-key", "report-7")
+            .header_int("x-warren-unique-ms", 120_000)
+    };
+    // Published first, but due in 3 s: it holds no key while it waits.
+    let delayed = env
+        .publish(&key(TaskRequest::new(
+            "diag.echo",
+            json!({"which": "delayed"}),
+        )
+        .id("ud-delayed")
+        .delay_ms(3_000)))
+        .await;
+    let now = env
+        .publish(&key(
+            TaskRequest::new("diag.echo", json!({"which": "now"})).id("ud-now")
+        ))
+        .await;
+    let got = until_final(&mut watch, &[&delayed, &now], T_LONG).await;
+    assert_eq!(final_event(&got[&now]).state, TaskState::Succeeded);
+    let late = final_event(&got[&delayed]);
+    assert_eq!(late.state, TaskState::Duplicate, "{late:?}");
+    assert_eq!(late.duplicate_of.as_deref(), Some(now.as_str()));
+    assert!(
+        !got[&delayed]
+            .iter()
+            .any(|r| r.event.state == TaskState::Started),
+        "the delayed duplicate started"
+    );
+}

@@ -45,6 +45,37 @@ struct State {
 }
 
 impl State {
+    fn new() -> Self {
+        State {
+            seen_below: 1,
+            ..State::default()
+        }
+    }
+
+    fn delivered(&mut self, tag: u64) {
+        self.open.insert(tag);
+        if tag == self.seen_below {
+            self.seen_below += 1;
+            while self.seen_ahead.remove(&self.seen_below) {
+                self.seen_below += 1;
+            }
+        } else if tag > self.seen_below {
+            self.seen_ahead.insert(tag);
+        }
+    }
+
+    /// What is due now: the tag of one `multiple` ack covering every due
+    /// tag below the line, and the due tags above it, to ack one by one.
+    fn take_due(&mut self) -> (Option<u64>, Vec<u64>) {
+        let line = self.line();
+        let mut due = std::mem::take(&mut self.due);
+        due.sort_unstable();
+        let below = due.partition_point(|t| *t < line);
+        let upto = below.checked_sub(1).map(|i| due[i]);
+        due.drain(..below);
+        (upto, due)
+    }
+
     /// The lowest tag a `multiple` ack must not cover.
     fn line(&self) -> u64 {
         self.open
@@ -60,29 +91,13 @@ impl Acks {
         Acks {
             channel,
             sending: tokio::sync::Mutex::new(()),
-            state: Mutex::new(State {
-                seen_below: 1,
-                ..State::default()
-            }),
+            state: Mutex::new(State::new()),
         }
     }
 
     /// Registers a delivery as it is read from the channel.
     pub(super) fn delivered(&self, tag: u64) {
-        let mut s = self.state.lock().expect("acks lock");
-        s.open.insert(tag);
-        if tag == s.seen_below {
-            s.seen_below += 1;
-            loop {
-                let next = s.seen_below;
-                if !s.seen_ahead.remove(&next) {
-                    break;
-                }
-                s.seen_below += 1;
-            }
-        } else if tag > s.seen_below {
-            s.seen_ahead.insert(tag);
-        }
+        self.state.lock().expect("acks lock").delivered(tag);
     }
 
     /// Acks the delivery `tag`: with the other acks due now, after the
@@ -133,13 +148,7 @@ impl Acks {
         let (upto, single) = {
             let mut s = self.state.lock().expect("acks lock");
             s.flushing = false;
-            let line = s.line();
-            let mut due = std::mem::take(&mut s.due);
-            due.sort_unstable();
-            let below = due.partition_point(|t| *t < line);
-            let upto = below.checked_sub(1).map(|i| due[i]);
-            due.drain(..below);
-            (upto, due)
+            s.take_due()
         };
         if let Some(tag) = upto {
             self.send(tag, true).await;
@@ -157,5 +166,68 @@ impl Acks {
         {
             debug!(error = %e, tag, "ack failed; the broker will redeliver");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::State;
+
+    fn ack(s: &mut State, tag: u64) {
+        s.open.remove(&tag);
+        s.due.push(tag);
+    }
+
+    #[test]
+    fn a_multiple_ack_covers_what_is_settled_below_the_lowest_open_tag() {
+        let mut s = State::new();
+        for t in 1..=5 {
+            s.delivered(t);
+        }
+        ack(&mut s, 2);
+        ack(&mut s, 1);
+        ack(&mut s, 4);
+        // 3 and 5 run: 1 and 2 go as one multiple ack, 4 alone.
+        assert_eq!(s.take_due(), (Some(2), vec![4]));
+        ack(&mut s, 3);
+        ack(&mut s, 5);
+        assert_eq!(s.take_due(), (Some(5), vec![]));
+        assert_eq!(s.take_due(), (None, vec![]));
+    }
+
+    #[test]
+    fn a_tag_not_yet_read_is_never_covered() {
+        let mut s = State::new();
+        // Tag 2 belongs to a consumer whose deliveries are not read yet.
+        s.delivered(1);
+        s.delivered(3);
+        ack(&mut s, 1);
+        ack(&mut s, 3);
+        assert_eq!(s.take_due(), (Some(1), vec![3]));
+        s.delivered(2);
+        s.delivered(4);
+        ack(&mut s, 4);
+        // 2 is open: 4 still goes alone.
+        assert_eq!(s.take_due(), (None, vec![4]));
+        ack(&mut s, 2);
+        assert_eq!(s.take_due(), (Some(2), vec![]));
+        assert_eq!(s.seen_below, 5);
+    }
+
+    #[test]
+    fn a_delivery_put_back_or_dropped_unsettled_stops_the_line() {
+        let mut s = State::new();
+        for t in 1..=3 {
+            s.delivered(t);
+        }
+        // 1 is dropped unsettled (it returns with the channel): it stays open.
+        ack(&mut s, 2);
+        ack(&mut s, 3);
+        assert_eq!(s.take_due(), (None, vec![2, 3]));
+        // 1 nacked: no longer open.
+        s.open.remove(&1);
+        s.delivered(4);
+        ack(&mut s, 4);
+        assert_eq!(s.take_due(), (Some(4), vec![]));
     }
 }

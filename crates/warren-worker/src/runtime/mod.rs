@@ -966,6 +966,8 @@ struct Gate {
 /// to its queue; one still waiting at shutdown, or when the connection is
 /// lost, returns unacknowledged. A task whose key cannot be used runs
 /// unlimited into triage, which makes it invalid.
+/// Its slow paths' futures are boxed, so that this future stays small:
+/// it is created and moved per task.
 async fn run_limited(
     sh: &Shared,
     session: &Arc<Session>,
@@ -990,7 +992,15 @@ async fn run_limited(
             return;
         };
         let slot = Slot::new(pool, general);
-        Attempt::run(sh, session, &d.source, (d.delivery, d.since), abort, slot).await;
+        Box::pin(Attempt::run(
+            sh,
+            session,
+            &d.source,
+            (d.delivery, d.since),
+            abort,
+            slot,
+        ))
+        .await;
         drop(d.release);
         return;
     };
@@ -1011,9 +1021,11 @@ async fn run_limited(
     if let (None, Some((rate, w))) = (&limit, &window) {
         // A rate limit alone: the token first, holding no slot, so that
         // the round trip to the broker overlaps with the running tasks.
-        match take_token(sh, session, rate, w, None, stop, &mut give_up).await {
+        match Box::pin(take_token(sh, session, rate, w, None, stop, &mut give_up)).await {
             Ok(_) => {}
-            Err(rate::NoToken::GaveUp) => return gave_up(sh, session, d, None, stop).await,
+            Err(rate::NoToken::GaveUp) => {
+                return Box::pin(gave_up(sh, session, d, None, stop)).await
+            }
             Err(rate::NoToken::Lost(e)) => {
                 debug!(error = %e, "connection lost taking a rate token: the task returns to its queue");
                 drop(d.release);
@@ -1027,10 +1039,11 @@ async fn run_limited(
     };
     let mut permit = None;
     if let Some(limit) = &limit {
-        let now = sh
-            .limits
-            .try_now(limit, &session.conn, &sh.names, &sh.metrics)
-            .await;
+        let now = Box::pin(
+            sh.limits
+                .try_now(limit, &session.conn, &sh.names, &sh.metrics),
+        )
+        .await;
         match now {
             Ok(Some(p)) => permit = Some(p),
             Ok(None) => {
@@ -1038,22 +1051,20 @@ async fn run_limited(
                 drop(general);
                 let task_type = limit.task_type();
                 sh.metrics.permit_waiting(task_type, 1);
-                let got = sh
-                    .limits
-                    .acquire(
-                        limit,
-                        &session.conn,
-                        &sh.names,
-                        &sh.metrics,
-                        stop,
-                        give_up(),
-                    )
-                    .await;
+                let got = Box::pin(sh.limits.acquire(
+                    limit,
+                    &session.conn,
+                    &sh.names,
+                    &sh.metrics,
+                    stop,
+                    give_up(),
+                ))
+                .await;
                 sh.metrics.permit_waiting(task_type, -1);
                 match got {
                     Ok(p) => permit = Some(p),
                     Err(flow::NoPermit::GaveUp) => {
-                        return gave_up(sh, session, d, None, stop).await;
+                        return Box::pin(gave_up(sh, session, d, None, stop)).await;
                     }
                     Err(flow::NoPermit::Lost(e)) => {
                         debug!(error = %e, "connection lost waiting for a permit: the task returns to its queue");
@@ -1076,7 +1087,17 @@ async fn run_limited(
         }
     }
     if let (Some(_), Some((rate, w))) = (&limit, &window) {
-        match take_token(sh, session, rate, w, Some(general), stop, &mut give_up).await {
+        match Box::pin(take_token(
+            sh,
+            session,
+            rate,
+            w,
+            Some(general),
+            stop,
+            &mut give_up,
+        ))
+        .await
+        {
             Ok(Some(g)) => general = g,
             Ok(None) => {
                 let Some(g) = take_slot(&pool, stop).await else {
@@ -1086,7 +1107,9 @@ async fn run_limited(
                 };
                 general = g;
             }
-            Err(rate::NoToken::GaveUp) => return gave_up(sh, session, d, permit, stop).await,
+            Err(rate::NoToken::GaveUp) => {
+                return Box::pin(gave_up(sh, session, d, permit, stop)).await
+            }
             Err(rate::NoToken::Lost(e)) => {
                 debug!(error = %e, "connection lost taking a rate token: the task returns to its queue");
                 release(permit, session).await;
@@ -1096,7 +1119,17 @@ async fn run_limited(
         }
     }
     let slot = Slot::new(pool, general);
-    Attempt::run(sh, session, &d.source, (d.delivery, d.since), abort, slot).await;
+    // Boxed: an attempt's future is several kilobytes; inline, it would
+    // make this whole future that large, copied as it is created and moved.
+    Box::pin(Attempt::run(
+        sh,
+        session,
+        &d.source,
+        (d.delivery, d.since),
+        abort,
+        slot,
+    ))
+    .await;
     release(permit, session).await;
     drop(d.release);
 }
