@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use warren_client::{Chord, Client, Step, TaskRequest};
 use warren_core::{Event, TaskState};
-use warren_e2e::{final_event, http_get, metric, until_final, Env, Proc, T, T_LONG};
+use warren_e2e::{final_event, http_get, metric, most_at_once, until_final, Env, Proc, T, T_LONG};
 
 /// Three workers of four slots each, sharing `diag.sleep` limited to 2.
 fn limited_config(env: &Env, limit: u32) -> String {
@@ -26,26 +26,6 @@ fn start_worker(env: &mut Env, cfg: &str) -> Proc {
 /// Unix ms of an event's `at`.
 fn at_ms(e: &Event) -> i64 {
     warren_e2e::unix_ms(&e.at)
-}
-
-/// The most tasks running at once, sampled from each task's `started` and
-/// final events: a task runs over `[started, final)` (a permit is given
-/// back only after the final event is confirmed, and the next task's
-/// `started` comes after it is taken).
-fn most_at_once(runs: &[(i64, i64)]) -> usize {
-    let mut edges: Vec<(i64, i32)> = Vec::new();
-    for &(s, f) in runs {
-        edges.push((s, 1));
-        edges.push((f, -1));
-    }
-    // Ends before starts at the same millisecond: half-open intervals.
-    edges.sort();
-    let (mut now, mut most) = (0i32, 0i32);
-    for (_, d) in edges {
-        now += d;
-        most = most.max(now);
-    }
-    most as usize
 }
 
 #[tokio::test]

@@ -3,8 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
-use lapin::types::FieldTable;
+use lapin::options::QueueDeleteOptions;
 use serde_json::json;
 use warren_client::{EventWatch, TaskRequest};
 use warren_core::TaskState;
@@ -86,22 +85,9 @@ fn assert_sorted_and_once(started: &[String], succeeded: &BTreeMap<String, usize
     );
 }
 
-/// True if the queue exists (passive declare).
+/// True if the queue exists.
 async fn exists(env: &Env, queue: &str) -> bool {
-    let (conn, ch) = env.open_channel().await;
-    let found = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .is_ok();
-    let _ = conn.close(200, "bye".into()).await;
-    found
+    env.peek(queue).await.is_some()
 }
 
 /// Replaces the default classic `diag` queue with the quorum queue `qq`

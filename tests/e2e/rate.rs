@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 use warren_client::{ReceivedEvent, TaskRequest};
 use warren_core::{Event, TaskState};
-use warren_e2e::{final_event, until_final, Env, Proc, T, T_LONG};
+use warren_e2e::{final_event, most_at_once, until_final, Env, Proc, T, T_LONG};
 
 /// Seconds the sustained rate is measured over: `WARREN_E2E_RATE_SECS`, 30
 /// (issue 20) by default.
@@ -59,22 +59,6 @@ fn most_in_window(starts: &[i64], per_ms: i64) -> usize {
         most = most.max(i + 1 - j);
     }
     most
-}
-
-/// The most tasks running at once, from `[started, final)` intervals.
-fn most_at_once(runs: &[(i64, i64)]) -> usize {
-    let mut edges: Vec<(i64, i32)> = Vec::new();
-    for &(s, f) in runs {
-        edges.push((s, 1));
-        edges.push((f, -1));
-    }
-    edges.sort();
-    let (mut now, mut most) = (0i32, 0i32);
-    for (_, d) in edges {
-        now += d;
-        most = most.max(now);
-    }
-    most as usize
 }
 
 fn start_worker(env: &mut Env, cfg: &str) -> Proc {

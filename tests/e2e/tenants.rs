@@ -64,22 +64,9 @@ fn task(id: String, tenant: &str, ms: u64) -> TaskRequest {
         .header_str(TENANT, tenant)
 }
 
-/// True if the queue exists (passive declare).
+/// True if the queue exists.
 async fn exists(env: &Env, queue: &str) -> bool {
-    let (conn, ch) = env.open_channel().await;
-    let found = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .is_ok();
-    let _ = conn.close(200, "bye".into()).await;
-    found
+    env.peek(queue).await.is_some()
 }
 
 /// What the events of `n` tasks told: each id's first start (as seen here)
@@ -371,22 +358,9 @@ async fn a_bad_tenant_is_dead_invalid_and_tenants_past_the_cap_share_the_overflo
     warren_e2e::wait_metric(&addr, "warren_worker_tenant_queues", 3.0, T).await;
 }
 
-/// Consumers of a queue right now (passive declare).
+/// Consumers of a queue right now.
 async fn consumers(env: &Env, queue: &str) -> u32 {
-    let (conn, ch) = env.open_channel().await;
-    let q = ch
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("queue exists");
-    let _ = conn.close(200, "bye".into()).await;
-    q.consumer_count()
+    env.peek(queue).await.expect("queue exists").1
 }
 
 /// Waits (bounded) until a queue has `n` consumers.

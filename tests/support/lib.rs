@@ -393,8 +393,9 @@ impl Env {
         (conn, ch)
     }
 
-    /// Messages ready in a queue right now (AMQP passive declare: exact).
-    pub async fn depth(&self, queue: &str) -> u32 {
+    /// A queue's messages ready and its consumers right now (AMQP passive
+    /// declare: exact), or `None` if it does not exist.
+    pub async fn peek(&self, queue: &str) -> Option<(u32, u32)> {
         let (conn, ch) = self.open_channel().await;
         let q = ch
             .queue_declare(
@@ -406,9 +407,14 @@ impl Env {
                 FieldTable::default(),
             )
             .await
-            .expect("queue exists");
+            .ok();
         let _ = conn.close(200, "bye".into()).await;
-        q.message_count()
+        q.map(|q| (q.message_count(), q.consumer_count()))
+    }
+
+    /// Messages ready in a queue right now (AMQP passive declare: exact).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        self.peek(queue).await.expect("queue exists").0
     }
 
     /// Waits until a queue holds `n` messages ready.
@@ -529,6 +535,23 @@ pub async fn until_final(
             .push(got);
     }
     by_id
+}
+
+/// The most tasks running at once, from `[started, final)` intervals in
+/// ms (ends before starts at the same millisecond: half-open).
+pub fn most_at_once(runs: &[(i64, i64)]) -> usize {
+    let mut edges: Vec<(i64, i32)> = Vec::new();
+    for &(s, f) in runs {
+        edges.push((s, 1));
+        edges.push((f, -1));
+    }
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    most as usize
 }
 
 /// Unix milliseconds of an RFC 3339 time, such as an event's `at` or `due_at`.

@@ -991,18 +991,7 @@ async fn run_limited(
             drop(d.release);
             return;
         };
-        let slot = Slot::new(pool, general);
-        Box::pin(Attempt::run(
-            sh,
-            session,
-            &d.source,
-            (d.delivery, d.since),
-            abort,
-            slot,
-        ))
-        .await;
-        drop(d.release);
-        return;
+        return run_held(sh, session, d, abort, pool, general).await;
     };
     let limit = gate.permits.map(|p| p.for_key(permit_key));
     let window = gate.rate.map(|r| {
@@ -1118,19 +1107,24 @@ async fn run_limited(
             }
         }
     }
-    let slot = Slot::new(pool, general);
-    // Boxed: an attempt's future is several kilobytes; inline, it would
-    // make this whole future that large, copied as it is created and moved.
-    Box::pin(Attempt::run(
-        sh,
-        session,
-        &d.source,
-        (d.delivery, d.since),
-        abort,
-        slot,
-    ))
-    .await;
+    run_held(sh, session, d, abort, pool, general).await;
     release(permit, session).await;
+}
+
+/// Runs a held delivery in the slot `general` of `pool`. Its attempt's
+/// future is boxed: several kilobytes, inline it would make the caller's
+/// future that large, copied as it is created and moved.
+async fn run_held(
+    sh: &Shared,
+    session: &Session,
+    d: Held,
+    abort: &CancellationToken,
+    pool: Arc<Semaphore>,
+    general: OwnedSemaphorePermit,
+) {
+    let slot = Slot::new(pool, general);
+    let delivery = (d.delivery, d.since);
+    Box::pin(Attempt::run(sh, session, &d.source, delivery, abort, slot)).await;
     drop(d.release);
 }
 
