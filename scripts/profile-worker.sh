@@ -57,7 +57,8 @@ drained() {
 forget() {
     local prefix=$1 kind name
     for kind in queues exchanges; do
-        curl -sf "$MGMT/api/$kind/%2f?columns=name" | tr ',' '\n' |
+        # The last name has no newline after it: add one, or read skips it.
+        { curl -sf "$MGMT/api/$kind/%2f?columns=name"; echo; } | tr ',' '\n' |
             sed -n "s/.*\"name\":\"\($prefix\.[^\"]*\)\".*/\1/p" |
             while read -r name; do
                 curl -sf -X DELETE "$MGMT/api/$kind/%2f/$name" >/dev/null || true
@@ -89,8 +90,6 @@ one() {
     drained "$prefix.q.diag"
     kill -TERM $pid
     wait $pid || true
-    # Twice: what a first pass deletes can leave a name to the second.
-    forget "$prefix"
     forget "$prefix"
     local total memset
     total=$(callgrind_annotate "$file" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
