@@ -377,21 +377,11 @@ pub async fn read_broker(http: &reqwest::Client, config: &Config) -> Result<Brok
         page(http, &target, &unique_re, "name,messages", true),
         page(http, &target, &tenants_re, "name,messages", true),
     )?;
-    let mut connections = HashMap::new();
-    if !permits.items.is_empty() {
-        let url = target.api_url("/vhosts/{vhost}/connections");
-        if let Ok(list) = target.get(http, url).await {
-            for conn in list.as_array().map(Vec::as_slice).unwrap_or_default() {
-                let name = conn["name"].as_str().unwrap_or_default();
-                let own = conn["user_provided_name"]
-                    .as_str()
-                    .or_else(|| conn["client_properties"]["connection_name"].as_str());
-                if let Some(own) = own {
-                    connections.insert(name.to_owned(), own.to_owned());
-                }
-            }
-        }
-    }
+    let connections = if permits.items.is_empty() {
+        HashMap::new()
+    } else {
+        crate::mgmt::connection_names(http, &target).await
+    };
     Ok(BrokerState {
         permits,
         rate,

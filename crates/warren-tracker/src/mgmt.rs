@@ -197,6 +197,28 @@ pub struct ConsumerInfo {
     pub connection: String,
 }
 
+/// The names the vhost's connections gave themselves, by the broker's name
+/// for each, where the API lists them (empty when it does not answer).
+pub(crate) async fn connection_names(
+    http: &reqwest::Client,
+    target: &MgmtTarget,
+) -> std::collections::HashMap<String, String> {
+    let mut given = std::collections::HashMap::new();
+    let url = target.api_url("/vhosts/{vhost}/connections");
+    if let Ok(list) = target.get(http, url).await {
+        for conn in list.as_array().map(Vec::as_slice).unwrap_or_default() {
+            let name = conn["name"].as_str().unwrap_or_default();
+            let own = conn["user_provided_name"]
+                .as_str()
+                .or_else(|| conn["client_properties"]["connection_name"].as_str());
+            if let Some(own) = own {
+                given.insert(name.to_owned(), own.to_owned());
+            }
+        }
+    }
+    given
+}
+
 /// The consumers of this prefix's work queues and lanes, by connection name.
 pub async fn work_consumers(
     http: &reqwest::Client,
@@ -220,22 +242,11 @@ pub async fn work_consumers(
             .unwrap_or_default();
         found.push((queue.to_owned(), short.to_owned(), conn.to_owned()));
     }
-    // The names connections gave themselves, when the API lists them.
-    let mut given = std::collections::HashMap::new();
-    if !found.is_empty() {
-        let url = target.api_url("/vhosts/{vhost}/connections");
-        if let Ok(list) = target.get(http, url).await {
-            for conn in list.as_array().map(Vec::as_slice).unwrap_or_default() {
-                let name = conn["name"].as_str().unwrap_or_default();
-                let own = conn["user_provided_name"]
-                    .as_str()
-                    .or_else(|| conn["client_properties"]["connection_name"].as_str());
-                if let Some(own) = own {
-                    given.insert(name.to_owned(), own.to_owned());
-                }
-            }
-        }
-    }
+    let given = if found.is_empty() {
+        std::collections::HashMap::new()
+    } else {
+        connection_names(http, &target).await
+    };
     let mut out: Vec<ConsumerInfo> = found
         .into_iter()
         .map(|(queue, short, conn)| ConsumerInfo {
