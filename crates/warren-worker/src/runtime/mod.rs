@@ -670,13 +670,6 @@ impl Worker {
                                     self.hand_back(session, in_flight, d);
                                 } else {
                                     waiting.push(d);
-                                    // A free slot takes the highest waiting now,
-                                    // not on another turn of the loop.
-                                    if let Ok(permit) = in_flight.permits.clone().try_acquire_owned() {
-                                        if let Some(next) = waiting.pop() {
-                                            self.start(session, in_flight, next, permit);
-                                        }
-                                    }
                                 }
                                 // Also while paused for slots: lane entries are
                                 // still consumed then.
