@@ -116,6 +116,14 @@ impl BenchEnv {
             ch.exchange_delete(x.name.as_str().into(), ExchangeDeleteOptions::default())
                 .await?;
         }
+        // The rate windows of a run with rate limits (declared by the
+        // workers, not in the plan; they would expire by themselves).
+        let names = self.config.names();
+        for t in self.config.flow.rate.keys() {
+            let window = warren_core::flow::rate_queue(&names, t, None);
+            ch.queue_delete(window.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
         let _ = conn.close(200, "cleaned".into()).await;
         Ok(())
     }
