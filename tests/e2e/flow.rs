@@ -74,7 +74,7 @@ async fn a_global_limit_holds_across_three_workers() {
     );
     // What the workers show: no permit held once all is done, nothing
     // waiting.
-    // (A permit is given back just after the final event is confirmed.)
+    // (A permit is given back with its slot, when the handler returns.)
     for w in &workers {
         let addr = env.ops_addr(w, "worker", T).await;
         let deadline = tokio::time::Instant::now() + T;

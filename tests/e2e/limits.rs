@@ -4,7 +4,9 @@
 //! limit with a backlog waiting; and against rate windows, tenant queues
 //! and a unique lock declared by hand as the contract names them (their
 //! features live on other branches), whose numbers must come out as the
-//! queues say: tokens left = burst (`x-max-length`) - markers.
+//! queues say: tokens left = burst (`x-max-length-bytes`) - the markers'
+//! bytes, or in a window declared without it, burst (`x-max-length`) -
+//! markers.
 
 #[path = "cdp.rs"]
 mod cdp;
@@ -148,6 +150,18 @@ async fn limits_show_permits_held_and_tasks_waiting() {
 /// Declares `queue` with `args` and puts `n` messages in it (each
 /// expiring after 10 minutes, as a marker would).
 async fn queue_with(ch: &lapin::Channel, queue: &str, args: FieldTable, durable: bool, n: usize) {
+    queue_with_body(ch, queue, args, durable, n, b"marker").await
+}
+
+/// [`queue_with`], each message `body`.
+async fn queue_with_body(
+    ch: &lapin::Channel,
+    queue: &str,
+    args: FieldTable,
+    durable: bool,
+    n: usize,
+    body: &[u8],
+) {
     ch.queue_declare(
         queue.into(),
         QueueDeclareOptions {
@@ -163,7 +177,7 @@ async fn queue_with(ch: &lapin::Channel, queue: &str, args: FieldTable, durable:
             "".into(),
             queue.into(),
             BasicPublishOptions::default(),
-            b"marker",
+            body,
             BasicProperties::default().with_expiration("600000".into()),
         )
         .await
@@ -196,9 +210,20 @@ async fn limits_show_rate_windows_tenant_queues_and_unique_locks() {
     let p = env.prefix.clone();
     let (conn, ch) = env.open_channel().await;
     ch.confirm_select(Default::default()).await.unwrap();
-    // A rate window of the type (burst 5, 2 started) and one of a key
-    // (burst 3, all used).
-    queue_with(&ch, &format!("{p}.rate.api.call"), rate_args(5), false, 2).await;
+    // A rate window of the type counting bytes (burst 5, one marker of 2
+    // tokens), and one of a key declared without bytes (burst 3, three
+    // markers: all used).
+    let mut by_bytes = rate_args(5);
+    by_bytes.insert("x-max-length-bytes".into(), AMQPValue::LongInt(5));
+    queue_with_body(
+        &ch,
+        &format!("{p}.rate.api.call"),
+        by_bytes,
+        false,
+        1,
+        b"\0\0",
+    )
+    .await;
     queue_with(
         &ch,
         &format!("{p}.rate.api.call.{H1}"),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::json;
 use warren_client::{ReceivedEvent, TaskRequest};
 use warren_core::{Event, TaskState};
-use warren_e2e::{final_event, most_at_once, until_final, Env, Proc, T, T_LONG};
+use warren_e2e::{final_event, most_at_once, until_final, Env, Mgmt, Proc, T, T_LONG};
 
 /// Seconds the sustained rate is measured over: `WARREN_E2E_RATE_SECS`, 30
 /// (issue 20) by default.
@@ -227,6 +227,10 @@ async fn two_keys_each_get_their_own_rate_at_the_same_time() {
         let rate = sustained_rate(starts, limit, per_ms as f64);
         let most = most_in_window(starts, per_ms);
         eprintln!("key {key}: sustained {rate:.2} per {per_ms} ms, most in a window {most}");
+        eprintln!(
+            "key {key} starts: {:?}",
+            starts.iter().map(|s| s - starts[0]).collect::<Vec<_>>()
+        );
         assert!(
             (rate - limit as f64).abs() <= 0.15 * limit as f64,
             "key {key}: sustained rate {rate:.2}, limit {limit}"
@@ -423,5 +427,52 @@ async fn a_rate_key_set_by_python_pika_works_the_same() {
     assert_eq!(
         bad.error.as_ref().map(|e| e.code.as_str()),
         Some("rate_key")
+    );
+}
+
+/// A limit that does not bind costs a publication per batch of tokens, not
+/// per task: after 400 tasks through a window of 1000 per minute (burst
+/// 1000, batches up to 125), the window holds markers of several tokens
+/// each, their bytes (tokens) at least one per task and at most the burst.
+#[tokio::test]
+async fn a_limit_that_does_not_bind_takes_tokens_in_batches() {
+    let n = 400usize;
+    let mut env = Env::new("ratebatch", &[]).await;
+    let mut watch = env.watch(&["#"]).await;
+    let cfg = env.config_file("[flow.rate]\n\"diag.echo\" = { limit = 1000, per_ms = 60000 }\n");
+    let w = start_worker(&mut env, &cfg);
+    env.wait_log(&w, "worker consuming", T).await;
+    let reqs: Vec<TaskRequest> = (0..n)
+        .map(|i| TaskRequest::new("diag.echo", json!({ "i": i })).id(format!("b-{i}")))
+        .collect();
+    let ids: Vec<String> = reqs.iter().map(|r| r.id.clone().unwrap()).collect();
+    env.client
+        .publish_batch(&reqs, 256, |_| {})
+        .await
+        .expect("publish");
+    let got = until_final(&mut watch, &ids, T_LONG).await;
+    for id in &ids {
+        assert_eq!(final_event(&got[id]).state, TaskState::Succeeded, "{id}");
+    }
+    let window = warren_core::flow::rate_queue(&env.names(), "diag.echo", None);
+    let mgmt = Mgmt::new();
+    // The broker's statistics lag by a few seconds; the markers live a
+    // minute.
+    let deadline = tokio::time::Instant::now() + T;
+    let (markers, tokens) = loop {
+        let q = mgmt.queue(&window).await;
+        let markers = q["messages"].as_u64().unwrap_or(0);
+        let tokens = q["message_bytes"].as_u64().unwrap_or(0);
+        if tokens >= n as u64 || tokio::time::Instant::now() >= deadline {
+            break (markers, tokens);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    eprintln!("{n} tasks: {markers} markers holding {tokens} tokens");
+    assert!(tokens >= n as u64, "{tokens} tokens taken for {n} tasks");
+    assert!(tokens <= 1000, "{tokens} tokens: more than the burst");
+    assert!(
+        markers * 4 <= n as u64,
+        "{markers} markers for {n} tasks: tokens not taken in batches"
     );
 }

@@ -186,6 +186,12 @@ impl Mgmt {
         self.delete(&format!("users/{}", enc(name))).await;
     }
 
+    /// One queue as the management API shows it (its counts are the
+    /// broker's statistics, refreshed every few seconds).
+    pub async fn queue(&self, name: &str) -> Value {
+        self.get(&format!("queues/%2F/{}", enc(name))).await
+    }
+
     /// Every queue whose name starts with `prefix.`: name, type (`classic`,
     /// `quorum`, `stream`) and declaration arguments.
     pub async fn queues_of(&self, prefix: &str) -> Vec<(String, String, Value)> {

@@ -9,9 +9,9 @@
 //! | queues | what they say |
 //! |---|---|
 //! | `P.permits.<type>.<k>`, `P.permits.<type>.<hash32>.<k>` | a permit held (exclusive queue; its owner's connection) |
-//! | `P.rate.<type>`, `P.rate.<type>.<hash32>` | a rate window: `x-max-length` = burst, one message per task started |
+//! | `P.rate.<type>`, `P.rate.<type>.<hash32>` | a rate window: `x-max-length-bytes` = burst, one byte of its markers per token taken (`x-max-length`, one message per token, in a window declared without bytes) |
 //! | `P.unique.<hash>` | a unique lock (held while its marker is there) |
-//! | `P.q.<name>.tenant.<hash32>` | one tenant's tasks in work queue `<name>` |
+//! | `P.q.<name>.tenant.<hash32>`, `P.q.<name>.tenant.overflow` | one tenant's tasks in work queue `<name>`; those of the tenants past `tenants_max` |
 //!
 //! Each family is one request for one page of at most [`PAGE_SIZE`] queues,
 //! filtered by a regular expression on the name (the broker filters), so a
@@ -167,9 +167,11 @@ pub struct RateWindow {
     pub task_type: String,
     /// The key's hash, for a per-key limit.
     pub key: Option<String>,
-    /// The queue's `x-max-length` (else the configured burst).
+    /// The queue's `x-max-length-bytes`, else its `x-max-length` (else
+    /// the configured burst).
     pub burst: Option<u64>,
-    /// Messages in the queue: tasks started within the window.
+    /// Tokens taken within the window: the bytes of its markers (their
+    /// number in a window that does not count bytes).
     pub used: u64,
     /// `burst - used`.
     pub tokens_left: Option<u64>,
@@ -187,7 +189,8 @@ pub struct UniqueView {
 /// A tenant and its depth.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TenantDepth {
-    /// The tenant's hash (32 hex digits).
+    /// The tenant's hash (32 hex digits), or `overflow`: the queue the
+    /// tenants past `tenants_max` share.
     pub tenant: String,
     /// Messages in its queue.
     pub depth: u64,
@@ -282,12 +285,13 @@ pub fn parse_unique<'a>(prefix: &str, name: &'a str) -> Option<&'a str> {
     family(prefix, name, "unique").filter(|h| !h.contains('.'))
 }
 
-/// `P.q.<name>.tenant.<hash32>` → work queue, tenant.
+/// `P.q.<name>.tenant.<hash32>` (or `.tenant.overflow`) → work queue,
+/// tenant.
 pub fn parse_tenant<'a>(prefix: &str, name: &'a str) -> Option<(&'a str, &'a str)> {
     let rest = family(prefix, name, "q")?;
     let (queue, tail) = rest.split_once('.')?;
     let tenant = tail.strip_prefix("tenant.")?;
-    is_hash32(tenant).then_some((queue, tenant))
+    (is_hash32(tenant) || tenant == "overflow").then_some((queue, tenant))
 }
 
 /// A regular expression matching `s` literally.
@@ -370,10 +374,16 @@ pub async fn read_broker(http: &reqwest::Client, config: &Config) -> Result<Brok
     let permits_re = format!("^{p}\\.permits\\.");
     let rate_re = format!("^{p}\\.rate\\.");
     let unique_re = format!("^{p}\\.unique\\.[0-9a-fA-F]+$");
-    let tenants_re = format!("^{p}\\.q\\.[^.]+\\.tenant\\.[0-9a-fA-F]{{32}}$");
+    let tenants_re = format!("^{p}\\.q\\.[^.]+\\.tenant\\.([0-9a-fA-F]{{32}}|overflow)$");
     let (permits, rate, unique, tenants) = tokio::try_join!(
         page(http, &target, &permits_re, "name,owner_pid_details", false),
-        page(http, &target, &rate_re, "name,messages,arguments", false),
+        page(
+            http,
+            &target,
+            &rate_re,
+            "name,messages,message_bytes,arguments",
+            false
+        ),
         page(http, &target, &unique_re, "name,messages", true),
         page(http, &target, &tenants_re, "name,messages", true),
     )?;
@@ -460,10 +470,15 @@ pub fn assemble(
         .iter()
         .filter_map(|q| {
             let (t, key) = parse_rate(prefix, q["name"].as_str()?, known)?;
-            let burst = q["arguments"]["x-max-length"]
-                .as_u64()
+            let args = &q["arguments"];
+            let by_bytes = args["x-max-length-bytes"].as_u64();
+            let burst = by_bytes
+                .or_else(|| args["x-max-length"].as_u64())
                 .or_else(|| known.get(t).and_then(|c| c.rate.as_ref()).map(|r| r.burst));
-            let used = messages(q);
+            let used = match by_bytes {
+                Some(_) => q["message_bytes"].as_u64().unwrap_or(0),
+                None => messages(q),
+            };
             Some(RateWindow {
                 task_type: t.to_owned(),
                 key: key.map(str::to_owned),
@@ -722,6 +737,11 @@ mod tests {
             parse_tenant("w", &format!("w.q.io.tenant.{H1}")),
             Some(("io", H1))
         );
+        assert_eq!(
+            parse_tenant("w", "w.q.io.tenant.overflow"),
+            Some(("io", "overflow"))
+        );
+        assert_eq!(parse_tenant("w", "w.q.io.tenant.other"), None);
         assert_eq!(parse_tenant("w", "w.q.io.tenants"), None);
         assert_eq!(parse_tenant("w", "w.q.io.lane.2"), None);
         assert_eq!(regex_escape("wt.a-b_c"), "wt\\.a\\-b_c");
@@ -745,7 +765,9 @@ mod tests {
             rate: page(vec![
                 json!({"name": "w.rate.api.call", "messages": 2, "arguments": {"x-max-length": 5}}),
                 json!({"name": format!("w.rate.api.call.{H1}"), "messages": 3, "arguments": {"x-max-length": 3}}),
-                json!({"name": format!("w.rate.mail.{H2}"), "messages": 1, "arguments": {"x-max-length": 4}}),
+                // Counting bytes: 1 marker of 2 tokens, burst 5.
+                json!({"name": format!("w.rate.mail.{H2}"), "messages": 1, "message_bytes": 2,
+                       "arguments": {"x-max-length": 5, "x-max-length-bytes": 5}}),
             ]),
             unique: page(vec![
                 json!({"name": format!("w.unique.{H1}"), "messages": 1}),
@@ -754,6 +776,7 @@ mod tests {
             tenants: page(vec![
                 json!({"name": format!("w.q.io.tenant.{H1}"), "messages": 100}),
                 json!({"name": format!("w.q.io.tenant.{H2}"), "messages": 7}),
+                json!({"name": "w.q.io.tenant.overflow", "messages": 5}),
             ]),
             connections: HashMap::new(),
         };
@@ -816,7 +839,7 @@ mod tests {
         );
         assert_eq!(v.unique, UniqueView { held: 1, queues: 2 });
         assert_eq!(v.tenants.len(), 1);
-        assert_eq!((v.tenants[0].tenants, v.tenants[0].depth), (2, 107));
+        assert_eq!((v.tenants[0].tenants, v.tenants[0].depth), (3, 112));
         assert_eq!(v.tenants[0].top[0].tenant, H1);
 
         let text = v.render_metrics();
@@ -828,8 +851,8 @@ mod tests {
         assert!(text.contains("warren_flow_tasks_waiting{type=\"http.request\"} 4\n"));
         assert!(text.contains("warren_flow_rate_tokens_left{type=\"api.call\"} 3\n"));
         assert!(text.contains("warren_flow_unique_locks_held 1\n"));
-        assert!(text.contains("warren_tenant_queue_depth{queue=\"io\"} 107\n"));
-        assert!(text.contains("warren_tenant_queues{queue=\"io\"} 2\n"));
+        assert!(text.contains("warren_tenant_queue_depth{queue=\"io\"} 112\n"));
+        assert!(text.contains("warren_tenant_queues{queue=\"io\"} 3\n"));
         assert!(
             !text.contains(H1) && !text.contains(H2),
             "no key in a label"

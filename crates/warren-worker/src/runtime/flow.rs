@@ -7,9 +7,10 @@
 //! connection only (another gets `RESOURCE_LOCKED`), and the broker deletes
 //! it when that connection closes, so the permit of a worker that dies comes
 //! back by itself. Nothing is seeded, so nothing can be over-filled: there
-//! are never more than `N` such names. The worker deletes the queue once the
-//! task's outcome is recorded, or hands it to its next waiting task of the
-//! type on the same connection. Within a worker, one task per type at a time
+//! are never more than `N` such names. The worker frees the permit with the
+//! task's slot, when the handler returns: it hands it to its next waiting
+//! task of the type on the same connection, or keeps it idle a moment for
+//! the next task to come, then deletes the queue. Within a worker, one task per type at a time
 //! tries the names (the others queue behind it, first come first served),
 //! with a bounded backoff between rounds, so waiting costs the broker a few
 //! declarations a second per type and worker, and no slot.
@@ -108,10 +109,11 @@ pub(super) struct TypeLimit {
     handoff: Mutex<Option<(usize, oneshot::Sender<Permit>)>>,
     /// Permits freed with no task waiting, kept [`PERMIT_LINGER`] for the
     /// next task of the type on the same connection: the permit, the
-    /// connection's address, and a number naming this stay.
-    idle: Mutex<Vec<(Permit, usize, u64)>>,
-    /// Numbers the stays in `idle`.
-    stays: std::sync::atomic::AtomicU64,
+    /// session whose connection owns its queue, and when it was freed.
+    idle: Mutex<Vec<(Permit, Arc<Session>, tokio::time::Instant)>>,
+    /// A task gives back the permits that stayed idle [`PERMIT_LINGER`]
+    /// (one per limit while some are idle, not one per permit freed).
+    reaping: std::sync::atomic::AtomicBool,
     /// The last round of tries found every permit held: the limit binds.
     starved: std::sync::atomic::AtomicBool,
 }
@@ -220,33 +222,22 @@ impl Limits {
 }
 
 impl Limits {
-    /// A permit at once if one is free without waiting in line: one kept
-    /// idle on this connection, or, while no task of this worker waits for
-    /// one, one round of tries. `None`: wait with [`Limits::acquire`].
-    pub(super) async fn try_now(
+    /// A permit declared at once while the limit does not bind (the last
+    /// round of tries found one free): this worker needs one more than it
+    /// keeps. Tasks in that case declare one each, side by side, holding
+    /// their slot: permits are freed with slots, so a worker never keeps
+    /// more than its slots, and this happens only while it grows to them.
+    /// `None` while the limit binds: wait with [`Limits::acquire`].
+    pub(super) async fn declare_now(
         &self,
         limit: &Arc<TypeLimit>,
         conn: &Connection,
         names: &Names,
         metrics: &Arc<WorkerMetrics>,
     ) -> Result<Option<Permit>, ClientError> {
-        if let Some(permit) = limit.take_idle(conn) {
-            return Ok(Some(permit));
+        if limit.starved.load(Ordering::Relaxed) {
+            return Ok(None);
         }
-        // While the limit does not bind, the turn is held only for a round
-        // of tries: wait for it (holding the slot, briefly). While it
-        // binds, wait in line without the slot.
-        let _turn = match limit.turn.try_lock() {
-            Ok(turn) => turn,
-            Err(_) if !limit.starved.load(Ordering::Relaxed) => {
-                let turn = limit.turn.lock().await;
-                if let Some(permit) = limit.take_idle(conn) {
-                    return Ok(Some(permit));
-                }
-                turn
-            }
-            Err(_) => return Ok(None),
-        };
         limit.try_once(conn, names, metrics).await
     }
 }
@@ -262,7 +253,7 @@ impl TypeLimit {
             freed: Notify::new(),
             handoff: Mutex::new(None),
             idle: Mutex::new(Vec::new()),
-            stays: std::sync::atomic::AtomicU64::new(0),
+            reaping: std::sync::atomic::AtomicBool::new(false),
             starved: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -358,13 +349,52 @@ impl TypeLimit {
     }
 
     /// A permit kept idle on this connection, if any.
-    fn take_idle(&self, conn: &Connection) -> Option<Permit> {
-        if !conn.status().connected() {
+    pub(super) fn take_idle(&self, conn: &Connection) -> Option<Permit> {
+        let mut idle = self.idle.lock().expect("idle lock");
+        if idle.is_empty() || !conn.status().connected() {
             return None;
         }
-        let mut idle = self.idle.lock().expect("idle lock");
-        let at = idle.iter().position(|(_, c, _)| *c == conn_id(conn))?;
-        Some(idle.swap_remove(at).0)
+        // The one idle longest: the permits kept take turns, so none
+        // reaches PERMIT_LINGER while tasks of the type come faster than
+        // that (declaring one again costs the broker tens of ms).
+        let at = idle
+            .iter()
+            .position(|(_, s, _)| std::ptr::eq(&s.conn, conn))?;
+        Some(idle.remove(at).0)
+    }
+
+    /// Gives back the permits idle for [`PERMIT_LINGER`], until none is
+    /// idle.
+    async fn reap(self: Arc<Self>) {
+        loop {
+            let now = tokio::time::Instant::now();
+            let (over, next) = {
+                let mut idle = self.idle.lock().expect("idle lock");
+                let mut over = Vec::new();
+                let mut i = 0;
+                while i < idle.len() {
+                    if idle[i].2 + PERMIT_LINGER <= now {
+                        over.push(idle.swap_remove(i));
+                    } else {
+                        i += 1;
+                    }
+                }
+                let next = idle.iter().map(|(_, _, at)| *at).min();
+                if next.is_none() {
+                    // Set again by the next permit freed, which starts a
+                    // task like this one.
+                    self.reaping.store(false, Ordering::SeqCst);
+                }
+                (over, next)
+            };
+            for (p, session, _) in over {
+                p.give_back(&session.conn).await;
+            }
+            match next {
+                Some(at) => tokio::time::sleep_until(at + PERMIT_LINGER).await,
+                None => return,
+            }
+        }
     }
 
     fn forget(&self, k: u32) {
@@ -373,10 +403,12 @@ impl TypeLimit {
 }
 
 impl Permit {
-    /// Gives the permit back: deletes its queue (if that fails, the broker
+    /// Gives the permit back: to this worker's next task of the type
+    /// waiting for one, else it stays idle [`PERMIT_LINGER`] for the next
+    /// one to come, then its queue is deleted (if that fails, the broker
     /// deletes it when the connection closes; until then this worker may
     /// take it again, being its owner).
-    pub(super) async fn release(self, session: &Arc<Session>) {
+    pub(super) fn release(self, session: &Arc<Session>) {
         let conn = &session.conn;
         // Handed over to this worker's next task of the type when it waits
         // on this same connection (whose ownership of the queue goes on).
@@ -394,31 +426,20 @@ impl Permit {
             }
         }
         if !conn.status().connected() {
-            return permit.give_back(conn).await;
+            let session = session.clone();
+            tokio::spawn(async move { permit.give_back(&session.conn).await });
+            return;
         }
         // Kept a moment for the next task of the type, then given back.
         let limit = permit.limit.clone();
-        let stay = limit
-            .stays
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        limit
-            .idle
-            .lock()
-            .expect("idle lock")
-            .push((permit, conn_id(conn), stay));
-        let session = session.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(PERMIT_LINGER).await;
-            let left = {
-                let mut idle = limit.idle.lock().expect("idle lock");
-                idle.iter()
-                    .position(|(_, _, s)| *s == stay)
-                    .map(|at| idle.swap_remove(at).0)
-            };
-            if let Some(p) = left {
-                p.give_back(&session.conn).await;
-            }
-        });
+        limit.idle.lock().expect("idle lock").push((
+            permit,
+            session.clone(),
+            tokio::time::Instant::now(),
+        ));
+        if !limit.reaping.swap(true, Ordering::SeqCst) {
+            tokio::spawn(limit.reap());
+        }
     }
 
     async fn give_back(self, conn: &Connection) {
@@ -430,8 +451,15 @@ impl Permit {
             Ok::<_, lapin::Error>(())
         }
         .await;
-        if let Err(e) = deleted {
-            warn!(permit = %self.queue, error = %e, "could not give a permit back; the broker frees it with the connection");
+        match deleted {
+            Ok(()) => {}
+            // Closing: the broker frees it with the connection.
+            Err(e) if !conn.status().connected() => {
+                debug!(permit = %self.queue, error = %e, "permit freed with the connection");
+            }
+            Err(e) => {
+                warn!(permit = %self.queue, error = %e, "could not give a permit back; the broker frees it with the connection");
+            }
         }
         self.limit.forget(self.k);
         self.metrics.permits_held(-1);

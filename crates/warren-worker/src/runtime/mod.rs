@@ -286,6 +286,9 @@ impl Shared {
 struct InFlight {
     tracker: TaskTracker,
     abort: CancellationToken,
+    /// The worker's shutdown: tasks waiting for a permit or a token stop
+    /// waiting.
+    stop: CancellationToken,
     permits: Arc<Semaphore>,
     /// Bytes of the bodies of the deliveries held, waiting or in flight.
     held: Arc<AtomicUsize>,
@@ -431,6 +434,7 @@ impl Worker {
         let in_flight = InFlight {
             tracker: TaskTracker::new(),
             abort: CancellationToken::new(),
+            stop: shutdown.clone(),
             permits: Arc::new(Semaphore::new(sh.config.worker.concurrency)),
             held: Arc::new(AtomicUsize::new(0)),
             freed: Arc::new(Notify::new()),
@@ -661,8 +665,6 @@ impl Worker {
                                     self.hold_back(session, in_flight, d);
                                 } else if self.to_tenant(&d) {
                                     self.move_to_tenant(session, in_flight, d);
-                                } else if let Some(gate) = self.limited(&d) {
-                                    self.start_limited(session, in_flight, d, gate, shutdown);
                                 } else if d.source.sorts() {
                                     self.sort(session, in_flight, &mut waiting, d);
                                 } else if paused == Pause::Slots {
@@ -828,7 +830,10 @@ impl Worker {
         });
     }
 
-    /// Runs a held delivery in a slot.
+    /// Runs a held delivery in a slot. One of a type with flow limits runs
+    /// at once if what it needs is at hand in this worker (a permit kept
+    /// idle, a token left from a batch), else it waits for it (see
+    /// [`run_limited`]).
     fn start(
         &self,
         session: &Arc<Session>,
@@ -836,10 +841,17 @@ impl Worker {
         d: Held,
         permit: OwnedSemaphorePermit,
     ) {
+        let mut flow_permit = None;
+        if let Some(gate) = self.limited(&d) {
+            match self.at_hand(session, &d, &gate) {
+                Some(p) => flow_permit = p,
+                None => return self.start_limited(session, in_flight, d, gate, permit),
+            }
+        }
         let shared = self.shared.clone();
         let session = session.clone();
         let abort = in_flight.abort.clone();
-        let slot = Slot::new(in_flight.permits.clone(), permit);
+        let slot = Slot::new(in_flight.permits.clone(), permit).with_permit(flow_permit, &session);
         // Boxed: an attempt's future is several kilobytes, and spawned as it
         // is the runtime would copy it whole several times per task (into
         // the tracker's wrapper, into the task's cell, and over again when
@@ -849,6 +861,38 @@ impl Worker {
             Attempt::run(&shared, &session, &d.source, delivery, &abort, slot).await;
             drop(d.release);
         }));
+    }
+
+    /// What a limited delivery needs, if this worker has it at hand with
+    /// no trip to the broker: `Some` with its permit (if its type has a
+    /// concurrency limit); `None` if it must wait (or its key cannot be
+    /// used: [`run_limited`] then sends it to triage).
+    fn at_hand(
+        &self,
+        session: &Arc<Session>,
+        d: &Held,
+        gate: &Gate,
+    ) -> Option<Option<flow::Permit>> {
+        let sh = &self.shared;
+        let (permit_key, rate_key) = gate.keys(&d.delivery).ok()?;
+        let permit = match &gate.permits {
+            Some(p) => Some(p.for_key(permit_key).take_idle(&session.conn)?),
+            None => None,
+        };
+        if let Some(rate) = &gate.rate {
+            let w = rate.window(&sh.names, rate_key);
+            if !sh.rates.take_local(rate, &w, &sh.metrics) {
+                release(permit, session);
+                return None;
+            }
+            if sh.rates.refill_due(rate, &w) {
+                let (sh, session, rate) = (self.shared.clone(), session.clone(), rate.clone());
+                tokio::spawn(async move {
+                    sh.rates.refill(&rate, &w, &session.conn, &sh.metrics).await;
+                });
+            }
+        }
+        Some(permit)
     }
 
     /// The flow limits of a held delivery's type (global concurrency, rate),
@@ -866,22 +910,23 @@ impl Worker {
         (gate.permits.is_some() || gate.rate.is_some()).then_some(gate)
     }
 
-    /// Runs a delivery of a type with flow limits (see [`run_limited`]).
+    /// Runs a delivery of a type with flow limits, holding the slot
+    /// `slot` (see [`run_limited`]).
     fn start_limited(
         &self,
         session: &Arc<Session>,
         in_flight: &InFlight,
         d: Held,
         gate: Gate,
-        shutdown: &CancellationToken,
+        slot: OwnedSemaphorePermit,
     ) {
         let shared = self.shared.clone();
         let session = session.clone();
         let abort = in_flight.abort.clone();
-        let stop = shutdown.clone();
+        let stop = in_flight.stop.clone();
         let pool = in_flight.permits.clone();
         in_flight.tracker.spawn(Box::pin(async move {
-            run_limited(&shared, &session, d, gate, &abort, &stop, pool).await;
+            run_limited(&shared, &session, d, gate, &abort, &stop, pool, slot).await;
         }));
     }
 
@@ -946,21 +991,42 @@ struct Gate {
     rate: Option<Arc<rate::TypeRate>>,
 }
 
-/// Runs a delivery of a type with flow limits. With a rate limit alone: a
-/// token (waiting for one if the window is full, see [`rate`]), then a
-/// slot. Else, in order: a slot; then a permit if one is free at once, else
+/// The hashes of a task's keys: for its concurrency limit, for its rate
+/// limit (`None`: the type's own limit).
+type Keys = (Option<String>, Option<String>);
+
+impl Gate {
+    /// The keys of delivery `d`; an error if one cannot be used.
+    fn keys(&self, d: &Delivery) -> Result<Keys, ()> {
+        let headers = d.properties.headers().as_ref();
+        let key_of = |src: Option<&warren_core::flow::KeySource>| match src {
+            Some(src) => src.key_of(headers, &d.data).map_err(|_| ()),
+            None => Ok(None),
+        };
+        Ok((
+            key_of(self.permits.as_ref().and_then(|p| p.key.as_ref()))?,
+            key_of(self.rate.as_ref().and_then(|r| r.key.as_ref()))?,
+        ))
+    }
+}
+
+/// Runs a delivery of a type with flow limits, holding the slot `slot`.
+/// With a rate limit alone: a token (if none is free at once, it gives the
+/// slot back and waits for one, see [`rate`]), then a slot again. Else, in
+/// order: the slot; then a permit if one is free at once, else
 /// it gives the slot back, waits for a permit holding no slot (see
 /// [`flow`]) and takes a slot again; then, with a rate limit too, a token
 /// if one is free at once, else it gives the slot back (keeping the
 /// permit), waits for a token and takes a slot again. The permit comes
 /// before the token so that no token is spent on a task that then waits
-/// for a permit. It runs, and gives the permit back once its outcome
-/// is recorded. One that waited `flow.permit_handback_ms` in all goes back
+/// for a permit. It runs, and gives the permit back with its slot (see
+/// [`Slot`]). One that waited `flow.permit_handback_ms` in all goes back
 /// to its queue; one still waiting at shutdown, or when the connection is
 /// lost, returns unacknowledged. A task whose key cannot be used runs
 /// unlimited into triage, which makes it invalid.
 /// Its slow paths' futures are boxed, so that this future stays small:
 /// it is created and moved per task.
+#[allow(clippy::too_many_arguments)]
 async fn run_limited(
     sh: &Shared,
     session: &Arc<Session>,
@@ -969,23 +1035,12 @@ async fn run_limited(
     abort: &CancellationToken,
     stop: &CancellationToken,
     pool: Arc<Semaphore>,
+    slot: OwnedSemaphorePermit,
 ) {
-    let headers = d.delivery.properties.headers().as_ref();
-    let key_of = |src: Option<&warren_core::flow::KeySource>| match src {
-        Some(src) => src.key_of(headers, &d.delivery.data),
-        None => Ok(None),
+    let Ok((permit_key, rate_key)) = gate.keys(&d.delivery) else {
+        return run_held(sh, session, d, abort, pool, slot, None).await;
     };
-    let keys = (
-        key_of(gate.permits.as_ref().and_then(|p| p.key.as_ref())),
-        key_of(gate.rate.as_ref().and_then(|r| r.key.as_ref())),
-    );
-    let (Ok(permit_key), Ok(rate_key)) = keys else {
-        let Some(general) = take_slot(&pool, stop).await else {
-            drop(d.release);
-            return;
-        };
-        return run_held(sh, session, d, abort, pool, general).await;
-    };
+    let mut slot = Some(slot);
     let limit = gate.permits.map(|p| p.for_key(permit_key));
     let window = gate.rate.map(|r| {
         let w = r.window(&sh.names, rate_key);
@@ -1003,8 +1058,18 @@ async fn run_limited(
     if let (None, Some((rate, w))) = (&limit, &window) {
         // A rate limit alone: the token first, holding no slot, so that
         // the round trip to the broker overlaps with the running tasks.
-        match Box::pin(take_token(sh, session, rate, w, None, stop, &mut give_up)).await {
-            Ok(_) => {}
+        match Box::pin(take_token(
+            sh,
+            session,
+            rate,
+            w,
+            slot.take(),
+            stop,
+            &mut give_up,
+        ))
+        .await
+        {
+            Ok(g) => slot = g,
             Err(rate::NoToken::GaveUp) => {
                 return Box::pin(gave_up(sh, session, d, None, stop)).await
             }
@@ -1015,19 +1080,33 @@ async fn run_limited(
             }
         }
     }
-    let Some(mut general) = take_slot(&pool, stop).await else {
+    let slot = match slot {
+        Some(g) => Some(g),
+        None => take_slot(&pool, stop).await,
+    };
+    let Some(mut general) = slot else {
         drop(d.release);
         return;
     };
     let mut permit = None;
     if let Some(limit) = &limit {
-        let now = Box::pin(
-            sh.limits
-                .try_now(limit, &session.conn, &sh.names, &sh.metrics),
-        )
-        .await;
+        let now = match limit.take_idle(&session.conn) {
+            Some(p) => Ok(Some(p)),
+            None => {
+                Box::pin(
+                    sh.limits
+                        .declare_now(limit, &session.conn, &sh.names, &sh.metrics),
+                )
+                .await
+            }
+        };
         match now {
             Ok(Some(p)) => permit = Some(p),
+            Err(e) => {
+                debug!(error = %e, "connection lost taking a permit: the task returns to its queue");
+                drop(d.release);
+                return;
+            }
             Ok(None) => {
                 // Over the limit: wait for a permit holding no slot.
                 drop(general);
@@ -1055,16 +1134,11 @@ async fn run_limited(
                     }
                 }
                 let Some(g) = take_slot(&pool, stop).await else {
-                    release(permit, session).await;
+                    release(permit, session);
                     drop(d.release);
                     return;
                 };
                 general = g;
-            }
-            Err(e) => {
-                debug!(error = %e, "connection lost taking a permit: the task returns to its queue");
-                drop(d.release);
-                return;
             }
         }
     }
@@ -1083,7 +1157,7 @@ async fn run_limited(
             Ok(Some(g)) => general = g,
             Ok(None) => {
                 let Some(g) = take_slot(&pool, stop).await else {
-                    release(permit, session).await;
+                    release(permit, session);
                     drop(d.release);
                     return;
                 };
@@ -1094,28 +1168,29 @@ async fn run_limited(
             }
             Err(rate::NoToken::Lost(e)) => {
                 debug!(error = %e, "connection lost taking a rate token: the task returns to its queue");
-                release(permit, session).await;
+                release(permit, session);
                 drop(d.release);
                 return;
             }
         }
     }
-    run_held(sh, session, d, abort, pool, general).await;
-    release(permit, session).await;
+    run_held(sh, session, d, abort, pool, general, permit).await;
 }
 
-/// Runs a held delivery in the slot `general` of `pool`. Its attempt's
-/// future is boxed: several kilobytes, inline it would make the caller's
-/// future that large, copied as it is created and moved.
+/// Runs a held delivery in the slot `general` of `pool`, holding `permit`
+/// (given back with the slot). Its attempt's future is boxed: several
+/// kilobytes, inline it would make the caller's future that large, copied
+/// as it is created and moved.
 async fn run_held(
     sh: &Shared,
-    session: &Session,
+    session: &Arc<Session>,
     d: Held,
     abort: &CancellationToken,
     pool: Arc<Semaphore>,
     general: OwnedSemaphorePermit,
+    permit: Option<flow::Permit>,
 ) {
-    let slot = Slot::new(pool, general);
+    let slot = Slot::new(pool, general).with_permit(permit, session);
     let delivery = (d.delivery, d.since);
     Box::pin(Attempt::run(sh, session, &d.source, delivery, abort, slot)).await;
     drop(d.release);
@@ -1149,9 +1224,9 @@ async fn take_token(
 }
 
 /// Gives a permit back, if the task holds one.
-async fn release(permit: Option<flow::Permit>, session: &Arc<Session>) {
+fn release(permit: Option<flow::Permit>, session: &Arc<Session>) {
     if let Some(p) = permit {
-        p.release(session).await;
+        p.release(session);
     }
 }
 
@@ -1164,7 +1239,7 @@ async fn gave_up(
     permit: Option<flow::Permit>,
     stop: &CancellationToken,
 ) {
-    release(permit, session).await;
+    release(permit, session);
     if !stop.is_cancelled() {
         sh.metrics.limit_handed_back();
         Attempt::hand_back(sh, session, &d.source, d.delivery).await;

@@ -1,12 +1,20 @@
 //! Rate limits through the broker (contract section 9).
 //!
 //! The window of a limited type (or of one key of it) is the classic queue
-//! `P.rate.<type>` (`P.rate.<type>.<hash>`) with `x-max-length` = the burst
-//! and `x-overflow` = `reject-publish`. A token is a marker published there
-//! with confirms and `expiration` = `per_ms * burst / limit`: acknowledged,
-//! the task starts; refused (`basic.nack`, the window is full), it waits
-//! until a marker expires. At most `burst` markers are alive at once, so the
+//! `P.rate.<type>` (`P.rate.<type>.<hash>`) with `x-max-length-bytes` (and
+//! `x-max-length`) = the burst and `x-overflow` = `reject-publish`. Tokens
+//! are the bytes of markers published there with confirms and `expiration`
+//! = `per_ms * burst / limit`: acknowledged, the task starts; refused
+//! (`basic.nack`, the window has no room for them), it waits until a marker
+//! expires. At most `burst` bytes of markers are alive at once, so the
 //! broker alone keeps the rate, with no leader and nothing to refill.
+//!
+//! While the window has room, a worker takes several tokens in one marker
+//! (a batch, doubled each time the last one was used up, at most an eighth
+//! of the burst and [`MAX_BATCH`]) and starts its next tasks from them with
+//! no trip to the broker; tokens not used within an eighth of the hold are
+//! dropped, and a refusal brings the batch back to one. So a limit that
+//! does not bind costs a publication per batch, not per task.
 //!
 //! A waiting task tries again every `min(hold / burst, hold / 50)` (the
 //! spacing of tokens at the sustained rate, at most 2% of the hold, within
@@ -53,6 +61,11 @@ pub(super) struct TypeRate {
     hold_ms: u64,
     /// The pause between two tries of a waiting task, before jitter.
     poll: Duration,
+    /// The most tokens taken in one marker.
+    max_batch: u32,
+    /// How long tokens taken in a batch may be used after their marker was
+    /// sent: an eighth of the hold.
+    batch_life: Duration,
     /// The windows of the keys seen (`None`: the type's), forgotten once
     /// there are [`KEYS_KEPT`] and no task of this worker uses them.
     windows: Mutex<HashMap<Option<String>, Arc<Window>>>,
@@ -66,11 +79,38 @@ pub(super) struct Window {
     turn: tokio::sync::Mutex<()>,
     /// The last try found the window full.
     full: AtomicBool,
+    /// Tasks of this worker waiting for a token of the window.
+    waiters: std::sync::atomic::AtomicUsize,
     /// When this worker last declared the queue: declared again after a
     /// quarter of its `x-expires`, so the broker never deletes a window in
     /// use (publications do not count as use).
     declared: Mutex<Option<Instant>>,
+    /// The window counts bytes (declared here with `x-max-length-bytes`):
+    /// a marker may carry several tokens. False for a window declared
+    /// otherwise elsewhere, used as it is: one token per marker.
+    counts_bytes: AtomicBool,
+    /// Tokens taken in a batch and not used yet.
+    local: Mutex<Batch>,
 }
+
+/// The tokens of a window a worker took in one marker and has not used.
+struct Batch {
+    /// Tokens left.
+    left: u32,
+    /// Until when they may be used.
+    until: Instant,
+    /// How many tokens the next batch takes.
+    size: u32,
+    /// A task is taking a batch now: the others take one token each
+    /// meanwhile.
+    taking: bool,
+}
+
+/// The most tokens a worker takes in one marker.
+pub(super) const MAX_BATCH: u32 = 256;
+
+/// Marker bodies: a marker of `k` tokens is `k` bytes.
+static MARKER: [u8; MAX_BATCH as usize] = [0; MAX_BATCH as usize];
 
 /// The longest pause between two tries refused by the broker.
 const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -95,6 +135,8 @@ impl Rates {
                     burst: r.burst(),
                     hold_ms: r.hold_ms(),
                     poll: Duration::from_millis(rate_poll_ms(r.hold_ms(), r.burst())),
+                    max_batch: (r.burst() / 8).clamp(1, MAX_BATCH),
+                    batch_life: Duration::from_millis(r.hold_ms() / 8),
                     windows: Mutex::new(HashMap::new()),
                 };
                 (t.clone(), Arc::new(rate))
@@ -116,6 +158,24 @@ impl Rates {
         self.by_type.get(task_type).cloned()
     }
 
+    /// A token left from a batch this worker took, with no trip to the
+    /// broker.
+    pub(super) fn take_local(
+        &self,
+        rate: &TypeRate,
+        window: &Window,
+        metrics: &WorkerMetrics,
+    ) -> bool {
+        let mut b = window.local.lock().expect("batch lock");
+        if b.left == 0 || Instant::now() >= b.until {
+            return false;
+        }
+        b.left -= 1;
+        drop(b);
+        metrics.rate_token(&rate.task_type);
+        true
+    }
+
     /// A token at once if the window has one and no task of this worker
     /// waits for it; `false`: wait with [`Rates::wait`] (also when the
     /// broker refused the try while the connection is up).
@@ -126,6 +186,9 @@ impl Rates {
         conn: &Connection,
         metrics: &WorkerMetrics,
     ) -> Result<bool, ClientError> {
+        if self.take_local(rate, window, metrics) {
+            return Ok(true);
+        }
         // While the window has room, tasks try side by side (their markers
         // pipelined on one channel); while it is full, in line.
         let _turn = if window.full.load(Ordering::Relaxed) {
@@ -136,7 +199,12 @@ impl Rates {
         } else {
             None
         };
-        match self.try_once(rate, window, conn, metrics).await {
+        let size = window.batch_to_take(rate.max_batch);
+        let r = self.try_once(rate, window, conn, metrics, size, true).await;
+        if size > 1 {
+            window.local.lock().expect("batch lock").taking = false;
+        }
+        match r {
             Err(e) if conn.status().connected() => {
                 warn!(window = %window.queue, error = %e, "cannot take a rate token");
                 Ok(false)
@@ -162,12 +230,16 @@ impl Rates {
                 None => std::future::pending().await,
             }
         };
+        let _waiting = Waiter::new(window);
         let wait = async {
             let _turn = window.turn.lock().await;
             let mut refused = rate.poll;
             loop {
                 let mut pause = rate.poll;
-                match self.try_once(rate, window, conn, metrics).await {
+                if self.take_local(rate, window, metrics) {
+                    return Ok(());
+                }
+                match self.try_once(rate, window, conn, metrics, 1, true).await {
                     Ok(true) => return Ok(()),
                     Ok(false) => refused = rate.poll,
                     Err(e) if conn.status().connected() => {
@@ -193,19 +265,67 @@ impl Rates {
         }
     }
 
-    /// One try: publishes a marker to the window; whether the broker took
-    /// it. A window deleted meanwhile (the marker came back unroutable) is
-    /// declared again and tried once more.
+    /// Whether a task that just took a token left from a batch should take
+    /// the next batch (see [`Rates::refill`]): half or less of it is
+    /// left, no task of this worker waits for the window and none takes a
+    /// batch now. If so, the next batch is doubled and marked as being
+    /// taken.
+    pub(super) fn refill_due(&self, rate: &TypeRate, window: &Window) -> bool {
+        if rate.max_batch <= 1 || window.waiters.load(Ordering::Relaxed) > 0 {
+            return false;
+        }
+        let mut b = window.local.lock().expect("batch lock");
+        if b.taking || b.left > b.size / 2 {
+            return false;
+        }
+        b.size = b.size.saturating_mul(2).min(rate.max_batch);
+        b.taking = true;
+        true
+    }
+
+    /// Takes the next batch of tokens ahead of the tasks that will use
+    /// them, so that a limit that does not bind never makes a task wait
+    /// for the broker (see [`Rates::refill_due`]).
+    pub(super) async fn refill(
+        &self,
+        rate: &TypeRate,
+        window: &Window,
+        conn: &Connection,
+        metrics: &WorkerMetrics,
+    ) {
+        let size = window.local.lock().expect("batch lock").size;
+        if let Err(e) = self
+            .try_once(rate, window, conn, metrics, size, false)
+            .await
+        {
+            debug!(window = %window.queue, error = %e, "could not take a batch of rate tokens ahead");
+        }
+        window.local.lock().expect("batch lock").taking = false;
+    }
+
+    /// One try: publishes a marker of `size` tokens to the window (one if
+    /// the window does not count bytes); whether the broker took it. With
+    /// `for_task`, the task uses one of its tokens; the rest are kept for
+    /// the next tasks (see [`Batch`]). A window deleted meanwhile (the
+    /// marker came back unroutable) is declared again and tried once more.
     async fn try_once(
         &self,
         rate: &TypeRate,
         window: &Window,
         conn: &Connection,
         metrics: &WorkerMetrics,
+        size: u32,
+        for_task: bool,
     ) -> Result<bool, ClientError> {
         for _ in 0..2 {
             self.declare(rate, window, conn).await?;
+            let size = if window.counts_bytes.load(Ordering::Relaxed) {
+                size.clamp(1, MAX_BATCH)
+            } else {
+                1
+            };
             let ch = self.channel(conn).await?;
+            let sent = Instant::now();
             let props = BasicProperties::default()
                 .with_expiration(ShortString::from(rate.hold_ms.to_string()))
                 .with_delivery_mode(1);
@@ -217,7 +337,7 @@ impl Rates {
                         mandatory: true,
                         ..Default::default()
                     },
-                    b"",
+                    &MARKER[..size as usize],
                     props,
                 )
                 .await
@@ -232,7 +352,12 @@ impl Rates {
             match c {
                 Confirmation::Ack(None) | Confirmation::NotRequested => {
                     window.full.store(false, Ordering::Relaxed);
-                    metrics.rate_token(&rate.task_type);
+                    if for_task {
+                        window.keep(size - 1, sent + rate.batch_life);
+                        metrics.rate_token(&rate.task_type);
+                    } else {
+                        window.keep(size, sent + rate.batch_life);
+                    }
                     return Ok(true);
                 }
                 Confirmation::Ack(Some(_)) => {
@@ -243,6 +368,7 @@ impl Rates {
                 }
                 Confirmation::Nack(_) => {
                     window.full.store(true, Ordering::Relaxed);
+                    window.local.lock().expect("batch lock").size = 1;
                     return Ok(false);
                 }
             }
@@ -283,6 +409,10 @@ impl Rates {
             AMQPValue::LongLongInt(rate.burst.into()),
         );
         args.insert(
+            "x-max-length-bytes".into(),
+            AMQPValue::LongLongInt(rate.burst.into()),
+        );
+        args.insert(
             "x-overflow".into(),
             AMQPValue::LongString(LongString::from("reject-publish")),
         );
@@ -300,7 +430,8 @@ impl Rates {
             if !conn.status().connected() {
                 return Err(ClientError::amqp(format!("declare {queue}"))(e));
             }
-            warn!(window = queue, error = %e, "rate window declared with other arguments elsewhere: using it as it is");
+            warn!(window = queue, error = %e, "rate window declared with other arguments elsewhere: using it as it is, one token per marker");
+            window.counts_bytes.store(false, Ordering::Relaxed);
             let ch = open().await?;
             let passive = QueueDeclareOptions {
                 passive: true,
@@ -311,6 +442,7 @@ impl Rates {
                 .map_err(ClientError::amqp(format!("declare {queue}")))?;
             let _ = ch.close(200, "declared".into()).await;
         } else {
+            window.counts_bytes.store(true, Ordering::Relaxed);
             let _ = ch.close(200, "declared".into()).await;
         }
         *window.declared.lock().expect("declared lock") = Some(Instant::now());
@@ -353,9 +485,77 @@ impl TypeRate {
             queue: rate_queue(names, &self.task_type, key.as_deref()),
             turn: tokio::sync::Mutex::new(()),
             full: AtomicBool::new(false),
+            waiters: std::sync::atomic::AtomicUsize::new(0),
             declared: Mutex::new(None),
+            counts_bytes: AtomicBool::new(false),
+            local: Mutex::new(Batch {
+                left: 0,
+                until: Instant::now(),
+                size: 1,
+                taking: false,
+            }),
         });
         windows.insert(key, w.clone());
         w
+    }
+}
+
+impl Window {
+    /// How many tokens the next marker takes: a batch if no other task of
+    /// this worker is taking one (it then is), else one. A batch doubles
+    /// when the last was used up, and halves when tokens of it were
+    /// dropped unused.
+    fn batch_to_take(&self, max: u32) -> u32 {
+        let mut b = self.local.lock().expect("batch lock");
+        if self.waiters.load(Ordering::Relaxed) > 0 {
+            // The limit binds: one token at a time, none left unused.
+            b.size = 1;
+            return 1;
+        }
+        if b.taking || max <= 1 {
+            return 1;
+        }
+        if b.left > 0 {
+            // Only reached once they can no longer be used.
+            b.size = (b.size / 2).max(1);
+        } else {
+            b.size = b.size.saturating_mul(2).min(max);
+        }
+        b.left = 0;
+        b.taking = b.size > 1;
+        b.size
+    }
+
+    /// Keeps `n` tokens of a marker just taken, usable until `until`.
+    fn keep(&self, n: u32, until: Instant) {
+        if n == 0 {
+            return;
+        }
+        let mut b = self.local.lock().expect("batch lock");
+        if Instant::now() >= b.until {
+            if b.left > 0 {
+                // Dropped unused: batches were larger than the demand.
+                b.size = (b.size / 2).max(1);
+            }
+            b.left = 0;
+        }
+        b.left += n;
+        b.until = until;
+    }
+}
+
+/// Counts a task among its window's waiters while it lives.
+struct Waiter<'a>(&'a Window);
+
+impl<'a> Waiter<'a> {
+    fn new(w: &'a Window) -> Self {
+        w.waiters.fetch_add(1, Ordering::Relaxed);
+        Waiter(w)
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::Relaxed);
     }
 }

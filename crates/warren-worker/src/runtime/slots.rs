@@ -6,15 +6,22 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::flow::Permit;
+use super::session::Session;
 use crate::metrics::WorkerMetrics;
 
 /// One of `worker.concurrency`'s slots and, for a type capped by
-/// `worker.type_concurrency`, one of its type's. Dropped as soon as the
-/// handler returns.
+/// `worker.type_concurrency`, one of its type's; for a type with a global
+/// concurrency limit, its permit too. Dropped as soon as the handler
+/// returns.
 pub(super) struct Slot {
     pool: Arc<Semaphore>,
     general: Option<OwnedSemaphorePermit>,
     typed: Option<OwnedSemaphorePermit>,
+    /// The global concurrency permit and the session whose connection
+    /// owns it: given back first when the slot is dropped, so that the
+    /// next task the freed slot starts finds it kept idle.
+    flow: Option<(Permit, Arc<Session>)>,
 }
 
 impl Slot {
@@ -24,7 +31,14 @@ impl Slot {
             pool,
             general: Some(general),
             typed: None,
+            flow: None,
         }
+    }
+
+    /// The slot holding the global concurrency permit `permit` too, if any.
+    pub(super) fn with_permit(mut self, permit: Option<Permit>, session: &Arc<Session>) -> Self {
+        self.flow = permit.map(|p| (p, session.clone()));
+        self
     }
 
     /// Takes one of the type's slots. While the type is at its cap, the
@@ -50,6 +64,14 @@ impl Slot {
             _ = abort.cancelled() => return false,
         }
         true
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some((permit, session)) = self.flow.take() {
+            permit.release(&session);
+        }
     }
 }
 
