@@ -61,6 +61,18 @@ fn most_in_window(starts: &[i64], per_ms: i64) -> usize {
     most
 }
 
+/// Publishes `n` `diag.echo` tasks with ids `<tag>-<i>`; their ids.
+async fn publish_echoes(env: &Env, tag: &str, n: usize) -> Vec<String> {
+    let reqs: Vec<TaskRequest> = (0..n)
+        .map(|i| TaskRequest::new("diag.echo", json!({ "i": i })).id(format!("{tag}-{i}")))
+        .collect();
+    env.client
+        .publish_batch(&reqs, 256, |_| {})
+        .await
+        .expect("publish");
+    reqs.into_iter().map(|r| r.id.unwrap()).collect()
+}
+
 fn start_worker(env: &mut Env, cfg: &str) -> Proc {
     env.spawn(&["--config", cfg, "worker", "--queues", "diag"], &[])
 }
@@ -106,14 +118,7 @@ async fn a_rate_limit_holds_across_three_workers_through_a_scheduler_leader_kill
     }
     // Enough for `secs` at the limit after the first burst.
     let n = limit * secs as usize + burst;
-    let reqs: Vec<TaskRequest> = (0..n)
-        .map(|i| TaskRequest::new("diag.echo", json!({ "i": i })).id(format!("r-{i}")))
-        .collect();
-    let ids: Vec<String> = reqs.iter().map(|r| r.id.clone().unwrap()).collect();
-    env.client
-        .publish_batch(&reqs, 256, |_| {})
-        .await
-        .expect("publish");
+    let ids = publish_echoes(&env, "r", n).await;
     // Half way, the scheduler leader is killed.
     let mut starts: Vec<i64> = Vec::new();
     let mut open: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
@@ -448,14 +453,7 @@ async fn a_limit_that_does_not_bind_takes_tokens_in_batches() {
     let cfg = env.config_file("[flow.rate]\n\"diag.echo\" = { limit = 1000, per_ms = 60000 }\n");
     let w = start_worker(&mut env, &cfg);
     env.wait_log(&w, "worker consuming", T).await;
-    let reqs: Vec<TaskRequest> = (0..n)
-        .map(|i| TaskRequest::new("diag.echo", json!({ "i": i })).id(format!("b-{i}")))
-        .collect();
-    let ids: Vec<String> = reqs.iter().map(|r| r.id.clone().unwrap()).collect();
-    env.client
-        .publish_batch(&reqs, 256, |_| {})
-        .await
-        .expect("publish");
+    let ids = publish_echoes(&env, "b", n).await;
     let got = until_final(&mut watch, &ids, T_LONG).await;
     for id in &ids {
         assert_eq!(final_event(&got[id]).state, TaskState::Succeeded, "{id}");
