@@ -642,7 +642,7 @@ impl LimitsView {
         per_type(
             &mut e,
             "warren_flow_rate_tokens_left",
-            "Rate tokens left (burst - tasks started in the window) of the type's window, else the lowest of its keys'.",
+            "Rate tokens left (burst - tokens taken in the window) of the type's window, else the lowest of its keys'.",
             &|t| t.rate_tokens_left.filter(|_| read).map(|v| v as f64),
         );
         per_type(

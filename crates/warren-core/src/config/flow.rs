@@ -13,8 +13,8 @@ use crate::routes;
 /// Most permits one type (or key) may have: each is a queue name tried in
 /// turn.
 pub const MAX_GLOBAL_CONCURRENCY: u32 = 1000;
-/// Highest `limit` and `burst` of a rate limit: `burst` is the length of its
-/// window queue, one marker per token.
+/// Highest `limit` and `burst` of a rate limit: `burst` is the size of its
+/// window queue in bytes, one byte of a marker per token.
 pub const MAX_RATE: u32 = 100_000;
 /// Longest `per_ms` of a rate limit, and longest time a token stays taken
 /// (`per_ms * burst / limit`): 24 h.
