@@ -10,10 +10,12 @@
 //! are never more than `N` such names. The worker frees the permit with the
 //! task's slot, when the handler returns: it hands it to its next waiting
 //! task of the type on the same connection, or keeps it idle a moment for
-//! the next task to come, then deletes the queue. Within a worker, one task per type at a time
-//! tries the names (the others queue behind it, first come first served),
-//! with a bounded backoff between rounds, so waiting costs the broker a few
-//! declarations a second per type and worker, and no slot.
+//! the next task to come, then deletes the queue. While the limit does not
+//! bind, a task finding no permit idle declares one holding its slot; while
+//! it binds, within a worker one task per type at a time tries the names
+//! (the others queue behind it, first come first served), with a bounded
+//! backoff between rounds, so waiting costs the broker a few declarations
+//! a second per type and worker, and no slot.
 //!
 //! Unique tasks: the lock of a key is the queue `P.unique.<hash>`
 //! (`x-max-length` 1, `x-overflow` `reject-publish`, `x-expires` = the
@@ -359,7 +361,7 @@ impl TypeLimit {
         // that (declaring one again costs the broker tens of ms).
         let at = idle
             .iter()
-            .position(|(_, s, _)| std::ptr::eq(&s.conn, conn))?;
+            .position(|(_, s, _)| conn_id(&s.conn) == conn_id(conn))?;
         Some(idle.remove(at).0)
     }
 

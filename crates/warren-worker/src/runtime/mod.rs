@@ -1056,8 +1056,8 @@ async fn run_limited(
         })
     };
     if let (None, Some((rate, w))) = (&limit, &window) {
-        // A rate limit alone: the token first, holding no slot, so that
-        // the round trip to the broker overlaps with the running tasks.
+        // A rate limit alone: the token, in the slot if one is free at
+        // once, else waiting for it holding no slot.
         match Box::pin(take_token(
             sh,
             session,
