@@ -13,6 +13,7 @@
 //! one changes.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ use warren_core::config::BrokerConfig;
 use warren_core::control::ControlMessage;
 use warren_core::escrow::{EscrowTimes, LeaseBook, Returned};
 use warren_core::event::new_id;
-use warren_core::pauses::{Change, PauseBook};
+use warren_core::pauses::{Change, PauseBook, PauseKind};
 use warren_core::Names;
 
 use crate::connect::{connect, ConfirmChannel};
@@ -51,6 +52,11 @@ pub struct CancelSet {
 struct Pauses {
     book: Mutex<PauseBook>,
     changed: watch::Sender<u64>,
+    /// Whether any work queue is paused, and whether any task type is:
+    /// written under `book`'s lock, read without it, so a worker checks
+    /// each delivery without a lock or a lookup while nothing is paused.
+    any_queue: AtomicBool,
+    any_type: AtomicBool,
 }
 
 impl Default for Pauses {
@@ -58,6 +64,8 @@ impl Default for Pauses {
         Pauses {
             book: Mutex::default(),
             changed: watch::channel(0).0,
+            any_queue: AtomicBool::new(false),
+            any_type: AtomicBool::new(false),
         }
     }
 }
@@ -85,17 +93,13 @@ pub fn now_ms() -> i64 {
 /// Keeps a running task abortable by a cancel command until dropped.
 #[derive(Debug)]
 pub struct RunningGuard {
-    set: CancelSet,
+    running: Arc<Mutex<HashMap<String, CancellationToken>>>,
     id: String,
 }
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
-        self.set
-            .running
-            .lock()
-            .expect("not poisoned")
-            .remove(&self.id);
+        self.running.lock().expect("not poisoned").remove(&self.id);
     }
 }
 
@@ -146,7 +150,16 @@ impl CancelSet {
     /// Takes in a pause or resume record; tells the subscribers when it
     /// changed a target's state.
     pub fn record_pause(&self, m: &ControlMessage) -> Change {
-        let change = self.pauses.book.lock().expect("not poisoned").record(m);
+        let change = {
+            let mut book = self.pauses.book.lock().expect("not poisoned");
+            let change = book.record(m);
+            let paused = book.paused();
+            let any = |kind| paused.iter().any(|(t, _)| t.kind == kind);
+            let p = &self.pauses;
+            p.any_queue.store(any(PauseKind::Queue), Ordering::Release);
+            p.any_type.store(any(PauseKind::Type), Ordering::Release);
+            change
+        };
         if change != Change::None {
             self.pauses.changed.send_modify(|n| *n += 1);
         }
@@ -160,6 +173,9 @@ impl CancelSet {
 
     /// Whether the work queue `short` is paused.
     pub fn queue_paused(&self, short: &str) -> bool {
+        if !self.pauses.any_queue.load(Ordering::Acquire) {
+            return false;
+        }
         self.pauses
             .book
             .lock()
@@ -169,6 +185,9 @@ impl CancelSet {
 
     /// Whether the task type `t` is paused.
     pub fn type_paused(&self, t: &str) -> bool {
+        if !self.pauses.any_type.load(Ordering::Acquire) {
+            return false;
+        }
         self.pauses
             .book
             .lock()
@@ -178,11 +197,7 @@ impl CancelSet {
 
     /// Whether any task type is paused.
     pub fn any_type_paused(&self) -> bool {
-        self.pauses
-            .book
-            .lock()
-            .expect("not poisoned")
-            .any_type_paused()
+        self.pauses.any_type.load(Ordering::Acquire)
     }
 
     /// A receiver that sees a change each time a pause or resume record
@@ -237,7 +252,7 @@ impl CancelSet {
             .expect("not poisoned")
             .insert(task_id.to_owned(), token);
         RunningGuard {
-            set: self.clone(),
+            running: Arc::clone(&self.running),
             id: task_id.to_owned(),
         }
     }

@@ -292,15 +292,32 @@ pub fn publish_timeout() -> Duration {
 /// good (RabbitMQ 3.10 does not always send it again to the new leader).
 /// The caller then hands its delivery back, and the work is done again.
 pub(crate) async fn confirmed(confirm: PublisherConfirm, what: &str) -> Result<(), ClientError> {
+    within_publish_timeout(what, async { check_confirm(confirm.await, what) }).await
+}
+
+/// Runs `confirms` (awaiting publisher confirms) under one
+/// `broker.publish_timeout_ms` bound: one timer, however many confirms.
+pub(crate) async fn within_publish_timeout(
+    what: &str,
+    confirms: impl std::future::Future<Output = Result<(), ClientError>>,
+) -> Result<(), ClientError> {
     let timeout = publish_timeout();
-    let Ok(c) = tokio::time::timeout(timeout, confirm).await else {
-        return Err(ClientError::Unconfirmed {
+    match tokio::time::timeout(timeout, confirms).await {
+        Ok(r) => r,
+        Err(_) => Err(ClientError::Unconfirmed {
             what: what.to_owned(),
             attempts: 1,
             timeout,
             last: "no confirm while the connection stayed open".into(),
-        });
-    };
+        }),
+    }
+}
+
+/// A confirm as an outcome: a negative one, or none, is an error naming `what`.
+pub(crate) fn check_confirm(
+    c: Result<lapin::Confirmation, lapin::Error>,
+    what: &str,
+) -> Result<(), ClientError> {
     // The error's text is built only on failure: this runs once per message.
     let c = c.map_err(|source| ClientError::Amqp {
         what: format!("confirm of {what}"),

@@ -423,8 +423,13 @@ pub(crate) fn copy_producer_properties(
 /// Awaits every confirm in order; any failure or negative confirm is an error,
 /// so the caller must not ack.
 pub async fn confirm_all(confirms: Vec<PublisherConfirm>) -> Result<(), ClientError> {
-    for c in confirms {
-        crate::connect::confirmed(c, "outcome").await?;
-    }
-    Ok(())
+    // One timer for them all: they were sent together, so the bound on
+    // each is the bound on the last.
+    crate::connect::within_publish_timeout("outcome", async {
+        for c in confirms {
+            crate::connect::check_confirm(c.await, "outcome")?;
+        }
+        Ok(())
+    })
+    .await
 }

@@ -37,28 +37,56 @@ pub struct TaskContext {
 /// a handle that no runtime watches go nowhere.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
-    latest: Option<Arc<tokio::sync::watch::Sender<ProgressReport>>>,
+    latest: Option<ProgressWatch>,
 }
 
 /// The latest `(done, total)` reported, if any.
 pub(crate) type ProgressReport = Option<(u64, Option<u64>)>;
 
+/// The runtime's side of a [`Progress`] handle: the latest report, and a
+/// wake-up for each report made since the last wait. Made for every attempt,
+/// so it is one small allocation (a `watch` channel costs several times
+/// as much to make and drop, and most handlers never report).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ProgressWatch(Arc<ProgressCell>);
+
+#[derive(Debug, Default)]
+struct ProgressCell {
+    latest: std::sync::Mutex<ProgressReport>,
+    reported: tokio::sync::Notify,
+}
+
+impl ProgressWatch {
+    /// The latest report.
+    pub(crate) fn latest(&self) -> ProgressReport {
+        *self.0.latest.lock().expect("not poisoned")
+    }
+
+    /// Returns once a report was made since the last call returned (at
+    /// once if one was made meanwhile; reports in between are one wake-up).
+    pub(crate) async fn changed(&self) {
+        self.0.reported.notified().await;
+    }
+}
+
 impl Progress {
-    /// A handle and the receiver the runtime watches.
-    pub(crate) fn channel() -> (Progress, tokio::sync::watch::Receiver<ProgressReport>) {
-        let (tx, rx) = tokio::sync::watch::channel(None);
+    /// A handle and the watch the runtime keeps.
+    pub(crate) fn channel() -> (Progress, ProgressWatch) {
+        let watch = ProgressWatch::default();
         (
             Progress {
-                latest: Some(Arc::new(tx)),
+                latest: Some(watch.clone()),
             },
-            rx,
+            watch,
         )
     }
 
     /// Reports `done` units (bytes for transfers) of `total`, if known.
     pub fn report(&self, done: u64, total: Option<u64>) {
-        if let Some(tx) = &self.latest {
-            tx.send_replace(Some((done, total)));
+        if let Some(w) = &self.latest {
+            *w.0.latest.lock().expect("not poisoned") = Some((done, total));
+            // Stores a wake-up when the runtime is not waiting yet.
+            w.0.reported.notify_one();
         }
     }
 }

@@ -63,9 +63,12 @@ pub(crate) struct WorkerMetrics {
 
 #[derive(Debug)]
 struct Inner {
-    outcomes: BTreeMap<(String, Outcome), u64>,
+    /// By type, then outcome: looked up by the type as borrowed, so
+    /// counting a task allocates nothing once its type is known.
+    outcomes: BTreeMap<String, BTreeMap<Outcome, u64>>,
     dead: BTreeMap<(String, &'static str), u64>,
-    durations: BTreeMap<(String, &'static str), Histogram>,
+    /// By type, then result.
+    durations: BTreeMap<String, BTreeMap<&'static str, Histogram>>,
     /// Start of a delayed task's attempt after its due time.
     lateness: Histogram,
     /// Per rate-limited type: tasks waiting for a token now, tokens taken,
@@ -126,8 +129,8 @@ impl WorkerMetrics {
     /// handler ran, when it did.
     pub(crate) fn outcome(&self, task_type: &str, outcome: Outcome, ran: Option<Duration>) {
         self.with(|m| {
-            *m.outcomes
-                .entry((task_type.to_owned(), outcome))
+            *of_type(&mut m.outcomes, task_type)
+                .entry(outcome)
                 .or_default() += 1;
             if let Some(ran) = ran {
                 let label = if outcome == Outcome::Succeeded {
@@ -135,8 +138,8 @@ impl WorkerMetrics {
                 } else {
                     "failed"
                 };
-                m.durations
-                    .entry((task_type.to_owned(), label))
+                of_type(&mut m.durations, task_type)
+                    .entry(label)
                     .or_insert_with(|| Histogram::new(DURATION_BUCKETS))
                     .observe(ran.as_secs_f64());
             }
@@ -283,12 +286,14 @@ impl Probe for WorkerMetrics {
                 "Tasks this worker finished, by type and outcome (succeeded, retried, dead, \
                  cancelled).",
             );
-            for ((t, o), n) in &m.outcomes {
-                e.sample(
-                    "warren_worker_tasks_total",
-                    &[("type", t), ("outcome", o.as_str())],
-                    *n as f64,
-                );
+            for (t, per) in &m.outcomes {
+                for (o, n) in per {
+                    e.sample(
+                        "warren_worker_tasks_total",
+                        &[("type", t), ("outcome", o.as_str())],
+                        *n as f64,
+                    );
+                }
             }
             e.family(
                 "warren_worker_dead_total",
@@ -307,12 +312,14 @@ impl Probe for WorkerMetrics {
                 "histogram",
                 "Handler run time, by type and result (succeeded or failed).",
             );
-            for ((t, r), h) in &m.durations {
-                e.histogram(
-                    "warren_worker_task_duration_seconds",
-                    &[("type", t), ("result", r)],
-                    h,
-                );
+            for (t, per) in &m.durations {
+                for (r, h) in per {
+                    e.histogram(
+                        "warren_worker_task_duration_seconds",
+                        &[("type", t), ("result", r)],
+                        h,
+                    );
+                }
             }
             e.family(
                 "warren_worker_delay_lateness_seconds",
@@ -322,9 +329,8 @@ impl Probe for WorkerMetrics {
             e.histogram("warren_worker_delay_lateness_seconds", &[], &m.lateness);
             let retried: u64 = m
                 .outcomes
-                .iter()
-                .filter(|((_, o), _)| *o == Outcome::Retried)
-                .map(|(_, n)| n)
+                .values()
+                .filter_map(|per| per.get(&Outcome::Retried))
                 .sum();
             e.family(
                 "warren_worker_limit_waiting_by_type",
@@ -523,6 +529,15 @@ impl Probe for WorkerMetrics {
     fn checks(&self) -> Vec<(&'static str, bool)> {
         self.link.checks()
     }
+}
+
+/// The entry of `t` in a map by task type, made empty when new; a known
+/// type is found without allocating.
+fn of_type<'m, V: Default>(map: &'m mut BTreeMap<String, V>, t: &str) -> &'m mut V {
+    if !map.contains_key(t) {
+        map.insert(t.to_owned(), V::default());
+    }
+    map.get_mut(t).expect("inserted above")
 }
 
 #[cfg(test)]

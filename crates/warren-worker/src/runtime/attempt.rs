@@ -608,7 +608,7 @@ impl<'a> Attempt<'a> {
         abort: &CancellationToken,
         mut slot: Slot,
     ) -> Result<Disposition, ClientError> {
-        let (task, handler) = match self.prepare(id) {
+        let (mut task, handler) = match self.prepare(id) {
             Ok(ready) => ready,
             Err(invalid) => return self.park_invalid(id, &invalid).await,
         };
@@ -624,7 +624,7 @@ impl<'a> Attempt<'a> {
             .await?;
         debug!("started");
         self.note_lateness();
-        match self.execute(id, &task, handler, abort, slot).await {
+        match self.execute(id, &mut task, handler, abort, slot).await {
             Execution::Finished(Ok(value), ran) => {
                 self.succeeded(id, &task, started, value, ran).await
             }
@@ -680,10 +680,11 @@ impl<'a> Attempt<'a> {
     /// shutdown abort, publishing its progress. The slot is freed as soon as
     /// the handler is done, so waiting for confirms never holds back the
     /// next handler (in-flight deliveries stay bounded by the prefetch).
+    /// The task's id, type and arguments move to the handler's context.
     async fn execute(
         &self,
         id: &str,
-        task: &TaskEnvelope,
+        task: &mut TaskEnvelope,
         handler: Arc<dyn Handler>,
         abort: &CancellationToken,
         slot: Slot,
@@ -697,16 +698,16 @@ impl<'a> Attempt<'a> {
         let cancel = CancellationToken::new();
         let (progress, progress_rx) = Progress::channel();
         let ctx = TaskContext {
-            id: task.id.clone(),
-            task_type: task.task_type.clone(),
-            args: task.args.clone(),
+            id: std::mem::take(&mut task.id),
+            task_type: std::mem::take(&mut task.task_type),
+            args: std::mem::take(&mut task.args),
             attempt: task.attempt,
             cancel: cancel.clone(),
             data_dir: sh.config.worker.data_dir.clone(),
             config: sh.config.clone(),
             progress,
         };
-        let mut progress_events = TaskProgress::Quiet(Some(progress_rx));
+        let mut progress_events = TaskProgress::Quiet(progress_rx);
         let command = CancellationToken::new();
         let _registered = sh.cancels.running(id, command.clone());
         let began = Instant::now();
@@ -722,6 +723,10 @@ impl<'a> Attempt<'a> {
             .map(|t| self.received + Duration::from_millis(t.after_ms));
         let result = loop {
             tokio::select! {
+                // The handler first: one that is done at its first poll (most
+                // short tasks) costs no timer and no wait registered on the
+                // tokens below.
+                biased;
                 r = &mut join => break match r {
                     Ok(r) => r,
                     Err(panic) => Err(TaskError::permanent("panic", panic_text(panic))),

@@ -2,13 +2,12 @@
 
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use warren_client::runtime::Outbox;
 use warren_core::event::{format_time, new_id, ProgressInfo};
 use warren_core::Event;
 
-use crate::handler::ProgressReport;
+use crate::handler::ProgressWatch;
 
 /// Publishes a running task's latest progress report as a `progress`
 /// event, at most once a second. Started only once the handler first
@@ -22,17 +21,16 @@ pub(super) struct ProgressEvents {
 impl ProgressEvents {
     /// Publishes the report `latest` holds now, then each later one, at most
     /// once a second.
-    pub(super) fn start(
-        out: Outbox,
-        template: Event,
-        mut latest: watch::Receiver<ProgressReport>,
-    ) -> Self {
+    pub(super) fn start(out: Outbox, template: Event, latest: ProgressWatch) -> Self {
         let stop = CancellationToken::new();
         let stopped = stop.clone();
         let task = tokio::spawn(async move {
+            let mut sent = None;
             loop {
-                let report = *latest.borrow_and_update();
-                if let Some((bytes, total)) = report {
+                let report = latest.latest();
+                // A wake-up can stand for a report already sent.
+                if let Some((bytes, total)) = report.filter(|_| report != sent) {
+                    sent = report;
                     let mut ev = template.clone();
                     ev.event_id = new_id();
                     ev.at = format_time(chrono::Utc::now());
@@ -49,7 +47,7 @@ impl ProgressEvents {
                     }
                 }
                 tokio::select! {
-                    changed = latest.changed() => if changed.is_err() { return },
+                    _ = latest.changed() => {}
                     _ = stopped.cancelled() => return,
                 }
             }
@@ -68,34 +66,28 @@ impl ProgressEvents {
 /// A running task's progress: nothing until its handler first reports
 /// some, then a [`ProgressEvents`] publishing it.
 pub(super) enum TaskProgress {
-    /// No report yet: the receiver to watch, `None` once the handler's
-    /// sender is gone.
-    Quiet(Option<watch::Receiver<ProgressReport>>),
+    /// No report yet: the watch to wait on.
+    Quiet(ProgressWatch),
     /// Reports are being published.
     Publishing(ProgressEvents),
 }
 
 impl TaskProgress {
-    /// Waits for the handler's first report; never returns once the
-    /// handler dropped its sender or publishing started.
+    /// Waits for the handler's first report; never returns once
+    /// publishing started.
     pub(super) async fn first_report(&mut self) {
         match self {
-            TaskProgress::Quiet(Some(rx)) => {
-                if rx.changed().await.is_err() {
-                    *self = TaskProgress::Quiet(None);
-                    std::future::pending::<()>().await;
-                }
-            }
-            _ => std::future::pending().await,
+            TaskProgress::Quiet(w) => w.changed().await,
+            TaskProgress::Publishing(_) => std::future::pending().await,
         }
     }
 
     /// Starts publishing (after [`TaskProgress::first_report`] returned):
     /// `template` is the event each report fills in.
     pub(super) fn publish(&mut self, out: &Outbox, template: impl FnOnce() -> Event) {
-        if let TaskProgress::Quiet(Some(rx)) = self {
-            let rx = rx.clone();
-            *self = TaskProgress::Publishing(ProgressEvents::start(out.clone(), template(), rx));
+        if let TaskProgress::Quiet(w) = self {
+            let w = w.clone();
+            *self = TaskProgress::Publishing(ProgressEvents::start(out.clone(), template(), w));
         }
     }
 
