@@ -4,7 +4,9 @@
 //! The baseline worker does per task what Warren's worker does: it publishes
 //! a persistent `started` event, parses the JSON body, publishes a persistent
 //! `succeeded` event carrying it, and acks the delivery once both events are
-//! confirmed. Confirms are pipelined: the worker never waits for one before
+//! confirmed. Its events are the contract's, as Warren's are: every key of
+//! section 4 present (null when empty), `message_id`, `correlation_id` and
+//! `type` set. Confirms are pipelined: the worker never waits for one before
 //! taking the next delivery, and acks each task as soon as its own two
 //! confirms are in, so its throughput is bounded by the prefetch it is given
 //! (`--prefetch`, tuned for it), not by round trips. The baseline publisher
@@ -21,7 +23,8 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, PublisherConfirm};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::procstat::{Spent, Stopwatch};
 
@@ -82,6 +85,27 @@ pub async fn worker(
     Ok(())
 }
 
+/// One event as the contract writes it (section 4): every key present, null
+/// when empty, as Warren's worker writes them. Borrowed from the task where
+/// it can be, so building one allocates only its id and time.
+#[derive(Serialize)]
+struct ContractEvent<'a> {
+    event_id: String,
+    task_id: &'a str,
+    #[serde(rename = "type")]
+    task_type: &'a str,
+    state: &'static str,
+    attempt: i64,
+    queue: &'a str,
+    worker: &'a str,
+    at: String,
+    duration_ms: Option<u64>,
+    result: Option<Value>,
+    error: Option<()>,
+    reason: Option<()>,
+    due_at: Option<()>,
+}
+
 /// Publishes one task's `started` and `succeeded` events without waiting
 /// for their confirms.
 async fn run_one(
@@ -96,44 +120,55 @@ async fn run_one(
         .map(|m| m.as_str().to_owned())
         .unwrap_or_default();
     let began = Instant::now();
-    let mut event = json!({
-        "event_id": uuid::Uuid::now_v7().to_string(),
-        "task_id": id,
-        "type": "diag.echo",
-        "state": "started",
-        "attempt": 1,
-        "queue": "diag",
-        "worker": "baseline",
-        "at": warren_core::event::format_time(chrono::Utc::now()),
-    });
-    let started = publish_event(ch, exchange, "started.diag.echo", &id, &event).await?;
+    let mut event = ContractEvent {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        task_id: &id,
+        task_type: "diag.echo",
+        state: "started",
+        attempt: 1,
+        queue: "diag",
+        worker: "baseline",
+        at: warren_core::event::format_time(chrono::Utc::now()),
+        duration_ms: None,
+        result: None,
+        error: None,
+        reason: None,
+        due_at: None,
+    };
+    let started = publish_event(ch, exchange, "started.diag.echo", &event).await?;
     let args: Value = serde_json::from_slice(&d.data).unwrap_or(Value::Null);
-    event["event_id"] = uuid::Uuid::now_v7().to_string().into();
-    event["state"] = "succeeded".into();
-    event["at"] = warren_core::event::format_time(chrono::Utc::now()).into();
-    event["duration_ms"] = (began.elapsed().as_millis() as u64).into();
-    event["result"] = args;
-    let succeeded = publish_event(ch, exchange, "succeeded.diag.echo", &id, &event).await?;
+    event.event_id = uuid::Uuid::now_v7().to_string();
+    event.state = "succeeded";
+    event.at = warren_core::event::format_time(chrono::Utc::now());
+    event.duration_ms = Some(began.elapsed().as_millis() as u64);
+    event.result = Some(args);
+    let succeeded = publish_event(ch, exchange, "succeeded.diag.echo", &event).await?;
     Ok((started, succeeded, d))
 }
 
+/// Publishes an event with the properties the contract gives events:
+/// persistent JSON, `message_id` = its id, `correlation_id` = the task's,
+/// `type` = the task type.
 async fn publish_event(
     ch: &Channel,
     exchange: &str,
     routing_key: &str,
-    task_id: &str,
-    event: &Value,
+    event: &ContractEvent<'_>,
 ) -> anyhow::Result<PublisherConfirm> {
     let props = BasicProperties::default()
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
-        .with_correlation_id(task_id.into());
+        .with_message_id(event.event_id.as_str().into())
+        .with_correlation_id(event.task_id.into())
+        .with_type(event.task_type.into());
+    let mut body = Vec::with_capacity(512);
+    serde_json::to_writer(&mut body, event)?;
     Ok(ch
         .basic_publish(
             exchange.into(),
             routing_key.into(),
             BasicPublishOptions::default(),
-            &serde_json::to_vec(event)?,
+            &body,
             props,
         )
         .await?)
@@ -187,4 +222,40 @@ pub async fn publish(
     let spent = clock.stop();
     let _ = conn.close(200, "done".into()).await;
     Ok(spent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The baseline writes the same event as Warren: the same keys.
+    #[test]
+    fn baseline_events_carry_every_key_warren_writes() {
+        let ev = ContractEvent {
+            event_id: "e".into(),
+            task_id: "t",
+            task_type: "diag.echo",
+            state: "succeeded",
+            attempt: 1,
+            queue: "diag",
+            worker: "w",
+            at: "2026-12-03T00:00:00.000Z".into(),
+            duration_ms: Some(1),
+            result: Some(serde_json::json!({"n": 1})),
+            error: None,
+            reason: None,
+            due_at: None,
+        };
+        let keys = |body: &[u8]| -> Vec<String> {
+            let v: serde_json::Map<String, Value> = serde_json::from_slice(body).unwrap();
+            v.keys().cloned().collect()
+        };
+        let warren =
+            warren_core::Event::new("t", "diag.echo", warren_core::TaskState::Succeeded, 1);
+        let mut theirs = keys(&warren.to_json());
+        let mut ours = keys(&serde_json::to_vec(&ev).unwrap());
+        theirs.sort();
+        ours.sort();
+        assert_eq!(ours, theirs);
+    }
 }

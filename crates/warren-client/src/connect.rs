@@ -201,10 +201,11 @@ impl ConfirmChannel {
     }
 
     /// Sends one message; the returned future resolves when the broker confirms it.
+    /// The routing key may be given owned, so it is not copied again.
     pub async fn send(
         &self,
         exchange: &str,
-        routing_key: &str,
+        routing_key: impl Into<String>,
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<PublisherConfirm, ClientError> {
@@ -237,15 +238,14 @@ impl ConfirmChannel {
         &self,
         options: BasicPublishOptions,
         exchange: &str,
-        routing_key: &str,
+        routing_key: impl Into<String>,
         body: &[u8],
         properties: BasicProperties,
     ) -> Result<PublisherConfirm, ClientError> {
+        let routing_key: String = routing_key.into();
+        let len = routing_key.len();
         let routing_key = ShortString::try_new(routing_key).map_err(|_| {
-            ClientError::InvalidRequest(format!(
-                "routing key of {} bytes is longer than 255",
-                routing_key.len()
-            ))
+            ClientError::InvalidRequest(format!("routing key of {len} bytes is longer than 255"))
         })?;
         self.channel
             .basic_publish(exchange.into(), routing_key, options, body, properties)

@@ -26,7 +26,7 @@ impl Outbox {
         self.channel
             .send(
                 self.names.events_exchange(),
-                &ev.routing_key(),
+                ev.routing_key(),
                 &ev.to_json(),
                 event_properties(ev, None),
             )

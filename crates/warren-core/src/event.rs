@@ -237,15 +237,33 @@ impl Event {
 /// Caps a result at `max_bytes` of JSON; a larger one becomes
 /// `{"truncated": true, "bytes": N, "preview": "<first 1 KiB as text>"}`.
 pub fn cap_result(result: Value, max_bytes: usize) -> Value {
-    let text = serde_json::to_string(&result).expect("a JSON value always serializes");
-    if text.len() <= max_bytes {
+    // Measured without keeping the text: most results fit, and are then
+    // written once, in their event.
+    let mut counted = Counted(0);
+    serde_json::to_writer(&mut counted, &result).expect("counting never fails");
+    if counted.0 <= max_bytes {
         return result;
     }
+    let text = serde_json::to_string(&result).expect("a JSON value always serializes");
     let mut end = text.len().min(1024);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
     serde_json::json!({"truncated": true, "bytes": text.len(), "preview": &text[..end]})
+}
+
+/// A writer that only counts the bytes written to it.
+struct Counted(usize);
+
+impl std::io::Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -78,7 +78,16 @@ pub fn is_valid_pattern(p: &str) -> Result<(), String> {
 /// Whether `t` is a valid task type: non-empty words of `[A-Za-z0-9_-]`
 /// separated by `.`, no wildcards, at most [`MAX_TYPE_BYTES`].
 pub fn is_valid_task_type(t: &str) -> bool {
-    !t.is_empty() && t.len() <= MAX_TYPE_BYTES && t.split('.').all(is_word)
+    // One pass over the bytes (this runs for every task): word bytes, and
+    // dots each between two of them.
+    let b = t.as_bytes();
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'-';
+    !b.is_empty()
+        && b.len() <= MAX_TYPE_BYTES
+        && word(b[0])
+        && word(b[b.len() - 1])
+        && b.iter().all(|&c| word(c) || c == b'.')
+        && !b.windows(2).any(|w| w == b"..")
 }
 
 /// Whether the topic `pattern` matches `task_type`, with RabbitMQ semantics
@@ -234,6 +243,7 @@ mod tests {
         assert!(!is_valid_task_type("diag.#"));
         assert!(!is_valid_task_type("diag..echo"));
         assert!(!is_valid_task_type(".diag"));
+        assert!(!is_valid_task_type("diag."));
         assert!(!is_valid_task_type("diag echo"));
         assert!(is_valid_task_type(&"a".repeat(MAX_TYPE_BYTES)));
         // Its events' routing keys would not fit AMQP's 255 bytes.

@@ -344,7 +344,7 @@ impl<'a> Attempt<'a> {
             // Before anything re-publishes the message: with the system's
             // headers added, a copy would no longer fit in a frame.
             let id = self.meta.message_id.clone().unwrap_or_else(new_id);
-            let r = self.park_invalid(&id, &invalid).await;
+            let r = Box::pin(self.park_invalid(&id, &invalid)).await;
             return Triage::Settled(id, r);
         }
         let Some(id) = self.meta.message_id.clone() else {
@@ -352,14 +352,14 @@ impl<'a> Attempt<'a> {
             // every redelivery of this task reports the same id.
             let id = new_id();
             let h = self.headers();
-            let r = self.requeue(&id, h).await;
+            let r = Box::pin(self.requeue(&id, h)).await;
             return Triage::Settled(id, r);
         };
         if let Some(escrow_id) = &self.returned_copy {
             match self.sh.cancels.escrow_returned(escrow_id) {
                 Returned::Expired => {
                     warn!(task_id = %id, "escrow lease ended without an outcome: its worker is gone; the task runs again");
-                    let r = self.redelivered(&id).await;
+                    let r = Box::pin(self.redelivered(&id)).await;
                     return Triage::Settled(id, r);
                 }
                 held_or_done => {
@@ -369,12 +369,12 @@ impl<'a> Attempt<'a> {
             }
         }
         if self.delivery.redelivered {
-            let r = self.redelivered(&id).await;
+            let r = Box::pin(self.redelivered(&id)).await;
             return Triage::Settled(id, r);
         }
         if self.sh.cancels.contains(&id) || self.workflow_cancelled() {
             let attempt = (envelope_attempt(&self.meta) - 1).max(0);
-            let r = self.cancelled(&id, attempt).await;
+            let r = Box::pin(self.cancelled(&id, attempt)).await;
             return Triage::Settled(id, r);
         }
         if let Some(r) = self.apply_change(&id).await {
@@ -413,7 +413,7 @@ impl<'a> Attempt<'a> {
             let Some(source) = source else { continue };
             if let Err(e) = source.key_of(self.meta.headers.as_ref(), &self.delivery.data) {
                 let invalid = InvalidTask::new(code, e.to_string());
-                return Some(self.park_invalid(id, &invalid).await);
+                return Some(Box::pin(self.park_invalid(id, &invalid)).await);
             }
         }
         None
@@ -429,10 +429,11 @@ impl<'a> Attempt<'a> {
             Ok(Some(key)) => key,
             Err(e) => {
                 let invalid = InvalidTask::new("unique_key", e.to_string());
-                return Some(self.park_invalid(id, &invalid).await);
+                return Some(Box::pin(self.park_invalid(id, &invalid)).await);
             }
         };
-        let holder = match flow::claim(&self.session.conn, &self.sh.names, &key, id).await {
+        let claim = flow::claim(&self.session.conn, &self.sh.names, &key, id);
+        let holder = match Box::pin(claim).await {
             Ok(flow::Claim::Won) => return None,
             Ok(flow::Claim::Lost(holder)) => holder,
             Err(e) if self.session.connected() => {
@@ -444,7 +445,7 @@ impl<'a> Attempt<'a> {
             }
             Err(e) => return Some(Err(e)),
         };
-        let r = async {
+        let r = Box::pin(async {
             let attempt = (envelope_attempt(&self.meta) - 1).max(0);
             let mut ev = self.event(id, TaskState::Duplicate, attempt);
             ev.reason = Some(match &holder {
@@ -458,7 +459,7 @@ impl<'a> Attempt<'a> {
             info!(task_id = id, first = ?holder, "duplicate: dropped");
             self.sh.metrics.duplicate();
             Ok(Disposition::Ack)
-        }
+        })
         .await;
         Some(r)
     }
@@ -481,7 +482,7 @@ impl<'a> Attempt<'a> {
         let props = d.properties.clone().with_priority(priority);
         if let Some(due) = change.due_ms().filter(|due| *due > now_ms()) {
             let attempt = envelope_attempt(&self.meta);
-            let r = async {
+            let r = Box::pin(async {
                 let c = self
                     .out()
                     .reschedule(
@@ -501,7 +502,7 @@ impl<'a> Attempt<'a> {
                     "changed: waits until its new due time"
                 );
                 Ok(Disposition::Ack)
-            }
+            })
             .await;
             return Some(r);
         }
@@ -511,7 +512,7 @@ impl<'a> Attempt<'a> {
         }
         let mut h = self.headers();
         headers::set_int(&mut h, headers::CHANGED, change.at_ms);
-        let r = async {
+        let r = Box::pin(async {
             let c = self
                 .out()
                 .requeue(self.requeue_to, &d.data, &props, h, &self.task_type, id)
@@ -522,7 +523,7 @@ impl<'a> Attempt<'a> {
                 priority, "changed: put back with its new priority"
             );
             Ok(Disposition::Ack)
-        }
+        })
         .await;
         Some(r)
     }
@@ -535,7 +536,7 @@ impl<'a> Attempt<'a> {
     /// when no pause applies.
     async fn held_by_pause(&self, id: &str) -> Option<Result<Disposition, ClientError>> {
         if self.sh.cancels.queue_paused(self.queue) {
-            let r = self.requeue(id, self.headers()).await;
+            let r = Box::pin(self.requeue(id, self.headers())).await;
             if r.is_ok() {
                 debug!(task_id = %id, queue = self.queue, "put back: its queue is paused");
                 self.sh.metrics.put_back_paused();
@@ -546,7 +547,7 @@ impl<'a> Attempt<'a> {
             return None;
         }
         let hold = self.sh.names.paused_type(&self.task_type);
-        let parked = async {
+        let parked = Box::pin(async {
             self.session.declare_hold(self.sh, &hold).await?;
             let mut h = self.headers();
             headers::set_str(&mut h, headers::PAUSED_FROM, self.requeue_to);
@@ -555,7 +556,7 @@ impl<'a> Attempt<'a> {
                 .to_lane(&hold, &d.data, &d.properties, h, &self.task_type, id)
                 .await?;
             Ok(Disposition::Ack)
-        }
+        })
         .await;
         if parked.is_ok() {
             debug!(task_id = %id, r#type = %self.task_type, "parked: its type is paused");
@@ -563,7 +564,9 @@ impl<'a> Attempt<'a> {
             if !self.sh.cancels.type_paused(&self.task_type) {
                 // Resumed while this copy was on its way: the workers that
                 // moved the parked tasks back may have missed it.
-                super::pausing::move_back(self.sh, self.session, &self.task_type, None).await;
+                let moving =
+                    super::pausing::move_back(self.sh, self.session, &self.task_type, None);
+                Box::pin(moving).await;
             }
         }
         Some(parked)
@@ -610,7 +613,7 @@ impl<'a> Attempt<'a> {
     ) -> Result<Disposition, ClientError> {
         let (mut task, handler) = match self.prepare(id) {
             Ok(ready) => ready,
-            Err(invalid) => return self.park_invalid(id, &invalid).await,
+            Err(invalid) => return Box::pin(self.park_invalid(id, &invalid)).await,
         };
         tracing::Span::current().record("attempt", task.attempt);
         if let Some(cap) = self.sh.type_caps.get(&self.task_type) {
@@ -618,20 +621,20 @@ impl<'a> Attempt<'a> {
                 return Ok(Disposition::Requeue);
             }
         }
-        let started = self
-            .out()
-            .event(&self.event(id, TaskState::Started, task.attempt))
-            .await?;
+        // The outcome's event is this one made over: the same task, type,
+        // queue and worker, without copying them again.
+        let ev = self.event(id, TaskState::Started, task.attempt);
+        let started = self.out().event(&ev).await?;
         debug!("started");
         self.note_lateness();
         match self.execute(id, &mut task, handler, abort, slot).await {
-            Execution::Finished(Ok(value), ran) => {
-                self.succeeded(id, &task, started, value, ran).await
+            Execution::Finished(Ok(value), ran) => self.succeeded(started, ev, value, ran).await,
+            Execution::Finished(Err(err), ran) => {
+                Box::pin(self.failed(id, &task, started, ev, err, ran)).await
             }
-            Execution::Finished(Err(err), ran) => self.failed(id, &task, started, err, ran).await,
             Execution::Cancelled => {
                 confirm_all(vec![started]).await?;
-                self.cancelled(id, task.attempt).await
+                Box::pin(self.cancelled(id, task.attempt)).await
             }
             Execution::Aborted => {
                 confirm_all(vec![started]).await?;
@@ -746,7 +749,7 @@ impl<'a> Attempt<'a> {
                     return Execution::Aborted;
                 }
                 _ = sleep_until_some(escrow_at) => {
-                    escrow_at = self.hold_in_escrow(id).await;
+                    escrow_at = Box::pin(self.hold_in_escrow(id)).await;
                 }
                 _ = progress_events.first_report() => {
                     progress_events.publish(self.out(), || self.event(id, TaskState::Progress, task.attempt));
@@ -869,27 +872,26 @@ impl<'a> Attempt<'a> {
     /// Confirms `started`, `succeeded` and the reply.
     async fn succeeded(
         &self,
-        id: &str,
-        task: &TaskEnvelope,
         started: PublisherConfirm,
+        started_ev: Event,
         value: Value,
         ran: Ran,
     ) -> Result<Disposition, ClientError> {
         let out = self.out();
         let duration_ms = ran.took.as_millis() as u64;
-        let mut ev = self.event(id, TaskState::Succeeded, task.attempt);
-        ev.at = ran.finished_at;
+        let mut ev = made_over(started_ev, TaskState::Succeeded, ran.finished_at);
+        let id = ev.task_id.as_str();
         ev.duration_ms = Some(duration_ms);
         let result = cap_result(value, self.sh.config.limits.max_result_bytes);
         let mut confirms = vec![started];
         if let Some(next) = self.flow().and_then(|f| f.after_success(id, &result)) {
             debug!(next = %next.id, r#type = %next.task_type, "chain: next step published");
-            confirms.push(out.next_task(&next).await?);
+            confirms.push(Box::pin(out.next_task(&next)).await?);
         }
-        confirms.extend(
-            self.chord_outcome(id, Final::Succeeded, Some(result.clone()), None, None)
-                .await?,
-        );
+        if self.chord.is_some() {
+            let told = self.chord_outcome(id, Final::Succeeded, Some(result.clone()), None, None);
+            confirms.extend(Box::pin(told).await?);
+        }
         ev.result = Some(result);
         confirms.extend(out.event_and_reply(&ev, &self.delivery.properties).await?);
         confirm_all(confirms).await?;
@@ -907,6 +909,7 @@ impl<'a> Attempt<'a> {
         id: &str,
         task: &TaskEnvelope,
         started: PublisherConfirm,
+        started_ev: Event,
         err: TaskError,
         ran: Ran,
     ) -> Result<Disposition, ClientError> {
@@ -914,8 +917,7 @@ impl<'a> Attempt<'a> {
         let policy = sh.config.retry_policy(&self.task_type);
         let max_retries = task.max_retries.unwrap_or(u64::from(policy.max_retries));
         let will_retry = err.is_retryable() && (task.attempt as u64) <= max_retries;
-        let mut failed = self.event(id, TaskState::Failed, task.attempt);
-        failed.at = ran.finished_at;
+        let mut failed = made_over(started_ev, TaskState::Failed, ran.finished_at);
         failed.duration_ms = Some(ran.took.as_millis() as u64);
         failed.error = Some(err.to_info());
         failed.retry = Some(will_retry);
@@ -1124,7 +1126,7 @@ impl<'a> Attempt<'a> {
     /// Acks, returns or leaves the delivery as its outcome says.
     async fn settle(&self, id: &str, outcome: Result<Disposition, ClientError>) {
         if self.is_escrowed() {
-            return self.settle_escrowed(id, outcome).await;
+            return Box::pin(self.settle_escrowed(id, outcome)).await;
         }
         match outcome {
             Ok(Disposition::Ack) => {
@@ -1144,11 +1146,11 @@ impl<'a> Attempt<'a> {
                     // confirmed: close it, so that it redelivers this
                     // session's tasks and the worker connects again on fresh
                     // channels.
-                    let _ = self
+                    let closing = self
                         .session
                         .conn
-                        .close(200, "a publication was refused or never confirmed".into())
-                        .await;
+                        .close(200, "a publication was refused or never confirmed".into());
+                    let _ = Box::pin(closing).await;
                 }
             }
         }
@@ -1192,6 +1194,15 @@ impl<'a> Attempt<'a> {
         }
         e
     }
+}
+
+/// `ev` made over as a later event of the same attempt: a fresh id, `state`,
+/// stamped `at`.
+fn made_over(mut ev: Event, state: TaskState, at: String) -> Event {
+    ev.event_id = new_id();
+    ev.state = state;
+    ev.at = at;
+    ev
 }
 
 /// Removes the escrow mark from a delivery's headers; the escrow id it
