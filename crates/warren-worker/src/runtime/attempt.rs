@@ -711,8 +711,6 @@ impl<'a> Attempt<'a> {
             progress,
         };
         let mut progress_events = TaskProgress::Quiet(progress_rx);
-        let command = CancellationToken::new();
-        let _registered = sh.cancels.running(id, command.clone());
         let began = Instant::now();
         let running = Running::start(&sh.metrics);
         // Run in this task, not spawned: a panic is caught here, and on a
@@ -724,16 +722,29 @@ impl<'a> Attempt<'a> {
         let mut escrow_at = sh
             .escrow
             .map(|t| self.received + Duration::from_millis(t.after_ms));
+        let finished = |r: std::thread::Result<Result<Value, TaskError>>| match r {
+            Ok(r) => r,
+            Err(panic) => Err(TaskError::permanent("panic", panic_text(panic))),
+        };
+        // A handler done at its first poll (most short tasks) needs no
+        // timer, no cancel registration and no wait on the tokens below:
+        // nothing else ran meanwhile, so a cancel command could only have
+        // come before, and triage took that one.
+        if let std::task::Poll::Ready(r) = futures::poll!(&mut join) {
+            return self
+                .finished(finished(r), progress_events, began, running, slot)
+                .await;
+        }
+        // From here a cancel command aborts it (at once if one came since
+        // triage).
+        let command = CancellationToken::new();
+        let _registered = sh.cancels.running(id, command.clone());
         let result = loop {
             tokio::select! {
-                // The handler first: one that is done at its first poll (most
-                // short tasks) costs no timer and no wait registered on the
-                // tokens below.
+                // The handler first: its result wins over a timer or token
+                // that fired in the same turn.
                 biased;
-                r = &mut join => break match r {
-                    Ok(r) => r,
-                    Err(panic) => Err(TaskError::permanent("panic", panic_text(panic))),
-                },
+                r = &mut join => break finished(r),
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     cancel.cancel();
                     break Err(TaskError::retryable("timeout", format!("no result within {} ms", timeout.as_millis())));
@@ -756,9 +767,23 @@ impl<'a> Attempt<'a> {
                 }
             }
         };
+        self.finished(result, progress_events, began, running, slot)
+            .await
+    }
+
+    /// Ends a handler's run with its result: progress stopped, run time
+    /// counted, the slot freed.
+    async fn finished(
+        &self,
+        result: Result<Value, TaskError>,
+        progress_events: TaskProgress,
+        began: Instant,
+        running: Running<'_>,
+        slot: Slot,
+    ) -> Execution {
         progress_events.finish().await;
         let took = began.elapsed();
-        sh.note_task_time(took);
+        self.sh.note_task_time(took);
         drop(running);
         let ran = Ran {
             took,
