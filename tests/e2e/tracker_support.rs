@@ -241,10 +241,14 @@ impl Api {
         self.wait_for(
             &format!("/api/tasks/{task_id}"),
             &format!("{n} events of {task_id}"),
+            // The task's row and its events are read one after the other:
+            // an ingest between the two reads shows the events ahead of the
+            // row, so both must have caught up.
             |v| {
                 v["events"]
                     .as_array()
                     .is_some_and(|es| es.iter().filter(|e| e["state"] != "queued").count() == n)
+                    && v["task"]["events"].as_u64().is_some_and(|k| k >= n as u64)
             },
         )
         .await
