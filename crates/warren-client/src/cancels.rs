@@ -29,7 +29,7 @@ use warren_core::config::BrokerConfig;
 use warren_core::control::ControlMessage;
 use warren_core::escrow::{EscrowTimes, LeaseBook, Returned};
 use warren_core::event::new_id;
-use warren_core::pauses::{Change, PauseBook, PauseKind};
+use warren_core::pauses::{Change, PauseBook};
 use warren_core::Names;
 
 use crate::connect::{connect, ConfirmChannel};
@@ -153,11 +153,10 @@ impl CancelSet {
         let change = {
             let mut book = self.pauses.book.lock().expect("not poisoned");
             let change = book.record(m);
-            let paused = book.paused();
-            let any = |kind| paused.iter().any(|(t, _)| t.kind == kind);
             let p = &self.pauses;
-            p.any_queue.store(any(PauseKind::Queue), Ordering::Release);
-            p.any_type.store(any(PauseKind::Type), Ordering::Release);
+            p.any_queue
+                .store(book.any_queue_paused(), Ordering::Release);
+            p.any_type.store(book.any_type_paused(), Ordering::Release);
             change
         };
         if change != Change::None {

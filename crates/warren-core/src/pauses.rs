@@ -145,9 +145,16 @@ impl PauseBook {
 
     /// Whether any task type is paused (a worker checks types only then).
     pub fn any_type_paused(&self) -> bool {
-        self.latest
-            .iter()
-            .any(|(t, l)| t.kind == PauseKind::Type && l.paused)
+        self.any_paused(PauseKind::Type)
+    }
+
+    /// Whether any work queue is paused.
+    pub fn any_queue_paused(&self) -> bool {
+        self.any_paused(PauseKind::Queue)
+    }
+
+    fn any_paused(&self, kind: PauseKind) -> bool {
+        self.latest.iter().any(|(t, l)| t.kind == kind && l.paused)
     }
 
     /// The paused targets, queues first, each with when it was paused.
