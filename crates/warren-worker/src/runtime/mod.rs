@@ -19,6 +19,7 @@ mod flow;
 mod pausing;
 mod progress;
 mod rate;
+mod runners;
 mod session;
 mod slots;
 mod tenants;
@@ -285,6 +286,8 @@ impl Shared {
 /// Tasks in flight and how to stop them, across sessions.
 struct InFlight {
     tracker: TaskTracker,
+    /// Where attempts started in a free slot run.
+    runners: runners::Runners,
     abort: CancellationToken,
     /// The worker's shutdown: tasks waiting for a permit or a token stop
     /// waiting.
@@ -431,9 +434,11 @@ impl Worker {
             r = ready_rx => if r.is_ok() { sh.metrics.link.cancels_known() },
             _ = shutdown.cancelled() => {}
         }
+        let abort = CancellationToken::new();
         let in_flight = InFlight {
             tracker: TaskTracker::new(),
-            abort: CancellationToken::new(),
+            runners: runners::Runners::new(self.shared.clone(), abort.clone()),
+            abort,
             stop: shutdown.clone(),
             permits: Arc::new(Semaphore::new(sh.config.worker.concurrency)),
             held: Arc::new(AtomicUsize::new(0)),
@@ -480,7 +485,12 @@ impl Worker {
         if let Some((s, _)) = &kept {
             s.stop_consuming().await;
         }
-        let InFlight { tracker, abort, .. } = in_flight;
+        let InFlight {
+            tracker,
+            abort,
+            runners,
+            ..
+        } = in_flight;
         let grace = Duration::from_millis(self.shared.config.worker.grace_period_ms);
         tracker.close();
         if !tracker.is_empty() {
@@ -494,6 +504,7 @@ impl Worker {
             abort.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
         }
+        runners.close();
         if let Some((s, stream)) = kept {
             drop(stream);
             s.close().await;
@@ -848,19 +859,13 @@ impl Worker {
                 None => return self.start_limited(session, in_flight, d, gate, permit),
             }
         }
-        let shared = self.shared.clone();
-        let session = session.clone();
-        let abort = in_flight.abort.clone();
-        let slot = Slot::new(in_flight.permits.clone(), permit).with_permit(flow_permit, &session);
-        // Boxed: an attempt's future is several kilobytes, and spawned as it
-        // is the runtime would copy it whole several times per task (into
-        // the tracker's wrapper, into the task's cell, and over again when
-        // the task finishes); boxed, only a pointer moves.
-        in_flight.tracker.spawn(Box::pin(async move {
-            let delivery = (d.delivery, d.since);
-            Attempt::run(&shared, &session, &d.source, delivery, &abort, slot).await;
-            drop(d.release);
-        }));
+        let slot = Slot::new(in_flight.permits.clone(), permit).with_permit(flow_permit, session);
+        in_flight.runners.run(runners::Job {
+            session: session.clone(),
+            held: d,
+            slot,
+            token: in_flight.tracker.token(),
+        });
     }
 
     /// What a limited delivery needs, if this worker has it at hand with
