@@ -6,6 +6,18 @@ mod shutdown;
 
 use clap::Parser;
 
+/// The allocator of every `warren` process, the bench's raw-lapin baseline
+/// included (a subcommand of this binary). A worker allocates and frees
+/// several blocks per task (lapin's frames, the events, the attempt's
+/// state), and glibc's malloc spent about a fifth of the worker's
+/// instructions there, slow paths and `realloc` copies mostly; mimalloc's
+/// per-thread free lists take most of that away (BENCHMARKS.md has the
+/// figures). Built with `no_thp`: without it mimalloc asks for transparent
+/// huge pages, and a worker's resident memory grows by 2 MiB pages (about
+/// 60 MB instead of 36 MB at the bench's peak).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Stack for every thread of the process (unless `RUST_MIN_STACK` is set).
 /// lapin parses an AMQP header table recursively on its own thread, and a
 /// publisher may send one nested as deep as a frame allows (about 18,700
