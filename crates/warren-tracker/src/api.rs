@@ -308,21 +308,15 @@ async fn task(State(s): State<Arc<Shared>>, ApiPath(id): ApiPath<String>) -> Res
     if let Some(refused) = refuse_nul(&id) {
         return refused;
     }
-    let row = match s.store.task(&id).await {
-        Ok(Some(row)) => row,
-        Ok(None) => {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("no task {id:?} in the tracker (unknown, not seen yet, or pruned)"),
-            )
-        }
-        Err(e) => return internal(e),
-    };
-    match s.store.history(&id).await {
-        Ok(history) => {
+    match s.store.task_with_history(&id).await {
+        Ok(Some((row, history))) => {
             let events: Vec<Value> = history.into_iter().map(|h| h.event).collect();
             Json(json!({"task": row.view(), "events": events})).into_response()
         }
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("no task {id:?} in the tracker (unknown, not seen yet, or pruned)"),
+        ),
         Err(e) => internal(e),
     }
 }

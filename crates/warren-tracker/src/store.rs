@@ -543,13 +543,46 @@ impl Store {
 
     /// One task, if known.
     pub async fn task(&self, task_id: &str) -> Result<Option<TaskRow>, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
+        self.task_in(&mut conn, task_id).await
+    }
+
+    /// One task, if known, and every stored event of it, read in one
+    /// snapshot: the row counts exactly the events listed, whatever is
+    /// ingested meanwhile.
+    pub async fn task_with_history(
+        &self,
+        task_id: &str,
+    ) -> Result<Option<(TaskRow, Vec<HistoryEntry>)>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(|e| self.err(e))?;
+        if self.backend == Backend::Postgres {
+            // Postgres' default (read committed) takes a snapshot per
+            // statement; SQLite's read transaction keeps its first one.
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        let Some(row) = self.task_in(&mut tx, task_id).await? else {
+            return Ok(None);
+        };
+        let history = self.history_in(&mut tx, task_id).await?;
+        tx.commit().await.map_err(|e| self.err(e))?;
+        Ok(Some((row, history)))
+    }
+
+    async fn task_in(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        task_id: &str,
+    ) -> Result<Option<TaskRow>, StoreError> {
         let sql = format!(
             "SELECT {} FROM tasks WHERE task_id = $1",
             task_columns().join(", ")
         );
         let row = sqlx::query(&sql)
             .bind(task_id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *conn)
             .await
             .map_err(|e| self.err(e))?;
         row.map(|r| read_task(&r))
@@ -603,11 +636,20 @@ impl Store {
 
     /// Every stored event of a task, oldest first.
     pub async fn history(&self, task_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(|e| self.err(e))?;
+        self.history_in(&mut conn, task_id).await
+    }
+
+    async fn history_in(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        task_id: &str,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
         let rows = sqlx::query(
             "SELECT body, ingested_at FROM events WHERE task_id = $1 ORDER BY at, event_id",
         )
         .bind(task_id)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(|e| self.err(e))?;
         let mut out = Vec::with_capacity(rows.len());
@@ -1162,6 +1204,9 @@ mod tests {
         assert_eq!(t1.events, 2);
         assert_eq!(t1.result.as_deref(), Some("{\"n\":1}"));
         assert_eq!(store.history("t1").await.unwrap().len(), 2);
+        let (row, history) = store.task_with_history("t1").await.unwrap().unwrap();
+        assert_eq!((row.events, history.len()), (2, 2));
+        assert!(store.task_with_history("t9").await.unwrap().is_none());
         let counts = store.state_counts().await.unwrap();
         assert_eq!(counts.get("succeeded"), Some(&1));
         assert_eq!(counts.get("started"), Some(&1));
