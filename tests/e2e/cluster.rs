@@ -176,6 +176,29 @@ impl Rig {
         // The processes' lines first: a long queue list would push them out
         // of a truncated report.
         let queues = format!("queues ({}):\n{}\n", items.join(" "), queues.join("\n"));
+        // Each consumer with its channel's process: the node in the pid
+        // tells a consumer of a live process from one left by a dead node
+        // (which keeps the deliveries checked out to it).
+        let columns = [
+            "queue_name",
+            "channel_pid",
+            "consumer_tag",
+            "prefetch_count",
+            "active",
+        ];
+        let mut args = vec!["list_consumers"];
+        args.extend_from_slice(&columns);
+        let out = self.cluster.nodes()[via].rabbitmqctl(&args);
+        let consumers: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with(&self.env.prefix))
+            .map(str::to_owned)
+            .collect();
+        let queues = format!(
+            "{queues}consumers ({}):\n{}\n",
+            columns.join(" "),
+            consumers.join("\n")
+        );
         let mut text = String::new();
         // Dead letters a quorum queue still holds for at-least-once
         // forwarding count in none of the columns above (3.10 has no
